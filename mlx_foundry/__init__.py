@@ -1,0 +1,29 @@
+"""mlx_foundry: write, fuse and ship custom GPU kernels for MLX.
+
+Descriptors (structs, policies, args, kernels, stages, compound kernels) are
+assembled into one kernel source, compiled by MLX's JIT (Metal, or CUDA through
+a Metal-compat prelude), cached by content, and checked against a reference
+made of plain MLX ops.
+"""
+
+from .args import Bound, Constant, Output, Params, Scalar, Tensor
+from .backends import BACKENDS, select_backend
+from .cache import CacheInfo, cache_info, clear_cache
+from .compound import ChainError, CompoundKernel
+from .dispatch import DispatchConfig, per_element, per_row, warp_per_row
+from .kernel import Kernel, KernelSource, Program
+from .policies import Policy
+from .sources import add_source_root
+from .stage import Stage, Threadgroup
+from .structs import field, struct
+from .types import f16, f32, i32, u8, u16, u32, u64
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "Bound", "CacheInfo", "ChainError", "CompoundKernel", "Constant",
+    "DispatchConfig", "Kernel", "KernelSource", "Output", "Params", "Policy", "Program",
+    "Scalar", "Stage", "Tensor", "Threadgroup", "add_source_root", "cache_info",
+    "clear_cache", "f16", "f32", "field", "i32", "per_element", "per_row",
+    "select_backend", "struct", "u8", "u16", "u32", "u64", "warp_per_row",
+]

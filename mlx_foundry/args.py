@@ -1,0 +1,328 @@
+"""Declarative kernel arguments (the seed's ``#[derive(KernelArgs)]``).
+
+An argument list is ordered by buffer index.  MLX writes the kernel signature
+itself (inputs in order, then outputs), so the declarations here decide the
+order of ``input_names``/``output_names``, how a Python value becomes an MLX
+input, and the Metal type a stage function sees for the argument:
+
+=============  ===========================  ==================================
+declaration    Python value                 Metal type in a stage function
+=============  ===========================  ==================================
+``Tensor``     ``mx.array``                 ``const device T*``
+``Output``     (allocated by MLX)           ``device T*``
+``Params``     a ``@struct`` instance       ``const device Name*`` (a pointer)
+``Scalar``     ``int`` / ``float``          ``uint``/``int``/``float`` (a value)
+``Constant``   ``int``/``bool``/dtype       compile-time ``constexpr``/``using``
+=============  ===========================  ==================================
+
+Adapted from the seed: scalars arrive by value (MLX passes runtime scalars as
+1-element arrays; the body reads element 0), and structs are passed as byte
+buffers padded so MLX always places them in ``device`` memory.
+"""
+
+import mlx.core as mx
+
+from ._names import check_argument_name, check_identifier
+from .structs import is_struct_type
+from .types import ScalarType, dtype_name, metal_type_name
+
+# Inputs under this many elements are placed in Metal's `constant` space by MLX.
+_MIN_DEVICE_ELEMENTS = 8
+
+
+class Arg:
+    """Base of the argument declarations."""
+
+    kind = "arg"
+    is_input = True
+    buffer = None
+    stage_skip = False
+
+    def _init(self, name, buffer, metal_type, stage_skip):
+        self.name = check_argument_name(name, "argument name", who=type(self).__name__)
+        if buffer is not None and (not isinstance(buffer, int) or buffer < 0):
+            raise ValueError(
+                f"[{type(self).__name__}] 'buffer' of {name!r} must be a non-negative "
+                f"int but got {buffer!r}."
+            )
+        self.buffer = buffer
+        self.metal_type_override = metal_type
+        self.stage_skip = stage_skip
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+    # The name of the MLX input that carries this argument.
+    @property
+    def input_name(self):
+        return self.name
+
+
+class Tensor(Arg):
+    """An input array.
+
+    Args:
+        name (str): the argument's name (a C identifier).
+        dtype (Dtype or tuple of Dtype, optional): accepted dtypes. Default: any.
+        ndim (int or tuple of int, optional): accepted ranks. Default: any.
+        buffer (int, optional): buffer index (all or none of a list's args set it).
+        metal_type (str, optional): the pointer type the stage function takes,
+            e.g. ``"const device uchar*"``; the body casts to it.
+        stage_skip (bool): leave this argument out of the derived stage.
+    """
+
+    kind = "tensor"
+
+    def __init__(self, name, dtype=None, *, ndim=None, buffer=None, metal_type=None,
+                 stage_skip=False):
+        self._init(name, buffer, metal_type, stage_skip)
+        if dtype is not None and not isinstance(dtype, tuple):
+            dtype = (dtype,)
+        if ndim is not None and not isinstance(ndim, tuple):
+            ndim = (ndim,)
+        self.dtypes = dtype
+        self.ndims = ndim
+
+    def metal_type(self, dtype):
+        return self.metal_type_override or f"const device {metal_type_name(dtype)}*"
+
+    def convert(self, value, who):
+        if not isinstance(value, mx.array):
+            raise TypeError(
+                f"[{who}] '{self.name}' must be an mlx.core.array but got "
+                f"{type(value).__name__}."
+            )
+        if self.dtypes is not None and value.dtype not in self.dtypes:
+            valid = ", ".join(dtype_name(d) for d in self.dtypes)
+            raise ValueError(
+                f"[{who}] '{self.name}' has dtype {dtype_name(value.dtype)}; "
+                f"expected one of: {valid}."
+            )
+        if self.ndims is not None and value.ndim not in self.ndims:
+            raise ValueError(
+                f"[{who}] '{self.name}' must have ndim in {self.ndims} but has shape "
+                f"{tuple(value.shape)}."
+            )
+        if value.size == 0:
+            raise ValueError(f"[{who}] '{self.name}' is empty (shape {tuple(value.shape)}).")
+        return value
+
+    @staticmethod
+    def to_kernel_input(value):
+        """Flatten tiny arrays and pad them so MLX passes them in ``device`` memory."""
+        if value.size < _MIN_DEVICE_ELEMENTS:
+            flat = value.reshape(-1)
+            pad = mx.zeros((_MIN_DEVICE_ELEMENTS - flat.size,), dtype=value.dtype)
+            return mx.concatenate([flat, pad])
+        return value
+
+
+class Output(Arg):
+    """An output array, its shape and dtype given by rules.
+
+    Args:
+        name (str): the argument's name.
+        shape (callable): ``shape(bound) -> tuple`` from the bound arguments.
+        dtype (Dtype, str or callable): a dtype, the name of a ``Tensor`` whose
+            dtype it copies, or ``dtype(bound) -> Dtype``.
+    """
+
+    kind = "output"
+    is_input = False
+
+    def __init__(self, name, *, shape, dtype, buffer=None, metal_type=None):
+        self._init(name, buffer, metal_type, False)
+        if not callable(shape):
+            raise TypeError(f"[Output] 'shape' of {name!r} must be callable(bound) -> tuple.")
+        self.shape_rule = shape
+        self.dtype_rule = dtype
+
+    def metal_type(self, dtype):
+        return self.metal_type_override or f"device {metal_type_name(dtype)}*"
+
+    def resolve(self, bound):
+        rule = self.dtype_rule
+        if isinstance(rule, str):
+            dtype = bound[rule].dtype
+        elif callable(rule):
+            dtype = rule(bound)
+        else:
+            dtype = rule
+        return tuple(int(s) for s in self.shape_rule(bound)), dtype
+
+
+class Params(Arg):
+    """A parameter struct (made with :func:`mlx_foundry.struct`), passed as bytes."""
+
+    kind = "params"
+
+    def __init__(self, name, struct_type, *, buffer=None, stage_skip=False):
+        self._init(name, buffer, None, stage_skip)
+        if not is_struct_type(struct_type):
+            raise TypeError(
+                f"[Params] {name!r} needs a class made with @mlx_foundry.struct but "
+                f"got {struct_type!r}."
+            )
+        self.struct_type = struct_type
+
+    @property
+    def input_name(self):
+        return self.name + "_bytes"
+
+    def metal_type(self, dtype=None):
+        return f"const device {self.struct_type.metal_name}*"
+
+    def convert(self, value, who):
+        if not isinstance(value, self.struct_type):
+            raise TypeError(
+                f"[{who}] '{self.name}' must be a {self.struct_type.__name__} but got "
+                f"{type(value).__name__}."
+            )
+        return value
+
+
+class Scalar(Arg):
+    """A runtime scalar (changes per call without recompiling)."""
+
+    kind = "scalar"
+
+    def __init__(self, name, type, *, buffer=None, stage_skip=False):
+        self._init(name, buffer, None, stage_skip)
+        if not isinstance(type, ScalarType):
+            raise TypeError(f"[Scalar] {name!r} needs a scalar type (u32, i32, f32, ...).")
+        self.type = type
+
+    @property
+    def input_name(self):
+        return self.name + "_value"
+
+    def metal_type(self, dtype=None):
+        return self.type.metal
+
+    def convert(self, value, who):
+        if isinstance(value, mx.array):
+            if value.size != 1:
+                raise ValueError(f"[{who}] '{self.name}' must hold one value but has "
+                                 f"shape {tuple(value.shape)}.")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"[{who}] '{self.name}' must be a number but got "
+                            f"{type(value).__name__}.")
+        if self.type.fmt in "BHIQ" and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"[{who}] '{self.name}' must be a non-negative int but got {value!r}.")
+        return value
+
+
+class Constant(Arg):
+    """A compile-time constant (a model dimension, a dtype, a flag).
+
+    Each distinct value is a distinct kernel source and a fresh compile.
+
+    Args:
+        name (str): the constant's name in the generated body.
+        kind (str): ``"int"``, ``"bool"`` or ``"dtype"``.
+        like (str, optional): for ``"dtype"``, the ``Tensor`` whose dtype it takes.
+        value (callable or value, optional): a fixed value or ``value(bound)``;
+            otherwise the caller passes it by keyword.
+    """
+
+    kind = "constant"
+    is_input = False
+
+    def __init__(self, name, kind="int", *, like=None, value=None):
+        self.name = check_identifier(name, "constant name", who="Constant")
+        if kind not in ("int", "bool", "dtype"):
+            raise ValueError(f"[Constant] 'kind' must be one of int, bool, dtype but got {kind!r}.")
+        self.const_kind = kind
+        self.like = like
+        self.value = value
+        self.buffer = None
+        self.stage_skip = False
+        self.metal_type_override = None
+
+    def resolve(self, bound, given):
+        if self.like is not None:
+            return bound[self.like].dtype
+        if given is not None:
+            v = given
+        elif callable(self.value):
+            v = self.value(bound)
+        elif self.value is not None:
+            v = self.value
+        else:
+            raise ValueError(f"[Constant] Missing compile-time constant '{self.name}'.")
+        if self.const_kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"[Constant] '{self.name}' must be an int but got {v!r}.")
+        if self.const_kind == "bool" and not isinstance(v, bool):
+            raise TypeError(f"[Constant] '{self.name}' must be a bool but got {v!r}.")
+        return v
+
+    def declaration(self, value):
+        """The line that defines the constant at the top of a generated body."""
+        if self.const_kind == "dtype":
+            return f"using {self.name} = {metal_type_name(value)};"
+        if self.const_kind == "bool":
+            return f"constexpr bool {self.name} = {'true' if value else 'false'};"
+        return f"constexpr int {self.name} = {int(value)};"
+
+
+def order_args(args, who):
+    """Validate and order a list of declarations by buffer index.
+
+    Either every non-constant argument has a ``buffer`` index or none has;
+    indices must be unique and run 0..n-1.  Returns
+    ``(inputs, outputs, constants)`` as tuples, inputs and outputs in buffer order.
+    """
+    args = list(args)
+    names = set()
+    for a in args:
+        if not isinstance(a, Arg):
+            raise TypeError(f"[{who}] Arguments must be Tensor, Output, Params, Scalar or "
+                            f"Constant declarations but got {a!r}.")
+        if a.name in names:
+            raise ValueError(f"[{who}] Duplicate argument name {a.name!r}.")
+        names.add(a.name)
+    buffered = [a for a in args if not isinstance(a, Constant)]
+    with_index = [a for a in buffered if a.buffer is not None]
+    if with_index and len(with_index) != len(buffered):
+        missing = [a.name for a in buffered if a.buffer is None]
+        raise ValueError(f"[{who}] Buffer index missing for: {', '.join(missing)} "
+                         "(give every argument a buffer index or none).")
+    if with_index:
+        seen = {}
+        for a in buffered:
+            if a.buffer in seen:
+                raise ValueError(f"[{who}] Buffer index {a.buffer} used by both "
+                                 f"{seen[a.buffer]!r} and {a.name!r}.")
+            seen[a.buffer] = a.name
+        expected = set(range(len(buffered)))
+        if set(seen) != expected:
+            gaps = sorted(expected - set(seen))
+            raise ValueError(f"[{who}] Buffer indices must run 0..{len(buffered) - 1}; "
+                             f"missing {gaps}.")
+        buffered.sort(key=lambda a: a.buffer)
+    inputs = tuple(a for a in buffered if a.is_input)
+    outputs = tuple(a for a in buffered if not a.is_input)
+    constants = tuple(a for a in args if isinstance(a, Constant))
+    input_names = {a.input_name for a in inputs} | {a.name for a in outputs}
+    if len(input_names) != len(inputs) + len(outputs):
+        raise ValueError(f"[{who}] Argument names collide after MLX naming.")
+    return inputs, outputs, constants
+
+
+class Bound(dict):
+    """Bound argument values: ``bound["x"]`` or ``bound.x``."""
+
+    __slots__ = ()
+
+    def with_constants(self, constants):
+        """A copy that also holds the resolved compile-time constants."""
+        b = Bound(self)
+        b.update(constants)
+        return b
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None

@@ -1,0 +1,64 @@
+"""Backends: one kernel text, three ways to run it.
+
+* ``metal``: ``mx.fast.metal_kernel`` on Apple silicon;
+* ``cuda``: ``mx.fast.cuda_kernel`` with the Metal-compat prelude;
+* ``reference``: the descriptor's composition of plain MLX ops.
+
+Selection: an explicit ``backend=`` argument, else ``MLX_FOUNDRY_BACKEND``, else
+automatic (metal if Metal is available and the default device is the GPU; cuda
+likewise; reference otherwise).
+"""
+
+import os
+
+import mlx.core as mx
+
+BACKENDS = ("metal", "cuda", "reference")
+ENV_VAR = "MLX_FOUNDRY_BACKEND"
+
+_available = {}
+
+
+def _probe():
+    if not _available:
+        _available["metal"] = bool(getattr(mx, "metal", None) and mx.metal.is_available())
+        cuda = getattr(mx, "cuda", None)
+        _available["cuda"] = bool(cuda and cuda.is_available())
+    return _available
+
+
+def is_available(backend):
+    """Whether ``backend`` can run here."""
+    if backend == "reference":
+        return True
+    return _probe().get(backend, False)
+
+
+def gpu_backend():
+    """The GPU backend this machine has (``"metal"``, ``"cuda"``) or ``None``."""
+    avail = _probe()
+    if avail["metal"]:
+        return "metal"
+    if avail["cuda"]:
+        return "cuda"
+    return None
+
+
+def check_backend(name, who="mlx_foundry"):
+    if name not in BACKENDS:
+        raise ValueError(f"[{who}] Unknown backend {name!r}. Valid backends are: "
+                         f"{', '.join(BACKENDS)}.")
+    return name
+
+
+def select_backend(backend=None, who="mlx_foundry"):
+    """Resolve the backend for one call (explicit, then environment, then auto)."""
+    if backend is not None:
+        return check_backend(backend, who)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return check_backend(env, f"{who}: {ENV_VAR}")
+    gpu = gpu_backend()
+    if gpu is not None and mx.default_device() == mx.gpu:
+        return gpu
+    return "reference"

@@ -1,0 +1,70 @@
+"""Inspection: the full Metal source MLX would compile, captured on any OS.
+
+On Linux there is no Metal device, but a Metal kernel can be *traced* inside
+``mx.export_function``; with ``verbose=True`` MLX prints the whole generated
+source (signature and template instantiation included) to C++ stdout.  We
+capture file descriptor 1 while tracing.
+"""
+
+import os
+import re
+import sys
+import tempfile
+import threading
+
+import mlx.core as mx
+
+_lock = threading.Lock()
+_FENCE = re.compile(r"Generated source code for `([^`]*)`:\n```\n(.*?)\n```", re.S)
+
+
+def capture_stdout(fn):
+    """Run ``fn()`` and return ``(result, text written to fd 1)``."""
+    with _lock, tempfile.TemporaryFile(mode="w+b") as tmp:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            os.dup2(tmp.fileno(), 1)
+            result = fn()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        tmp.seek(0)
+        return result, tmp.read().decode(errors="replace")
+
+
+def traced_metal_sources(fn, *example_inputs):
+    """Trace ``fn(*example_inputs)`` for export; return ``[(name, source), ...]``.
+
+    ``fn`` must launch Metal kernels with ``verbose=True``.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.mlxfn")
+        _, text = capture_stdout(lambda: mx.export_function(path, fn, *example_inputs))
+    return _FENCE.findall(text)
+
+
+def metal_source_of(program, *args, **kwargs):
+    """The full Metal source of ``program`` for these example arguments."""
+    bound, given = program.bind(*args, **kwargs)
+    consts = program._constants(bound, given)
+    src = program.render("metal", consts, bound)
+    full = bound.with_constants(consts)
+    out_specs = [o.resolve(full) for o in program.outputs]
+    grid, tg = program.dispatch_fn(full).mlx_launch("metal")
+    kernel = mx.fast.metal_kernel(
+        name=src.name, input_names=list(src.input_names),
+        output_names=list(src.output_names), source=src.body, header=src.header,
+        ensure_row_contiguous=True)
+    inputs = program._kernel_inputs(bound)
+
+    def launch(*arrays):
+        return kernel(inputs=list(arrays), output_shapes=[s for s, _ in out_specs],
+                      output_dtypes=[d for _, d in out_specs], grid=grid, threadgroup=tg,
+                      verbose=True)
+
+    found = traced_metal_sources(launch, *inputs)
+    if not found:
+        raise RuntimeError(f"[{program.who}] MLX printed no Metal source while tracing.")
+    return found[-1][1]

@@ -1,0 +1,425 @@
+"""Programs (anything mlx_foundry can launch) and standalone kernels.
+
+:class:`Program` holds what a standalone :class:`Kernel` and a
+:class:`~mlx_foundry.compound.CompoundKernel` share: argument binding and
+validation, header assembly, body generation, the per-descriptor
+specialization cache, backend dispatch and inspection of generated source.
+"""
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from . import cache, sources
+from ._names import METAL_ATTRIBUTES, check_identifier
+from .args import Bound, Constant, Output, Params, Scalar, Tensor, order_args
+from .backends import reference as reference_backend
+from .backends import select_backend
+from .stage import Stage, Threadgroup
+from .structs import is_struct_type
+from .types import metal_type_name
+
+_programs = weakref.WeakSet()
+
+DEFAULT_ATTRIBUTES = ("threadgroup_position_in_grid", "thread_position_in_threadgroup")
+
+
+def _clear_specializations():
+    for p in list(_programs):
+        p._specs.clear()
+
+
+def _backend_module(name):
+    if name == "metal":
+        from .backends import metal as mod
+    elif name == "cuda":
+        from .backends import cuda as mod
+    else:
+        raise ValueError(f"[mlx_foundry] Backend {name!r} has no kernel source.")
+    return mod
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """What one backend compiles for one specialization.
+
+    Attributes:
+        name: the kernel name handed to MLX (readable name + content hash).
+        header: the header text (prelude included for cuda).
+        body: the body text (MLX writes the signature around it).
+        input_names, output_names: in the order MLX binds them.
+        backend: ``"metal"`` or ``"cuda"``.
+    """
+
+    name: str
+    header: str
+    body: str
+    input_names: tuple
+    output_names: tuple
+    backend: str
+
+    def __str__(self):
+        return (f"// ===== {self.name} ({self.backend}) =====\n"
+                f"// inputs: {', '.join(self.input_names)}\n"
+                f"// outputs: {', '.join(self.output_names)}\n"
+                f"// ----- header -----\n{self.header}\n// ----- body -----\n{self.body}\n")
+
+
+class _Launch:
+    __slots__ = ("fn", "source")
+
+    def __init__(self, fn, source):
+        self.fn = fn
+        self.source = source
+
+
+class Program:
+    """Base of :class:`Kernel` and :class:`CompoundKernel`."""
+
+    def __init__(self, name, *, args, dispatch, reference, structs=(), threadgroup=(),
+                 who=None):
+        self.name = check_identifier(name, "kernel name", who=who or type(self).__name__)
+        self.who = who or f"{type(self).__name__} {name}"
+        self.inputs, self.outputs, self.constants = order_args(args, self.who)
+        if not self.outputs:
+            raise ValueError(f"[{self.who}] needs at least one Output.")
+        if not callable(dispatch):
+            raise TypeError(f"[{self.who}] 'dispatch' must be callable(bound) -> DispatchConfig.")
+        self.dispatch_fn = dispatch
+        self.reference_fn = reference
+        self.threadgroup = tuple(Threadgroup.parse(t) for t in threadgroup)
+        names = [t.name for t in self.threadgroup]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[{self.who}] Duplicate threadgroup array names: {names}.")
+        self._by_name = {a.name: a for a in self.inputs + self.outputs + self.constants}
+        self._tensors = tuple(a for a in self.inputs if isinstance(a, Tensor))
+        self._structs = self._collect_structs(structs)
+        self._specs = {}
+        self._spec_lock = threading.Lock()
+        self._scalar_cache = {}
+        _programs.add(self)
+
+    # -- declarations --------------------------------------------------------------
+    def _collect_structs(self, extra):
+        found = {}
+        for s in [a.struct_type for a in self.inputs if isinstance(a, Params)] + list(extra):
+            if not is_struct_type(s):
+                raise TypeError(f"[{self.who}] 'structs' must hold @struct classes but got {s!r}.")
+            prev = found.get(s.metal_name)
+            if prev is not None and prev.metal_struct_def != s.metal_struct_def:
+                raise ValueError(f"[{self.who}] Two different structs are named "
+                                 f"{s.metal_name!r} in Metal.")
+            found[s.metal_name] = s
+        return tuple(found.values())
+
+    def _source_files(self):
+        """Ordered ``.metal`` paths the header needs (overridden)."""
+        return []
+
+    def _inline_sources(self):
+        return []
+
+    def _call_lines(self, constants, tg_names, out_dtypes):
+        raise NotImplementedError
+
+    # -- binding ---------------------------------------------------------------------
+    def bind(self, *args, **kwargs):
+        """Bind call arguments by position (inputs in buffer order) and name.
+
+        Returns:
+            (Bound, dict): bound input values and the compile-time constants given.
+        """
+        if len(args) > len(self.inputs):
+            raise TypeError(f"[{self.who}] takes {len(self.inputs)} positional inputs but "
+                            f"{len(args)} were given.")
+        bound = Bound()
+        for a, v in zip(self.inputs, args):
+            bound[a.name] = a.convert(v, self.who)
+        given = {}
+        for k, v in kwargs.items():
+            a = self._by_name.get(k)
+            if a is None:
+                valid = ", ".join(a.name for a in self.inputs + self.constants)
+                raise TypeError(f"[{self.who}] Unexpected argument {k!r}. Valid arguments "
+                                f"are: {valid}.")
+            if isinstance(a, Constant):
+                given[k] = v
+            elif a.is_input:
+                if k in bound:
+                    raise TypeError(f"[{self.who}] Argument {k!r} given twice.")
+                bound[k] = a.convert(v, self.who)
+            else:
+                raise TypeError(f"[{self.who}] {k!r} is an output; it is not passed in.")
+        missing = [a.name for a in self.inputs if a.name not in bound]
+        if missing:
+            raise TypeError(f"[{self.who}] Missing argument(s): {', '.join(missing)}.")
+        return bound, given
+
+    def _constants(self, bound, given):
+        return {c.name: c.resolve(bound, given.get(c.name)) for c in self.constants}
+
+    def _kernel_inputs(self, bound):
+        out = []
+        for a in self.inputs:
+            v = bound[a.name]
+            if isinstance(a, Tensor):
+                out.append(Tensor.to_kernel_input(v))
+            elif isinstance(a, Params):
+                out.append(v.to_array())
+            else:
+                out.append(self._scalar_array(a, v))
+        return out
+
+    def _scalar_array(self, a, v):
+        if isinstance(v, mx.array):
+            return v.reshape(1).astype(a.type.dtype)
+        key = (a.name, v)
+        arr = self._scalar_cache.get(key)
+        if arr is None:
+            if len(self._scalar_cache) > 4096:
+                self._scalar_cache.clear()
+            arr = mx.array([v], dtype=a.type.dtype)
+            self._scalar_cache[key] = arr
+        return arr
+
+    # -- launching ------------------------------------------------------------------
+    def __call__(self, *args, backend=None, stream=None, **kwargs):
+        """Run on the selected backend; returns an array, or a tuple for several outputs."""
+        bound, given = self.bind(*args, **kwargs)
+        outs = self.launch(bound, given, backend=backend, stream=stream)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def launch(self, bound, given=None, *, backend=None, stream=None):
+        """Run with already-bound arguments; returns a list of arrays."""
+        be = select_backend(backend, self.who)
+        consts = self._constants(bound, given or {})
+        if be == "reference":
+            return reference_backend.run(self, bound, consts)
+        full = bound.with_constants(consts)
+        out_specs = [o.resolve(full) for o in self.outputs]
+        out_dtypes = tuple(d for _, d in out_specs)
+        key = (be, tuple(consts.values()), tuple(bound[a.name].dtype for a in self._tensors),
+               out_dtypes)
+        launch = self._specs.get(key)
+        if launch is None:
+            launch = self._specialize(key, be, consts, bound, out_dtypes)
+        else:
+            cache.record_hit()
+        grid, threadgroup = self.dispatch_fn(full).mlx_launch(be)
+        return launch.fn(
+            inputs=self._kernel_inputs(bound),
+            output_shapes=[s for s, _ in out_specs],
+            output_dtypes=list(out_dtypes),
+            grid=grid,
+            threadgroup=threadgroup,
+            stream=stream,
+        )
+
+    def _specialize(self, key, backend, consts, bound, out_dtypes):
+        with self._spec_lock:
+            launch = self._specs.get(key)
+            if launch is not None:
+                cache.record_hit()
+                return launch
+            cache.record_miss()
+            src = self.render(backend, consts, bound, out_dtypes)
+            mod = _backend_module(backend)
+            fn = cache.get_or_build(src.name, lambda: mod.build(src))
+            launch = _Launch(fn, src)
+            self._specs[key] = launch
+            return launch
+
+    def reference(self, *args, **kwargs):
+        """Run the reference (plain MLX ops) on any device."""
+        return self(*args, backend="reference", **kwargs)
+
+    # -- source generation ----------------------------------------------------------
+    def header_text(self, constants):
+        """The backend-neutral header: structs, then resolved ``.metal`` files."""
+        parts = [f"// mlx_foundry: {self.name}"]
+        for s in self._structs:
+            parts.append(s.metal_struct_def)
+        for rel, text in sources.resolve(self._source_files(), requested_by=self.who):
+            if rel.endswith(".j2"):
+                text = sources.render(text, **constants)
+            parts.append(f"// ---- {rel}\n{text.strip()}")
+        for label, text in self._inline_sources():
+            parts.append(f"// ---- {label}\n{text.strip()}")
+        return "\n\n".join(parts) + "\n"
+
+    def body_text(self, backend, constants, out_dtypes):
+        mod = _backend_module(backend)
+        lines = []
+        for c in self.constants:
+            lines.append(c.declaration(constants[c.name]))
+        tg_names = {}
+        for t in self.threadgroup:
+            lines.append(mod.threadgroup_declaration(t.type, t.name,
+                                                     t.resolved_count(constants)))
+            tg_names[t.name] = t.name
+        for a in self.inputs:
+            if isinstance(a, Params):
+                sname = a.struct_type.metal_name
+                lines.append(f"const device {sname}* {a.name} = "
+                             f"reinterpret_cast<const device {sname}*>({a.input_name});")
+            elif isinstance(a, Scalar):
+                lines.append(f"const {a.type.metal} {a.name} = {a.input_name}[0];")
+        lines += self._call_lines(constants, tg_names, out_dtypes)
+        body = sources.strip_comments("\n".join(lines))
+        if not any(attr in body for attr in METAL_ATTRIBUTES):
+            # MLX 0.32 writes a malformed Metal signature for some kernels without
+            # any thread attribute; always reference one.
+            body += "\n(void)thread_position_in_grid;"
+        return mod.body_preamble(body) + body
+
+    def render(self, backend, constants, bound=None, out_dtypes=None):
+        """Build the :class:`KernelSource` of one specialization."""
+        mod = _backend_module(backend)
+        if out_dtypes is None:
+            full = bound.with_constants(constants)
+            out_dtypes = tuple(o.resolve(full)[1] for o in self.outputs)
+        header = mod.wrap_header(self.header_text(constants))
+        body = self.body_text(backend, constants, out_dtypes)
+        in_types = ()
+        if bound is not None:
+            in_types = tuple(str(bound[a.name].dtype) for a in self._tensors)
+        input_names = tuple(a.input_name for a in self.inputs)
+        output_names = tuple(a.name for a in self.outputs)
+        h = cache.content_hash(backend, header, body, input_names, output_names, in_types,
+                               tuple(str(d) for d in out_dtypes))
+        return KernelSource(f"{self.name}_{h}", header, body, input_names, output_names,
+                            backend)
+
+    def source(self, *args, backend="metal", **kwargs):
+        """The generated :class:`KernelSource` for these example arguments."""
+        bound, given = self.bind(*args, **kwargs)
+        return self.render(backend, self._constants(bound, given), bound)
+
+    def metal_source(self, *args, **kwargs):
+        """The full Metal source MLX would compile (signature included).
+
+        Captured by tracing a launch under ``mx.export_function`` with verbose
+        output, which works on Linux without a Metal device.
+        """
+        from .inspection import metal_source_of
+
+        return metal_source_of(self, *args, **kwargs)
+
+    def signature(self, dtypes=None):
+        """The seed's ``METAL_ARGS``: ``(name, index, metal type)`` per buffer."""
+        dtypes = dtypes or {}
+        rows = []
+        for i, a in enumerate(self.inputs + self.outputs):
+            if isinstance(a, (Tensor, Output)):
+                d = dtypes.get(a.name, mx.float16)
+                rows.append((a.name, i, a.metal_type(d)))
+            else:
+                rows.append((a.name, i, a.metal_type()))
+        return rows
+
+
+def _policy_args(policies):
+    args = []
+    for pol in policies.values():
+        args += list(pol.args)
+    return args
+
+
+def _merge_args(groups, who):
+    """Merge argument lists by name; the same name must be the same declaration."""
+    merged = {}
+    for group in groups:
+        for a in group:
+            prev = merged.get(a.name)
+            if prev is None:
+                merged[a.name] = a
+            elif prev is not a:
+                raise ValueError(f"[{who}] Two different declarations of argument {a.name!r}.")
+    return list(merged.values())
+
+
+class Kernel(Program):
+    """A standalone kernel (the seed's ``#[derive(Kernel)]``).
+
+    MLX writes the signature; mlx_foundry writes the header (structs, includes,
+    ``source``) and a body that calls ``function`` with the stage convention of
+    :mod:`mlx_foundry.stage`.
+
+    Args:
+        name (str): readable kernel name (an identifier).
+        source (str): ``.metal`` file relative to a source root (or ``source_text``).
+        function (str): the template function the body calls.
+        args (list of Arg): arguments; ``buffer=`` indices optional.
+        dispatch (callable): ``dispatch(bound) -> DispatchConfig``.
+        includes (tuple of str): further headers, in order.
+        structs (tuple): extra struct classes to inject.
+        policies (dict): value name -> Policy.
+        template (tuple): template arguments of the call.
+        threadgroup (tuple): ``"float shared[256]"`` or :class:`Threadgroup`.
+        attributes (tuple of str): thread attributes passed to the function.
+        reference (callable): ``reference(bound) -> array or list``.
+        stage_function (str, optional): a template function usable in fusion;
+            :meth:`as_stage` returns it as a :class:`Stage`.
+
+    Example:
+        >>> k = Kernel("scale", source_text=SRC, function="scale_kernel",
+        ...            args=[Tensor("x"), Output("y", shape=lambda b: b.x.shape, dtype="x")],
+        ...            attributes=("thread_position_in_grid",),
+        ...            dispatch=lambda b: per_element(b.x.size),
+        ...            reference=lambda b: b.x * 2)
+        >>> y = k(mx.ones((100,)))
+    """
+
+    def __init__(self, name, *, function, args, dispatch, source=None, source_text=None,
+                 includes=(), structs=(), policies=None, template=(), threadgroup=(),
+                 attributes=DEFAULT_ATTRIBUTES, reference=None, stage_function=None,
+                 stage_consumes=None, stage_produces=None, stage_reference=None):
+        policies = dict(policies or {})
+        all_args = _merge_args([_policy_args(policies), args], f"Kernel {name}")
+        super().__init__(name, args=all_args, dispatch=dispatch, reference=reference,
+                         structs=structs, threadgroup=threadgroup)
+        self._stage = Stage(name, function=function, source=source, source_text=source_text,
+                            includes=includes, args=args, policies=policies,
+                            template=template, attributes=attributes,
+                            threadgroup=threadgroup, structs=structs, writes_output=True)
+        self._policies = policies
+        self.function = function
+        self.stage_function = stage_function
+        self._stage_contract = (stage_consumes, stage_produces, stage_reference)
+
+    def _source_files(self):
+        files = [p.header for p in self._policies.values()] + list(self._stage.includes)
+        if self._stage.source:
+            files.append(self._stage.source)
+        return files
+
+    def _inline_sources(self):
+        if self._stage.source_text:
+            return [(f"{self.name} (inline)", self._stage.source_text)]
+        return []
+
+    def _call_lines(self, constants, tg_names, out_dtypes):
+        lines = []
+        for var, pol in self._policies.items():
+            lines += pol.init_code(var)
+        lines += self._stage.call_lines(constants, tg_names, set())
+        return lines
+
+    def as_stage(self):
+        """The kernel as a fusable :class:`Stage` (needs ``stage_function``).
+
+        Arguments declared with ``stage_skip=True`` are left out (another stage,
+        typically a policy, provides them).
+        """
+        if not self.stage_function:
+            raise ValueError(f"[{self.who}] has no stage_function; it cannot be fused.")
+        consumes, produces, ref = self._stage_contract
+        s = self._stage
+        return Stage(self.name, function=self.stage_function, source=s.source,
+                     source_text=s.source_text, includes=s.includes,
+                     args=[a for a in s.args if not a.stage_skip], policies=s.policies,
+                     consumes=consumes, produces=produces, template=s.template,
+                     attributes=s.attributes, threadgroup=s.threadgroup, structs=s.structs,
+                     reference=ref, writes_output=not produces)
