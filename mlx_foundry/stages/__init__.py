@@ -1,0 +1,1 @@
+"""The stage library: GEMV, RMSNorm, activations, RoPE, softmax, residual, ..."""
