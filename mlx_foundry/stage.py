@@ -123,6 +123,10 @@ class Stage:
         self.source = source
         self.source_text = source_text
         self.includes = tuple(includes)
+        args = list(args)
+        if args and all(a.buffer is not None for a in args if not isinstance(a, Constant)):
+            # Buffer order is the call order (the seed's stage convention).
+            args.sort(key=lambda a: -1 if isinstance(a, Constant) else a.buffer)
         self.args = tuple(args)
         for a in self.args:
             if not isinstance(a, (Tensor, Output, Params, Scalar, Constant)):
