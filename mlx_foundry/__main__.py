@@ -1,0 +1,81 @@
+"""Command line: ``python -m mlx_foundry {demo,show,check,bench}``."""
+
+import argparse
+import sys
+
+
+def _demo(args):
+    from .demo import run_demo
+
+    return run_demo(backend=args.backend, show_source=not args.quiet)
+
+
+def _show(args):
+    from . import catalog
+
+    if args.list or not args.kernel:
+        for entry in catalog.entries():
+            print(f"{entry.name:40s} {entry.description}")
+        return 0
+    entry = catalog.get(args.kernel)
+    program, a, kw = entry.build()
+    if args.backend == "metal-full":
+        print(program.metal_source(*a, **kw))
+    else:
+        print(program.source(*a, backend=args.backend, **kw))
+    return 0
+
+
+def _check(args):
+    from . import catalog
+    from .metal_check import run_check
+
+    sources = []
+    for entry in catalog.entries():
+        if args.kernel and not any(k in entry.name for k in args.kernel):
+            continue
+        program, a, kw = entry.build()
+        sources.append((entry.name, program.metal_source(*a, **kw)))
+    return run_check(sources)
+
+
+def _bench(args):
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mlx_foundry",
+                                description="mlx_foundry: fused GPU kernels for MLX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="build a compound kernel, show it, run it, check it, time it")
+    d.add_argument("--backend", choices=["metal", "cuda", "reference"], default=None)
+    d.add_argument("--quiet", action="store_true", help="do not print the generated source")
+    d.set_defaults(fn=_demo)
+
+    s = sub.add_parser("show", help="print the generated source of a catalog kernel")
+    s.add_argument("kernel", nargs="?", help="catalog name (see --list)")
+    s.add_argument("--list", action="store_true")
+    s.add_argument("--backend", choices=["metal", "cuda", "metal-full"], default="metal-full",
+                   help="metal/cuda: header + body; metal-full: the whole source MLX compiles")
+    s.set_defaults(fn=_show)
+
+    c = sub.add_parser("check", help="check every catalog kernel with a Metal front-end")
+    c.add_argument("kernel", nargs="*", help="only catalog names containing these strings")
+    c.set_defaults(fn=_check)
+
+    b = sub.add_parser("bench", help="benchmark fused ops against MLX")
+    b.add_argument("--quick", action="store_true", help="a short run")
+    b.add_argument("--out", default=None, help="directory for results.json and chart.png")
+    b.add_argument("--only", nargs="*", default=None, help="only cases containing these strings")
+    b.add_argument("--backend", choices=["metal", "cuda", "reference"], default=None)
+    b.set_defaults(fn=_bench)
+
+    args = p.parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
