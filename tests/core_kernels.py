@@ -22,7 +22,7 @@ def axpb_kernel():
     """Elementwise with struct params: y = a*x + b."""
     return mf.Kernel(
         "axpb",
-        source="core_kernels.metal",
+        source="axpb.metal",
         function="axpb_kernel",
         template=("T",),
         args=[

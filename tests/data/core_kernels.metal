@@ -1,15 +1,6 @@
 // Test kernels for the core: elementwise, SIMD/threadgroup reduction, and three
 // fusable stages.  Templates only; mlx_foundry writes the body that calls them.
 
-template <typename T>
-METAL_FUNC void axpb_kernel(const device T* x, device T* y, const device AxpbParams* p,
-                            uint3 gid) {
-  uint i = gid.x;
-  if (i < p->n) {
-    y[i] = static_cast<T>(p->a * float(x[i]) + p->b);
-  }
-}
-
 // One threadgroup per row: y[row] = sum(x[row, :]) * scale.
 template <typename T, int K, int THREADS>
 METAL_FUNC void row_sum_kernel(const device T* x, device float* y, float scale, uint3 gid,
