@@ -29,6 +29,7 @@ DEFAULT_ATTRIBUTES = ("threadgroup_position_in_grid", "thread_position_in_thread
 def _clear_specializations():
     for p in list(_programs):
         p._specs.clear()
+        p._plans.clear()
 
 
 def _backend_module(name):
@@ -75,6 +76,45 @@ class _Launch:
         self.source = source
 
 
+_MAX_PLANS = 1024
+
+
+def _key_part(v):
+    """What a launch plan may depend on, for one argument value."""
+    if isinstance(v, mx.array):
+        return (v.shape, v.dtype)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return type(v)  # a runtime scalar (or a constant: then the value, see below)
+    return v
+
+
+def _params_array(v):
+    return v.to_array()
+
+
+class _Plan:
+    """A ready launch: everything but the argument values."""
+
+    __slots__ = ("fn", "getters", "out_shapes", "out_dtypes", "grid", "threadgroup")
+
+    def __init__(self, fn, getters, out_shapes, out_dtypes, grid, threadgroup):
+        self.fn = fn
+        self.getters = getters
+        self.out_shapes = out_shapes
+        self.out_dtypes = out_dtypes
+        self.grid = grid
+        self.threadgroup = threadgroup
+
+    def run(self, args, kwargs, stream):
+        inputs = []
+        for where, conv in self.getters:
+            v = args[where] if where.__class__ is int else kwargs[where]
+            inputs.append(v if conv is None else conv(v))
+        return self.fn(inputs=inputs, output_shapes=self.out_shapes,
+                       output_dtypes=self.out_dtypes, grid=self.grid,
+                       threadgroup=self.threadgroup, stream=stream)
+
+
 class Program:
     """Base of :class:`Kernel` and :class:`CompoundKernel`."""
 
@@ -97,6 +137,8 @@ class Program:
         self._tensors = tuple(a for a in self.inputs if isinstance(a, Tensor))
         self._structs = self._collect_structs(structs)
         self._specs = {}
+        self._plans = {}
+        self._constant_names = frozenset(c.name for c in self.constants)
         self._spec_lock = threading.Lock()
         self._scalar_cache = {}
         _programs.add(self)
@@ -185,43 +227,91 @@ class Program:
         return arr
 
     # -- launching ------------------------------------------------------------------
+    #
+    # The hot path.  A launch *plan* (compiled kernel, output shapes and dtypes,
+    # grid, threadgroup, and how to turn each argument into an MLX input) is keyed
+    # by what the rules may depend on: the backend, each array's shape and dtype,
+    # each struct's value and each constant, and the argument layout of the call.
+    # Runtime scalars are not in the key.  A hit therefore skips validation
+    # (the same shapes and dtypes already passed it), rendering, hashing and the
+    # rules; it builds one small tuple and looks it up.  Output and dispatch rules
+    # must depend only on shapes, dtypes, struct values and constants.
+
     def __call__(self, *args, backend=None, stream=None, **kwargs):
         """Run on the selected backend; returns an array, or a tuple for several outputs."""
+        be = select_backend(backend, self.who)
+        if be != "reference":
+            consts = self._constant_names
+            key = (be, tuple(map(_key_part, args)),
+                   tuple([(k, v if k in consts else _key_part(v)) for k, v in kwargs.items()]))
+            plan = self._plans.get(key)
+            if plan is not None:
+                cache.record_hit()
+                outs = plan.run(args, kwargs, stream)
+                return outs[0] if len(outs) == 1 else tuple(outs)
         bound, given = self.bind(*args, **kwargs)
-        outs = self.launch(bound, given, backend=backend, stream=stream)
+        if be == "reference":
+            outs = self.launch(bound, given, backend=be, stream=stream)
+        else:
+            plan = self._plan(be, bound, given, args, kwargs)
+            if len(self._plans) > _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+            outs = plan.run(args, kwargs, stream)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def launch(self, bound, given=None, *, backend=None, stream=None):
         """Run with already-bound arguments; returns a list of arrays."""
         be = select_backend(backend, self.who)
-        consts = self._constants(bound, given or {})
         if be == "reference":
-            return reference_backend.run(self, bound, consts)
+            return reference_backend.run(self, bound, self._constants(bound, given or {}))
+        plan = self._plan(be, bound, given or {}, (), dict(bound))
+        return plan.run((), dict(bound), stream)
+
+    def _plan(self, backend, bound, given, args, kwargs):
+        consts = self._constants(bound, given)
         full = bound.with_constants(consts)
         out_specs = [o.resolve(full) for o in self.outputs]
         out_dtypes = tuple(d for _, d in out_specs)
-        key = (be, tuple(consts.values()), tuple(bound[a.name].dtype for a in self._tensors),
-               out_dtypes)
+        key = (backend, tuple(consts.values()),
+               tuple(bound[a.name].dtype for a in self._tensors), out_dtypes)
         launch = self._specs.get(key)
         if launch is None:
-            launch = self._specialize(key, be, consts, bound, out_dtypes)
+            launch = self._specialize(key, backend, consts, bound, out_dtypes)
         else:
             cache.record_hit()
-        grid, threadgroup = self.dispatch_fn(full).mlx_launch(be)
-        return launch.fn(
-            inputs=self._kernel_inputs(bound),
-            output_shapes=[s for s, _ in out_specs],
-            output_dtypes=list(out_dtypes),
-            grid=grid,
-            threadgroup=threadgroup,
-            stream=stream,
-        )
+        grid, threadgroup = self.dispatch_fn(full).mlx_launch(backend)
+        getters = []
+        positions = {a.name: i for i, a in enumerate(self.inputs[:len(args)])}
+        for a in self.inputs:
+            where = positions.get(a.name, a.name)
+            if isinstance(a, Tensor):
+                conv = Tensor.to_kernel_input if bound[a.name].size < 8 else None
+            elif isinstance(a, Params):
+                conv = _params_array
+            else:
+                conv = self._scalar_converter(a)
+            getters.append((where, conv))
+        return _Plan(launch.fn, getters, [s for s, _ in out_specs], list(out_dtypes), grid,
+                     threadgroup)
+
+    def _scalar_converter(self, a):
+        unsigned = a.type.fmt in "BHIQ"
+        who = self.who
+
+        def convert(v):
+            if isinstance(v, mx.array):
+                return a.convert(v, who).reshape(1).astype(a.type.dtype)
+            if unsigned and v < 0:
+                a.convert(v, who)  # raises the argument's error
+            return self._scalar_array(a, v)
+
+        return convert
 
     def _specialize(self, key, backend, consts, bound, out_dtypes):
         with self._spec_lock:
             launch = self._specs.get(key)
             if launch is not None:
-                cache.record_hit()
                 return launch
             cache.record_miss()
             src = self.render(backend, consts, bound, out_dtypes)
