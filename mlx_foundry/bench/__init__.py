@@ -1,0 +1,242 @@
+"""``python -m mlx_foundry bench``: fused ops against MLX, measured one way.
+
+Runs the suite of :mod:`.cases` with the method of :mod:`.timing` (baseline and
+candidate in the same process; weights rotated through a pool larger than the
+last-level cache; many calls per timing; medians), shows progress on stderr,
+prints the table and, with ``--out DIR``, writes ``results.json``, ``chart.png``
+and ``BENCHMARKS.md`` there.
+
+On the reference backend on a CPU every case runs at tiny shapes, so the command
+itself is exercised in CI; the numbers then mean nothing.
+
+Launch-parameter tuning lives in :mod:`.tuner`.
+
+Examples:
+    >>> from mlx_foundry.bench import run
+    >>> results = run(backend="reference", quick=True, only=["rms_norm"], progress=False)
+    >>> sorted(c["name"] for c in results["cases"])[:1]
+    ['add_rms_norm_1x256']
+"""
+
+import datetime
+import os
+import statistics
+import sys
+
+import mlx.core as mx
+
+from . import cases as _cases
+from . import report, timing
+from .timing import Timing
+
+__all__ = ["main", "run", "run_case", "Context"]
+
+
+class Context:
+    """Settings of one bench run (shared by every case)."""
+
+    def __init__(self, backend, *, quick=False, tiny=None, repeats=None, pool_bytes=None):
+        self.backend = backend
+        self.quick = quick
+        self.tiny = (backend == "reference" and mx.default_device() == mx.cpu
+                     if tiny is None else tiny)
+        if repeats is None:
+            repeats = 3 if self.tiny else (6 if quick else 12)
+        self.repeats = repeats
+        self.pool_bytes = (timing.default_pool_bytes("reference" if self.tiny else backend,
+                                                     quick) if pool_bytes is None
+                           else pool_bytes)
+        if self.tiny:
+            self.measure_kw = dict(target_s=0.002, min_calls=2, max_calls=64)
+            self.copy_bytes = 4 << 20
+        else:
+            self.measure_kw = dict(target_s=0.01 if quick else 0.025, min_calls=16,
+                                   max_calls=2000)
+            self.copy_bytes = 256 << 20
+
+
+def _flat(out):
+    return timing.arrays(out if isinstance(out, (tuple, list)) else (out,))
+
+
+def max_rel_err(ours, base):
+    """``max|a - b| / max|b|`` over matching outputs, or ``None`` if shapes differ."""
+    a, b = _flat(ours), _flat(base)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return None
+    err = 0.0
+    for x, y in zip(a, b):
+        x, y = x.astype(mx.float32), y.astype(mx.float32)
+        scale = max(float(mx.max(mx.abs(y)).item()), 1e-6)
+        err = max(err, float(mx.max(mx.abs(x - y)).item()) / scale)
+    return err
+
+
+MISMATCH_TOL = 3e-2   # fp16 activations; a wrong kernel is off by O(1)
+
+
+def _interleaved(fns, pool, ctx):
+    """Time each fn in ``fns`` in alternating rounds (ABAB), pooling the timings."""
+    rounds = 2 if ctx.repeats >= 4 else 1
+    per = [max(1, ctx.repeats // rounds)] * rounds
+    per[-1] += ctx.repeats - sum(per)
+    got = [[] for _ in fns]
+    for r in range(rounds):
+        for j, fn in enumerate(fns):
+            got[j].append(timing.measure(fn, pool, repeats=per[r], **ctx.measure_kw))
+    out = []
+    for ts in got:
+        samples = [s for t in ts for s in t.timings_s]
+        out.append(Timing(median_s=statistics.median(samples), timings_s=samples,
+                          host_s=statistics.median(t.host_s for t in ts),
+                          calls=ts[0].calls, pool_size=ts[0].pool_size,
+                          sets_used=max(t.sets_used for t in ts)))
+    return out
+
+
+def run_case(case, ctx, copy_gbps=None):
+    """Measure one case; never raises (failures become ``status: "error"``)."""
+    res = {"name": case.name, "op": case.op, "shape": case.shape, "dtype": case.dtype,
+           "bytes": case.nbytes, "status": "ok", "reason": "", "baseline_us": None,
+           "ours_us": None, "speedup": None, "gbps": None, "baseline_gbps": None,
+           "pct_copy": None}
+    if case.runner is not None:
+        try:
+            res.update(case.runner(ctx))
+        except Exception as e:  # noqa: BLE001
+            res.update(status="error", reason=f"{type(e).__name__}: {e}"[:400])
+        return res
+    try:
+        pool = timing.make_pool(case.make, case.nbytes, ctx.pool_bytes)
+        res["pool_sets"] = len(pool)
+        res["pool_bytes"] = len(pool) * case.nbytes
+    except Exception as e:  # noqa: BLE001
+        res.update(status="error", reason=f"building inputs: {type(e).__name__}: {e}"[:400])
+        return res
+
+    fns = [case.baseline]
+    try:
+        cand = case.candidate(ctx.backend)
+        base_out, ours_out = case.baseline(*pool[0]), cand(*pool[0])
+        mx.eval(_flat(base_out), _flat(ours_out))
+        if case.comparable is not None:
+            base_out = case.comparable(base_out)
+        err = max_rel_err(ours_out, base_out)
+        res["max_rel_err"] = err
+        if err is None:
+            res["reason"] = "outputs not compared (layouts differ)"
+        elif not err <= MISMATCH_TOL:
+            res.update(status="error", reason=f"output differs from the baseline: "
+                                              f"max relative error {err:.3g}")
+        fns.append(cand)
+    except (ImportError, AttributeError) as e:
+        res.update(status="skipped", reason=f"candidate unavailable: {e}"[:400])
+    except Exception as e:  # noqa: BLE001
+        res.update(status="error", reason=f"candidate failed: {type(e).__name__}: {e}"[:400])
+
+    try:
+        timings = _interleaved(fns, pool, ctx)
+    except Exception as e:  # noqa: BLE001
+        res.update(status="error", reason=f"timing failed: {type(e).__name__}: {e}"[:400])
+        return res
+    base = timings[0]
+    res["baseline_us"] = base.us
+    res["baseline_gbps"] = case.nbytes / base.median_s / 1e9
+    res["baseline"] = base.as_dict()
+    if len(timings) > 1:
+        ours = timings[1]
+        res["ours_us"] = ours.us
+        res["ours"] = ours.as_dict()
+        res["speedup"] = base.median_s / ours.median_s
+        res["gbps"] = case.nbytes / ours.median_s / 1e9
+        if copy_gbps:
+            res["pct_copy"] = 100.0 * res["gbps"] / copy_gbps
+    return res
+
+
+def select_backend(name=None):
+    """Explicit, else ``$MLX_FOUNDRY_BACKEND``, else the GPU backend if any, else reference."""
+    from mlx_foundry.backends import ENV_VAR, check_backend, gpu_backend
+
+    if name:
+        return check_backend(name, "bench")
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return check_backend(env, f"bench: {ENV_VAR}")
+    return gpu_backend() or "reference"
+
+
+def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
+        progress=True, tiny=None):
+    """Run the suite and return the results dict (see :mod:`.report`).
+
+    Args:
+        backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
+            Default: the GPU backend if any, else ``"reference"``.
+        quick (bool): fewer timings. Default: ``False``.
+        only (list of str, optional): cases whose name or op contains one of these.
+        repeats (int, optional): timings per case (default 12, quick 6, tiny 3).
+        pool_bytes (int, optional): bytes of the rotated input pool.
+        progress (bool): show the progress line on stderr. Default: ``True``.
+        tiny (bool, optional): tiny shapes. Default: on the reference backend on CPU.
+    """
+    backend = select_backend(backend)
+    ctx = Context(backend, quick=quick, tiny=tiny, repeats=repeats, pool_bytes=pool_bytes)
+    all_cases = _cases.suite(tiny=ctx.tiny)
+    selected = _cases.select(all_cases, only)
+    if not selected:
+        raise ValueError(f"[bench] 'only' ({' '.join(only)}) selects no case. Cases: "
+                         f"{', '.join(c.name for c in all_cases)}.")
+    prog = report.Progress(len(selected) + 1, enabled=progress)
+    prog.update(0, "copy ceiling")
+    try:
+        copy = timing.copy_ceiling(ctx.copy_bytes, pool_bytes=ctx.pool_bytes,
+                                   repeats=ctx.repeats, target_s=ctx.measure_kw["target_s"],
+                                   min_calls=ctx.measure_kw["min_calls"])
+    except Exception as e:  # noqa: BLE001
+        copy = {"gbps": None, "error": f"{type(e).__name__}: {e}"}
+    results_cases = []
+    for i, case in enumerate(selected, 1):
+        prog.update(i, case.name)
+        results_cases.append(run_case(case, ctx, copy.get("gbps")))
+    prog.done()
+    argv = ["python -m mlx_foundry bench", f"--backend {backend}"]
+    if quick:
+        argv.append("--quick")
+    if only:
+        argv.append("--only " + " ".join(only))
+    return {"device": timing.device_name(), "device_info": timing.device_info(),
+            "mlx_version": timing.mlx_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "backend": backend, "quick": bool(quick), "tiny_shapes": bool(ctx.tiny),
+            "repeats": ctx.repeats, "pool_bytes": ctx.pool_bytes, "copy": copy,
+            "command": " ".join(argv), "cases": results_cases}
+
+
+def main(args):
+    """Entry point of ``python -m mlx_foundry bench`` (``args``: argparse Namespace).
+
+    Returns 0 when every selected case was measured or skipped with a reason, 1 when
+    any case failed (a kernel error, or outputs that differ from MLX), 2 when
+    ``--only`` selects nothing.
+    """
+    only = getattr(args, "only", None) or None
+    backend = getattr(args, "backend", None)
+    quick = bool(getattr(args, "quick", False))
+    out = getattr(args, "out", None)
+    try:
+        results = run(backend=backend, quick=quick, only=only)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(report.format_header(results))
+    print(report.format_table(results))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        written = [report.write_json(results, os.path.join(out, "results.json"))]
+        chart = report.write_chart(results, os.path.join(out, "chart.png"))
+        if chart:
+            written.append(chart)
+        written.append(report.write_benchmarks_md(results, os.path.join(out, "BENCHMARKS.md")))
+        print("wrote " + ", ".join(written))
+    return 1 if any(c["status"] == "error" for c in results["cases"]) else 0

@@ -1,0 +1,314 @@
+"""Launch-parameter tuner with results persisted on disk.
+
+A kernel exposes its launch parameters (rows per SIMD-group, SIMD-groups per
+threadgroup, unrolling, ...) as compile-time ``Constant``s.  :func:`tune` times
+each candidate setting with a caller-supplied ``run(params) -> seconds``, keeps
+the fastest and stores it; :func:`lookup` returns the stored choice.  Entries are
+keyed by everything that would make them stale::
+
+    device name | MLX version | kernel key | kernel source hash | shape class
+
+so a kernel whose source changes (or a new MLX, or another GPU) never reuses an
+old choice: the lookup misses and the caller falls back to its defaults (or
+tunes again).
+
+Storage: one JSON file, ``$MLX_FOUNDRY_CACHE_DIR/tuning.json`` or
+``~/.cache/mlx_foundry/tuning.json``.  Writes are atomic (temporary file +
+``os.replace``), serialized within the process by a lock and across processes
+by an advisory ``fcntl`` lock where available; every write re-reads the file
+and merges, so concurrent tuners do not drop each other's entries.
+
+Wiring into an op (the hot path is one dictionary lookup, done once per
+specialization, never per call)::
+
+    from mlx_foundry.bench import tuner
+
+    SRC_HASH = tuner.source_hash(gemv_kernel)          # once, at import
+    def launch_params(n, k):
+        cls = tuner.shape_class(n, k)
+        return tuner.lookup("gemv_q4", source_hash=SRC_HASH, shape_class=cls) \\
+            or {"ROWS_PER_SIMD": 4, "SIMDS": 8}        # the kernel's defaults
+
+    # offline (a script on the target device), timed like every bench number:
+    from mlx_foundry.bench import timing
+    pool = timing.make_pool(make_inputs, set_bytes, timing.default_pool_bytes("cuda"))
+    run = tuner.timed_run(lambda p: (lambda x, w, s, b: gemv(x, w, s, b, **p)), pool)
+    tuner.tune("gemv_q4", [{"ROWS_PER_SIMD": r, "SIMDS": s} for r in (1, 2, 4, 8)
+                           for s in (2, 4, 8)],
+               run, source_hash=SRC_HASH, shape_class=tuner.shape_class(14336, 4096))
+
+Candidates that fail to compile or run (too many threads, ...) are recorded as
+failures and skipped.
+"""
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+
+from .timing import device_name, mlx_version
+
+ENV_DIR = "MLX_FOUNDRY_CACHE_DIR"
+FILE_NAME = "tuning.json"
+FORMAT = 1
+
+_lock = threading.RLock()
+# path -> (mtime_ns, size, entries): avoid re-reading an unchanged file on lookup.
+_memo = {}
+
+__all__ = ["tune", "lookup", "make_key", "shape_class", "source_hash", "cache_path",
+           "entries", "timed_run", "TuningError"]
+
+
+class TuningError(RuntimeError):
+    """No candidate setting could be run."""
+
+
+# ------------------------------------------------------------------------------------
+# Keys
+# ------------------------------------------------------------------------------------
+def cache_path():
+    """The tuning file: ``$MLX_FOUNDRY_CACHE_DIR/tuning.json`` or ``~/.cache/mlx_foundry/``."""
+    d = os.environ.get(ENV_DIR) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                "mlx_foundry")
+    return os.path.join(d, FILE_NAME)
+
+
+def _bucket(v):
+    v = int(v)
+    if v < 1:
+        raise ValueError(f"[tuner.shape_class] sizes must be positive but got {v}.")
+    return 1 << math.ceil(math.log2(v))
+
+
+def shape_class(n, k, m=1):
+    """The bucket a shape is tuned for: each size rounded up to a power of two.
+
+    Args:
+        n (int): output size (rows of the weight).
+        k (int): reduction size.
+        m (int): input rows (batch x sequence). Default: ``1`` (decode).
+
+    Returns:
+        str: e.g. ``shape_class(14336, 4096) == "m1_n16384_k4096"``.
+    """
+    return f"m{_bucket(m)}_n{_bucket(n)}_k{_bucket(k)}"
+
+
+def source_hash(obj):
+    """A stable hash of a kernel's source, for tuning keys.
+
+    Args:
+        obj: a ``str`` (source text), a :class:`~mlx_foundry.KernelSource`
+            (header + body), a :class:`~mlx_foundry.Program` (the text of its
+            ``.metal`` files, inline sources and structs, *before* constants are
+            substituted, so tuning one constant does not change the key), or a
+            list/tuple of these.
+
+    Returns:
+        str: 16 hex digits.
+    """
+    h = hashlib.sha256()
+    for part in _source_parts(obj):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _source_parts(obj):
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [p for o in obj for p in _source_parts(o)]
+    if hasattr(obj, "header") and hasattr(obj, "body"):        # KernelSource
+        return [obj.header, obj.body]
+    if hasattr(obj, "_source_files") and hasattr(obj, "name"):  # Program
+        from mlx_foundry import sources
+
+        parts = [type(obj).__name__, obj.name]
+        parts += [s.metal_struct_def for s in getattr(obj, "_structs", ())]
+        parts += [f"{rel}\n{text}" for rel, text in
+                  sources.resolve(obj._source_files(), requested_by="tuner")]
+        parts += [f"{label}\n{text}" for label, text in obj._inline_sources()]
+        return parts
+    raise TypeError(f"[tuner.source_hash] 'obj' must be a source str, KernelSource or "
+                    f"Program but got {type(obj).__name__}.")
+
+
+def make_key(kernel_key, *, source_hash, shape_class, device=None, mlx_version_=None):
+    """The storage key: ``device|mlx-<version>|kernel_key|source_hash|shape_class``."""
+    for name, v in (("kernel_key", kernel_key), ("source_hash", source_hash),
+                    ("shape_class", shape_class)):
+        if not isinstance(v, str) or not v or "|" in v:
+            raise ValueError(f"[tuner] {name!r} must be a non-empty str without '|' "
+                             f"but got {v!r}.")
+    dev = device if device is not None else device_name()
+    ver = mlx_version_ if mlx_version_ is not None else mlx_version()
+    return f"{dev.replace('|', '/')}|mlx-{ver}|{kernel_key}|{source_hash}|{shape_class}"
+
+
+# ------------------------------------------------------------------------------------
+# Storage
+# ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _file_lock(path):
+    """Advisory inter-process lock on ``path + '.lock'`` (no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {}
+    memo = _memo.get(path)
+    if memo and memo[0] == (st.st_mtime_ns, st.st_size):
+        return memo[1]
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        entries = data.get("entries", {}) if data.get("format") == FORMAT else {}
+    except (OSError, ValueError, AttributeError):
+        entries = {}      # a corrupt file is treated as empty and rewritten on next tune
+    _memo[path] = ((st.st_mtime_ns, st.st_size), entries)
+    return entries
+
+
+def _write_entry(path, key, entry):
+    with _lock, _file_lock(path):
+        _memo.pop(path, None)
+        entries = dict(_read(path))
+        entries[key] = entry
+        d = os.path.dirname(path) or "."
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".json", dir=d)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _memo.pop(path, None)
+
+
+def entries(path=None):
+    """All stored entries (key -> entry dict) of the tuning file."""
+    with _lock:
+        return dict(_read(path or cache_path()))
+
+
+def lookup(kernel_key, *, source_hash, shape_class, device=None, mlx_version=None,
+           path=None):
+    """The stored launch parameters for this kernel, source, shape class and device.
+
+    Returns:
+        dict or None: the chosen parameters, or ``None`` when nothing was tuned
+        under exactly this key (e.g. the kernel source changed since).
+    """
+    key = make_key(kernel_key, source_hash=source_hash, shape_class=shape_class,
+                   device=device, mlx_version_=mlx_version)
+    with _lock:
+        e = _read(path or cache_path()).get(key)
+    return dict(e["params"]) if e else None
+
+
+def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, warmup=1,
+         device=None, mlx_version=None, path=None, force=False):
+    """Time every candidate setting, keep the fastest, persist it, return it.
+
+    Args:
+        kernel_key (str): names the kernel (and variant), e.g. ``"gemv_affine_q4"``.
+        candidates (list of dict): settings, e.g. ``[{"ROWS_PER_SIMD": 2, "SIMDS": 8}]``.
+        run (callable): ``run(params) -> seconds`` for one timing of one setting (use
+            :func:`mlx_foundry.bench.timing.measure` for an honest number).
+        source_hash (str): :func:`source_hash` of the kernel.
+        shape_class (str): :func:`shape_class` of the shape being tuned.
+        repeats (int): timings per candidate; the median decides. Default: ``5``.
+        warmup (int): untimed calls per candidate first (compiles). Default: ``1``.
+        device, mlx_version (str, optional): override the key's device / MLX version.
+        path (str, optional): the tuning file. Default: :func:`cache_path`.
+        force (bool): tune even if a result is stored. Default: ``False``.
+
+    Returns:
+        dict: the fastest setting (a copy of one of ``candidates``).
+
+    Raises:
+        TuningError: when every candidate raised.
+    """
+    if not candidates or not all(isinstance(c, dict) for c in candidates):
+        raise ValueError("[tuner.tune] 'candidates' must be a non-empty list of dicts.")
+    if not callable(run):
+        raise TypeError("[tuner.tune] 'run' must be callable(params) -> seconds.")
+    path = path or cache_path()
+    key = make_key(kernel_key, source_hash=source_hash, shape_class=shape_class,
+                   device=device, mlx_version_=mlx_version)
+    if not force:
+        with _lock:
+            e = _read(path).get(key)
+        if e:
+            return dict(e["params"])
+    results, failures = [], []
+    for params in candidates:
+        try:
+            for _ in range(max(0, warmup)):
+                run(dict(params))
+            times = [float(run(dict(params))) for _ in range(max(1, repeats))]
+        except Exception as exc:  # noqa: BLE001 - a setting that does not compile/run
+            failures.append({"params": params, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        results.append({"params": params, "median_s": statistics.median(times)})
+    if not results:
+        raise TuningError(f"[tuner.tune] every candidate of {kernel_key!r} failed: "
+                          f"{failures[:3]}")
+    best = min(results, key=lambda r: r["median_s"])
+    _write_entry(path, key, {
+        "params": best["params"], "median_s": best["median_s"],
+        "candidates": results, "failures": failures,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kernel_key": kernel_key, "source_hash": source_hash, "shape_class": shape_class,
+        "unix_time": time.time(),
+    })
+    return dict(best["params"])
+
+
+def timed_run(build, pool, **measure_kw):
+    """A ``run(params) -> seconds`` for :func:`tune`, measured like every bench number.
+
+    Args:
+        build (callable): ``build(params) -> fn`` where ``fn(*inputs)`` runs the kernel
+            with these launch parameters (e.g. passes them as Constants).
+        pool (list of tuple): input sets from :func:`mlx_foundry.bench.timing.make_pool`
+            (larger than the last-level cache).
+        **measure_kw: passed to :func:`mlx_foundry.bench.timing.measure`
+            (default ``repeats=3``).
+
+    Returns:
+        callable: ``run(params)`` -> median seconds per call.
+    """
+    from .timing import measure
+
+    measure_kw.setdefault("repeats", 3)
+
+    def run(params):
+        return measure(build(params), pool, **measure_kw).median_s
+    return run

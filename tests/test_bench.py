@@ -1,0 +1,354 @@
+"""``python -m mlx_foundry bench`` and its pieces: timing, report, tuner (CPU)."""
+
+import json
+import os
+import sys
+import threading
+
+import mlx.core as mx
+import pytest
+
+from mlx_foundry.__main__ import main as cli_main
+from mlx_foundry.bench import cases, report, run_case, timing, tuner
+from mlx_foundry.bench import Context
+
+
+# ------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One quick run of the command on the reference backend (shared by the tests)."""
+    out = tmp_path_factory.mktemp("bench_out")
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    so, se = io.StringIO(), io.StringIO()
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)        # tiny shapes, also on a GPU machine
+    try:
+        with redirect_stdout(so), redirect_stderr(se):
+            rc = cli_main(["bench", "--quick", "--backend", "reference", "--out", str(out)])
+    finally:
+        mx.set_default_device(device)
+    return rc, so.getvalue(), se.getvalue(), out
+
+
+def test_bench_command_writes_results(bench_run):
+    rc, stdout, stderr, out = bench_run
+    assert rc == 0, stdout + stderr
+    res = json.loads((out / "results.json").read_text())
+    for key in ("device", "mlx_version", "date", "backend", "copy", "cases"):
+        assert key in res
+    assert res["backend"] == "reference"
+    assert res["mlx_version"] == mx.__version__
+    assert res["copy"]["gbps"] > 0
+    expected = [c.name for c in cases.suite(tiny=True)]
+    assert [c["name"] for c in res["cases"]] == expected
+    for c in res["cases"]:
+        assert c["status"] in ("ok", "skipped"), c
+        if c["status"] == "skipped":
+            assert c["reason"], c
+        else:
+            assert c["baseline_us"] > 0 and c["ours_us"] > 0 and c["speedup"] > 0, c
+        if c["status"] == "ok" and c.get("bytes"):
+            assert c["gbps"] > 0 and c["pct_copy"] > 0, c
+    # The kernel cases rotate through their pool.
+    measured = [c for c in res["cases"] if "baseline" in c]
+    assert measured and all(c["baseline"]["sets_used"] >= 2 for c in measured)
+
+
+def test_bench_command_prints_table_and_progress(bench_run):
+    rc, stdout, stderr, out = bench_run
+    header = next(line for line in stdout.splitlines() if line.startswith("op "))
+    assert header.split()[:3] == ["op", "shape", "dtype/bits"]
+    assert "smoke test" in stdout                    # tiny CPU numbers are labelled
+    for col in report.COLUMNS:
+        assert col in stdout
+    assert "copy ceiling" in stdout
+    n = len(cases.suite(tiny=True))
+    assert f"/{n + 1}]" in stderr          # progress: case i/n on stderr
+
+
+def test_bench_command_chart_and_benchmarks_md(bench_run):
+    _, _, _, out = bench_run
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (out / "chart.png").exists()
+    else:
+        assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "BENCHMARKS.md").read_text()
+    assert "## Reproduce" in md and "python -m mlx_foundry bench" in md
+    assert mx.__version__ in md and "| op | shape |" in md
+
+
+def test_bench_only_selects_cases_or_fails(capsys):
+    # (exits before measuring anything)
+    assert cli_main(["bench", "--quick", "--backend", "reference", "--only",
+                     "no_such_case"]) == 2
+    assert "selects no case" in capsys.readouterr().err
+
+
+def test_chart_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    results = {"device": "d", "backend": "reference", "mlx_version": "0", "date": "now",
+               "cases": []}
+    assert report.write_chart(results, str(tmp_path / "chart.png")) is None
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "chart.png").exists()
+
+
+def test_table_lists_skipped_with_reason():
+    results = {"cases": [
+        {"name": "a", "op": "linear", "shape": "1x4->8", "dtype": "fp16/q4", "status": "ok",
+         "baseline_us": 30.0, "ours_us": 10.0, "speedup": 3.0, "gbps": 800.0,
+         "pct_copy": 80.0},
+        {"name": "b", "op": "rms_norm", "shape": "1x4", "dtype": "fp16",
+         "status": "skipped", "reason": "op missing"}],
+        "copy": {"gbps": 1000.0, "buffer_bytes": 1 << 28}}
+    text = report.format_table(results)
+    assert "3.00x" in text and "800" in text and "80" in text
+    assert "skipped: b: op missing" in text
+
+
+# ------------------------------------------------------------------------------------
+# Cases
+# ------------------------------------------------------------------------------------
+def test_case_with_wrong_candidate_is_an_error():
+    ctx = Context("reference", tiny=True, repeats=1, pool_bytes=0)
+    case = cases.Case("neg", "neg", "1x8", "fp32", 64,
+                      make=lambda i: (mx.full((1, 8), float(i + 1)),),
+                      baseline=lambda x: x * 2, candidate=lambda b: (lambda x: x * 3))
+    res = run_case(case, ctx)
+    assert res["status"] == "error" and "differs" in res["reason"]
+
+
+def test_case_with_missing_candidate_is_skipped():
+    ctx = Context("reference", tiny=True, repeats=1, pool_bytes=0)
+
+    def candidate(backend):
+        raise AttributeError("mlx_foundry.ops.nothing does not exist yet")
+
+    case = cases.Case("x", "x", "1x8", "fp32", 64, make=lambda i: (mx.ones((1, 8)),),
+                      baseline=lambda x: x + 1, candidate=candidate)
+    res = run_case(case, ctx)
+    assert res["status"] == "skipped" and "does not exist" in res["reason"]
+    assert res["baseline_us"] > 0 and res["ours_us"] is None
+
+
+def test_e2e_without_decode_benchmark_is_skipped(monkeypatch):
+    from mlx_foundry.bench import e2e
+
+    monkeypatch.setitem(sys.modules, "mlx_foundry.lm_bench", None)
+    res = e2e.run_decode(Context("reference", tiny=True), tiny=True)
+    assert res["status"] == "skipped" and "decode_benchmark" in res["reason"]
+
+
+def test_suite_bytes_match_weights():
+    by = {c.name: c for c in cases.suite(tiny=False)}
+    c = by["linear_q4_4096x14336"]
+    # 4-bit words + fp16 scales and biases (group 64) + x + y.
+    assert c.nbytes == 14336 * 4096 // 2 + 2 * 14336 * 64 * 2 + 2 * 4096 + 2 * 14336
+    assert by["rms_norm_8192x8192"].nbytes == 2 * (2 * 8192 * 8192 + 8192)
+
+
+# ------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------
+def test_measure_rotates_the_pool_and_returns_positive_medians():
+    pool = timing.make_pool(lambda i: (mx.full((64,), float(i)),), 256, 256 * 7,
+                            min_sets=2, max_sets=100)
+    assert len(pool) == 7
+    seen = set()
+
+    def fn(x):
+        seen.add(id(x))
+        return x * 2
+
+    t = timing.measure(fn, pool, repeats=4, calls=5, warmup=1)
+    assert t.median_s > 0 and len(t.timings_s) == 4 and all(s > 0 for s in t.timings_s)
+    assert t.calls == 5 and t.pool_size == 7
+    assert t.sets_used == 7 and len(seen) == 7      # 20 calls cycle through all 7 sets
+
+
+def test_measure_splits_batches_by_output_budget():
+    pool = timing.make_pool(lambda i: (mx.full((1024,), float(i)),), 4096, 0)
+    t = timing.measure(lambda x: x + 1, pool, repeats=2, calls=6, out_budget=8192)
+    assert t.median_s > 0 and t.calls == 6
+
+
+def test_make_pool_clamps():
+    assert len(timing.make_pool(lambda i: mx.zeros((4,)), 16, 1 << 30, max_sets=5)) == 5
+    assert len(timing.make_pool(lambda i: mx.zeros((4,)), 16, 0)) == 2
+
+
+def test_copy_ceiling_counts_read_and_write():
+    c = timing.copy_ceiling(1 << 20, repeats=2, target_s=0.001)
+    assert c["bytes"] == 2 * c["buffer_bytes"] == 2 << 20
+    assert c["gbps"] > 0 and c["us"] > 0
+
+
+def test_default_pool_exceeds_gpu_caches():
+    assert timing.default_pool_bytes("cuda") >= 2 * 60 * timing.MB
+    assert timing.default_pool_bytes("cuda") > max(timing.LLC_BYTES.values())
+
+
+# ------------------------------------------------------------------------------------
+# Tuner
+# ------------------------------------------------------------------------------------
+CANDS = [{"ROWS_PER_SIMD": r, "SIMDS": s} for r in (1, 2, 4) for s in (4, 8)]
+
+
+def _fake_run(best, calls=None):
+    def run(p):
+        if calls is not None:
+            calls.append(dict(p))
+        return 1e-4 if p == best else 2e-4 + 1e-5 * p["ROWS_PER_SIMD"]
+    return run
+
+
+def test_tuner_persists_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    best = {"ROWS_PER_SIMD": 2, "SIMDS": 8}
+    kw = dict(source_hash="abc123", shape_class=tuner.shape_class(14336, 4096))
+    assert tuner.lookup("gemv_q4", **kw) is None
+    assert tuner.tune("gemv_q4", CANDS, _fake_run(best), repeats=2, **kw) == best
+    path = tmp_path / "tuning.json"
+    data = json.loads(path.read_text())
+    (key, entry), = data["entries"].items()
+    assert entry["params"] == best and len(entry["candidates"]) == len(CANDS)
+    assert tuner.device_name() in key and mx.__version__ in key and "abc123" in key
+    tuner._memo.clear()                                # as a fresh process would
+    assert tuner.lookup("gemv_q4", **kw) == best
+    calls = []
+    assert tuner.tune("gemv_q4", CANDS, _fake_run(best, calls), **kw) == best
+    assert calls == []                                 # a stored result is reused
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tuning.")]
+
+
+def test_tuner_keys_differ_and_stale_entries_are_not_reused(tmp_path):
+    path = str(tmp_path / "t.json")
+    base = dict(kernel_key="gemv_q4", source_hash="aaaa", shape_class="m1_n16384_k4096",
+                device="NVIDIA H100", mlx_version_="0.32.4")
+    k0 = tuner.make_key(**base)
+    for field, other in (("source_hash", "bbbb"), ("device", "NVIDIA H200"),
+                         ("mlx_version_", "0.33.0"), ("shape_class", "m1_n4096_k16384")):
+        assert tuner.make_key(**dict(base, **{field: other})) != k0, field
+
+    old = {"ROWS_PER_SIMD": 1, "SIMDS": 4}
+    kw = dict(shape_class="m1_n16384_k4096", device="NVIDIA H100", mlx_version="0.32.4",
+              path=path)
+    tuner.tune("gemv_q4", CANDS, _fake_run(old), source_hash="aaaa", **kw)
+    assert tuner.lookup("gemv_q4", source_hash="aaaa", **kw) == old
+    # An edited kernel (new source hash), another device or MLX: no stale reuse.
+    assert tuner.lookup("gemv_q4", source_hash="bbbb", **kw) is None
+    assert tuner.lookup("gemv_q4", source_hash="aaaa",
+                        **dict(kw, device="NVIDIA H200")) is None
+    assert tuner.lookup("gemv_q4", source_hash="aaaa",
+                        **dict(kw, mlx_version="0.33.0")) is None
+    new, calls = {"ROWS_PER_SIMD": 4, "SIMDS": 8}, []
+    assert tuner.tune("gemv_q4", CANDS, _fake_run(new, calls), source_hash="bbbb",
+                      **kw) == new
+    assert len(calls) >= len(CANDS)                    # tuned again
+    assert tuner.lookup("gemv_q4", source_hash="aaaa", **kw) == old
+    assert tuner.lookup("gemv_q4", source_hash="bbbb", **kw) == new
+
+
+def test_tuner_skips_failing_candidates_and_raises_when_all_fail(tmp_path):
+    path = str(tmp_path / "t.json")
+
+    def run(p):
+        if p["SIMDS"] == 8:
+            raise RuntimeError("too many threads")
+        return 1.0 / p["ROWS_PER_SIMD"]
+
+    kw = dict(source_hash="h", shape_class="c", path=path)
+    assert tuner.tune("k", CANDS, run, **kw) == {"ROWS_PER_SIMD": 4, "SIMDS": 4}
+    with pytest.raises(tuner.TuningError):
+        tuner.tune("k2", CANDS, lambda p: 1 / 0, **kw)
+    with pytest.raises(ValueError, match="candidates"):
+        tuner.tune("k3", [], run, **kw)
+
+
+def test_tuner_concurrent_writers_keep_every_entry(tmp_path):
+    path = str(tmp_path / "t.json")
+
+    def work(i):
+        tuner.tune(f"kernel{i}", CANDS[:2], lambda p: 1e-3 * p["SIMDS"], source_hash="h",
+                   shape_class="c", repeats=1, warmup=0, path=path)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tuner._memo.clear()
+    got = tuner.entries(path)
+    assert len(got) == 16
+    assert all(e["params"] == {"ROWS_PER_SIMD": 1, "SIMDS": 4} for e in got.values())
+
+
+def test_shape_class_buckets():
+    assert tuner.shape_class(14336, 4096) == "m1_n16384_k4096"
+    assert tuner.shape_class(4096, 14336) == "m1_n4096_k16384"
+    assert tuner.shape_class(9000, 4000, m=3) == "m4_n16384_k4096"
+    assert tuner.shape_class(16384, 4096) == tuner.shape_class(14336, 4096)
+    with pytest.raises(ValueError):
+        tuner.shape_class(0, 4)
+
+
+def test_source_hash_tracks_source():
+    import mlx_foundry as mf
+
+    assert tuner.source_hash("a") != tuner.source_hash("b")
+    assert tuner.source_hash("a") == tuner.source_hash("a")
+
+    def kernel(body):
+        src = ("template <typename T>\nMETAL_FUNC void k(const device T* x, device T* y, "
+               "uint3 gid) { uint i = gid.x; if (i < 4) y[i] = " + body + "; }\n")
+        return mf.Kernel("tune_probe", source_text=src, function="k", template=("T",),
+                         args=[mf.Tensor("x"), mf.Output("y", shape=lambda b: b.x.shape,
+                                                         dtype="x"),
+                               mf.Constant("T", "dtype", like="x")],
+                         attributes=("thread_position_in_grid",),
+                         dispatch=lambda b: mf.per_element(b.x.size),
+                         reference=lambda b: b.x)
+
+    h1 = tuner.source_hash(kernel("x[i]"))
+    assert h1 == tuner.source_hash(kernel("x[i]"))
+    assert h1 != tuner.source_hash(kernel("x[i] * T(2)"))
+    with pytest.raises(TypeError):
+        tuner.source_hash(42)
+
+
+def test_timed_run_feeds_the_tuner(tmp_path):
+    pool = timing.make_pool(lambda i: (mx.full((256,), float(i)),), 1024, 4096)
+    built = []
+
+    def build(p):
+        built.append(p["UNROLL"])
+        return lambda x: x * p["UNROLL"]
+
+    run = tuner.timed_run(build, pool, repeats=2, calls=4)
+    got = tuner.tune("scale", [{"UNROLL": 1}, {"UNROLL": 2}], run, source_hash="s",
+                     shape_class=tuner.shape_class(256, 1), path=str(tmp_path / "t.json"))
+    assert got in ({"UNROLL": 1}, {"UNROLL": 2}) and set(built) == {1, 2}
+    entry, = tuner.entries(str(tmp_path / "t.json")).values()
+    assert all(c["median_s"] > 0 for c in entry["candidates"])
+
+
+def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
+    pytest.importorskip("mlx_foundry.ops.linear")
+    from mlx_foundry.bench import autotune
+    from mlx_foundry.ops.linear import linear_kernel
+
+    path = str(tmp_path / "t.json")
+    cands = [{"ROWS": 2, "THREADS": 64}, {"ROWS": 4, "THREADS": 128}]
+    got = autotune.tune_linear("reference", shapes=[(256, 96)], bits=(4,), candidates=cands,
+                               repeats=1, path=path, pool_bytes=0)
+    (key, cls), params = next(iter(got.items()))
+    assert key.startswith("reference:") and cls == "m1_n128_k256" and params in cands
+    kern = linear_kernel(("affine", 4, 64))
+    assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == params
+    assert autotune.lookup_linear(kern, 96, 256, 1, "cuda", path=path) is None
