@@ -27,3 +27,32 @@ __all__ = [
     "clear_cache", "f16", "f32", "field", "i32", "per_element", "per_row",
     "select_backend", "struct", "u8", "u16", "u32", "u64", "warp_per_row",
 ]
+
+
+# -- mlx-lm integration (lazy: importing mlx_foundry does not import mlx_lm) -----------
+def patch(model, **options):
+    """Fuse the decode path of an mlx-lm model in place; returns a ``PatchReport``.
+
+    See :func:`mlx_foundry.lm.patch` for the options.
+    """
+    from .lm import patch as _patch
+
+    return _patch(model, **options)
+
+
+def unpatch(model):
+    """Restore the blocks :func:`patch` changed; returns how many were restored."""
+    from .lm import unpatch as _unpatch
+
+    return _unpatch(model)
+
+
+def __getattr__(name):
+    if name == "PatchReport":
+        from .lm import PatchReport
+
+        return PatchReport
+    raise AttributeError(f"module 'mlx_foundry' has no attribute {name!r}")
+
+
+__all__ += ["PatchReport", "patch", "unpatch"]

@@ -16,6 +16,31 @@ def gpu_backend():
 
 
 @pytest.fixture(autouse=True)
+def _reference_on_cpu(request, monkeypatch):
+    """In GPU tests, evaluate the reference oracle on the CPU stream.
+
+    The oracle must not share a failure with the code under test: a defect in
+    one of MLX's own GPU ops (seen on MLX 0.32.4 CUDA) would otherwise make a
+    correct kernel look wrong, or a wrong one look right.
+    """
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    from mlx_foundry.backends import reference
+
+    original = reference.run
+
+    def run_on_cpu(*args, **kwargs):
+        with mx.stream(mx.cpu):
+            out = original(*args, **kwargs)
+            mx.eval(out)
+        return out
+
+    monkeypatch.setattr(reference, "run", run_on_cpu)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)
     yield

@@ -1,0 +1,583 @@
+"""mlx-lm integration: swap the decode path of transformer blocks for fused ops.
+
+:func:`patch` walks ``model.model.layers`` of an mlx-lm model of a known
+architecture (llama, mistral, qwen2, qwen3) and changes the class of every
+block it can fuse to a subclass whose ``__call__`` runs, for decode-sized
+inputs::
+
+    q, k, v = norm_qkv_rope(x)                 # input RMSNorm + Q/K/V (+ RoPE)
+    k, v    = cache.update_and_fetch(k, v)     # mlx-lm's cache, unchanged
+    o       = scaled_dot_product_attention(q, k, v, cache=cache, mask=mask)
+    h       = linear(o, o_proj, residual=x)    # output projection + residual
+    a       = norm_gate_up_swiglu(h)           # post-attention RMSNorm + gate/up + SwiGLU
+    out     = linear(a, down_proj, residual=h) # down projection + residual
+
+Blocks (or the attention / MLP half of a block) that cannot be fused keep
+their original code, and the :class:`PatchReport` says why.  At call time a
+block whose input has more rows than ``max_rows`` (prefill) runs its
+original code, which MLX already runs as a GEMM.  :func:`unpatch` restores
+the original classes.
+
+The weights are never copied: the fused ops read ``nn.Linear`` and MLX
+affine ``nn.QuantizedLinear`` weights where they are.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import mlx.nn as nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# The mlx-lm modules whose TransformerBlock.__call__ we reproduce exactly.
+_KNOWN_BLOCK_MODULES = {
+    "mlx_lm.models.llama": "llama",
+    "mlx_lm.models.qwen2": "qwen2",
+    "mlx_lm.models.qwen3": "qwen3",
+}
+
+_PLAN_ATTR = "_mlx_foundry_plan"
+_REPORT_ATTR = "_mlx_foundry_report"
+_DEFAULT_MAX_ROWS = 16
+
+__all__ = ["PatchReport", "patch", "unpatch", "is_patched", "patch_stats",
+           "SUPPORTED_MODEL_TYPES"]
+
+
+# ------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------
+@dataclass
+class PatchReport:
+    """What :func:`patch` fused and what it left as it was, and why.
+
+    Attributes:
+        model_type (str): the model's ``model_type`` (``"?"`` if it has none).
+        backend (str): the backend the fused ops use (``"auto"``: chosen per call).
+        fused (list of (str, str)): (module path, what was fused).
+        skipped (list of (str, str)): (module path, reason it was left as it was).
+        max_rows (int): blocks with more input rows (batch x tokens) run their
+            original code.
+    """
+
+    model_type: str = "?"
+    backend: str = "auto"
+    fused: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    max_rows: int = _DEFAULT_MAX_ROWS
+    blocks: int = 0
+
+    @property
+    def patched_blocks(self):
+        """Paths of the blocks that run at least one fused half."""
+        seen = []
+        for path, _ in self.fused:
+            block = path.rsplit(".", 1)[0] if path.endswith((".self_attn", ".mlp")) else path
+            if block not in seen:
+                seen.append(block)
+        return seen
+
+    def __bool__(self):
+        return bool(self.fused)
+
+    def __str__(self):
+        n = len(self.patched_blocks)
+        lines = [f"mlx_foundry.patch: model_type={self.model_type}, backend={self.backend}, "
+                 f"{n} of {self.blocks} blocks fused (inputs over {self.max_rows} rows run "
+                 "the original code)"]
+        if self.fused:
+            lines.append("  fused:")
+            width = max(len(p) for p, _ in self.fused)
+            lines += [f"    {p:<{width}}  {w}" for p, w in self.fused]
+        if self.skipped:
+            lines.append("  left as it was:")
+            width = max(len(p) for p, _ in self.skipped)
+            lines += [f"    {p:<{width}}  {r}" for p, r in self.skipped]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------
+# Weights
+# ------------------------------------------------------------------------------------
+def _ops():
+    from . import ops
+    return ops
+
+
+def _weight_problem(m):
+    """Why the fused ops cannot read linear module ``m`` (``None`` if they can)."""
+    name = type(m).__name__
+    if type(m) is nn.QuantizedLinear:
+        mode = getattr(m, "mode", "affine")
+        if mode != "affine":
+            return f"quantization mode {mode!r} is not supported (affine only)"
+    elif type(m) is not nn.Linear:
+        if "lora" in name.lower() or "dora" in name.lower():
+            return f"adapter layer {name} (LoRA/DoRA) is not fused"
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+            return f"{name} subclasses an MLX linear layer and may compute something else"
+        return f"{name} is not nn.Linear / nn.QuantizedLinear"
+    try:
+        _to_weight(m)   # bits, group size, shapes and dtypes the fused ops accept
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _weight_summary(m):
+    if isinstance(m, nn.QuantizedLinear):
+        return f"affine {m.bits}-bit g{m.group_size}"
+    return f"dense {str(m.weight.dtype).split('.')[-1]}"
+
+
+def _to_weight(m):
+    return _ops().Weight.from_module(m)
+
+
+class _WeightCache:
+    """``Weight`` views of linear modules, rebuilt when a module or its arrays change.
+
+    An identity check on the module and its arrays (weight, scales, biases, bias)
+    keeps a view correct after ``load_weights``, ``nn.quantize`` or an adapter
+    replacing the module; a module the fused ops cannot read gives ``None``.
+    """
+
+    __slots__ = ("_entries",)
+    _ARRAYS = ("weight", "scales", "biases", "bias")
+
+    def __init__(self):
+        self._entries = {}
+
+    def get(self, key, m):
+        arrays = tuple(m.get(k) for k in self._ARRAYS) if isinstance(m, nn.Module) else ()
+        e = self._entries.get(key)
+        if (e is not None and e[0] is m and len(e[1]) == len(arrays)
+                and all(a is b for a, b in zip(e[1], arrays))):
+            return e[2]
+        view = None
+        if _weight_problem(m) is None:
+            try:
+                view = _to_weight(m)
+            except (ValueError, TypeError):
+                view = None
+        self._entries[key] = (m, arrays, view)
+        return view
+
+
+def _linear(x, w, *, residual=None, backend=None):
+    return _ops().linear(x, w, residual=residual, backend=backend)
+
+
+# ------------------------------------------------------------------------------------
+# RoPE
+# ------------------------------------------------------------------------------------
+def _rope_spec(rope, head_dim):
+    """``(kwargs for norm_qkv_rope, None)`` or ``(None, reason)`` for a RoPE module."""
+    name = type(rope).__name__
+    dims = getattr(rope, "dims", None)
+    if dims != head_dim:
+        return None, f"RoPE {name} rotates {dims} of {head_dim} dims (partial rotary)"
+    if type(rope) is nn.RoPE:
+        return {"rope_base": float(rope.base), "rope_scale": float(rope.scale),
+                "rope_traditional": bool(rope.traditional), "rope_freqs": None}, None
+    if name == "Llama3RoPE" and type(rope).__module__ == "mlx_lm.models.rope_utils":
+        # mx.fast.rope(x, dims, base=None, scale=1.0, freqs=rope._freqs)
+        return {"rope_scale": 1.0, "rope_traditional": bool(rope.traditional),
+                "rope_freqs": "_freqs"}, None
+    return None, f"RoPE class {name} is not known to the fused op"
+
+
+# ------------------------------------------------------------------------------------
+# Plan of one block
+# ------------------------------------------------------------------------------------
+class _BlockPlan:
+    """What a patched block fuses, and counters of how its calls ran."""
+
+    def __init__(self, path, original_class, arch, attn, mlp, rope, head_dim, backend,
+                 max_rows):
+        self.path = path
+        self.original_class = original_class
+        self.arch = arch
+        self.attn = attn          # None, "qkv_rope" or "qkv"
+        self.mlp = mlp            # bool
+        self.rope = rope          # kwargs for norm_qkv_rope (or None)
+        self.head_dim = head_dim
+        self.backend = backend
+        self.max_rows = max_rows
+        self.weights = _WeightCache()
+        self.stats = Counter()
+
+    def describe(self):
+        parts = []
+        if self.attn:
+            parts.append(self.attn)
+        if self.mlp:
+            parts.append("mlp")
+        return "+".join(parts)
+
+
+def _check_structure(block):
+    """Why ``block`` is not a llama-family block we can reproduce (or ``None``)."""
+    mod = type(block).__module__
+    if mod not in _KNOWN_BLOCK_MODULES or type(block).__name__ != "TransformerBlock":
+        return f"block class {mod}.{type(block).__name__} is not a known transformer block"
+    for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+        if not hasattr(block, name):
+            return f"block has no {name}"
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        if type(getattr(block, name)) is not nn.RMSNorm:
+            return f"{name} is {type(getattr(block, name)).__name__}, not nn.RMSNorm"
+    return None
+
+
+def _plan_attention(block, path, arch):
+    """``(mode, rope_spec, head_dim, what, reasons)`` for the attention half."""
+    attn = block.self_attn
+    apath = f"{path}.self_attn"
+    reasons = []
+    if type(attn).__module__ != type(block).__module__ or type(attn).__name__ != "Attention":
+        return None, None, None, None, [(apath, f"attention class {type(attn).__name__} "
+                                                "is not known")]
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj")
+    for p in projs:
+        m = getattr(attn, p, None)
+        why = "missing" if m is None else _weight_problem(m)
+        if why:
+            reasons.append((f"{apath}.{p}", why))
+    if reasons:
+        return None, None, None, None, reasons
+    n_heads, n_kv = attn.n_heads, attn.n_kv_heads
+    out_q = attn.q_proj.weight.shape[0]
+    if out_q % n_heads:
+        return None, None, None, None, [(apath, f"q_proj outputs {out_q} features, not a "
+                                                f"multiple of {n_heads} heads")]
+    head_dim = out_q // n_heads
+    for p in ("k_proj", "v_proj"):
+        out = getattr(attn, p).weight.shape[0]
+        if out != n_kv * head_dim:
+            return None, None, None, None, [(f"{apath}.{p}", f"outputs {out} features, not "
+                                                             f"{n_kv} KV heads x {head_dim}")]
+    qk_norm = hasattr(attn, "q_norm") or hasattr(attn, "k_norm")
+    if qk_norm and not (type(getattr(attn, "q_norm", None)) is nn.RMSNorm
+                        and type(getattr(attn, "k_norm", None)) is nn.RMSNorm):
+        return None, None, None, None, [(apath, "q/k norms are not nn.RMSNorm")]
+    rope, why = _rope_spec(attn.rope, head_dim)
+    wsum = _weight_summary(attn.q_proj)
+    qkv_bias = any("bias" in getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj"))
+    if rope is not None and not qk_norm and not qkv_bias:
+        what = f"attention: rms_norm+q/k/v+rope ({wsum}), sdpa, o_proj+residual"
+        return "qkv_rope", rope, head_dim, what, []
+    if qk_norm:
+        note = "q/k norms sit between projection and RoPE"
+    elif qkv_bias:
+        # norm_qkv_rope would run biased projections as unfused MLX ops; one fused
+        # norm+GEMV+bias kernel per projection is fewer dispatches.
+        note = "q/k/v biases fused per projection"
+    else:
+        note = why
+        reasons.append((f"{apath}.rope", f"RoPE left unfused: {why}"))
+    what = (f"attention: rms_norm+q/k/v ({wsum}; {note}: module RoPE), sdpa, "
+            "o_proj+residual")
+    return "qkv", None, head_dim, what, reasons
+
+
+def _plan_mlp(block, path):
+    mlp = block.mlp
+    mpath = f"{path}.mlp"
+    if type(mlp).__module__ != type(block).__module__ or type(mlp).__name__ != "MLP":
+        return None, [(mpath, f"MLP class {type(mlp).__name__} is not known")]
+    reasons = []
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        m = getattr(mlp, p, None)
+        why = "missing" if m is None else _weight_problem(m)
+        if why:
+            reasons.append((f"{mpath}.{p}", why))
+    if reasons:
+        return None, reasons
+    for p in ("gate_proj", "up_proj"):
+        if "bias" in getattr(mlp, p):
+            return None, [(f"{mpath}.{p}", "has a bias, which norm_gate_up_swiglu does not "
+                                           "support")]
+    return (f"mlp: rms_norm+gate/up+swiglu ({_weight_summary(mlp.gate_proj)}), "
+            "down_proj+residual"), []
+
+
+# ------------------------------------------------------------------------------------
+# The patched block
+# ------------------------------------------------------------------------------------
+_SDPA = []
+
+
+def _sdpa():
+    """mlx-lm's ``scaled_dot_product_attention`` (quantized caches, masks), imported once."""
+    if not _SDPA:
+        from mlx_lm.models.base import scaled_dot_product_attention
+        _SDPA.append(scaled_dot_product_attention)
+    return _SDPA[0]
+
+
+def _fused_attention(self, plan, x, mask, cache):
+    ops = _ops()
+    attn = self.self_attn
+    ln = self.input_layernorm
+    B, L, _ = x.shape
+    H, KV, D = attn.n_heads, attn.n_kv_heads, plan.head_dim
+    ws = plan.weights
+    wq, wk, wv, wo = (ws.get(p, getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj",
+                                                          "o_proj"))
+    if wq is None or wk is None or wv is None or wo is None:
+        return None
+    offset = 0 if cache is None else cache.offset
+    if plan.attn == "qkv_rope" and isinstance(offset, int):
+        rope = dict(plan.rope)
+        if rope.get("rope_freqs") == "_freqs":
+            rope["rope_freqs"] = attn.rope._freqs
+        q, k, v = ops.norm_qkv_rope(x, ln.weight, ln.eps, wq, wk, wv, n_heads=H,
+                                    n_kv_heads=KV, head_dim=D, offset=offset,
+                                    backend=plan.backend, **rope)
+        q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+    else:
+        q = ops.norm_linear(x, ln.weight, ln.eps, wq, backend=plan.backend)
+        k = ops.norm_linear(x, ln.weight, ln.eps, wk, backend=plan.backend)
+        v = ops.norm_linear(x, ln.weight, ln.eps, wv, backend=plan.backend)
+        q = q.reshape(B, L, H, D)
+        k = k.reshape(B, L, KV, D)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+            k = attn.k_norm(k)
+        q = q.transpose(0, 2, 1, 3)
+        k = k.transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+        if cache is not None:
+            q = attn.rope(q, offset=offset)
+            k = attn.rope(k, offset=offset)
+        else:
+            q = attn.rope(q)
+            k = attn.rope(k)
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+    o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return _linear(o, wo, residual=x, backend=plan.backend)
+
+
+def _fused_mlp(self, plan, h):
+    ops = _ops()
+    mlp = self.mlp
+    ln = self.post_attention_layernorm
+    ws = plan.weights
+    wg, wu, wd = (ws.get(p, getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj"))
+    if wg is None or wu is None or wd is None:
+        return None
+    a = ops.norm_gate_up_swiglu(h, ln.weight, ln.eps, wg, wu, backend=plan.backend)
+    return _linear(a, wd, residual=h, backend=plan.backend)
+
+
+def _patched_call(self, x, mask=None, cache=None):
+    plan = self.__dict__.get(_PLAN_ATTR)
+    original = type(self)._mlx_foundry_original
+    if plan is None or x.ndim != 3:
+        return original.__call__(self, x, mask, cache)
+    rows = x.shape[0] * x.shape[1]
+    if rows > plan.max_rows:
+        plan.stats["original: rows > max_rows"] += 1
+        return original.__call__(self, x, mask, cache)
+    h = None
+    if plan.attn:
+        h = _fused_attention(self, plan, x, mask, cache)
+        plan.stats["fused attention" if h is not None else "original attention: weights"] += 1
+    if h is None:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    out = None
+    if plan.mlp:
+        out = _fused_mlp(self, plan, h)
+        plan.stats["fused mlp" if out is not None else "original mlp: weights"] += 1
+    if out is None:
+        out = h + self.mlp(self.post_attention_layernorm(h))
+    return out
+
+
+def _patched_extra_repr(self):
+    plan = self.__dict__.get(_PLAN_ATTR)
+    base = type(self)._mlx_foundry_original._extra_repr(self)
+    note = f"mlx_foundry: fused {plan.describe()}" if plan else "mlx_foundry"
+    return f"{base}, {note}" if base else note
+
+
+_PATCHED_CLASSES = {}
+
+
+def _patched_class(cls):
+    sub = _PATCHED_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Fused{cls.__name__}", (cls,), {
+            "__call__": _patched_call,
+            "_extra_repr": _patched_extra_repr,
+            "_mlx_foundry_original": cls,
+            "__module__": __name__,
+            "__doc__": f"{cls.__name__} with its decode path fused by mlx_foundry.patch.",
+        })
+        _PATCHED_CLASSES[cls] = sub
+    return sub
+
+
+# ------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------
+def _model_type(model):
+    mt = getattr(model, "model_type", None)
+    if mt is None:
+        args = getattr(model, "args", None)
+        mt = getattr(args, "model_type", None)
+    return mt if isinstance(mt, str) else None
+
+
+def _blocks(model):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None) if isinstance(inner, nn.Module) else None
+    if isinstance(layers, list):
+        return "model.layers", layers
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, list):
+        return "layers", layers
+    return None, None
+
+
+def _default_max_rows():
+    # ``mlx_foundry.ops.linear`` is the function once the package is imported.
+    import importlib
+
+    mod = importlib.import_module("mlx_foundry.ops.linear")
+    return int(getattr(mod, "PREFILL_ROWS", _DEFAULT_MAX_ROWS))
+
+
+def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True):
+    """Fuse the decode path of an mlx-lm model's transformer blocks, in place.
+
+    Args:
+        model (nn.Module): an mlx-lm model (``mlx_lm.load``); model types
+            ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` are fused, others are
+            left untouched.
+        backend (str, optional): backend of the fused ops (``"metal"``, ``"cuda"``,
+            ``"reference"``). Default: ``None`` (chosen per call).
+        max_rows (int, optional): blocks whose input has more rows (batch x
+            tokens) run their original code (prefill is a GEMM). Default:
+            ``mlx_foundry.ops.linear.PREFILL_ROWS``.
+        attention (bool): fuse the attention half of each block. Default: ``True``.
+        mlp (bool): fuse the MLP half of each block. Default: ``True``.
+
+    Returns:
+        PatchReport: what was fused and what was left as it was, and why.
+
+    Examples:
+        >>> from mlx_lm import load
+        >>> import mlx_foundry as mf
+        >>> model, tok = load("mlx-community/Llama-3.2-1B-Instruct-4bit")
+        >>> print(mf.patch(model))
+        >>> mf.unpatch(model)
+    """
+    who = "[mlx_foundry.patch]"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who} 'model' must be an mlx.nn.Module but got "
+                        f"{type(model).__name__}.")
+    if backend is not None:
+        from .backends import check_backend
+        check_backend(backend, "mlx_foundry.patch")
+    if max_rows is None:
+        max_rows = _default_max_rows()
+    elif isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"{who} 'max_rows' must be a positive int but got {max_rows!r}.")
+    if is_patched(model):
+        unpatch(model)
+    mt = _model_type(model)
+    report = PatchReport(model_type=mt or "?", backend=backend or "auto", max_rows=max_rows)
+    root, blocks = _blocks(model)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        report.skipped.append(("model", f"model type {mt!r} is not supported (supported: "
+                                        f"{', '.join(SUPPORTED_MODEL_TYPES)})"))
+        report.blocks = len(blocks or [])
+        return report
+    if blocks is None:
+        report.skipped.append(("model", "no transformer blocks found at model.layers"))
+        return report
+    report.blocks = len(blocks)
+    for i, block in enumerate(blocks):
+        path = f"{root}.{i}"
+        if not isinstance(block, nn.Module):
+            report.skipped.append((path, f"{type(block).__name__} is not a module"))
+            continue
+        why = _check_structure(block)
+        if why:
+            report.skipped.append((path, why))
+            continue
+        arch = _KNOWN_BLOCK_MODULES[type(block).__module__]
+        mode = rope = head_dim = None
+        if attention:
+            mode, rope, head_dim, what_a, reasons = _plan_attention(block, path, arch)
+            report.skipped += reasons
+            if mode:
+                report.fused.append((f"{path}.self_attn", what_a))
+        else:
+            report.skipped.append((f"{path}.self_attn", "attention=False"))
+        fuse_mlp = False
+        if mlp:
+            what_m, reasons = _plan_mlp(block, path)
+            report.skipped += reasons
+            if what_m:
+                fuse_mlp = True
+                report.fused.append((f"{path}.mlp", what_m))
+        else:
+            report.skipped.append((f"{path}.mlp", "mlp=False"))
+        if not mode and not fuse_mlp:
+            continue
+        plan = _BlockPlan(path, type(block), arch, mode, fuse_mlp, rope, head_dim, backend,
+                          max_rows)
+        object.__setattr__(block, _PLAN_ATTR, plan)
+        block.__class__ = _patched_class(type(block))
+    object.__setattr__(model, _REPORT_ATTR, report)
+    return report
+
+
+def unpatch(model):
+    """Restore the original transformer blocks of a patched model.
+
+    Returns:
+        int: the number of blocks restored.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError("[mlx_foundry.unpatch] 'model' must be an mlx.nn.Module but got "
+                        f"{type(model).__name__}.")
+    _, blocks = _blocks(model)
+    n = 0
+    for block in blocks or []:
+        plan = block.__dict__.get(_PLAN_ATTR) if isinstance(block, nn.Module) else None
+        if plan is None:
+            continue
+        block.__class__ = plan.original_class
+        object.__delattr__(block, _PLAN_ATTR)
+        n += 1
+    model.__dict__.pop(_REPORT_ATTR, None)
+    return n
+
+
+def is_patched(model):
+    """Whether :func:`patch` changed any block of ``model``."""
+    _, blocks = _blocks(model)
+    return any(isinstance(b, nn.Module) and _PLAN_ATTR in b.__dict__ for b in blocks or [])
+
+
+def patch_stats(model):
+    """How the patched blocks' calls ran: ``{block path: Counter}``.
+
+    Keys of each counter: ``"fused attention"``, ``"fused mlp"``,
+    ``"original: rows > max_rows"`` (prefill), ...
+    """
+    _, blocks = _blocks(model)
+    out = {}
+    for b in blocks or []:
+        plan = b.__dict__.get(_PLAN_ATTR) if isinstance(b, nn.Module) else None
+        if plan is not None:
+            out[plan.path] = Counter(plan.stats)
+    return out

@@ -1,0 +1,210 @@
+"""Decode benchmark: greedy tokens and tokens/s of an mlx-lm model, unpatched vs patched.
+
+The default model is Llama-3-8B-shaped (hidden 4096, 32 layers, intermediate
+14336, 32 heads, 8 KV heads, vocab 128256) with random MLX affine 4-bit
+weights, built directly in quantized form (no dense copy is ever
+materialized), one layer at a time.
+
+Both runs happen in the same process on the same device; the result holds the
+ratio.  Tokens/s counts decode steps only (the prompt is excluded): the time
+from the first generated token to the last, divided by the tokens in between.
+"""
+
+import json
+import math
+import os
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                 intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 max_position_embeddings=8192, tie_word_embeddings=False,
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192})
+
+__all__ = ["LLAMA3_8B", "decode_benchmark", "random_quantized_model", "greedy_decode"]
+
+
+def _random_affine(module, bits, group_size, std, dtype, key):
+    """Fill a quantized module with random packed weights, scales and biases (in place).
+
+    ``w = scale * q + bias`` with ``q`` uniform in ``[0, 2^bits)``; the bias
+    centres ``q`` so weights have mean ~0 and standard deviation ~``std``.
+    """
+    out_dims = module.weight.shape[0]
+    k = module.weight.shape[1] * 32 // bits
+    groups = k // group_size
+    k1, k2, k3 = mx.random.split(key, 3)
+    levels = 2 ** bits
+    q_std = math.sqrt((levels ** 2 - 1) / 12.0)
+    s = (std / q_std) * (1.0 + 0.1 * mx.random.normal((out_dims, groups), key=k1))
+    shape = module.weight.shape
+    hi = mx.random.randint(0, 1 << 16, shape, dtype=mx.uint32, key=k2)
+    lo = mx.random.randint(0, 1 << 16, shape, dtype=mx.uint32, key=k3)
+    module.weight = (hi << 16) | lo
+    module.scales = s.astype(dtype)
+    module.biases = (-s * (levels - 1) / 2).astype(dtype)
+
+
+def random_quantized_model(config=None, *, bits=4, group_size=64, dtype=mx.float16, seed=0,
+                           logit_scale=4.0):
+    """A random mlx-lm llama-family model in MLX affine quantized form.
+
+    Args:
+        config (dict, optional): mlx-lm ``ModelArgs`` fields. Default: :data:`LLAMA3_8B`.
+        bits (int): weight bits. Default: ``4``.
+        group_size (int): quantization group size. Default: ``64``.
+        dtype (Dtype): activation / scale dtype. Default: ``mx.float16``.
+        seed (int): random seed. Default: ``0``.
+        logit_scale (float): standard deviation of the logits (a clear argmax
+            keeps greedy decoding stable under rounding). Default: ``4.0``.
+
+    Returns:
+        nn.Module: the model, evaluated.
+    """
+    from mlx_lm.models import llama, qwen2, qwen3
+
+    cfg = dict(LLAMA3_8B if config is None else config)
+    mod = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3}[cfg["model_type"]]
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))         # lazy: nothing materialized
+    nn.quantize(model, group_size=group_size, bits=bits)  # lazy quantize graphs, dropped below
+    key = mx.random.key(seed)
+    hidden = cfg["hidden_size"]
+
+    def fill(module, std):
+        nonlocal key
+        key, sub = mx.random.split(key)
+        _random_affine(module, bits, group_size, std, dtype, sub)
+
+    fill(model.model.embed_tokens, 1.0)
+    mx.eval(model.model.embed_tokens.parameters())
+    for layer in model.model.layers:
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.QuantizedLinear):
+                k_in = m.weight.shape[1] * 32 // bits
+                fill(m, 1.0 / math.sqrt(k_in))
+                if "bias" in m:
+                    key, sub = mx.random.split(key)
+                    m.bias = (0.1 * mx.random.normal(m.bias.shape, key=sub)).astype(dtype)
+        layer.set_dtype(dtype)
+        mx.eval(layer.parameters())
+    if hasattr(model, "lm_head"):
+        fill(model.lm_head, logit_scale / math.sqrt(hidden))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def greedy_decode(model, prompt, steps):
+    """Greedy tokens through ``mlx_lm.generate.generate_step`` and decode tokens/s.
+
+    Returns:
+        (list of int, float): the tokens and tokens/s over the decode steps.
+    """
+    from mlx_lm.generate import generate_step
+
+    tokens, times = [], []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=steps):
+        tokens.append(int(tok))
+        times.append(time.perf_counter())
+    tok_s = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return tokens, tok_s
+
+
+def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=4,
+                     repeats=1, results_dir=None, config=None, bits=4, group_size=64,
+                     dtype=mx.float16):
+    """Greedy-decode unpatched and patched; compare tokens and tokens/s.
+
+    Args:
+        model (nn.Module, optional): an mlx-lm model. Default: a random
+            Llama-3-8B-shaped model (:func:`random_quantized_model`).
+        steps (int): tokens to generate. Default: ``64``.
+        prompt (list of int, optional): prompt tokens. Default: 16 fixed ids.
+        backend (str, optional): backend of the fused ops. Default: automatic.
+        warmup (int): tokens generated before timing each variant (kernels
+            compile on first use). Default: ``4``.
+        repeats (int): timed runs per variant; the best is reported. Default: ``1``.
+        results_dir (str, optional): write ``lm_decode.json`` there (``""``: write
+            nothing). Default: ``$MLX_FOUNDRY_RESULTS_DIR`` if set and the model is
+            the default Llama-3-8B-shaped one.
+        config, bits, group_size, dtype: for the random model.
+
+    Returns:
+        dict: ``tokens_equal``, ``first_mismatch``, ``unpatched_tok_s``,
+        ``patched_tok_s``, ``speedup``, ``device``, ``report``, ...
+    """
+    from .lm import patch, patch_stats, unpatch
+
+    t0 = time.perf_counter()
+    random_model = model is None
+    if model is None:
+        model = random_quantized_model(config, bits=bits, group_size=group_size, dtype=dtype)
+    build_s = time.perf_counter() - t0
+    if prompt is None:
+        prompt = [128000, 791, 6864, 315, 9822, 374, 12366, 13, 578, 6864, 315, 9635, 374,
+                  220, 16, 11]
+        vocab = model.args.vocab_size
+        prompt = [t % vocab for t in prompt]
+
+    def run():
+        if warmup:
+            greedy_decode(model, prompt, warmup)
+        best, toks = 0.0, None
+        for _ in range(max(1, repeats)):
+            toks, tps = greedy_decode(model, prompt, steps)
+            best = max(best, tps)
+        return toks, best
+
+    ref_tokens, ref_tps = run()
+    report = patch(model, backend=backend)
+    try:
+        tokens, tps = run()
+        stats = {k: dict(v) for k, v in patch_stats(model).items()}
+    finally:
+        unpatch(model)
+    mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+    if mismatch is None and len(tokens) != len(ref_tokens):
+        mismatch = min(len(tokens), len(ref_tokens))
+    try:
+        device = str(mx.default_device())
+        if mx.default_device() == mx.gpu:
+            info = mx.device_info() if hasattr(mx, "device_info") else {}
+            device = info.get("device_name", device)
+    except Exception:
+        device = str(mx.default_device())
+    first = next(iter(stats.values()), {})
+    result = {
+        "device": device,
+        "backend": backend or "auto",
+        "model": {k: model.args.__dict__.get(k) for k in (
+            "model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "vocab_size")},
+        "bits": bits if random_model else None,
+        "group_size": group_size if random_model else None,
+        "steps": steps,
+        "prompt_tokens": len(prompt),
+        "tokens_equal": mismatch is None,
+        "first_mismatch": mismatch,
+        "unpatched_tokens": ref_tokens,
+        "patched_tokens": tokens,
+        "unpatched_tok_s": ref_tps,
+        "patched_tok_s": tps,
+        "speedup": tps / ref_tps if ref_tps else None,
+        "fused_blocks": len(report.patched_blocks),
+        "fused_calls_first_block": first,
+        "report": str(report),
+        "build_s": build_s,
+    }
+    if results_dir is None and random_model and config is None:
+        # Only the reference model's numbers go to the shared results file.
+        results_dir = os.environ.get("MLX_FOUNDRY_RESULTS_DIR")
+    if results_dir:
+        os.makedirs(results_dir, exist_ok=True)
+        with open(os.path.join(results_dir, "lm_decode.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result

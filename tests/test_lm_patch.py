@@ -1,0 +1,378 @@
+"""mlx_foundry.patch on tiny random mlx-lm models (CPU, reference backend).
+
+Greedy decoding through mlx_lm's ``generate_step`` must give the same tokens
+patched and unpatched, the log-probabilities must agree within tolerance,
+and the report must name what was fused and what was left as it was.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.models import cache as lm_cache  # noqa: E402
+from mlx_lm.models import gemma, llama, qwen2, qwen3  # noqa: E402
+
+import mlx_foundry as mf  # noqa: E402
+from mlx_foundry import lm  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+BACKEND = "reference"
+STEPS = 64
+VOCAB = 128
+PROMPT = [3, 17, 42, 99, 5, 64, 7]
+
+_MODULES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3}
+
+
+def tiny_model(model_type, *, dtype=mx.float32, quant=None, layers=2, seed=0, **extra):
+    """A tiny random mlx-lm model: hidden 64, 4 heads, 2 KV heads, vocab 128.
+
+    ``quant=(group_size, bits)`` quantizes every linear layer (MLX affine).
+    """
+    mx.random.seed(seed)
+    cfg = dict(model_type=model_type, hidden_size=64, num_hidden_layers=layers,
+               intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+               rms_norm_eps=1e-5, vocab_size=VOCAB, head_dim=16,
+               max_position_embeddings=512, tie_word_embeddings=False, rope_theta=10000.0)
+    cfg.update(extra)
+    mod = _MODULES[model_type]
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    # Random norm weights (ones would hide a norm-weight bug) and sharper logits.
+    params = {}
+    for name, p in _flat(model.parameters()):
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            params[name] = 1.0 + 0.2 * mx.random.normal(p.shape)
+        elif name.endswith(".bias"):
+            params[name] = 0.1 * mx.random.normal(p.shape)
+    model.load_weights(list(params.items()), strict=False)
+    if quant is not None:
+        g, b = quant
+        nn.quantize(model, group_size=g, bits=b,
+                    class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def _flat(tree, prefix=""):
+    from mlx.utils import tree_flatten
+    return tree_flatten(tree)
+
+
+def greedy(model, steps=STEPS, prompt=PROMPT, cache=None, **kw):
+    toks, logps = [], []
+    gen = generate_step(mx.array(prompt), model, max_tokens=steps, prompt_cache=cache, **kw)
+    for tok, lp in gen:
+        toks.append(int(tok))
+        logps.append(lp)
+    return toks, mx.stack(logps)
+
+
+def check_parity(model, dtype, *, cache_fn=None, steps=STEPS, tol_dtype=None, **gen_kw):
+    ref_toks, ref_lp = greedy(model, steps, cache=cache_fn() if cache_fn else None, **gen_kw)
+    report = mf.patch(model, backend=BACKEND)
+    try:
+        toks, lp = greedy(model, steps, cache=cache_fn() if cache_fn else None, **gen_kw)
+        stats = lm.patch_stats(model)
+    finally:
+        mf.unpatch(model)
+    assert toks == ref_toks
+    assert_close(lp, ref_lp, tol_dtype or dtype, k=64, msg="log-probabilities")
+    return report, stats
+
+
+def fused_calls(stats, what="fused attention"):
+    """Fused calls of the least-used patched block."""
+    return min(c[what] for c in stats.values())
+
+
+# ------------------------------------------------------------------------------------
+# Parity: dense and quantized, every supported model type
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_dense_greedy_parity(model_type, dtype):
+    model = tiny_model(model_type, dtype=dtype)
+    report, stats = check_parity(model, dtype)
+    assert len(report.patched_blocks) == 2
+    assert [p for p, _ in report.fused] == [
+        "model.layers.0.self_attn", "model.layers.0.mlp",
+        "model.layers.1.self_attn", "model.layers.1.mlp"]
+    # Every decode step ran fused in every block; the prompt too (under max_rows).
+    assert fused_calls(stats) >= STEPS
+    assert fused_calls(stats, "fused mlp") >= STEPS
+
+
+@pytest.mark.parametrize("model_type,quant", [
+    ("llama", (64, 4)), ("llama", (32, 8)), ("mistral", (32, 4)), ("qwen2", (64, 8)),
+    ("qwen3", (32, 4)), ("llama", (32, 2)), ("llama", (64, 3)), ("qwen3", (32, 5)),
+    ("qwen2", (32, 6)),
+])
+def test_quantized_greedy_parity(model_type, quant):
+    model = tiny_model(model_type, quant=quant)
+    report, stats = check_parity(model, mx.float32)
+    g, b = quant
+    assert any(f"affine {b}-bit g{g}" in w for _, w in report.fused), str(report)
+    assert fused_calls(stats) >= STEPS
+
+
+def test_report_names_what_was_fused():
+    model = tiny_model("llama")
+    report = mf.patch(model, backend=BACKEND)
+    try:
+        assert isinstance(report, mf.PatchReport)
+        assert report.model_type == "llama" and report.backend == BACKEND
+        assert report.blocks == 2 and report.skipped == []
+        attn = dict(report.fused)["model.layers.0.self_attn"]
+        assert "q/k/v+rope" in attn and "o_proj+residual" in attn
+        assert "gate/up+swiglu" in dict(report.fused)["model.layers.0.mlp"]
+        text = str(report)
+        assert "2 of 2 blocks fused" in text and "model.layers.1.mlp" in text
+        # A patched model prints as patched.
+        assert "mlx_foundry: fused qkv_rope+mlp" in repr(model)
+        assert type(model.model.layers[0]).__name__ == "FusedTransformerBlock"
+        assert isinstance(model.model.layers[0], llama.TransformerBlock)
+    finally:
+        mf.unpatch(model)
+
+
+def test_qwen3_qk_norm_keeps_module_rope():
+    model = tiny_model("qwen3")
+    report = mf.patch(model, backend=BACKEND)
+    mf.unpatch(model)
+    attn = dict(report.fused)["model.layers.0.self_attn"]
+    assert "q/k norms" in attn and "+rope" not in attn
+
+
+def test_prefill_falls_back_and_is_counted():
+    model = tiny_model("llama")
+    mf.patch(model, backend=BACKEND, max_rows=4)
+    try:
+        greedy(model, steps=3)
+        stats = lm.patch_stats(model)["model.layers.0"]
+    finally:
+        mf.unpatch(model)
+    assert stats["original: rows > max_rows"] == 1        # the prompt (6 of its 7 tokens)
+    assert stats["fused attention"] >= 3                  # last prompt token + decode steps
+
+
+def test_fused_multi_token_prefill_matches():
+    """With a large max_rows the causal-masked prompt runs through the fused ops too."""
+    model = tiny_model("qwen2")
+    x = mx.array([PROMPT])
+    ref = model(x, cache=lm_cache.make_prompt_cache(model))
+    mf.patch(model, backend=BACKEND, max_rows=1024)
+    try:
+        out = model(x, cache=lm_cache.make_prompt_cache(model))
+        assert fused_calls(lm.patch_stats(model)) == 1
+    finally:
+        mf.unpatch(model)
+    assert_close(out, ref, mx.float32, k=64)
+
+
+# ------------------------------------------------------------------------------------
+# Caches, batches, RoPE variants
+# ------------------------------------------------------------------------------------
+def test_rotating_kv_cache():
+    model = tiny_model("llama", quant=(64, 4))
+    mk = lambda: [lm_cache.RotatingKVCache(max_size=16, keep=4) for _ in range(2)]  # noqa: E731
+    _, stats = check_parity(model, mx.float32, cache_fn=mk)
+    assert fused_calls(stats) >= STEPS
+
+
+def test_quantized_kv_cache():
+    model = tiny_model("llama", head_dim=32)           # KV quantization groups of 32
+    # 8-bit keys/values: a float32 rounding difference can move a cached value by one
+    # quantization step (1/255 of its group's range), so compare at float16 tolerance.
+    _, stats = check_parity(model, mx.float32, steps=24, kv_bits=8, kv_group_size=32,
+                            quantized_kv_start=0, tol_dtype=mx.float16)
+    assert fused_calls(stats) > 0
+
+
+@pytest.mark.parametrize("quant", [None, (32, 4)])
+def test_batch_forward_equal(quant):
+    model = tiny_model("qwen3", quant=quant)
+    B = 3
+    rng = np.random.RandomState(0)
+    prompt = mx.array(rng.randint(0, VOCAB, size=(B, 5)))
+    steps = mx.array(rng.randint(0, VOCAB, size=(4, B, 1)))
+
+    def run():
+        cache = lm_cache.make_prompt_cache(model)
+        outs = [model(prompt, cache=cache)[:, -1]]
+        for s in steps:
+            outs.append(model(s, cache=cache)[:, -1])
+        return mx.stack(outs)
+
+    ref = run()
+    mf.patch(model, backend=BACKEND, max_rows=4)   # B x 5 prompt: original; B x 1: fused
+    try:
+        out = run()
+        stats = lm.patch_stats(model)["model.layers.0"]
+    finally:
+        mf.unpatch(model)
+    assert stats["fused attention"] == 4 and stats["original: rows > max_rows"] == 1
+    assert_close(out, ref, mx.float32, k=64)
+
+
+def test_llama3_rope_scaling():
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = tiny_model("llama", rope_scaling=scaling, rope_theta=500000.0)
+    report, stats = check_parity(model, mx.float32, steps=32)
+    assert "+rope" in dict(report.fused)["model.layers.0.self_attn"]
+    assert fused_calls(stats) >= 32
+
+
+def test_unknown_rope_left_to_module():
+    model = tiny_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    report, stats = check_parity(model, mx.float32, steps=16)
+    reasons = dict(report.skipped)
+    assert "DynamicNTKScalingRoPE" in reasons["model.layers.0.self_attn.rope"]
+    assert "module RoPE" in dict(report.fused)["model.layers.0.self_attn"]
+    assert fused_calls(stats) >= 16
+
+
+def test_projection_biases():
+    """q/k/v biases (qwen2, llama attention_bias) fuse per projection; MLP biases on
+    gate/up are not supported by norm_gate_up_swiglu and leave the MLP as it was."""
+    model = tiny_model("llama", attention_bias=True, mlp_bias=True)
+    report, stats = check_parity(model, mx.float32, steps=16)
+    assert "q/k/v biases fused per projection" in dict(report.fused)["model.layers.0.self_attn"]
+    assert "has a bias" in dict(report.skipped)["model.layers.0.mlp.gate_proj"]
+    assert fused_calls(stats) >= 16 and fused_calls(stats, "fused mlp") == 0
+    report = mf.patch(tiny_model("qwen2", layers=1), backend=BACKEND)
+    assert "q/k/v biases fused per projection" in dict(report.fused)["model.layers.0.self_attn"]
+
+
+def test_traditional_rope():
+    model = tiny_model("llama", rope_traditional=True)
+    check_parity(model, mx.float32, steps=16)
+
+
+# ------------------------------------------------------------------------------------
+# What is left alone
+# ------------------------------------------------------------------------------------
+def test_unknown_architecture_untouched():
+    mx.random.seed(0)
+    args = gemma.ModelArgs(model_type="gemma", hidden_size=64, num_hidden_layers=2,
+                           intermediate_size=96, num_attention_heads=4, head_dim=16,
+                           rms_norm_eps=1e-5, vocab_size=VOCAB, num_key_value_heads=2)
+    model = gemma.Model(args)
+    classes = [type(b) for b in model.layers]
+    report = mf.patch(model, backend=BACKEND)
+    assert not report and report.fused == []
+    assert report.skipped[0][0] == "model" and "'gemma' is not supported" in report.skipped[0][1]
+    assert [type(b) for b in model.layers] == classes
+    assert not lm.is_patched(model)
+
+
+def test_foreign_block_in_supported_model_untouched():
+    model = tiny_model("llama")
+
+    class MyBlock(llama.TransformerBlock):
+        pass
+
+    model.model.layers[1].__class__ = MyBlock
+    report = mf.patch(model, backend=BACKEND)
+    try:
+        assert report.patched_blocks == ["model.layers.0"]
+        assert "not a known transformer block" in dict(report.skipped)["model.layers.1"]
+        assert type(model.model.layers[1]) is MyBlock
+    finally:
+        mf.unpatch(model)
+
+
+def test_lora_layer_left_unfused():
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model = tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = LoRALinear.from_base(attn.q_proj, r=4)
+    attn.q_proj.lora_b = 0.05 * mx.random.normal(attn.q_proj.lora_b.shape)
+    report, stats = check_parity(model, mx.float32, steps=16)
+    assert "LoRA" in dict(report.skipped)["model.layers.0.self_attn.q_proj"]
+    fused = [p for p, _ in report.fused]
+    assert "model.layers.0.self_attn" not in fused
+    assert "model.layers.0.mlp" in fused and "model.layers.1.self_attn" in fused
+    assert stats["model.layers.0"]["fused attention"] == 0
+    assert stats["model.layers.0"]["fused mlp"] >= 16
+
+
+def test_unsupported_quant_mode_left_unfused():
+    model = tiny_model("llama")
+    nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
+                class_predicate=lambda p, m: p.startswith("model.layers.1.mlp")
+                and isinstance(m, nn.Linear))
+    report, stats = check_parity(model, mx.float32, steps=16)
+    why = dict(report.skipped)["model.layers.1.mlp.gate_proj"]
+    assert "'mxfp4'" in why and "affine" in why
+    assert "model.layers.1.mlp" not in [p for p, _ in report.fused]
+    assert stats["model.layers.1"]["fused mlp"] == 0
+    assert stats["model.layers.1"]["fused attention"] >= 16
+
+
+def test_module_replaced_after_patch_falls_back():
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model = tiny_model("llama")
+    mf.patch(model, backend=BACKEND)
+    try:
+        mlp = model.model.layers[0].mlp
+        mlp.down_proj = LoRALinear.from_base(mlp.down_proj, r=4)
+        model(mx.array([[1]]), cache=lm_cache.make_prompt_cache(model))
+        stats = lm.patch_stats(model)["model.layers.0"]
+    finally:
+        mf.unpatch(model)
+    assert stats["original mlp: weights"] == 1 and stats["fused mlp"] == 0
+
+
+# ------------------------------------------------------------------------------------
+# Patch / unpatch mechanics and validation
+# ------------------------------------------------------------------------------------
+def test_unpatch_restores_exactly():
+    model = tiny_model("qwen2", quant=(64, 4))
+    before_repr = repr(model)
+    classes = [type(b) for b in model.layers]
+    keys = [sorted(b.__dict__) for b in model.layers]
+    params = dict(_flat(model.parameters()))
+    mf.patch(model, backend=BACKEND)
+    assert lm.is_patched(model)
+    assert repr(model) != before_repr
+    # Patching does not add parameters or copy weights.
+    after = dict(_flat(model.parameters()))
+    assert after.keys() == params.keys() and all(after[k] is params[k] for k in params)
+    mf.patch(model, backend=BACKEND)                 # patching twice is idempotent
+    assert mf.unpatch(model) == 2
+    assert [type(b) for b in model.layers] == classes
+    assert [sorted(b.__dict__) for b in model.layers] == keys
+    assert repr(model) == before_repr
+    assert not lm.is_patched(model)
+    assert mf.unpatch(model) == 0
+
+
+def test_patch_validates_arguments():
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(TypeError, match="'model'"):
+        mf.patch("not a model")
+    with pytest.raises(ValueError, match="Unknown backend"):
+        mf.patch(model, backend="vulkan")
+    with pytest.raises(ValueError, match="'max_rows'"):
+        mf.patch(model, max_rows=0)
+    with pytest.raises(TypeError, match="'model'"):
+        mf.unpatch(None)
+    assert not lm.is_patched(model)
+
+
+def test_lazy_import():
+    import subprocess
+    import sys
+
+    code = ("import sys, mlx_foundry as mf; assert 'mlx_lm' not in sys.modules; "
+            "assert 'mlx_foundry.lm' not in sys.modules; print(mf.patch.__doc__ is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
