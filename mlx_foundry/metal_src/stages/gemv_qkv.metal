@@ -1,0 +1,136 @@
+// Fused Q/K/V projections + RoPE (grouped-query shapes) after an RMSNorm prologue.
+// Needs stages/gemv.metal.
+//
+// Output rows are walked in a "virtual" order: Q rows [0, NQ), then K rows, then V
+// rows, NQ = H * D, NKV = H_kv * D. Inside a Q or K head the two members of each RoPE
+// pair are adjacent virtual rows (2p, 2p + 1): pair p is (2p, 2p + 1) when TRAD
+// (traditional RoPE) and (p, p + D/2) otherwise. With ROWS even and dividing D, every
+// SIMD-group stays inside one projection and holds both members of its pairs in
+// neighbouring lanes, so RoPE is one simd_shuffle_xor(acc, 1) after the reduction.
+//
+// RoPE (as mx.fast.rope): pos = float(l + offset) * scale with l = m % seq_len,
+// theta = pos * inv_freq[p], (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos); precise
+// sin/cos (Metal compiles with fast math by default; positions reach large angles).
+
+template <int D, bool TRAD>
+METAL_FUNC uint qkv_actual_row(uint t) {
+  if (TRAD) {
+    return t;
+  }
+  const uint j = t % uint(D);
+  return (t - j) + (j >> 1) + (j & 1u) * uint(D / 2);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, bool TRAD, bool GAMMA, bool BIAS>
+METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
+                              const device T* gamma, const device T* q_bias,
+                              const device T* k_bias, const device T* v_bias,
+                              const device float* inv_freq, uint seq_len, int offset,
+                              float scale, device T* q_out, device T* k_out, device T* v_out,
+                              float inv_rms, uint3 tg_pos, uint sg, uint lane) {
+  const uint m = tg_pos.y;
+  const uint v0 = (tg_pos.x * uint(SIMDS) + sg) * uint(ROWS);
+  if (v0 >= uint(NQ + 2 * NKV)) {
+    return;  // the whole SIMD-group is past the last row
+  }
+  // The projection of this SIMD-group (uniform across its lanes).
+  const int seg = v0 < uint(NQ) ? 0 : (v0 < uint(NQ + NKV) ? 1 : 2);
+  const uint base = seg == 0 ? 0u : (seg == 1 ? uint(NQ) : uint(NQ + NKV));
+  const uint ns = seg == 0 ? uint(NQ) : uint(NKV);
+  uint rows[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    uint t = metal::min(v0 - base + uint(r), ns - 1u);
+    rows[r] = seg == 2 ? t : qkv_actual_row<D, TRAD>(t);
+  }
+  float sums[ROWS];
+  float unused[ROWS];
+  const device T* xr = x + m * uint(K);
+  if (seg == 0) {
+    gemv_dot_rows<PQ, PQ, T, K, ROWS, GAMMA, false>(qpol, qpol, xr, gamma, rows, lane, sums,
+                                                    unused);
+  } else if (seg == 1) {
+    gemv_dot_rows<PK, PK, T, K, ROWS, GAMMA, false>(kpol, kpol, xr, gamma, rows, lane, sums,
+                                                    unused);
+  } else {
+    gemv_dot_rows<PV, PV, T, K, ROWS, GAMMA, false>(vpol, vpol, xr, gamma, rows, lane, sums,
+                                                    unused);
+  }
+  float acc = gemv_pick<ROWS>(sums, lane) * inv_rms;
+  const uint t = v0 - base + lane;
+  // The output element of this lane (clamped: lanes past the rows compute garbage).
+  const uint tc = metal::min(t, ns - 1u);
+  const uint a = seg == 2 ? tc : qkv_actual_row<D, TRAD>(tc);
+  if (BIAS) {
+    // Projection biases (Qwen2) come before RoPE.
+    const device T* bp = seg == 0 ? q_bias : (seg == 1 ? k_bias : v_bias);
+    acc += float(bp[a]);
+  }
+  if (seg < 2) {
+    const float other = simd_shuffle_xor(acc, ushort(1));
+    const uint p = (t % uint(D)) >> 1;
+    const float pos = float(int(m % seq_len) + offset) * scale;
+    const float theta = pos * inv_freq[p];
+    const float c = metal::precise::cos(theta);
+    const float s = metal::precise::sin(theta);
+    acc = (t & 1u) ? (other * s + acc * c) : (acc * c - other * s);
+  }
+  if (lane < uint(ROWS) && t < ns) {
+    device T* o = seg == 0 ? q_out : (seg == 1 ? k_out : v_out);
+    o[m * ns + a] = static_cast<T>(acc);
+  }
+}
+
+// ---- stage functions (they write q_out, k_out, v_out themselves) ----------------------
+// Argument order: policies, x, [norm_weight], [q_bias, k_bias, v_bias] (x's dtype), RoPE
+// values, outputs, inv_rms, thread attributes.
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, bool TRAD>
+METAL_FUNC void qkv_rope_norm_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
+    uint lane) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, TRAD, true, false>(
+      qpol, kpol, vpol, x, norm_weight, x, x, x, rope_inv_freq, seq_len, rope_offset,
+      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, bool TRAD>
+METAL_FUNC void qkv_rope_norm_nw_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
+    uint lane) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, TRAD, false, false>(
+      qpol, kpol, vpol, x, x, x, x, x, rope_inv_freq, seq_len, rope_offset,
+      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, bool TRAD>
+METAL_FUNC void qkv_rope_norm_bias_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight,
+    const device T* q_bias, const device T* k_bias, const device T* v_bias,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
+    uint lane) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, TRAD, true, true>(
+      qpol, kpol, vpol, x, norm_weight, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
+      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, bool TRAD>
+METAL_FUNC void qkv_rope_norm_nw_bias_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* q_bias,
+    const device T* k_bias, const device T* v_bias,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
+    uint lane) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, TRAD, false, true>(
+      qpol, kpol, vpol, x, x, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
+      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane);
+}

@@ -1,0 +1,480 @@
+"""Fused linear ops for the decode path: GEMV + epilogues, norm + GEMV, gate/up + SwiGLU,
+norm + Q/K/V + RoPE.
+
+Few rows (decode) run as one fused kernel; more than :data:`PREFILL_ROWS` rows
+(prefill, a GEMM) route to MLX's own ``matmul`` / ``quantized_matmul`` with the
+same results. The ``reference`` backend always runs the fused kernel's reference
+(plain MLX ops in float32).
+"""
+
+import functools
+import math
+
+import mlx.core as mx
+
+from ..args import Output
+from ..backends import select_backend
+from ..compound import CompoundKernel
+from ..stages.activations import ACTIVATIONS
+from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
+                                scale_epilogue, swiglu_epilogue)
+from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, gemv_decls, gemv_dispatch,
+                           gemv_dual_stage, gemv_stage, qkv_rope_stage)
+from ..stages.norm import rms_norm_prologue
+from ..types import FLOAT_DTYPES, dtype_name
+from .weights import Weight, policy_for
+
+PREFILL_ROWS = 8
+"""Inputs with more rows than this (``x.size // K``) use MLX's matmul/quantized_matmul
+instead of the fused GEMV kernels. A placeholder until measured on the GPU with the
+bench (the fused GEMV reads the weights once per row group, so its advantage shrinks
+as rows grow). Set it on the module (``mlx_foundry.ops.linear`` is the function once the
+package is imported)::
+
+    importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
+"""
+
+MAX_FUSED_ROWS = 65535  # batch rows live on grid y (CUDA's limit)
+_FLOATS = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
+
+
+# ---- validation -------------------------------------------------------------------------
+def _check_x(x, k, who, min_ndim=1):
+    if not isinstance(x, mx.array):
+        raise TypeError(f"[{who}] 'x' must be an mlx.core.array but got {type(x).__name__}.")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"[{who}] 'x' must have dtype {_FLOATS} but has {dtype_name(x.dtype)}.")
+    if x.ndim < min_ndim:
+        raise ValueError(f"[{who}] 'x' must have at least {min_ndim} dimensions but has shape "
+                         f"{tuple(x.shape)}.")
+    if x.shape[-1] != k:
+        raise ValueError(f"[{who}] The last dimension of 'x' must equal the weight's input "
+                         f"dimension K={k} but 'x' has shape {tuple(x.shape)}.")
+    if x.size == 0:
+        raise ValueError(f"[{who}] 'x' is empty (shape {tuple(x.shape)}).")
+
+
+def _check_activation(activation, who):
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"[{who}] 'activation' must be None or one of "
+                         f"{', '.join(ACTIVATIONS)} but got {activation!r}.")
+
+
+def _check_residual(residual, shape, who):
+    if residual is None:
+        return
+    if not isinstance(residual, mx.array):
+        raise TypeError(f"[{who}] 'residual' must be an mlx.core.array but got "
+                        f"{type(residual).__name__}.")
+    if residual.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"[{who}] 'residual' must have dtype {_FLOATS} but has "
+                         f"{dtype_name(residual.dtype)}.")
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"[{who}] 'residual' must have the output's shape {tuple(shape)} but "
+                         f"has shape {tuple(residual.shape)}.")
+
+
+def _check_norm(norm_weight, eps, k, who):
+    if norm_weight is not None:
+        if not isinstance(norm_weight, mx.array):
+            raise TypeError(f"[{who}] 'norm_weight' must be an mlx.core.array or None but got "
+                            f"{type(norm_weight).__name__}.")
+        if norm_weight.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"[{who}] 'norm_weight' must have dtype {_FLOATS} but has "
+                             f"{dtype_name(norm_weight.dtype)}.")
+        if tuple(norm_weight.shape) != (k,):
+            raise ValueError(f"[{who}] 'norm_weight' must have shape ({k},) but has shape "
+                             f"{tuple(norm_weight.shape)}.")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"[{who}] 'eps' must be a positive number but got {eps!r}.")
+
+
+def _as_weight(w, name, who):
+    if not isinstance(w, Weight):
+        raise TypeError(f"[{who}] '{name}' must be a mlx_foundry.ops.Weight but got "
+                        f"{type(w).__name__} (use Weight(...) or Weight.from_module(layer)).")
+    try:
+        return w.validate(who)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{e} (in '{name}')") from None
+
+
+def _fused(backend, rows, who):
+    """Backend to run and whether the fused kernel runs (else MLX's matmul)."""
+    be = select_backend(backend, who)
+    if be == "reference":
+        return be, True
+    return be, rows <= min(PREFILL_ROWS, MAX_FUSED_ROWS)
+
+
+def _launch(x):
+    return {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
+
+
+def _as_x_dtype(a, x):
+    # The fused kernels read the norm weight and QKV biases as x's dtype.
+    return a if a.dtype == x.dtype else a.astype(x.dtype)
+
+
+def _epilogue_mlx(y, w, activation, residual, dtype):
+    """bias -> activation -> residual with MLX ops (the prefill path)."""
+    y = y.astype(mx.float32)
+    if w.bias is not None:
+        y = y + w.bias.astype(mx.float32)
+    if activation is not None:
+        y = ACTIVATIONS[activation](y)
+    if residual is not None:
+        y = y + residual.astype(mx.float32)
+    return y.astype(dtype)
+
+
+# ---- kernels ----------------------------------------------------------------------------
+def _norm_stage(decls, with_weight):
+    return rms_norm_prologue(with_weight, x=decls["x"], norm_weight=decls.get("norm_weight"),
+                             T=decls["T"], K=decls["K"], THREADS=decls["THREADS"])
+
+
+@functools.lru_cache(maxsize=None)
+def linear_kernel(signature, *, has_bias=False, activation=None, has_residual=False,
+                  norm=None):
+    """The fused GEMV :class:`CompoundKernel` for one weight format (cached).
+
+    Args:
+        signature (tuple): :meth:`Weight.signature` (``("dense",)`` or
+            ``("affine", bits, group_size)``); the weight argument is ``w``
+            (``w_scales``, ``w_biases``).
+        has_bias, has_residual (bool): add the ``bias`` / ``residual`` epilogues.
+        activation (str, optional): silu, gelu, gelu_approx or relu.
+        norm (str, optional): ``None``, ``"weight"`` (RMSNorm prologue with
+            ``norm_weight``) or ``"plain"`` (RMSNorm without weight).
+
+    Call it with keyword arguments: ``x``, ``w`` [, ``w_scales``, ``w_biases``],
+    [``bias``], [``residual``], [``norm_weight``, ``eps``]; constants ``ROWS`` and
+    ``THREADS`` may be overridden.
+    """
+    policy = policy_for(signature, "w")
+    decls = gemv_decls(with_gamma=norm == "weight")
+    main = gemv_stage(policy, decls)
+    prologues = [_norm_stage(decls, norm == "weight")] if norm else []
+    epilogues = [scale_epilogue()] if norm else []
+    if has_bias:
+        epilogues.append(bias_epilogue())
+    if activation is not None:
+        epilogues.append(activation_epilogue(activation))
+    if has_residual:
+        epilogues.append(residual_epilogue())
+    out = Output("out", shape=lambda b: tuple(b.x.shape[:-1]) + (b.w.shape[0],), dtype="x")
+    name = "_".join(["norm_linear" if norm else "linear", *map(str, signature)]
+                    + (["bias"] if has_bias else []) + ([activation] if activation else [])
+                    + (["residual"] if has_residual else []))
+    return CompoundKernel(name, prologues=prologues, main=main, epilogues=epilogues,
+                          outputs=[out], dispatch=gemv_dispatch(lambda b: b.w.shape[0]))
+
+
+@functools.lru_cache(maxsize=None)
+def gate_up_kernel(gate_sig, up_sig, *, norm="weight"):
+    """Norm + gate/up projections + SwiGLU in one kernel (weights ``wg``, ``wu``)."""
+    pg, pu = policy_for(gate_sig, "wg"), policy_for(up_sig, "wu")
+    decls = gemv_decls(with_gamma=norm == "weight")
+    prologues = [_norm_stage(decls, norm == "weight")] if norm else []
+    epilogues = ([scale_epilogue()] if norm else []) + [swiglu_epilogue()]
+    if norm:
+        # inv_rms scales both projections: acc and acc2.
+        epilogues.insert(1, _scale2_epilogue())
+    out = Output("out", shape=lambda b: tuple(b.x.shape[:-1]) + (b.wg.shape[0],), dtype="x")
+    name = "_".join(["norm_gate_up_swiglu", *map(str, gate_sig), *map(str, up_sig)])
+    return CompoundKernel(name, prologues=prologues, main=gemv_dual_stage(pg, pu, decls),
+                          epilogues=epilogues, outputs=[out],
+                          dispatch=gemv_dispatch(lambda b: b.wg.shape[0]))
+
+
+@functools.lru_cache(maxsize=None)
+def _scale2_epilogue():
+    from ..stage import Stage
+    from ..stages.epilogues import EPILOGUE_INCLUDES, EPILOGUE_SOURCE
+
+    return Stage("scale_inv_rms2", function="ep_scale", source=EPILOGUE_SOURCE,
+                 includes=EPILOGUE_INCLUDES, consumes={"inv_rms": "float", "acc2": "float"},
+                 produces={"acc2": "float"},
+                 reference=lambda b, v: {"acc2": v["acc2"] * v["inv_rms"]})
+
+
+@functools.lru_cache(maxsize=None)
+def qkv_kernel(q_sig, k_sig, v_sig, *, traditional=False, with_weight=True, bias=False):
+    """Norm + Q/K/V projections (+ biases) + RoPE in one kernel (weights ``wq``, ``wk``,
+    ``wv``; biases ``q_bias``, ``k_bias``, ``v_bias``)."""
+    pq, pk, pv = policy_for(q_sig, "wq"), policy_for(k_sig, "wk"), policy_for(v_sig, "wv")
+    decls = gemv_decls(with_gamma=with_weight)
+    main = qkv_rope_stage(pq, pk, pv, decls, traditional=traditional, bias=bias)
+    outs = [a for a in main.args if isinstance(a, Output)]
+    name = "_".join(["norm_qkv_rope", *map(str, q_sig), *map(str, k_sig), *map(str, v_sig),
+                     "trad" if traditional else "half"] + (["bias"] if bias else []))
+    return CompoundKernel(name, prologues=[_norm_stage(decls, with_weight)], main=main,
+                          outputs=outs, manual_output=True,
+                          dispatch=gemv_dispatch(lambda b: b.wq.shape[0] + 2 * b.wk.shape[0]))
+
+
+# ---- public ops ---------------------------------------------------------------------------
+def linear(x, weight, scales=None, biases=None, *, group_size=64, bits=4, bias=None,
+           activation=None, residual=None, backend=None):
+    """``act(x @ W.T + bias) + residual`` in one kernel.
+
+    Dense ``W`` when ``scales`` is ``None``, else MLX's affine layout (the arrays of an
+    ``nn.QuantizedLinear``, read as stored). More than :data:`PREFILL_ROWS` rows go to
+    MLX's ``quantized_matmul`` / ``matmul``.
+
+    Args:
+        x (array): ``[..., K]`` float16, bfloat16 or float32.
+        weight (array or Weight): ``[N, K]`` dense, or uint32 ``[N, K*bits/32]``; a
+            :class:`Weight` carries its own scales, biases, bias, group size and bits.
+        scales, biases (array, optional): ``[N, K/group_size]`` affine scales and biases.
+        group_size (int): 32, 64 or 128. Default: ``64``.
+        bits (int): 2, 3, 4, 5, 6 or 8. Default: ``4``.
+        bias (array, optional): ``[N]``. Default: ``None``.
+        activation (str, optional): ``None``, ``"silu"``, ``"gelu"``, ``"gelu_approx"``
+            or ``"relu"``. Default: ``None``.
+        residual (array, optional): added last; the output's shape.
+        backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
+
+    Shape:
+        x ``[..., K]`` -> out ``[..., N]`` in ``x``'s dtype.
+
+    Examples:
+        >>> w = mx.random.normal((256, 512)).astype(mx.float16)
+        >>> wq, s, b = mx.quantize(w, group_size=64, bits=4)
+        >>> y = linear(mx.ones((1, 512), mx.float16), wq, s, b, activation="silu")
+        >>> y.shape
+        (1, 256)
+    """
+    who = "linear"
+    if isinstance(weight, Weight):
+        if scales is not None or biases is not None or bias is not None:
+            raise ValueError(f"[{who}] Pass 'scales', 'biases' and 'bias' inside the Weight, "
+                             "not alongside it.")
+        w = weight.validate(who)
+    else:
+        w = Weight.__new__(Weight)
+        w.weight, w.scales, w.biases, w.bias = weight, scales, biases, bias
+        w.group_size, w.bits = group_size, bits
+        w.validate(who)
+    k = w.in_features
+    _check_x(x, k, who)
+    if w.quantized and k % w.group_size:
+        raise ValueError(f"[{who}] 'group_size' {w.group_size} does not divide K={k}.")
+    _check_activation(activation, who)
+    out_shape = tuple(x.shape[:-1]) + (w.out_features,)
+    _check_residual(residual, out_shape, who)
+    be, fused = _fused(backend, x.size // k, who)
+    if not fused:
+        return _epilogue_mlx(w.matmul(x), w, activation, residual, x.dtype)
+    kern = linear_kernel(w.signature(), has_bias=w.bias is not None, activation=activation,
+                         has_residual=residual is not None)
+    args = dict(w.inputs("w"), x=x)
+    if w.bias is not None:
+        args["bias"] = w.bias
+    if residual is not None:
+        args["residual"] = residual
+    return kern(backend=be, **args, **_launch(x))
+
+
+def norm_linear(x, norm_weight, eps, weight, *, activation=None, residual=None, backend=None):
+    """``act(rms_norm(x, norm_weight, eps) @ W.T + bias) + residual`` in one kernel.
+
+    Computed as ``W (x * norm_weight) * inv_rms`` with ``inv_rms = rsqrt(mean(x^2) + eps)``
+    (the norm is never written out).
+
+    Args:
+        x (array): ``[..., K]``.
+        norm_weight (array, optional): ``[K]`` RMSNorm weight; ``None`` for none.
+        eps (float): RMSNorm epsilon (a runtime value: no recompile when it changes).
+        weight (Weight): the linear layer (its ``bias`` is added).
+        activation (str, optional): silu, gelu, gelu_approx or relu.
+        residual (array, optional): added last; the output's shape.
+        backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
+
+    Shape:
+        x ``[..., K]`` -> ``[..., N]``.
+
+    Examples:
+        >>> w = Weight.from_module(nn.QuantizedLinear(512, 256, bits=4, group_size=64))
+        >>> y = norm_linear(mx.ones((1, 512)), mx.ones((512,)), 1e-5, w)
+    """
+    who = "norm_linear"
+    w = _as_weight(weight, "weight", who)
+    k = w.in_features
+    _check_x(x, k, who)
+    _check_norm(norm_weight, eps, k, who)
+    _check_activation(activation, who)
+    out_shape = tuple(x.shape[:-1]) + (w.out_features,)
+    _check_residual(residual, out_shape, who)
+    be, fused = _fused(backend, x.size // k, who)
+    if not fused:
+        h = mx.fast.rms_norm(x, norm_weight, eps)
+        return _epilogue_mlx(w.matmul(h), w, activation, residual, x.dtype)
+    kern = linear_kernel(w.signature(), has_bias=w.bias is not None, activation=activation,
+                         has_residual=residual is not None,
+                         norm="weight" if norm_weight is not None else "plain")
+    args = dict(w.inputs("w"), x=x, eps=float(eps))
+    if norm_weight is not None:
+        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+    if w.bias is not None:
+        args["bias"] = w.bias
+    if residual is not None:
+        args["residual"] = residual
+    return kern(backend=be, **args, **_launch(x))
+
+
+def norm_gate_up_swiglu(x, norm_weight, eps, gate, up, *, backend=None):
+    """``silu(n @ Wg.T) * (n @ Wu.T)`` with ``n = rms_norm(x, norm_weight, eps)``, one kernel.
+
+    The gate and up projections share every load of ``x`` (mlx-lm's MLP up to the down
+    projection). Layer biases, if any, are not supported (Llama-family MLPs have none).
+
+    Args:
+        x (array): ``[..., K]``.
+        norm_weight (array, optional): ``[K]``; ``None`` for an RMSNorm without weight.
+        eps (float): RMSNorm epsilon.
+        gate, up (Weight): ``[N, K]`` projections (formats may differ).
+        backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
+
+    Shape:
+        x ``[..., K]`` -> ``[..., N]``.
+    """
+    who = "norm_gate_up_swiglu"
+    g = _as_weight(gate, "gate", who)
+    u = _as_weight(up, "up", who)
+    k = g.in_features
+    if (u.in_features, u.out_features) != (k, g.out_features):
+        raise ValueError(f"[{who}] 'up' must have the shape of 'gate' (in {k}, out "
+                         f"{g.out_features}) but has in {u.in_features}, out {u.out_features}.")
+    for name, w_ in (("gate", g), ("up", u)):
+        if w_.bias is not None:
+            raise ValueError(f"[{who}] '{name}' has a bias, which this op does not support.")
+    _check_x(x, k, who)
+    _check_norm(norm_weight, eps, k, who)
+    be, fused = _fused(backend, x.size // k, who)
+    if not fused:
+        h = mx.fast.rms_norm(x, norm_weight, eps)
+        a = g.matmul(h).astype(mx.float32)
+        return (ACTIVATIONS["silu"](a) * u.matmul(h).astype(mx.float32)).astype(x.dtype)
+    kern = gate_up_kernel(g.signature(), u.signature(),
+                          norm="weight" if norm_weight is not None else "plain")
+    args = dict(g.inputs("wg"), **u.inputs("wu"), x=x, eps=float(eps))
+    if norm_weight is not None:
+        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+    return kern(backend=be, **args, **_launch(x))
+
+
+@functools.lru_cache(maxsize=64)
+def _default_inv_freq(head_dim, base):
+    # mx.fast.rope's fallback: exp(-i * log(base) / (D/2)), in float32.
+    half = head_dim // 2
+    return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32)
+                  * mx.array(math.log(base) / half, dtype=mx.float32))
+
+
+def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim, offset,
+                  rope_base=10000.0, rope_scale=1.0, rope_traditional=False, rope_freqs=None,
+                  backend=None):
+    """RMSNorm + Q/K/V projections + RoPE on Q and K, in one kernel.
+
+    ``q = rope(n @ Wq.T)``, ``k = rope(n @ Wk.T)``, ``v = n @ Wv.T`` with
+    ``n = rms_norm(x, norm_weight, eps)``; RoPE exactly as
+    ``mx.fast.rope(t[B, H, L, D], head_dim, traditional=rope_traditional, base=rope_base,
+    scale=rope_scale, offset=offset, freqs=rope_freqs)`` per head, at positions
+    ``offset .. offset + L - 1``.
+
+    Args:
+        x (array): ``[..., L, K]`` (at least 2-D; ``L`` is the sequence axis).
+        norm_weight (array, optional): ``[K]``; ``None`` for an RMSNorm without weight.
+        eps (float): RMSNorm epsilon.
+        q, k, v (Weight): projections ``[n_heads*head_dim, K]``, ``[n_kv_heads*head_dim, K]``
+            (formats may differ; biases, as in Qwen2, are added before RoPE, in the kernel).
+        n_heads, n_kv_heads, head_dim (int): grouped-query shapes (``head_dim`` even).
+        offset (int or array): position of the first row (a runtime value).
+        rope_base (float): Default: ``10000.0``. rope_scale (float): Default: ``1.0``.
+        rope_traditional (bool): rotate adjacent pairs. Default: ``False``.
+        rope_freqs (array, optional): ``[head_dim/2]`` custom frequencies (Llama 3).
+        backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
+
+    Returns:
+        (q, k, v): ``[..., L, n_heads*head_dim]``, ``[..., L, n_kv_heads*head_dim]`` twice.
+    """
+    who = "norm_qkv_rope"
+    wq, wk, wv = (_as_weight(w_, n_, who) for w_, n_ in ((q, "q"), (k, "k"), (v, "v")))
+    for name, val in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"[{who}] '{name}' must be a positive int but got {val!r}.")
+    if head_dim % 2:
+        raise ValueError(f"[{who}] 'head_dim' must be even but got {head_dim}.")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"[{who}] 'n_heads' ({n_heads}) must be a multiple of 'n_kv_heads' "
+                         f"({n_kv_heads}).")
+    kdim = wq.in_features
+    for name, w_, n in (("q", wq, n_heads), ("k", wk, n_kv_heads), ("v", wv, n_kv_heads)):
+        if w_.out_features != n * head_dim:
+            raise ValueError(f"[{who}] '{name}' must have {n * head_dim} output features "
+                             f"({n} heads x head_dim {head_dim}) but has {w_.out_features}.")
+        if w_.in_features != kdim:
+            raise ValueError(f"[{who}] '{name}' must have input dimension K={kdim} (as 'q') but "
+                             f"has {w_.in_features}.")
+    _check_x(x, kdim, who, min_ndim=2)
+    _check_norm(norm_weight, eps, kdim, who)
+    if isinstance(offset, mx.array):
+        if offset.size != 1 or not mx.issubdtype(offset.dtype, mx.integer):
+            raise ValueError(f"[{who}] 'offset' must be an int or a one-element integer array "
+                             f"but got shape {tuple(offset.shape)}, {dtype_name(offset.dtype)}.")
+    elif isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"[{who}] 'offset' must be an int but got {type(offset).__name__}.")
+    if rope_freqs is not None:
+        if not isinstance(rope_freqs, mx.array) or tuple(rope_freqs.shape) != (head_dim // 2,):
+            got = tuple(rope_freqs.shape) if isinstance(rope_freqs, mx.array) else rope_freqs
+            raise ValueError(f"[{who}] 'rope_freqs' must be an array of shape "
+                             f"({head_dim // 2},) but got {got!r}.")
+    elif not rope_base > 0:
+        raise ValueError(f"[{who}] 'rope_base' must be positive but got {rope_base!r}.")
+    seq = x.shape[-2]
+    be, fused = _fused(backend, x.size // kdim, who)
+    if not fused:
+        return _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim, offset,
+                        rope_base, rope_scale, rope_traditional, rope_freqs)
+    if rope_freqs is not None:
+        inv_freq = mx.reciprocal(rope_freqs.astype(mx.float32))
+    else:
+        inv_freq = _default_inv_freq(head_dim, float(rope_base))
+    has_bias = any(w_.bias is not None for w_ in (wq, wk, wv))
+    kern = qkv_kernel(wq.signature(), wk.signature(), wv.signature(),
+                      traditional=bool(rope_traditional), with_weight=norm_weight is not None,
+                      bias=has_bias)
+    args = dict(wq.inputs("wq"), **wk.inputs("wk"), **wv.inputs("wv"), x=x, eps=float(eps),
+                rope_inv_freq=inv_freq, seq_len=seq, rope_offset=offset,
+                rope_scale=float(rope_scale))
+    if norm_weight is not None:
+        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+    if has_bias:
+        for name, w_ in (("q_bias", wq), ("k_bias", wk), ("v_bias", wv)):
+            b = w_.bias if w_.bias is not None else mx.zeros((w_.out_features,), x.dtype)
+            args[name] = _as_x_dtype(b, x)
+    rows = DEFAULT_ROWS if head_dim % DEFAULT_ROWS == 0 else 2
+    return kern(backend=be, **args, HEAD_DIM=head_dim, ROWS=rows, THREADS=DEFAULT_THREADS)
+
+
+def _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim, offset, base,
+             scale, traditional, freqs):
+    """The unfused path with MLX's own ops (prefill)."""
+    h = mx.fast.rms_norm(x, norm_weight, eps)
+    lead, seq = tuple(x.shape[:-2]), x.shape[-2]
+    outs = []
+    for w_, n, rot in ((wq, n_heads, True), (wk, n_kv_heads, True), (wv, n_kv_heads, False)):
+        y = w_.matmul(h)
+        if w_.bias is not None:
+            y = y + w_.bias
+        y = y.astype(x.dtype)
+        if rot:
+            t = y.reshape(-1, seq, n, head_dim).transpose(0, 2, 1, 3)
+            t = mx.fast.rope(t, head_dim, traditional=traditional,
+                             base=None if freqs is not None else base, scale=scale,
+                             offset=offset, freqs=freqs)
+            y = t.transpose(0, 2, 1, 3).reshape(lead + (seq, n * head_dim))
+        outs.append(y)
+    return tuple(outs)

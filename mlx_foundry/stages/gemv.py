@@ -1,0 +1,198 @@
+"""GEMV main stages over weights stored ``[N, K]`` (MLX's Linear layout).
+
+One batch row ``m`` of ``x`` per threadgroup row (grid y); ``THREADS / 32``
+SIMD-groups per threadgroup, ``ROWS`` output rows per SIMD-group (grid x). The
+lanes of a SIMD-group stride over ``K`` in 32-element chunks: each lane loads
+its chunk of ``x`` once (times the RMSNorm weight when fused) and dots it with
+the same chunk of its ``ROWS`` weight rows, read through a weight policy
+(dense or MLX affine) with 16-byte loads. After the SIMD reduction lane ``r``
+holds row ``r``: ``acc`` (float), ``row``, ``index = m * N + row`` and ``valid``.
+
+Launch parameters are compile-time constants with defaults a tuner may override
+by keyword: ``ROWS`` (rows per SIMD-group, default :data:`DEFAULT_ROWS`) and
+``THREADS`` (threads per threadgroup, a multiple of 32, default
+:data:`DEFAULT_THREADS`; shared with the RMSNorm prologue).
+
+Stages (``decls`` holds the shared argument declarations, see :func:`gemv_decls`):
+
+* :func:`gemv_stage` -- ``acc = W[row] . (x[m] * gamma)``
+* :func:`gemv_dual_stage` -- gate and up rows sharing the x loads (``acc``, ``acc2``)
+* :func:`qkv_rope_stage` -- Q, K, V projections with RoPE on Q and K; writes
+  ``q_out``, ``k_out``, ``v_out`` itself (after an RMSNorm prologue).
+"""
+
+import mlx.core as mx
+
+from ..args import Constant, Output, Scalar, Tensor
+from ..dispatch import DispatchConfig
+from ..stage import Stage
+from ..types import FLOAT_DTYPES, f32, i32, u32
+
+GEMV_SOURCE = "stages/gemv.metal"
+QKV_SOURCE = "stages/gemv_qkv.metal"
+GEMV_INCLUDES = ("policies/dense.metal",)
+GEMV_ATTRIBUTES = ("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
+                   "thread_index_in_simdgroup")
+GEMV_VALUES = {"acc": "float", "row": "uint", "index": "uint", "valid": "bool"}
+
+DEFAULT_ROWS = 4
+"""Output rows per SIMD-group (independent weight loads in flight per lane)."""
+DEFAULT_THREADS = 128
+"""Threads per threadgroup (4 SIMD-groups)."""
+
+
+def _simds(c):
+    return str(c["THREADS"] // 32)
+
+
+def gemv_decls(with_gamma=False):
+    """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS`` (and
+    ``norm_weight`` when ``with_gamma``). Pass the same dict to every stage of a kernel
+    (and to the RMSNorm prologue), since the assembler merges arguments by identity."""
+    d = {
+        "x": Tensor("x", FLOAT_DTYPES),
+        "T": Constant("T", "dtype", like="x"),
+        "K": Constant("K", value=lambda b: b.x.shape[-1]),
+        "ROWS": Constant("ROWS", value=DEFAULT_ROWS),
+        "THREADS": Constant("THREADS", value=DEFAULT_THREADS),
+    }
+    if with_gamma:
+        d["norm_weight"] = Tensor("norm_weight", FLOAT_DTYPES, ndim=1)
+    return d
+
+
+def _x_rows(b):
+    """x viewed as float32 [M, K] (times the norm weight when bound)."""
+    xf = b.x.reshape(-1, b.x.shape[-1]).astype(mx.float32)
+    if "norm_weight" in b:
+        xf = xf * b.norm_weight.astype(mx.float32)
+    return xf
+
+
+def gemv_dispatch(n_rows):
+    """``dispatch(bound)`` for ``n_rows(bound)`` output rows per batch row of ``x``."""
+
+    def dispatch(b):
+        threads, rows = b.THREADS, b.ROWS
+        if threads % 32 or not 32 <= threads <= 1024:
+            raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in [32, 1024] but "
+                             f"got {threads}.")
+        if not 1 <= rows <= 32:
+            raise ValueError(f"[gemv] 'ROWS' must be in [1, 32] but got {rows}.")
+        per_group = rows * (threads // 32)
+        m = b.x.size // b.x.shape[-1]
+        return DispatchConfig((-(-n_rows(b) // per_group), m), (threads, 1))
+
+    return dispatch
+
+
+def gemv_stage(policy, decls, *, n="N"):
+    """``acc = dot(W[row], x[m] (* norm_weight))`` for one weight policy.
+
+    With ``decls["norm_weight"]`` present the stage multiplies ``x`` by it inside the dot
+    product (a following ``scale_epilogue`` applies ``inv_rms``). ``n`` is the name of the
+    int constant for ``N`` (default ``N = weight.shape[0]``).
+    """
+    gamma = "norm_weight" in decls
+    N = Constant(n, value=lambda b: b[policy.prefix].shape[0])
+    args = [decls["x"]] + ([decls["norm_weight"]] if gamma else [])
+    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"]]
+
+    def reference(b, v):
+        return {"acc": _x_rows(b) @ policy.dequantize(b).T}
+
+    return Stage(
+        "gemv_norm" if gamma else "gemv", function="gemv_norm_main" if gamma else "gemv_main",
+        source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args, policies={"wpol": policy},
+        produces=dict(GEMV_VALUES),
+        template=(policy.metal_type(), "T", "K", n, "ROWS", _simds),
+        attributes=GEMV_ATTRIBUTES, reference=reference)
+
+
+def gemv_dual_stage(gate, up, decls, *, n="N"):
+    """Gate and up projections in one pass over ``x``: ``acc`` (gate), ``acc2`` (up)."""
+    gamma = "norm_weight" in decls
+    N = Constant(n, value=lambda b: b[gate.prefix].shape[0])
+    args = [decls["x"]] + ([decls["norm_weight"]] if gamma else [])
+    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"]]
+
+    def reference(b, v):
+        xf = _x_rows(b)
+        return {"acc": xf @ gate.dequantize(b).T, "acc2": xf @ up.dequantize(b).T}
+
+    produces = dict(GEMV_VALUES)
+    produces["acc2"] = "float"
+    return Stage(
+        "gemv_dual_norm" if gamma else "gemv_dual",
+        function="gemv_dual_norm_main" if gamma else "gemv_dual_main",
+        source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args,
+        policies={"gpol": gate, "upol": up}, produces=produces,
+        template=(gate.metal_type(), up.metal_type(), "T", "K", n, "ROWS", _simds),
+        attributes=GEMV_ATTRIBUTES, reference=reference)
+
+
+def rope_rotate(t, positions, inv_freq, traditional):
+    """RoPE of float32 ``t`` ``[M, H, D]`` at ``positions`` ``[M]`` (mx.fast.rope's math)."""
+    theta = positions[:, None, None] * inv_freq
+    c, s = mx.cos(theta), mx.sin(theta)
+    d = t.shape[-1]
+    if traditional:
+        x1, x2 = t[..., 0::2], t[..., 1::2]
+        return mx.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).reshape(t.shape)
+    x1, x2 = t[..., : d // 2], t[..., d // 2:]
+    return mx.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+
+
+def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
+    """Q, K, V projections + RoPE on Q and K, written to ``q_out``, ``k_out``, ``v_out``.
+
+    Consumes ``inv_rms`` (put an RMSNorm prologue first). Extra arguments:
+    ``Tensor "rope_inv_freq"`` (float32 ``[head_dim/2]``), ``Scalar "seq_len"`` (u32,
+    ``L``; row ``m`` of ``x`` is position ``offset + m % L``), ``Scalar "rope_offset"``
+    (i32), ``Scalar "rope_scale"`` (f32), constants ``NQ`` (``H * D``), ``NKV``
+    (``H_kv * D``), ``HEAD_DIM`` and ``ROWS`` (even, dividing ``HEAD_DIM``). With
+    ``bias``: ``Tensor``s ``q_bias``, ``k_bias``, ``v_bias`` (x's dtype) added before RoPE.
+    Outputs have ``x``'s leading shape and last dimension ``NQ``/``NKV``/``NKV``.
+    """
+    gamma = "norm_weight" in decls
+    x = decls["x"]
+    lead = lambda b: tuple(b.x.shape[:-1])  # noqa: E731
+    outs = [Output("q_out", shape=lambda b: lead(b) + (b[pq.prefix].shape[0],), dtype="x"),
+            Output("k_out", shape=lambda b: lead(b) + (b[pk.prefix].shape[0],), dtype="x"),
+            Output("v_out", shape=lambda b: lead(b) + (b[pv.prefix].shape[0],), dtype="x")]
+    consts = [Constant("NQ", value=lambda b: b[pq.prefix].shape[0]),
+              Constant("NKV", value=lambda b: b[pk.prefix].shape[0]),
+              Constant("HEAD_DIM")]
+    args = [x] + ([decls["norm_weight"]] if gamma else [])
+    if bias:
+        args += [Tensor(f"{p}_bias", FLOAT_DTYPES, ndim=1) for p in "qkv"]
+    args += [Tensor("rope_inv_freq", mx.float32, ndim=1), Scalar("seq_len", u32),
+             Scalar("rope_offset", i32), Scalar("rope_scale", f32)] + outs
+    args += [decls["T"], decls["K"], decls["ROWS"], decls["THREADS"]] + consts
+
+    def reference(b, v):
+        xf = _x_rows(b)
+        m = xf.shape[0]
+        d = b.HEAD_DIM
+        pos = (mx.arange(m) % b.seq_len).astype(mx.float32)
+        pos = (pos + mx.array(b.rope_offset).astype(mx.float32)) * mx.array(
+            b.rope_scale, dtype=mx.float32)
+        res = {}
+        for name, pol in (("q_out", pq), ("k_out", pk), ("v_out", pv)):
+            y = (xf @ pol.dequantize(b).T) * v["inv_rms"]
+            if bias:
+                y = y + b[f"{name[0]}_bias"].astype(mx.float32)
+            if name != "v_out":
+                y = rope_rotate(y.reshape(m, -1, d), pos, b.rope_inv_freq,
+                                traditional).reshape(m, -1)
+            res[name] = y.astype(b.x.dtype).reshape(tuple(b.x.shape[:-1]) + (y.shape[-1],))
+        return res
+
+    function = "qkv_rope_norm" + ("" if gamma else "_nw") + ("_bias" if bias else "") + "_main"
+    return Stage(
+        "qkv_rope", function=function,
+        source=QKV_SOURCE, includes=GEMV_INCLUDES + (GEMV_SOURCE,), args=args,
+        policies={"qpol": pq, "kpol": pk, "vpol": pv}, consumes={"inv_rms": "float"},
+        template=(pq.metal_type(), pk.metal_type(), pv.metal_type(), "T", "K", "NQ", "NKV",
+                  "HEAD_DIM", "ROWS", _simds, bool(traditional)),
+        attributes=GEMV_ATTRIBUTES, reference=reference, writes_output=True)

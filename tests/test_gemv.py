@@ -1,0 +1,199 @@
+"""GEMV stages and epilogues: references, dispatch, assembled source, CUDA compile check."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_foundry import ChainError, CompoundKernel, Output
+from mlx_foundry.args import Bound
+from mlx_foundry.ops.linear import gate_up_kernel, linear_kernel, qkv_kernel
+from mlx_foundry.stages.epilogues import activation_epilogue, swiglu_epilogue
+from mlx_foundry.stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, gemv_decls,
+                                     gemv_dispatch, gemv_stage, rope_rotate)
+from mlx_foundry.policies.affine import affine_policy
+from mlx_foundry.policies.dense import dense_policy
+
+from tolerances import assert_close
+
+
+def _affine_args(n, k, bits=4, gs=64, dtype=mx.float16, prefix="w"):
+    wq, s, b = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=gs, bits=bits)
+    return {prefix: wq, f"{prefix}_scales": s, f"{prefix}_biases": b}
+
+
+def test_gemv_stage_reference():
+    decls = gemv_decls()
+    st = gemv_stage(affine_policy(4, 64, "w"), decls)
+    x = mx.random.normal((3, 128))
+    args = _affine_args(40, 128, dtype=mx.float32)
+    got = st.reference(Bound(x=x, **args), {})["acc"]
+    want = mx.quantized_matmul(x, args["w"], args["w_scales"], args["w_biases"],
+                               transpose=True, group_size=64, bits=4)
+    assert got.shape == (3, 40)
+    assert_close(got, want, mx.float32, k=128)
+
+
+def test_gemv_stage_reference_with_norm_weight():
+    decls = gemv_decls(with_gamma=True)
+    st = gemv_stage(dense_policy("w"), decls)
+    x, g, w = mx.random.normal((2, 64)), mx.random.normal((64,)), mx.random.normal((8, 64))
+    got = st.reference(Bound(x=x, norm_weight=g, w=w), {})["acc"]
+    assert_close(got, (x * g) @ w.T, mx.float32, k=64)
+
+
+@pytest.mark.parametrize("rows,threads,n,m,groups", [
+    (4, 128, 100, 1, (7, 1, 1)), (4, 128, 16, 3, (1, 3, 1)), (2, 64, 151936, 1, (37984, 1, 1))])
+def test_dispatch(rows, threads, n, m, groups):
+    d = gemv_dispatch(lambda b: n)(Bound(x=mx.zeros((m, 8)), ROWS=rows, THREADS=threads))
+    assert d.groups == groups and d.threads == (threads, 1, 1)
+
+
+@pytest.mark.parametrize("threads,rows,match", [(100, 4, "THREADS"), (2048, 4, "THREADS"),
+                                                (128, 0, "ROWS"), (128, 33, "ROWS")])
+def test_dispatch_rejects_bad_launch(threads, rows, match):
+    with pytest.raises(ValueError, match=match):
+        gemv_dispatch(lambda b: 8)(Bound(x=mx.zeros((1, 8)), ROWS=rows, THREADS=threads))
+
+
+def test_linear_source_metal():
+    k = linear_kernel(("affine", 4, 64), has_bias=True, activation="silu", has_residual=True)
+    args = _affine_args(64, 256)
+    src = k.source(x=mx.ones((1, 256), mx.float16), bias=mx.ones((64,), mx.float16),
+                   residual=mx.ones((1, 64), mx.float16), **args)
+    body = src.body
+    assert "constexpr int K = 256;" in body and "constexpr int N = 64;" in body
+    assert f"constexpr int ROWS = {DEFAULT_ROWS};" in body
+    assert f"constexpr int THREADS = {DEFAULT_THREADS};" in body
+    assert (f"gemv_main<PolicyAffine<w_S, 4, 64, K>, T, K, N, ROWS, {DEFAULT_THREADS // 32}>"
+            "(wpol, x, acc, row, index, valid,") in body
+    calls = [body.index(s) for s in ("gemv_main<", "ep_bias(", "ep_silu(", "ep_residual(")]
+    assert calls == sorted(calls)
+    assert "if (valid) { out[index] = static_cast<half>(acc); }" in body
+    for name in ("struct PolicyAffine", "METAL_FUNC void gemv_main", "METAL_FUNC void ep_bias",
+                 "METAL_FUNC float silu"):
+        assert name in src.header
+    assert src.input_names == ("w", "w_scales", "w_biases", "x", "bias", "residual")
+
+
+def test_launch_constants_are_overridable():
+    k = linear_kernel(("dense",))
+    w = mx.ones((64, 96), mx.float16)
+    body = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256).body
+    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8>(" in body
+
+
+def test_full_metal_source_has_signature():
+    k = linear_kernel(("affine", 4, 64))
+    src = k.metal_source(x=mx.ones((1, 128), mx.float16), **_affine_args(32, 128))
+    assert "[[kernel]] void custom_kernel_linear_affine_4_64" in src
+    for attr in ("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
+                 "thread_index_in_simdgroup"):
+        assert f"[[{attr}]]" in src
+
+
+def test_norm_linear_source_cuda():
+    k = linear_kernel(("dense",), norm="weight")
+    src = k.source(x=mx.ones((1, 64), mx.bfloat16), w=mx.ones((8, 64), mx.bfloat16),
+                   eps=1e-5, norm_weight=mx.ones((64,), mx.bfloat16), backend="cuda")
+    assert "__shared__" in src.body and "norm_scratch[32]" in src.body
+    assert "rms_norm_prologue_w<T, K, THREADS>" in src.body
+    assert src.body.index("rms_norm_prologue_w") < src.body.index("gemv_norm_main")
+    assert "ep_scale(inv_rms, acc);" in src.body
+
+
+def test_swiglu_needs_acc2():
+    decls = gemv_decls()
+    main = gemv_stage(dense_policy("w"), decls)
+    with pytest.raises(ChainError, match="acc2"):
+        CompoundKernel("bad", main=main, epilogues=[swiglu_epilogue()],
+                       outputs=[Output("out", shape=lambda b: (1,), dtype="x")],
+                       dispatch=gemv_dispatch(lambda b: 1))
+
+
+def test_activation_epilogue_rejects_unknown():
+    with pytest.raises(ValueError, match="'activation'"):
+        activation_epilogue("tanh")
+
+
+@pytest.mark.parametrize("kind,fn", [("silu", nn.silu), ("gelu", nn.gelu),
+                                     ("gelu_approx", nn.gelu_approx), ("relu", nn.relu)])
+def test_activation_references_match_mlx_nn(kind, fn):
+    acc = mx.random.normal((4, 33)) * 3
+    got = activation_epilogue(kind).reference(Bound(), {"acc": acc})["acc"]
+    assert_close(got, fn(acc), mx.float32)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_rotate_matches_fast_rope(traditional):
+    m, h, d, offset = 5, 3, 16, 7
+    t = mx.random.normal((m, h, d))
+    inv = mx.exp(mx.arange(0, -d // 2, -1, dtype=mx.float32) * (mx.log(mx.array(10000.0)) /
+                                                                 (d // 2)))
+    got = rope_rotate(t, (mx.arange(m) + offset).astype(mx.float32), inv, traditional)
+    want = mx.fast.rope(t.transpose(1, 0, 2)[None], d, traditional=traditional, base=10000.0,
+                        scale=1.0, offset=offset)[0].transpose(1, 0, 2)
+    assert_close(got, want, mx.float32)
+
+
+# ---- CUDA compile check (nvcc, no GPU needed) ---------------------------------------------
+_CT = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
+       mx.uint32: "uint32_t", mx.int32: "int32_t"}
+
+
+def _cuda_unit(kern, kwargs):
+    """The translation unit MLX 0.32's cuda_kernel builds (custom_kernel.cpp)."""
+    bound, given = kern.bind(**kwargs)
+    full = bound.with_constants(kern._constants(bound, given))
+    src = kern.source(backend="cuda", **kwargs)
+    params = [f"const {_CT[a.dtype]}* {d.input_name}"
+              for d, a in zip(kern.inputs, kern._kernel_inputs(bound))]
+    params += [f"{_CT[o.resolve(full)[1]]}* {o.name}" for o in kern.outputs]
+    return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
+            + src.header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            + f"__global__ void custom_kernel_k({', '.join(params)}) {{\n{src.body}\n}}\n}}\n")
+
+
+def _cuda_cases():
+    w4 = _affine_args(64, 256, 4, 64, mx.bfloat16)
+    w3 = _affine_args(64, 256, 3, 32, mx.bfloat16)
+    wd = mx.random.normal((64, 250)).astype(mx.float16)
+    yield "linear_affine4", linear_kernel(("affine", 4, 64), has_bias=True, activation="gelu",
+                                          has_residual=True), dict(
+        x=mx.ones((1, 256), mx.bfloat16), bias=mx.ones((64,), mx.bfloat16),
+        residual=mx.ones((1, 64), mx.bfloat16), **w4)
+    yield "norm_linear_dense", linear_kernel(("dense",), norm="weight", activation="silu"), dict(
+        x=mx.ones((1, 250), mx.float16), w=wd, eps=1e-5, norm_weight=mx.ones((250,), mx.float16))
+    yield "gate_up_mixed", gate_up_kernel(("affine", 4, 64), ("affine", 3, 32)), dict(
+        x=mx.ones((1, 256), mx.bfloat16), eps=1e-5, norm_weight=mx.ones((256,), mx.bfloat16),
+        **{k.replace("w", "wg", 1): v for k, v in w4.items()},
+        **{k.replace("w", "wu", 1): v for k, v in w3.items()})
+    yield "qkv_rope", qkv_kernel(("affine", 4, 64), ("affine", 3, 32), ("dense",),
+                                 traditional=True, bias=True), dict(
+        q_bias=mx.ones((64,), mx.bfloat16), k_bias=mx.ones((64,), mx.bfloat16),
+        v_bias=mx.ones((64,), mx.bfloat16),
+        x=mx.ones((1, 1, 256), mx.bfloat16), eps=1e-5, norm_weight=mx.ones((256,), mx.bfloat16),
+        **{k.replace("w", "wq", 1): v for k, v in w4.items()},
+        **{k.replace("w", "wk", 1): v for k, v in w3.items()},
+        wv=mx.ones((64, 256), mx.bfloat16), rope_inv_freq=mx.ones((16,)), seq_len=1,
+        rope_offset=0, rope_scale=1.0, HEAD_DIM=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[0] for c in _cuda_cases()])
+def test_kernels_compile_with_nvcc(case, tmp_path):
+    nvcc = shutil.which("nvcc")
+    inc = os.environ.get("MLX_FOUNDRY_CUDA_INCLUDE", "/tmp/mlxinc")
+    if nvcc is None or not (Path(inc) / "mlx/backend/cuda/device/utils.cuh").is_file():
+        pytest.skip("nvcc or MLX's CUDA headers (MLX_FOUNDRY_CUDA_INCLUDE) not available")
+    _, kern, kwargs = next(c for c in _cuda_cases() if c[0] == case)
+    cu = tmp_path / "k.cu"
+    cu.write_text(_cuda_unit(kern, kwargs))
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o",
+                        str(tmp_path / "k.o"), f"-I{inc}"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-6000:]

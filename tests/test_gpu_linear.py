@@ -1,0 +1,224 @@
+"""GPU: every fused linear op against its reference (plain MLX ops) over awkward shapes.
+
+Run on a machine with Metal or CUDA: ``pytest -m gpu tests/test_gpu_linear.py``.
+References run on the CPU stream: MLX's CUDA float32 matmul uses TF32 by default
+(``MLX_ENABLE_TF32=1``), too coarse to be the oracle of a float32 kernel.
+"""
+
+import importlib
+
+import mlx.core as mx
+import pytest
+
+from mlx_foundry.ops import Weight, linear, norm_gate_up_swiglu, norm_linear, norm_qkv_rope
+from mlx_foundry.ops.linear import linear_kernel
+from mlx_foundry.policies.affine import AFFINE_BITS
+
+from tolerances import assert_close
+
+pytestmark = pytest.mark.gpu
+lin = importlib.import_module("mlx_foundry.ops.linear")
+
+DTYPES = [mx.float16, mx.bfloat16, mx.float32]
+DTYPE_IDS = ["f16", "bf16", "f32"]
+K_FOR_GROUP = {32: 4128, 64: 2880, 128: 1152}  # K must be a multiple of the group size
+
+
+def _w(n, k, fmt, dtype, bias=False):
+    w = (mx.random.normal((n, k)) / k ** 0.5).astype(dtype)
+    b = mx.random.normal((n,)).astype(dtype) if bias else None
+    if fmt == "dense":
+        return Weight(w, bias=b)
+    bits, gs = fmt
+    wq, s, bi = mx.quantize(w, group_size=gs, bits=bits)
+    return Weight(wq, s, bi, b, group_size=gs, bits=bits)
+
+
+def _x(shape, dtype):
+    return mx.random.normal(shape).astype(dtype)
+
+
+def _ref(fn):
+    """``fn("reference")`` evaluated on the CPU."""
+    with mx.stream(mx.cpu):
+        out = fn("reference")
+        mx.eval(out)
+    return out
+
+
+@pytest.fixture
+def fused_rows(monkeypatch):
+    """Force the fused kernel for any number of rows."""
+    monkeypatch.setattr(lin, "PREFILL_ROWS", 1 << 30)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", AFFINE_BITS)
+def test_linear_affine_every_format(gpu_backend, bits, group_size, dtype):
+    k = K_FOR_GROUP[group_size]
+    w = _w(99, k, (bits, group_size), dtype)
+    for m in (1, 3):
+        x = _x((m, k), dtype)
+        got = linear(x, w.weight, w.scales, w.biases, group_size=group_size, bits=bits,
+                     backend=gpu_backend)
+        want = _ref(lambda be: linear(x, w.weight, w.scales, w.biases, group_size=group_size, bits=bits, backend=be))
+        assert_close(got, want, dtype, k=k, msg=f"m={m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("k", [2880, 4128, 1000, 37, 8])
+def test_linear_dense(gpu_backend, k, dtype):
+    w = _w(131, k, "dense", dtype)
+    for m in (1, 4):
+        x = _x((m, k), dtype)
+        assert_close(linear(x, w, backend=gpu_backend), _ref(lambda be: linear(x, w, backend=be)),
+                     dtype, k=k, msg=f"m={m}")
+
+
+@pytest.mark.parametrize("fmt,dtype", [("dense", mx.float16), ((4, 64), mx.bfloat16),
+                                       ((8, 32), mx.float16)])
+def test_linear_vocabulary_sized_n(gpu_backend, fmt, dtype):
+    w = _w(151936, 256, fmt, dtype)
+    x = _x((1, 256), dtype)
+    assert_close(linear(x, w, backend=gpu_backend), _ref(lambda be: linear(x, w, backend=be)), dtype,
+                 k=256)
+
+
+@pytest.mark.parametrize("activation", [None, "silu", "gelu", "gelu_approx", "relu"])
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (True, True)])
+def test_linear_epilogues(gpu_backend, activation, bias, residual):
+    dtype, k = mx.float16, 2880
+    w = _w(77, k, (4, 64), dtype, bias=bias)
+    x = _x((2, 1, k), dtype)
+    r = _x((2, 1, 77), dtype) if residual else None
+    got = linear(x, w, activation=activation, residual=r, backend=gpu_backend)
+    want = _ref(lambda be: linear(x, w, activation=activation, residual=r, backend=be))
+    assert got.shape == (2, 1, 77)
+    assert_close(got, want, dtype, k=k)
+
+
+@pytest.mark.parametrize("rows,threads", [(1, 32), (2, 64), (8, 256), (3, 96), (4, 1024)])
+def test_linear_launch_parameters(gpu_backend, rows, threads):
+    dtype, k = mx.bfloat16, 2880
+    w = _w(203, k, (4, 64), dtype)
+    x = _x((2, k), dtype)
+    kern = linear_kernel(w.signature())
+    got = kern(x=x, **w.inputs("w"), ROWS=rows, THREADS=threads, backend=gpu_backend)
+    assert_close(got, _ref(lambda be: linear(x, w, backend=be)), dtype, k=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("fmt,k", [((4, 64), 2880), ((5, 32), 4128), ("dense", 4128),
+                                   ("dense", 1000)])
+def test_norm_linear(gpu_backend, fmt, k, with_weight, dtype):
+    w = _w(150, k, fmt, dtype, bias=True)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype) if with_weight else None
+    for m in (1, 2):
+        x = _x((m, k), dtype) * 3
+        r = _x((m, 150), dtype)
+        got = norm_linear(x, g, 1e-5, w, activation="silu", residual=r, backend=gpu_backend)
+        want = _ref(lambda be: norm_linear(x, g, 1e-5, w, activation="silu", residual=r, backend=be))
+        assert_close(got, want, dtype, k=k, msg=f"m={m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("gate_fmt,up_fmt,k", [((4, 64), (4, 64), 2880), ((8, 32), "dense", 4128),
+                                               ((3, 32), (6, 32), 4128), ("dense", "dense", 1000)])
+def test_norm_gate_up_swiglu(gpu_backend, gate_fmt, up_fmt, k, dtype):
+    gate, up = _w(150, k, gate_fmt, dtype), _w(150, k, up_fmt, dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    for shape in ((1, 1, k), (3, k)):
+        x = _x(shape, dtype)
+        got = norm_gate_up_swiglu(x, g, 1e-6, gate, up, backend=gpu_backend)
+        want = _ref(lambda be: norm_gate_up_swiglu(x, g, 1e-6, gate, up, backend=be))
+        assert_close(got, want, dtype, k=k, msg=f"shape={shape}")
+
+
+QKV_SHAPES = [  # (n_heads, n_kv_heads, head_dim, K, formats q/k/v)
+    (8, 2, 64, 2880, ((4, 64), (4, 64), (4, 64))),
+    (4, 1, 128, 4128, ((4, 32), (8, 32), "dense")),
+    (3, 1, 6, 1152, ("dense", (3, 128), (6, 64))),
+    (2, 2, 10, 96, ("dense", "dense", "dense")),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("shape", QKV_SHAPES, ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}k{s[3]}")
+def test_norm_qkv_rope(gpu_backend, shape, traditional, dtype):
+    h, kvh, d, k, fmts = shape
+    q, kk, v = _w(h * d, k, fmts[0], dtype), _w(kvh * d, k, fmts[1], dtype), _w(kvh * d, k,
+                                                                              fmts[2], dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    freqs = 10000.0 ** (mx.arange(0, d, 2) / d) * 2.0
+    for xshape, offset, fr, nw in (((1, 1, k), 17, None, g), ((2, 3, k), 0, freqs, g),
+                                   ((5, k), 1000, None, None)):
+        x = _x(xshape, dtype)
+        kw = dict(n_heads=h, n_kv_heads=kvh, head_dim=d, offset=offset, rope_base=500000.0,
+                  rope_scale=0.25 if fr is None else 1.0, rope_traditional=traditional,
+                  rope_freqs=fr)
+        got = norm_qkv_rope(x, nw, 1e-5, q, kk, v, **kw, backend=gpu_backend)
+        want = _ref(lambda be: norm_qkv_rope(x, nw, 1e-5, q, kk, v, **kw, backend=be))
+        for name, a, b in zip("qkv", got, want):
+            assert a.shape == b.shape
+            # |RoPE angle| reaches offset * inv_freq: float32 sin/cos of large angles differ
+            # by ~|theta| * 2^-24 between implementations.
+            assert_close(a, b, dtype, k=k, msg=f"{name} shape={xshape} offset={offset}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_norm_qkv_rope_biases(gpu_backend, with_weight, dtype):
+    """Qwen2-style projection biases (only q and k here: v's is zero-filled)."""
+    k, h, kvh, d = 2880, 4, 2, 64
+    q, kk = _w(h * d, k, (4, 64), dtype, bias=True), _w(kvh * d, k, (8, 64), dtype, bias=True)
+    v = _w(kvh * d, k, (4, 32), dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype) if with_weight else None
+    x = _x((2, 1, k), dtype)
+    kw = dict(n_heads=h, n_kv_heads=kvh, head_dim=d, offset=7, rope_traditional=False)
+    got = norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, backend=gpu_backend)
+    want = _ref(lambda be: norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, backend=be))
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype, k=k)
+
+
+def test_norm_qkv_rope_offset_array(gpu_backend):
+    dtype, k = mx.float16, 256
+    q, kv = _w(128, k, (4, 64), dtype), _w(64, k, (4, 64), dtype)
+    x = _x((1, 1, k), dtype)
+    kw = dict(n_heads=4, n_kv_heads=2, head_dim=32)
+    got = norm_qkv_rope(x, None, 1e-5, q, kv, kv, **kw, offset=mx.array(41), backend=gpu_backend)
+    want = _ref(lambda be: norm_qkv_rope(x, None, 1e-5, q, kv, kv, **kw, offset=41, backend=be))
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype, k=k)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+def test_many_rows_fused(gpu_backend, fused_rows, dtype):
+    k = 2880
+    w = _w(96, k, (4, 64), dtype, bias=True)
+    x = _x((40, k), dtype)
+    assert_close(linear(x, w, activation="gelu", backend=gpu_backend),
+                 _ref(lambda be: linear(x, w, activation="gelu", backend=be)), dtype, k=k)
+    gate, up = _w(96, k, (4, 64), dtype), _w(96, k, (4, 64), dtype)
+    assert_close(norm_gate_up_swiglu(x, None, 1e-5, gate, up, backend=gpu_backend),
+                 _ref(lambda be: norm_gate_up_swiglu(x, None, 1e-5, gate, up, backend=be)), dtype, k=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_many_rows_route_to_mlx(gpu_backend, dtype):
+    k = 2880
+    m = lin.PREFILL_ROWS + 24
+    w = _w(96, k, (4, 64), dtype, bias=True)
+    x = _x((m, k), dtype)
+    r = _x((m, 96), dtype)
+    # MLX's own float32 GEMM uses TF32 on CUDA by default: compare float32 at half tolerance.
+    tol = mx.float16 if dtype == mx.float32 else dtype
+    assert_close(linear(x, w, activation="relu", residual=r, backend=gpu_backend),
+                 _ref(lambda be: linear(x, w, activation="relu", residual=r, backend=be)), tol,
+                 k=k)
+    g = mx.ones((k,), dtype)
+    assert_close(norm_linear(x, g, 1e-5, w, backend=gpu_backend),
+                 _ref(lambda be: norm_linear(x, g, 1e-5, w, backend=be)), tol, k=k)

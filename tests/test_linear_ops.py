@@ -1,0 +1,287 @@
+"""linear and the fused decode ops on CPU: references against MLX built-ins, the prefill
+route through MLX's own kernels, Weight, and input validation."""
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_foundry.ops import (Weight, linear, norm_gate_up_swiglu, norm_linear,
+                             norm_qkv_rope)
+from mlx_foundry.policies.affine import AFFINE_BITS, AFFINE_GROUP_SIZES
+
+from tolerances import assert_close
+
+# The module (mlx_foundry.ops.linear is the function once the package is imported).
+lin = importlib.import_module("mlx_foundry.ops.linear")
+
+DTYPES = [mx.float16, mx.bfloat16, mx.float32]
+ACTS = {"silu": nn.silu, "gelu": nn.gelu, "gelu_approx": nn.gelu_approx, "relu": nn.relu}
+
+
+def _qw(n, k, bits=4, gs=64, dtype=mx.float16, bias=False):
+    w = (mx.random.normal((n, k)) / k ** 0.5).astype(dtype)
+    wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    return Weight(wq, s, b, mx.random.normal((n,)).astype(dtype) if bias else None,
+                  group_size=gs, bits=bits)
+
+
+def _mm32(x, w):
+    """``x @ W.T`` with MLX's kernels in float32 (MLX's CPU half-precision matmuls round
+    partial sums to the half type, which is noisier than the tolerances)."""
+    x = x.astype(mx.float32)
+    if w.quantized:
+        return mx.quantized_matmul(x, w.weight, w.scales.astype(mx.float32),
+                                   w.biases.astype(mx.float32), transpose=True,
+                                   group_size=w.group_size, bits=w.bits)
+    return x @ w.weight.astype(mx.float32).T
+
+
+def _dw(n, k, dtype=mx.float16, bias=False):
+    return Weight((mx.random.normal((n, k)) / k ** 0.5).astype(dtype),
+                  bias=mx.random.normal((n,)).astype(dtype) if bias else None)
+
+
+# ---- references against MLX built-ins ------------------------------------------------------
+@pytest.mark.parametrize("bits", AFFINE_BITS)
+@pytest.mark.parametrize("group_size", AFFINE_GROUP_SIZES)
+def test_linear_reference_matches_quantized_matmul(bits, group_size):
+    k = 256
+    x = mx.random.normal((3, k))
+    w = _qw(40, k, bits, group_size, mx.float32)
+    got = linear(x, w.weight, w.scales, w.biases, group_size=group_size, bits=bits,
+                 backend="reference")
+    want = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
+                               group_size=group_size, bits=bits)
+    assert_close(got, want, mx.float32, k=k)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_linear_reference_half_dtypes(dtype, bits):
+    k = 320
+    x = mx.random.normal((2, 5, k)).astype(dtype)
+    w = _qw(24, k, bits, 64, dtype)
+    got = linear(x, w, backend="reference")
+    assert got.dtype == dtype and got.shape == (2, 5, 24)
+    assert_close(got, _mm32(x, w).astype(dtype), dtype, k=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_reference_dense(dtype):
+    x = mx.random.normal((4, 37)).astype(dtype)
+    w = _dw(11, 37, dtype, bias=True)
+    got = linear(x, w.weight, bias=w.bias, backend="reference")
+    assert_close(got, (_mm32(x, w) + w.bias.astype(mx.float32)).astype(dtype), dtype, k=37)
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+def test_linear_reference_activation_bias_residual(activation):
+    x = mx.random.normal((2, 128))
+    w = _qw(48, 128, 4, 32, mx.float32, bias=True)
+    r = mx.random.normal((2, 48))
+    got = linear(x, w.weight, w.scales, w.biases, group_size=32, bits=4, bias=w.bias,
+                 activation=activation, residual=r, backend="reference")
+    y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True, group_size=32,
+                            bits=4)
+    assert_close(got, ACTS[activation](y + w.bias) + r, mx.float32, k=128)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_linear_reference(with_weight, dtype):
+    k = 192
+    x = mx.random.normal((3, k)).astype(dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype) if with_weight else None
+    w = _qw(33, k, 4, 64, dtype)
+    got = norm_linear(x, g, 1e-5, w, activation="gelu", backend="reference")
+    h = mx.fast.rms_norm(x, g, 1e-5)
+    assert_close(got, nn.gelu(_mm32(h, w)).astype(dtype), dtype, k=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_gate_up_swiglu_reference(dtype):
+    k = 256
+    x = mx.random.normal((1, 2, k)).astype(dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    gate, up = _qw(40, k, 4, 64, dtype), _dw(40, k, dtype)
+    got = norm_gate_up_swiglu(x, g, 1e-6, gate, up, backend="reference")
+    h = mx.fast.rms_norm(x, g, 1e-6)
+    want = (nn.silu(_mm32(h, gate)) * _mm32(h, up)).astype(dtype)
+    assert got.shape == (1, 2, 40)
+    assert_close(got, want, dtype, k=k)
+
+
+def _rope_ref(t, n, d, offset, **kw):
+    b, seq = t.shape[0], t.shape[1]
+    r = mx.fast.rope(t.reshape(b, seq, n, d).transpose(0, 2, 1, 3), d, offset=offset, **kw)
+    return r.transpose(0, 2, 1, 3).reshape(b, seq, n * d)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("freqs", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_norm_qkv_rope_reference(traditional, freqs, dtype):
+    k, h, kvh, d, offset, scale = 128, 4, 2, 16, 9, 0.5
+    x = mx.random.normal((2, 3, k)).astype(dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    q, kk, v = _qw(h * d, k, 4, 64, dtype), _qw(kvh * d, k, 8, 32, dtype), _dw(kvh * d, k, dtype)
+    fr = (10000.0 ** (mx.arange(0, d, 2) / d) * 1.5) if freqs else None
+    got = norm_qkv_rope(x, g, 1e-5, q, kk, v, n_heads=h, n_kv_heads=kvh, head_dim=d,
+                        offset=offset, rope_base=10000.0, rope_scale=scale,
+                        rope_traditional=traditional, rope_freqs=fr, backend="reference")
+    hn = mx.fast.rms_norm(x, g, 1e-5)
+    kw = dict(traditional=traditional, base=None if freqs else 10000.0, scale=scale, freqs=fr)
+    want = (_rope_ref(_mm32(hn, q), h, d, offset, **kw),
+            _rope_ref(_mm32(hn, kk), kvh, d, offset, **kw), _mm32(hn, v))
+    for a, b_ in zip(got, want):
+        assert a.shape == b_.shape and a.dtype == dtype
+        assert_close(a, b_, dtype, k=k)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_norm_qkv_rope_reference_with_biases(with_weight):
+    """Qwen2-style projection biases, added before RoPE (mlx-lm's Attention)."""
+    k, h, kvh, d, offset = 128, 4, 2, 16, 3
+    x = mx.random.normal((1, 2, k))
+    g = 1 + 0.1 * mx.random.normal((k,)) if with_weight else None
+    q = _qw(h * d, k, 4, 64, mx.float32, bias=True)
+    kk, v = _qw(kvh * d, k, 4, 64, mx.float32, bias=True), _dw(kvh * d, k, mx.float32, bias=True)
+    got = norm_qkv_rope(x, g, 1e-5, q, kk, v, n_heads=h, n_kv_heads=kvh, head_dim=d,
+                        offset=offset, backend="reference")
+    hn = mx.fast.rms_norm(x, g, 1e-5)
+    kw = dict(traditional=False, base=10000.0, scale=1.0)
+    want = (_rope_ref(_mm32(hn, q) + q.bias, h, d, offset, **kw),
+            _rope_ref(_mm32(hn, kk) + kk.bias, kvh, d, offset, **kw), _mm32(hn, v) + v.bias)
+    for a, b_ in zip(got, want):
+        assert_close(a, b_, mx.float32, k=k)
+
+
+# ---- the prefill route (MLX's own kernels) agrees with the reference -------------------
+@pytest.fixture
+def prefill(monkeypatch):
+    monkeypatch.setattr(lin, "PREFILL_ROWS", 0)
+    return "cuda"  # any non-reference backend name; 1 row > 0 routes to MLX ops on the CPU
+
+
+def test_prefill_route_linear(prefill):
+    x = mx.random.normal((2, 3, 128))
+    w = _qw(32, 128, 4, 64, mx.float32, bias=True)
+    r = mx.random.normal((2, 3, 32))
+    a = linear(x, w, activation="relu", residual=r, backend=prefill)
+    b = linear(x, w, activation="relu", residual=r, backend="reference")
+    assert_close(a, b, mx.float32, k=128)
+
+
+def test_prefill_route_fused_ops(prefill):
+    k = 128
+    x = mx.random.normal((1, 5, k))
+    g = 1 + 0.1 * mx.random.normal((k,))
+    w, w2 = _qw(32, k, 4, 64, mx.float32), _dw(32, k, mx.float32)
+    for fn in (lambda be: norm_linear(x, g, 1e-5, w, activation="silu", backend=be),
+               lambda be: norm_gate_up_swiglu(x, g, 1e-5, w, w2, backend=be)):
+        assert_close(fn(prefill), fn("reference"), mx.float32, k=k)
+    q, kv = _qw(64, k, 4, 64, mx.float32), _qw(32, k, 4, 64, mx.float32)
+    args = dict(n_heads=4, n_kv_heads=2, head_dim=16, offset=3)
+    for a, b in zip(norm_qkv_rope(x, g, 1e-5, q, kv, kv, **args, backend=prefill),
+                    norm_qkv_rope(x, g, 1e-5, q, kv, kv, **args, backend="reference")):
+        assert_close(a, b, mx.float32, k=k)
+
+
+# ---- Weight ---------------------------------------------------------------------------------
+def test_weight_from_modules():
+    ql = nn.QuantizedLinear(128, 48, bias=True, group_size=32, bits=5)
+    w = Weight.from_module(ql)
+    assert (w.quantized, w.bits, w.group_size, w.in_features, w.out_features) == (
+        True, 5, 32, 128, 48)
+    assert w.bias is ql["bias"]
+    x = mx.random.normal((2, 128))
+    assert_close(linear(x, w, backend="reference"), ql(x), mx.float32, k=128)
+    dl = nn.Linear(64, 8, bias=False)
+    w = Weight.from_module(dl)
+    assert not w.quantized and w.bias is None and w.in_features == 64
+    x = mx.random.normal((1, 64))
+    assert_close(linear(x, w, backend="reference"), dl(x), mx.float32, k=64)
+
+
+def test_weight_from_module_rejects_other_modes():
+    with pytest.raises(ValueError, match="affine"):
+        Weight.from_module(nn.QuantizedLinear(64, 32, group_size=32, mode="mxfp4"))
+    with pytest.raises(TypeError, match="'module'"):
+        Weight.from_module(nn.RMSNorm(8))
+
+
+# ---- validation -----------------------------------------------------------------------------
+def _q4():
+    w = _qw(32, 128, 4, 64)
+    return w.weight, w.scales, w.biases
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: linear(mx.ones((1, 128), mx.int32), *_q4()), ValueError, "'x'.*dtype"),
+    (lambda: linear(mx.ones((1, 100), mx.float16), *_q4()), ValueError, "last dimension of 'x'"),
+    (lambda: linear([1.0] * 128, *_q4()), TypeError, "'x'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), *_q4(), bits=7), ValueError, "'bits'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), *_q4(), group_size=48), ValueError,
+     "'group_size'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), *_q4(), group_size=128, bits=4), ValueError,
+     "'scales'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), _q4()[0], _q4()[1][:, :1], _q4()[2]),
+     ValueError, "'scales'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), _q4()[0], _q4()[1], None), ValueError,
+     "'biases'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), _q4()[0], _q4()[1].tolist(), _q4()[2]),
+     TypeError, "'scales'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), _q4()[0].astype(mx.int32), *_q4()[1:]),
+     ValueError, "'weight'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), mx.ones((8, 128), mx.int32)), ValueError,
+     "'weight'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), "w"), TypeError, "'weight'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), *_q4(), activation="tanh"), ValueError,
+     "'activation'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), *_q4(), bias=mx.ones((31,))), ValueError,
+     "'bias'"),
+    (lambda: linear(mx.ones((1, 128), mx.float16), *_q4(), residual=mx.ones((1, 31))),
+     ValueError, "'residual'"),
+])
+def test_linear_rejects_bad_input(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_group_size_must_divide_k():
+    w = mx.zeros((8, 3), mx.uint32)  # K = 24 with 4 bits
+    with pytest.raises(ValueError, match="'group_size'"):
+        linear(mx.ones((1, 24)), w, mx.zeros((8, 1)), mx.zeros((8, 1)), group_size=32, bits=4)
+
+
+def test_fused_ops_reject_bad_input():
+    w = _qw(32, 128)
+    x = mx.ones((1, 128), mx.float16)
+    with pytest.raises(TypeError, match="'weight'"):
+        norm_linear(x, None, 1e-5, w.weight)
+    with pytest.raises(ValueError, match="'eps'"):
+        norm_linear(x, None, -1.0, w)
+    with pytest.raises(ValueError, match="'norm_weight'"):
+        norm_linear(x, mx.ones((127,)), 1e-5, w)
+    with pytest.raises(ValueError, match="last dimension of 'x'"):
+        norm_linear(mx.ones((1, 64)), None, 1e-5, w)
+    with pytest.raises(ValueError, match="'up'"):
+        norm_gate_up_swiglu(x, None, 1e-5, w, _qw(16, 128))
+    with pytest.raises(TypeError, match="'gate'"):
+        norm_gate_up_swiglu(x, None, 1e-5, None, w)
+    q, kv = _qw(64, 128), _qw(32, 128)
+    base = dict(n_heads=4, n_kv_heads=2, head_dim=16, offset=0)
+    x3 = mx.ones((1, 1, 128), mx.float16)
+    with pytest.raises(ValueError, match="'q'"):
+        norm_qkv_rope(x3, None, 1e-5, kv, kv, kv, **base)
+    with pytest.raises(ValueError, match="'n_heads'"):
+        norm_qkv_rope(x3, None, 1e-5, q, kv, kv, **dict(base, n_kv_heads=3))
+    with pytest.raises(ValueError, match="'head_dim'"):
+        norm_qkv_rope(x3, None, 1e-5, q, kv, kv, **dict(base, head_dim=0))
+    with pytest.raises(TypeError, match="'offset'"):
+        norm_qkv_rope(x3, None, 1e-5, q, kv, kv, **dict(base, offset=1.5))
+    with pytest.raises(ValueError, match="'rope_freqs'"):
+        norm_qkv_rope(x3, None, 1e-5, q, kv, kv, **base, rope_freqs=mx.ones((3,)))
+    with pytest.raises(ValueError, match="'x'"):
+        norm_qkv_rope(mx.ones((128,), mx.float16), None, 1e-5, q, kv, kv, **base)
