@@ -27,6 +27,10 @@ NORM_SCRATCH = "float norm_scratch[32]"
 
 # Chunks (16-byte vectors or single elements) each thread aims to hold.
 _CHUNKS_PER_THREAD = 4
+# More threads than this with the row kept in registers asks for more registers
+# per threadgroup than an SM has: on CUDA the launch then fails and MLX 0.32.4
+# does not report it (the output stays uninitialised; seen on an H200 at K=50000).
+MAX_NORM_THREADS = 256
 
 
 def chunk_elements(k, dtype):
@@ -42,7 +46,7 @@ def norm_threads(k, dtype):
     """
     chunks = k // chunk_elements(k, dtype)
     want = -(-chunks // _CHUNKS_PER_THREAD)
-    return max(32, min(1024, 32 * (-(-want // 32))))
+    return max(32, min(MAX_NORM_THREADS, 32 * (-(-want // 32))))
 
 
 def rms_norm_math(x, weight, eps):
