@@ -6,6 +6,7 @@ validation, header assembly, body generation, the per-descriptor
 specialization cache, backend dispatch and inspection of generated source.
 """
 
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -77,6 +78,31 @@ class _Launch:
 
 
 _MAX_PLANS = 1024
+class _Recording(threading.local):
+    launches = None  # a list while record_launches() is active in this thread
+
+
+_recording = _Recording()
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Record ``(program, args, kwargs)`` of every launch instead of running it.
+
+    Outputs are zeros of the right shape and dtype, so an op (or a whole model
+    step) can be walked on any machine to list the kernels it would launch::
+
+        with record_launches() as launches:
+            ops.norm_linear(x, g, 1e-5, w, backend="metal")
+        program, args, kwargs = launches[0]
+        print(program.source(*args, **kwargs))
+    """
+    previous = getattr(_recording, "launches", None)
+    _recording.launches = []
+    try:
+        yield _recording.launches
+    finally:
+        _recording.launches = previous
 
 
 def _key_part(v):
@@ -239,6 +265,8 @@ class Program:
 
     def __call__(self, *args, backend=None, stream=None, **kwargs):
         """Run on the selected backend; returns an array, or a tuple for several outputs."""
+        if _recording.launches is not None:
+            return self._record(args, kwargs)
         be = select_backend(backend, self.who)
         if be != "reference":
             consts = self._constant_names
@@ -258,6 +286,13 @@ class Program:
                 self._plans.clear()
             self._plans[key] = plan
             outs = plan.run(args, kwargs, stream)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _record(self, args, kwargs):
+        bound, given = self.bind(*args, **kwargs)
+        full = bound.with_constants(self._constants(bound, given))
+        _recording.launches.append((self, args, kwargs))
+        outs = [mx.zeros(*o.resolve(full)) for o in self.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def launch(self, bound, given=None, *, backend=None, stream=None):

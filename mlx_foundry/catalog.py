@@ -1,0 +1,151 @@
+"""The catalog: every kernel the package builds, at representative template values.
+
+Each entry walks a public op (or the mlx-lm patch path) with ``backend="metal"``
+under :func:`~mlx_foundry.kernel.record_launches`, so nothing runs: the entry
+yields the program and arguments of the launch.  ``python -m mlx_foundry show``
+prints them; ``python -m mlx_foundry check`` runs the full Metal source of each
+through the Metal front-end check.  Shapes are model shapes (Llama-3-8B where it
+matters: K=4096, head_dim 128, 32/8 heads); arrays are lazy zeros, never evaluated.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .kernel import record_launches
+
+F16, BF16, F32 = mx.float16, mx.bfloat16, mx.float32
+_DT = {F16: "f16", BF16: "bf16", F32: "f32"}
+K, HEAD_DIM, N_HEADS, N_KV = 4096, 128, 32, 8
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    description: str
+    walk: object  # callable() that calls ops with backend="metal"
+
+    def launches(self):
+        with record_launches() as rec:
+            self.walk()
+        if not rec:
+            raise RuntimeError(f"[catalog] {self.name} launched no kernel.")
+        return list(rec)
+
+    def build(self):
+        """``(program, args, kwargs)`` of the entry's (first) launch."""
+        return self.launches()[0]
+
+
+def _z(shape, dtype):
+    return mx.zeros(shape, dtype=dtype)
+
+
+def _weight(n, k, fmt, dtype=F16, bias=False):
+    from .ops import Weight
+
+    b = _z((n,), dtype) if bias else None
+    if fmt == "dense":
+        return Weight(_z((n, k), dtype), bias=b)
+    bits, gs = fmt
+    return Weight(_z((n, k * bits // 32), mx.uint32), _z((n, k // gs), dtype),
+                  _z((n, k // gs), dtype), bias=b, group_size=gs, bits=bits)
+
+
+def _fmt_name(fmt):
+    return "dense" if fmt == "dense" else f"q{fmt[0]}g{fmt[1]}"
+
+
+def _entries():
+    from . import ops
+
+    out = []
+
+    def add(name, description, walk):
+        out.append(Entry(name, description, walk))
+
+    for dt in (F16, BF16, F32):
+        for with_w in (True, False):
+            add(f"rms_norm_{_DT[dt]}{'' if with_w else '_noweight'}",
+                f"RMSNorm 1x{K} {_DT[dt]}" + ("" if with_w else " without weight"),
+                lambda dt=dt, w=with_w: ops.rms_norm(_z((1, K), dt), _z((K,), dt) if w else None,
+                                                     1e-5, backend="metal"))
+        add(f"add_rms_norm_{_DT[dt]}", f"add + RMSNorm 1x{K} {_DT[dt]}",
+            lambda dt=dt: ops.add_rms_norm(_z((1, K), dt), _z((1, K), dt), _z((K,), dt), 1e-5,
+                                           backend="metal"))
+        add(f"softmax_{_DT[dt]}", f"row softmax 4x1000 {_DT[dt]}",
+            lambda dt=dt: ops.softmax(_z((4, 1000), dt), backend="metal"))
+    add("rms_norm_f16_k100", "RMSNorm 3x100 f16 (element-wise path)",
+        lambda: ops.rms_norm(_z((3, 100), F16), _z((100,), F16), 1e-5, backend="metal"))
+    add("softmax_f16_long", "row softmax 2x20000 f16 (1024 threads)",
+        lambda: ops.softmax(_z((2, 20000), F16), backend="metal"))
+    for trad in (False, True):
+        for freqs in (False, True):
+            for dt in (F16, BF16, F32):
+                add(f"rope_{'trad' if trad else 'half'}{'_freqs' if freqs else ''}_{_DT[dt]}",
+                    f"RoPE [1,32,1,128] {_DT[dt]}, traditional={trad}, custom freqs={freqs}",
+                    lambda trad=trad, freqs=freqs, dt=dt: ops.rope(
+                        _z((1, N_HEADS, 1, HEAD_DIM), dt), HEAD_DIM, traditional=trad,
+                        base=None if freqs else 500000.0, scale=1.0, offset=7,
+                        freqs=_z((HEAD_DIM // 2,), F32) + 1 if freqs else None,
+                        backend="metal"))
+
+    formats = ["dense"] + [(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
+    for fmt in formats:
+        for dt in ((F16, BF16, F32) if fmt in ("dense", (4, 64)) else (F16,)):
+            add(f"linear_{_fmt_name(fmt)}_{_DT[dt]}",
+                f"GEMV 1x{K} -> 1024, weights {_fmt_name(fmt)}, activations {_DT[dt]}",
+                lambda fmt=fmt, dt=dt: ops.linear(_z((1, K), dt), _weight(1024, K, fmt, dt),
+                                                  backend="metal"))
+    for act in ("silu", "gelu", "gelu_approx", "relu"):
+        add(f"linear_q4g64_bias_{act}_residual", f"GEMV q4g64 + bias + {act} + residual",
+            lambda act=act: ops.linear(_z((1, K), F16), _weight(1024, K, (4, 64), bias=True),
+                                       activation=act, residual=_z((1, 1024), F16),
+                                       backend="metal"))
+    for fmt in ("dense", (4, 64), (8, 64)):
+        add(f"norm_linear_{_fmt_name(fmt)}_silu", f"RMSNorm + GEMV {_fmt_name(fmt)} + SiLU",
+            lambda fmt=fmt: ops.norm_linear(_z((1, K), F16), _z((K,), F16), 1e-5,
+                                            _weight(1024, K, fmt), activation="silu",
+                                            backend="metal"))
+    add("norm_linear_q4g64_plain_residual", "RMSNorm (no weight) + GEMV q4g64 + residual",
+        lambda: ops.norm_linear(_z((1, K), BF16), None, 1e-5, _weight(1024, K, (4, 64), BF16),
+                                residual=_z((1, 1024), BF16), backend="metal"))
+    for g, u in (((4, 64), (4, 64)), ((8, 64), (4, 32)), ("dense", "dense"), ((3, 128), (6, 64))):
+        add(f"norm_gate_up_swiglu_{_fmt_name(g)}_{_fmt_name(u)}",
+            f"RMSNorm + gate {_fmt_name(g)} / up {_fmt_name(u)} + SwiGLU",
+            lambda g=g, u=u: ops.norm_gate_up_swiglu(_z((1, K), F16), _z((K,), F16), 1e-5,
+                                                     _weight(1024, K, g), _weight(1024, K, u),
+                                                     backend="metal"))
+    qkv_cases = [("q4g64", (4, 64), (4, 64), False, False, F16),
+                 ("q4g64_trad", (4, 64), (4, 64), True, False, F16),
+                 ("q8g64_q4g64_mixed", (8, 64), (4, 64), False, False, F16),
+                 ("dense_bf16", "dense", "dense", False, False, BF16),
+                 ("q4g64_bias", (4, 64), (4, 64), False, True, F16)]
+    for label, qf, kvf, trad, bias, dt in qkv_cases:
+        add(f"norm_qkv_rope_{label}", f"RMSNorm + Q/K/V ({_fmt_name(qf)}, {_fmt_name(kvf)}) + "
+            f"RoPE, 32/8 heads x 128, traditional={trad}, bias={bias}",
+            lambda qf=qf, kvf=kvf, trad=trad, bias=bias, dt=dt: ops.norm_qkv_rope(
+                _z((1, 1, K), dt), _z((K,), dt), 1e-5,
+                _weight(N_HEADS * HEAD_DIM, K, qf, dt, bias),
+                _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
+                _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
+                n_heads=N_HEADS, n_kv_heads=N_KV, head_dim=HEAD_DIM, offset=5,
+                rope_base=500000.0, rope_traditional=trad, backend="metal"))
+    return out
+
+
+_cache = []
+
+
+def entries():
+    """All catalog entries, in a stable order."""
+    if not _cache:
+        _cache.extend(_entries())
+    return list(_cache)
+
+
+def get(name):
+    for e in entries():
+        if e.name == name:
+            return e
+    raise KeyError(f"[catalog] No kernel named {name!r}; see `python -m mlx_foundry show --list`.")
