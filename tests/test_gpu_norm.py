@@ -69,7 +69,8 @@ def test_rope_gpu_vector_offset_and_freqs(gpu_backend):
 def test_softmax_gpu(gpu_backend, dtype, shape):
     x = (5 * mx.random.normal(shape)).astype(dtype)
     got = softmax(x, backend=gpu_backend)
-    assert_close(got, softmax(x, backend="reference"), dtype)
+    # Each output is divided by a sum over the row: its rounding grows with the row length.
+    assert_close(got, softmax(x, backend="reference"), dtype, k=shape[-1])
 
 
 def test_softmax_gpu_masked(gpu_backend):

@@ -166,6 +166,37 @@ def _linear_case(k, n, bits, gs, dt, *, residual=False, name=None, op="linear"):
                 candidate)
 
 
+def _prefill_case(k, n, bits, gs, dt, m):
+    """The fused GEMV forced on ``m`` rows vs. ``mx.quantized_matmul``.
+
+    Measures where the prefill threshold (``ops.linear.PREFILL_ROWS``) belongs:
+    the largest ``m`` at which the fused kernel still wins.
+    """
+
+    def make(i):
+        return (_act(i, 0, (m, k), dt),) + _qweight(i, 1, n, k, bits, gs, dt)
+
+    def baseline(x, w, s, b):
+        return _qmm(x, w, s, b, bits, gs)
+
+    def candidate(backend):
+        import importlib
+
+        mod = importlib.import_module("mlx_foundry.ops.linear")
+
+        def run(x, w, s, b):
+            saved, mod.PREFILL_ROWS = mod.PREFILL_ROWS, 1 << 30
+            try:
+                return mod.linear(x, w, s, b, group_size=gs, bits=bits, backend=backend)
+            finally:
+                mod.PREFILL_ROWS = saved
+        return run
+
+    nbytes = weight_bytes(n, k, bits, gs, dt.size) + dt.size * m * (k + n)
+    return Case(f"prefill_q{bits}_m{m}_{k}x{n}", "linear (fused, M rows)", f"{m}x{k}->{n}",
+                f"{_dname(dt)}/q{bits}", nbytes, make, baseline, candidate, tags=("prefill",))
+
+
 def _rms_norm_case(m, k, dt):
     def make(i):
         return (_act(i, 0, (m, k), dt), _gamma(i, 1, k, dt))
@@ -351,6 +382,7 @@ def suite(*, tiny=False, dtype=None):
         _mlp_block_case(h, i, 4, gs, dt),
         _e2e_case(tiny, dt),
     ]
+    cases += [_prefill_case(h, i, 4, gs, dt, m) for m in (2, 4, 8, 16, 32)]
     names = [c.name for c in cases]
     assert len(set(names)) == len(names), names
     return cases
