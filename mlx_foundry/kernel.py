@@ -69,6 +69,12 @@ class KernelSource:
                 f"// ----- header -----\n{self.header}\n// ----- body -----\n{self.body}\n")
 
 
+def _compact(text):
+    """Drop comments and blank lines: MLX hashes the whole source on every launch."""
+    text = sources.strip_comments(text)
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip())
+
+
 class _Launch:
     __slots__ = ("fn", "source")
 
@@ -372,7 +378,7 @@ class Program:
             parts.append(f"// ---- {rel}\n{text.strip()}")
         for label, text in self._inline_sources():
             parts.append(f"// ---- {label}\n{text.strip()}")
-        return "\n\n".join(parts) + "\n"
+        return _compact("\n\n".join(parts)) + "\n"
 
     def body_text(self, backend, constants, out_dtypes):
         mod = _backend_module(backend)

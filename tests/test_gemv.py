@@ -194,6 +194,7 @@ def test_kernels_compile_with_nvcc(case, tmp_path):
     cu = tmp_path / "k.cu"
     cu.write_text(_cuda_unit(kern, kwargs))
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o",
-                        str(tmp_path / "k.o"), f"-I{inc}"], capture_output=True, text=True,
+                        str(tmp_path / "k.o"), f"-I{inc}",
+                        f"-I{Path(mx.__file__).resolve().parent / 'include'}"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-6000:]

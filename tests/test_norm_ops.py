@@ -111,7 +111,8 @@ def test_threads_choice():
     assert N.norm_threads(8192, mx.float16) == 256
     assert N.norm_threads(4096, mx.float16) == 128
     assert N.norm_threads(7, mx.float16) == 32
-    assert N.norm_threads(100000, mx.float32) == 1024
+    # capped: more threads with the row in registers failed to launch on CUDA
+    assert N.norm_threads(100000, mx.float32) == N.MAX_NORM_THREADS == 256
     assert N.chunk_elements(4128, mx.float16) == 8
     assert N.chunk_elements(100, mx.float16) == 1
 

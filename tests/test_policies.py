@@ -72,10 +72,11 @@ def test_two_policies_in_one_kernel():
     src = k.source(x=mx.ones((1, 128), mx.float16), wg=wg, wg_scales=sg, wg_biases=bg, wu=wu,
                    eps=1e-5, norm_weight=mx.ones((128,), mx.float16))
     assert "PolicyAffine<wg_S, 4, 64, K> gpol;" in src.body
-    assert "PolicyDense<wu_W, K> upol;" in src.body
+    # paired with a quantized policy, the dense one reads the quantized chunk (32)
+    assert "PolicyDense<wu_W, K, 32> upol;" in src.body
     assert "#define" not in src.header
-    assert src.header.count("// ---- policies/affine.metal") == 1
-    assert src.header.count("// ---- policies/dense.metal") == 1
+    assert src.header.count("struct PolicyAffine {") == 1
+    assert src.header.count("struct PolicyDense {") == 1
 
 
 def test_three_affine_policies_share_one_header():

@@ -5,9 +5,21 @@ declarations of the Metal thread attributes it mentions, computed from CUDA's
 built-ins.  Threadgroup arrays become ``__shared__`` arrays.
 """
 
+import functools
+import os
+from pathlib import Path
+
 import mlx.core as mx
 
 from . import cuda_compat
+
+# Install the prelude as a header file where MLX's NVRTC call looks
+# (``--include-path=<mlx>/include``) and include it by a content-hashed name,
+# instead of pasting ~45 KB into every kernel.  MLX hashes the whole source of a
+# custom kernel on *every evaluation* (to name its JIT module); with the prelude
+# inline that cost ~15 us per launch on an H200.  The file name carries the
+# prelude's hash, so an edited prelude is a new name (and a new kernel name).
+INSTALL_PRELUDE = True
 
 
 def build(src):
@@ -25,8 +37,32 @@ def threadgroup_declaration(ctype, name, count):
     return cuda_compat.shared_declaration(ctype, name, count)
 
 
+@functools.lru_cache(maxsize=1)
+def installed_prelude_include():
+    """The ``#include`` line of the installed prelude, or ``None`` (then it is inlined)."""
+    if not INSTALL_PRELUDE:
+        return None
+    from ..cache import content_hash
+
+    text = cuda_compat.prelude()
+    name = f"metal_compat_{content_hash(text)}.cuh"
+    try:
+        root = Path(mx.__file__).resolve().parent / "include"
+        if not root.is_dir():
+            return None
+        dest = root / "mlx_foundry" / name
+        if not dest.is_file() or dest.read_text() != text:
+            dest.parent.mkdir(exist_ok=True)
+            tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, dest)
+    except OSError:
+        return None
+    return f'#include "mlx_foundry/{name}"\n'
+
+
 def wrap_header(header):
-    return cuda_compat.wrap_header(header)
+    return cuda_compat.wrap_header(header, prelude_text=installed_prelude_include())
 
 
 def body_preamble(body):

@@ -133,8 +133,11 @@ def prelude() -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def wrap_header(header: str) -> str:
+def wrap_header(header: str, *, prelude_text: str | None = None) -> str:
     """The full ``header=`` for ``mx.fast.cuda_kernel``.
+
+    ``prelude_text`` replaces the inline prelude (e.g. with an ``#include`` of an
+    installed copy, see ``backends/cuda.py``).
 
     The prelude, then ``header`` inside ``namespace mlx::core::cu`` (where the
     kernel body lives, and where the Metal types shadow CUDA's). ``#pragma once``
@@ -155,7 +158,7 @@ def wrap_header(header: str) -> str:
     if body and not body.endswith("\n"):
         body += "\n"
     return (
-        prelude()
+        (prelude() if prelude_text is None else prelude_text)
         + "\n// ---- mlx_foundry kernel header (Metal dialect) ----\n"
         + "namespace mlx::core::cu {\n\n"
         + body

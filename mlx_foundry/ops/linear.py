@@ -174,7 +174,11 @@ def linear_kernel(signature, *, has_bias=False, activation=None, has_residual=Fa
 @functools.lru_cache(maxsize=None)
 def gate_up_kernel(gate_sig, up_sig, *, norm="weight"):
     """Norm + gate/up projections + SwiGLU in one kernel (weights ``wg``, ``wu``)."""
-    pg, pu = policy_for(gate_sig, "wg"), policy_for(up_sig, "wu")
+    # A dual GEMV reads both weights chunk by chunk: a dense weight paired with a
+    # quantized one uses the quantized chunk (32 elements).
+    mixed = (gate_sig[0] == "dense") != (up_sig[0] == "dense")
+    pg = policy_for(gate_sig, "wg", chunk=32 if mixed else None)
+    pu = policy_for(up_sig, "wu", chunk=32 if mixed else None)
     decls = gemv_decls(with_gamma=norm == "weight")
     prologues = [_norm_stage(decls, norm == "weight")] if norm else []
     epilogues = ([scale_epilogue()] if norm else []) + [swiglu_epilogue()]

@@ -163,11 +163,14 @@ class Weight:
         return self.policy(prefix).inputs(self)
 
 
-def policy_for(signature, prefix):
-    """The policy for a :meth:`Weight.signature` under argument name ``prefix``."""
+def policy_for(signature, prefix, *, chunk=None):
+    """The policy for a :meth:`Weight.signature` under argument name ``prefix``.
+
+    ``chunk`` (dense only) forces the chunk size, to pair with a quantized policy.
+    """
     if signature[0] == "affine":
         return affine_policy(signature[1], signature[2], prefix)
-    return dense_policy(prefix)
+    return dense_policy(prefix, chunk=chunk)
 
 
 __all__ = ["AFFINE_BITS", "AFFINE_GROUP_SIZES", "Weight", "policy_for"]

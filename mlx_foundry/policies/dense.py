@@ -33,19 +33,21 @@ class DensePolicy(Policy):
 
     quantized = False
 
-    def __init__(self, prefix="w", k="K"):
+    def __init__(self, prefix="w", k="K", chunk=None):
         check_identifier(prefix, "policy prefix", who="DensePolicy")
         self.prefix = prefix
+        self.chunk = chunk
         weight = Tensor(prefix, FLOAT_DTYPES, ndim=2)
         super().__init__(
             f"dense_{prefix}", header=DENSE_HEADER, struct_name="PolicyDense",
-            template=(f"{prefix}_W", k), params={"w": prefix},
+            template=(f"{prefix}_W", k) + ((int(chunk),) if chunk else ()),
+            params={"w": prefix},
             args=(weight, Constant(f"{prefix}_W", "dtype", like=prefix)),
             dequantize=lambda b: b[prefix].astype(mx.float32))
 
     def signature(self):
         """What distinguishes kernels built with this policy (for caches)."""
-        return ("dense", self.prefix)
+        return ("dense", self.prefix, self.chunk)
 
     def inputs(self, weight):
         """Kernel argument name -> array, from a :class:`~mlx_foundry.ops.Weight`."""
@@ -53,6 +55,10 @@ class DensePolicy(Policy):
 
 
 @functools.lru_cache(maxsize=None)
-def dense_policy(prefix="w", k="K"):
-    """The (cached) :class:`DensePolicy` for argument ``prefix``."""
-    return DensePolicy(prefix, k)
+def dense_policy(prefix="w", k="K", chunk=None):
+    """The (cached) :class:`DensePolicy` for argument ``prefix``.
+
+    ``chunk`` forces the elements per lane and step (32 to share a dual GEMV with a
+    quantized policy); by default one 16-byte load, for coalesced reads.
+    """
+    return DensePolicy(prefix, k, chunk)

@@ -65,14 +65,16 @@ METAL_FUNC void dense_load_tail(const device V* p, int avail, thread float* o) {
   }
 }
 
-template <typename W, int K>
+template <typename W, int K, int CH = 0>
 struct PolicyDense {
   const device W* w;
 
-  // A chunk is 32 elements (the GEMV's unit for every policy): four 16-byte loads of
-  // half/bfloat, eight of float. VEC: rows are whole 16-byte vectors.
+  // A chunk is one 16-byte load per lane (8 half/bfloat or 4 float elements), so the
+  // 32 lanes of a SIMD-group read 512 consecutive bytes per load: fully coalesced.
+  // CH > 0 forces a chunk of CH elements (32 when fused with a quantized policy, whose
+  // chunk is 32, in one dual GEMV). VEC: rows are whole 16-byte vectors.
   // (enums, not static data members: Metal wants those in the constant space.)
-  enum : int { CHUNK = 32, VEC = (K * int(sizeof(W))) % 16 == 0 };
+  enum : int { CHUNK = CH > 0 ? CH : 16 / int(sizeof(W)), VEC = (K * int(sizeof(W))) % 16 == 0 };
 
   METAL_FUNC float dot_chunk(uint n, int c, thread const float* xv, float xs) const {
     float wv[CHUNK];

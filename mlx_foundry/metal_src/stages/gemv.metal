@@ -15,10 +15,12 @@ template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool
 METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
                               thread const uint* rows, uint lane, thread float* out,
                               thread float* out2) {
-  constexpr int C = 32;
+  // The chunk: elements per lane per step, the weight policy's load unit.
+  constexpr int C = int(P::CHUNK);
+  static_assert(int(P2::CHUNK) == C, "the two policies of a dual GEMV need one chunk size");
   constexpr int FULL = K / C;
   constexpr int TAIL = K - FULL * C;
-  constexpr bool XVEC = (K * int(sizeof(T))) % 16 == 0;
+  constexpr bool XVEC = (K * int(sizeof(T))) % 16 == 0 && (C * int(sizeof(T))) % 16 == 0;
   float s[ROWS];
   float s2[ROWS];
 #pragma unroll
