@@ -100,8 +100,23 @@ class Weight:
                 f"{fmt}, bias={self.bias is not None})")
 
     # -- validation -------------------------------------------------------------------
+    def _state(self):
+        return (id(self.weight), id(self.scales), id(self.biases), id(self.bias),
+                self.group_size, self.bits)
+
     def validate(self, who):
-        """Check every array; errors name the argument. Returns ``self``."""
+        """Check every array; errors name the argument. Returns ``self``.
+
+        A decode step validates the same weights every call: the result is kept
+        until one of the arrays or settings is replaced (arrays are immutable).
+        """
+        if self.__dict__.get("_valid_state") == self._state():
+            return self
+        self._validate(who)
+        self._valid_state = self._state()
+        return self
+
+    def _validate(self, who):
         w = _check_array(self.weight, "weight", who)
         if w.ndim != 2:
             raise ValueError(f"[{who}] 'weight' must have 2 dimensions [N, K] but has shape "
