@@ -24,11 +24,14 @@ from ..stages.norm import rms_norm_prologue
 from ..types import FLOAT_DTYPES, dtype_name
 from .weights import Weight, policy_for
 
-PREFILL_ROWS = 8
+PREFILL_ROWS = 6
 """Inputs with more rows than this (``x.size // K``) use MLX's matmul/quantized_matmul
-instead of the fused GEMV kernels. A placeholder until measured on the GPU with the
-bench (the fused GEMV reads the weights once per row group, so its advantage shrinks
-as rows grow). Set it on the module (``mlx_foundry.ops.linear`` is the function once the
+instead of the fused GEMV kernels.
+
+Measured with ``python -m mlx_foundry bench --only prefill`` (NVIDIA H200, MLX 0.32.4,
+4-bit 4096 -> 14336, 2026-11-26): the fused kernel is 2.3x / 2.5x / 2.5x faster than
+``mx.quantized_matmul`` at 2 / 4 / 6 rows and 0.28x at 8 rows, where MLX switches to its
+GEMM kernel. Set it on the module (``mlx_foundry.ops.linear`` is the function once the
 package is imported)::
 
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
