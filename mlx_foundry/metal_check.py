@@ -35,6 +35,7 @@ a function calls, captured from MLX's verbose output under
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -142,7 +143,16 @@ def _index():
                 _INDEX = ci.Index.create()
             except Exception as e:  # LibclangError: bindings without the shared library
                 raise MetalCheckUnavailable(f"{INSTALL_HINT} ({e})") from e
+            # Dispose of the index before interpreter teardown: libclang's bindings
+            # cannot free it once their module globals are gone (a noisy __del__).
+            atexit.register(_dispose_index)
         return _INDEX
+
+
+def _dispose_index():
+    global _INDEX
+    with _INDEX_LOCK:
+        _INDEX = None
 
 
 def libclang_available() -> bool:
