@@ -44,6 +44,13 @@ def gpu_backend():
     return None
 
 
+def kernel_object(factory, src, **options):
+    """``factory`` (``mx.fast.metal_kernel`` / ``cuda_kernel``) applied to a KernelSource."""
+    return factory(name=src.name, input_names=list(src.input_names),
+                   output_names=list(src.output_names), source=src.body, header=src.header,
+                   ensure_row_contiguous=True, **options)
+
+
 def check_backend(name, who="mlx_foundry"):
     if name not in BACKENDS:
         raise ValueError(f"[{who}] Unknown backend {name!r}. Valid backends are: "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import cuda_compat
+from . import cuda_compat, kernel_object
 
 # Install the prelude as a header file where MLX's NVRTC call looks
 # (``--include-path=<mlx>/include``) and include it by a content-hashed name,
@@ -23,14 +23,8 @@ INSTALL_PRELUDE = True
 
 
 def build(src):
-    return mx.fast.cuda_kernel(
-        name=src.name,
-        input_names=list(src.input_names),
-        output_names=list(src.output_names),
-        source=src.body,
-        header=src.header,
-        ensure_row_contiguous=True,
-    )
+    """Create the MLX kernel object (NVRTC-compiled by MLX on first launch)."""
+    return kernel_object(mx.fast.cuda_kernel, src)
 
 
 def threadgroup_declaration(ctype, name, count):

@@ -2,17 +2,12 @@
 
 import mlx.core as mx
 
+from . import kernel_object
+
 
 def build(src):
     """Create the MLX kernel object (compiled by MLX on first launch)."""
-    return mx.fast.metal_kernel(
-        name=src.name,
-        input_names=list(src.input_names),
-        output_names=list(src.output_names),
-        source=src.body,
-        header=src.header,
-        ensure_row_contiguous=True,
-    )
+    return kernel_object(mx.fast.metal_kernel, src)
 
 
 def threadgroup_declaration(ctype, name, count):
