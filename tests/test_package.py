@@ -30,3 +30,11 @@ def test_command_line_lists_the_catalog():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) >= 3
+
+
+def test_demo_runs_and_checks_against_its_reference():
+    r = subprocess.run([sys.executable, "-m", "mlx_foundry", "demo"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "gemv_norm_main" in r.stdout          # the generated source was printed
+    assert r.stdout.count(": OK") == 2 and "MISMATCH" not in r.stdout
