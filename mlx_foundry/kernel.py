@@ -20,7 +20,7 @@ from .backends import reference as reference_backend
 from .backends import select_backend
 from .stage import Stage, Threadgroup
 from .structs import is_struct_type
-from .types import metal_type_name
+
 
 _programs = weakref.WeakSet()
 

@@ -3,7 +3,6 @@
 import mlx.core as mx
 import pytest
 
-import mlx_foundry as mf
 from tolerances import assert_close
 
 import core_kernels as ck

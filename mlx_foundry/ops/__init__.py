@@ -4,6 +4,9 @@ Decode-sized inputs run as fused kernels; many rows (prefill) route to MLX's own
 matmul / quantized_matmul where that is measured faster.
 """
 
-from .linear import linear, norm_gate_up_swiglu, norm_linear, norm_qkv_rope  # noqa: E402,F401
-from .weights import Weight  # noqa: E402,F401
-from .norm import rms_norm, add_rms_norm, rope, softmax
+from .linear import linear, norm_gate_up_swiglu, norm_linear, norm_qkv_rope
+from .norm import add_rms_norm, rms_norm, rope, softmax
+from .weights import Weight
+
+__all__ = ["Weight", "add_rms_norm", "linear", "norm_gate_up_swiglu", "norm_linear",
+           "norm_qkv_rope", "rms_norm", "rope", "softmax"]

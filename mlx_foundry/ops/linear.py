@@ -21,7 +21,8 @@ from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epi
 from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, gemv_decls, gemv_dispatch,
                            gemv_dual_stage, gemv_stage, qkv_rope_stage)
 from ..stages.norm import rms_norm_prologue
-from ..types import FLOAT_DTYPES, dtype_name
+from ..types import dtype_name
+from ._checks import check_eps, check_float_array
 from .weights import Weight, policy_for
 
 PREFILL_ROWS = 6
@@ -38,23 +39,14 @@ package is imported)::
 """
 
 MAX_FUSED_ROWS = 65535  # batch rows live on grid y (CUDA's limit)
-_FLOATS = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
 
 
 # ---- validation -------------------------------------------------------------------------
 def _check_x(x, k, who, min_ndim=1):
-    if not isinstance(x, mx.array):
-        raise TypeError(f"[{who}] 'x' must be an mlx.core.array but got {type(x).__name__}.")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"[{who}] 'x' must have dtype {_FLOATS} but has {dtype_name(x.dtype)}.")
-    if x.ndim < min_ndim:
-        raise ValueError(f"[{who}] 'x' must have at least {min_ndim} dimensions but has shape "
-                         f"{tuple(x.shape)}.")
+    check_float_array(who, "x", x, min_ndim=min_ndim)
     if x.shape[-1] != k:
         raise ValueError(f"[{who}] The last dimension of 'x' must equal the weight's input "
                          f"dimension K={k} but 'x' has shape {tuple(x.shape)}.")
-    if x.size == 0:
-        raise ValueError(f"[{who}] 'x' is empty (shape {tuple(x.shape)}).")
 
 
 def _check_activation(activation, who):
@@ -64,32 +56,12 @@ def _check_activation(activation, who):
 
 
 def _check_residual(residual, shape, who):
-    if residual is None:
-        return
-    if not isinstance(residual, mx.array):
-        raise TypeError(f"[{who}] 'residual' must be an mlx.core.array but got "
-                        f"{type(residual).__name__}.")
-    if residual.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"[{who}] 'residual' must have dtype {_FLOATS} but has "
-                         f"{dtype_name(residual.dtype)}.")
-    if tuple(residual.shape) != tuple(shape):
-        raise ValueError(f"[{who}] 'residual' must have the output's shape {tuple(shape)} but "
-                         f"has shape {tuple(residual.shape)}.")
+    check_float_array(who, "residual", residual, shape=shape, none_ok=True)
 
 
 def _check_norm(norm_weight, eps, k, who):
-    if norm_weight is not None:
-        if not isinstance(norm_weight, mx.array):
-            raise TypeError(f"[{who}] 'norm_weight' must be an mlx.core.array or None but got "
-                            f"{type(norm_weight).__name__}.")
-        if norm_weight.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"[{who}] 'norm_weight' must have dtype {_FLOATS} but has "
-                             f"{dtype_name(norm_weight.dtype)}.")
-        if tuple(norm_weight.shape) != (k,):
-            raise ValueError(f"[{who}] 'norm_weight' must have shape ({k},) but has shape "
-                             f"{tuple(norm_weight.shape)}.")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"[{who}] 'eps' must be a positive number but got {eps!r}.")
+    check_float_array(who, "norm_weight", norm_weight, shape=(k,), none_ok=True)
+    check_eps(who, eps)
 
 
 def _as_weight(w, name, who):

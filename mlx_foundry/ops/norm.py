@@ -9,23 +9,13 @@ from ..backends import check_backend
 from ..stages import norm as _norm
 from ..stages import rope as _rope
 from ..stages import softmax as _softmax
-from ..types import FLOAT_DTYPES, dtype_name
+from ..types import dtype_name
+from ._checks import check_eps, check_float_array
 
-_VALID_DTYPES = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
 
 
 def _check_array(who, name, v, *, min_ndim=1):
-    if not isinstance(v, mx.array):
-        raise TypeError(f"[{who}] '{name}' must be an mlx.core.array but got "
-                        f"{type(v).__name__}.")
-    if v.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"[{who}] '{name}' must have a floating dtype ({_VALID_DTYPES}) "
-                         f"but got {dtype_name(v.dtype)}.")
-    if v.ndim < min_ndim:
-        raise ValueError(f"[{who}] '{name}' must have at least {min_ndim} dimension(s) but "
-                         f"has shape {tuple(v.shape)}.")
-    if v.size == 0:
-        raise ValueError(f"[{who}] '{name}' is empty (shape {tuple(v.shape)}).")
+    check_float_array(who, name, v, min_ndim=min_ndim)
 
 
 def _check_weight(who, weight, x):
@@ -40,11 +30,7 @@ def _check_weight(who, weight, x):
                          f"({dtype_name(x.dtype)}) but has {dtype_name(weight.dtype)}.")
 
 
-def _check_eps(who, eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"[{who}] 'eps' must be a number but got {type(eps).__name__}.")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"[{who}] 'eps' must be a finite non-negative number but got {eps}.")
+_check_eps = check_eps
 
 
 def _check_backend(who, backend):
