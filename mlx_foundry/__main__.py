@@ -40,6 +40,13 @@ def _check(args):
 
 
 def _bench(args):
+    if args.tune:
+        from .bench.autotune import tune_linear
+
+        chosen = tune_linear(args.backend)
+        for (key, shape_class), params in chosen.items():
+            print(f"{key:60s} {shape_class:24s} {params}")
+        return 0
     from .bench import main as bench_main
 
     return bench_main(args)
@@ -71,6 +78,8 @@ def main(argv=None):
     b.add_argument("--out", default=None, help="directory for results.json and chart.png")
     b.add_argument("--only", nargs="*", default=None, help="only cases containing these strings")
     b.add_argument("--backend", choices=["metal", "cuda", "reference"], default=None)
+    b.add_argument("--tune", action="store_true",
+                   help="tune the GEMV launch constants for this device and store them")
     b.set_defaults(fn=_bench)
 
     args = p.parse_args(argv)

@@ -285,3 +285,27 @@ def test_fused_ops_reject_bad_input():
         norm_qkv_rope(x3, None, 1e-5, q, kv, kv, **base, rope_freqs=mx.ones((3,)))
     with pytest.raises(ValueError, match="'x'"):
         norm_qkv_rope(mx.ones((128,), mx.float16), None, 1e-5, q, kv, kv, **base)
+
+
+def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
+    """A stored tuning for this kernel, source and shape class sets ROWS/THREADS."""
+    from mlx_foundry.bench import autotune, tuner
+    from mlx_foundry.kernel import record_launches
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    w = _qw(64, 256)
+    x = mx.ones((1, 256), mx.float16)
+
+    def launched_constants():
+        with record_launches() as rec:
+            linear(x, w, backend="cuda")
+        return {k: rec[0][2][k] for k in ("ROWS", "THREADS")}
+
+    assert launched_constants() == {"ROWS": lin.DEFAULT_ROWS, "THREADS": lin.DEFAULT_THREADS}
+    kern = lin.linear_kernel(w.signature())
+    tuner.tune(autotune.kernel_key(kern, "cuda"), [{"ROWS": 2, "THREADS": 64}],
+               lambda params: 1e-6, source_hash=tuner.source_hash(kern),
+               shape_class=tuner.shape_class(64, 256, 1), repeats=1, warmup=0)
+    monkeypatch.setattr(lin, "_TUNED", {})
+    assert launched_constants() == {"ROWS": 2, "THREADS": 64}

@@ -82,8 +82,33 @@ def _fused(backend, rows, who):
     return be, rows <= min(PREFILL_ROWS, MAX_FUSED_ROWS)
 
 
-def _launch(x):
-    return {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
+_TUNED = {}
+
+
+def _launch(kern, w, x, backend):
+    """The GEMV launch constants ``ROWS`` and ``THREADS`` for this call.
+
+    The tuner's stored choice for this device, MLX version, kernel source and shape
+    class (``python -m mlx_foundry bench --tune`` writes them), else the defaults.
+    Resolved once per kernel, backend and shape: afterwards one dictionary lookup.
+    """
+    if backend == "reference":
+        return {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
+    m = x.size // x.shape[-1]
+    key = (kern.name, backend, w.out_features, w.in_features, m)
+    params = _TUNED.get(key)
+    if params is None:
+        params = {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
+        try:
+            from ..bench.autotune import lookup_linear
+
+            found = lookup_linear(kern, w.out_features, w.in_features, m, backend)
+            if found:
+                params = {"ROWS": int(found["ROWS"]), "THREADS": int(found["THREADS"])}
+        except Exception:  # noqa: BLE001 - tuning is an optimisation: never fail a launch
+            pass
+        _TUNED[key] = params
+    return params
 
 
 def _as_x_dtype(a, x):
@@ -253,7 +278,7 @@ def linear(x, weight, scales=None, biases=None, *, group_size=64, bits=4, bias=N
         args["bias"] = w.bias
     if residual is not None:
         args["residual"] = residual
-    return kern(backend=be, **args, **_launch(x))
+    return kern(backend=be, **args, **_launch(kern, w, x, be))
 
 
 def norm_linear(x, norm_weight, eps, weight, *, activation=None, residual=None, backend=None):
@@ -300,7 +325,7 @@ def norm_linear(x, norm_weight, eps, weight, *, activation=None, residual=None, 
         args["bias"] = w.bias
     if residual is not None:
         args["residual"] = residual
-    return kern(backend=be, **args, **_launch(x))
+    return kern(backend=be, **args, **_launch(kern, w, x, be))
 
 
 def norm_gate_up_swiglu(x, norm_weight, eps, gate, up, *, backend=None):
@@ -341,7 +366,7 @@ def norm_gate_up_swiglu(x, norm_weight, eps, gate, up, *, backend=None):
     args = dict(g.inputs("wg"), **u.inputs("wu"), x=x, eps=float(eps))
     if norm_weight is not None:
         args["norm_weight"] = _as_x_dtype(norm_weight, x)
-    return kern(backend=be, **args, **_launch(x))
+    return kern(backend=be, **args, **_launch(kern, g, x, be))
 
 
 @functools.lru_cache(maxsize=64)
