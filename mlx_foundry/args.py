@@ -108,9 +108,14 @@ class Tensor(Arg):
         return value
 
     @staticmethod
+    def needs_padding(value):
+        """Whether MLX would place ``value`` in Metal's ``constant`` space (under 8 elements)."""
+        return value.size < _MIN_DEVICE_ELEMENTS
+
+    @staticmethod
     def to_kernel_input(value):
         """Flatten tiny arrays and pad them so MLX passes them in ``device`` memory."""
-        if value.size < _MIN_DEVICE_ELEMENTS:
+        if Tensor.needs_padding(value):
             flat = value.reshape(-1)
             pad = mx.zeros((_MIN_DEVICE_ELEMENTS - flat.size,), dtype=value.dtype)
             return mx.concatenate([flat, pad])

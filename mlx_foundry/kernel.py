@@ -238,17 +238,20 @@ class Program:
         out = []
         for a in self.inputs:
             v = bound[a.name]
-            if isinstance(a, Tensor):
-                out.append(Tensor.to_kernel_input(v))
-            elif isinstance(a, Params):
-                out.append(v.to_array())
-            else:
-                out.append(self._scalar_array(a, v))
+            conv = self._converter(a, v)
+            out.append(v if conv is None else conv(v))
         return out
 
+    def _converter(self, a, value):
+        """How argument ``a`` becomes its MLX input (``None``: passed as it is)."""
+        if isinstance(a, Tensor):
+            return Tensor.to_kernel_input if Tensor.needs_padding(value) else None
+        if isinstance(a, Params):
+            return _params_array
+        return self._scalar_converter(a)
+
     def _scalar_array(self, a, v):
-        if isinstance(v, mx.array):
-            return v.reshape(1).astype(a.type.dtype)
+        """A 1-element array for a Python number, reused while the value repeats."""
         key = (a.name, v)
         arr = self._scalar_cache.get(key)
         if arr is None:
@@ -322,17 +325,9 @@ class Program:
         else:
             cache.record_hit()
         grid, threadgroup = self.dispatch_fn(full).mlx_launch(backend)
-        getters = []
         positions = {a.name: i for i, a in enumerate(self.inputs[:len(args)])}
-        for a in self.inputs:
-            where = positions.get(a.name, a.name)
-            if isinstance(a, Tensor):
-                conv = Tensor.to_kernel_input if bound[a.name].size < 8 else None
-            elif isinstance(a, Params):
-                conv = _params_array
-            else:
-                conv = self._scalar_converter(a)
-            getters.append((where, conv))
+        getters = [(positions.get(a.name, a.name), self._converter(a, bound[a.name]))
+                   for a in self.inputs]
         return _Plan(launch.fn, getters, [s for s, _ in out_specs], list(out_dtypes), grid,
                      threadgroup)
 

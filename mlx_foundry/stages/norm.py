@@ -81,6 +81,16 @@ def _common_args():
     ]
 
 
+def _row_kernel(name, with_weight, args, reference):
+    """A standalone norm Kernel: function ``{name}_rows`` (``_nw``: without weight)."""
+    suffix = "" if with_weight else "_nw"
+    return Kernel(
+        name + suffix, source=NORM_SOURCE, includes=NORM_INCLUDES,
+        function=f"{name}_rows{suffix}", template=("T", "K", "THREADS"), args=args,
+        attributes=NORM_ATTRIBUTES, threadgroup=(NORM_SCRATCH,), dispatch=_row_dispatch,
+        reference=reference)
+
+
 @functools.lru_cache(maxsize=None)
 def make_rms_norm(with_weight=True):
     """The standalone RMSNorm :class:`Kernel` (cached per ``with_weight``).
@@ -101,12 +111,7 @@ def make_rms_norm(with_weight=True):
     def reference(b):
         return rms_norm_math(b.x, b.norm_weight if with_weight else None, b.eps)
 
-    return Kernel(
-        "rms_norm" if with_weight else "rms_norm_nw",
-        source=NORM_SOURCE, includes=NORM_INCLUDES,
-        function="rms_norm_rows" if with_weight else "rms_norm_rows_nw",
-        template=("T", "K", "THREADS"), args=args, attributes=NORM_ATTRIBUTES,
-        threadgroup=(NORM_SCRATCH,), dispatch=_row_dispatch, reference=reference)
+    return _row_kernel("rms_norm", with_weight, args, reference)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,12 +135,7 @@ def make_add_rms_norm(with_weight=True):
         h = b.x + b.residual
         return [rms_norm_math(h, b.norm_weight if with_weight else None, b.eps), h]
 
-    return Kernel(
-        "add_rms_norm" if with_weight else "add_rms_norm_nw",
-        source=NORM_SOURCE, includes=NORM_INCLUDES,
-        function="add_rms_norm_rows" if with_weight else "add_rms_norm_rows_nw",
-        template=("T", "K", "THREADS"), args=args, attributes=NORM_ATTRIBUTES,
-        threadgroup=(NORM_SCRATCH,), dispatch=_row_dispatch, reference=reference)
+    return _row_kernel("add_rms_norm", with_weight, args, reference)
 
 
 rms_norm = make_rms_norm(True)
