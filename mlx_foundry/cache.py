@@ -88,7 +88,3 @@ def get_or_build(key, build):
             _by_content[key] = obj
             _stats["compiles"] += 1
         return obj
-
-
-def lock():
-    return _lock
