@@ -297,6 +297,49 @@ class Program:
             outs = plan.run(args, kwargs, stream)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def prepare(self, *args, vary=(), backend=None, **kwargs):
+        """Bind, validate and plan one launch now; later calls pass only ``vary``.
+
+        Every input not named in ``vary`` is converted to its MLX input once, so a
+        call of the returned :class:`~mlx_foundry.prepared.PreparedLaunch` is a
+        shape/dtype check of the varying inputs and the MLX kernel call: the
+        decode loop of a model launches the same kernels with the same weights
+        every step.
+
+        Args:
+            *args, **kwargs: example arguments, as for a call (constants included).
+            vary (tuple of str): inputs given at each call, in this order; arrays
+                must keep the example's shape and dtype, runtime scalars may change.
+            backend (str, optional): as for a call.
+
+        Returns:
+            PreparedLaunch: ``launch(*values)`` returns what a call returns.
+
+        Example:
+            >>> step = kern.prepare(x=x, w=w, vary=("x",))
+            >>> y = step(x_next)
+        """
+        from .prepared import PreparedLaunch
+
+        if isinstance(vary, str):
+            vary = (vary,)
+        vary = tuple(vary)
+        for name in vary:
+            a = self._by_name.get(name)
+            if a is None or not a.is_input or isinstance(a, Constant):
+                raise ValueError(f"[{self.who}] 'vary' names {name!r}, which is not an input "
+                                 f"of this kernel.")
+        if len(set(vary)) != len(vary):
+            raise ValueError(f"[{self.who}] 'vary' repeats a name: {vary}.")
+        bound, given = self.bind(*args, **kwargs)
+        be = select_backend(backend, self.who)
+        if be == "reference":
+            fixed = {k: v for k, v in bound.items() if k not in vary}
+            fixed.update(given)
+            return PreparedLaunch.reference(self, fixed, vary, bound)
+        plan = self._plan(be, bound, given, (), dict(bound))
+        return PreparedLaunch(self, plan, bound, vary)
+
     def _record(self, args, kwargs):
         bound, given = self.bind(*args, **kwargs)
         full = bound.with_constants(self._constants(bound, given))

@@ -206,6 +206,8 @@ class _BlockPlan:
         self.max_rows = max_rows
         self.weights = _WeightCache()
         self.stats = Counter()
+        self.steps = {}           # (x.shape, x.dtype, int offset) -> _Step
+        self.watch = None         # what the prepared launches captured (see _watch_list)
 
     def describe(self):
         parts = []
@@ -316,32 +318,138 @@ def _sdpa():
     return _SDPA[0]
 
 
-def _fused_attention(self, plan, x, mask, cache):
+class _Step:
+    """The prepared launches of one block for one input shape and dtype.
+
+    Each slot is ``None`` until its first use, then a
+    :class:`~mlx_foundry.prepared.PreparedLaunch`, or ``False`` when that op
+    cannot be prepared (it then runs through its op function every call).
+    """
+
+    __slots__ = ("qkv", "q", "k", "v", "o", "gate_up", "down")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, None)
+
+
+def _prepare(op, *args, vary, backend, **kwargs):
+    from .prepared import prepare_op
+
+    return prepare_op(op, *args, vary=vary, backend=backend, **kwargs) or False
+
+
+def _watch_list(block):
+    """``(container, key, object)`` for everything the prepared launches captured.
+
+    A block whose modules, arrays or epsilons were replaced after the launches
+    were prepared (``load_weights``, ``nn.quantize``, an adapter) no longer
+    matches, and its launches are prepared again.
+    """
+    get = dict.get
+    watch = []
+
+    def item(container, key):
+        value = get(container, key) if isinstance(container, dict) else None
+        watch.append((container, key, value))
+        return value
+
+    attn, mlp = item(block, "self_attn"), item(block, "mlp")
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        ln = item(block, name)
+        if isinstance(ln, nn.Module):
+            item(ln, "weight")
+            item(ln.__dict__, "eps")
+    for parent, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj", "rope")),
+                          (mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for name in names:
+            m = item(parent, name)
+            if isinstance(m, nn.Module):
+                for key in ("_freqs",) if name == "rope" else ("weight", "scales", "biases",
+                                                               "bias"):
+                    item(m, key)
+    return tuple(watch)
+
+
+def _step(plan, block, x, offset):
+    """The block's :class:`_Step` for this input (prepared again after weight changes)."""
+    watch = plan.watch
+    if watch is not None:
+        get = dict.get
+        for container, key, value in watch:
+            if get(container, key) is not value:
+                watch = None
+                break
+    if watch is None:
+        plan.steps.clear()
+        plan.watch = _watch_list(block)
+    key = (x.shape, x.dtype, offset.__class__ is int)
+    step = plan.steps.get(key)
+    if step is None:
+        if len(plan.steps) >= 64:  # many batch/length shapes: keep the newest
+            plan.steps.clear()
+        step = plan.steps[key] = _Step()
+    return step
+
+
+def _qkv_rope_args(self, plan, x):
+    """Positional and keyword arguments of ``norm_qkv_rope`` after ``x`` (or ``None``)."""
+    attn, ln = self.self_attn, self.input_layernorm
+    ws = plan.weights
+    wq, wk, wv = (ws.get(p, getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj"))
+    if wq is None or wk is None or wv is None:
+        return None
+    rope = dict(plan.rope)
+    if rope.get("rope_freqs") == "_freqs":
+        rope["rope_freqs"] = attn.rope._freqs
+    return (ln.weight, ln.eps, wq, wk, wv), dict(n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
+                                                 head_dim=plan.head_dim, **rope)
+
+
+def _fused_attention(self, plan, step, x, mask, cache, offset):
     ops = _ops()
     attn = self.self_attn
-    ln = self.input_layernorm
     B, L, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, plan.head_dim
-    ws = plan.weights
-    wq, wk, wv, wo = (ws.get(p, getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj",
-                                                          "o_proj"))
-    if wq is None or wk is None or wv is None or wo is None:
-        return None
-    offset = 0 if cache is None else cache.offset
-    if plan.attn == "qkv_rope" and isinstance(offset, int):
-        rope = dict(plan.rope)
-        if rope.get("rope_freqs") == "_freqs":
-            rope["rope_freqs"] = attn.rope._freqs
-        q, k, v = ops.norm_qkv_rope(x, ln.weight, ln.eps, wq, wk, wv, n_heads=H,
-                                    n_kv_heads=KV, head_dim=D, offset=offset,
-                                    backend=plan.backend, **rope)
+    be = plan.backend
+    if plan.attn == "qkv_rope" and offset.__class__ is int:
+        launch = step.qkv
+        if launch is None:
+            found = _qkv_rope_args(self, plan, x)
+            if found is None:
+                return None
+            args, kw = found
+            launch = step.qkv = _prepare(ops.norm_qkv_rope, x, *args, offset=offset,
+                                         vary={"x": x, "rope_offset": offset}, backend=be, **kw)
+        if launch:
+            q, k, v = launch(x, offset)
+        else:
+            found = _qkv_rope_args(self, plan, x)
+            if found is None:
+                return None
+            args, kw = found
+            q, k, v = ops.norm_qkv_rope(x, *args, offset=offset, backend=be, **kw)
         q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
     else:
-        q = ops.norm_linear(x, ln.weight, ln.eps, wq, backend=plan.backend)
-        k = ops.norm_linear(x, ln.weight, ln.eps, wk, backend=plan.backend)
-        v = ops.norm_linear(x, ln.weight, ln.eps, wv, backend=plan.backend)
+        ln = self.input_layernorm
+        outs = []
+        for name in ("q", "k", "v"):
+            launch = getattr(step, name)
+            if launch:
+                outs.append(launch(x))
+                continue
+            w = plan.weights.get(f"{name}_proj", getattr(attn, f"{name}_proj"))
+            if w is None:
+                return None
+            if launch is None:
+                launch = _prepare(ops.norm_linear, x, ln.weight, ln.eps, w, vary={"x": x},
+                                  backend=be)
+                setattr(step, name, launch)
+            outs.append(launch(x) if launch else ops.norm_linear(x, ln.weight, ln.eps, w,
+                                                                 backend=be))
+        q, k, v = outs
         q = q.reshape(B, L, H, D)
         k = k.reshape(B, L, KV, D)
         if hasattr(attn, "q_norm"):
@@ -360,19 +468,48 @@ def _fused_attention(self, plan, x, mask, cache):
         k, v = cache.update_and_fetch(k, v)
     o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
-    return _linear(o, wo, residual=x, backend=plan.backend)
-
-
-def _fused_mlp(self, plan, h):
-    ops = _ops()
-    mlp = self.mlp
-    ln = self.post_attention_layernorm
-    ws = plan.weights
-    wg, wu, wd = (ws.get(p, getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    if wg is None or wu is None or wd is None:
+    launch = step.o
+    if launch:
+        return launch(o, x)
+    wo = plan.weights.get("o_proj", attn.o_proj)
+    if wo is None:
         return None
-    a = ops.norm_gate_up_swiglu(h, ln.weight, ln.eps, wg, wu, backend=plan.backend)
-    return _linear(a, wd, residual=h, backend=plan.backend)
+    if launch is None:
+        launch = step.o = _prepare(ops.linear, o, wo, residual=x,
+                                   vary={"x": o, "residual": x}, backend=be)
+        if launch:
+            return launch(o, x)
+    return ops.linear(o, wo, residual=x, backend=be)
+
+
+def _fused_mlp(self, plan, step, h):
+    ops = _ops()
+    be = plan.backend
+    launch = step.gate_up
+    if launch:
+        a = launch(h)
+    else:
+        mlp, ln = self.mlp, self.post_attention_layernorm
+        wg, wu = (plan.weights.get(p, getattr(mlp, p)) for p in ("gate_proj", "up_proj"))
+        if wg is None or wu is None:
+            return None
+        if launch is None:
+            launch = step.gate_up = _prepare(ops.norm_gate_up_swiglu, h, ln.weight, ln.eps,
+                                             wg, wu, vary={"x": h}, backend=be)
+        a = (launch(h) if launch
+             else ops.norm_gate_up_swiglu(h, ln.weight, ln.eps, wg, wu, backend=be))
+    launch = step.down
+    if launch:
+        return launch(a, h)
+    wd = plan.weights.get("down_proj", self.mlp.down_proj)
+    if wd is None:
+        return None
+    if launch is None:
+        launch = step.down = _prepare(ops.linear, a, wd, residual=h,
+                                      vary={"x": a, "residual": h}, backend=be)
+        if launch:
+            return launch(a, h)
+    return ops.linear(a, wd, residual=h, backend=be)
 
 
 def _patched_call(self, x, mask=None, cache=None):
@@ -380,19 +517,21 @@ def _patched_call(self, x, mask=None, cache=None):
     original = type(self)._mlx_foundry_original
     if plan is None or x.ndim != 3:
         return original.__call__(self, x, mask, cache)
-    rows = x.shape[0] * x.shape[1]
-    if rows > plan.max_rows:
+    shape = x.shape
+    if shape[0] * shape[1] > plan.max_rows:
         plan.stats["original: rows > max_rows"] += 1
         return original.__call__(self, x, mask, cache)
+    offset = 0 if cache is None else cache.offset
+    step = _step(plan, self, x, offset)
     h = None
     if plan.attn:
-        h = _fused_attention(self, plan, x, mask, cache)
+        h = _fused_attention(self, plan, step, x, mask, cache, offset)
         plan.stats["fused attention" if h is not None else "original attention: weights"] += 1
     if h is None:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
     out = None
     if plan.mlp:
-        out = _fused_mlp(self, plan, h)
+        out = _fused_mlp(self, plan, step, h)
         plan.stats["fused mlp" if out is not None else "original mlp: weights"] += 1
     if out is None:
         out = h + self.mlp(self.post_attention_layernorm(h))

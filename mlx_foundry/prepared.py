@@ -1,0 +1,159 @@
+"""Prepared launches: a kernel call with everything but a few inputs fixed.
+
+A decode loop launches the same kernels with the same weights every step, and
+only the activations (and a position) change.  :meth:`Program.prepare
+<mlx_foundry.kernel.Program.prepare>` binds, validates and plans such a launch
+once and converts every fixed input to its MLX input; a call of the returned
+:class:`PreparedLaunch` then checks the shape and dtype of the varying inputs
+and calls MLX's kernel object directly.  :func:`prepare_op` does the same for a
+whole op (``ops.linear``, ``ops.norm_qkv_rope``, ...) that launches one kernel:
+it records the launch the op would make and prepares it.
+"""
+
+import mlx.core as mx
+
+from .args import Scalar, Tensor
+
+__all__ = ["PreparedLaunch", "prepare_op"]
+
+
+class PreparedLaunch:
+    """One planned launch of a program; call it with the varying inputs.
+
+    Built by :meth:`Program.prepare`. ``launch(*values, stream=None)`` takes the
+    inputs named in :attr:`vary`, in that order, and returns what a call of the
+    program returns (an array, or a tuple for several outputs).
+
+    Attributes:
+        program (Program): the program it launches.
+        vary (tuple of str): the inputs given at each call.
+    """
+
+    __slots__ = ("program", "vary", "backend", "_fn", "_inputs", "_slots", "_out_shapes",
+                 "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed")
+
+    def __init__(self, program, plan, bound, vary):
+        self.program = program
+        self.vary = vary
+        self.backend = "gpu"
+        self._fn = plan.fn
+        self._out_shapes = plan.out_shapes
+        self._out_dtypes = plan.out_dtypes
+        self._grid = plan.grid
+        self._threadgroup = plan.threadgroup
+        self._single = len(plan.out_shapes) == 1
+        self._fixed = None
+        inputs, slots = [], {}
+        for i, (a, (_, conv)) in enumerate(zip(program.inputs, plan.getters)):
+            v = bound[a.name]
+            if a.name in vary:
+                inputs.append(None)
+                slots[a.name] = (i, conv) + _expected(a, v)
+            else:
+                inputs.append(v if conv is None else conv(v))
+        self._inputs = inputs
+        self._slots = tuple(slots[n] for n in vary)
+
+    @classmethod
+    def reference(cls, program, fixed, vary, bound):
+        """A prepared launch on the reference backend (plain MLX ops each call)."""
+        self = cls.__new__(cls)
+        self.program = program
+        self.vary = vary
+        self.backend = "reference"
+        self._fixed = fixed
+        self._fn = None
+        self._slots = tuple((None, None) + _expected(program._by_name[n], bound[n])
+                            for n in vary)
+        return self
+
+    def _check(self, name, v, shape, dtype):
+        who = self.program.who
+        if not isinstance(v, mx.array):
+            raise TypeError(f"[{who}] Prepared input {name!r} must be an mlx.core.array but "
+                            f"got {type(v).__name__}.")
+        raise ValueError(f"[{who}] Prepared input {name!r} must keep the shape {shape} and "
+                         f"dtype {dtype} it was prepared with but got {tuple(v.shape)}, "
+                         f"{v.dtype}.")
+
+    def __call__(self, *values, stream=None):
+        slots = self._slots
+        if len(values) != len(slots):
+            raise TypeError(f"[{self.program.who}] The prepared launch takes "
+                            f"{len(slots)} input(s) ({', '.join(self.vary)}) but "
+                            f"{len(values)} were given.")
+        if self._fn is None:
+            kwargs = dict(self._fixed)
+            for name, (_, _, shape, dtype), v in zip(self.vary, slots, values):
+                if shape is not None and (v.__class__ is not mx.array or v.shape != shape
+                                          or v.dtype != dtype):
+                    self._check(name, v, shape, dtype)
+                kwargs[name] = v
+            return self.program(backend="reference", stream=stream, **kwargs)
+        inputs = self._inputs.copy()
+        for name, (i, conv, shape, dtype), v in zip(self.vary, slots, values):
+            if shape is not None and (v.__class__ is not mx.array or v.shape != shape
+                                      or v.dtype != dtype):
+                self._check(name, v, shape, dtype)
+            inputs[i] = v if conv is None else conv(v)
+        outs = self._fn(inputs=inputs, output_shapes=self._out_shapes,
+                        output_dtypes=self._out_dtypes, grid=self._grid,
+                        threadgroup=self._threadgroup, stream=stream)
+        return outs[0] if self._single else tuple(outs)
+
+    def __repr__(self):
+        return (f"PreparedLaunch({self.program.name}, backend={self.backend}, "
+                f"vary={self.vary})")
+
+
+def _expected(arg, value):
+    """(shape, dtype) a varying tensor must keep; (None, None) for a runtime scalar."""
+    if isinstance(arg, Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(arg, Scalar):
+        return None, None
+    raise ValueError(f"[{arg.name}] Only tensors and runtime scalars can vary in a prepared "
+                     "launch.")
+
+
+def prepare_op(op, *args, vary, backend=None, **kwargs):
+    """Prepare the one kernel launch an op makes for these arguments.
+
+    The op runs under :func:`~mlx_foundry.kernel.record_launches` (nothing is
+    computed); its launch is prepared with the kernel inputs named in ``vary``
+    left open.
+
+    Args:
+        op (callable): an op that launches one kernel, e.g. :func:`mlx_foundry.ops.linear`.
+        *args, **kwargs: the op's arguments.
+        vary (dict): kernel input name -> the op argument it must be. A varying
+            input the op transformed (cast, reshaped) cannot vary: then ``None``.
+        backend (str, optional): the backend; passed to the op too.
+
+    Returns:
+        PreparedLaunch or None: ``None`` when the op does not launch exactly one
+        kernel for these arguments (e.g. it routes to MLX's own matmul) or
+        transforms a varying input.
+
+    Example:
+        >>> step = prepare_op(ops.linear, x, w, residual=r, vary={"x": x, "residual": r})
+        >>> y = step(x_next, r_next)
+    """
+    from .kernel import record_launches
+
+    with record_launches() as launches:
+        op(*args, backend=backend, **kwargs)
+    if len(launches) != 1:
+        return None
+    program, a, kw = launches[0]
+    if a:
+        bound, _ = program.bind(*a)
+        kw = dict(bound, **kw)
+    for name, value in vary.items():
+        got = kw.get(name)
+        if isinstance(value, mx.array) or isinstance(got, mx.array):
+            if got is not value:
+                return None
+        elif got != value:
+            return None
+    return program.prepare(vary=tuple(vary), backend=backend, **kw)

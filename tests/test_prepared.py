@@ -1,0 +1,169 @@
+"""Prepared launches (Program.prepare, prepare_op) and the patched mlx-lm decode path
+that uses them, on the reference backend and through a stand-in GPU backend
+(tests/fake_gpu.py) that receives the exact MLX input lists a GPU launch gets."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import core_kernels as ck
+import mlx_foundry as mf
+from fake_gpu import fake_gpu
+from mlx_foundry import ops
+from mlx_foundry.prepared import PreparedLaunch, prepare_op
+from tolerances import assert_close
+
+
+def _weight(n=48, k=128, bits=4, group_size=32, seed=0):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)) * 0.1
+    return ops.Weight(*mx.quantize(w, group_size=group_size, bits=bits), group_size=group_size,
+                      bits=bits)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_prepared_kernel_matches_a_call(monkeypatch, backend):
+    record = fake_gpu(monkeypatch) if backend == "cuda" else None
+    k = ck.axpb_kernel()
+    x0 = ck.seeded((3, 37), mx.float16, seed=1)
+    params = ck.AxpbParams(n=x0.size, a=2.0, b=-1.0)
+    step = k.prepare(x0, params=params, vary=("x",), backend=backend)
+    assert isinstance(step, PreparedLaunch) and step.vary == ("x",)
+    for seed in (2, 3):
+        x = ck.seeded((3, 37), mx.float16, seed=seed)
+        assert_close(step(x), k(x, params=params, backend="reference"))
+    if record is not None:
+        assert record.calls["axpb"] == 2
+
+
+def test_prepared_launch_passes_the_same_inputs_as_a_call(monkeypatch):
+    """Fixed inputs converted once must equal what a plain call converts each time."""
+    record = fake_gpu(monkeypatch)
+    w = _weight()
+    x = ck.seeded((1, 128), mx.float32, seed=4)
+    r = ck.seeded((1, 48), mx.float32, seed=5)
+    g = 1.0 + 0.1 * ck.seeded((128,), mx.float32, seed=6)
+    ops.norm_linear(x, g, 1e-5, w, residual=r, backend="cuda")
+    plain = record.last_inputs
+    step = prepare_op(ops.norm_linear, x, g, 1e-5, w, residual=r,
+                      vary={"x": x, "residual": r}, backend="cuda")
+    step(x, r)
+    prepared = record.last_inputs
+    assert len(plain) == len(prepared)
+    for a, b in zip(plain, prepared):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert mx.array_equal(a, b).item()
+
+
+def test_prepared_scalar_may_change(monkeypatch):
+    fake_gpu(monkeypatch)
+    wq, wk, wv = _weight(64, 128, seed=1), _weight(32, 128, seed=2), _weight(32, 128, seed=3)
+    x = ck.seeded((1, 1, 128), mx.float32, seed=7)
+    kw = dict(n_heads=4, n_kv_heads=2, head_dim=16)
+    step = prepare_op(ops.norm_qkv_rope, x, None, 1e-5, wq, wk, wv, offset=3,
+                      vary={"x": x, "rope_offset": 3}, backend="cuda", **kw)
+    for offset in (3, 11, 200):
+        got = step(x, offset)
+        want = ops.norm_qkv_rope(x, None, 1e-5, wq, wk, wv, offset=offset,
+                                 backend="reference", **kw)
+        for a, b in zip(got, want):
+            assert_close(a, b, k=128)
+
+
+def test_prepare_errors_name_the_argument(monkeypatch):
+    fake_gpu(monkeypatch)
+    k = ck.axpb_kernel()
+    x = ck.seeded((4, 40), mx.float32)
+    params = ck.AxpbParams(n=x.size, a=1.0, b=0.0)
+    with pytest.raises(ValueError, match="'nope'"):
+        k.prepare(x, params=params, vary=("nope",), backend="cuda")
+    with pytest.raises(ValueError, match="'T'"):
+        k.prepare(x, params=params, vary=("T",), backend="cuda")
+    with pytest.raises(ValueError, match="repeats"):
+        k.prepare(x, params=params, vary=("x", "x"), backend="cuda")
+    step = k.prepare(x, params=params, vary=("x",), backend="cuda")
+    with pytest.raises(ValueError, match=r"'x'.*\(4, 40\)"):
+        step(ck.seeded((4, 41), mx.float32))
+    with pytest.raises(ValueError, match="'x'.*float32"):
+        step(x.astype(mx.float16))
+    with pytest.raises(TypeError, match="'x'"):
+        step([1.0])
+    with pytest.raises(TypeError, match="takes 1 input"):
+        step(x, x)
+
+
+def test_prepare_op_refuses_what_it_cannot_prepare():
+    w = _weight()
+    x = ck.seeded((1, 128), mx.float16)
+    # 'x + 0' is not the array the op received: it cannot vary.
+    assert prepare_op(ops.linear, x, w, vary={"x": x + 0}, backend="reference") is None
+    # A cast input (the norm weight becomes x's dtype) is not the op's array either.
+    g = mx.ones((128,), mx.float32)
+    assert prepare_op(ops.norm_linear, x, g, 1e-5, w, vary={"norm_weight": g},
+                      backend="reference") is None
+    # More rows than PREFILL_ROWS: the op runs MLX's matmul, no kernel to prepare.
+    xs = ck.seeded((64, 128), mx.float16)
+    assert prepare_op(ops.linear, xs, w, vary={"x": xs}, backend="cuda") is None
+
+
+# ------------------------------------------------------------------------------------
+# The patched decode path through the stand-in GPU backend
+# ------------------------------------------------------------------------------------
+def _tiny(model_type="llama", quant=(32, 4)):
+    from test_lm_patch import tiny_model
+
+    return tiny_model(model_type, quant=quant)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_patched_decode_uses_prepared_launches(monkeypatch, model_type):
+    pytest.importorskip("mlx_lm")
+    from test_lm_patch import greedy
+
+    from mlx_foundry import lm
+
+    record = fake_gpu(monkeypatch)
+    model = _tiny(model_type)
+    ref_toks, ref_lp = greedy(model, 24)
+    mf.patch(model, backend="cuda")
+    try:
+        toks, lp = greedy(model, 24)
+        plan = model.model.layers[0].__dict__[lm._PLAN_ATTR]
+        steps = list(plan.steps.values())
+    finally:
+        mf.unpatch(model)
+    assert toks == ref_toks
+    assert_close(lp, ref_lp, mx.float32, k=64)
+    decode = [s for s in steps if isinstance(s.down, PreparedLaunch)]
+    assert decode, "no prepared launch in the decode step"
+    slots = ("qkv", "o", "gate_up", "down") if model_type == "llama" else \
+        ("q", "k", "v", "o", "gate_up", "down")
+    assert all(isinstance(getattr(decode[0], s), PreparedLaunch) for s in slots)
+    assert record.total() >= 24 * len(slots)
+
+
+def test_prepared_launches_follow_new_weights(monkeypatch):
+    """load_weights after patch(): the prepared launches must read the new arrays."""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.models import cache as lm_cache
+    from mlx.utils import tree_flatten
+
+    fake_gpu(monkeypatch)
+    model = _tiny("llama")
+    x = mx.array([[5]])
+
+    def step_logits():
+        cache = lm_cache.make_prompt_cache(model)
+        return model(x, cache=cache)
+
+    mf.patch(model, backend="cuda")
+    try:
+        step_logits()  # prepares the launches
+        new = [(k, v * 1.5 if k.endswith(("scales", "biases")) or "layernorm" in k else v)
+               for k, v in tree_flatten(model.parameters())]
+        model.load_weights(new)
+        mx.eval(model.parameters())
+        patched = step_logits()
+    finally:
+        mf.unpatch(model)
+    assert_close(patched, step_logits(), mx.float32, k=64)
+    assert not mx.allclose(patched, mx.zeros_like(patched)).item()
