@@ -5,6 +5,7 @@ declarations of the Metal thread attributes it mentions, computed from CUDA's
 built-ins.  Threadgroup arrays become ``__shared__`` arrays.
 """
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -19,16 +20,44 @@ from . import cuda_compat, kernel_object
 # custom kernel on *every evaluation* (to name its JIT module); with the prelude
 # inline that cost ~15 us per launch on an H200.  The file name carries the
 # prelude's hash, so an edited prelude is a new name (and a new kernel name).
-INSTALL_PRELUDE = True
+INSTALL_PRELUDE = True  # also each kernel header, see build()
 
 
 def build(src):
-    """Create the MLX kernel object (NVRTC-compiled by MLX on first launch)."""
+    """Create the MLX kernel object (NVRTC-compiled by MLX on first launch).
+
+    With ``INSTALL_PRELUDE`` the kernel's header is installed too, as
+    ``mlx_foundry/kernels/<kernel name>.cuh`` (the name carries the content hash),
+    and MLX gets a one-line header: MLX copies the header into the kernel source
+    on every call and hashes that source on every evaluation, so a 25 KB header
+    (the Q/K/V kernel) would cost microseconds per launch.
+    """
+    line = _install(f"kernels/{src.name}.cuh", src.header) if INSTALL_PRELUDE else None
+    if line is not None:
+        src = dataclasses.replace(src, header=line)
     return kernel_object(mx.fast.cuda_kernel, src)
 
 
 def threadgroup_declaration(ctype, name, count):
     return cuda_compat.shared_declaration(ctype, name, count)
+
+
+def _install(relpath, text):
+    """Write ``text`` to ``<mlx>/include/mlx_foundry/<relpath>`` once; its ``#include``
+    line, or ``None`` when MLX's include directory is not writable."""
+    try:
+        root = Path(mx.__file__).resolve().parent / "include"
+        if not root.is_dir():
+            return None
+        dest = root / "mlx_foundry" / relpath
+        if not dest.is_file() or dest.read_text() != text:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, dest)
+    except OSError:
+        return None
+    return f'#include "mlx_foundry/{relpath}"\n'
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,20 +68,7 @@ def installed_prelude_include():
     from ..cache import content_hash
 
     text = cuda_compat.prelude()
-    name = f"metal_compat_{content_hash(text)}.cuh"
-    try:
-        root = Path(mx.__file__).resolve().parent / "include"
-        if not root.is_dir():
-            return None
-        dest = root / "mlx_foundry" / name
-        if not dest.is_file() or dest.read_text() != text:
-            dest.parent.mkdir(exist_ok=True)
-            tmp = dest.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, dest)
-    except OSError:
-        return None
-    return f'#include "mlx_foundry/{name}"\n'
+    return _install(f"metal_compat_{content_hash(text)}.cuh", text)
 
 
 def wrap_header(header):
