@@ -9,23 +9,35 @@
 
 constant constexpr int RMS_KEEP_FLOATS = 64;
 
-// Sum of squares of one row, accumulated in float; the row values are kept
-// in `keep` when KEEP. Returns this thread's partial sum.
+// Sum of squares of one row, accumulated in float. When KEEP, every chunk of the
+// thread is loaded first (ITEMS independent loads in flight) and kept packed in
+// `keep` for the scaling pass. Returns this thread's partial sum.
 template <typename T, int E, int NCH, int ITEMS, int THREADS, bool KEEP>
-METAL_FUNC float rms_row_sumsq(const device T* xr, uint tid, thread float* keep) {
+METAL_FUNC float rms_row_sumsq(const device T* xr, uint tid,
+                               thread typename RowIO<T, E>::Raw* keep) {
+  typedef RowIO<T, E> IO;
   float ss = 0.0f;
+  if (KEEP) {
+    for (int i = 0; i < ITEMS; ++i) {
+      uint c = tid + uint(i * THREADS);
+      keep[i] = c < uint(NCH) ? IO::load_raw(xr, c) : IO::zero();
+    }
+    for (int i = 0; i < ITEMS; ++i) {
+      float t[E];
+      IO::unpack(keep[i], t);
+      for (int e = 0; e < E; ++e) ss += t[e] * t[e];
+    }
+    return ss;
+  }
   for (int i = 0; i < ITEMS; ++i) {
     uint c = tid + uint(i * THREADS);
     float t[E];
     if (c < uint(NCH)) {
-      RowIO<T, E>::load(xr, c, t);
+      IO::load(xr, c, t);
     } else {
       for (int e = 0; e < E; ++e) t[e] = 0.0f;
     }
-    for (int e = 0; e < E; ++e) {
-      ss += t[e] * t[e];
-      if (KEEP) keep[i * E + e] = t[e];
-    }
+    for (int e = 0; e < E; ++e) ss += t[e] * t[e];
   }
   return ss;
 }
@@ -34,13 +46,13 @@ METAL_FUNC float rms_row_sumsq(const device T* xr, uint tid, thread float* keep)
 // like mx.fast.rms_norm: out = T(w * T(x * inv)).
 template <typename T, int E, int NCH, int ITEMS, int THREADS, bool KEEP, bool HAS_W>
 METAL_FUNC void rms_row_scale(const device T* xr, const device T* w, device T* outr,
-                              float inv, uint tid, thread const float* keep) {
+                              float inv, uint tid, thread const typename RowIO<T, E>::Raw* keep) {
   for (int i = 0; i < ITEMS; ++i) {
     uint c = tid + uint(i * THREADS);
     if (c < uint(NCH)) {
       float t[E];
       if (KEEP) {
-        for (int e = 0; e < E; ++e) t[e] = keep[i * E + e];
+        RowIO<T, E>::unpack(keep[i], t);
       } else {
         RowIO<T, E>::load(xr, c, t);
       }
@@ -68,7 +80,7 @@ METAL_FUNC void rms_norm_rows_impl(const device T* x, const device T* w, device 
     return;
   }
   const device T* xr = x + size_t(row) * size_t(K);
-  float keep[KEEP ? ITEMS * E : 1];
+  typename RowIO<T, E>::Raw keep[KEEP ? ITEMS : 1];
   float ss = rms_row_sumsq<T, E, NCH, ITEMS, THREADS, KEEP>(xr, tid, keep);
   ss = threadgroup_sum(ss, norm_scratch, tid & 31u, tid >> 5, uint(THREADS / 32));
   float inv = metal::rsqrt(ss / float(K) + eps);
@@ -115,21 +127,23 @@ METAL_FUNC void add_rms_norm_rows_impl(const device T* x, const device T* residu
   const device T* xr = x + base;
   const device T* rr = residual + base;
   device T* hr = h + base;
-  float keep[KEEP ? ITEMS * E : 1];
+  typedef RowIO<T, E> IO;
+  typename IO::Raw keep[KEEP ? ITEMS : 1];
   float ss = 0.0f;
   for (int i = 0; i < ITEMS; ++i) {
     uint c = tid + uint(i * THREADS);
     if (c < uint(NCH)) {
       float a[E];
       float b[E];
-      RowIO<T, E>::load(xr, c, a);
-      RowIO<T, E>::load(rr, c, b);
+      IO::load(xr, c, a);
+      IO::load(rr, c, b);
       for (int e = 0; e < E; ++e) {
         a[e] = float(static_cast<T>(a[e] + b[e]));
         ss += a[e] * a[e];
-        if (KEEP) keep[i * E + e] = a[e];
       }
-      RowIO<T, E>::store(hr, c, a);
+      typename IO::Raw packed = IO::pack(a);
+      if (KEEP) keep[i] = packed;
+      IO::store_raw(hr, c, packed);
     }
   }
   ss = threadgroup_sum(ss, norm_scratch, tid & 31u, tid >> 5, uint(THREADS / 32));
@@ -169,7 +183,7 @@ METAL_FUNC void rms_norm_inv_rms(const device T* x, float eps, thread float& inv
   constexpr int NCH = K / E;
   constexpr int ITEMS = (NCH + THREADS - 1) / THREADS;
   const device T* xr = x + size_t(tgid.y) * size_t(K);
-  float unused[1];
+  typename RowIO<T, E>::Raw unused[1];
   float ss = rms_row_sumsq<T, E, NCH, ITEMS, THREADS, false>(xr, tid, unused);
   ss = threadgroup_sum(ss, norm_scratch, tid & 31u, tid >> 5, uint(THREADS / 32));
   inv_rms = metal::rsqrt(ss / float(K) + eps);

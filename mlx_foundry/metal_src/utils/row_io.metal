@@ -1,4 +1,7 @@
 // Row chunk loads and stores: E elements of T per chunk, converted to float.
+// load_raw/unpack split a load in two, so a caller can issue every load of a
+// row first and keep the chunks packed (Raw: 4 registers per 16 bytes, not one
+// per element) until it needs the floats.
 //
 // E == 1: one element. E * sizeof(T) == 16: one 16-byte vector load/store
 // (uint4); chunk c covers elements [c * E, (c + 1) * E) and the row pointer
@@ -11,6 +14,12 @@ struct RowIO;
 
 template <typename T>
 struct RowIO<T, 1> {
+  typedef T Raw;
+  static METAL_FUNC Raw zero() { return T(0); }
+  static METAL_FUNC Raw load_raw(const device T* p, uint c) { return p[c]; }
+  static METAL_FUNC void unpack(Raw r, thread float* v) { v[0] = float(r); }
+  static METAL_FUNC Raw pack(thread const float* v) { return static_cast<T>(v[0]); }
+  static METAL_FUNC void store_raw(device T* p, uint c, Raw r) { p[c] = r; }
   static METAL_FUNC void load(const device T* p, uint c, thread float* v) {
     v[0] = float(p[c]);
   }
@@ -22,6 +31,24 @@ struct RowIO<T, 1> {
 // 4-byte types (float): four per chunk.
 template <typename T>
 struct RowIO<T, 4> {
+  typedef uint4 Raw;
+  static METAL_FUNC Raw zero() { return uint4(0u, 0u, 0u, 0u); }
+  static METAL_FUNC Raw load_raw(const device T* p, uint c) {
+    return reinterpret_cast<const device uint4*>(p)[c];
+  }
+  static METAL_FUNC void unpack(Raw u, thread float* v) {
+    v[0] = float(as_type<T>(u.x));
+    v[1] = float(as_type<T>(u.y));
+    v[2] = float(as_type<T>(u.z));
+    v[3] = float(as_type<T>(u.w));
+  }
+  static METAL_FUNC Raw pack(thread const float* v) {
+    return uint4(as_type<uint>(static_cast<T>(v[0])), as_type<uint>(static_cast<T>(v[1])),
+                 as_type<uint>(static_cast<T>(v[2])), as_type<uint>(static_cast<T>(v[3])));
+  }
+  static METAL_FUNC void store_raw(device T* p, uint c, Raw r) {
+    reinterpret_cast<device uint4*>(p)[c] = r;
+  }
   static METAL_FUNC void load(const device T* p, uint c, thread float* v) {
     uint4 u = reinterpret_cast<const device uint4*>(p)[c];
     v[0] = float(as_type<T>(u.x));
@@ -53,6 +80,28 @@ METAL_FUNC uint row_io_pack(float a, float b) {
 
 template <typename T>
 struct RowIO<T, 8> {
+  typedef uint4 Raw;
+  static METAL_FUNC Raw zero() { return uint4(0u, 0u, 0u, 0u); }
+  static METAL_FUNC Raw load_raw(const device T* p, uint c) {
+    return reinterpret_cast<const device uint4*>(p)[c];
+  }
+  static METAL_FUNC void unpack(Raw u, thread float* v) {
+    v[0] = row_io_lo<T>(u.x);
+    v[1] = row_io_hi<T>(u.x);
+    v[2] = row_io_lo<T>(u.y);
+    v[3] = row_io_hi<T>(u.y);
+    v[4] = row_io_lo<T>(u.z);
+    v[5] = row_io_hi<T>(u.z);
+    v[6] = row_io_lo<T>(u.w);
+    v[7] = row_io_hi<T>(u.w);
+  }
+  static METAL_FUNC Raw pack(thread const float* v) {
+    return uint4(row_io_pack<T>(v[0], v[1]), row_io_pack<T>(v[2], v[3]),
+                 row_io_pack<T>(v[4], v[5]), row_io_pack<T>(v[6], v[7]));
+  }
+  static METAL_FUNC void store_raw(device T* p, uint c, Raw r) {
+    reinterpret_cast<device uint4*>(p)[c] = r;
+  }
   static METAL_FUNC void load(const device T* p, uint c, thread float* v) {
     uint4 u = reinterpret_cast<const device uint4*>(p)[c];
     v[0] = row_io_lo<T>(u.x);
