@@ -41,9 +41,10 @@ def _check(args):
 
 def _bench(args):
     if args.tune:
-        from .bench.autotune import tune_linear
+        from .bench.autotune import tune_decode, tune_linear
 
         chosen = tune_linear(args.backend)
+        chosen.update(tune_decode(args.backend))
         for (key, shape_class), params in chosen.items():
             print(f"{key:60s} {shape_class:24s} {params}")
         return 0

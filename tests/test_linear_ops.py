@@ -309,3 +309,54 @@ def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
                shape_class=tuner.shape_class(64, 256, 1), repeats=1, warmup=0)
     monkeypatch.setattr(lin, "_TUNED", {})
     assert launched_constants() == {"ROWS": 2, "THREADS": 64}
+
+
+def test_qkv_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
+    """norm_qkv_rope looks its ROWS/THREADS up under all three projections' rows."""
+    from mlx_foundry.bench import autotune, tuner
+    from mlx_foundry.kernel import record_launches
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    q, kv = _qw(64, 256), _qw(32, 256)
+    x = mx.ones((1, 1, 256), mx.float16)
+    base = dict(n_heads=4, n_kv_heads=2, head_dim=16, offset=0)
+
+    def launched():
+        with record_launches() as rec:
+            norm_qkv_rope(x, None, 1e-5, q, kv, kv, backend="cuda", **base)
+        return rec[0][0], {k: rec[0][2][k] for k in ("ROWS", "THREADS")}
+
+    kern, got = launched()
+    assert got == {"ROWS": lin.DEFAULT_ROWS, "THREADS": lin.DEFAULT_THREADS}
+    for rows, expect in ((8, 8), (32, lin.DEFAULT_ROWS)):  # 32 does not divide head_dim
+        tuner.tune(autotune.kernel_key(kern, "cuda"), [{"ROWS": rows, "THREADS": 256}],
+                   lambda params: 1e-6, source_hash=tuner.source_hash(kern),
+                   shape_class=tuner.shape_class(64 + 2 * 32, 256, 1), repeats=1, warmup=0,
+                   force=True)
+        monkeypatch.setattr(lin, "_TUNED", {})
+        want = {"ROWS": expect, "THREADS": 256 if expect == rows else lin.DEFAULT_THREADS}
+        assert launched()[1] == want
+
+
+def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
+    """Every fused decode kernel is tuned under the key and shape class its op uses."""
+    from mlx_foundry.bench import autotune, tuner
+    from mlx_foundry.kernel import record_launches
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    cands = [{"ROWS": 2, "THREADS": 64}]
+    chosen = autotune.tune_decode("reference", candidates=cands, repeats=1)
+    assert len(chosen) == 4 and all(p == cands[0] for p in chosen.values())
+    # The ops on "cuda" (recorded, nothing runs) look up the same entries.
+    stored = {e["kernel_key"] for e in tuner.entries().values()}
+    monkeypatch.setattr(lin, "_TUNED", {})
+    D = autotune.TINY
+    ops_ = autotune._decode_ops(D, 4, 64, mx.float16)
+    for name, (make, n, k, _) in ops_.items():
+        op, args, kwargs = make(0)
+        with record_launches() as rec:
+            op(*args, backend="cuda", **kwargs)
+        kern = rec[0][0]
+        assert autotune.kernel_key(kern, "reference") in stored, name
+        assert autotune.lookup_linear(kern, n, k, 1, "reference") == cands[0], name

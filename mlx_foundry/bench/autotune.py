@@ -101,3 +101,107 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
             source_hash=tuner.source_hash(kern), shape_class=cls, repeats=repeats,
             force=force, path=path)
     return chosen
+
+
+# ---- the fused decode kernels the mlx-lm patch launches ---------------------------------
+def _decode_ops(D, bits, group_size, dtype):
+    """``{name: (make(idx) -> (op, args, kwargs), n, k, set bytes)}`` at the suite's shapes."""
+    from mlx_foundry import ops
+    from mlx_foundry.ops.weights import Weight
+
+    h, i, gs = D["hidden"], D["inter"], group_size
+    heads, kv, hd = D["heads"], D["kv_heads"], D["head_dim"]
+
+    def w(idx, j, n, k):
+        return Weight(*_qweight(idx, j, n, k, bits, gs, dtype), group_size=gs, bits=bits)
+
+    def act(idx, j, n):
+        return mx.random.normal((1, n), key=mx.random.key(1000 * idx + j)).astype(dtype)
+
+    def gamma(idx, k):
+        return (1.0 + 0.1 * mx.random.normal((k,), key=mx.random.key(idx))).astype(dtype)
+
+    wb = lambda n, k: weight_bytes(n, k, bits, gs, dtype.size)  # noqa: E731
+    return {
+        "o_proj+residual": (lambda idx: (ops.linear, (act(idx, 0, h), w(idx, 1, h, h)),
+                                         {"residual": act(idx, 2, h)}), h, h, wb(h, h)),
+        "down_proj+residual": (lambda idx: (ops.linear, (act(idx, 0, i), w(idx, 1, h, i)),
+                                            {"residual": act(idx, 2, h)}), h, i, wb(h, i)),
+        "norm_gate_up_swiglu": (lambda idx: (ops.norm_gate_up_swiglu,
+                                             (act(idx, 0, h), gamma(idx, h), 1e-5,
+                                              w(idx, 1, i, h), w(idx, 2, i, h)), {}),
+                                i, h, 2 * wb(i, h)),
+        "norm_qkv_rope": (lambda idx: (ops.norm_qkv_rope,
+                                       (act(idx, 0, h)[None], gamma(idx, h), 1e-5,
+                                        w(idx, 1, heads * hd, h), w(idx, 2, kv * hd, h),
+                                        w(idx, 3, kv * hd, h)),
+                                       dict(n_heads=heads, n_kv_heads=kv, head_dim=hd,
+                                            offset=7, rope_base=500000.0)),
+                          (heads + 2 * kv) * hd, h, wb((heads + 2 * kv) * hd, h)),
+    }
+
+
+def _captured(make, backend):
+    """``make`` as input sets of one kernel: ``(kwargs of its launch,)``; and the kernel."""
+    from mlx_foundry.kernel import record_launches
+
+    found = []
+
+    def sets(idx):
+        op, args, kwargs = make(idx)
+        with record_launches() as launches:
+            op(*args, backend=backend, **kwargs)
+        (program, a, kw), = launches
+        assert not a
+        kw = {k: v for k, v in kw.items() if k not in ("ROWS", "THREADS")}
+        found.append(program)
+        return (kw,)
+
+    return sets, found
+
+
+def decode_candidates(qkv=False):
+    """Candidate settings for the fused decode kernels (Q/K/V: ROWS even)."""
+    rows = (2, 4, 8) if qkv else DEFAULT_ROWS
+    return linear_candidates(rows=rows)
+
+
+def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candidates=None,
+                repeats=5, force=False, path=None, pool_bytes=None, only=None):
+    """Tune the fused kernels of a decode step (o/down projection + residual, norm +
+    gate/up + SwiGLU, norm + Q/K/V + RoPE) at the suite's Llama-3-8B shapes.
+
+    Stored like :func:`tune_linear` (kernel key, source hash, shape class); the ops
+    read the result back through the same lookup.
+
+    Args:
+        only (list of str, optional): names of the ops to tune (default: all).
+
+    Returns:
+        dict: ``{(kernel key, shape class): chosen params}``.
+    """
+    from . import select_backend
+
+    backend = select_backend(backend)
+    tiny = backend == "reference" and mx.default_device() == mx.cpu
+    D = TINY if tiny else FULL
+    if pool_bytes is None:
+        pool_bytes = timing.default_pool_bytes("reference" if tiny else backend)
+    chosen = {}
+    for name, (make, n, k, nbytes) in _decode_ops(D, bits, group_size, dtype).items():
+        if only and name not in only:
+            continue
+        sets, found = _captured(make, backend)
+        pool = timing.make_pool(sets, nbytes, pool_bytes)
+        kern = found[0]
+
+        def build(params, kern=kern):
+            return lambda kw: kern(backend=backend, **kw, **params)
+
+        cls = tuner.shape_class(n, k, 1)
+        cands = candidates or decode_candidates(qkv=name == "norm_qkv_rope")
+        chosen[(kernel_key(kern, backend), cls)] = tuner.tune(
+            kernel_key(kern, backend), cands, tuner.timed_run(build, pool, repeats=1),
+            source_hash=tuner.source_hash(kern), shape_class=cls, repeats=repeats,
+            force=force, path=path)
+    return chosen

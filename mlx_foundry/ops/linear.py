@@ -85,24 +85,28 @@ def _fused(backend, rows, who):
 _TUNED = {}
 
 
-def _launch(kern, w, x, backend):
+def _launch(kern, w, x, backend, *, n=None, default=None):
     """The GEMV launch constants ``ROWS`` and ``THREADS`` for this call.
 
     The tuner's stored choice for this device, MLX version, kernel source and shape
-    class (``python -m mlx_foundry bench --tune`` writes them), else the defaults.
-    Resolved once per kernel, backend and shape: afterwards one dictionary lookup.
+    class (``python -m mlx_foundry bench --tune`` writes them), else ``default``
+    (``ROWS`` :data:`DEFAULT_ROWS`, ``THREADS`` :data:`DEFAULT_THREADS`). ``n``: output
+    rows when they are not ``w``'s (Q/K/V: all three projections). Resolved once per
+    kernel, backend and shape: afterwards one dictionary lookup.
     """
+    default = default or {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
     if backend == "reference":
-        return {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
+        return default
     m = x.size // x.shape[-1]
-    key = (kern.name, backend, w.out_features, w.in_features, m)
+    n = w.out_features if n is None else n
+    key = (kern.name, backend, n, w.in_features, m)
     params = _TUNED.get(key)
     if params is None:
-        params = {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
+        params = default
         try:
             from ..bench.autotune import lookup_linear
 
-            found = lookup_linear(kern, w.out_features, w.in_features, m, backend)
+            found = lookup_linear(kern, n, w.in_features, m, backend)
             if found:
                 params = {"ROWS": int(found["ROWS"]), "THREADS": int(found["THREADS"])}
         except Exception:  # noqa: BLE001 - tuning is an optimisation: never fail a launch
@@ -460,7 +464,11 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
             b = w_.bias if w_.bias is not None else mx.zeros((w_.out_features,), x.dtype)
             args[name] = _as_x_dtype(b, x)
     rows = DEFAULT_ROWS if head_dim % DEFAULT_ROWS == 0 else 2
-    return kern(backend=be, **args, HEAD_DIM=head_dim, ROWS=rows, THREADS=DEFAULT_THREADS)
+    launch = _launch(kern, wq, x, be, n=wq.out_features + 2 * wk.out_features,
+                     default={"ROWS": rows, "THREADS": DEFAULT_THREADS})
+    if head_dim % launch["ROWS"]:  # a tuned choice for another head_dim
+        launch = {"ROWS": rows, "THREADS": DEFAULT_THREADS}
+    return kern(backend=be, **args, HEAD_DIM=head_dim, **launch)
 
 
 def _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim, offset, base,
