@@ -290,6 +290,70 @@ reinterpret_cast<device float4*>(out)[i] = a + float4(q);
     assert re.search(r"st\.global\.v4\.f32", text), "float4 store was split"
 
 
+def _ptx(header, body, inputs, outputs, tmp_path, name="k"):
+    src = build_kernel_like_mlx(name, cc.wrap_header(header), cc.cuda_body(body), inputs, outputs, [])
+    nvcc = _nvcc()
+    incs = _mlx_cuda_include()
+    cu = tmp_path / f"{name}.cu"
+    cu.write_text(src)
+    ptx = tmp_path / f"{name}.ptx"
+    res = subprocess.run(
+        [nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx)] + [f"-I{d}" for d in incs],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return ptx.read_text()
+
+
+def test_half2_arithmetic_is_packed(tmp_path):
+    """half2 fma/+/-/*/negation are one packed f16x2 instruction each (HFMA2, HADD2, ...),
+    with no round trip through float and no scalar half operations."""
+    header = """
+METAL_FUNC half2 h2ops(half2 a, half2 b, half2 c) {
+  half2 r = metal::fma(a, b, c) + a * b - c + (-a);
+  r += a;
+  r *= b;
+  return fma(r, c, a);
+}
+"""
+    body = """
+const uint i = thread_position_in_grid.x;
+half2 a = as_type<half2>(wq[3 * i]);
+half2 b = as_type<half2>(wq[3 * i + 1]);
+half2 c = as_type<half2>(wq[3 * i + 2]);
+reinterpret_cast<device uint*>(out)[i] = as_type<uint>(h2ops(a, b, c));
+"""
+    text = _ptx(header, body, [("wq", "uint32_t")], [("out", "float")], tmp_path, "h2")
+    assert len(re.findall(r"fma\.rn\.f16x2", text)) == 2, text
+    assert len(re.findall(r"\badd(\.rn)?\.f16x2", text)) == 3, text
+    assert len(re.findall(r"\bmul(\.rn)?\.f16x2", text)) == 2, text
+    assert re.search(r"\bsub(\.rn)?\.f16x2", text) and re.search(r"\bneg\.f16x2", text), text
+    assert not re.search(r"cvt\.(f32\.f16|rn\.f16\.f32)", text), "half2 math went through float"
+    assert not re.search(r"\b(add|sub|mul|fma\.rn)\.f16\b", text), "half2 math was split"
+
+
+def test_other_vector_math_keeps_its_behaviour(tmp_path):
+    """bfloat2 and float2 keep the component-wise templates (bfloat2 fma through float)."""
+    header = """
+METAL_FUNC float2 v2ops(float2 a, float2 b, bfloat2 c, bfloat2 d) {
+  bfloat2 e = metal::fma(c, d, c) + c * d;
+  return metal::fma(a, b, a) + a * b + float2(e);
+}
+"""
+    body = """
+const uint i = thread_position_in_grid.x;
+float2 a = float2(x[4 * i], x[4 * i + 1]);
+float2 b = float2(x[4 * i + 2], x[4 * i + 3]);
+bfloat2 c = as_type<bfloat2>(wq[2 * i]);
+bfloat2 d = as_type<bfloat2>(wq[2 * i + 1]);
+reinterpret_cast<device float2*>(out)[i] = v2ops(a, b, c, d);
+"""
+    text = _ptx(header, body, [("x", "float"), ("wq", "uint32_t")], [("out", "float")], tmp_path,
+                "v2")
+    assert "f16x2" not in text and "bf16x2" not in text
+    assert len(re.findall(r"fma\.rn\.f32", text)) >= 4, text
+
+
 def test_mlx_signature_pieces_survive_the_prelude(tmp_path):
     """`device`/`constant` are macros after the prelude: MLX's own spellings that
     follow it (__grid_constant__ Shape/Strides arguments, cooperative groups,
@@ -331,6 +395,25 @@ def test_prelude_is_cached_and_defines_the_dialect():
         "as_type",
     ):
         assert needle in p, needle
+
+
+def test_prelude_packs_half2_arithmetic():
+    """half2 (vec<__half, 2>) has exact-match overloads on __half2 intrinsics, preferred to
+    the component-wise templates, which stay for every other vector type."""
+    p = cc.prelude()
+    for op, intrinsic in (("operator+", "__hadd2"), ("operator-", "__hsub2"),
+                          ("operator*", "__hmul2")):
+        m = re.search(re.escape(op) + r"\(vec<__half, 2> a, vec<__half, 2> b\) \{\s*return[^;]*"
+                      + re.escape(intrinsic) + r"\(", p)
+        assert m, (op, intrinsic)
+    assert re.search(r"operator-\(vec<__half, 2> a\) \{\s*return[^;]*__hneg2\(", p)
+    m = re.search(r"namespace metal \{.*?vec<__half, 2> fma\(vec<__half, 2> a, vec<__half, 2> b,"
+                  r"\s*vec<__half, 2> c\) \{\s*return[^;]*__hfma2\(", p, re.S)
+    assert m, "metal::fma(half2, half2, half2) -> __hfma2"
+    # the generic component-wise templates are still there for other types
+    assert re.search(r"template <typename T, int N>\s*\\\s*__device__ __forceinline__ vec<T, N> "
+                     r"operator OP\(vec<T, N> a, vec<T, N> b\)", p)
+    assert "MFC_MATH3(fma, ::fmaf(x, y, z))" in p
 
 
 def test_wrap_header_places_header_inside_cu_namespace():

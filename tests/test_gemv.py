@@ -183,6 +183,62 @@ def _cuda_cases():
         rope_offset=0, rope_scale=1.0, HEAD_DIM=32)
 
 
+def _half_cases():
+    """Kernels with half activations: (name, kernel, kwargs, packed-half path expected)."""
+    f16, bf16 = mx.float16, mx.bfloat16
+
+    def ren(args, prefix):
+        return {k.replace("w", prefix, 1): v for k, v in args.items()}
+
+    x = mx.ones((1, 256), f16)
+    for bits, gs in ((4, 64), (8, 32), (3, 32)):
+        yield (f"linear_affine{bits}_f16", linear_kernel(("affine", bits, gs)),
+               dict(x=x, **_affine_args(64, 256, bits, gs, f16)), bits in (4, 8))
+    yield "linear_affine4_bf16", linear_kernel(("affine", 4, 64)), dict(
+        x=x.astype(bf16), **_affine_args(64, 256, 4, 64, bf16)), False
+    yield "norm_linear_affine4_f16", linear_kernel(("affine", 4, 64), norm="weight"), dict(
+        x=x, eps=1e-5, norm_weight=mx.ones((256,), f16), **_affine_args(64, 256, 4, 64, f16)), True
+    norm = dict(x=x, eps=1e-5, norm_weight=mx.ones((256,), f16))
+    yield "gate_up_affine4_affine8_f16", gate_up_kernel(("affine", 4, 64), ("affine", 8, 64)), dict(
+        **norm, **ren(_affine_args(64, 256, 4, 64, f16), "wg"),
+        **ren(_affine_args(64, 256, 8, 64, f16), "wu")), True
+    yield "gate_up_affine8_dense_f16", gate_up_kernel(("affine", 8, 32), ("dense",)), dict(
+        **norm, **ren(_affine_args(64, 256, 8, 32, f16), "wg"),
+        wu=mx.ones((64, 256), f16)), False
+    yield "qkv_rope_affine_f16", qkv_kernel(("affine", 4, 64), ("affine", 8, 32), ("affine", 4, 32),
+                                            traditional=False), dict(
+        x=mx.ones((1, 1, 256), f16), eps=1e-5, norm_weight=mx.ones((256,), f16),
+        **ren(_affine_args(64, 256, 4, 64, f16), "wq"), **ren(_affine_args(64, 256, 8, 32, f16), "wk"),
+        **ren(_affine_args(64, 256, 4, 32, f16), "wv"), rope_inv_freq=mx.ones((16,)), seq_len=1,
+        rope_offset=0, rope_scale=1.0, HEAD_DIM=32), True
+
+
+def _nvcc_or_skip():
+    nvcc = shutil.which("nvcc")
+    inc = os.environ.get("MLX_FOUNDRY_CUDA_INCLUDE", "/tmp/mlxinc")
+    if nvcc is None or not (Path(inc) / "mlx/backend/cuda/device/utils.cuh").is_file():
+        pytest.skip("nvcc or MLX's CUDA headers (MLX_FOUNDRY_CUDA_INCLUDE) not available")
+    return nvcc, inc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[0] for c in _half_cases()])
+def test_half_path_is_chosen_at_compile_time(case, tmp_path):
+    """x half with 4/8-bit affine weights (every policy of the call) compiles to packed
+    HFMA2 (fma.rn.f16x2); bfloat, other bit widths and dense partners keep the float path."""
+    nvcc, inc = _nvcc_or_skip()
+    _, kern, kwargs, half = next(c for c in _half_cases() if c[0] == case)
+    cu = tmp_path / "k.cu"
+    cu.write_text(_cuda_unit(kern, kwargs))
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o",
+                        str(tmp_path / "k.ptx"), f"-I{inc}",
+                        f"-I{Path(mx.__file__).resolve().parent / 'include'}"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-6000:]
+    n = (tmp_path / "k.ptx").read_text().count("fma.rn.f16x2")
+    assert (n > 0) == half, n
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in _cuda_cases()])
 def test_kernels_compile_with_nvcc(case, tmp_path):

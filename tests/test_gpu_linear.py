@@ -98,9 +98,10 @@ def test_linear_epilogues(gpu_backend, activation, bias, residual):
     assert_close(got, want, dtype, k=k)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("rows,threads", [(1, 32), (2, 64), (8, 256), (3, 96), (4, 1024)])
-def test_linear_launch_parameters(gpu_backend, rows, threads):
-    dtype, k = mx.bfloat16, 2880
+def test_linear_launch_parameters(gpu_backend, rows, threads, dtype):
+    k = 2880
     w = _w(203, k, (4, 64), dtype)
     x = _x((2, k), dtype)
     kern = linear_kernel(w.signature())
@@ -110,8 +111,8 @@ def test_linear_launch_parameters(gpu_backend, rows, threads):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("with_weight", [True, False])
-@pytest.mark.parametrize("fmt,k", [((4, 64), 2880), ((5, 32), 4128), ("dense", 4128),
-                                   ("dense", 1000)])
+@pytest.mark.parametrize("fmt,k", [((4, 64), 2880), ((8, 32), 4128), ((5, 32), 4128),
+                                   ("dense", 4128), ("dense", 1000)])
 def test_norm_linear(gpu_backend, fmt, k, with_weight, dtype):
     w = _w(150, k, fmt, dtype, bias=True)
     g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype) if with_weight else None
@@ -125,6 +126,7 @@ def test_norm_linear(gpu_backend, fmt, k, with_weight, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("gate_fmt,up_fmt,k", [((4, 64), (4, 64), 2880), ((8, 32), "dense", 4128),
+                                               ((4, 128), (8, 128), 1152), ((8, 32), (8, 32), 4128),
                                                ((3, 32), (6, 32), 4128), ("dense", "dense", 1000)])
 def test_norm_gate_up_swiglu(gpu_backend, gate_fmt, up_fmt, k, dtype):
     gate, up = _w(150, k, gate_fmt, dtype), _w(150, k, up_fmt, dtype)
@@ -193,6 +195,30 @@ def test_norm_qkv_rope_offset_array(gpu_backend):
     want = _ref(lambda be: norm_qkv_rope(x, None, 1e-5, q, kv, kv, **kw, offset=41, backend=be))
     for a, b in zip(got, want):
         assert_close(a, b, dtype, k=k)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_half_path_large_activations(gpu_backend, bits):
+    """Half activations with 4/8-bit weights take the packed-half path (half products and
+    partial sums, flushed to float every 4 products per half lane). Activations of scale
+    30 with one outlier of 3000 (and 20000 times a gamma of 2 ahead of the RMSNorm scale)
+    must stay finite and accurate. The half partial sums err relative to the activation
+    scale, and the f16 tolerance is defined for unit-scale activations, so the plain
+    linear is compared divided by that scale; the norm-fused one is normalised already."""
+    dtype, k, scale = mx.float16, 4096, 30.0
+    w = _w(99, k, (bits, 64), dtype)
+    x = _x((1, k), dtype) * scale
+    x = mx.where(mx.arange(k) == 7, mx.array(3000.0, dtype), x)
+    got = linear(x, w, backend=gpu_backend)
+    assert bool(mx.isfinite(got).all())
+    want = _ref(lambda be: linear(x, w, backend=be))
+    assert_close(got.astype(mx.float32) / scale, want.astype(mx.float32) / scale, dtype, k=k)
+    xr = mx.where(mx.arange(k) == 11, mx.array(20000.0, dtype), _x((1, k), dtype) * 50)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    g = mx.where(mx.arange(k) == 11, mx.array(2.0, dtype), g)
+    got = norm_linear(xr, g, 1e-5, w, backend=gpu_backend)
+    assert bool(mx.isfinite(got).all())
+    assert_close(got, _ref(lambda be: norm_linear(xr, g, 1e-5, w, backend=be)), dtype, k=k)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])

@@ -7,6 +7,9 @@ its chunk of ``x`` once (times the RMSNorm weight when fused) and dots it with
 the same chunk of its ``ROWS`` weight rows, read through a weight policy
 (dense or MLX affine) with 16-byte loads. After the SIMD reduction lane ``r``
 holds row ``r``: ``acc`` (float), ``row``, ``index = m * N + row`` and ``valid``.
+With half ``x`` and only 4/8-bit affine weights in the call (the dual and QKV stages
+included) the dot products run on packed half2 arithmetic, with the next chunk's
+weights loaded ahead (``gemv.metal``, ``policies/affine.metal``); otherwise in float.
 
 Launch parameters are compile-time constants with defaults a tuner may override
 by keyword: ``ROWS`` (rows per SIMD-group, default :data:`DEFAULT_ROWS`) and

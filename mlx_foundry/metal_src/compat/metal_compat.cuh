@@ -424,6 +424,38 @@ __device__ __forceinline__ vec<T, N> operator~(vec<T, N> a) {
   return a;
 }
 
+// Packed half2 arithmetic. vec<__half, 2> has __half2's layout (two halves, 4-byte
+// aligned), but the templates above work component by component and leave the packing to
+// the compiler, which often emits two scalar HADD/HMUL/HFMA. These exact-match
+// overloads (preferred to the templates) give one packed HADD2/HSUB2/HMUL2/HNEG2 each;
+// metal::fma(half2, half2, half2) below gives one HFMA2. Same rounding as the component
+// operations (round to nearest per component).
+namespace metal_compat {
+__device__ __forceinline__ __half2 to_half2(vec<__half, 2> v) {
+  __half2 r;
+  memcpy(&r, &v, sizeof(r));
+  return r;
+}
+__device__ __forceinline__ vec<__half, 2> from_half2(__half2 h) {
+  vec<__half, 2> r;
+  memcpy(&r, &h, sizeof(r));
+  return r;
+}
+} // namespace metal_compat
+
+__device__ __forceinline__ vec<__half, 2> operator+(vec<__half, 2> a, vec<__half, 2> b) {
+  return metal_compat::from_half2(__hadd2(metal_compat::to_half2(a), metal_compat::to_half2(b)));
+}
+__device__ __forceinline__ vec<__half, 2> operator-(vec<__half, 2> a, vec<__half, 2> b) {
+  return metal_compat::from_half2(__hsub2(metal_compat::to_half2(a), metal_compat::to_half2(b)));
+}
+__device__ __forceinline__ vec<__half, 2> operator*(vec<__half, 2> a, vec<__half, 2> b) {
+  return metal_compat::from_half2(__hmul2(metal_compat::to_half2(a), metal_compat::to_half2(b)));
+}
+__device__ __forceinline__ vec<__half, 2> operator-(vec<__half, 2> a) {
+  return metal_compat::from_half2(__hneg2(metal_compat::to_half2(a)));
+}
+
 // Comparisons give bool vectors, as in Metal.
 #define MFC_VEC_CMP(OP)                                                        \
   template <typename T, int N>                                                 \
@@ -616,6 +648,14 @@ MFC_MATH2(step, (y < x ? 0.0f : 1.0f))
 MFC_MATH2(divide, x / y)
 MFC_MATH3(fma, ::fmaf(x, y, z))
 MFC_MATH3(mix, (x + (y - x) * z))
+
+// fma on half2: one packed HFMA2 (a * b + c rounded once per component), preferred to
+// the component-wise template (which goes through float for each half).
+__device__ __forceinline__ vec<__half, 2> fma(vec<__half, 2> a, vec<__half, 2> b,
+                                              vec<__half, 2> c) {
+  return metal_compat::from_half2(__hfma2(metal_compat::to_half2(a), metal_compat::to_half2(b),
+                                          metal_compat::to_half2(c)));
+}
 
 // min / max / clamp / abs for every scalar type (non-template overloads, as
 // in Metal), plus vectors (vector-vector and vector-scalar).

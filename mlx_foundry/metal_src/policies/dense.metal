@@ -74,7 +74,12 @@ struct PolicyDense {
   // CH > 0 forces a chunk of CH elements (32 when fused with a quantized policy, whose
   // chunk is 32, in one dual GEMV). VEC: rows are whole 16-byte vectors.
   // (enums, not static data members: Metal wants those in the constant space.)
-  enum : int { CHUNK = CH > 0 ? CH : 16 / int(sizeof(W)), VEC = (K * int(sizeof(W))) % 16 == 0 };
+  // HALF_PAIRS = 0: no packed-half path (the GEMV's float path serves dense weights).
+  enum : int {
+    CHUNK = CH > 0 ? CH : 16 / int(sizeof(W)),
+    VEC = (K * int(sizeof(W))) % 16 == 0,
+    HALF_PAIRS = 0
+  };
 
   METAL_FUNC float dot_chunk(uint n, int c, thread const float* xv, float xs) const {
     float wv[CHUNK];

@@ -7,14 +7,23 @@
 // (times the norm weight when fused with RMSNorm) and dots it with the same chunk of
 // its ROWS weight rows (ROWS independent wide loads in flight). After the SIMD
 // reduction lane r (< ROWS) holds row r of the group: acc, row, index, valid.
+//
+// Two paths, chosen at compile time by gemv_dot_rows:
+// - float (any policy and activation type): x converted to float, policy.dot_chunk;
+// - packed half (x is half and every weight policy of the call has HALF_PAIRS > 0, i.e.
+//   MLX affine with 4 or 8 bits): the chunk of x stays 16 half2 registers, permuted once
+//   per chunk into each policy's pair order (shared by its ROWS rows); policy.load_h
+//   reads a row's chunk, policy.dot_h dequantizes and multiplies with HFMA2
+//   (policies/affine.metal). The loads of the next chunk are issued before the
+//   arithmetic on this one.
 
-// Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x.
-// rows[r]: the weight row of slot r (already clamped to a valid row). Every lane
+// Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x: the float
+// path. rows[r]: the weight row of slot r (already clamped to a valid row). Every lane
 // gets all sums (out, and out2 when DUAL).
 template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
-METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
-                              thread const uint* rows, uint lane, thread float* out,
-                              thread float* out2) {
+METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device T* gr,
+                                thread const uint* rows, uint lane, thread float* out,
+                                thread float* out2) {
   // The chunk: elements per lane per step, the weight policy's load unit.
   constexpr int C = int(P::CHUNK);
   static_assert(int(P2::CHUNK) == C, "the two policies of a dual GEMV need one chunk size");
@@ -78,6 +87,177 @@ METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T
       out2[r] = simd_sum(s2[r]);
     }
   }
+}
+
+// ---- packed-half path ----------------------------------------------------------------
+// P::HALF_PAIRS when the policy declares it, else 0 (no packed-half path).
+template <typename P, typename = void>
+struct gemv_half_pairs {
+  enum : int { value = 0 };
+};
+template <typename P>
+struct gemv_half_pairs<P, decltype(void(P::HALF_PAIRS))> {
+  enum : int { value = int(P::HALF_PAIRS) };
+};
+
+template <typename T>
+struct gemv_is_half {
+  enum : int { value = 0 };
+};
+template <>
+struct gemv_is_half<half> {
+  enum : int { value = 1 };
+};
+
+template <bool H>
+struct gemv_path {};
+
+// The 16 words u[k] = (x[2k], x[2k+1]) of a chunk as half2 pairs in stride-S order: pair
+// p of block b = p / S is (x[2S b + i], x[2S b + i + S]), i = p % S (S = 2 or 4).
+template <int S>
+METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
+#pragma unroll
+  for (int p = 0; p < 16; ++p) {
+    const int i = p % S;
+    const uint a = u[S * (p / S) + i / 2];
+    const uint b = u[S * (p / S) + i / 2 + S / 2];
+    xh[p] = as_type<half2>((i & 1) ? ((a >> 16u) | (b & 0xFFFF0000u))
+                                   : ((a & 0x0000FFFFu) | (b << 16u)));
+  }
+}
+
+// The packed-half path (T is half; K is a multiple of 32). With GAMMA (x is the
+// un-normalised row, the RMSNorm scale comes later) x * gamma is rounded to half as
+// x * (gamma / 16), so that it overflows only past 16 x 65504; the sums are scaled back
+// by 16 (exact) in float.
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device T* gr,
+                                thread const uint* rows, uint lane, thread float* out,
+                                thread float* out2) {
+  static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
+  constexpr int FULL = K / 32;
+  constexpr int S1 = gemv_half_pairs<P>::value;
+  constexpr int S2 = DUAL ? int(gemv_half_pairs<P2>::value) : S1;
+  const uint key = pol.half_key();
+  const uint key2 = DUAL ? pol2.half_key() : key;
+  float s[ROWS];
+  float s2[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    s[r] = 0.0f;
+    s2[r] = 0.0f;
+  }
+  // Software pipelined: the weights of the lane's next chunk are loaded before the
+  // arithmetic on this one (clamped to the last chunk: branch-free, always in bounds).
+  typename P::HalfChunk ch[ROWS];
+  typename P2::HalfChunk ch2[ROWS];
+  {
+    const int c0 = metal::min(int(lane), FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      ch[r] = pol.load_h(rows[r], c0);
+      if (DUAL) {
+        ch2[r] = pol2.load_h(rows[r], c0);
+      }
+    }
+  }
+  for (int c = int(lane); c < FULL; c += 32) {
+    typename P::HalfChunk nx[ROWS];
+    typename P2::HalfChunk nx2[ROWS];
+    const int cn = metal::min(c + 32, FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      nx[r] = pol.load_h(rows[r], cn);
+      if (DUAL) {
+        nx2[r] = pol2.load_h(rows[r], cn);
+      }
+    }
+    uint u[16];
+    const device uint4* xq = reinterpret_cast<const device uint4*>(xr + c * 32);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint4 v = xq[j];
+      u[4 * j + 0] = v.x;
+      u[4 * j + 1] = v.y;
+      u[4 * j + 2] = v.z;
+      u[4 * j + 3] = v.w;
+    }
+    if (GAMMA) {
+      const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
+      const half2 sixteenth = as_type<half2>(0x2C002C00u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint4 v = gq[j];
+        const uint g[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          u[4 * j + t] = as_type<uint>(as_type<half2>(u[4 * j + t]) *
+                                       (as_type<half2>(g[t]) * sixteenth));
+        }
+      }
+    }
+    // sum(x) in float, from pair sums (one half rounding per pair).
+    float xs0 = 0.0f;
+    float xs1 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
+      xs0 += float(p.x);
+      xs1 += float(p.y);
+    }
+    const float xs = xs0 + xs1;
+    half2 xh[16];
+    half2 xh2[16];
+    gemv_half_pairs_of<S1>(u, xh);
+    if (DUAL) {
+      gemv_half_pairs_of<S2>(u, xh2);
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      s[r] += pol.dot_h(ch[r], xh, xs, key);
+      if (DUAL) {
+        s2[r] += pol2.dot_h(ch2[r], xh2, xs, key2);
+      }
+      ch[r] = nx[r];
+      if (DUAL) {
+        ch2[r] = nx2[r];
+      }
+    }
+  }
+  const float back = GAMMA ? 16.0f : 1.0f;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    out[r] = simd_sum(s[r]) * back;
+    if (DUAL) {
+      out2[r] = simd_sum(s2[r]) * back;
+    }
+  }
+}
+
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
+                                 const device T* gr, thread const uint* rows, uint lane,
+                                 thread float* out, thread float* out2) {
+  gemv_dot_rows_f<P, P2, T, K, ROWS, GAMMA, DUAL>(pol, pol2, xr, gr, rows, lane, out, out2);
+}
+
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T* xr,
+                                 const device T* gr, thread const uint* rows, uint lane,
+                                 thread float* out, thread float* out2) {
+  gemv_dot_rows_h<P, P2, T, K, ROWS, GAMMA, DUAL>(pol, pol2, xr, gr, rows, lane, out, out2);
+}
+
+// Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x, on the
+// packed-half path when x is half and every policy has one, else on the float path.
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
+                              thread const uint* rows, uint lane, thread float* out,
+                              thread float* out2) {
+  constexpr bool H = gemv_is_half<T>::value != 0 && gemv_half_pairs<P>::value > 0 &&
+                     (!DUAL || gemv_half_pairs<P2>::value > 0);
+  gemv_dot_rows_on<P, P2, T, K, ROWS, GAMMA, DUAL>(gemv_path<H>(), pol, pol2, xr, gr, rows,
+                                                   lane, out, out2);
 }
 
 // sums[lane] for lane < ROWS (0 otherwise), without dynamic register indexing.
