@@ -54,6 +54,7 @@ def test_dispatch(rows, threads, n, m, groups):
 
 
 @pytest.mark.parametrize("threads,rows,match", [(100, 4, "THREADS"), (2048, 4, "THREADS"),
+                                                (512, 4, r"\[32, 256\]"),
                                                 (128, 0, "ROWS"), (128, 33, "ROWS")])
 def test_dispatch_rejects_bad_launch(threads, rows, match):
     with pytest.raises(ValueError, match=match):

@@ -42,6 +42,11 @@ DEFAULT_ROWS = 4
 """Output rows per SIMD-group (independent weight loads in flight per lane)."""
 DEFAULT_THREADS = 128
 """Threads per threadgroup (4 SIMD-groups)."""
+MAX_GEMV_THREADS = 256
+"""The GEMV kernels use up to ~128 registers per thread; MLX compiles custom CUDA kernels
+without launch bounds, so a threadgroup of 512 or 1024 such threads needs more registers
+than an SM has, and MLX 0.32.4 does not report the failed launch (the output stays
+uninitialised). The cap keeps every launch within the register file."""
 
 
 def _simds(c):
@@ -77,9 +82,9 @@ def gemv_dispatch(n_rows):
 
     def dispatch(b):
         threads, rows = b.THREADS, b.ROWS
-        if threads % 32 or not 32 <= threads <= 1024:
-            raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in [32, 1024] but "
-                             f"got {threads}.")
+        if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
+            raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in "
+                             f"[32, {MAX_GEMV_THREADS}] but got {threads}.")
         if not 1 <= rows <= 32:
             raise ValueError(f"[gemv] 'ROWS' must be in [1, 32] but got {rows}.")
         per_group = rows * (threads // 32)
