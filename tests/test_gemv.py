@@ -70,8 +70,9 @@ def test_linear_source_metal():
     assert "constexpr int K = 256;" in body and "constexpr int N = 64;" in body
     assert f"constexpr int ROWS = {DEFAULT_ROWS};" in body
     assert f"constexpr int THREADS = {DEFAULT_THREADS};" in body
-    assert (f"gemv_main<PolicyAffine<w_S, 4, 64, K>, T, K, N, ROWS, {DEFAULT_THREADS // 32}>"
+    assert (f"gemv_main<PolicyAffine<w_S, 4, 64, K>, T, K, N, ROWS, {DEFAULT_THREADS // 32}, 1>"
             "(wpol, x, acc, row, index, valid,") in body
+    assert "gemv_partials" in body  # split-K scratch, declared by the stage
     calls = [body.index(s) for s in ("gemv_main<", "ep_bias(", "ep_silu(", "ep_residual(")]
     assert calls == sorted(calls)
     assert "if (valid) { out[index] = static_cast<half>(acc); }" in body
@@ -85,7 +86,26 @@ def test_launch_constants_are_overridable():
     k = linear_kernel(("dense",))
     w = mx.ones((64, 96), mx.float16)
     body = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256).body
-    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8>(" in body
+    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8, 1>(" in body
+    # Split K: every SIMD-group of the threadgroup shares the rows.
+    split = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256, SPLITK=1).body
+    assert "constexpr int SPLITK = 1;" in split and ", ROWS, 8, 8>(" in split
+
+
+@pytest.mark.parametrize("split,rows,n,groups", [(0, 4, 4096, 256), (1, 4, 4096, 1024),
+                                                 (1, 2, 7, 4)])
+def test_split_k_dispatch(split, rows, n, groups):
+    d = gemv_dispatch(lambda b: n)(Bound(x=mx.zeros((1, 8)), ROWS=rows, THREADS=128,
+                                         SPLITK=split))
+    assert d.groups == (groups, 1, 1)
+
+
+def test_split_k_dispatch_rejects_bad_values():
+    with pytest.raises(ValueError, match="'SPLITK'"):
+        gemv_dispatch(lambda b: 8)(Bound(x=mx.zeros((1, 8)), ROWS=4, THREADS=128, SPLITK=2))
+    with pytest.raises(ValueError, match="'ROWS' must be at most 16"):
+        gemv_dispatch(lambda b: 8, dual=True)(Bound(x=mx.zeros((1, 8)), ROWS=32, THREADS=128,
+                                                    SPLITK=1))
 
 
 def test_full_metal_source_has_signature():

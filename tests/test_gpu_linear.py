@@ -170,6 +170,65 @@ def test_norm_qkv_rope(gpu_backend, shape, traditional, dtype):
             assert_close(a, b, dtype, k=k, msg=f"{name} shape={xshape} offset={offset}")
 
 
+@pytest.fixture
+def split_k(monkeypatch, tmp_path):
+    """Every fused GEMV of the ops with split K (the SIMD-groups of a threadgroup share
+    its rows); an empty tuning file, so no stored choice overrides it."""
+    from mlx_foundry.bench import tuner
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "DEFAULT_SPLITK", 1)
+    monkeypatch.setattr(lin, "_TUNED", {})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_split_k_every_op(gpu_backend, split_k, dtype):
+    """Split K over awkward shapes: N below one threadgroup, K not a multiple of the
+    SIMD-group stride, one and several rows, dual (mixed formats) and Q/K/V."""
+    for fmt, n, k in (((4, 64), 203, 2880), ((8, 32), 64, 4128), ("dense", 99, 1000),
+                      ((3, 128), 7, 1152), ((4, 32), 1, 4128)):
+        w = _w(n, k, fmt, dtype, bias=True)
+        for m in (1, 3):
+            x = _x((m, k), dtype)
+            got = linear(x, w, activation="silu", backend=gpu_backend)
+            want = _ref(lambda be: linear(x, w, activation="silu", backend=be))
+            assert_close(got, want, dtype, k=k, msg=f"linear {fmt} n={n} k={k} m={m}")
+    w = _w(150, 2880, (4, 64), dtype)
+    g = (1 + 0.1 * mx.random.normal((2880,))).astype(dtype)
+    x, r = _x((2, 2880), dtype), _x((2, 150), dtype)
+    got = norm_linear(x, g, 1e-5, w, residual=r, backend=gpu_backend)
+    assert_close(got, _ref(lambda be: norm_linear(x, g, 1e-5, w, residual=r, backend=be)),
+                 dtype, k=2880, msg="norm_linear")
+    for gf, uf, k in (((4, 64), (4, 64), 2880), ((8, 32), "dense", 4128)):
+        gate, up = _w(150, k, gf, dtype), _w(150, k, uf, dtype)
+        gk = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+        x = _x((1, 1, k), dtype)
+        got = norm_gate_up_swiglu(x, gk, 1e-6, gate, up, backend=gpu_backend)
+        want = _ref(lambda be: norm_gate_up_swiglu(x, gk, 1e-6, gate, up, backend=be))
+        assert_close(got, want, dtype, k=k, msg=f"gate_up {gf}/{uf}")
+    for h, kvh, d, k, fmts in QKV_SHAPES[:2]:
+        q, kk, v = (_w(h * d, k, fmts[0], dtype), _w(kvh * d, k, fmts[1], dtype),
+                    _w(kvh * d, k, fmts[2], dtype))
+        for trad in (False, True):
+            x = _x((1, 2, k), dtype)
+            kw = dict(n_heads=h, n_kv_heads=kvh, head_dim=d, offset=33, rope_traditional=trad)
+            got = norm_qkv_rope(x, None, 1e-5, q, kk, v, **kw, backend=gpu_backend)
+            want = _ref(lambda be: norm_qkv_rope(x, None, 1e-5, q, kk, v, **kw, backend=be))
+            for name, a, b in zip("qkv", got, want):
+                assert_close(a, b, dtype, k=k, msg=f"qkv {name} d={d} trad={trad}")
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("rows,threads", [(1, 32), (8, 256), (3, 96), (16, 64)])
+def test_split_k_launch_parameters(gpu_backend, rows, threads, dtype):
+    k = 2880
+    w = _w(203, k, (4, 64), dtype)
+    x = _x((2, k), dtype)
+    kern = linear_kernel(w.signature())
+    got = kern(x=x, **w.inputs("w"), ROWS=rows, THREADS=threads, SPLITK=1, backend=gpu_backend)
+    assert_close(got, _ref(lambda be: linear(x, w, backend=be)), dtype, k=k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_norm_qkv_rope_biases(gpu_backend, with_weight, dtype):

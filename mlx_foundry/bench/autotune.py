@@ -26,9 +26,10 @@ DEFAULT_ROWS = (1, 2, 4, 8)
 DEFAULT_THREADS = (64, 128, 256)
 
 
-def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS):
-    """``[{"ROWS": r, "THREADS": t}, ...]``, every combination."""
-    return [{"ROWS": r, "THREADS": t} for r, t in itertools.product(rows, threads)]
+def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
+    """``[{"ROWS": r, "THREADS": t, "SPLITK": s}, ...]``, every combination."""
+    return [{"ROWS": r, "THREADS": t, "SPLITK": s}
+            for r, t, s in itertools.product(rows, threads, split)]
 
 
 def kernel_key(kern, backend):
@@ -153,7 +154,7 @@ def _captured(make, backend):
             op(*args, backend=backend, **kwargs)
         (program, a, kw), = launches
         assert not a
-        kw = {k: v for k, v in kw.items() if k not in ("ROWS", "THREADS")}
+        kw = {k: v for k, v in kw.items() if k not in ("ROWS", "THREADS", "SPLITK")}
         found.append(program)
         return (kw,)
 

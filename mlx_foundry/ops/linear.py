@@ -18,7 +18,8 @@ from ..compound import CompoundKernel
 from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
-from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, gemv_decls, gemv_dispatch,
+from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, gemv_decls,
+                           gemv_dispatch,
                            gemv_dual_stage, gemv_stage, qkv_rope_stage)
 from ..stages.norm import rms_norm_prologue
 from ..types import dtype_name
@@ -94,7 +95,8 @@ def _launch(kern, w, x, backend, *, n=None, default=None):
     rows when they are not ``w``'s (Q/K/V: all three projections). Resolved once per
     kernel, backend and shape: afterwards one dictionary lookup.
     """
-    default = default or {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS}
+    default = default or {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
+                          "SPLITK": DEFAULT_SPLITK}
     if backend == "reference":
         return default
     m = x.size // x.shape[-1]
@@ -108,7 +110,8 @@ def _launch(kern, w, x, backend, *, n=None, default=None):
 
             found = lookup_linear(kern, n, w.in_features, m, backend)
             if found:
-                params = {"ROWS": int(found["ROWS"]), "THREADS": int(found["THREADS"])}
+                params = {"ROWS": int(found["ROWS"]), "THREADS": int(found["THREADS"]),
+                          "SPLITK": int(found.get("SPLITK", DEFAULT_SPLITK))}
         except Exception:  # noqa: BLE001 - tuning is an optimisation: never fail a launch
             pass
         _TUNED[key] = params
@@ -193,7 +196,7 @@ def gate_up_kernel(gate_sig, up_sig, *, norm="weight"):
     name = "_".join(["norm_gate_up_swiglu", *map(str, gate_sig), *map(str, up_sig)])
     return CompoundKernel(name, prologues=prologues, main=gemv_dual_stage(pg, pu, decls),
                           epilogues=epilogues, outputs=[out],
-                          dispatch=gemv_dispatch(lambda b: b.wg.shape[0]))
+                          dispatch=gemv_dispatch(lambda b: b.wg.shape[0], dual=True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -465,9 +468,10 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
             args[name] = _as_x_dtype(b, x)
     rows = DEFAULT_ROWS if head_dim % DEFAULT_ROWS == 0 else 2
     launch = _launch(kern, wq, x, be, n=wq.out_features + 2 * wk.out_features,
-                     default={"ROWS": rows, "THREADS": DEFAULT_THREADS})
+                     default={"ROWS": rows, "THREADS": DEFAULT_THREADS,
+                              "SPLITK": DEFAULT_SPLITK})
     if head_dim % launch["ROWS"]:  # a tuned choice for another head_dim
-        launch = {"ROWS": rows, "THREADS": DEFAULT_THREADS}
+        launch = {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": DEFAULT_SPLITK}
     return kern(backend=be, **args, HEAD_DIM=head_dim, **launch)
 
 

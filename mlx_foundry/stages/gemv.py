@@ -42,6 +42,8 @@ DEFAULT_ROWS = 4
 """Output rows per SIMD-group (independent weight loads in flight per lane)."""
 DEFAULT_THREADS = 128
 """Threads per threadgroup (4 SIMD-groups)."""
+DEFAULT_SPLITK = 0
+"""1: the SIMD-groups of a threadgroup share its rows and split K (see gemv.metal)."""
 MAX_GEMV_THREADS = 256
 """The GEMV kernels use up to ~128 registers per thread; MLX compiles custom CUDA kernels
 without launch bounds, so a threadgroup of 512 or 1024 such threads needs more registers
@@ -51,6 +53,15 @@ uninitialised). The cap keeps every launch within the register file."""
 
 def _simds(c):
     return str(c["THREADS"] // 32)
+
+
+def _split(c):
+    """SIMD-groups sharing a threadgroup's rows: all of them when ``SPLITK``, else 1."""
+    return _simds(c) if c["SPLITK"] else "1"
+
+
+# Partial sums of split K (SIMDS x ROWS floats, twice for a dual GEMV; ROWS <= 16 there).
+GEMV_THREADGROUP = ("float gemv_partials[THREADS]",)
 
 
 def gemv_decls(with_gamma=False):
@@ -63,6 +74,7 @@ def gemv_decls(with_gamma=False):
         "K": Constant("K", value=lambda b: b.x.shape[-1]),
         "ROWS": Constant("ROWS", value=DEFAULT_ROWS),
         "THREADS": Constant("THREADS", value=DEFAULT_THREADS),
+        "SPLITK": Constant("SPLITK", value=DEFAULT_SPLITK),
     }
     if with_gamma:
         d["norm_weight"] = Tensor("norm_weight", FLOAT_DTYPES, ndim=1)
@@ -77,17 +89,22 @@ def _x_rows(b):
     return xf
 
 
-def gemv_dispatch(n_rows):
+def gemv_dispatch(n_rows, *, dual=False):
     """``dispatch(bound)`` for ``n_rows(bound)`` output rows per batch row of ``x``."""
 
     def dispatch(b):
-        threads, rows = b.THREADS, b.ROWS
+        threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", 0)
+        if split not in (0, 1):
+            raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
+        if split and dual and rows > 16:
+            raise ValueError(f"[gemv] 'ROWS' must be at most 16 with 'SPLITK' in a dual GEMV "
+                             f"but got {rows}.")
         if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
             raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in "
                              f"[32, {MAX_GEMV_THREADS}] but got {threads}.")
         if not 1 <= rows <= 32:
             raise ValueError(f"[gemv] 'ROWS' must be in [1, 32] but got {rows}.")
-        per_group = rows * (threads // 32)
+        per_group = rows if split else rows * (threads // 32)
         m = b.x.size // b.x.shape[-1]
         return DispatchConfig((-(-n_rows(b) // per_group), m), (threads, 1))
 
@@ -104,7 +121,7 @@ def gemv_stage(policy, decls, *, n="N"):
     gamma = "norm_weight" in decls
     N = Constant(n, value=lambda b: b[policy.prefix].shape[0])
     args = [decls["x"]] + ([decls["norm_weight"]] if gamma else [])
-    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"]]
+    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"]]
 
     def reference(b, v):
         return {"acc": _x_rows(b) @ policy.dequantize(b).T}
@@ -113,8 +130,8 @@ def gemv_stage(policy, decls, *, n="N"):
         "gemv_norm" if gamma else "gemv", function="gemv_norm_main" if gamma else "gemv_main",
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args, policies={"wpol": policy},
         produces=dict(GEMV_VALUES),
-        template=(policy.metal_type(), "T", "K", n, "ROWS", _simds),
-        attributes=GEMV_ATTRIBUTES, reference=reference)
+        template=(policy.metal_type(), "T", "K", n, "ROWS", _simds, _split),
+        attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
 
 
 def gemv_dual_stage(gate, up, decls, *, n="N"):
@@ -122,7 +139,7 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
     gamma = "norm_weight" in decls
     N = Constant(n, value=lambda b: b[gate.prefix].shape[0])
     args = [decls["x"]] + ([decls["norm_weight"]] if gamma else [])
-    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"]]
+    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"]]
 
     def reference(b, v):
         xf = _x_rows(b)
@@ -135,8 +152,8 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
         function="gemv_dual_norm_main" if gamma else "gemv_dual_main",
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args,
         policies={"gpol": gate, "upol": up}, produces=produces,
-        template=(gate.metal_type(), up.metal_type(), "T", "K", n, "ROWS", _simds),
-        attributes=GEMV_ATTRIBUTES, reference=reference)
+        template=(gate.metal_type(), up.metal_type(), "T", "K", n, "ROWS", _simds, _split),
+        attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
 
 
 def rope_rotate(t, positions, inv_freq, traditional):
@@ -176,7 +193,7 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
         args += [Tensor(f"{p}_bias", FLOAT_DTYPES, ndim=1) for p in "qkv"]
     args += [Tensor("rope_inv_freq", mx.float32, ndim=1), Scalar("seq_len", u32),
              Scalar("rope_offset", i32), Scalar("rope_scale", f32)] + outs
-    args += [decls["T"], decls["K"], decls["ROWS"], decls["THREADS"]] + consts
+    args += [decls["T"], decls["K"], decls["ROWS"], decls["THREADS"], decls["SPLITK"]] + consts
 
     def reference(b, v):
         xf = _x_rows(b)
@@ -202,5 +219,6 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
         source=QKV_SOURCE, includes=GEMV_INCLUDES + (GEMV_SOURCE,), args=args,
         policies={"qpol": pq, "kpol": pk, "vpol": pv}, consumes={"inv_rms": "float"},
         template=(pq.metal_type(), pk.metal_type(), pv.metal_type(), "T", "K", "NQ", "NKV",
-                  "HEAD_DIM", "ROWS", _simds, bool(traditional)),
-        attributes=GEMV_ATTRIBUTES, reference=reference, writes_output=True)
+                  "HEAD_DIM", "ROWS", _simds, _split, bool(traditional)),
+        attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference,
+        writes_output=True)

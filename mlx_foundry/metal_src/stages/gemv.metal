@@ -7,6 +7,10 @@
 // (times the norm weight when fused with RMSNorm) and dots it with the same chunk of
 // its ROWS weight rows (ROWS independent wide loads in flight). After the SIMD
 // reduction lane r (< ROWS) holds row r of the group: acc, row, index, valid.
+// Split K (SPLIT == SIMDS): the SIMD-groups of a threadgroup share its ROWS rows instead,
+// each takes every SIMDS-th stride of K, and SIMD-group 0 adds their sums (threadgroup
+// memory `gemv_partials`, THREADS floats): SIMDS times the loads in flight per row,
+// for shapes with few rows (N = 4096) that would otherwise leave most SMs idle.
 //
 // Two paths, chosen at compile time by gemv_dot_rows:
 // - float (any policy and activation type): x converted to float, policy.dot_chunk;
@@ -20,10 +24,11 @@
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x: the float
 // path. rows[r]: the weight row of slot r (already clamped to a valid row). Every lane
 // gets all sums (out, and out2 when DUAL).
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+          int SPLIT>
 METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device T* gr,
-                                thread const uint* rows, uint lane, thread float* out,
-                                thread float* out2) {
+                                thread const uint* rows, uint lane, uint part,
+                                thread float* out, thread float* out2) {
   // The chunk: elements per lane per step, the weight policy's load unit.
   constexpr int C = int(P::CHUNK);
   static_assert(int(P2::CHUNK) == C, "the two policies of a dual GEMV need one chunk size");
@@ -37,7 +42,7 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device
     s[r] = 0.0f;
     s2[r] = 0.0f;
   }
-  for (int c = int(lane); c < FULL; c += 32) {
+  for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
     float xv[C];
     dense_load<T, C, XVEC>(xr + c * C, xv);
     if (GAMMA) {
@@ -61,7 +66,7 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device
       }
     }
   }
-  if (TAIL > 0 && int(lane) == FULL % 32) {
+  if (TAIL > 0 && int(lane) == FULL % 32 && int(part) == (FULL / 32) % SPLIT) {
     float xv[C];
     dense_load_tail<T, C>(xr + FULL * C, TAIL, xv);
     if (GAMMA) {
@@ -130,10 +135,11 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
 // un-normalised row, the RMSNorm scale comes later) x * gamma is rounded to half as
 // x * (gamma / 16), so that it overflows only past 16 x 65504; the sums are scaled back
 // by 16 (exact) in float.
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+          int SPLIT>
 METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device T* gr,
-                                thread const uint* rows, uint lane, thread float* out,
-                                thread float* out2) {
+                                thread const uint* rows, uint lane, uint part,
+                                thread float* out, thread float* out2) {
   static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
   constexpr int FULL = K / 32;
   constexpr int S1 = gemv_half_pairs<P>::value;
@@ -152,7 +158,7 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   typename P::HalfChunk ch[ROWS];
   typename P2::HalfChunk ch2[ROWS];
   {
-    const int c0 = metal::min(int(lane), FULL - 1);
+    const int c0 = metal::min(int(lane) + 32 * int(part), FULL - 1);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       ch[r] = pol.load_h(rows[r], c0);
@@ -161,10 +167,10 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
       }
     }
   }
-  for (int c = int(lane); c < FULL; c += 32) {
+  for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
     typename P::HalfChunk nx[ROWS];
     typename P2::HalfChunk nx2[ROWS];
-    const int cn = metal::min(c + 32, FULL - 1);
+    const int cn = metal::min(c + 32 * SPLIT, FULL - 1);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       nx[r] = pol.load_h(rows[r], cn);
@@ -234,30 +240,71 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   }
 }
 
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+          int SPLIT>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
                                  const device T* gr, thread const uint* rows, uint lane,
-                                 thread float* out, thread float* out2) {
-  gemv_dot_rows_f<P, P2, T, K, ROWS, GAMMA, DUAL>(pol, pol2, xr, gr, rows, lane, out, out2);
+                                 uint part, thread float* out, thread float* out2) {
+  gemv_dot_rows_f<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
+                                                         out, out2);
 }
 
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+          int SPLIT>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T* xr,
                                  const device T* gr, thread const uint* rows, uint lane,
-                                 thread float* out, thread float* out2) {
-  gemv_dot_rows_h<P, P2, T, K, ROWS, GAMMA, DUAL>(pol, pol2, xr, gr, rows, lane, out, out2);
+                                 uint part, thread float* out, thread float* out2) {
+  gemv_dot_rows_h<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
+                                                         out, out2);
 }
 
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x, on the
 // packed-half path when x is half and every policy has one, else on the float path.
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL>
+// SPLIT SIMD-groups share the rows: this one (part, 0 <= part < SPLIT) takes every
+// SPLIT-th 32-chunk stride of K; the caller adds the SPLIT partial sums.
+template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+          int SPLIT>
 METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
-                              thread const uint* rows, uint lane, thread float* out,
-                              thread float* out2) {
+                              thread const uint* rows, uint lane, uint part,
+                              thread float* out, thread float* out2) {
   constexpr bool H = gemv_is_half<T>::value != 0 && gemv_half_pairs<P>::value > 0 &&
                      (!DUAL || gemv_half_pairs<P2>::value > 0);
-  gemv_dot_rows_on<P, P2, T, K, ROWS, GAMMA, DUAL>(gemv_path<H>(), pol, pol2, xr, gr, rows,
-                                                   lane, out, out2);
+  gemv_dot_rows_on<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(gemv_path<H>(), pol, pol2, xr, gr,
+                                                          rows, lane, part, out, out2);
+}
+
+// Split K: adds the partial sums of the SPLIT SIMD-groups of a threadgroup (which all
+// hold the same rows) through threadgroup memory (SPLIT * ROWS floats, twice when
+// DUAL); SIMD-group 0 gets the totals. Every thread of the threadgroup must call it.
+template <int ROWS, int SPLIT, bool DUAL>
+METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, uint sg, uint lane,
+                               threadgroup float* partials) {
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      partials[sg * uint(ROWS) + uint(r)] = sums[r];
+      if (DUAL) {
+        partials[uint(SPLIT * ROWS) + sg * uint(ROWS) + uint(r)] = sums2[r];
+      }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    float t = 0.0f;
+    float t2 = 0.0f;
+#pragma unroll
+    for (int p = 0; p < SPLIT; ++p) {
+      t += partials[p * ROWS + r];
+      if (DUAL) {
+        t2 += partials[SPLIT * ROWS + p * ROWS + r];
+      }
+    }
+    sums[r] = t;
+    if (DUAL) {
+      sums2[r] = t2;
+    }
+  }
 }
 
 // sums[lane] for lane < ROWS (0 otherwise), without dynamic register indexing.
@@ -272,20 +319,23 @@ METAL_FUNC float gemv_pick(thread const float* sums, uint lane) {
 }
 
 template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, bool GAMMA,
-          bool DUAL>
+          bool DUAL, int SPLIT>
 METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T* gamma,
                                thread float& acc, thread float& acc2, thread uint& row,
                                thread uint& index, thread bool& valid, uint3 tg_pos,
-                               uint sg, uint lane) {
+                               uint sg, uint lane, threadgroup float* partials) {
+  static_assert(SPLIT == 1 || SPLIT == SIMDS, "split K: 1 or every SIMD-group");
   const uint m = tg_pos.y;
-  const uint row0 = (tg_pos.x * uint(SIMDS) + sg) * uint(ROWS);
+  // Split K: the whole threadgroup holds ROWS rows (a uniform early return below).
+  const uint row0 = (SPLIT > 1 ? tg_pos.x : tg_pos.x * uint(SIMDS) + sg) * uint(ROWS);
+  const uint part = SPLIT > 1 ? sg : 0u;
   acc = 0.0f;
   acc2 = 0.0f;
   row = row0 + lane;
   index = m * uint(N) + row;
-  valid = lane < uint(ROWS) && row < uint(N);
+  valid = lane < uint(ROWS) && row < uint(N) && part == 0u;
   if (row0 >= uint(N)) {
-    return;  // the whole SIMD-group is past the last row
+    return;  // the whole SIMD-group (threadgroup when split) is past the last row
   }
   uint rows[ROWS];
 #pragma unroll
@@ -294,8 +344,11 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
   }
   float sums[ROWS];
   float sums2[ROWS];
-  gemv_dot_rows<P, P2, T, K, ROWS, GAMMA, DUAL>(pol, pol2, x + m * uint(K), gamma, rows,
-                                                lane, sums, sums2);
+  gemv_dot_rows<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(pol, pol2, x + m * uint(K), gamma,
+                                                       rows, lane, part, sums, sums2);
+  if (SPLIT > 1) {
+    gemv_split_sum<ROWS, SPLIT, DUAL>(sums, sums2, sg, lane, partials);
+  }
   acc = gemv_pick<ROWS>(sums, lane);
   if (DUAL) {
     acc2 = gemv_pick<ROWS>(sums2, lane);
@@ -304,40 +357,45 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
 
 // ---- stage functions ------------------------------------------------------------------
 // acc = dot(W[row], x[m]).
-template <typename P, typename T, int K, int N, int ROWS, int SIMDS>
+template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_main(P wpol, const device T* x, thread float& acc, thread uint& row,
                           thread uint& index, thread bool& valid, uint3 tg_pos, uint sg,
-                          uint lane) {
+                          uint lane, threadgroup float* gemv_partials) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, false, false>(
-      wpol, wpol, x, x, acc, unused, row, index, valid, tg_pos, sg, lane);
+  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, false, false, SPLIT>(
+      wpol, wpol, x, x, acc, unused, row, index, valid, tg_pos, sg, lane, gemv_partials);
 }
 
 // acc = dot(W[row], x[m] * norm_weight) (the RMSNorm scale epilogue applies inv_rms).
-template <typename P, typename T, int K, int N, int ROWS, int SIMDS>
+template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_norm_main(P wpol, const device T* x, const device T* norm_weight,
                                thread float& acc, thread uint& row, thread uint& index,
-                               thread bool& valid, uint3 tg_pos, uint sg, uint lane) {
+                               thread bool& valid, uint3 tg_pos, uint sg, uint lane,
+                               threadgroup float* gemv_partials) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, true, false>(
-      wpol, wpol, x, norm_weight, acc, unused, row, index, valid, tg_pos, sg, lane);
+  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, true, false, SPLIT>(
+      wpol, wpol, x, norm_weight, acc, unused, row, index, valid, tg_pos, sg, lane,
+      gemv_partials);
 }
 
 // Gate and up projections sharing the x loads: acc = gate row, acc2 = up row
 // (produced values in declaration order: acc, row, index, valid, acc2).
-template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS>
+template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_dual_main(P gpol, P2 upol, const device T* x, thread float& acc,
                                thread uint& row, thread uint& index, thread bool& valid,
-                               thread float& acc2, uint3 tg_pos, uint sg, uint lane) {
-  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, false, true>(
-      gpol, upol, x, x, acc, acc2, row, index, valid, tg_pos, sg, lane);
+                               thread float& acc2, uint3 tg_pos, uint sg, uint lane,
+                               threadgroup float* gemv_partials) {
+  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, false, true, SPLIT>(
+      gpol, upol, x, x, acc, acc2, row, index, valid, tg_pos, sg, lane, gemv_partials);
 }
 
-template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS>
+template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_dual_norm_main(P gpol, P2 upol, const device T* x,
                                     const device T* norm_weight, thread float& acc,
                                     thread uint& row, thread uint& index, thread bool& valid,
-                                    thread float& acc2, uint3 tg_pos, uint sg, uint lane) {
-  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, true, true>(
-      gpol, upol, x, norm_weight, acc, acc2, row, index, valid, tg_pos, sg, lane);
+                                    thread float& acc2, uint3 tg_pos, uint sg, uint lane,
+                                    threadgroup float* gemv_partials) {
+  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, true, true, SPLIT>(
+      gpol, upol, x, norm_weight, acc, acc2, row, index, valid, tg_pos, sg, lane,
+      gemv_partials);
 }
