@@ -12,6 +12,11 @@ inputs::
     a       = norm_gate_up_swiglu(h)           # post-attention RMSNorm + gate/up + SwiGLU
     out     = linear(a, down_proj, residual=h) # down projection + residual
 
+The model's own output projection (``lm_head``, when the embeddings are not
+tied) runs through the fused GEMV for decode-sized inputs too.  Every fused op
+launches through a prepared launch (:mod:`mlx_foundry.prepared`) built on
+first use per input shape, and built again when a module's arrays change.
+
 Blocks (or the attention / MLP half of a block) that cannot be fused keep
 their original code, and the :class:`PatchReport` says why.  At call time a
 block whose input has more rows than ``max_rows`` (prefill) runs its
@@ -72,6 +77,8 @@ class PatchReport:
         """Paths of the blocks that run at least one fused half."""
         seen = []
         for path, _ in self.fused:
+            if path == "lm_head":
+                continue
             block = path.rsplit(".", 1)[0] if path.endswith((".self_attn", ".mlp")) else path
             if block not in seen:
                 seen.append(block)
@@ -563,6 +570,92 @@ def _patched_class(cls):
 
 
 # ------------------------------------------------------------------------------------
+# The output projection (lm_head)
+# ------------------------------------------------------------------------------------
+_HEAD_ATTR = "_mlx_foundry_head"
+
+
+class _HeadPlan:
+    """A patched ``lm_head``: its prepared launches per input shape, and call counters."""
+
+    def __init__(self, original_class, backend, max_rows):
+        self.original_class = original_class
+        self.backend = backend
+        self.max_rows = max_rows
+        self.launches = {}        # (x.shape, x.dtype) -> PreparedLaunch or False
+        self.arrays = None        # the module's arrays the launches captured
+        self.stats = Counter()
+
+
+def _head_call(self, x):
+    plan = self.__dict__.get(_HEAD_ATTR)
+    original = plan.original_class if plan is not None else type(self).__mro__[1]
+    if plan is None or x.ndim < 2 or x.size // x.shape[-1] > plan.max_rows:
+        return original.__call__(self, x)
+    get = dict.get
+    arrays = (get(self, "weight"), get(self, "scales"), get(self, "biases"), get(self, "bias"))
+    captured = plan.arrays
+    if captured is None or any(a is not b for a, b in zip(arrays, captured)):
+        plan.launches.clear()
+        plan.arrays = arrays
+    key = (x.shape, x.dtype)
+    launch = plan.launches.get(key)
+    if launch is None:
+        # (patch() checked the module; its class is now our subclass, so build the view
+        # directly rather than through _weight_problem's exact-class test.)
+        try:
+            launch = _prepare(_ops().linear, x, _to_weight(self), vary={"x": x},
+                              backend=plan.backend)
+        except (TypeError, ValueError):
+            launch = False
+        plan.launches[key] = launch
+    if not launch:
+        plan.stats["original"] += 1
+        return original.__call__(self, x)
+    plan.stats["fused"] += 1
+    return launch(x)
+
+
+_HEAD_CLASSES = {}
+
+
+def _head_class(cls):
+    sub = _HEAD_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Fused{cls.__name__}", (cls,), {
+            "__call__": _head_call,
+            "__module__": __name__,
+            "__doc__": f"{cls.__name__} whose decode-sized calls run mlx_foundry's GEMV.",
+        })
+        _HEAD_CLASSES[cls] = sub
+    return sub
+
+
+def _patch_head(model, report, backend, max_rows):
+    """Fuse ``model.lm_head`` (a separate output projection) when the GEMV can read it."""
+    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
+    if head is None:
+        return  # tied embeddings: the embedding's as_linear, left to MLX
+    why = _weight_problem(head) if isinstance(head, nn.Module) else "not a module"
+    if why:
+        report.skipped.append(("lm_head", why))
+        return
+    object.__setattr__(head, _HEAD_ATTR, _HeadPlan(type(head), backend, max_rows))
+    head.__class__ = _head_class(type(head))
+    report.fused.append(("lm_head", f"linear ({_weight_summary(head)})"))
+
+
+def _unpatch_head(model):
+    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
+    plan = head.__dict__.get(_HEAD_ATTR) if isinstance(head, nn.Module) else None
+    if plan is None:
+        return 0
+    head.__class__ = plan.original_class
+    object.__delattr__(head, _HEAD_ATTR)
+    return 1
+
+
+# ------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------
 def _model_type(model):
@@ -592,7 +685,7 @@ def _default_max_rows():
     return int(getattr(mod, "PREFILL_ROWS", _DEFAULT_MAX_ROWS))
 
 
-def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True):
+def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_head=True):
     """Fuse the decode path of an mlx-lm model's transformer blocks, in place.
 
     Args:
@@ -606,6 +699,8 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True):
             ``mlx_foundry.ops.linear.PREFILL_ROWS``.
         attention (bool): fuse the attention half of each block. Default: ``True``.
         mlp (bool): fuse the MLP half of each block. Default: ``True``.
+        lm_head (bool): run the model's output projection (when it has its own, not
+            tied to the embeddings) through the fused GEMV. Default: ``True``.
 
     Returns:
         PatchReport: what was fused and what was left as it was, and why.
@@ -675,6 +770,8 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True):
                           max_rows)
         object.__setattr__(block, _PLAN_ATTR, plan)
         block.__class__ = _patched_class(type(block))
+    if lm_head:
+        _patch_head(model, report, backend, max_rows)
     object.__setattr__(model, _REPORT_ATTR, report)
     return report
 
@@ -697,6 +794,7 @@ def unpatch(model):
         block.__class__ = plan.original_class
         object.__delattr__(block, _PLAN_ATTR)
         n += 1
+    _unpatch_head(model)
     model.__dict__.pop(_REPORT_ATTR, None)
     return n
 
@@ -704,7 +802,9 @@ def unpatch(model):
 def is_patched(model):
     """Whether :func:`patch` changed any block of ``model``."""
     _, blocks = _blocks(model)
-    return any(isinstance(b, nn.Module) and _PLAN_ATTR in b.__dict__ for b in blocks or [])
+    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
+    return (any(isinstance(b, nn.Module) and _PLAN_ATTR in b.__dict__ for b in blocks or [])
+            or (isinstance(head, nn.Module) and _HEAD_ATTR in head.__dict__))
 
 
 def patch_stats(model):
@@ -719,4 +819,8 @@ def patch_stats(model):
         plan = b.__dict__.get(_PLAN_ATTR) if isinstance(b, nn.Module) else None
         if plan is not None:
             out[plan.path] = Counter(plan.stats)
+    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
+    plan = head.__dict__.get(_HEAD_ATTR) if isinstance(head, nn.Module) else None
+    if plan is not None:
+        out["lm_head"] = Counter(plan.stats)
     return out

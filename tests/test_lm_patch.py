@@ -87,7 +87,7 @@ def check_parity(model, dtype, *, cache_fn=None, steps=STEPS, tol_dtype=None, **
 
 def fused_calls(stats, what="fused attention"):
     """Fused calls of the least-used patched block."""
-    return min(c[what] for c in stats.values())
+    return min(c[what] for path, c in stats.items() if path != "lm_head")
 
 
 # ------------------------------------------------------------------------------------
@@ -101,7 +101,9 @@ def test_dense_greedy_parity(model_type, dtype):
     assert len(report.patched_blocks) == 2
     assert [p for p, _ in report.fused] == [
         "model.layers.0.self_attn", "model.layers.0.mlp",
-        "model.layers.1.self_attn", "model.layers.1.mlp"]
+        "model.layers.1.self_attn", "model.layers.1.mlp", "lm_head"]
+    # Every decode step's logits came from the fused GEMV (the prompt's from MLX).
+    assert stats["lm_head"]["fused"] >= STEPS - 1
     # Every decode step ran fused in every block; the prompt too (under max_rows).
     assert fused_calls(stats) >= STEPS
     assert fused_calls(stats, "fused mlp") >= STEPS
@@ -376,3 +378,31 @@ def test_lazy_import():
             "assert 'mlx_foundry.lm' not in sys.modules; print(mf.patch.__doc__ is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------------------------
+# lm_head
+# ------------------------------------------------------------------------------------
+def test_lm_head_fused_and_restored():
+    model = tiny_model("llama", quant=(32, 4))
+    cls = type(model.lm_head)
+    report = mf.patch(model, backend=BACKEND)
+    try:
+        assert ("lm_head", "linear (affine 4-bit g32)") in report.fused
+        assert type(model.lm_head) is not cls and isinstance(model.lm_head, cls)
+        assert len(report.patched_blocks) == 2  # the head is not a block
+    finally:
+        mf.unpatch(model)
+    assert type(model.lm_head) is cls and "_mlx_foundry_head" not in model.lm_head.__dict__
+    assert not lm.is_patched(model)
+
+
+def test_lm_head_option_and_tied_embeddings():
+    model = tiny_model("llama")
+    report = mf.patch(model, backend=BACKEND, lm_head=False)
+    mf.unpatch(model)
+    assert all(p != "lm_head" for p, _ in report.fused + report.skipped)
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    report = mf.patch(tied, backend=BACKEND)
+    mf.unpatch(tied)
+    assert all(p != "lm_head" for p, _ in report.fused)

@@ -167,3 +167,24 @@ def test_prepared_launches_follow_new_weights(monkeypatch):
         mf.unpatch(model)
     assert_close(patched, step_logits(), mx.float32, k=64)
     assert not mx.allclose(patched, mx.zeros_like(patched)).item()
+
+
+def test_fused_lm_head_follows_new_weights(monkeypatch):
+    """The fused lm_head reads the arrays the module holds now, not the ones it prepared."""
+    pytest.importorskip("mlx_lm")
+    from mlx_foundry import lm
+
+    record = fake_gpu(monkeypatch)
+    model = _tiny("llama")
+    x = mx.random.normal((1, 1, 64), key=mx.random.key(3))
+    mf.patch(model, backend="cuda")
+    try:
+        first = model.lm_head(x)
+        model.lm_head.scales = model.lm_head.scales * 2.0
+        second = model.lm_head(x)
+        stats = lm.patch_stats(model)["lm_head"]
+    finally:
+        mf.unpatch(model)
+    assert stats["fused"] == 2 and record.total() == 2
+    assert_close(second, model.lm_head(x), mx.float32, k=64)
+    assert not mx.allclose(first, second).item()
