@@ -99,20 +99,51 @@ def random_quantized_model(config=None, *, bits=4, group_size=64, dtype=mx.float
     return model
 
 
-def greedy_decode(model, prompt, steps):
+def greedy_decode(model, prompt, steps, *, margins=False):
     """Greedy tokens through ``mlx_lm.generate.generate_step`` and decode tokens/s.
 
+    Args:
+        margins (bool): also return, per step, the log-probability gap between the
+            chosen token and the runner-up (computed after the timed loop).
+
     Returns:
-        (list of int, float): the tokens and tokens/s over the decode steps.
+        (list of int, float[, list of float]): the tokens, tokens/s over the decode
+        steps[, the margins].
     """
     from mlx_lm.generate import generate_step
 
-    tokens, times = [], []
-    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=steps):
+    tokens, times, logps = [], [], []
+    for tok, lp in generate_step(mx.array(prompt), model, max_tokens=steps):
         tokens.append(int(tok))
         times.append(time.perf_counter())
+        if margins:
+            logps.append(lp)
     tok_s = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
-    return tokens, tok_s
+    if not margins:
+        return tokens, tok_s
+    gaps = []
+    for lp in logps:
+        top2 = mx.topk(lp.astype(mx.float32).reshape(-1), 2)
+        gaps.append(float(mx.max(top2) - mx.min(top2)))
+    return tokens, tok_s, gaps
+
+
+def forced_argmax(model, prompt, tokens):
+    """The model's greedy choice at every step when fed ``tokens`` (teacher forcing).
+
+    Decode steps run one token at a time through the model's KV cache, so a patched
+    model takes its fused decode path; a free-running comparison stops being
+    informative after the first differing token, this one compares every step.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompt)[None], cache=cache)[:, -1]
+    preds = [int(mx.argmax(logits, axis=-1).item())]
+    for t in tokens[:-1]:
+        logits = model(mx.array([[t]]), cache=cache)[:, -1]
+        preds.append(int(mx.argmax(logits, axis=-1).item()))
+    return preds
 
 
 def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=4,
@@ -161,12 +192,18 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         return toks, best
 
     ref_tokens, ref_tps = run()
+    _, _, ref_margins = greedy_decode(model, prompt, steps, margins=True)
     report = patch(model, backend=backend)
     try:
         tokens, tps = run()
         stats = {k: dict(v) for k, v in patch_stats(model).items()}
+        forced = forced_argmax(model, prompt, ref_tokens)
     finally:
         unpatch(model)
+    # Steps where the patched model, fed the unpatched tokens, chooses another token, and
+    # how close the unpatched runner-up was there (log-probability gap).
+    disagree = [(i, ref_margins[i]) for i, (a, b) in enumerate(zip(forced, ref_tokens))
+                if a != b]
     mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
     if mismatch is None and len(tokens) != len(ref_tokens):
         mismatch = min(len(tokens), len(ref_tokens))
@@ -190,6 +227,8 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         "prompt_tokens": len(prompt),
         "tokens_equal": mismatch is None,
         "first_mismatch": mismatch,
+        "forced_disagreements": [{"step": i, "unpatched_margin": m} for i, m in disagree],
+        "smallest_unpatched_margin": min(ref_margins) if ref_margins else None,
         "unpatched_tokens": ref_tokens,
         "patched_tokens": tokens,
         "unpatched_tok_s": ref_tps,

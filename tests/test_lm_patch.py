@@ -406,3 +406,19 @@ def test_lm_head_option_and_tied_embeddings():
     report = mf.patch(tied, backend=BACKEND)
     mf.unpatch(tied)
     assert all(p != "lm_head" for p, _ in report.fused)
+
+
+def test_teacher_forced_choices_match_free_running_greedy():
+    """lm_bench.forced_argmax (the bench's per-step token check) agrees with
+    generate_step on the model's own greedy tokens, patched and unpatched."""
+    from mlx_foundry.lm_bench import forced_argmax, greedy_decode
+
+    model = tiny_model("llama", quant=(32, 4))
+    toks, _, margins = greedy_decode(model, PROMPT, 16, margins=True)
+    assert forced_argmax(model, PROMPT, toks) == toks
+    assert len(margins) == 16 and all(m >= 0 for m in margins)
+    mf.patch(model, backend=BACKEND)
+    try:
+        assert forced_argmax(model, PROMPT, toks) == toks
+    finally:
+        mf.unpatch(model)

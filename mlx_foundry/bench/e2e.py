@@ -58,11 +58,18 @@ def run_decode(ctx, *, tiny, dtype=None):
                 "reason": f"decode_benchmark returned no tokens/s (keys: {sorted(r)})"}
     out = {"status": "ok", "baseline_us": 1e6 / base, "ours_us": 1e6 / ours,
            "speedup": ours / base, "baseline_tok_s": base, "ours_tok_s": ours,
-           "tokens_equal": r.get("tokens_equal")}
+           "tokens_equal": r.get("tokens_equal"),
+           "forced_disagreements": r.get("forced_disagreements"),
+           "smallest_unpatched_margin": r.get("smallest_unpatched_margin")}
     if r.get("tokens_equal") is False:
         out["status"] = "error"
+        forced = r.get("forced_disagreements") or []
+        where = ", ".join(f"step {d['step']} (unpatched top-2 gap {d['unpatched_margin']:.3g})"
+                          for d in forced[:4])
         out["reason"] = (f"patched greedy tokens differ from unpatched at step "
-                         f"{r.get('first_mismatch')}")
+                         f"{r.get('first_mismatch')}; fed the unpatched tokens, the patched "
+                         f"model chooses another token at {len(forced)} step(s)"
+                         + (f": {where}" if where else ""))
     return out
 
 
