@@ -26,7 +26,8 @@ LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
                                "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192})
 
-__all__ = ["LLAMA3_8B", "decode_benchmark", "random_quantized_model", "greedy_decode"]
+__all__ = ["LLAMA3_8B", "decode_benchmark", "random_quantized_model", "greedy_decode",
+           "forced_argmax", "logit_errors"]
 
 
 def _random_affine(module, bits, group_size, std, dtype, key):
@@ -146,6 +147,53 @@ def forced_argmax(model, prompt, tokens):
     return preds
 
 
+def _forced_logits(model, prompt, tokens):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array(prompt)[None], cache=cache)[0, -1].astype(mx.float32)]
+    for t in tokens[:-1]:
+        out.append(model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32))
+        mx.eval(out[-1])
+    return mx.stack(out)
+
+
+def logit_errors(model, prompt, steps, *, backend=None):
+    """How far MLX's fp16 decode and the patched fp16 decode are from float32.
+
+    The unpatched greedy tokens are fed (one token per step, through the KV cache)
+    to the model unpatched, patched, and with float32 activations (the model is
+    restored to its dtype afterwards); every step's logits are compared with the
+    float32 ones.
+
+    Returns:
+        dict: ``{"mlx": {...}, "patched": {...}}`` with ``max_abs_err``,
+        ``mean_abs_err`` and ``argmax_agrees`` (steps whose argmax is float32's).
+    """
+    from .lm import patch, unpatch
+
+    tokens, _ = greedy_decode(model, prompt, steps)
+    mlx16 = _forced_logits(model, prompt, tokens)
+    patch(model, backend=backend)
+    try:
+        ours16 = _forced_logits(model, prompt, tokens)
+    finally:
+        unpatch(model)
+    dtype = model.model.norm.weight.dtype
+    model.set_dtype(mx.float32)
+    try:
+        ref = _forced_logits(model, prompt, tokens)
+    finally:
+        model.set_dtype(dtype)
+    out = {}
+    for name, lg in (("mlx", mlx16), ("patched", ours16)):
+        d = mx.abs(lg - ref)
+        out[name] = {"max_abs_err": float(d.max()), "mean_abs_err": float(d.mean()),
+                     "argmax_agrees": int((mx.argmax(lg, -1) == mx.argmax(ref, -1)).sum())}
+    out["steps"] = len(tokens)
+    return out
+
+
 def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=4,
                      repeats=1, results_dir=None, config=None, bits=4, group_size=64,
                      dtype=mx.float16):
@@ -165,8 +213,16 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
             the default Llama-3-8B-shaped one.
         config, bits, group_size, dtype: for the random model.
 
+    Greedy decoding amplifies rounding at ties: where the unpatched model's two best
+    tokens are within fp16 resolution, any other summation order may pick the other
+    one, and the runs part ways. So besides the free-running comparison the result
+    holds a per-step check: the patched model fed the unpatched tokens, its choice at
+    every step, and the unpatched top-2 log-probability gap where they differ.
+
     Returns:
-        dict: ``tokens_equal``, ``first_mismatch``, ``unpatched_tok_s``,
+        dict: ``tokens_equal``, ``first_mismatch``, ``first_mismatch_margin``,
+        ``forced_disagreements`` (``[{"step", "unpatched_margin"}]``),
+        ``smallest_unpatched_margin``, ``unpatched_tok_s``,
         ``patched_tok_s``, ``speedup``, ``device``, ``report``, ...
     """
     from .lm import patch, patch_stats, unpatch
@@ -227,6 +283,8 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         "prompt_tokens": len(prompt),
         "tokens_equal": mismatch is None,
         "first_mismatch": mismatch,
+        "first_mismatch_margin": None if mismatch is None or mismatch >= len(ref_margins)
+        else ref_margins[mismatch],
         "forced_disagreements": [{"step": i, "unpatched_margin": m} for i, m in disagree],
         "smallest_unpatched_margin": min(ref_margins) if ref_margins else None,
         "unpatched_tokens": ref_tokens,

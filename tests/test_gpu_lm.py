@@ -24,22 +24,39 @@ def _on_gpu(gpu_backend):
     mx.set_default_device(prev)
 
 
-def test_llama3_8b_shape_4bit_greedy_identical(gpu_backend):
+def test_llama3_8b_shape_4bit_greedy_tokens(gpu_backend):
     result = decode_benchmark(steps=64, backend=gpu_backend, warmup=4)
     print(f"\nunpatched {result['unpatched_tok_s']:.1f} tok/s, patched "
           f"{result['patched_tok_s']:.1f} tok/s ({result['speedup']:.2f}x) on "
           f"{result['device']}")
     assert result["fused_blocks"] == 32, result["report"]
     assert result["fused_calls_first_block"].get("fused attention", 0) >= 64
-    assert result["tokens_equal"], (
-        f"first mismatch at step {result['first_mismatch']}: "
-        f"{result['unpatched_tokens']} vs {result['patched_tokens']}")
+    _assert_same_tokens_up_to_ties(result)
+
+
+# Log-probabilities are fp16: one unit in the last place at |logprob| in [8, 16) is 2^-7.
+# Two tokens closer than two of those are a tie that any other summation order may
+# break the other way; anywhere else the fused model must choose what MLX chooses.
+FP16_TIE = 2.0 ** -6
+
+
+def _assert_same_tokens_up_to_ties(result):
+    forced = result["forced_disagreements"]
+    assert all(d["unpatched_margin"] <= FP16_TIE for d in forced), (
+        f"the patched model, fed the unpatched tokens, chose another token where the "
+        f"unpatched choice was clear: {forced}")
+    assert len(forced) <= max(1, len(result["unpatched_tokens"]) // 32), forced
+    if not result["tokens_equal"]:
+        assert result["first_mismatch_margin"] <= FP16_TIE, (
+            f"first mismatch at step {result['first_mismatch']} (unpatched top-2 gap "
+            f"{result['first_mismatch_margin']}): {result['unpatched_tokens']} vs "
+            f"{result['patched_tokens']}")
 
 
 @pytest.mark.parametrize("model_type,bits,group_size", [
     ("llama", 4, 64), ("llama", 8, 32), ("qwen2", 4, 128), ("qwen3", 6, 64),
 ])
-def test_small_models_greedy_identical(gpu_backend, model_type, bits, group_size):
+def test_small_models_greedy_tokens(gpu_backend, model_type, bits, group_size):
     """Smaller shapes, other architectures and formats (fast; no results file)."""
     cfg = dict(LLAMA3_8B, model_type=model_type, hidden_size=1024, num_hidden_layers=4,
                intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
@@ -47,7 +64,21 @@ def test_small_models_greedy_identical(gpu_backend, model_type, bits, group_size
     result = decode_benchmark(steps=32, backend=gpu_backend, config=cfg, bits=bits,
                               group_size=group_size, results_dir="", warmup=2)
     assert result["fused_blocks"] == 4, result["report"]
-    assert result["tokens_equal"], (result["unpatched_tokens"], result["patched_tokens"])
+    _assert_same_tokens_up_to_ties(result)
+
+
+def test_fused_logits_at_least_as_close_to_float32_as_mlx(gpu_backend):
+    """The fused fp16 decode rounds less often than MLX's unfused ops: its logits must
+    be at least as close to a float32 decode of the same model (within 10%)."""
+    from mlx_foundry.lm_bench import logit_errors, random_quantized_model
+
+    cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
+               num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+    model = random_quantized_model(cfg)
+    err = logit_errors(model, [1, 2, 3, 5, 8, 13, 21, 34], 32, backend=gpu_backend)
+    print(f"\n{err}")
+    assert err["patched"]["mean_abs_err"] <= 1.1 * err["mlx"]["mean_abs_err"], err
+    assert err["patched"]["max_abs_err"] <= 1.5 * err["mlx"]["max_abs_err"], err
 
 
 def test_batch_decode_matches(gpu_backend):

@@ -422,3 +422,16 @@ def test_teacher_forced_choices_match_free_running_greedy():
         assert forced_argmax(model, PROMPT, toks) == toks
     finally:
         mf.unpatch(model)
+
+
+def test_logit_errors_compares_with_float32_and_restores_dtype():
+    from mlx_foundry.lm_bench import logit_errors
+
+    model = tiny_model("llama", quant=(32, 4), dtype=mx.float16)
+    err = logit_errors(model, PROMPT, 8, backend=BACKEND)
+    assert err["steps"] == 8 and set(err) == {"mlx", "patched", "steps"}
+    for e in (err["mlx"], err["patched"]):
+        assert 0 < e["mean_abs_err"] <= e["max_abs_err"] < 1.0 and e["argmax_agrees"] <= 8
+    # The reference backend computes in float32: far closer than MLX's fp16 ops.
+    assert err["patched"]["mean_abs_err"] < err["mlx"]["mean_abs_err"]
+    assert model.model.norm.weight.dtype == mx.float16 and not lm.is_patched(model)
