@@ -352,3 +352,25 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     kern = linear_kernel(("affine", 4, 64))
     assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == params
     assert autotune.lookup_linear(kern, 96, 256, 1, "cuda", path=path) is None
+
+
+def _decode_result(**kw):
+    r = {"tokens_equal": True, "first_mismatch": None, "first_mismatch_margin": None,
+         "forced_disagreements": [], "unpatched_tokens": list(range(64))}
+    r.update(kw)
+    return r
+
+
+@pytest.mark.parametrize("kw,ok", [
+    ({}, True),
+    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.0,
+      "forced_disagreements": [{"step": 50, "unpatched_margin": 0.0078}]}, True),
+    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.5}, False),
+    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2}]}, False),
+    ({"forced_disagreements": [{"step": s, "unpatched_margin": 0.0} for s in (1, 2, 3)]}, False),
+])
+def test_same_tokens_up_to_ties(kw, ok):
+    from mlx_foundry.lm_bench import same_tokens_up_to_ties
+
+    got, why = same_tokens_up_to_ties(_decode_result(**kw))
+    assert got is ok and why
