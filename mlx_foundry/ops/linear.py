@@ -31,9 +31,9 @@ PREFILL_ROWS = 6
 instead of the fused GEMV kernels.
 
 Measured with ``python -m mlx_foundry bench --only prefill`` (NVIDIA H200, MLX 0.32.4,
-4-bit 4096 -> 14336, 2026-11-26): the fused kernel is 2.3x / 2.5x / 2.5x faster than
-``mx.quantized_matmul`` at 2 / 4 / 6 rows and 0.28x at 8 rows, where MLX switches to its
-GEMM kernel. Set it on the module (``mlx_foundry.ops.linear`` is the function once the
+4-bit 4096 -> 14336, 2026-11-26, BENCHMARKS.md): the fused kernel is 2.7x / 3.5x / 3.6x
+faster than ``mx.quantized_matmul`` at 2 / 4 / 6 rows and 0.42x at 8 rows, where MLX
+switches to its GEMM kernel. Set it on the module (``mlx_foundry.ops.linear`` is the function once the
 package is imported)::
 
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
