@@ -131,7 +131,25 @@ def _entries():
                 _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
                 n_heads=N_HEADS, n_kv_heads=N_KV, head_dim=HEAD_DIM, offset=5,
                 rope_base=500000.0, rope_traditional=trad, backend="metal"))
+    # Split K (a tuner option, never the default): the threadgroup-memory exchange and
+    # barrier of the GEMV stages, on the packed-half and the float paths.
+    for name in ("linear_q4g64_f16", "linear_dense_bf16", "norm_gate_up_swiglu_q4g64_q4g64",
+                 "norm_qkv_rope_q4g64"):
+        base = next(e for e in out if e.name == name)
+        add(f"{name}_splitk", f"{base.description}, split K", _with_split_k(base.walk))
     return out
+
+
+def _with_split_k(walk):
+    """``walk`` with every GEMV launch made with ``SPLITK=1``."""
+
+    def run():
+        with record_launches() as inner:
+            walk()
+        for program, args, kwargs in inner:
+            program(*args, **dict(kwargs, SPLITK=1), backend="metal")
+
+    return run
 
 
 _cache = []
