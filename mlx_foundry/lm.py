@@ -113,12 +113,14 @@ def _ops():
 
 def _weight_problem(m):
     """Why the fused ops cannot read linear module ``m`` (``None`` if they can)."""
-    name = type(m).__name__
-    if type(m) is nn.QuantizedLinear:
+    # A module patch() subclassed (a fused lm_head) is judged as its original class.
+    cls = getattr(type(m), "_mlx_foundry_original", type(m))
+    name = cls.__name__
+    if cls is nn.QuantizedLinear:
         mode = getattr(m, "mode", "affine")
         if mode != "affine":
             return f"quantization mode {mode!r} is not supported (affine only)"
-    elif type(m) is not nn.Linear:
+    elif cls is not nn.Linear:
         if "lora" in name.lower() or "dora" in name.lower():
             return f"adapter layer {name} (LoRA/DoRA) is not fused"
         if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
@@ -552,21 +554,24 @@ def _patched_extra_repr(self):
     return f"{base}, {note}" if base else note
 
 
-_PATCHED_CLASSES = {}
+_SUBCLASSES = {}
+
+
+def _fused_subclass(cls, namespace, doc):
+    """The subclass of ``cls`` whose methods ``namespace`` replaces (one per class)."""
+    key = (cls, namespace["__call__"])
+    sub = _SUBCLASSES.get(key)
+    if sub is None:
+        sub = type(f"Fused{cls.__name__}", (cls,), dict(
+            namespace, _mlx_foundry_original=cls, __module__=__name__,
+            __doc__=f"{cls.__name__} {doc}"))
+        _SUBCLASSES[key] = sub
+    return sub
 
 
 def _patched_class(cls):
-    sub = _PATCHED_CLASSES.get(cls)
-    if sub is None:
-        sub = type(f"Fused{cls.__name__}", (cls,), {
-            "__call__": _patched_call,
-            "_extra_repr": _patched_extra_repr,
-            "_mlx_foundry_original": cls,
-            "__module__": __name__,
-            "__doc__": f"{cls.__name__} with its decode path fused by mlx_foundry.patch.",
-        })
-        _PATCHED_CLASSES[cls] = sub
-    return sub
+    return _fused_subclass(cls, {"__call__": _patched_call, "_extra_repr": _patched_extra_repr},
+                           "with its decode path fused by mlx_foundry.patch.")
 
 
 # ------------------------------------------------------------------------------------
@@ -578,37 +583,29 @@ _HEAD_ATTR = "_mlx_foundry_head"
 class _HeadPlan:
     """A patched ``lm_head``: its prepared launches per input shape, and call counters."""
 
-    def __init__(self, original_class, backend, max_rows):
-        self.original_class = original_class
+    def __init__(self, backend, max_rows):
         self.backend = backend
         self.max_rows = max_rows
+        self.weights = _WeightCache()
+        self.weight = None        # the Weight view the launches were prepared with
         self.launches = {}        # (x.shape, x.dtype) -> PreparedLaunch or False
-        self.arrays = None        # the module's arrays the launches captured
         self.stats = Counter()
 
 
 def _head_call(self, x):
     plan = self.__dict__.get(_HEAD_ATTR)
-    original = plan.original_class if plan is not None else type(self).__mro__[1]
+    original = type(self)._mlx_foundry_original
     if plan is None or x.ndim < 2 or x.size // x.shape[-1] > plan.max_rows:
         return original.__call__(self, x)
-    get = dict.get
-    arrays = (get(self, "weight"), get(self, "scales"), get(self, "biases"), get(self, "bias"))
-    captured = plan.arrays
-    if captured is None or any(a is not b for a, b in zip(arrays, captured)):
+    w = plan.weights.get("lm_head", self)  # a new view when the module's arrays change
+    if w is not plan.weight:
         plan.launches.clear()
-        plan.arrays = arrays
+        plan.weight = w
     key = (x.shape, x.dtype)
     launch = plan.launches.get(key)
     if launch is None:
-        # (patch() checked the module; its class is now our subclass, so build the view
-        # directly rather than through _weight_problem's exact-class test.)
-        try:
-            launch = _prepare(_ops().linear, x, _to_weight(self), vary={"x": x},
-                              backend=plan.backend)
-        except (TypeError, ValueError):
-            launch = False
-        plan.launches[key] = launch
+        launch = plan.launches[key] = w is not None and _prepare(
+            _ops().linear, x, w, vary={"x": x}, backend=plan.backend)
     if not launch:
         plan.stats["original"] += 1
         return original.__call__(self, x)
@@ -616,19 +613,9 @@ def _head_call(self, x):
     return launch(x)
 
 
-_HEAD_CLASSES = {}
-
-
 def _head_class(cls):
-    sub = _HEAD_CLASSES.get(cls)
-    if sub is None:
-        sub = type(f"Fused{cls.__name__}", (cls,), {
-            "__call__": _head_call,
-            "__module__": __name__,
-            "__doc__": f"{cls.__name__} whose decode-sized calls run mlx_foundry's GEMV.",
-        })
-        _HEAD_CLASSES[cls] = sub
-    return sub
+    return _fused_subclass(cls, {"__call__": _head_call},
+                           "whose decode-sized calls run mlx_foundry's GEMV.")
 
 
 def _patch_head(model, report, backend, max_rows):
@@ -640,7 +627,7 @@ def _patch_head(model, report, backend, max_rows):
     if why:
         report.skipped.append(("lm_head", why))
         return
-    object.__setattr__(head, _HEAD_ATTR, _HeadPlan(type(head), backend, max_rows))
+    object.__setattr__(head, _HEAD_ATTR, _HeadPlan(backend, max_rows))
     head.__class__ = _head_class(type(head))
     report.fused.append(("lm_head", f"linear ({_weight_summary(head)})"))
 
@@ -650,7 +637,7 @@ def _unpatch_head(model):
     plan = head.__dict__.get(_HEAD_ATTR) if isinstance(head, nn.Module) else None
     if plan is None:
         return 0
-    head.__class__ = plan.original_class
+    head.__class__ = type(head)._mlx_foundry_original
     object.__delattr__(head, _HEAD_ATTR)
     return 1
 
