@@ -129,6 +129,17 @@ def greedy_decode(model, prompt, steps, *, margins=False):
     return tokens, tok_s, gaps
 
 
+def _forced_logits(model, prompt, tokens):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array(prompt)[None], cache=cache)[0, -1].astype(mx.float32)]
+    for t in tokens[:-1]:
+        out.append(model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32))
+        mx.eval(out[-1])
+    return mx.stack(out)
+
+
 def forced_argmax(model, prompt, tokens):
     """The model's greedy choice at every step when fed ``tokens`` (teacher forcing).
 
@@ -136,15 +147,7 @@ def forced_argmax(model, prompt, tokens):
     model takes its fused decode path; a free-running comparison stops being
     informative after the first differing token, this one compares every step.
     """
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    logits = model(mx.array(prompt)[None], cache=cache)[:, -1]
-    preds = [int(mx.argmax(logits, axis=-1).item())]
-    for t in tokens[:-1]:
-        logits = model(mx.array([[t]]), cache=cache)[:, -1]
-        preds.append(int(mx.argmax(logits, axis=-1).item()))
-    return preds
+    return mx.argmax(_forced_logits(model, prompt, tokens), axis=-1).tolist()
 
 
 FP16_TIE = 2.0 ** -6
@@ -179,17 +182,6 @@ def same_tokens_up_to_ties(result, tie=FP16_TIE):
                       f"(unpatched top-2 gap {m:.3g}); teacher-forced, the choices differ "
                       f"only at ties ({len(forced)} of {steps} steps)")
     return True, "identical greedy tokens"
-
-
-def _forced_logits(model, prompt, tokens):
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    out = [model(mx.array(prompt)[None], cache=cache)[0, -1].astype(mx.float32)]
-    for t in tokens[:-1]:
-        out.append(model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32))
-        mx.eval(out[-1])
-    return mx.stack(out)
 
 
 def logit_errors(model, prompt, steps, *, backend=None):
