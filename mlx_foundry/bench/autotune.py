@@ -62,46 +62,55 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
     Returns:
         dict: ``{(kernel key, shape class): chosen params}``.
     """
-    from mlx_foundry.ops.linear import linear_kernel
+    from mlx_foundry import ops
     from mlx_foundry.ops.weights import Weight
 
-    from . import select_backend
-
-    backend = select_backend(backend)
-    tiny = backend == "reference" and mx.default_device() == mx.cpu
-    D = TINY if tiny else FULL
+    backend, D, pool_bytes = _setup(backend, pool_bytes)
     if shapes is None:
         h, i = D["hidden"], D["inter"]
         shapes = [(h, i), (i, h), (h, h)]
-    if pool_bytes is None:
-        pool_bytes = timing.default_pool_bytes("reference" if tiny else backend)
-    candidates = candidates or linear_candidates()
     chosen = {}
     for b, (k, n) in itertools.product(bits, shapes):
         def make(idx, b=b, k=k, n=n):
             x = mx.random.normal((1, k), key=mx.random.key(idx)).astype(dtype)
-            parts = (_qweight(idx, 1, n, k, b, group_size, dtype) if b
-                     else (_dense_w(idx, 1, n, k, dtype),))
-            return (x,) + parts
+            w = (Weight(*_qweight(idx, 1, n, k, b, group_size, dtype), group_size=group_size,
+                        bits=b) if b else Weight(_dense_w(idx, 1, n, k, dtype)))
+            return ops.linear, (x, w), {}
 
-        pool = timing.make_pool(make, weight_bytes(n, k, b, group_size, dtype.size),
-                                pool_bytes)
-        x0, *w0 = pool[0]
-        w = Weight(*w0, group_size=group_size, bits=b) if b else Weight(w0[0])
-        kern = linear_kernel(w.signature())
-
-        def build(params, b=b):
-            def fn(x, *parts):
-                wt = Weight(*parts, group_size=group_size, bits=b) if b else Weight(parts[0])
-                return kern(backend=backend, x=x, **wt.inputs("w"), **params)
-            return fn
-
-        cls = tuner.shape_class(n, k, 1)
-        chosen[(kernel_key(kern, backend), cls)] = tuner.tune(
-            kernel_key(kern, backend), candidates, tuner.timed_run(build, pool, repeats=1),
-            source_hash=tuner.source_hash(kern), shape_class=cls, repeats=repeats,
-            force=force, path=path)
+        chosen.update(_tune_op(make, n, k, weight_bytes(n, k, b, group_size, dtype.size),
+                               candidates or linear_candidates(), backend, pool_bytes,
+                               repeats=repeats, force=force, path=path))
     return chosen
+
+
+def _setup(backend, pool_bytes):
+    """The backend, the shape table (tiny shapes for the reference backend on a CPU)
+    and the pool size of a tuning run."""
+    from . import select_backend
+
+    backend = select_backend(backend)
+    tiny = backend == "reference" and mx.default_device() == mx.cpu
+    if pool_bytes is None:
+        pool_bytes = timing.default_pool_bytes("reference" if tiny else backend)
+    return backend, (TINY if tiny else FULL), pool_bytes
+
+
+def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, **tune_kw):
+    """Tune the one kernel an op launches: ``make(idx) -> (op, args, kwargs)`` builds
+    distinct input sets; the launch is recorded per set and replayed with each candidate
+    setting, timed with the bench's method over a pool larger than the cache."""
+    sets, found = _captured(make, backend)
+    pool = timing.make_pool(sets, set_bytes, pool_bytes)
+    kern = found[0]
+
+    def build(params):
+        return lambda kw: kern(backend=backend, **kw, **params)
+
+    cls = tuner.shape_class(n, k, 1)
+    key = kernel_key(kern, backend)
+    return {(key, cls): tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1),
+                                   source_hash=tuner.source_hash(kern), shape_class=cls,
+                                   **tune_kw)}
 
 
 # ---- the fused decode kernels the mlx-lm patch launches ---------------------------------
@@ -181,28 +190,12 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
     Returns:
         dict: ``{(kernel key, shape class): chosen params}``.
     """
-    from . import select_backend
-
-    backend = select_backend(backend)
-    tiny = backend == "reference" and mx.default_device() == mx.cpu
-    D = TINY if tiny else FULL
-    if pool_bytes is None:
-        pool_bytes = timing.default_pool_bytes("reference" if tiny else backend)
+    backend, D, pool_bytes = _setup(backend, pool_bytes)
     chosen = {}
     for name, (make, n, k, nbytes) in _decode_ops(D, bits, group_size, dtype).items():
-        if only and name not in only:
-            continue
-        sets, found = _captured(make, backend)
-        pool = timing.make_pool(sets, nbytes, pool_bytes)
-        kern = found[0]
-
-        def build(params, kern=kern):
-            return lambda kw: kern(backend=backend, **kw, **params)
-
-        cls = tuner.shape_class(n, k, 1)
-        cands = candidates or decode_candidates(qkv=name == "norm_qkv_rope")
-        chosen[(kernel_key(kern, backend), cls)] = tuner.tune(
-            kernel_key(kern, backend), cands, tuner.timed_run(build, pool, repeats=1),
-            source_hash=tuner.source_hash(kern), shape_class=cls, repeats=repeats,
-            force=force, path=path)
+        if not only or name in only:
+            chosen.update(_tune_op(make, n, k, nbytes,
+                                   candidates or decode_candidates(qkv=name == "norm_qkv_rope"),
+                                   backend, pool_bytes, repeats=repeats, force=force,
+                                   path=path))
     return chosen
