@@ -86,35 +86,38 @@ def _fused(backend, rows, who):
 _TUNED = {}
 
 
-def _launch(kern, w, x, backend, *, n=None, default=None):
-    """The GEMV launch constants ``ROWS`` and ``THREADS`` for this call.
+def _launch(kern, w, x, backend, *, n=None, head_dim=None):
+    """The GEMV launch constants ``ROWS``, ``THREADS`` and ``SPLITK`` for this call.
 
     The tuner's stored choice for this device, MLX version, kernel source and shape
-    class (``python -m mlx_foundry bench --tune`` writes them), else ``default``
-    (``ROWS`` :data:`DEFAULT_ROWS`, ``THREADS`` :data:`DEFAULT_THREADS`). ``n``: output
-    rows when they are not ``w``'s (Q/K/V: all three projections). Resolved once per
-    kernel, backend and shape: afterwards one dictionary lookup.
+    class (``python -m mlx_foundry bench --tune`` writes them), else the defaults
+    (:data:`DEFAULT_ROWS`, :data:`DEFAULT_THREADS`, :data:`DEFAULT_SPLITK`). ``n``:
+    output rows when they are not ``w``'s (Q/K/V: all three projections); ``head_dim``:
+    ``ROWS`` must divide it (Q/K/V: RoPE pairs stay in one SIMD-group). Resolved once
+    per kernel, backend and shape: afterwards one dictionary lookup.
     """
-    default = default or {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
-                          "SPLITK": DEFAULT_SPLITK}
-    if backend == "reference":
-        return default
-    m = x.size // x.shape[-1]
     n = w.out_features if n is None else n
-    key = (kern.name, backend, n, w.in_features, m)
+    key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim)
     params = _TUNED.get(key)
     if params is None:
-        params = default
-        try:
-            from ..bench.autotune import lookup_linear
+        params = _TUNED[key] = _resolve_launch(kern, backend, *key[2:])
+    return params
 
-            found = lookup_linear(kern, n, w.in_features, m, backend)
-            if found:
-                params = {"ROWS": int(found["ROWS"]), "THREADS": int(found["THREADS"]),
-                          "SPLITK": int(found.get("SPLITK", DEFAULT_SPLITK))}
-        except Exception:  # noqa: BLE001 - tuning is an optimisation: never fail a launch
-            pass
-        _TUNED[key] = params
+
+def _resolve_launch(kern, backend, n, k, m, head_dim):
+    rows = DEFAULT_ROWS if head_dim is None or head_dim % DEFAULT_ROWS == 0 else 2
+    params = {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": DEFAULT_SPLITK}
+    if backend == "reference":
+        return params
+    try:
+        from ..bench.autotune import lookup_linear
+
+        found = lookup_linear(kern, n, k, m, backend)
+    except Exception:  # noqa: BLE001 - tuning is an optimisation: never fail a launch
+        found = None
+    if found and (head_dim is None or head_dim % int(found["ROWS"]) == 0):
+        params = {"ROWS": int(found["ROWS"]), "THREADS": int(found["THREADS"]),
+                  "SPLITK": int(found.get("SPLITK", DEFAULT_SPLITK))}
     return params
 
 
@@ -466,12 +469,8 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
         for name, w_ in (("q_bias", wq), ("k_bias", wk), ("v_bias", wv)):
             b = w_.bias if w_.bias is not None else mx.zeros((w_.out_features,), x.dtype)
             args[name] = _as_x_dtype(b, x)
-    rows = DEFAULT_ROWS if head_dim % DEFAULT_ROWS == 0 else 2
     launch = _launch(kern, wq, x, be, n=wq.out_features + 2 * wk.out_features,
-                     default={"ROWS": rows, "THREADS": DEFAULT_THREADS,
-                              "SPLITK": DEFAULT_SPLITK})
-    if head_dim % launch["ROWS"]:  # a tuned choice for another head_dim
-        launch = {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": DEFAULT_SPLITK}
+                     head_dim=head_dim)
     return kern(backend=be, **args, HEAD_DIM=head_dim, **launch)
 
 
