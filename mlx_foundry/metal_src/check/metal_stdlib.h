@@ -597,30 +597,25 @@ __MTL_FOR_INT(__MTL_DOT_INT, _)
   T##3 frexp(T##3 x, thread int3& e); T##4 frexp(T##4 x, thread int4& e);
 __MTL_FOR_HFB(__MTL_OUT, _)
 
+// metal::fast and metal::precise declare the float functions of metal:: again.
+#define __MTL_FLOAT_ONLY_FUNCS \
+  __MTL_UNARY_FP_LIST(__MTL_X1, __MTL_FOR_F) \
+  __MTL_BINARY_FP_LIST(__MTL_X2, __MTL_FOR_F) \
+  __MTL_TERNARY_FP_LIST(__MTL_X3, __MTL_FOR_F) \
+  __MTL_FOR_F(__MTL_FP2, min) \
+  __MTL_FOR_F(__MTL_FP2, max) \
+  __MTL_FOR_F(__MTL_FP_MIX, clamp) \
+  __MTL_FOR_F(__MTL_OUT, _) \
+  float length(float2); float length(float3); float length(float4); \
+  float distance(float2, float2); float distance(float3, float3); float distance(float4, float4); \
+  float2 normalize(float2); float3 normalize(float3); float4 normalize(float4);
 namespace fast {
-__MTL_UNARY_FP_LIST(__MTL_X1, __MTL_FOR_F)
-__MTL_BINARY_FP_LIST(__MTL_X2, __MTL_FOR_F)
-__MTL_TERNARY_FP_LIST(__MTL_X3, __MTL_FOR_F)
-__MTL_FOR_F(__MTL_FP2, min)
-__MTL_FOR_F(__MTL_FP2, max)
-__MTL_FOR_F(__MTL_FP_MIX, clamp)
-__MTL_FOR_F(__MTL_OUT, _)
-float length(float2); float length(float3); float length(float4);
-float distance(float2, float2); float distance(float3, float3); float distance(float4, float4);
-float2 normalize(float2); float3 normalize(float3); float4 normalize(float4);
+__MTL_FLOAT_ONLY_FUNCS
 } // namespace fast
 namespace precise {
-__MTL_UNARY_FP_LIST(__MTL_X1, __MTL_FOR_F)
-__MTL_BINARY_FP_LIST(__MTL_X2, __MTL_FOR_F)
-__MTL_TERNARY_FP_LIST(__MTL_X3, __MTL_FOR_F)
-__MTL_FOR_F(__MTL_FP2, min)
-__MTL_FOR_F(__MTL_FP2, max)
-__MTL_FOR_F(__MTL_FP_MIX, clamp)
-__MTL_FOR_F(__MTL_OUT, _)
-float length(float2); float length(float3); float length(float4);
-float distance(float2, float2); float distance(float3, float3); float distance(float4, float4);
-float2 normalize(float2); float3 normalize(float3); float4 normalize(float4);
+__MTL_FLOAT_ONLY_FUNCS
 } // namespace precise
+#undef __MTL_FLOAT_ONLY_FUNCS
 #undef __MTL_OUT
 #undef __MTL_GEO
 
