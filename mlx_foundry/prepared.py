@@ -67,7 +67,8 @@ class PreparedLaunch:
                             for n in vary)
         return self
 
-    def _check(self, name, v, shape, dtype):
+    def _bad_input(self, name, v, shape, dtype):
+        """Raise the error for a varying input that does not match the prepared one."""
         who = self.program.who
         if not isinstance(v, mx.array):
             raise TypeError(f"[{who}] Prepared input {name!r} must be an mlx.core.array but "
@@ -87,14 +88,14 @@ class PreparedLaunch:
             for name, (_, _, shape, dtype), v in zip(self.vary, slots, values):
                 if shape is not None and (v.__class__ is not mx.array or v.shape != shape
                                           or v.dtype != dtype):
-                    self._check(name, v, shape, dtype)
+                    self._bad_input(name, v, shape, dtype)
                 kwargs[name] = v
             return self.program(backend="reference", stream=stream, **kwargs)
         inputs = self._inputs.copy()
         for name, (i, conv, shape, dtype), v in zip(self.vary, slots, values):
             if shape is not None and (v.__class__ is not mx.array or v.shape != shape
                                       or v.dtype != dtype):
-                self._check(name, v, shape, dtype)
+                self._bad_input(name, v, shape, dtype)
             inputs[i] = v if conv is None else conv(v)
         outs = self._fn(inputs=inputs, output_shapes=self._out_shapes,
                         output_dtypes=self._out_dtypes, grid=self._grid,

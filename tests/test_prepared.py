@@ -3,7 +3,6 @@ that uses them, on the reference backend and through a stand-in GPU backend
 (tests/fake_gpu.py) that receives the exact MLX input lists a GPU launch gets."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 
 import core_kernels as ck
