@@ -103,9 +103,15 @@ def test_split_k_dispatch(split, rows, n, groups):
 def test_split_k_dispatch_rejects_bad_values():
     with pytest.raises(ValueError, match="'SPLITK'"):
         gemv_dispatch(lambda b: 8)(Bound(x=mx.zeros((1, 8)), ROWS=4, THREADS=128, SPLITK=2))
-    with pytest.raises(ValueError, match="'ROWS' must be at most 16"):
-        gemv_dispatch(lambda b: 8, dual=True)(Bound(x=mx.zeros((1, 8)), ROWS=32, THREADS=128,
+    # The split-K partial sums (ROWS per SIMD-group, twice when dual, plus one sum of
+    # squares) must fit the THREADS floats of gemv_partials.
+    with pytest.raises(ValueError, match="'ROWS' must be at most 15"):
+        gemv_dispatch(lambda b: 8, dual=True)(Bound(x=mx.zeros((1, 8)), ROWS=16, THREADS=128,
                                                     SPLITK=1))
+    with pytest.raises(ValueError, match="'ROWS' must be at most 31"):
+        gemv_dispatch(lambda b: 8)(Bound(x=mx.zeros((1, 8)), ROWS=32, THREADS=128, SPLITK=1))
+    gemv_dispatch(lambda b: 8, dual=True)(Bound(x=mx.zeros((1, 8)), ROWS=15, THREADS=128,
+                                                SPLITK=1))
 
 
 def test_full_metal_source_has_signature():
@@ -121,10 +127,11 @@ def test_norm_linear_source_cuda():
     k = linear_kernel(("dense",), norm="weight")
     src = k.source(x=mx.ones((1, 64), mx.bfloat16), w=mx.ones((8, 64), mx.bfloat16),
                    eps=1e-5, norm_weight=mx.ones((64,), mx.bfloat16), backend="cuda")
-    assert "__shared__" in src.body and "norm_scratch[32]" in src.body
-    assert "rms_norm_prologue_w<T, K, THREADS>" in src.body
-    assert src.body.index("rms_norm_prologue_w") < src.body.index("gemv_norm_main")
-    assert "ep_scale(inv_rms, acc);" in src.body
+    assert "__shared__" in src.body and "gemv_partials[128]" in src.body
+    # The GEMV stage computes inv_rms from its own x loads: no separate norm pass.
+    assert "rms_norm_prologue" not in src.body
+    assert "gemv_norm_main<" in src.body and "norm_weight, eps, acc, row, index, valid, inv_rms" in src.body
+    assert src.body.index("gemv_norm_main") < src.body.index("ep_scale(inv_rms, acc);")
 
 
 def test_swiglu_needs_acc2():
@@ -275,3 +282,17 @@ def test_kernels_compile_with_nvcc(case, tmp_path):
                         f"-I{Path(mx.__file__).resolve().parent / 'include'}"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-6000:]
+
+
+def test_default_launch_splits_k_only_for_tall_weights():
+    from mlx_foundry.ops.linear import default_launch
+
+    # 14336 -> 4096 (down projection): eight rows, the threadgroup splits K.
+    assert default_launch(4096, 14336) == {"ROWS": 8, "THREADS": 128, "SPLITK": 1}
+    for n, k in ((14336, 4096), (4096, 4096), (6144, 4096), (48, 512)):
+        assert default_launch(n, k) == {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
+                                        "SPLITK": 0}
+    # Q/K/V: ROWS must divide head_dim.
+    assert default_launch(6144, 4096, head_dim=128)["ROWS"] == 4
+    assert default_launch(6144, 4096, head_dim=6)["ROWS"] == 2
+    assert default_launch(100, 14336, head_dim=100)["ROWS"] == 2

@@ -187,3 +187,22 @@ def test_fused_lm_head_follows_new_weights(monkeypatch):
     assert stats["fused"] == 2 and record.total() == 2
     assert_close(second, model.lm_head(x), mx.float32, k=64)
     assert not mx.allclose(first, second).item()
+
+
+@pytest.mark.parametrize("eps", [1e-5, mx.array(1e-6)])
+def test_scalar_inputs_are_device_sized_arrays(monkeypatch, eps):
+    """A scalar reaches a GPU kernel as SCALAR_LANES copies (16 bytes): MLX's CUDA
+    allocator serves arrays of at most 8 bytes from a managed pool the GPU reads over the
+    host link, which stalled every thread that read ``eps``."""
+    from mlx_foundry.kernel import SCALAR_LANES
+    from mlx_foundry.ops.linear import linear_kernel
+
+    record = fake_gpu(monkeypatch)
+    w = _weight()
+    x = ck.seeded((1, 128), mx.float32, seed=4)
+    kern = linear_kernel(w.signature(), norm="plain")
+    y = kern(x=x, **w.inputs("w"), eps=eps, backend="cuda")
+    assert_close(y, kern(x=x, **w.inputs("w"), eps=eps, backend="reference"))
+    got = record.last_inputs[[a.name for a in kern.inputs].index("eps")]
+    assert SCALAR_LANES * got.dtype.size > 8 and got.shape == (SCALAR_LANES,)
+    assert mx.allclose(got, mx.full((SCALAR_LANES,), eps, mx.float32)).item()

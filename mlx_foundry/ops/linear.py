@@ -21,7 +21,6 @@ from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epi
 from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, gemv_decls,
                            gemv_dispatch,
                            gemv_dual_stage, gemv_stage, qkv_rope_stage)
-from ..stages.norm import rms_norm_prologue
 from ..types import dtype_name
 from ._checks import check_eps, check_float_array
 from .weights import Weight, policy_for
@@ -90,11 +89,11 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None):
     """The GEMV launch constants ``ROWS``, ``THREADS`` and ``SPLITK`` for this call.
 
     The tuner's stored choice for this device, MLX version, kernel source and shape
-    class (``python -m mlx_foundry bench --tune`` writes them), else the defaults
-    (:data:`DEFAULT_ROWS`, :data:`DEFAULT_THREADS`, :data:`DEFAULT_SPLITK`). ``n``:
-    output rows when they are not ``w``'s (Q/K/V: all three projections); ``head_dim``:
-    ``ROWS`` must divide it (Q/K/V: RoPE pairs stay in one SIMD-group). Resolved once
-    per kernel, backend and shape: afterwards one dictionary lookup.
+    class (``python -m mlx_foundry bench --tune`` writes them), else
+    :func:`default_launch`. ``n``: output rows when they are not ``w``'s (Q/K/V: all
+    three projections); ``head_dim``: ``ROWS`` must divide it (Q/K/V: RoPE pairs stay in
+    one SIMD-group). Resolved once per kernel, backend and shape: afterwards one
+    dictionary lookup.
     """
     n = w.out_features if n is None else n
     key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim)
@@ -104,9 +103,30 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None):
     return params
 
 
+SPLIT_MIN_K = 2048
+"""Untuned GEMVs split K when ``K >= 2 N`` and ``K >=`` this (see :func:`default_launch`)."""
+
+
+def default_launch(n, k, *, head_dim=None):
+    """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements.
+
+    From kernel durations measured with ncu on an H100 (4-bit, decode, one row of x):
+    for ``n`` = 4096, ``k`` = 14336, four rows per SIMD-group leave the SMs ~8 SIMD-groups
+    each (47% of DRAM bandwidth, 21 us); eight rows with the threadgroup's four
+    SIMD-groups splitting K reach 59-61% (16-17 us). Layers with ``k <= n`` (Q/K/V,
+    gate/up, 4096 -> 14336) are as fast or faster with four rows and no split.
+    """
+    if k >= 2 * n and k >= SPLIT_MIN_K:
+        rows, split = 8, 1
+    else:
+        rows, split = DEFAULT_ROWS, DEFAULT_SPLITK
+    if head_dim is not None and head_dim % rows:
+        rows = 2
+    return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split}
+
+
 def _resolve_launch(kern, backend, n, k, m, head_dim):
-    rows = DEFAULT_ROWS if head_dim is None or head_dim % DEFAULT_ROWS == 0 else 2
-    params = {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": DEFAULT_SPLITK}
+    params = default_launch(n, k, head_dim=head_dim)
     if backend == "reference":
         return params
     try:
@@ -139,11 +159,6 @@ def _epilogue_mlx(y, w, activation, residual, dtype):
 
 
 # ---- kernels ----------------------------------------------------------------------------
-def _norm_stage(decls, with_weight):
-    return rms_norm_prologue(with_weight, x=decls["x"], norm_weight=decls.get("norm_weight"),
-                             T=decls["T"], K=decls["K"], THREADS=decls["THREADS"])
-
-
 @functools.lru_cache(maxsize=None)
 def linear_kernel(signature, *, has_bias=False, activation=None, has_residual=False,
                   norm=None):
@@ -155,17 +170,17 @@ def linear_kernel(signature, *, has_bias=False, activation=None, has_residual=Fa
             (``w_scales``, ``w_biases``).
         has_bias, has_residual (bool): add the ``bias`` / ``residual`` epilogues.
         activation (str, optional): silu, gelu, gelu_approx or relu.
-        norm (str, optional): ``None``, ``"weight"`` (RMSNorm prologue with
-            ``norm_weight``) or ``"plain"`` (RMSNorm without weight).
+        norm (str, optional): ``None``, ``"weight"`` (RMSNorm with ``norm_weight``) or
+            ``"plain"`` (RMSNorm without weight); the GEMV stage computes ``inv_rms``
+            from its own loads of ``x`` and the scale epilogue applies it.
 
     Call it with keyword arguments: ``x``, ``w`` [, ``w_scales``, ``w_biases``],
     [``bias``], [``residual``], [``norm_weight``, ``eps``]; constants ``ROWS`` and
     ``THREADS`` may be overridden.
     """
     policy = policy_for(signature, "w")
-    decls = gemv_decls(with_gamma=norm == "weight")
+    decls = gemv_decls(norm=norm)
     main = gemv_stage(policy, decls)
-    prologues = [_norm_stage(decls, norm == "weight")] if norm else []
     epilogues = [scale_epilogue()] if norm else []
     if has_bias:
         epilogues.append(bias_epilogue())
@@ -177,8 +192,8 @@ def linear_kernel(signature, *, has_bias=False, activation=None, has_residual=Fa
     name = "_".join(["norm_linear" if norm else "linear", *map(str, signature)]
                     + (["bias"] if has_bias else []) + ([activation] if activation else [])
                     + (["residual"] if has_residual else []))
-    return CompoundKernel(name, prologues=prologues, main=main, epilogues=epilogues,
-                          outputs=[out], dispatch=gemv_dispatch(lambda b: b.w.shape[0]))
+    return CompoundKernel(name, main=main, epilogues=epilogues, outputs=[out],
+                          dispatch=gemv_dispatch(lambda b: b.w.shape[0]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,15 +204,14 @@ def gate_up_kernel(gate_sig, up_sig, *, norm="weight"):
     mixed = (gate_sig[0] == "dense") != (up_sig[0] == "dense")
     pg = policy_for(gate_sig, "wg", chunk=32 if mixed else None)
     pu = policy_for(up_sig, "wu", chunk=32 if mixed else None)
-    decls = gemv_decls(with_gamma=norm == "weight")
-    prologues = [_norm_stage(decls, norm == "weight")] if norm else []
+    decls = gemv_decls(norm=norm)
     epilogues = ([scale_epilogue()] if norm else []) + [swiglu_epilogue()]
     if norm:
         # inv_rms scales both projections: acc and acc2.
         epilogues.insert(1, _scale2_epilogue())
     out = Output("out", shape=lambda b: tuple(b.x.shape[:-1]) + (b.wg.shape[0],), dtype="x")
     name = "_".join(["norm_gate_up_swiglu", *map(str, gate_sig), *map(str, up_sig)])
-    return CompoundKernel(name, prologues=prologues, main=gemv_dual_stage(pg, pu, decls),
+    return CompoundKernel(name, main=gemv_dual_stage(pg, pu, decls),
                           epilogues=epilogues, outputs=[out],
                           dispatch=gemv_dispatch(lambda b: b.wg.shape[0], dual=True))
 
@@ -218,13 +232,12 @@ def qkv_kernel(q_sig, k_sig, v_sig, *, traditional=False, with_weight=True, bias
     """Norm + Q/K/V projections (+ biases) + RoPE in one kernel (weights ``wq``, ``wk``,
     ``wv``; biases ``q_bias``, ``k_bias``, ``v_bias``)."""
     pq, pk, pv = policy_for(q_sig, "wq"), policy_for(k_sig, "wk"), policy_for(v_sig, "wv")
-    decls = gemv_decls(with_gamma=with_weight)
+    decls = gemv_decls(norm="weight" if with_weight else "plain")
     main = qkv_rope_stage(pq, pk, pv, decls, traditional=traditional, bias=bias)
     outs = [a for a in main.args if isinstance(a, Output)]
     name = "_".join(["norm_qkv_rope", *map(str, q_sig), *map(str, k_sig), *map(str, v_sig),
                      "trad" if traditional else "half"] + (["bias"] if bias else []))
-    return CompoundKernel(name, prologues=[_norm_stage(decls, with_weight)], main=main,
-                          outputs=outs, manual_output=True,
+    return CompoundKernel(name, main=main, outputs=outs, manual_output=True,
                           dispatch=gemv_dispatch(lambda b: b.wq.shape[0] + 2 * b.wk.shape[0]))
 
 

@@ -11,17 +11,24 @@ With half ``x`` and only 4/8-bit affine weights in the call (the dual and QKV st
 included) the dot products run on packed half2 arithmetic, with the next chunk's
 weights loaded ahead (``gemv.metal``, ``policies/affine.metal``); otherwise in float.
 
+With an RMSNorm (``decls`` from ``gemv_decls(norm="weight")`` or ``norm="plain"``)
+the stage also takes ``Scalar "eps"`` and produces ``inv_rms`` for the scale
+epilogue: the sum of squares of ``x`` comes from the same ``x`` loads as the dot
+products, so there is no separate pass over ``x`` (an RMSNorm prologue stage made
+every threadgroup read all of ``x`` before its first weight load, which stalled the
+grid: 1x4096->14336 4-bit took 36 us against 16 us without it, ncu on an H100).
+
 Launch parameters are compile-time constants with defaults a tuner may override
 by keyword: ``ROWS`` (rows per SIMD-group, default :data:`DEFAULT_ROWS`) and
 ``THREADS`` (threads per threadgroup, a multiple of 32, default
-:data:`DEFAULT_THREADS`; shared with the RMSNorm prologue).
+:data:`DEFAULT_THREADS`).
 
 Stages (``decls`` holds the shared argument declarations, see :func:`gemv_decls`):
 
 * :func:`gemv_stage` -- ``acc = W[row] . (x[m] * gamma)``
 * :func:`gemv_dual_stage` -- gate and up rows sharing the x loads (``acc``, ``acc2``)
-* :func:`qkv_rope_stage` -- Q, K, V projections with RoPE on Q and K; writes
-  ``q_out``, ``k_out``, ``v_out`` itself (after an RMSNorm prologue).
+* :func:`qkv_rope_stage` -- RMSNorm + Q, K, V projections with RoPE on Q and K;
+  writes ``q_out``, ``k_out``, ``v_out`` itself.
 """
 
 import mlx.core as mx
@@ -30,6 +37,7 @@ from ..args import Constant, Output, Scalar, Tensor
 from ..dispatch import DispatchConfig
 from ..stage import Stage
 from ..types import FLOAT_DTYPES, f32, i32, u32
+from .norm import inv_rms_math
 
 GEMV_SOURCE = "stages/gemv.metal"
 QKV_SOURCE = "stages/gemv_qkv.metal"
@@ -60,14 +68,29 @@ def _split(c):
     return _simds(c) if c["SPLITK"] else "1"
 
 
-# Partial sums of split K (SIMDS x ROWS floats, twice for a dual GEMV; ROWS <= 16 there).
+# Partial sums of split K: SIMDS x ROWS floats (twice for a dual GEMV), then SIMDS sums of
+# squares (norm GEMVs): ROWS <= 31, or <= 15 in a dual GEMV.
 GEMV_THREADGROUP = ("float gemv_partials[THREADS]",)
 
 
-def gemv_decls(with_gamma=False):
-    """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS`` (and
-    ``norm_weight`` when ``with_gamma``). Pass the same dict to every stage of a kernel
-    (and to the RMSNorm prologue), since the assembler merges arguments by identity."""
+NORMS = (None, "plain", "weight")
+"""The RMSNorm a GEMV stage fuses: none, without weight, with ``norm_weight``."""
+
+
+def gemv_decls(with_gamma=False, *, norm=None):
+    """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS``, ``SPLITK``,
+    and for a norm GEMV ``eps`` (and ``norm_weight`` when the norm has a weight).
+
+    Args:
+        with_gamma (bool): shorthand for ``norm="weight"``.
+        norm (str, optional): one of :data:`NORMS`.
+
+    Pass the same dict to every stage of a kernel, since the assembler merges arguments
+    by identity.
+    """
+    norm = "weight" if with_gamma else norm
+    if norm not in NORMS:
+        raise ValueError(f"[gemv_decls] 'norm' must be one of {NORMS} but got {norm!r}.")
     d = {
         "x": Tensor("x", FLOAT_DTYPES),
         "T": Constant("T", "dtype", like="x"),
@@ -76,7 +99,9 @@ def gemv_decls(with_gamma=False):
         "THREADS": Constant("THREADS", value=DEFAULT_THREADS),
         "SPLITK": Constant("SPLITK", value=DEFAULT_SPLITK),
     }
-    if with_gamma:
+    if norm is not None:
+        d["eps"] = Scalar("eps", f32)
+    if norm == "weight":
         d["norm_weight"] = Tensor("norm_weight", FLOAT_DTYPES, ndim=1)
     return d
 
@@ -96,9 +121,10 @@ def gemv_dispatch(n_rows, *, dual=False):
         threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", 0)
         if split not in (0, 1):
             raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
-        if split and dual and rows > 16:
-            raise ValueError(f"[gemv] 'ROWS' must be at most 16 with 'SPLITK' in a dual GEMV "
-                             f"but got {rows}.")
+        limit = 15 if dual else 31
+        if split and rows > limit:
+            raise ValueError(f"[gemv] 'ROWS' must be at most {limit} with 'SPLITK'"
+                             f"{' in a dual GEMV' if dual else ''} but got {rows}.")
         if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
             raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in "
                              f"[32, {MAX_GEMV_THREADS}] but got {threads}.")
@@ -111,45 +137,75 @@ def gemv_dispatch(n_rows, *, dual=False):
     return dispatch
 
 
+def _norm_of(decls):
+    if "eps" not in decls:
+        return None
+    return "weight" if "norm_weight" in decls else "plain"
+
+
+def _norm_args(decls):
+    """``x`` then the norm's arguments (``norm_weight``, ``eps``) of a GEMV stage."""
+    norm = _norm_of(decls)
+    return ([decls["x"]] + ([decls["norm_weight"]] if norm == "weight" else [])
+            + ([decls["eps"]] if norm else []))
+
+
+def _with_inv_rms(b, values):
+    """A stage reference's values plus ``inv_rms`` ``[M, 1]`` when the stage has a norm."""
+    if "eps" in b:
+        values["inv_rms"] = inv_rms_math(b.x, b.eps, b.K)
+    return values
+
+
+_FUNCTIONS = {None: "", "plain": "_rms", "weight": "_norm"}
+
+
 def gemv_stage(policy, decls, *, n="N"):
     """``acc = dot(W[row], x[m] (* norm_weight))`` for one weight policy.
 
-    With ``decls["norm_weight"]`` present the stage multiplies ``x`` by it inside the dot
-    product (a following ``scale_epilogue`` applies ``inv_rms``). ``n`` is the name of the
-    int constant for ``N`` (default ``N = weight.shape[0]``).
+    With a norm in ``decls`` the stage multiplies ``x`` by ``norm_weight`` inside the dot
+    product (when it has one) and produces ``inv_rms``; a following ``scale_epilogue``
+    applies it. ``n`` is the name of the int constant for ``N`` (default
+    ``N = weight.shape[0]``).
     """
-    gamma = "norm_weight" in decls
+    norm = _norm_of(decls)
     N = Constant(n, value=lambda b: b[policy.prefix].shape[0])
-    args = [decls["x"]] + ([decls["norm_weight"]] if gamma else [])
+    args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"]]
 
     def reference(b, v):
-        return {"acc": _x_rows(b) @ policy.dequantize(b).T}
+        return _with_inv_rms(b, {"acc": _x_rows(b) @ policy.dequantize(b).T})
 
+    produces = dict(GEMV_VALUES)
+    if norm:
+        produces["inv_rms"] = "float"
     return Stage(
-        "gemv_norm" if gamma else "gemv", function="gemv_norm_main" if gamma else "gemv_main",
+        f"gemv{_FUNCTIONS[norm]}", function=f"gemv{_FUNCTIONS[norm]}_main",
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args, policies={"wpol": policy},
-        produces=dict(GEMV_VALUES),
+        produces=produces,
         template=(policy.metal_type(), "T", "K", n, "ROWS", _simds, _split),
         attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
 
 
 def gemv_dual_stage(gate, up, decls, *, n="N"):
-    """Gate and up projections in one pass over ``x``: ``acc`` (gate), ``acc2`` (up)."""
-    gamma = "norm_weight" in decls
+    """Gate and up projections in one pass over ``x``: ``acc`` (gate), ``acc2`` (up)
+    (and ``inv_rms`` with a norm, as :func:`gemv_stage`)."""
+    norm = _norm_of(decls)
     N = Constant(n, value=lambda b: b[gate.prefix].shape[0])
-    args = [decls["x"]] + ([decls["norm_weight"]] if gamma else [])
+    args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"]]
 
     def reference(b, v):
         xf = _x_rows(b)
-        return {"acc": xf @ gate.dequantize(b).T, "acc2": xf @ up.dequantize(b).T}
+        return _with_inv_rms(b, {"acc": xf @ gate.dequantize(b).T,
+                                 "acc2": xf @ up.dequantize(b).T})
 
     produces = dict(GEMV_VALUES)
+    if norm:
+        produces["inv_rms"] = "float"
     produces["acc2"] = "float"
     return Stage(
-        "gemv_dual_norm" if gamma else "gemv_dual",
-        function="gemv_dual_norm_main" if gamma else "gemv_dual_main",
+        f"gemv_dual{_FUNCTIONS[norm]}", function=f"gemv_dual{_FUNCTIONS[norm]}_main",
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args,
         policies={"gpol": gate, "upol": up}, produces=produces,
         template=(gate.metal_type(), up.metal_type(), "T", "K", n, "ROWS", _simds, _split),
@@ -169,9 +225,11 @@ def rope_rotate(t, positions, inv_freq, traditional):
 
 
 def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
-    """Q, K, V projections + RoPE on Q and K, written to ``q_out``, ``k_out``, ``v_out``.
+    """RMSNorm + Q, K, V projections + RoPE on Q and K, written to ``q_out``, ``k_out``,
+    ``v_out``.
 
-    Consumes ``inv_rms`` (put an RMSNorm prologue first). Extra arguments:
+    ``decls`` must have a norm (``gemv_decls(norm=...)``): the stage computes ``inv_rms``
+    from its own ``x`` loads (see :func:`gemv_stage`). Extra arguments:
     ``Tensor "rope_inv_freq"`` (float32 ``[head_dim/2]``), ``Scalar "seq_len"`` (u32,
     ``L``; row ``m`` of ``x`` is position ``offset + m % L``), ``Scalar "rope_offset"``
     (i32), ``Scalar "rope_scale"`` (f32), constants ``NQ`` (``H * D``), ``NKV``
@@ -179,8 +237,11 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
     ``bias``: ``Tensor``s ``q_bias``, ``k_bias``, ``v_bias`` (x's dtype) added before RoPE.
     Outputs have ``x``'s leading shape and last dimension ``NQ``/``NKV``/``NKV``.
     """
-    gamma = "norm_weight" in decls
-    x = decls["x"]
+    norm = _norm_of(decls)
+    if norm is None:
+        raise ValueError("[qkv_rope_stage] 'decls' must declare a norm "
+                         "(gemv_decls(norm='weight') or norm='plain').")
+    gamma = norm == "weight"
     lead = lambda b: tuple(b.x.shape[:-1])  # noqa: E731
     outs = [Output("q_out", shape=lambda b: lead(b) + (b[pq.prefix].shape[0],), dtype="x"),
             Output("k_out", shape=lambda b: lead(b) + (b[pk.prefix].shape[0],), dtype="x"),
@@ -188,7 +249,7 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
     consts = [Constant("NQ", value=lambda b: b[pq.prefix].shape[0]),
               Constant("NKV", value=lambda b: b[pk.prefix].shape[0]),
               Constant("HEAD_DIM")]
-    args = [x] + ([decls["norm_weight"]] if gamma else [])
+    args = _norm_args(decls)
     if bias:
         args += [Tensor(f"{p}_bias", FLOAT_DTYPES, ndim=1) for p in "qkv"]
     args += [Tensor("rope_inv_freq", mx.float32, ndim=1), Scalar("seq_len", u32),
@@ -204,7 +265,7 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
             b.rope_scale, dtype=mx.float32)
         res = {}
         for name, pol in (("q_out", pq), ("k_out", pk), ("v_out", pv)):
-            y = (xf @ pol.dequantize(b).T) * v["inv_rms"]
+            y = (xf @ pol.dequantize(b).T) * inv_rms_math(b.x, b.eps, b.K)
             if bias:
                 y = y + b[f"{name[0]}_bias"].astype(mx.float32)
             if name != "v_out":
@@ -217,7 +278,7 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
     return Stage(
         "qkv_rope", function=function,
         source=QKV_SOURCE, includes=GEMV_INCLUDES + (GEMV_SOURCE,), args=args,
-        policies={"qpol": pq, "kpol": pk, "vpol": pv}, consumes={"inv_rms": "float"},
+        policies={"qpol": pq, "kpol": pk, "vpol": pv},
         template=(pq.metal_type(), pk.metal_type(), pv.metal_type(), "T", "K", "NQ", "NKV",
                   "HEAD_DIM", "ROWS", _simds, _split, bool(traditional)),
         attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference,

@@ -21,14 +21,20 @@
 //   (policies/affine.metal). The loads of the next chunk are issued before the
 //   arithmetic on this one.
 
+// The norm a GEMV applies to x (template argument NORM).
+constant constexpr int GEMV_NORM_NONE = 0;    // x as given
+constant constexpr int GEMV_NORM_PLAIN = 1;   // RMSNorm without weight: sum(x^2) too
+constant constexpr int GEMV_NORM_WEIGHT = 2;  // RMSNorm with weight: x * gamma, sum(x^2)
+
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x: the float
 // path. rows[r]: the weight row of slot r (already clamped to a valid row). Every lane
 // gets all sums (out, and out2 when DUAL).
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device T* gr,
                                 thread const uint* rows, uint lane, uint part,
-                                thread float* out, thread float* out2) {
+                                thread float* out, thread float* out2, thread float& ss) {
+  constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
   // The chunk: elements per lane per step, the weight policy's load unit.
   constexpr int C = int(P::CHUNK);
   static_assert(int(P2::CHUNK) == C, "the two policies of a dual GEMV need one chunk size");
@@ -42,9 +48,16 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device
     s[r] = 0.0f;
     s2[r] = 0.0f;
   }
+  ss = 0.0f;
   for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
     float xv[C];
     dense_load<T, C, XVEC>(xr + c * C, xv);
+    if (NORM != GEMV_NORM_NONE) {
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        ss = metal::fma(xv[i], xv[i], ss);
+      }
+    }
     if (GAMMA) {
       float gv[C];
       dense_load<T, C, XVEC>(gr + c * C, gv);
@@ -69,6 +82,12 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device
   if (TAIL > 0 && int(lane) == FULL % 32 && int(part) == (FULL / 32) % SPLIT) {
     float xv[C];
     dense_load_tail<T, C>(xr + FULL * C, TAIL, xv);
+    if (NORM != GEMV_NORM_NONE) {
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        ss = metal::fma(xv[i], xv[i], ss);
+      }
+    }
     if (GAMMA) {
       float gv[C];
       dense_load_tail<T, C>(gr + FULL * C, TAIL, gv);
@@ -135,11 +154,12 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
 // un-normalised row, the RMSNorm scale comes later) x * gamma is rounded to half as
 // x * (gamma / 16), so that it overflows only past 16 x 65504; the sums are scaled back
 // by 16 (exact) in float.
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device T* gr,
                                 thread const uint* rows, uint lane, uint part,
-                                thread float* out, thread float* out2) {
+                                thread float* out, thread float* out2, thread float& ss) {
+  constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
   static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
   constexpr int FULL = K / 32;
   constexpr int S1 = gemv_half_pairs<P>::value;
@@ -155,6 +175,8 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   }
   // Software pipelined: the weights of the lane's next chunk are loaded before the
   // arithmetic on this one (clamped to the last chunk: branch-free, always in bounds).
+  float ss_lo = 0.0f;
+  float ss_hi = 0.0f;
   typename P::HalfChunk ch[ROWS];
   typename P2::HalfChunk ch2[ROWS];
   {
@@ -187,6 +209,16 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
       u[4 * j + 1] = v.y;
       u[4 * j + 2] = v.z;
       u[4 * j + 3] = v.w;
+    }
+    if (NORM != GEMV_NORM_NONE) {
+      // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
+      // make anyway (two float accumulators per lane).
+#pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        const float2 f = float2(as_type<half2>(u[k]));
+        ss_lo = metal::fma(f.x, f.x, ss_lo);
+        ss_hi = metal::fma(f.y, f.y, ss_hi);
+      }
     }
     if (GAMMA) {
       const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
@@ -230,6 +262,7 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
       }
     }
   }
+  ss = ss_lo + ss_hi;
   const float back = GAMMA ? 16.0f : 1.0f;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
@@ -240,45 +273,49 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   }
 }
 
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
                                  const device T* gr, thread const uint* rows, uint lane,
-                                 uint part, thread float* out, thread float* out2) {
-  gemv_dot_rows_f<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
-                                                         out, out2);
+                                 uint part, thread float* out, thread float* out2,
+                                 thread float& ss) {
+  gemv_dot_rows_f<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
+                                                        out, out2, ss);
 }
 
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T* xr,
                                  const device T* gr, thread const uint* rows, uint lane,
-                                 uint part, thread float* out, thread float* out2) {
-  gemv_dot_rows_h<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
-                                                         out, out2);
+                                 uint part, thread float* out, thread float* out2,
+                                 thread float& ss) {
+  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
+                                                        out, out2, ss);
 }
 
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x, on the
 // packed-half path when x is half and every policy has one, else on the float path.
 // SPLIT SIMD-groups share the rows: this one (part, 0 <= part < SPLIT) takes every
 // SPLIT-th 32-chunk stride of K; the caller adds the SPLIT partial sums.
-template <typename P, typename P2, typename T, int K, int ROWS, bool GAMMA, bool DUAL,
+template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
                               thread const uint* rows, uint lane, uint part,
-                              thread float* out, thread float* out2) {
+                              thread float* out, thread float* out2, thread float& ss) {
   constexpr bool H = gemv_is_half<T>::value != 0 && gemv_half_pairs<P>::value > 0 &&
                      (!DUAL || gemv_half_pairs<P2>::value > 0);
-  gemv_dot_rows_on<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(gemv_path<H>(), pol, pol2, xr, gr,
-                                                          rows, lane, part, out, out2);
+  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(gemv_path<H>(), pol, pol2, xr, gr,
+                                                         rows, lane, part, out, out2, ss);
 }
 
 // Split K: adds the partial sums of the SPLIT SIMD-groups of a threadgroup (which all
-// hold the same rows) through threadgroup memory (SPLIT * ROWS floats, twice when
-// DUAL); SIMD-group 0 gets the totals. Every thread of the threadgroup must call it.
-template <int ROWS, int SPLIT, bool DUAL>
-METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, uint sg, uint lane,
-                               threadgroup float* partials) {
+// hold the same rows) through threadgroup memory: SPLIT * ROWS floats (twice when DUAL),
+// then SPLIT sums of squares when SS (the RMSNorm of a norm GEMV). Every thread gets the
+// totals; every thread of the threadgroup must call it.
+template <int ROWS, int SPLIT, bool DUAL, bool SS>
+METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, thread float& ss,
+                               uint sg, uint lane, threadgroup float* partials) {
+  constexpr int SS_AT = (DUAL ? 2 : 1) * SPLIT * ROWS;
   if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -286,6 +323,9 @@ METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, uint sg,
       if (DUAL) {
         partials[uint(SPLIT * ROWS) + sg * uint(ROWS) + uint(r)] = sums2[r];
       }
+    }
+    if (SS) {
+      partials[uint(SS_AT) + sg] = ss;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -305,6 +345,20 @@ METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, uint sg,
       sums2[r] = t2;
     }
   }
+  if (SS) {
+    float t = 0.0f;
+#pragma unroll
+    for (int p = 0; p < SPLIT; ++p) {
+      t += partials[SS_AT + p];
+    }
+    ss = t;
+  }
+}
+
+// The RMSNorm scale of a row from its sum of squares (as the RMSNorm kernels compute it).
+template <int K>
+METAL_FUNC float gemv_inv_rms(float ss, float eps) {
+  return metal::rsqrt(ss / float(K) + eps);
 }
 
 // sums[lane] for lane < ROWS (0 otherwise), without dynamic register indexing.
@@ -318,12 +372,17 @@ METAL_FUNC float gemv_pick(thread const float* sums, uint lane) {
   return v;
 }
 
-template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, bool GAMMA,
+// NORM (GEMV_NORM_*): with a norm, x is the un-normalised row; the GEMV also returns
+// inv_rms = rsqrt(mean(x^2) + eps), its sum of squares taken from the same x loads as the
+// dot products (a separate pass over x in every threadgroup before the first weight load
+// stalled the whole grid: ncu, H100, 1x4096 -> 14336 q4: 36 us against 16 us without it).
+template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int NORM,
           bool DUAL, int SPLIT>
 METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T* gamma,
-                               thread float& acc, thread float& acc2, thread uint& row,
-                               thread uint& index, thread bool& valid, uint3 tg_pos,
-                               uint sg, uint lane, threadgroup float* partials) {
+                               float eps, thread float& acc, thread float& acc2,
+                               thread uint& row, thread uint& index, thread bool& valid,
+                               thread float& inv_rms, uint3 tg_pos, uint sg, uint lane,
+                               threadgroup float* partials) {
   static_assert(SPLIT == 1 || SPLIT == SIMDS, "split K: 1 or every SIMD-group");
   const uint m = tg_pos.y;
   // Split K: the whole threadgroup holds ROWS rows (a uniform early return below).
@@ -331,6 +390,7 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
   const uint part = SPLIT > 1 ? sg : 0u;
   acc = 0.0f;
   acc2 = 0.0f;
+  inv_rms = 0.0f;
   row = row0 + lane;
   index = m * uint(N) + row;
   valid = lane < uint(ROWS) && row < uint(N) && part == 0u;
@@ -344,10 +404,18 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
   }
   float sums[ROWS];
   float sums2[ROWS];
-  gemv_dot_rows<P, P2, T, K, ROWS, GAMMA, DUAL, SPLIT>(pol, pol2, x + m * uint(K), gamma,
-                                                       rows, lane, part, sums, sums2);
+  float ss;
+  gemv_dot_rows<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, x + m * uint(K), gamma, rows,
+                                                      lane, part, sums, sums2, ss);
+  if (NORM != GEMV_NORM_NONE) {
+    ss = simd_sum(ss);
+  }
   if (SPLIT > 1) {
-    gemv_split_sum<ROWS, SPLIT, DUAL>(sums, sums2, sg, lane, partials);
+    gemv_split_sum<ROWS, SPLIT, DUAL, NORM != GEMV_NORM_NONE>(sums, sums2, ss, sg, lane,
+                                                               partials);
+  }
+  if (NORM != GEMV_NORM_NONE) {
+    inv_rms = gemv_inv_rms<K>(ss, eps);
   }
   acc = gemv_pick<ROWS>(sums, lane);
   if (DUAL) {
@@ -361,41 +429,69 @@ template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_main(P wpol, const device T* x, thread float& acc, thread uint& row,
                           thread uint& index, thread bool& valid, uint3 tg_pos, uint sg,
                           uint lane, threadgroup float* gemv_partials) {
-  float unused;
-  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, false, false, SPLIT>(
-      wpol, wpol, x, x, acc, unused, row, index, valid, tg_pos, sg, lane, gemv_partials);
+  float unused, unused_rms;
+  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, GEMV_NORM_NONE, false, SPLIT>(
+      wpol, wpol, x, x, 0.0f, acc, unused, row, index, valid, unused_rms, tg_pos, sg, lane,
+      gemv_partials);
 }
 
-// acc = dot(W[row], x[m] * norm_weight) (the RMSNorm scale epilogue applies inv_rms).
+// acc = dot(W[row], x[m] * norm_weight) and inv_rms of x[m] (the RMSNorm scale epilogue
+// applies it).
 template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_norm_main(P wpol, const device T* x, const device T* norm_weight,
-                               thread float& acc, thread uint& row, thread uint& index,
-                               thread bool& valid, uint3 tg_pos, uint sg, uint lane,
+                               float eps, thread float& acc, thread uint& row,
+                               thread uint& index, thread bool& valid, thread float& inv_rms,
+                               uint3 tg_pos, uint sg, uint lane,
                                threadgroup float* gemv_partials) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, true, false, SPLIT>(
-      wpol, wpol, x, norm_weight, acc, unused, row, index, valid, tg_pos, sg, lane,
+  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, GEMV_NORM_WEIGHT, false, SPLIT>(
+      wpol, wpol, x, norm_weight, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg,
+      lane, gemv_partials);
+}
+
+// acc = dot(W[row], x[m]) and inv_rms of x[m] (RMSNorm without weight).
+template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+METAL_FUNC void gemv_rms_main(P wpol, const device T* x, float eps, thread float& acc,
+                              thread uint& row, thread uint& index, thread bool& valid,
+                              thread float& inv_rms, uint3 tg_pos, uint sg, uint lane,
+                              threadgroup float* gemv_partials) {
+  float unused;
+  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, GEMV_NORM_PLAIN, false, SPLIT>(
+      wpol, wpol, x, x, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg, lane,
       gemv_partials);
 }
 
 // Gate and up projections sharing the x loads: acc = gate row, acc2 = up row
-// (produced values in declaration order: acc, row, index, valid, acc2).
+// (produced values in declaration order: acc, row, index, valid, [inv_rms,] acc2).
 template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_dual_main(P gpol, P2 upol, const device T* x, thread float& acc,
                                thread uint& row, thread uint& index, thread bool& valid,
                                thread float& acc2, uint3 tg_pos, uint sg, uint lane,
                                threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, false, true, SPLIT>(
-      gpol, upol, x, x, acc, acc2, row, index, valid, tg_pos, sg, lane, gemv_partials);
+  float unused_rms;
+  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, GEMV_NORM_NONE, true, SPLIT>(
+      gpol, upol, x, x, 0.0f, acc, acc2, row, index, valid, unused_rms, tg_pos, sg, lane,
+      gemv_partials);
 }
 
 template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
 METAL_FUNC void gemv_dual_norm_main(P gpol, P2 upol, const device T* x,
-                                    const device T* norm_weight, thread float& acc,
+                                    const device T* norm_weight, float eps, thread float& acc,
                                     thread uint& row, thread uint& index, thread bool& valid,
-                                    thread float& acc2, uint3 tg_pos, uint sg, uint lane,
-                                    threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, true, true, SPLIT>(
-      gpol, upol, x, norm_weight, acc, acc2, row, index, valid, tg_pos, sg, lane,
+                                    thread float& inv_rms, thread float& acc2, uint3 tg_pos,
+                                    uint sg, uint lane, threadgroup float* gemv_partials) {
+  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, GEMV_NORM_WEIGHT, true, SPLIT>(
+      gpol, upol, x, norm_weight, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg,
+      lane, gemv_partials);
+}
+
+template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+METAL_FUNC void gemv_dual_rms_main(P gpol, P2 upol, const device T* x, float eps,
+                                   thread float& acc, thread uint& row, thread uint& index,
+                                   thread bool& valid, thread float& inv_rms,
+                                   thread float& acc2, uint3 tg_pos, uint sg, uint lane,
+                                   threadgroup float* gemv_partials) {
+  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, GEMV_NORM_PLAIN, true, SPLIT>(
+      gpol, upol, x, x, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg, lane,
       gemv_partials);
 }

@@ -1,4 +1,4 @@
-// Fused Q/K/V projections + RoPE (grouped-query shapes) after an RMSNorm prologue.
+// Fused RMSNorm + Q/K/V projections + RoPE (grouped-query shapes).
 // Needs stages/gemv.metal.
 //
 // Output rows are walked in a "virtual" order: Q rows [0, NQ), then K rows, then V
@@ -33,32 +33,32 @@ struct qkv_same<A, A, A> : qkv_same_tag<true> {};
 // one policy type the policy value is selected and the GEMV loop is instantiated once;
 // three inlined copies of it behind a branch kept the compiler from holding the
 // weight chunks in registers (ncu, H200: 27 cycles per issued instruction, 7% DRAM).
-template <typename PQ, typename PK, typename PV, typename T, int K, int ROWS, bool GAMMA,
+template <typename PQ, typename PK, typename PV, typename T, int K, int ROWS, int NORM,
           int SPLIT>
 METAL_FUNC void qkv_dot(qkv_same_tag<true>, PQ qpol, PK kpol, PV vpol, int seg,
                         const device T* xr, const device T* gamma, thread const uint* rows,
-                        uint lane, uint part, thread float* sums) {
+                        uint lane, uint part, thread float* sums, thread float& ss) {
   PQ pol = seg == 0 ? qpol : (seg == 1 ? kpol : vpol);
   float unused[ROWS];
-  gemv_dot_rows<PQ, PQ, T, K, ROWS, GAMMA, false, SPLIT>(pol, pol, xr, gamma, rows, lane,
-                                                         part, sums, unused);
+  gemv_dot_rows<PQ, PQ, T, K, ROWS, NORM, false, SPLIT>(pol, pol, xr, gamma, rows, lane,
+                                                        part, sums, unused, ss);
 }
 
-template <typename PQ, typename PK, typename PV, typename T, int K, int ROWS, bool GAMMA,
+template <typename PQ, typename PK, typename PV, typename T, int K, int ROWS, int NORM,
           int SPLIT>
 METAL_FUNC void qkv_dot(qkv_same_tag<false>, PQ qpol, PK kpol, PV vpol, int seg,
                         const device T* xr, const device T* gamma, thread const uint* rows,
-                        uint lane, uint part, thread float* sums) {
+                        uint lane, uint part, thread float* sums, thread float& ss) {
   float unused[ROWS];
   if (seg == 0) {
-    gemv_dot_rows<PQ, PQ, T, K, ROWS, GAMMA, false, SPLIT>(qpol, qpol, xr, gamma, rows, lane,
-                                                           part, sums, unused);
+    gemv_dot_rows<PQ, PQ, T, K, ROWS, NORM, false, SPLIT>(qpol, qpol, xr, gamma, rows, lane,
+                                                          part, sums, unused, ss);
   } else if (seg == 1) {
-    gemv_dot_rows<PK, PK, T, K, ROWS, GAMMA, false, SPLIT>(kpol, kpol, xr, gamma, rows, lane,
-                                                           part, sums, unused);
+    gemv_dot_rows<PK, PK, T, K, ROWS, NORM, false, SPLIT>(kpol, kpol, xr, gamma, rows, lane,
+                                                          part, sums, unused, ss);
   } else {
-    gemv_dot_rows<PV, PV, T, K, ROWS, GAMMA, false, SPLIT>(vpol, vpol, xr, gamma, rows, lane,
-                                                           part, sums, unused);
+    gemv_dot_rows<PV, PV, T, K, ROWS, NORM, false, SPLIT>(vpol, vpol, xr, gamma, rows, lane,
+                                                          part, sums, unused, ss);
   }
 }
 
@@ -69,8 +69,10 @@ METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
                               const device T* k_bias, const device T* v_bias,
                               const device float* inv_freq, uint seq_len, int offset,
                               float scale, device T* q_out, device T* k_out, device T* v_out,
-                              float inv_rms, uint3 tg_pos, uint sg, uint lane,
+                              float eps, uint3 tg_pos, uint sg, uint lane,
                               threadgroup float* partials) {
+  // The RMSNorm's sum of squares comes from the GEMV's own x loads (see gemv_rows_impl).
+  constexpr int NORM = GAMMA ? GEMV_NORM_WEIGHT : GEMV_NORM_PLAIN;
   static_assert(SPLIT == 1 || SPLIT == SIMDS, "split K: 1 or every SIMD-group");
   const uint m = tg_pos.y;
   const uint v0 = (SPLIT > 1 ? tg_pos.x : tg_pos.x * uint(SIMDS) + sg) * uint(ROWS);
@@ -89,13 +91,15 @@ METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
     rows[r] = seg == 2 ? t : qkv_actual_row<D, TRAD>(t);
   }
   float sums[ROWS];
+  float ss;
   const device T* xr = x + m * uint(K);
-  qkv_dot<PQ, PK, PV, T, K, ROWS, GAMMA, SPLIT>(qkv_same<PQ, PK, PV>(), qpol, kpol, vpol, seg,
-                                                xr, gamma, rows, lane, part, sums);
+  qkv_dot<PQ, PK, PV, T, K, ROWS, NORM, SPLIT>(qkv_same<PQ, PK, PV>(), qpol, kpol, vpol, seg,
+                                               xr, gamma, rows, lane, part, sums, ss);
+  ss = simd_sum(ss);
   if (SPLIT > 1) {
-    gemv_split_sum<ROWS, SPLIT, false>(sums, sums, sg, lane, partials);
+    gemv_split_sum<ROWS, SPLIT, false, true>(sums, sums, ss, sg, lane, partials);
   }
-  float acc = gemv_pick<ROWS>(sums, lane) * inv_rms;
+  float acc = gemv_pick<ROWS>(sums, lane) * gemv_inv_rms<K>(ss, eps);
   const uint t = v0 - base + lane;
   // The output element of this lane (clamped: lanes past the rows compute garbage).
   const uint tc = metal::min(t, ns - 1u);
@@ -121,54 +125,54 @@ METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
 }
 
 // ---- stage functions (they write q_out, k_out, v_out themselves) ----------------------
-// Argument order: policies, x, [norm_weight], [q_bias, k_bias, v_bias] (x's dtype), RoPE
-// values, outputs, inv_rms, thread attributes.
+// Argument order: policies, x, [norm_weight], eps, [q_bias, k_bias, v_bias] (x's dtype),
+// RoPE values, outputs, thread attributes.
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
           int ROWS, int SIMDS, int SPLIT, bool TRAD>
 METAL_FUNC void qkv_rope_norm_main(
-    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight,
+    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
-    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
-    uint lane, threadgroup float* gemv_partials) {
+    device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
   qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false>(
       qpol, kpol, vpol, x, norm_weight, x, x, x, rope_inv_freq, seq_len, rope_offset,
-      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane, gemv_partials);
+      rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
           int ROWS, int SIMDS, int SPLIT, bool TRAD>
 METAL_FUNC void qkv_rope_norm_nw_main(
-    PQ qpol, PK kpol, PV vpol, const device T* x,
+    PQ qpol, PK kpol, PV vpol, const device T* x, float eps,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
-    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
-    uint lane, threadgroup float* gemv_partials) {
+    device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
   qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false>(
       qpol, kpol, vpol, x, x, x, x, x, rope_inv_freq, seq_len, rope_offset,
-      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane, gemv_partials);
+      rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
           int ROWS, int SIMDS, int SPLIT, bool TRAD>
 METAL_FUNC void qkv_rope_norm_bias_main(
-    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight,
+    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
     const device T* q_bias, const device T* k_bias, const device T* v_bias,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
-    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
-    uint lane, threadgroup float* gemv_partials) {
+    device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
   qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true>(
       qpol, kpol, vpol, x, norm_weight, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
-      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane, gemv_partials);
+      rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
           int ROWS, int SIMDS, int SPLIT, bool TRAD>
 METAL_FUNC void qkv_rope_norm_nw_bias_main(
-    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* q_bias,
+    PQ qpol, PK kpol, PV vpol, const device T* x, float eps, const device T* q_bias,
     const device T* k_bias, const device T* v_bias,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
-    device T* q_out, device T* k_out, device T* v_out, float inv_rms, uint3 tg_pos, uint sg,
-    uint lane, threadgroup float* gemv_partials) {
+    device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
   qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true>(
       qpol, kpol, vpol, x, x, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
-      rope_scale, q_out, k_out, v_out, inv_rms, tg_pos, sg, lane, gemv_partials);
+      rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
