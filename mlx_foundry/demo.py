@@ -1,9 +1,9 @@
 """``python -m mlx_foundry demo``: one fused kernel, end to end.
 
-Builds the compound kernel RMSNorm (prologue) -> 4-bit affine GEMV (main) ->
-scale by 1/rms -> SiLU (epilogues), prints its generated source, runs it on the
-best available backend, checks it against its reference (plain MLX ops on the
-CPU), and times it against MLX's unfused ops.
+Builds the compound kernel 4-bit affine GEMV with RMSNorm (main: the dot products and
+the sum of squares from the same loads of x) -> scale by 1/rms -> SiLU (epilogues),
+prints its generated source, runs it on the best available backend, checks it against
+its reference (plain MLX ops on the CPU), and times it against MLX's unfused ops.
 """
 
 import time

@@ -144,7 +144,12 @@ add_rms_norm = make_add_rms_norm(True)
 
 def rms_norm_prologue(with_weight=True, *, x=None, norm_weight=None, eps=None, T=None,
                       K=None, THREADS=None):
-    """The RMSNorm prologue :class:`Stage` for fused norm + linear kernels.
+    """An RMSNorm prologue :class:`Stage`: ``inv_rms`` of each row of ``x`` for later stages.
+
+    The fused GEMVs of :mod:`mlx_foundry.ops` do not use it: their main stage takes the
+    sum of squares from its own loads of ``x`` (see :func:`~mlx_foundry.stages.gemv.gemv_stage`),
+    because a whole-row pass before the first weight load stalls a one-wave GEMV. It
+    suits compound kernels whose main stage reads only part of the row.
 
     Contract (the shared value conventions):
 

@@ -1,0 +1,127 @@
+"""Kernel durations of the fused decode ops under Nsight Compute (diagnostics, not the bench).
+
+The bench (``python -m mlx_foundry bench``) is what performance claims come from; this
+script explains them. It builds the Llama-3-8B decode shapes (4-bit, group 64, fp16),
+checks every op on the GPU against its reference backend, then runs each op once between
+``cuProfilerStart``/``cuProfilerStop`` so that ``ncu --profile-from-start off`` sees
+only those launches (cache flushed before each, as ncu does by default)::
+
+    ncu --profile-from-start off --clock-control none --csv \\
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,\\
+launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \\
+        python tools/ncu_kernels.py --profile > ncu.csv
+    python tools/ncu_kernels.py --table ncu.csv
+
+``--table`` prints one line per kernel, labelled in launch order.
+"""
+
+import argparse
+import collections
+import csv
+import ctypes
+import sys
+
+LABELS = "ncu_labels.txt"
+
+
+def _jobs():
+    import mlx.core as mx
+
+    from mlx_foundry import ops
+    from mlx_foundry.bench.cases import _qweight
+    from mlx_foundry.ops.weights import Weight
+
+    def qw(i, n, k):
+        return Weight(*_qweight(0, i, n, k, 4, 64), group_size=64, bits=4)
+
+    def act(k, seed):
+        return mx.random.normal((1, k), key=mx.random.key(seed)).astype(mx.float16)
+
+    g = (1 + 0.1 * mx.random.normal((4096,), key=mx.random.key(5))).astype(mx.float16)
+    x4, x14, r4 = act(4096, 1), act(14336, 2), act(4096, 3)
+    wu, wg, wd = qw(1, 14336, 4096), qw(2, 14336, 4096), qw(3, 4096, 14336)
+    wo, wq, wk, wv = qw(4, 4096, 4096), qw(6, 4096, 4096), qw(7, 1024, 4096), qw(8, 1024, 4096)
+    xn = mx.random.normal((8192, 8192), key=mx.random.key(9)).astype(mx.float16)
+    gn = (1 + 0.1 * mx.random.normal((8192,), key=mx.random.key(10))).astype(mx.float16)
+    qkv = dict(n_heads=32, n_kv_heads=8, head_dim=128, offset=7, rope_base=500000.0)
+    ours = {
+        "linear 4096->14336": (ops.linear, (x4, wu), {}),
+        "linear 14336->4096": (ops.linear, (x14, wd), {}),
+        "o_proj+residual": (ops.linear, (x4, wo), {"residual": r4}),
+        "down_proj+residual": (ops.linear, (x14, wd), {"residual": r4}),
+        "norm_linear": (ops.norm_linear, (x4, g, 1e-5, wu), {}),
+        "norm_gate_up_swiglu": (ops.norm_gate_up_swiglu, (x4, g, 1e-5, wg, wu), {}),
+        "norm_qkv_rope": (ops.norm_qkv_rope, (x4[None], g, 1e-5, wq, wk, wv), qkv),
+        "rms_norm 8192x8192": (ops.rms_norm, (xn, gn, 1e-5), {}),
+    }
+    mlx = {
+        "mlx quantized_matmul 4096->14336": lambda: mx.quantized_matmul(
+            x4, wu.weight, wu.scales, wu.biases, transpose=True, group_size=64, bits=4),
+        "mlx rms_norm 8192x8192": lambda: mx.fast.rms_norm(xn, gn, 1e-5),
+    }
+    return ours, mlx
+
+
+def check_and_profile(profile):
+    import mlx.core as mx
+
+    ours, mlx = _jobs()
+    failures = 0
+    for name, (op, args, kw) in ours.items():
+        got, want = op(*args, backend="cuda", **kw), op(*args, backend="reference", **kw)
+        got = got if isinstance(got, (list, tuple)) else [got]
+        want = want if isinstance(want, (list, tuple)) else [want]
+        for a, b in zip(got, want):
+            a, b = a.astype(mx.float32), b.astype(mx.float32)
+            err, scale = mx.abs(a - b).max().item(), mx.abs(b).max().item()
+            ok = err <= 2e-2 * max(scale, 1.0)
+            failures += not ok
+            print(f"check {name:24s} max|err| {err:.3g} (max|ref| {scale:.3g}) "
+                  f"{'ok' if ok else 'FAIL'}", file=sys.stderr)
+    jobs = [(n, (lambda op=op, a=a, kw=kw: op(*a, backend="cuda", **kw)))
+            for n, (op, a, kw) in ours.items()] + list(mlx.items())
+    for _, fn in jobs:
+        mx.eval(fn())  # compile and warm up outside the profiled range
+    mx.synchronize()
+    with open(LABELS, "w") as f:
+        f.write("\n".join(n for n, _ in jobs))
+    if profile:
+        driver = ctypes.CDLL("libcuda.so.1")
+        driver.cuProfilerStart()
+        for _, fn in jobs:
+            mx.eval(fn())
+            mx.synchronize()
+        driver.cuProfilerStop()
+    return failures
+
+
+def table(path):
+    labels = open(LABELS).read().split("\n")
+    kernels = collections.OrderedDict()
+    header = None
+    for row in csv.reader(open(path)):
+        if row and row[0] == "ID":
+            header = row
+        elif header and len(row) == len(header):
+            d = dict(zip(header, row))
+            k = kernels.setdefault(d["ID"], {"kernel": d["Kernel Name"][:40]})
+            k[d["Metric Name"]] = d["Metric Value"]
+    for i, k in enumerate(kernels.values()):
+        label = labels[i] if len(labels) == len(kernels) else "?"
+        rest = " ".join(f"{m.split('.')[0]}={v}" for m, v in k.items() if m != "kernel")
+        print(f"{label:34s} {k['kernel']:40s} {rest}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", action="store_true", help="run the profiled range")
+    p.add_argument("--table", metavar="CSV", help="print ncu's CSV output as a table")
+    args = p.parse_args()
+    if args.table:
+        table(args.table)
+        return 0
+    return 1 if check_and_profile(args.profile) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
