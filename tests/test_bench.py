@@ -227,6 +227,31 @@ def test_tuner_persists_and_reloads(tmp_path, monkeypatch):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tuning.")]
 
 
+def test_tuner_interleaves_rounds_and_drops_failing_candidates(tmp_path):
+    """Each round times every candidate once, so a slow phase of the machine hits all of
+    them; a candidate that fails in any call is recorded and left out."""
+    calls = []
+    clock = iter(range(1000))
+
+    def run(p):
+        calls.append(p["ROWS_PER_SIMD"])
+        t = next(clock)
+        if p["ROWS_PER_SIMD"] == 4 and len(calls) > 3:
+            raise RuntimeError("launch failed")
+        # The machine slows down over time (t grows); ROWS 2 is the fastest in every round.
+        return (1.0 + t) * (0.5 if p["ROWS_PER_SIMD"] == 2 else 1.0)
+
+    cands = [{"ROWS_PER_SIMD": r} for r in (1, 2, 4)]
+    best = tuner.tune("k", cands, run, source_hash="h", shape_class="c", repeats=3,
+                      warmup=1, path=str(tmp_path / "t.json"))
+    assert best == {"ROWS_PER_SIMD": 2}
+    # warm-up of each, then rounds of [1, 2, 4] until ROWS 4 fails, then [1, 2].
+    assert calls == [1, 2, 4, 1, 2, 4, 1, 2, 1, 2]
+    (e,) = json.load(open(tmp_path / "t.json"))["entries"].values()
+    assert [f["params"] for f in e["failures"]] == [{"ROWS_PER_SIMD": 4}]
+    assert len(e["candidates"]) == 2
+
+
 def test_tuner_keys_differ_and_stale_entries_are_not_reused(tmp_path):
     path = str(tmp_path / "t.json")
     base = dict(kernel_key="gemv_q4", source_hash="aaaa", shape_class="m1_n16384_k4096",

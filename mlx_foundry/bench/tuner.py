@@ -243,7 +243,8 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
             :func:`mlx_foundry.bench.timing.measure` for an honest number).
         source_hash (str): :func:`source_hash` of the kernel.
         shape_class (str): :func:`shape_class` of the shape being tuned.
-        repeats (int): timings per candidate; the median decides. Default: ``5``.
+        repeats (int): timings per candidate, taken in interleaved rounds (each
+            candidate once per round); the median decides. Default: ``5``.
         warmup (int): untimed calls per candidate first (compiles). Default: ``1``.
         device, mlx_version (str, optional): override the key's device / MLX version.
         path (str, optional): the tuning file. Default: :func:`cache_path`.
@@ -267,16 +268,33 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
             e = _read(path).get(key)
         if e:
             return dict(e["params"])
-    results, failures = [], []
-    for params in candidates:
+    failures = []
+    times = {}  # index into candidates -> timings
+
+    def attempt(i, timed):
         try:
-            for _ in range(max(0, warmup)):
-                run(dict(params))
-            times = [float(run(dict(params))) for _ in range(max(1, repeats))]
+            t = float(run(dict(candidates[i])))
         except Exception as exc:  # noqa: BLE001 - a setting that does not compile/run
-            failures.append({"params": params, "error": f"{type(exc).__name__}: {exc}"[:200]})
-            continue
-        results.append({"params": params, "median_s": statistics.median(times)})
+            failures.append({"params": candidates[i],
+                             "error": f"{type(exc).__name__}: {exc}"[:200]})
+            times.pop(i, None)
+            return
+        if timed:
+            times[i].append(t)
+
+    for i in range(len(candidates)):
+        times[i] = []
+        for _ in range(max(0, warmup)):
+            if i in times:
+                attempt(i, False)
+    # Interleaved rounds (every candidate once per round): a drift of the machine
+    # (clocks, a neighbour's load) then moves all candidates alike instead of
+    # favouring the ones timed in a quiet moment.
+    for _ in range(max(1, repeats)):
+        for i in list(times):
+            attempt(i, True)
+    results = [{"params": candidates[i], "median_s": statistics.median(t)}
+               for i, t in times.items()]
     if not results:
         raise TuningError(f"[tuner.tune] every candidate of {kernel_key!r} failed: "
                           f"{failures[:3]}")
