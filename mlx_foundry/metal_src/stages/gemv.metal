@@ -7,10 +7,13 @@
 // (times the norm weight when fused with RMSNorm) and dots it with the same chunk of
 // its ROWS weight rows (ROWS independent wide loads in flight). After the SIMD
 // reduction lane r (< ROWS) holds row r of the group: acc, row, index, valid.
+// RMSNorm fused (NORM): the lanes also add up x^2 of the chunks they load, so every lane
+// gets inv_rms of the row without a separate pass over x.
 // Split K (SPLIT == SIMDS): the SIMD-groups of a threadgroup share its ROWS rows instead,
-// each takes every SIMDS-th stride of K, and SIMD-group 0 adds their sums (threadgroup
-// memory `gemv_partials`, THREADS floats): SIMDS times the loads in flight per row,
-// for shapes with few rows (N = 4096) that would otherwise leave most SMs idle.
+// each takes every SIMDS-th stride of K, and they add their sums (and sums of squares)
+// through threadgroup memory (`gemv_partials`, THREADS floats): SIMDS times the loads in
+// flight per row, for shapes with few rows (N = 4096) that would otherwise leave most SMs
+// idle.
 //
 // Two paths, chosen at compile time by gemv_dot_rows:
 // - float (any policy and activation type): x converted to float, policy.dot_chunk;
@@ -28,7 +31,8 @@ constant constexpr int GEMV_NORM_WEIGHT = 2;  // RMSNorm with weight: x * gamma,
 
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x: the float
 // path. rows[r]: the weight row of slot r (already clamped to a valid row). Every lane
-// gets all sums (out, and out2 when DUAL).
+// gets all sums (out, and out2 when DUAL); ss is this lane's part of sum(x^2) when NORM
+// is not GEMV_NORM_NONE (the caller reduces it).
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device T* gr,
@@ -296,7 +300,8 @@ METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x, on the
 // packed-half path when x is half and every policy has one, else on the float path.
 // SPLIT SIMD-groups share the rows: this one (part, 0 <= part < SPLIT) takes every
-// SPLIT-th 32-chunk stride of K; the caller adds the SPLIT partial sums.
+// SPLIT-th 32-chunk stride of K; the caller adds the SPLIT partial sums. With a norm,
+// ss returns this lane's part of sum(x^2) over the same chunks.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
