@@ -206,3 +206,17 @@ def test_scalar_inputs_are_device_sized_arrays(monkeypatch, eps):
     got = record.last_inputs[[a.name for a in kern.inputs].index("eps")]
     assert SCALAR_LANES * got.dtype.size > 8 and got.shape == (SCALAR_LANES,)
     assert mx.allclose(got, mx.full((SCALAR_LANES,), eps, mx.float32)).item()
+
+
+def test_scalar_arrays_made_inside_compile_stay_usable(monkeypatch):
+    """The cached scalar inputs may first be made while mx.compile traces a function."""
+    fake_gpu(monkeypatch)
+    w = _weight()
+    x = ck.seeded((1, 128), mx.float32, seed=8)
+    g = 1.0 + 0.1 * ck.seeded((128,), mx.float32, seed=9)
+    eps = 3e-4  # a value no other test caches first
+    f = mx.compile(lambda x: ops.norm_linear(x, g, eps, w, backend="cuda"))
+    want = ops.norm_linear(x, g, eps, w, backend="reference")
+    assert_close(f(x), want)
+    assert_close(ops.norm_linear(x, g, eps, w, backend="cuda"), want)
+    assert_close(f(x + 1), ops.norm_linear(x + 1, g, eps, w, backend="reference"))
