@@ -423,20 +423,18 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
     be = plan.backend
     if plan.attn == "qkv_rope" and offset.__class__ is int:
         launch = step.qkv
-        if launch is None:
+        if not launch:
             found = _qkv_rope_args(self, plan, x)
             if found is None:
                 return None
             args, kw = found
-            launch = step.qkv = _prepare(ops.norm_qkv_rope, x, *args, offset=offset,
-                                         vary={"x": x, "rope_offset": offset}, backend=be, **kw)
+            if launch is None:
+                launch = step.qkv = _prepare(ops.norm_qkv_rope, x, *args, offset=offset,
+                                             vary={"x": x, "rope_offset": offset}, backend=be,
+                                             **kw)
         if launch:
             q, k, v = launch(x, offset)
         else:
-            found = _qkv_rope_args(self, plan, x)
-            if found is None:
-                return None
-            args, kw = found
             q, k, v = ops.norm_qkv_rope(x, *args, offset=offset, backend=be, **kw)
         q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
@@ -477,18 +475,26 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
         k, v = cache.update_and_fetch(k, v)
     o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
-    launch = step.o
+    return _linear_residual(plan, step, "o", "o_proj", attn, o, x)
+
+
+def _linear_residual(plan, step, slot, name, parent, a, residual):
+    """``residual + a @ W.T`` for the projection ``name`` of ``parent`` through the step's
+    prepared launch in ``slot`` (prepared on first use); ``None`` when it cannot be fused."""
+    launch = getattr(step, slot)
     if launch:
-        return launch(o, x)
-    wo = plan.weights.get("o_proj", attn.o_proj)
-    if wo is None:
+        return launch(a, residual)
+    w = plan.weights.get(name, getattr(parent, name))
+    if w is None:
         return None
+    ops = _ops()
     if launch is None:
-        launch = step.o = _prepare(ops.linear, o, wo, residual=x,
-                                   vary={"x": o, "residual": x}, backend=be)
+        launch = _prepare(ops.linear, a, w, residual=residual,
+                          vary={"x": a, "residual": residual}, backend=plan.backend)
+        setattr(step, slot, launch)
         if launch:
-            return launch(o, x)
-    return ops.linear(o, wo, residual=x, backend=be)
+            return launch(a, residual)
+    return ops.linear(a, w, residual=residual, backend=plan.backend)
 
 
 def _fused_mlp(self, plan, step, h):
@@ -507,18 +513,7 @@ def _fused_mlp(self, plan, step, h):
                                              wg, wu, vary={"x": h}, backend=be)
         a = (launch(h) if launch
              else ops.norm_gate_up_swiglu(h, ln.weight, ln.eps, wg, wu, backend=be))
-    launch = step.down
-    if launch:
-        return launch(a, h)
-    wd = plan.weights.get("down_proj", self.mlp.down_proj)
-    if wd is None:
-        return None
-    if launch is None:
-        launch = step.down = _prepare(ops.linear, a, wd, residual=h,
-                                      vary={"x": a, "residual": h}, backend=be)
-        if launch:
-            return launch(a, h)
-    return ops.linear(a, wd, residual=h, backend=be)
+    return _linear_residual(plan, step, "down", "down_proj", self.mlp, a, h)
 
 
 def _patched_call(self, x, mask=None, cache=None):
