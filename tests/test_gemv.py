@@ -39,7 +39,7 @@ def test_gemv_stage_reference():
 
 
 def test_gemv_stage_reference_with_norm_weight():
-    decls = gemv_decls(with_gamma=True)
+    decls = gemv_decls("weight")
     st = gemv_stage(dense_policy("w"), decls)
     x, g, w = mx.random.normal((2, 64)), mx.random.normal((64,)), mx.random.normal((8, 64))
     got = st.reference(Bound(x=x, norm_weight=g, w=w), {})["acc"]

@@ -19,8 +19,7 @@ from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
 from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, gemv_decls,
-                           gemv_dispatch,
-                           gemv_dual_stage, gemv_stage, qkv_rope_stage)
+                           gemv_dispatch, gemv_dual_stage, gemv_stage, qkv_rope_stage)
 from ..types import dtype_name
 from ._checks import check_eps, check_float_array
 from .weights import Weight, policy_for
@@ -144,6 +143,14 @@ def _resolve_launch(kern, backend, n, k, m, head_dim):
 def _as_x_dtype(a, x):
     # The fused kernels read the norm weight and QKV biases as x's dtype.
     return a if a.dtype == x.dtype else a.astype(x.dtype)
+
+
+def _norm_inputs(x, norm_weight, eps):
+    """The fused RMSNorm's kernel inputs: ``eps``, and ``norm_weight`` when there is one."""
+    args = {"eps": float(eps)}
+    if norm_weight is not None:
+        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+    return args
 
 
 def _epilogue_mlx(y, w, activation, residual, dtype):
@@ -341,9 +348,7 @@ def norm_linear(x, norm_weight, eps, weight, *, activation=None, residual=None, 
     kern = linear_kernel(w.signature(), has_bias=w.bias is not None, activation=activation,
                          has_residual=residual is not None,
                          norm="weight" if norm_weight is not None else "plain")
-    args = dict(w.inputs("w"), x=x, eps=float(eps))
-    if norm_weight is not None:
-        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+    args = dict(w.inputs("w"), x=x, **_norm_inputs(x, norm_weight, eps))
     if w.bias is not None:
         args["bias"] = w.bias
     if residual is not None:
@@ -386,9 +391,7 @@ def norm_gate_up_swiglu(x, norm_weight, eps, gate, up, *, backend=None):
         return (ACTIVATIONS["silu"](a) * u.matmul(h).astype(mx.float32)).astype(x.dtype)
     kern = gate_up_kernel(g.signature(), u.signature(),
                           norm="weight" if norm_weight is not None else "plain")
-    args = dict(g.inputs("wg"), **u.inputs("wu"), x=x, eps=float(eps))
-    if norm_weight is not None:
-        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+    args = dict(g.inputs("wg"), **u.inputs("wu"), x=x, **_norm_inputs(x, norm_weight, eps))
     return kern(backend=be, **args, **_launch(kern, g, x, be))
 
 
@@ -473,11 +476,9 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     kern = qkv_kernel(wq.signature(), wk.signature(), wv.signature(),
                       traditional=bool(rope_traditional), with_weight=norm_weight is not None,
                       bias=has_bias)
-    args = dict(wq.inputs("wq"), **wk.inputs("wk"), **wv.inputs("wv"), x=x, eps=float(eps),
-                rope_inv_freq=inv_freq, seq_len=seq, rope_offset=offset,
-                rope_scale=float(rope_scale))
-    if norm_weight is not None:
-        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+    args = dict(wq.inputs("wq"), **wk.inputs("wk"), **wv.inputs("wv"), x=x,
+                **_norm_inputs(x, norm_weight, eps), rope_inv_freq=inv_freq, seq_len=seq,
+                rope_offset=offset, rope_scale=float(rope_scale))
     if has_bias:
         for name, w_ in (("q_bias", wq), ("k_bias", wk), ("v_bias", wv)):
             b = w_.bias if w_.bias is not None else mx.zeros((w_.out_features,), x.dtype)

@@ -77,18 +77,16 @@ NORMS = (None, "plain", "weight")
 """The RMSNorm a GEMV stage fuses: none, without weight, with ``norm_weight``."""
 
 
-def gemv_decls(with_gamma=False, *, norm=None):
+def gemv_decls(norm=None):
     """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS``, ``SPLITK``,
     and for a norm GEMV ``eps`` (and ``norm_weight`` when the norm has a weight).
 
     Args:
-        with_gamma (bool): shorthand for ``norm="weight"``.
         norm (str, optional): one of :data:`NORMS`.
 
     Pass the same dict to every stage of a kernel, since the assembler merges arguments
     by identity.
     """
-    norm = "weight" if with_gamma else norm
     if norm not in NORMS:
         raise ValueError(f"[gemv_decls] 'norm' must be one of {NORMS} but got {norm!r}.")
     d = {
@@ -145,9 +143,7 @@ def _norm_of(decls):
 
 def _norm_args(decls):
     """``x`` then the norm's arguments (``norm_weight``, ``eps``) of a GEMV stage."""
-    norm = _norm_of(decls)
-    return ([decls["x"]] + ([decls["norm_weight"]] if norm == "weight" else [])
-            + ([decls["eps"]] if norm else []))
+    return [decls[k] for k in ("x", "norm_weight", "eps") if k in decls]
 
 
 def _with_inv_rms(b, values):
