@@ -92,6 +92,8 @@ class _Launch:
 
 
 _MAX_PLANS = 1024
+
+
 class _Recording(threading.local):
     launches = None  # a list while record_launches() is active in this thread
 

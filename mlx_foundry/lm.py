@@ -173,10 +173,6 @@ class _WeightCache:
         return view
 
 
-def _linear(x, w, *, residual=None, backend=None):
-    return _ops().linear(x, w, residual=residual, backend=backend)
-
-
 # ------------------------------------------------------------------------------------
 # RoPE
 # ------------------------------------------------------------------------------------
@@ -613,9 +609,20 @@ def _head_class(cls):
                            "whose decode-sized calls run mlx_foundry's GEMV.")
 
 
+def _head(model):
+    """``model.lm_head`` (a separate output projection), or ``None``."""
+    return dict.get(model, "lm_head") if isinstance(model, dict) else None
+
+
+def _head_plan(model):
+    """The :class:`_HeadPlan` of a patched ``lm_head``, or ``None``."""
+    head = _head(model)
+    return head.__dict__.get(_HEAD_ATTR) if isinstance(head, nn.Module) else None
+
+
 def _patch_head(model, report, backend, max_rows):
     """Fuse ``model.lm_head`` (a separate output projection) when the GEMV can read it."""
-    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
+    head = _head(model)
     if head is None:
         return  # tied embeddings: the embedding's as_linear, left to MLX
     why = _weight_problem(head) if isinstance(head, nn.Module) else "not a module"
@@ -628,10 +635,9 @@ def _patch_head(model, report, backend, max_rows):
 
 
 def _unpatch_head(model):
-    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
-    plan = head.__dict__.get(_HEAD_ATTR) if isinstance(head, nn.Module) else None
-    if plan is None:
+    if _head_plan(model) is None:
         return 0
+    head = _head(model)
     head.__class__ = type(head)._mlx_foundry_original
     object.__delattr__(head, _HEAD_ATTR)
     return 1
@@ -784,9 +790,8 @@ def unpatch(model):
 def is_patched(model):
     """Whether :func:`patch` changed any block of ``model``."""
     _, blocks = _blocks(model)
-    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
     return (any(isinstance(b, nn.Module) and _PLAN_ATTR in b.__dict__ for b in blocks or [])
-            or (isinstance(head, nn.Module) and _HEAD_ATTR in head.__dict__))
+            or _head_plan(model) is not None)
 
 
 def patch_stats(model):
@@ -801,8 +806,7 @@ def patch_stats(model):
         plan = b.__dict__.get(_PLAN_ATTR) if isinstance(b, nn.Module) else None
         if plan is not None:
             out[plan.path] = Counter(plan.stats)
-    head = dict.get(model, "lm_head") if isinstance(model, dict) else None
-    plan = head.__dict__.get(_HEAD_ATTR) if isinstance(head, nn.Module) else None
+    plan = _head_plan(model)
     if plan is not None:
         out["lm_head"] = Counter(plan.stats)
     return out
