@@ -13,24 +13,16 @@ from ..types import dtype_name
 from ._checks import check_eps, check_float_array
 
 
-
-def _check_array(who, name, v, *, min_ndim=1):
-    check_float_array(who, name, v, min_ndim=min_ndim)
-
-
 def _check_weight(who, weight, x):
     if weight is None:
         return
-    _check_array(who, "weight", weight)
+    check_float_array(who, "weight", weight)
     if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"[{who}] 'weight' must have shape ({x.shape[-1]},) (the last "
                          f"dimension of 'x') but has shape {tuple(weight.shape)}.")
     if weight.dtype != x.dtype:
         raise ValueError(f"[{who}] 'weight' must have the dtype of 'x' "
                          f"({dtype_name(x.dtype)}) but has {dtype_name(weight.dtype)}.")
-
-
-_check_eps = check_eps
 
 
 def _check_backend(who, backend):
@@ -66,9 +58,9 @@ def rms_norm(x, weight, eps, *, backend=None):
         >>> y = rms_norm(x, mx.ones((4096,), mx.float16), 1e-5)
     """
     who = "rms_norm"
-    _check_array(who, "x", x)
+    check_float_array(who, "x", x)
     _check_weight(who, weight, x)
-    _check_eps(who, eps)
+    check_eps(who, eps)
     _check_backend(who, backend)
     rows = x.size // x.shape[-1]
     if weight is None:
@@ -103,8 +95,8 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
         >>> y, h = add_rms_norm(x, r, mx.ones((4096,), mx.float16), 1e-5)
     """
     who = "add_rms_norm"
-    _check_array(who, "x", x)
-    _check_array(who, "residual", residual)
+    check_float_array(who, "x", x)
+    check_float_array(who, "residual", residual)
     if residual.shape != x.shape:
         raise ValueError(f"[{who}] 'residual' must have the shape of 'x' {tuple(x.shape)} "
                          f"but has shape {tuple(residual.shape)}.")
@@ -112,7 +104,7 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
         raise ValueError(f"[{who}] 'residual' must have the dtype of 'x' "
                          f"({dtype_name(x.dtype)}) but has {dtype_name(residual.dtype)}.")
     _check_weight(who, weight, x)
-    _check_eps(who, eps)
+    check_eps(who, eps)
     _check_backend(who, backend)
     rows = x.size // x.shape[-1]
     if weight is None:
@@ -163,7 +155,7 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None, backend=None)
         >>> q = rope(q, 128, traditional=False, base=10000.0, scale=1.0, offset=17)
     """
     who = "rope"
-    _check_array(who, "x", x, min_ndim=3)
+    check_float_array(who, "x", x, min_ndim=3)
     D = x.shape[-1]
     if isinstance(dims, bool) or not isinstance(dims, int):
         raise TypeError(f"[{who}] 'dims' must be an int but got {type(dims).__name__}.")
@@ -241,7 +233,7 @@ def softmax(x, *, backend=None):
         >>> p = softmax(mx.random.normal((4, 1000)))
     """
     who = "softmax"
-    _check_array(who, "x", x)
+    check_float_array(who, "x", x)
     _check_backend(who, backend)
     n = x.shape[-1]
     return _softmax.softmax(x, n_rows=x.size // n, n_cols=n, backend=backend)

@@ -11,15 +11,7 @@ import mlx.core as mx
 from ..policies.affine import AFFINE_BITS, AFFINE_GROUP_SIZES, affine_policy, check_affine
 from ..policies.dense import dense_policy
 from ..types import FLOAT_DTYPES, dtype_name
-
-_FLOATS = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
-
-
-def _check_array(v, name, who):
-    if not isinstance(v, mx.array):
-        raise TypeError(f"[{who}] '{name}' must be an mlx.core.array but got "
-                        f"{type(v).__name__}.")
-    return v
+from ._checks import FLOAT_NAMES, check_float_array
 
 
 class Weight:
@@ -117,7 +109,10 @@ class Weight:
         return self
 
     def _validate(self, who):
-        w = _check_array(self.weight, "weight", who)
+        w = self.weight
+        if not isinstance(w, mx.array):
+            raise TypeError(f"[{who}] 'weight' must be an mlx.core.array but got "
+                            f"{type(w).__name__}.")
         if w.ndim != 2:
             raise ValueError(f"[{who}] 'weight' must have 2 dimensions [N, K] but has shape "
                              f"{tuple(w.shape)}.")
@@ -125,16 +120,16 @@ class Weight:
             if self.biases is not None:
                 raise ValueError(f"[{who}] 'biases' was given without 'scales'.")
             if w.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"[{who}] Dense 'weight' must have dtype {_FLOATS} but has "
+                raise ValueError(f"[{who}] Dense 'weight' must have dtype {FLOAT_NAMES} but has "
                                  f"{dtype_name(w.dtype)} (pass 'scales' and 'biases' for a "
                                  "quantized weight).")
         else:
             check_affine(self.bits, self.group_size, who)
-            s = _check_array(self.scales, "scales", who)
+            s = check_float_array(who, "scales", self.scales)
             if self.biases is None:
                 raise ValueError(f"[{who}] 'biases' is required with 'scales' (MLX affine "
                                  "quantization).")
-            bi = _check_array(self.biases, "biases", who)
+            bi = check_float_array(who, "biases", self.biases)
             if w.dtype != mx.uint32:
                 raise ValueError(f"[{who}] Quantized 'weight' must have dtype uint32 but has "
                                  f"{dtype_name(w.dtype)}.")
@@ -147,22 +142,12 @@ class Weight:
                                  f"input dimension K={k}.")
             want = (w.shape[0], k // self.group_size)
             for name, a in (("scales", s), ("biases", bi)):
-                if a.dtype not in FLOAT_DTYPES:
-                    raise ValueError(f"[{who}] '{name}' must have dtype {_FLOATS} but has "
-                                     f"{dtype_name(a.dtype)}.")
                 if tuple(a.shape) != want:
                     raise ValueError(f"[{who}] '{name}' must have shape {want} (N, "
                                      f"K/group_size) for weight {tuple(w.shape)} with bits="
                                      f"{self.bits}, group_size={self.group_size} but has "
                                      f"shape {tuple(a.shape)}.")
-        if self.bias is not None:
-            b = _check_array(self.bias, "bias", who)
-            if b.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"[{who}] 'bias' must have dtype {_FLOATS} but has "
-                                 f"{dtype_name(b.dtype)}.")
-            if tuple(b.shape) != (w.shape[0],):
-                raise ValueError(f"[{who}] 'bias' must have shape ({w.shape[0]},) but has "
-                                 f"shape {tuple(b.shape)}.")
+        check_float_array(who, "bias", self.bias, shape=(w.shape[0],), none_ok=True)
         return self
 
     # -- plain MLX -------------------------------------------------------------------
