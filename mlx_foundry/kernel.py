@@ -347,7 +347,9 @@ class Program:
         if be == "reference":
             fixed = {k: v for k, v in bound.items() if k not in vary}
             fixed.update(given)
-            return PreparedLaunch.reference(self, fixed, vary, bound)
+            full = bound.with_constants(self._constants(bound, given))
+            shapes = tuple(o.resolve(full)[0] for o in self.outputs)
+            return PreparedLaunch.reference(self, fixed, vary, bound, shapes)
         plan = self._plan(be, bound, given, (), dict(bound))
         return PreparedLaunch(self, plan, bound, vary)
 

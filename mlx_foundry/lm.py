@@ -27,6 +27,7 @@ The weights are never copied: the fused ops read ``nn.Linear`` and MLX
 affine ``nn.QuantizedLinear`` weights where they are.
 """
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -106,9 +107,15 @@ class PatchReport:
 # ------------------------------------------------------------------------------------
 # Weights
 # ------------------------------------------------------------------------------------
+_OPS = []
+
+
 def _ops():
-    from . import ops
-    return ops
+    """``mlx_foundry.ops``, imported on first use (it imports this module's users)."""
+    if not _OPS:
+        from . import ops
+        _OPS.append(ops)
+    return _OPS[0]
 
 
 def _weight_problem(m):
@@ -212,6 +219,7 @@ class _BlockPlan:
         self.weights = _WeightCache()
         self.stats = Counter()
         self.steps = {}           # (x.shape, x.dtype, int offset) -> _Step
+        self.fast_calls = 0       # calls that took _Step.fast (counted as fused, both halves)
         self.watch = None         # what the prepared launches captured (see _watch_list)
 
     def describe(self):
@@ -331,11 +339,18 @@ class _Step:
     cannot be prepared (it then runs through its op function every call).
     """
 
-    __slots__ = ("qkv", "q", "k", "v", "o", "gate_up", "down")
+    __slots__ = ("qkv", "q", "k", "v", "o", "gate_up", "down", "fast")
 
     def __init__(self):
         for name in self.__slots__:
             setattr(self, name, None)
+
+    def arm(self, plan, block, offset):
+        """Set :attr:`fast` when one token's whole block runs on the four prepared
+        launches (Q/K/V+RoPE, o_proj+residual, gate/up, down+residual)."""
+        if (plan.attn == "qkv_rope" and plan.mlp and offset.__class__ is int
+                and self.qkv and self.o and self.gate_up and self.down):
+            self.fast = (self.qkv, self.o, self.gate_up, self.down, block.self_attn)
 
 
 def _prepare(op, *args, vary, backend, **kwargs):
@@ -345,18 +360,22 @@ def _prepare(op, *args, vary, backend, **kwargs):
 
 
 def _watch_list(block):
-    """``(container, key, object)`` for everything the prepared launches captured.
+    """What the prepared launches captured: ``(containers, keys, objects)``.
 
     A block whose modules, arrays or epsilons were replaced after the launches
     were prepared (``load_weights``, ``nn.quantize``, an adapter) no longer
-    matches, and its launches are prepared again.
+    matches, and its launches are prepared again.  Three parallel tuples, so that
+    the check of every call (:func:`_watch_holds`) is one pass in C.
     """
-    get = dict.get
-    watch = []
+    containers, keys, values = [], [], []
 
     def item(container, key):
-        value = get(container, key) if isinstance(container, dict) else None
-        watch.append((container, key, value))
+        if not isinstance(container, dict):
+            return None
+        value = dict.get(container, key)
+        containers.append(container)
+        keys.append(key)
+        values.append(value)
         return value
 
     attn, mlp = item(block, "self_attn"), item(block, "mlp")
@@ -373,19 +392,19 @@ def _watch_list(block):
                 for key in ("_freqs",) if name == "rope" else ("weight", "scales", "biases",
                                                                "bias"):
                     item(m, key)
-    return tuple(watch)
+    return tuple(containers), tuple(keys), tuple(values)
+
+
+def _watch_holds(watch, _get=dict.get, _is=operator.is_):
+    """Whether every watched entry still holds the object it held when prepared."""
+    containers, keys, values = watch
+    return all(map(_is, map(_get, containers, keys), values))
 
 
 def _step(plan, block, x, offset):
     """The block's :class:`_Step` for this input (prepared again after weight changes)."""
     watch = plan.watch
-    if watch is not None:
-        get = dict.get
-        for container, key, value in watch:
-            if get(container, key) is not value:
-                watch = None
-                break
-    if watch is None:
+    if watch is None or not _watch_holds(watch):
         plan.steps.clear()
         plan.watch = _watch_list(block)
     key = (x.shape, x.dtype, offset.__class__ is int)
@@ -425,16 +444,23 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
                 return None
             args, kw = found
             if launch is None:
-                launch = step.qkv = _prepare(ops.norm_qkv_rope, x, *args, offset=offset,
-                                             vary={"x": x, "rope_offset": offset}, backend=be,
-                                             **kw)
-        if launch:
+                launch = _prepare(ops.norm_qkv_rope, x, *args, offset=offset,
+                                  vary={"x": x, "rope_offset": offset}, backend=be, **kw)
+                if launch and L == 1:
+                    # One token: [B, 1, H*D] is [B, H, 1, D] in memory; declaring the
+                    # attention layout in the launch saves six graph nodes per block.
+                    launch = launch.reshaped((B, H, 1, D), (B, KV, 1, D), (B, KV, 1, D))
+                step.qkv = launch
+        if launch and L == 1:
             q, k, v = launch(x, offset)
         else:
-            q, k, v = ops.norm_qkv_rope(x, *args, offset=offset, backend=be, **kw)
-        q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+            if launch:
+                q, k, v = launch(x, offset)
+            else:
+                q, k, v = ops.norm_qkv_rope(x, *args, offset=offset, backend=be, **kw)
+            q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+            k = k.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+            v = v.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
     else:
         ln = self.input_layernorm
         outs = []
@@ -470,7 +496,8 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
     o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-    o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    # [B, H, L, D] -> [B, L, H*D]; with one token the transpose moves nothing.
+    o = o.reshape(B, L, -1) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, -1)
     return _linear_residual(plan, step, "o", "o_proj", attn, o, x)
 
 
@@ -523,6 +550,18 @@ def _patched_call(self, x, mask=None, cache=None):
         return original.__call__(self, x, mask, cache)
     offset = 0 if cache is None else cache.offset
     step = _step(plan, self, x, offset)
+    fast = step.fast
+    if fast is not None and cache is not None:
+        # One decoded token on the prepared launches: the host work of the decode loop
+        # (graph building, then MLX's encoding of every node) is what limits tokens/s
+        # once the kernels are fused, so this path does nothing the launches don't need.
+        qkv, o_proj, gate_up, down, attn = fast
+        plan.fast_calls += 1
+        q, k, v = qkv(x, offset)
+        k, v = cache.update_and_fetch(k, v)
+        o = _SDPA[0](q, k, v, cache=cache, scale=attn.scale, mask=mask)
+        h = o_proj(o.reshape(shape[0], 1, -1), x)
+        return down(gate_up(h), h)
     h = None
     if plan.attn:
         h = _fused_attention(self, plan, step, x, mask, cache, offset)
@@ -535,6 +574,8 @@ def _patched_call(self, x, mask=None, cache=None):
         plan.stats["fused mlp" if out is not None else "original mlp: weights"] += 1
     if out is None:
         out = h + self.mlp(self.post_attention_layernorm(h))
+    elif step.fast is None and shape[1] == 1 and cache is not None:
+        step.arm(plan, self, offset)
     return out
 
 
@@ -805,7 +846,10 @@ def patch_stats(model):
     for b in blocks or []:
         plan = b.__dict__.get(_PLAN_ATTR) if isinstance(b, nn.Module) else None
         if plan is not None:
-            out[plan.path] = Counter(plan.stats)
+            c = out[plan.path] = Counter(plan.stats)
+            if plan.fast_calls:
+                c["fused attention"] += plan.fast_calls
+                c["fused mlp"] += plan.fast_calls
     plan = _head_plan(model)
     if plan is not None:
         out["lm_head"] = Counter(plan.stats)

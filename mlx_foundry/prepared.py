@@ -10,6 +10,9 @@ whole op (``ops.linear``, ``ops.norm_qkv_rope``, ...) that launches one kernel:
 it records the launch the op would make and prepares it.
 """
 
+import copy
+import math
+
 import mlx.core as mx
 
 from .args import Scalar, Tensor
@@ -30,7 +33,7 @@ class PreparedLaunch:
     """
 
     __slots__ = ("program", "vary", "backend", "_fn", "_inputs", "_slots", "_out_shapes",
-                 "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed")
+                 "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed", "_reshape")
 
     def __init__(self, program, plan, bound, vary):
         self.program = program
@@ -43,6 +46,7 @@ class PreparedLaunch:
         self._threadgroup = plan.threadgroup
         self._single = len(plan.out_shapes) == 1
         self._fixed = None
+        self._reshape = None
         inputs, slots = [], {}
         for i, (a, (_, conv)) in enumerate(zip(program.inputs, plan.getters)):
             v = bound[a.name]
@@ -55,14 +59,16 @@ class PreparedLaunch:
         self._slots = tuple(slots[n] for n in vary)
 
     @classmethod
-    def reference(cls, program, fixed, vary, bound):
+    def reference(cls, program, fixed, vary, bound, out_shapes):
         """A prepared launch on the reference backend (plain MLX ops each call)."""
         self = cls.__new__(cls)
+        self._out_shapes = out_shapes
         self.program = program
         self.vary = vary
         self.backend = "reference"
         self._fixed = fixed
         self._fn = None
+        self._reshape = None
         self._slots = tuple((None, None) + _expected(program._by_name[n], bound[n])
                             for n in vary)
         return self
@@ -90,7 +96,12 @@ class PreparedLaunch:
                                           or v.dtype != dtype):
                     self._bad_input(name, v, shape, dtype)
                 kwargs[name] = v
-            return self.program(backend="reference", stream=stream, **kwargs)
+            outs = self.program(backend="reference", stream=stream, **kwargs)
+            if self._reshape is None:
+                return outs
+            if not isinstance(outs, tuple):
+                return outs.reshape(self._reshape[0])
+            return tuple(o.reshape(s) for o, s in zip(outs, self._reshape))
         inputs = self._inputs.copy()
         for name, (i, conv, shape, dtype), v in zip(self.vary, slots, values):
             if shape is not None and (v.__class__ is not mx.array or v.shape != shape
@@ -101,6 +112,46 @@ class PreparedLaunch:
                         output_dtypes=self._out_dtypes, grid=self._grid,
                         threadgroup=self._threadgroup, stream=stream)
         return outs[0] if self._single else tuple(outs)
+
+    def reshaped(self, *shapes):
+        """This launch with its outputs declared in other shapes of the same sizes.
+
+        The outputs of a kernel are row-contiguous, so any shape with the same
+        number of elements is the same memory: declaring it in the launch saves the
+        ``reshape`` (one graph node per output per call) that would follow it.  A
+        decode step uses it to get Q/K/V of one token as ``[B, heads, 1, head_dim]``.
+
+        Args:
+            *shapes (tuple of int): one shape per output, in order.
+
+        Returns:
+            PreparedLaunch: a new launch; this one is unchanged.
+
+        Example:
+            >>> qkv = step.reshaped((1, 32, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
+        """
+        who = self.program.who
+        current = self._out_shapes if self._reshape is None else self._reshape
+        if len(shapes) != len(current):
+            raise ValueError(f"[{who}] 'shapes' must give one shape per output "
+                             f"({len(current)}) but got {len(shapes)}.")
+        new = []
+        for i, (shape, old) in enumerate(zip(shapes, current)):
+            shape = tuple(shape)
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                       for d in shape):
+                raise ValueError(f"[{who}] 'shapes[{i}]' must be a tuple of non-negative ints "
+                                 f"but got {shape!r}.")
+            if math.prod(shape) != math.prod(old):
+                raise ValueError(f"[{who}] 'shapes[{i}]' {shape} must have the "
+                                 f"{math.prod(old)} elements of the output shape {tuple(old)}.")
+            new.append(shape)
+        other = copy.copy(self)
+        if self._fn is not None:
+            other._out_shapes = new
+        else:
+            other._reshape = tuple(new)
+        return other
 
     def __repr__(self):
         return (f"PreparedLaunch({self.program.name}, backend={self.backend}, "

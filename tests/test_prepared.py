@@ -90,6 +90,42 @@ def test_prepare_errors_name_the_argument(monkeypatch):
         step(x, x)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_reshaped_launch_declares_other_output_shapes(monkeypatch, backend):
+    """One token's Q/K/V as [B, heads, 1, head_dim]: the same values, no reshape after."""
+    if backend == "cuda":
+        fake_gpu(monkeypatch)
+    wq, wk, wv = _weight(64, 128, seed=1), _weight(32, 128, seed=2), _weight(32, 128, seed=3)
+    x = ck.seeded((2, 1, 128), mx.float16, seed=8)
+    kw = dict(n_heads=4, n_kv_heads=2, head_dim=16)
+    step = prepare_op(ops.norm_qkv_rope, x, None, 1e-5, wq, wk, wv, offset=5,
+                      vary={"x": x, "rope_offset": 5}, backend=backend, **kw)
+    heads = step.reshaped((2, 4, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16))
+    assert heads is not step
+    flat = step(x, 9)
+    got = heads(x, 9)
+    assert [tuple(t.shape) for t in flat] == [(2, 1, 64), (2, 1, 32), (2, 1, 32)]
+    assert [tuple(t.shape) for t in got] == [(2, 4, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16)]
+    for a, b, n in zip(got, flat, (4, 2, 2)):
+        want = b.reshape(2, 1, n, 16).transpose(0, 2, 1, 3)
+        assert mx.array_equal(a, want).item()
+
+
+def test_reshaped_errors_name_the_argument(monkeypatch):
+    fake_gpu(monkeypatch)
+    k = ck.axpb_kernel()
+    x = ck.seeded((4, 40), mx.float32)
+    step = k.prepare(x, params=ck.AxpbParams(n=x.size, a=1.0, b=0.0), vary=("x",),
+                     backend="cuda")
+    assert tuple(step.reshaped((160,))(x).shape) == (160,)
+    with pytest.raises(ValueError, match="'shapes'.*one shape per output"):
+        step.reshaped((160,), (160,))
+    with pytest.raises(ValueError, match=r"'shapes\[0\]'.*160 elements"):
+        step.reshaped((4, 41))
+    with pytest.raises(ValueError, match=r"'shapes\[0\]'.*non-negative ints"):
+        step.reshaped((4.0, 40))
+
+
 def test_prepare_op_refuses_what_it_cannot_prepare():
     w = _weight()
     x = ck.seeded((1, 128), mx.float16)
@@ -128,6 +164,9 @@ def test_patched_decode_uses_prepared_launches(monkeypatch, model_type):
         toks, lp = greedy(model, 24)
         plan = model.model.layers[0].__dict__[lm._PLAN_ATTR]
         steps = list(plan.steps.values())
+        one_token = [st for key, st in plan.steps.items() if key[0][1] == 1]
+        stats = lm.patch_stats(model)[plan.path]
+        fast_calls, fast = plan.fast_calls, one_token[0].fast
     finally:
         mf.unpatch(model)
     assert toks == ref_toks
@@ -138,6 +177,17 @@ def test_patched_decode_uses_prepared_launches(monkeypatch, model_type):
         ("q", "k", "v", "o", "gate_up", "down")
     assert all(isinstance(getattr(decode[0], s), PreparedLaunch) for s in slots)
     assert record.total() >= 24 * len(slots)
+    # After its first token, a llama block decodes on its four prepared launches alone
+    # (these qwen2/qwen3 blocks take the per-projection Q/K/V path).
+    if model_type == "llama":
+        assert fast_calls >= 20 and fast is not None
+    else:
+        assert fast_calls == 0 and fast is None
+    assert stats["fused attention"] == stats["fused mlp"] >= 24
+    if model_type == "llama":
+        # One token: Q/K/V come out of the launch in the attention layout.
+        assert [tuple(sh) for sh in one_token[0].qkv._out_shapes] == [
+            (1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16)]
 
 
 def test_prepared_launches_follow_new_weights(monkeypatch):

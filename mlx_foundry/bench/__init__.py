@@ -32,6 +32,9 @@ from .timing import Timing
 __all__ = ["main", "run", "run_case", "Context"]
 
 
+CALLS_PER_TIMING = 200  # GPU: calls evaluated by one mx.eval in every timing
+
+
 class Context:
     """Settings of one bench run (shared by every case)."""
 
@@ -48,10 +51,17 @@ class Context:
                            else pool_bytes)
         if self.tiny:
             self.measure_kw = dict(target_s=0.002, min_calls=2, max_calls=64)
+            self.copy_kw = dict(target_s=0.002, min_calls=2)
             self.copy_bytes = 4 << 20
         else:
-            self.measure_kw = dict(target_s=0.01 if quick else 0.025, min_calls=16,
-                                   max_calls=2000)
+            # The same number of calls per timing for baseline and ours, about one
+            # decode token's graph (the patched 8B-shaped decode evaluates ~330 nodes per
+            # token, the unpatched ~800). With a count derived from each op's own speed,
+            # the faster op got more calls per mx.eval than its baseline, and on CUDA the
+            # count changes the result (H200: our 4-bit GEMV 12.0 us per call at 200
+            # calls per eval, 21.4 us at 1000; MLX's quantized_matmul 35.0 and 35.1 us).
+            self.measure_kw = dict(calls=CALLS_PER_TIMING)
+            self.copy_kw = dict(target_s=0.01 if quick else 0.025, min_calls=16)
             self.copy_bytes = 256 << 20
 
 
@@ -191,8 +201,7 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
     prog.update(0, "copy ceiling")
     try:
         copy = timing.copy_ceiling(ctx.copy_bytes, pool_bytes=ctx.pool_bytes,
-                                   repeats=ctx.repeats, target_s=ctx.measure_kw["target_s"],
-                                   min_calls=ctx.measure_kw["min_calls"])
+                                   repeats=ctx.repeats, **ctx.copy_kw)
     except Exception as e:  # noqa: BLE001
         copy = {"gbps": None, "error": f"{type(e).__name__}: {e}"}
     results_cases = []
@@ -209,7 +218,8 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
             "mlx_version": timing.mlx_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "backend": backend, "quick": bool(quick), "tiny_shapes": bool(ctx.tiny),
-            "repeats": ctx.repeats, "pool_bytes": ctx.pool_bytes, "copy": copy,
+            "repeats": ctx.repeats, "calls_per_timing": ctx.measure_kw.get("calls"),
+            "pool_bytes": ctx.pool_bytes, "copy": copy,
             "command": " ".join(argv), "cases": results_cases}
 
 

@@ -174,6 +174,9 @@ def write_benchmarks_md(results, path):
              for c in results["cases"] if c.get("status") != "ok" or c.get("reason")]
     pool_mb = f"{results.get('pool_bytes', 0) / 2**20:.0f}"
     repeats = results.get("repeats", "?")
+    calls = results.get("calls_per_timing")
+    calls_text = (f"{calls} calls per timing, the same for baseline and ours: about one decode "
+                  "token's graph" if calls else "as many calls as fill a few milliseconds")
     text = f"""# Benchmarks
 
 Fused mlx_foundry ops against MLX's own ops, measured by `python -m mlx_foundry bench`.
@@ -198,7 +201,8 @@ alternating rounds. Each case rotates through a pool of distinct weight sets of 
 {pool_mb} MB in all (larger than the last-level cache: H100 L2 is 50 MB, H200 60 MB, Apple
 SLC up to 96 MB), warms up first (the first call pays the JIT compile), and times many
 independent calls per timing (graphs built first, then one `mx.eval`; the device time
-divided by the number of calls). The reported time is the median of {repeats} timings.
+divided by the number of calls; {calls_text}). The reported time is the median of
+{repeats} timings.
 Every candidate's output is checked once against the baseline. See
 `mlx_foundry/bench/timing.py`.
 
