@@ -10,7 +10,9 @@ The method, for one callable ``fn`` and a *pool* of input sets:
 2. **Warm-up.**  A first batch is evaluated untimed: the first call of a custom
    kernel pays its JIT compile (NVRTC on CUDA can take seconds).
 3. **Many independent calls per timing.**  One timing builds the lazy graphs of
-   ``calls`` calls (a list of outputs) and then ``mx.eval``-uates them together;
+   ``calls`` calls (a list of outputs) and then ``mx.eval``-uates them together (the
+   bench passes the same ``calls`` to baseline and candidate: on CUDA the number of
+   calls per evaluation changes the result, see ``bench.CALLS_PER_TIMING``);
    the time of ``mx.eval`` divided by ``calls`` is the per-call time.  Building
    the graph first and timing only the evaluation measures what the device
    spends per call, kernel launches and inter-kernel gaps included, without the

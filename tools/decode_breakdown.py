@@ -1,0 +1,144 @@
+"""Host and GPU time of one decoded token of the Llama-3-8B-shaped 4-bit model (diagnostics).
+
+Per token, unpatched and patched: *build* (Python: ``model(y, cache=cache)``),
+*encode* (``mx.async_eval``: MLX evaluates the graph on the host, one CUDA graph node
+per kernel), *wait* (the rest until the token is done) and *pipelined* (a loop that
+builds token t+1 while the GPU runs token t, as ``mlx_lm.generate_step`` does)::
+
+    python tools/decode_breakdown.py breakdown --json out.json
+
+``--one-token`` runs a single token between ``cuProfilerStart``/``cuProfilerStop`` for
+``ncu --profile-from-start off --cache-control none --metrics gpu__time_duration.sum``;
+``--sum CSV`` adds up ncu's kernel durations by kernel name::
+
+    ncu --profile-from-start off --cache-control none --csv \\
+        --metrics gpu__time_duration.sum python tools/decode_breakdown.py one-token --patched > t.csv
+    python tools/decode_breakdown.py sum t.csv
+"""
+
+import argparse
+import collections
+import csv
+import ctypes
+import json
+import statistics
+import sys
+import time
+
+
+def _model():
+    from mlx_foundry.lm_bench import random_quantized_model
+    return random_quantized_model()
+
+
+def _primed(model):
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1] * 16]), cache=cache))
+    return cache, mx.array([[3]])
+
+
+def breakdown(model, tokens=30, skip=5, pipelined=64):
+    import mlx.core as mx
+
+    cache, y = _primed(model)
+    b, a, w = [], [], []
+    for i in range(tokens):
+        t0 = time.perf_counter()
+        out = model(y, cache=cache)
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        t3 = time.perf_counter()
+        if i >= skip:
+            b.append(t1 - t0)
+            a.append(t2 - t1)
+            w.append(t3 - t2)
+    cache, y = _primed(model)
+    out = model(y, cache=cache)
+    mx.async_eval(out)
+    t0 = time.perf_counter()
+    for _ in range(pipelined):
+        nxt = model(y, cache=cache)
+        mx.async_eval(nxt)
+        mx.eval(out)
+        out = nxt
+    mx.eval(out)
+    pipe = (time.perf_counter() - t0) / pipelined
+    ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    return {"build_ms": ms(b), "encode_ms": ms(a), "wait_ms": ms(w), "pipelined_ms": 1e3 * pipe}
+
+
+def one_token(model):
+    import mlx.core as mx
+
+    cache, y = _primed(model)
+    for _ in range(4):
+        mx.eval(model(y, cache=cache))
+    driver = ctypes.CDLL("libcuda.so.1")
+    mx.synchronize()
+    driver.cuProfilerStart()
+    mx.eval(model(y, cache=cache))
+    mx.synchronize()
+    driver.cuProfilerStop()
+
+
+def kernel_sum(path, top=14):
+    header, per = None, collections.defaultdict(lambda: [0, 0.0])
+    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+    for row in csv.reader(open(path)):
+        if row and row[0] == "ID":
+            header = row
+        elif header and len(row) == len(header):
+            d = dict(zip(header, row))
+            if d["Metric Name"] == "gpu__time_duration.sum":
+                us = float(d["Metric Value"].replace(",", "")) * scale[d["Metric Unit"]]
+                k = per[d["Kernel Name"][:70]]
+                k[0] += 1
+                k[1] += us
+    total = sum(us for _, us in per.values())
+    print(f"{sum(c for c, _ in per.values())} kernels, {total:.1f} us")
+    for name, (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {c:4d} x {us / c:7.2f} us = {us:8.1f} us  {name}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("breakdown")
+    s.add_argument("--json", default=None)
+    s = sub.add_parser("one-token")
+    s.add_argument("--patched", action="store_true")
+    s = sub.add_parser("sum")
+    s.add_argument("csv")
+    args = p.parse_args()
+    if args.cmd == "sum":
+        kernel_sum(args.csv)
+        return 0
+    from mlx_foundry.lm import patch, unpatch
+
+    model = _model()
+    if args.cmd == "one-token":
+        if args.patched:
+            patch(model)
+        one_token(model)
+        return 0
+    res = {"unpatched": breakdown(model)}
+    patch(model)
+    try:
+        res["patched"] = breakdown(model)
+    finally:
+        unpatch(model)
+    for k, v in res.items():
+        print(f"{k:10s} " + "  ".join(f"{m} {x:.3f}" for m, x in v.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Launch sweep (ROWS x THREADS x SPLITK) of the four decode GEMVs of a Llama-3-8B block.
+
+Diagnostics for ``docs/ncu_h200.md``. Every configuration's output is checked against
+the reference backend first; the checked ones then run once each between
+``cuProfilerStart``/``cuProfilerStop``::
+
+    ncu --profile-from-start off --clock-control none --csv \\
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
+        python tools/gemv_sweep.py --profile labels.txt > sweep.csv
+    python tools/gemv_sweep.py --table sweep.csv labels.txt
+"""
+
+import argparse
+import csv
+import ctypes
+import itertools
+import sys
+
+ROWS, THREADS, SPLITK = (2, 4, 8, 16), (64, 128, 256), (0, 1)
+
+
+def _ops():
+    import mlx.core as mx
+
+    from mlx_foundry import ops
+    from mlx_foundry.bench.cases import _qweight
+    from mlx_foundry.ops.weights import Weight
+
+    def qw(i, n, k):
+        return Weight(*_qweight(0, i, n, k, 4, 64), group_size=64, bits=4)
+
+    def act(k, seed):
+        return mx.random.normal((1, k), key=mx.random.key(seed)).astype(mx.float16)
+
+    g = (1 + 0.1 * mx.random.normal((4096,), key=mx.random.key(5))).astype(mx.float16)
+    x4, x14, r4 = act(4096, 1), act(14336, 2), act(4096, 3)
+    wu, wg, wd = qw(1, 14336, 4096), qw(2, 14336, 4096), qw(3, 4096, 14336)
+    wo, wq, wk, wv = qw(4, 4096, 4096), qw(6, 4096, 4096), qw(7, 1024, 4096), qw(8, 1024, 4096)
+    qkv = dict(n_heads=32, n_kv_heads=8, head_dim=128, offset=7, rope_base=500000.0)
+    return {
+        "o+res": (ops.linear, (x4, wo), {"residual": r4}),
+        "qkv": (ops.norm_qkv_rope, (x4[None], g, 1e-5, wq, wk, wv), qkv),
+        "gate_up": (ops.norm_gate_up_swiglu, (x4, g, 1e-5, wg, wu), {}),
+        "down+res": (ops.linear, (x14, wd), {"residual": r4}),
+    }
+
+
+def profile(labels_path):
+    import mlx.core as mx
+
+    linear_mod = sys.modules["mlx_foundry.ops.linear"]
+    forced = {}
+    resolve = linear_mod._resolve_launch
+    linear_mod._resolve_launch = lambda *a, **k: dict(forced) if forced else resolve(*a, **k)
+
+    def run(op, args, kw, cfg):
+        forced.update(cfg)
+        try:
+            out = op(*args, backend="cuda", **kw)
+        finally:
+            forced.clear()
+        return out if isinstance(out, tuple) else (out,)
+
+    jobs = []
+    for name, (op, args, kw) in _ops().items():
+        want = op(*args, backend="reference", **kw)
+        want = want if isinstance(want, tuple) else (want,)
+        for rows, threads, split in itertools.product(ROWS, THREADS, SPLITK):
+            if split and rows > 15:  # split K holds at most 15 rows per threadgroup
+                continue
+            cfg = {"ROWS": rows, "THREADS": threads, "SPLITK": split}
+            got = run(op, args, kw, cfg)
+            ok = all(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+                     <= 2e-2 * max(1.0, mx.abs(b.astype(mx.float32)).max().item())
+                     for a, b in zip(got, want))
+            if not ok:
+                print(f"WRONG {name} {cfg}", file=sys.stderr)
+                continue
+            jobs.append((f"{name} R{rows} T{threads} S{split}", cfg, op, args, kw))
+    with open(labels_path, "w") as f:
+        f.write("\n".join(j[0] for j in jobs))
+    mx.synchronize()
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuProfilerStart()
+    for _, cfg, op, args, kw in jobs:
+        mx.eval(run(op, args, kw, cfg))
+        mx.synchronize()
+    driver.cuProfilerStop()
+
+
+def table(csv_path, labels_path):
+    labels = open(labels_path).read().split("\n")
+    kernels, header = {}, None
+    for row in csv.reader(open(csv_path)):
+        if row and row[0] == "ID":
+            header = row
+        elif header and len(row) == len(header):
+            d = dict(zip(header, row))
+            if d["Kernel Name"].startswith("custom_kernel"):
+                kernels.setdefault(d["ID"], {})[d["Metric Name"]] = (d["Metric Value"],
+                                                                    d["Metric Unit"])
+    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0}
+    for label, k in zip(labels, kernels.values()):
+        v, unit = k["gpu__time_duration.sum"]
+        dram = k.get("dram__throughput.avg.pct_of_peak_sustained_elapsed", ("?", ""))[0]
+        print(f"{label:28s} {float(v.replace(',', '')) * scale[unit]:7.2f} us  dram {dram}%")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", metavar="LABELS", help="run the sweep; write the labels here")
+    p.add_argument("--table", nargs=2, metavar=("CSV", "LABELS"), help="print the results")
+    args = p.parse_args()
+    if args.table:
+        table(*args.table)
+    elif args.profile:
+        profile(args.profile)
+    else:
+        p.error("give --profile LABELS or --table CSV LABELS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
