@@ -48,6 +48,8 @@ def _ops():
 def profile(labels_path):
     import mlx.core as mx
 
+    import mlx_foundry.ops  # noqa: F401 - loads mlx_foundry.ops.linear
+
     linear_mod = sys.modules["mlx_foundry.ops.linear"]
     forced = {}
     resolve = linear_mod._resolve_launch
