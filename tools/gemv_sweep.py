@@ -13,6 +13,7 @@ the reference backend first; the checked ones then run once each between
 import argparse
 import csv
 import ctypes
+import importlib
 import itertools
 import sys
 
@@ -20,23 +21,12 @@ ROWS, THREADS, SPLITK = (2, 4, 8, 16), (64, 128, 256), (0, 1)
 
 
 def _ops():
-    import mlx.core as mx
-
+    from decode_shapes import decode_block
     from mlx_foundry import ops
-    from mlx_foundry.bench.cases import _qweight
-    from mlx_foundry.ops.weights import Weight
 
-    def qw(i, n, k):
-        return Weight(*_qweight(0, i, n, k, 4, 64), group_size=64, bits=4)
-
-    def act(k, seed):
-        return mx.random.normal((1, k), key=mx.random.key(seed)).astype(mx.float16)
-
-    g = (1 + 0.1 * mx.random.normal((4096,), key=mx.random.key(5))).astype(mx.float16)
-    x4, x14, r4 = act(4096, 1), act(14336, 2), act(4096, 3)
-    wu, wg, wd = qw(1, 14336, 4096), qw(2, 14336, 4096), qw(3, 4096, 14336)
-    wo, wq, wk, wv = qw(4, 4096, 4096), qw(6, 4096, 4096), qw(7, 1024, 4096), qw(8, 1024, 4096)
-    qkv = dict(n_heads=32, n_kv_heads=8, head_dim=128, offset=7, rope_base=500000.0)
+    b = decode_block()
+    g, x4, x14, r4 = b.g, b.x4, b.x14, b.r4
+    wu, wg, wd, wo, wq, wk, wv, qkv = b.wu, b.wg, b.wd, b.wo, b.wq, b.wk, b.wv, b.qkv
     return {
         "o+res": (ops.linear, (x4, wo), {"residual": r4}),
         "qkv": (ops.norm_qkv_rope, (x4[None], g, 1e-5, wq, wk, wv), qkv),
@@ -48,9 +38,8 @@ def _ops():
 def profile(labels_path):
     import mlx.core as mx
 
-    import mlx_foundry.ops  # noqa: F401 - loads mlx_foundry.ops.linear
-
-    linear_mod = sys.modules["mlx_foundry.ops.linear"]
+    # The module, not the function ``mlx_foundry.ops.linear`` that shadows its name.
+    linear_mod = importlib.import_module("mlx_foundry.ops.linear")
     forced = {}
     resolve = linear_mod._resolve_launch
     linear_mod._resolve_launch = lambda *a, **k: dict(forced) if forced else resolve(*a, **k)

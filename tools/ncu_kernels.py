@@ -27,23 +27,15 @@ LABELS = "ncu_labels.txt"
 def _jobs():
     import mlx.core as mx
 
+    from decode_shapes import decode_block
     from mlx_foundry import ops
-    from mlx_foundry.bench.cases import _qweight
-    from mlx_foundry.ops.weights import Weight
 
-    def qw(i, n, k):
-        return Weight(*_qweight(0, i, n, k, 4, 64), group_size=64, bits=4)
-
-    def act(k, seed):
-        return mx.random.normal((1, k), key=mx.random.key(seed)).astype(mx.float16)
-
-    g = (1 + 0.1 * mx.random.normal((4096,), key=mx.random.key(5))).astype(mx.float16)
-    x4, x14, r4 = act(4096, 1), act(14336, 2), act(4096, 3)
-    wu, wg, wd = qw(1, 14336, 4096), qw(2, 14336, 4096), qw(3, 4096, 14336)
-    wo, wq, wk, wv = qw(4, 4096, 4096), qw(6, 4096, 4096), qw(7, 1024, 4096), qw(8, 1024, 4096)
+    b = decode_block()
+    g, x4, x14, r4 = b.g, b.x4, b.x14, b.r4
+    wu, wg, wd, wo, wq, wk, wv = b.wu, b.wg, b.wd, b.wo, b.wq, b.wk, b.wv
     xn = mx.random.normal((8192, 8192), key=mx.random.key(9)).astype(mx.float16)
     gn = (1 + 0.1 * mx.random.normal((8192,), key=mx.random.key(10))).astype(mx.float16)
-    qkv = dict(n_heads=32, n_kv_heads=8, head_dim=128, offset=7, rope_base=500000.0)
+    qkv = b.qkv
     ours = {
         "linear 4096->14336": (ops.linear, (x4, wu), {}),
         "linear 14336->4096": (ops.linear, (x14, wd), {}),
