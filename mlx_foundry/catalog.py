@@ -131,8 +131,9 @@ def _entries():
                 _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
                 n_heads=N_HEADS, n_kv_heads=N_KV, head_dim=HEAD_DIM, offset=5,
                 rope_base=500000.0, rope_traditional=trad, backend="metal"))
-    # Split K (a tuner option, never the default): the threadgroup-memory exchange and
-    # barrier of the GEMV stages, on the packed-half and the float paths.
+    # Split K (the default only for tall weights, K >= 2N; else a tuner option): the
+    # threadgroup-memory exchange and barrier of the GEMV stages, on the packed-half and
+    # the float paths, at K = 4096.
     for name in ("linear_q4g64_f16", "linear_dense_bf16", "norm_gate_up_swiglu_q4g64_q4g64",
                  "norm_qkv_rope_q4g64"):
         base = next(e for e in out if e.name == name)

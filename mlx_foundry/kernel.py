@@ -351,7 +351,7 @@ class Program:
             shapes = tuple(o.resolve(full)[0] for o in self.outputs)
             return PreparedLaunch.reference(self, fixed, vary, bound, shapes)
         plan = self._plan(be, bound, given, (), dict(bound))
-        return PreparedLaunch(self, plan, bound, vary)
+        return PreparedLaunch(self, plan, bound, vary, be)
 
     def _record(self, args, kwargs):
         bound, given = self.bind(*args, **kwargs)

@@ -350,7 +350,7 @@ class _Step:
         launches (Q/K/V+RoPE, o_proj+residual, gate/up, down+residual)."""
         if (plan.attn == "qkv_rope" and plan.mlp and offset.__class__ is int
                 and self.qkv and self.o and self.gate_up and self.down):
-            self.fast = (self.qkv, self.o, self.gate_up, self.down, block.self_attn)
+            self.fast = (self.qkv, self.o, self.gate_up, self.down, _sdpa(), block.self_attn)
 
 
 def _prepare(op, *args, vary, backend, **kwargs):
@@ -451,13 +451,11 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
                     # attention layout in the launch saves six graph nodes per block.
                     launch = launch.reshaped((B, H, 1, D), (B, KV, 1, D), (B, KV, 1, D))
                 step.qkv = launch
-        if launch and L == 1:
+        if launch:
             q, k, v = launch(x, offset)
         else:
-            if launch:
-                q, k, v = launch(x, offset)
-            else:
-                q, k, v = ops.norm_qkv_rope(x, *args, offset=offset, backend=be, **kw)
+            q, k, v = ops.norm_qkv_rope(x, *args, offset=offset, backend=be, **kw)
+        if not (launch and L == 1):  # else the launch is already in the attention layout
             q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
             k = k.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
             v = v.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
@@ -555,11 +553,11 @@ def _patched_call(self, x, mask=None, cache=None):
         # One decoded token on the prepared launches: the host work of the decode loop
         # (graph building, then MLX's encoding of every node) is what limits tokens/s
         # once the kernels are fused, so this path does nothing the launches don't need.
-        qkv, o_proj, gate_up, down, attn = fast
+        qkv, o_proj, gate_up, down, sdpa, attn = fast
         plan.fast_calls += 1
         q, k, v = qkv(x, offset)
         k, v = cache.update_and_fetch(k, v)
-        o = _SDPA[0](q, k, v, cache=cache, scale=attn.scale, mask=mask)
+        o = sdpa(q, k, v, cache=cache, scale=attn.scale, mask=mask)
         h = o_proj(o.reshape(shape[0], 1, -1), x)
         return down(gate_up(h), h)
     h = None

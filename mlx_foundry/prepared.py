@@ -35,10 +35,10 @@ class PreparedLaunch:
     __slots__ = ("program", "vary", "backend", "_fn", "_inputs", "_slots", "_out_shapes",
                  "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed", "_reshape")
 
-    def __init__(self, program, plan, bound, vary):
+    def __init__(self, program, plan, bound, vary, backend):
         self.program = program
         self.vary = vary
-        self.backend = "gpu"
+        self.backend = backend
         self._fn = plan.fn
         self._out_shapes = plan.out_shapes
         self._out_dtypes = plan.out_dtypes
@@ -46,7 +46,7 @@ class PreparedLaunch:
         self._threadgroup = plan.threadgroup
         self._single = len(plan.out_shapes) == 1
         self._fixed = None
-        self._reshape = None
+        self._reshape = False
         inputs, slots = [], {}
         for i, (a, (_, conv)) in enumerate(zip(program.inputs, plan.getters)):
             v = bound[a.name]
@@ -62,13 +62,15 @@ class PreparedLaunch:
     def reference(cls, program, fixed, vary, bound, out_shapes):
         """A prepared launch on the reference backend (plain MLX ops each call)."""
         self = cls.__new__(cls)
-        self._out_shapes = out_shapes
         self.program = program
         self.vary = vary
         self.backend = "reference"
-        self._fixed = fixed
         self._fn = None
-        self._reshape = None
+        self._inputs = None
+        self._out_shapes = out_shapes
+        self._single = len(out_shapes) == 1
+        self._fixed = fixed
+        self._reshape = False  # True once reshaped(): the program's outputs are reshaped
         self._slots = tuple((None, None) + _expected(program._by_name[n], bound[n])
                             for n in vary)
         return self
@@ -89,29 +91,30 @@ class PreparedLaunch:
             raise TypeError(f"[{self.program.who}] The prepared launch takes "
                             f"{len(slots)} input(s) ({', '.join(self.vary)}) but "
                             f"{len(values)} were given.")
-        if self._fn is None:
-            kwargs = dict(self._fixed)
-            for name, (_, _, shape, dtype), v in zip(self.vary, slots, values):
-                if shape is not None and (v.__class__ is not mx.array or v.shape != shape
-                                          or v.dtype != dtype):
-                    self._bad_input(name, v, shape, dtype)
-                kwargs[name] = v
-            outs = self.program(backend="reference", stream=stream, **kwargs)
-            if self._reshape is None:
-                return outs
-            if not isinstance(outs, tuple):
-                return outs.reshape(self._reshape[0])
-            return tuple(o.reshape(s) for o, s in zip(outs, self._reshape))
-        inputs = self._inputs.copy()
+        inputs = self._inputs
+        if inputs is not None:
+            inputs = inputs.copy()
         for name, (i, conv, shape, dtype), v in zip(self.vary, slots, values):
             if shape is not None and (v.__class__ is not mx.array or v.shape != shape
                                       or v.dtype != dtype):
                 self._bad_input(name, v, shape, dtype)
-            inputs[i] = v if conv is None else conv(v)
+            if inputs is not None:
+                inputs[i] = v if conv is None else conv(v)
+        if inputs is None:
+            return self._call_reference(values, stream)
         outs = self._fn(inputs=inputs, output_shapes=self._out_shapes,
                         output_dtypes=self._out_dtypes, grid=self._grid,
                         threadgroup=self._threadgroup, stream=stream)
         return outs[0] if self._single else tuple(outs)
+
+    def _call_reference(self, values, stream):
+        outs = self.program(backend="reference", stream=stream, **self._fixed,
+                            **dict(zip(self.vary, values)))
+        if not self._reshape:
+            return outs
+        if self._single:
+            return outs.reshape(self._out_shapes[0])
+        return tuple(o.reshape(s) for o, s in zip(outs, self._out_shapes))
 
     def reshaped(self, *shapes):
         """This launch with its outputs declared in other shapes of the same sizes.
@@ -131,7 +134,7 @@ class PreparedLaunch:
             >>> qkv = step.reshaped((1, 32, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128))
         """
         who = self.program.who
-        current = self._out_shapes if self._reshape is None else self._reshape
+        current = self._out_shapes
         if len(shapes) != len(current):
             raise ValueError(f"[{who}] 'shapes' must give one shape per output "
                              f"({len(current)}) but got {len(shapes)}.")
@@ -147,10 +150,8 @@ class PreparedLaunch:
                                  f"{math.prod(old)} elements of the output shape {tuple(old)}.")
             new.append(shape)
         other = copy.copy(self)
-        if self._fn is not None:
-            other._out_shapes = new
-        else:
-            other._reshape = tuple(new)
+        other._out_shapes = new
+        other._reshape = self._fn is None
         return other
 
     def __repr__(self):

@@ -345,12 +345,15 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
     from mlx_foundry.kernel import record_launches
 
     monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
     cands = [{"ROWS": 2, "THREADS": 64}]
     chosen = autotune.tune_decode("reference", candidates=cands, repeats=1)
     assert len(chosen) == 4 and all(p == cands[0] for p in chosen.values())
+    # Tuning drops the launch constants the ops resolved before it (its own warm-up
+    # calls did), so this process launches with the stored choice.
+    assert lin._TUNED == {}
     # The ops on "cuda" (recorded, nothing runs) look up the same entries.
     stored = {e["kernel_key"] for e in tuner.entries().values()}
-    monkeypatch.setattr(lin, "_TUNED", {})
     D = autotune.TINY
     ops_ = autotune._decode_ops(D, 4, 64, mx.float16)
     for name, (make, n, k, _) in ops_.items():

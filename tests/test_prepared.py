@@ -27,6 +27,7 @@ def test_prepared_kernel_matches_a_call(monkeypatch, backend):
     params = ck.AxpbParams(n=x0.size, a=2.0, b=-1.0)
     step = k.prepare(x0, params=params, vary=("x",), backend=backend)
     assert isinstance(step, PreparedLaunch) and step.vary == ("x",)
+    assert step.backend == backend
     for seed in (2, 3):
         x = ck.seeded((3, 37), mx.float16, seed=seed)
         assert_close(step(x), k(x, params=params, backend="reference"))

@@ -15,6 +15,7 @@ Run on the target GPU::
     python -c "from mlx_foundry.bench.autotune import tune_linear; print(tune_linear())"
 """
 
+import importlib
 import itertools
 
 import mlx.core as mx
@@ -38,7 +39,8 @@ def kernel_key(kern, backend):
 
 
 def lookup_linear(kern, n, k, m=1, backend="cuda", *, path=None):
-    """The tuned ``{"ROWS", "THREADS"}`` of ``kern`` for an ``[m, k] x [n, k]^T`` GEMV, or None."""
+    """The tuned ``{"ROWS", "THREADS", "SPLITK"}`` of ``kern`` for an ``[m, k] x [n, k]^T``
+    GEMV, or None."""
     return tuner.lookup(kernel_key(kern, backend), source_hash=tuner.source_hash(kern),
                         shape_class=tuner.shape_class(n, k, m), path=path)
 
@@ -108,9 +110,11 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, **tune_kw):
 
     cls = tuner.shape_class(n, k, 1)
     key = kernel_key(kern, backend)
-    return {(key, cls): tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1),
-                                   source_hash=tuner.source_hash(kern), shape_class=cls,
-                                   **tune_kw)}
+    params = tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1),
+                        source_hash=tuner.source_hash(kern), shape_class=cls, **tune_kw)
+    # The ops resolve their launch once per shape: this process must see the new choice.
+    importlib.import_module("mlx_foundry.ops.linear").forget_launches()
+    return {(key, cls): params}
 
 
 # ---- the fused decode kernels the mlx-lm patch launches ---------------------------------

@@ -29,10 +29,10 @@ PREFILL_ROWS = 6
 instead of the fused GEMV kernels.
 
 Measured with ``python -m mlx_foundry bench --only prefill`` (NVIDIA H200, MLX 0.32.4,
-4-bit 4096 -> 14336, 2026-11-26, BENCHMARKS.md): the fused kernel is 2.7x / 3.5x / 3.6x
-faster than ``mx.quantized_matmul`` at 2 / 4 / 6 rows and 0.42x at 8 rows, where MLX
-switches to its GEMM kernel. Set it on the module (``mlx_foundry.ops.linear`` is the function once the
-package is imported)::
+4-bit 4096 -> 14336, 2026-11-26, BENCHMARKS.md): the fused kernel is 3.0x / 3.3x / 3.5x
+faster than ``mx.quantized_matmul`` at 2 / 4 / 6 rows and 0.41x at 8 rows, where MLX
+switches to its GEMM kernel. Set it on the module (``mlx_foundry.ops.linear`` is the
+function once the package is imported)::
 
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
 """
@@ -100,6 +100,11 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None):
     if params is None:
         params = _TUNED[key] = _resolve_launch(kern, backend, *key[2:])
     return params
+
+
+def forget_launches():
+    """Drop the launch constants resolved so far (a tuning run stored new ones)."""
+    _TUNED.clear()
 
 
 SPLIT_MIN_K = 2048
