@@ -17,7 +17,7 @@ import importlib
 import itertools
 import sys
 
-ROWS, THREADS, SPLITK = (2, 4, 8, 16), (64, 128, 256), (0, 1)
+ROWS, THREADS, SPLITK = (2, 4, 8, 16, 32), (64, 128, 256), (0, 1)
 
 
 def _ops():
@@ -35,7 +35,7 @@ def _ops():
     }
 
 
-def profile(labels_path):
+def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
     import mlx.core as mx
 
     # The module, not the function ``mlx_foundry.ops.linear`` that shadows its name.
@@ -54,12 +54,12 @@ def profile(labels_path):
 
     jobs = []
     for name, (op, args, kw) in _ops().items():
+        if only and name not in only:
+            continue
         want = op(*args, backend="reference", **kw)
         want = want if isinstance(want, tuple) else (want,)
-        for rows, threads, split in itertools.product(ROWS, THREADS, SPLITK):
-            if split and rows > 15:  # split K holds at most 15 rows per threadgroup
-                continue
-            cfg = {"ROWS": rows, "THREADS": threads, "SPLITK": split}
+        for r, t, split in itertools.product(rows, threads, splits):
+            cfg = {"ROWS": r, "THREADS": t, "SPLITK": split}
             got = run(op, args, kw, cfg)
             ok = all(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
                      <= 2e-2 * max(1.0, mx.abs(b.astype(mx.float32)).max().item())
@@ -67,7 +67,7 @@ def profile(labels_path):
             if not ok:
                 print(f"WRONG {name} {cfg}", file=sys.stderr)
                 continue
-            jobs.append((f"{name} R{rows} T{threads} S{split}", cfg, op, args, kw))
+            jobs.append((f"{name} R{r} T{t} S{split}", cfg, op, args, kw))
     with open(labels_path, "w") as f:
         f.write("\n".join(j[0] for j in jobs))
     mx.synchronize()
@@ -94,18 +94,25 @@ def table(csv_path, labels_path):
     for label, k in zip(labels, kernels.values()):
         v, unit = k["gpu__time_duration.sum"]
         dram = k.get("dram__throughput.avg.pct_of_peak_sustained_elapsed", ("?", ""))[0]
-        print(f"{label:28s} {float(v.replace(',', '')) * scale[unit]:7.2f} us  dram {dram}%")
+        regs = k.get("launch__registers_per_thread", ("?", ""))[0]
+        print(f"{label:28s} {float(v.replace(',', '')) * scale[unit]:7.2f} us  dram {dram}%"
+              f"  regs {regs}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", metavar="LABELS", help="run the sweep; write the labels here")
     p.add_argument("--table", nargs=2, metavar=("CSV", "LABELS"), help="print the results")
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    p.add_argument("--rows", type=ints, default=ROWS, help="ROWS values, comma separated")
+    p.add_argument("--threads", type=ints, default=THREADS, help="THREADS values")
+    p.add_argument("--split", type=ints, default=SPLITK, help="SPLITK values")
+    p.add_argument("--only", nargs="*", help="only these GEMVs (o+res qkv gate_up down+res)")
     args = p.parse_args()
     if args.table:
         table(*args.table)
     elif args.profile:
-        profile(args.profile)
+        profile(args.profile, args.rows, args.threads, args.split, args.only)
     else:
         p.error("give --profile LABELS or --table CSV LABELS")
     return 0
