@@ -44,8 +44,10 @@ METAL_FUNC void quad_mma_rows(const device half* a, const device half* x, device
     simd_quad_mma(acc, a0, a1, a2, a3, b0, b1);
   }
   const float2 r = simd_quad_rows(acc);
-  y[lane] = lane < 8u ? simd_shuffle(r.x, ushort(4 * lane))
-                      : simd_shuffle(r.y, ushort(4 * (lane - 8u)));
+  // Both shuffles in every lane (SIMD-group functions need uniform control flow).
+  const float lo = simd_shuffle(r.x, ushort(4 * (lane % 8u)));
+  const float hi = simd_shuffle(r.y, ushort(4 * (lane % 8u)));
+  y[lane] = lane < 8u ? lo : hi;
 }
 """
 
@@ -62,7 +64,7 @@ def _quad_kernel(portable):
         attributes=("thread_index_in_simdgroup",),
         dispatch=lambda b: mf.DispatchConfig((1,), (32,)),
         reference=lambda b: mx.concatenate(
-            [b.a.astype(mx.float32) @ b.x.astype(mx.float32), mx.zeros((16,))]))
+            [b.a.astype(mx.float32) @ b.x.astype(mx.float32)] * 2))
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["tensor", "portable"])
@@ -71,8 +73,8 @@ def test_simd_quad_mma_rows(gpu_backend, portable, steps):
     """Both implementations give the 16 row sums (products exact, float sums)."""
     a = mx.random.normal((16, 16 * steps), key=mx.random.key(steps)).astype(mx.float16)
     x = mx.random.normal((16 * steps,), key=mx.random.key(100 + steps)).astype(mx.float16)
-    y = _quad_kernel(portable)(a, x, backend=gpu_backend)[:16]
-    want = np.array(a, dtype=np.float64) @ np.array(x, dtype=np.float64)
+    y = _quad_kernel(portable)(a, x, backend=gpu_backend)
+    want = np.tile(np.array(a, dtype=np.float64) @ np.array(x, dtype=np.float64), 2)
     np.testing.assert_allclose(np.array(y), want, rtol=1e-5, atol=1e-5 * 16 * steps)
 
 

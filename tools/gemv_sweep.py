@@ -46,10 +46,12 @@ def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
 
     def run(op, args, kw, cfg):
         forced.update(cfg)
+        linear_mod.forget_launches()  # the ops keep the launch they resolved first
         try:
             out = op(*args, backend="cuda", **kw)
         finally:
             forced.clear()
+            linear_mod.forget_launches()
         return out if isinstance(out, tuple) else (out,)
 
     jobs = []
@@ -95,8 +97,10 @@ def table(csv_path, labels_path):
         v, unit = k["gpu__time_duration.sum"]
         dram = k.get("dram__throughput.avg.pct_of_peak_sustained_elapsed", ("?", ""))[0]
         regs = k.get("launch__registers_per_thread", ("?", ""))[0]
+        inst = k.get("smsp__inst_executed.sum", ("?", ""))[0]
+        warps = k.get("sm__warps_active.avg.pct_of_peak_sustained_active", ("?", ""))[0]
         print(f"{label:28s} {float(v.replace(',', '')) * scale[unit]:7.2f} us  dram {dram}%"
-              f"  regs {regs}")
+              f"  regs {regs}  inst {inst}  warps {warps}%")
 
 
 def main():
