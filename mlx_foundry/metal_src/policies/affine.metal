@@ -106,7 +106,12 @@ struct PolicyAffine {
   const device S* biases;
 
   // HALF_PAIRS: the x pair stride of the packed-half path (0: none for this BITS).
-  enum : int { CHUNK = 32, VEC = 1, HALF_PAIRS = BITS == 4 ? 4 : (BITS == 8 ? 2 : 0) };
+  enum : int {
+    CHUNK = 32,
+    VEC = 1,
+    HALF_PAIRS = BITS == 4 ? 4 : (BITS == 8 ? 2 : 0),
+    BITS_PER = BITS  // element width (the tensor-core GEMV's pairs per word: 16 / BITS)
+  };
   enum : uint { WORDS_PER_ROW = uint(K / 32 * BITS), GROUPS_PER_ROW = uint(K / GS) };
 
   METAL_FUNC float dot_chunk(uint n, int c, thread const float* xv, float xs) const {
@@ -172,8 +177,9 @@ struct PolicyAffine {
   }
 
   // ---- tensor-core path (HALF_PAIRS > 0; gemv.metal, utils/simd_mma.metal) ----
-  // frag_h turns a chunk read by load_h into 16 half2 of w = scale * q, each rounded once
-  // to half, in the HALF_PAIRS order of dot_h; the bias stays out (bias * sum(x) is added
+  // frag_word turns a word of a chunk read by load_h into half2 pairs of w = scale * q,
+  // each rounded once to half, in the HALF_PAIRS order of dot_h (frag_scale: the chunk's
+  // constants); the bias stays out (bias * sum(x) is added
   // in float). One mask-and-OR and one HFMA2 per pair: the OR gives a half h = M + q
   // (M = 1024 when q sits in the low mantissa bits, 64 when it sits 4 bits up: the 4-bit
   // odd elements), and fma(h, scale, -M * scale) is scale * q rounded once (the product
@@ -182,7 +188,7 @@ struct PolicyAffine {
   enum : uint { MMA_KEY_LO = 0x64006400u, MMA_KEY_HI = 0x54005400u };
 
   // The two OR constants (0x64006400, 0x54005400) through a SIMD shuffle, for the reason
-  // of half_key: call once per GEMV call (all lanes) and pass them to frag_h.
+  // of half_key: call once per GEMV call (all lanes) and pass them to frag_word.
   METAL_FUNC uint2 mma_keys() const {
     return uint2(simd_shuffle(uint(MMA_KEY_LO), ushort(0)),
                  simd_shuffle(uint(MMA_KEY_HI), ushort(0)));
@@ -196,35 +202,43 @@ struct PolicyAffine {
     return float(ch.bias);
   }
 
+  // The half2 constants of one chunk's dequantization: scale, -1024 scale, -64 scale.
+  struct FragScale {
+    half2 s;
+    half2 o_lo;
+    half2 o_hi;
+  };
+
+  METAL_FUNC FragScale frag_scale(thread const HalfChunk& ch) const {
+    const half s = half(float(ch.scale));
+    FragScale f;
+    f.s = half2(s, s);
+    f.o_lo = f.s * half2(half(-1024.0f), half(-1024.0f));
+    f.o_hi = f.s * half2(half(-64.0f), half(-64.0f));
+    return f;
+  }
+
   template <bool FAST>
   METAL_FUNC half2 frag_pair(uint bits, uint key, half m, half2 s2, half2 o2) const {
     const half2 h = as_type<half2>(bits | key);
     return FAST ? metal::fma(h, s2, o2) : (h - half2(m, m)) * s2;
   }
 
+  // The 16 / BITS pairs of one word w: (e0, e4), (e1, e5), (e2, e6), (e3, e7) of its
+  // nibbles (4 bits) or (b0, b2), (b1, b3) of its bytes (8 bits).
   template <bool FAST>
-  METAL_FUNC void frag_h(thread const HalfChunk& ch, uint2 keys, thread half2* a) const {
-    const half s = half(float(ch.scale));
-    const half2 s2 = half2(s, s);
-    const half2 o_lo = s2 * half2(half(-1024.0f), half(-1024.0f));
-    const half2 o_hi = s2 * half2(half(-64.0f), half(-64.0f));
+  METAL_FUNC void frag_word(uint w, FragScale f, uint2 keys, thread half2* a) const {
     const half m_lo = half(1024.0f);
     const half m_hi = half(64.0f);
-#pragma unroll
-    for (int j = 0; j < BITS; ++j) {
-      const uint w = ch.wd[j];
-      const uint w8 = w >> 8u;
-      if (BITS == 4) {
-        // Pairs (e0, e4), (e1, e5), (e2, e6), (e3, e7) of the word's nibbles e0..e7.
-        a[4 * j + 0] = frag_pair<FAST>(w & 0x000F000Fu, keys.x, m_lo, s2, o_lo);
-        a[4 * j + 1] = frag_pair<FAST>(w & 0x00F000F0u, keys.y, m_hi, s2, o_hi);
-        a[4 * j + 2] = frag_pair<FAST>(w8 & 0x000F000Fu, keys.x, m_lo, s2, o_lo);
-        a[4 * j + 3] = frag_pair<FAST>(w8 & 0x00F000F0u, keys.y, m_hi, s2, o_hi);
-      } else {
-        // Pairs (b0, b2), (b1, b3) of the word's bytes.
-        a[2 * j + 0] = frag_pair<FAST>(w & 0x00FF00FFu, keys.x, m_lo, s2, o_lo);
-        a[2 * j + 1] = frag_pair<FAST>(w8 & 0x00FF00FFu, keys.x, m_lo, s2, o_lo);
-      }
+    const uint w8 = w >> 8u;
+    if (BITS == 4) {
+      a[0] = frag_pair<FAST>(w & 0x000F000Fu, keys.x, m_lo, f.s, f.o_lo);
+      a[1] = frag_pair<FAST>(w & 0x00F000F0u, keys.y, m_hi, f.s, f.o_hi);
+      a[2] = frag_pair<FAST>(w8 & 0x000F000Fu, keys.x, m_lo, f.s, f.o_lo);
+      a[3] = frag_pair<FAST>(w8 & 0x00F000F0u, keys.y, m_hi, f.s, f.o_hi);
+    } else {
+      a[0] = frag_pair<FAST>(w & 0x00FF00FFu, keys.x, m_lo, f.s, f.o_lo);
+      a[1] = frag_pair<FAST>(w8 & 0x00FF00FFu, keys.x, m_lo, f.s, f.o_lo);
     }
   }
 

@@ -143,15 +143,16 @@ struct gemv_path {};
 
 // The 16 words u[k] = (x[2k], x[2k+1]) of a chunk as half2 pairs in stride-S order: pair
 // p of block b = p / S is (x[2S b + i], x[2S b + i + S]), i = p % S (S = 2 or 4).
+// Built from half components (one byte permute each on CUDA; the same pairs written with
+// shifts and masks took two instructions).
 template <int S>
 METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
 #pragma unroll
   for (int p = 0; p < 16; ++p) {
     const int i = p % S;
-    const uint a = u[S * (p / S) + i / 2];
-    const uint b = u[S * (p / S) + i / 2 + S / 2];
-    xh[p] = as_type<half2>((i & 1) ? ((a >> 16u) | (b & 0xFFFF0000u))
-                                   : ((a & 0x0000FFFFu) | (b << 16u)));
+    const half2 a = as_type<half2>(u[S * (p / S) + i / 2]);
+    const half2 b = as_type<half2>(u[S * (p / S) + i / 2 + S / 2]);
+    xh[p] = (i & 1) ? half2(a.y, b.y) : half2(a.x, b.x);
   }
 }
 
@@ -283,12 +284,37 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
 // are 16-row blocks for simd_quad_mma (utils/simd_mma.metal). Lane (g, t) = (lane / 4,
 // lane % 4) holds rows g + 8 i (i < ROWS / 8); in step j the quad of g reads chunks
 // 4 j + t (so 4 consecutive chunks, 128 elements, per row and step): both rows of a block
-// at the same chunk, and that chunk of x, which every quad shares. The policy's frag_h
+// at the same chunk, and that chunk of x, which every quad shares. The policy's frag_word
 // gives w = scale * q as half2 pairs in HALF_PAIRS order; the matrix unit multiplies them
 // with x and adds in float, with no per-chunk conversions. The bias term bias * sum(x)
 // is added in float per lane and summed over the quad at the end; sum(x) (and sum(x^2)
 // for a norm) of a chunk comes from 4 elements per lane (lane g takes elements 4 g ..
 // 4 g + 3) added over the 8 lanes of a t, so no lane adds up a whole chunk.
+
+// One 16-row block of a step: the chunk of row g (ca) and of row g + 8 (cb) times x (xh,
+// in the policy's pair order), word by word, so that each simd_quad_mma takes the pairs
+// just made (a word gives 16 / BITS pairs: two mma k-steps for 4 bits, one for 8).
+template <bool FAST, typename P>
+METAL_FUNC void gemv_mma_block(P pol, thread const typename P::HalfChunk& ca,
+                               thread const typename P::HalfChunk& cb, uint2 keys,
+                               thread const half2* xh, thread float4& acc) {
+  constexpr int PPW = 16 / int(P::BITS_PER);  // pairs per word
+  const typename P::FragScale fa = pol.frag_scale(ca);
+  const typename P::FragScale fb = pol.frag_scale(cb);
+#pragma unroll
+  for (int j = 0; j < 16 / PPW; ++j) {
+    half2 pa[PPW];
+    half2 pb[PPW];
+    pol.template frag_word<FAST>(ca.wd[j], fa, keys, pa);
+    pol.template frag_word<FAST>(cb.wd[j], fb, keys, pb);
+#pragma unroll
+    for (int k = 0; k < PPW; k += 2) {
+      simd_quad_mma(acc, pa[k], pb[k], pa[k + 1], pb[k + 1], xh[PPW * j + k],
+                    xh[PPW * j + k + 1]);
+    }
+  }
+}
+
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_m(P pol, P2 pol2, const device T* xr, const device T* gr,
@@ -426,32 +452,16 @@ METAL_FUNC void gemv_dot_rows_m(P pol, P2 pol2, const device T* xr, const device
     fast = simd_all(fast);
 #pragma unroll
     for (int b = 0; b < RB; ++b) {
-      half2 fa[16];
-      half2 fb[16];
       if (fast) {
-        pol.template frag_h<true>(ch[2 * b], keys, fa);
-        pol.template frag_h<true>(ch[2 * b + 1], keys, fb);
+        gemv_mma_block<true>(pol, ch[2 * b], ch[2 * b + 1], keys, xh, acc[b]);
       } else {
-        pol.template frag_h<false>(ch[2 * b], keys, fa);
-        pol.template frag_h<false>(ch[2 * b + 1], keys, fb);
-      }
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        simd_quad_mma(acc[b], fa[2 * k], fb[2 * k], fa[2 * k + 1], fb[2 * k + 1], xh[2 * k],
-                      xh[2 * k + 1]);
+        gemv_mma_block<false>(pol, ch[2 * b], ch[2 * b + 1], keys, xh, acc[b]);
       }
       if (DUAL) {
         if (fast) {
-          pol2.template frag_h<true>(ch2[2 * b], keys2, fa);
-          pol2.template frag_h<true>(ch2[2 * b + 1], keys2, fb);
+          gemv_mma_block<true>(pol2, ch2[2 * b], ch2[2 * b + 1], keys2, xh2, acc2[b]);
         } else {
-          pol2.template frag_h<false>(ch2[2 * b], keys2, fa);
-          pol2.template frag_h<false>(ch2[2 * b + 1], keys2, fb);
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          simd_quad_mma(acc2[b], fa[2 * k], fb[2 * k], fa[2 * k + 1], fb[2 * k + 1],
-                        xh2[2 * k], xh2[2 * k + 1]);
+          gemv_mma_block<false>(pol2, ch2[2 * b], ch2[2 * b + 1], keys2, xh2, acc2[b]);
         }
       }
     }
