@@ -302,9 +302,7 @@ def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
             linear(x, w, backend="cuda")
         return {k: rec[0][2][k] for k in ("ROWS", "THREADS")}
 
-    # Half x and 4-bit weights: the tensor-core GEMV's default launch.
-    assert launched_constants() == {"ROWS": lin.TENSOR_LAUNCH["ROWS"],
-                                    "THREADS": lin.TENSOR_LAUNCH["THREADS"]}
+    assert launched_constants() == {"ROWS": lin.DEFAULT_ROWS, "THREADS": lin.DEFAULT_THREADS}
     kern = lin.linear_kernel(w.signature())
     tuner.tune(autotune.kernel_key(kern, "cuda"), [{"ROWS": 2, "THREADS": 64}],
                lambda params: 1e-6, source_hash=tuner.source_hash(kern),
@@ -330,16 +328,14 @@ def test_qkv_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
         return rec[0][0], {k: rec[0][2][k] for k in ("ROWS", "THREADS")}
 
     kern, got = launched()
-    # Half x, 4-bit weights and head_dim 16: the tensor-core GEMV's default launch.
-    default = {"ROWS": lin.TENSOR_LAUNCH["ROWS"], "THREADS": lin.TENSOR_LAUNCH["THREADS"]}
-    assert got == default
-    for rows in (8, 32):  # 32 does not divide head_dim: the default stays
+    assert got == {"ROWS": lin.DEFAULT_ROWS, "THREADS": lin.DEFAULT_THREADS}
+    for rows, expect in ((8, 8), (32, lin.DEFAULT_ROWS)):  # 32 does not divide head_dim
         tuner.tune(autotune.kernel_key(kern, "cuda"), [{"ROWS": rows, "THREADS": 256}],
                    lambda params: 1e-6, source_hash=tuner.source_hash(kern),
                    shape_class=tuner.shape_class(64 + 2 * 32, 256, 1), repeats=1, warmup=0,
                    force=True)
         monkeypatch.setattr(lin, "_TUNED", {})
-        want = {"ROWS": 8, "THREADS": 256} if rows == 8 else default
+        want = {"ROWS": expect, "THREADS": 256 if expect == rows else lin.DEFAULT_THREADS}
         assert launched()[1] == want
 
 

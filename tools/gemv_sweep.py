@@ -17,7 +17,7 @@ import importlib
 import itertools
 import sys
 
-ROWS, THREADS, SPLITK = (2, 4, 8, 16, 32), (64, 128, 256), (0, 1)
+ROWS, THREADS, SPLITK = (2, 4, 8, 16), (64, 128, 256), (0, 1)
 
 
 def _ops():
@@ -62,7 +62,11 @@ def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
         want = want if isinstance(want, tuple) else (want,)
         for r, t, split in itertools.product(rows, threads, splits):
             cfg = {"ROWS": r, "THREADS": t, "SPLITK": split}
-            got = run(op, args, kw, cfg)
+            try:
+                got = run(op, args, kw, cfg)
+            except ValueError as e:  # a launch the kernel rejects (split-K row limits)
+                print(f"SKIP {name} {cfg}: {e}", file=sys.stderr)
+                continue
             ok = all(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
                      <= 2e-2 * max(1.0, mx.abs(b.astype(mx.float32)).max().item())
                      for a, b in zip(got, want))

@@ -23,7 +23,7 @@ import mlx.core as mx
 from . import timing, tuner
 from .cases import FULL, TINY, _dense_w, _qweight, weight_bytes
 
-DEFAULT_ROWS = (1, 2, 4, 8, 16, 32)
+DEFAULT_ROWS = (1, 2, 4, 8)
 DEFAULT_THREADS = (64, 128, 256)
 
 

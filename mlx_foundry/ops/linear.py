@@ -95,8 +95,7 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None):
     dictionary lookup.
     """
     n = w.out_features if n is None else n
-    key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim,
-           x.dtype == mx.float16 and w.quantized and w.bits in TENSOR_BITS)
+    key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim)
     params = _TUNED.get(key)
     if params is None:
         params = _TUNED[key] = _resolve_launch(kern, backend, *key[2:])
@@ -112,29 +111,15 @@ SPLIT_MIN_K = 2048
 """Untuned GEMVs split K when ``K >= 2 N`` and ``K >=`` this (see :func:`default_launch`)."""
 
 
-TENSOR_BITS = (4, 8)
-"""Affine widths whose GEMV has a tensor-core form (with half ``x``; see gemv.metal)."""
-
-TENSOR_LAUNCH = {"ROWS": 16, "THREADS": 128, "SPLITK": 1}
-"""The untuned launch of the tensor-core GEMV (16-row blocks, K split over the SIMD-groups
-of a threadgroup)."""
-
-
-def default_launch(n, k, *, head_dim=None, tensor=False):
+def default_launch(n, k, *, head_dim=None):
     """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements.
 
-    ``tensor``: ``x`` is half and the weights are 4- or 8-bit affine, so that the GEMV
-    has a tensor-core form (``ROWS`` a multiple of 16): :data:`TENSOR_LAUNCH`, unless
-    ``head_dim`` is not a multiple of its rows.
-
-    Otherwise, from kernel durations measured with ncu on an H100 (4-bit, decode, one row
-    of x): for ``n`` = 4096, ``k`` = 14336, four rows per SIMD-group leave the SMs ~8
-    SIMD-groups each (47% of DRAM bandwidth, 21 us); eight rows with the threadgroup's four
+    From kernel durations measured with ncu on an H100 (4-bit, decode, one row of x):
+    for ``n`` = 4096, ``k`` = 14336, four rows per SIMD-group leave the SMs ~8 SIMD-groups
+    each (47% of DRAM bandwidth, 21 us); eight rows with the threadgroup's four
     SIMD-groups splitting K reach 59-61% (16-17 us). Layers with ``k <= n`` (Q/K/V,
     gate/up, 4096 -> 14336) are as fast or faster with four rows and no split.
     """
-    if tensor and (head_dim is None or head_dim % TENSOR_LAUNCH["ROWS"] == 0):
-        return dict(TENSOR_LAUNCH)
     if k >= 2 * n and k >= SPLIT_MIN_K:
         rows, split = 8, 1
     else:
@@ -144,8 +129,8 @@ def default_launch(n, k, *, head_dim=None, tensor=False):
     return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split}
 
 
-def _resolve_launch(kern, backend, n, k, m, head_dim, tensor):
-    params = default_launch(n, k, head_dim=head_dim, tensor=tensor)
+def _resolve_launch(kern, backend, n, k, m, head_dim):
+    params = default_launch(n, k, head_dim=head_dim)
     if backend == "reference":
         return params
     try:
@@ -240,7 +225,7 @@ def gate_up_kernel(gate_sig, up_sig, *, norm="weight"):
     name = "_".join(["norm_gate_up_swiglu", *map(str, gate_sig), *map(str, up_sig)])
     return CompoundKernel(name, main=gemv_dual_stage(pg, pu, decls),
                           epilogues=epilogues, outputs=[out],
-                          dispatch=gemv_dispatch(lambda b: b.wg.shape[0]))
+                          dispatch=gemv_dispatch(lambda b: b.wg.shape[0], dual=True))
 
 
 @functools.lru_cache(maxsize=None)

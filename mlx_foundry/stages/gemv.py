@@ -41,7 +41,7 @@ from .norm import inv_rms_math
 
 GEMV_SOURCE = "stages/gemv.metal"
 QKV_SOURCE = "stages/gemv_qkv.metal"
-GEMV_INCLUDES = ("policies/dense.metal", "utils/simd_mma.metal")
+GEMV_INCLUDES = ("policies/dense.metal",)
 GEMV_ATTRIBUTES = ("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
                    "thread_index_in_simdgroup")
 GEMV_VALUES = {"acc": "float", "row": "uint", "index": "uint", "valid": "bool"}
@@ -69,8 +69,8 @@ def _split(c):
 
 
 # Partial sums of split K: SIMDS x ROWS floats (twice for a dual GEMV), then SIMDS sums of
-# squares (norm GEMVs): at most 2 x 8 x 32 + 8 = 520 (THREADS <= 256, ROWS <= 32).
-GEMV_THREADGROUP = ("float gemv_partials[544]",)
+# squares (norm GEMVs): ROWS <= 31, or <= 15 in a dual GEMV.
+GEMV_THREADGROUP = ("float gemv_partials[THREADS]",)
 
 
 NORMS = (None, "plain", "weight")
@@ -112,13 +112,17 @@ def _x_rows(b):
     return xf
 
 
-def gemv_dispatch(n_rows):
+def gemv_dispatch(n_rows, *, dual=False):
     """``dispatch(bound)`` for ``n_rows(bound)`` output rows per batch row of ``x``."""
 
     def dispatch(b):
         threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", 0)
         if split not in (0, 1):
             raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
+        limit = 15 if dual else 31
+        if split and rows > limit:
+            raise ValueError(f"[gemv] 'ROWS' must be at most {limit} with 'SPLITK'"
+                             f"{' in a dual GEMV' if dual else ''} but got {rows}.")
         if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
             raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in "
                              f"[32, {MAX_GEMV_THREADS}] but got {threads}.")

@@ -869,14 +869,6 @@ __device__ __forceinline__ T shfl(const T& v, unsigned int arg) {
 #pragma unroll
     for (int i = 0; i < T::size; ++i) r[i] = shfl<Kind>(v[i], arg);
     return r;
-  } else if constexpr (Kind == 0 && (cuda::std::is_same_v<T, unsigned int> ||
-                                      cuda::std::is_same_v<T, int>)) {
-    // An asm statement rather than __shfl_sync, which the compiler folds when v is a
-    // constant: the packed-half GEMV reads its OR constant through simd_shuffle so that
-    // it stays in a register and (w & mask) | key is one LOP3 (policies/affine.metal).
-    T r;
-    asm("shfl.sync.idx.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(r) : "r"(v), "r"(arg));
-    return r;
   } else if constexpr (shfl_native_v<T>) {
     if constexpr (Kind == 0) return __shfl_sync(kFullMask, v, arg);
     else if constexpr (Kind == 1) return __shfl_xor_sync(kFullMask, v, arg);

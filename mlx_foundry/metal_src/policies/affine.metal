@@ -106,12 +106,7 @@ struct PolicyAffine {
   const device S* biases;
 
   // HALF_PAIRS: the x pair stride of the packed-half path (0: none for this BITS).
-  enum : int {
-    CHUNK = 32,
-    VEC = 1,
-    HALF_PAIRS = BITS == 4 ? 4 : (BITS == 8 ? 2 : 0),
-    BITS_PER = BITS  // element width (the tensor-core GEMV's pairs per word: 16 / BITS)
-  };
+  enum : int { CHUNK = 32, VEC = 1, HALF_PAIRS = BITS == 4 ? 4 : (BITS == 8 ? 2 : 0) };
   enum : uint { WORDS_PER_ROW = uint(K / 32 * BITS), GROUPS_PER_ROW = uint(K / GS) };
 
   METAL_FUNC float dot_chunk(uint n, int c, thread const float* xv, float xs) const {
@@ -174,72 +169,6 @@ struct PolicyAffine {
     // scale * dot(q, x) + bias * sum(x) = s * d + (s + bias) * sum(x), s = scale 2^(BITS-1).
     const float s = float(ch.scale) * float(1 << (BITS - 1));
     return metal::fma(s, d, (s + float(ch.bias)) * xs);
-  }
-
-  // ---- tensor-core path (HALF_PAIRS > 0; gemv.metal, utils/simd_mma.metal) ----
-  // frag_word turns a word of a chunk read by load_h into half2 pairs of w = scale * q,
-  // each rounded once to half, in the HALF_PAIRS order of dot_h (frag_scale: the chunk's
-  // constants); the bias stays out (bias * sum(x) is added
-  // in float). One mask-and-OR and one HFMA2 per pair: the OR gives a half h = M + q
-  // (M = 1024 when q sits in the low mantissa bits, 64 when it sits 4 bits up: the 4-bit
-  // odd elements), and fma(h, scale, -M * scale) is scale * q rounded once (the product
-  // inside an FMA is exact). FAST needs -1024 * scale finite in half: |scale| < 63
-  // (frag_fast); otherwise (h - M) * scale, two operations, for any scale.
-  enum : uint { MMA_KEY_LO = 0x64006400u, MMA_KEY_HI = 0x54005400u };
-
-  // The two OR constants (0x64006400, 0x54005400) through a SIMD shuffle, for the reason
-  // of half_key: call once per GEMV call (all lanes) and pass them to frag_word.
-  METAL_FUNC uint2 mma_keys() const {
-    return uint2(simd_shuffle(uint(MMA_KEY_LO), ushort(0)),
-                 simd_shuffle(uint(MMA_KEY_HI), ushort(0)));
-  }
-
-  METAL_FUNC bool frag_fast(thread const HalfChunk& ch) const {
-    return metal::abs(float(ch.scale)) < 63.0f;
-  }
-
-  METAL_FUNC float frag_bias(thread const HalfChunk& ch) const {
-    return float(ch.bias);
-  }
-
-  // The half2 constants of one chunk's dequantization: scale, -1024 scale, -64 scale.
-  struct FragScale {
-    half2 s;
-    half2 o_lo;
-    half2 o_hi;
-  };
-
-  METAL_FUNC FragScale frag_scale(thread const HalfChunk& ch) const {
-    const half s = half(float(ch.scale));
-    FragScale f;
-    f.s = half2(s, s);
-    f.o_lo = f.s * half2(half(-1024.0f), half(-1024.0f));
-    f.o_hi = f.s * half2(half(-64.0f), half(-64.0f));
-    return f;
-  }
-
-  template <bool FAST>
-  METAL_FUNC half2 frag_pair(uint bits, uint key, half m, half2 s2, half2 o2) const {
-    const half2 h = as_type<half2>(bits | key);
-    return FAST ? metal::fma(h, s2, o2) : (h - half2(m, m)) * s2;
-  }
-
-  // The 16 / BITS pairs of one word w: (e0, e4), (e1, e5), (e2, e6), (e3, e7) of its
-  // nibbles (4 bits) or (b0, b2), (b1, b3) of its bytes (8 bits).
-  template <bool FAST>
-  METAL_FUNC void frag_word(uint w, FragScale f, uint2 keys, thread half2* a) const {
-    const half m_lo = half(1024.0f);
-    const half m_hi = half(64.0f);
-    const uint w8 = w >> 8u;
-    if (BITS == 4) {
-      a[0] = frag_pair<FAST>(w & 0x000F000Fu, keys.x, m_lo, f.s, f.o_lo);
-      a[1] = frag_pair<FAST>(w & 0x00F000F0u, keys.y, m_hi, f.s, f.o_hi);
-      a[2] = frag_pair<FAST>(w8 & 0x000F000Fu, keys.x, m_lo, f.s, f.o_lo);
-      a[3] = frag_pair<FAST>(w8 & 0x00F000F0u, keys.y, m_hi, f.s, f.o_hi);
-    } else {
-      a[0] = frag_pair<FAST>(w & 0x00FF00FFu, keys.x, m_lo, f.s, f.o_lo);
-      a[1] = frag_pair<FAST>(w8 & 0x00FF00FFu, keys.x, m_lo, f.s, f.o_lo);
-    }
   }
 
   // K is a multiple of GS >= 32: there is never a partial chunk.

@@ -137,22 +137,20 @@ struct gemv_is_half<half> {
   enum : int { value = 1 };
 };
 
-// H: the packed-half path; M: its tensor-core form (ROWS a multiple of 16).
-template <bool H, bool M = false>
+template <bool H>
 struct gemv_path {};
 
 // The 16 words u[k] = (x[2k], x[2k+1]) of a chunk as half2 pairs in stride-S order: pair
 // p of block b = p / S is (x[2S b + i], x[2S b + i + S]), i = p % S (S = 2 or 4).
-// Built from half components (one byte permute each on CUDA; the same pairs written with
-// shifts and masks took two instructions).
 template <int S>
 METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
 #pragma unroll
   for (int p = 0; p < 16; ++p) {
     const int i = p % S;
-    const half2 a = as_type<half2>(u[S * (p / S) + i / 2]);
-    const half2 b = as_type<half2>(u[S * (p / S) + i / 2 + S / 2]);
-    xh[p] = (i & 1) ? half2(a.y, b.y) : half2(a.x, b.x);
+    const uint a = u[S * (p / S) + i / 2];
+    const uint b = u[S * (p / S) + i / 2 + S / 2];
+    xh[p] = as_type<half2>((i & 1) ? ((a >> 16u) | (b & 0xFFFF0000u))
+                                   : ((a & 0x0000FFFFu) | (b << 16u)));
   }
 }
 
@@ -279,239 +277,6 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   }
 }
 
-// ---- tensor-core path ------------------------------------------------------------------
-// The packed-half conditions and ROWS a multiple of 16 (16 or 32): the SIMD-group's rows
-// are 16-row blocks for simd_quad_mma (utils/simd_mma.metal). Lane (g, t) = (lane / 4,
-// lane % 4) holds rows g + 8 i (i < ROWS / 8); in step j the quad of g reads chunks
-// 4 j + t (so 4 consecutive chunks, 128 elements, per row and step): both rows of a block
-// at the same chunk, and that chunk of x, which every quad shares. The policy's frag_word
-// gives w = scale * q as half2 pairs in HALF_PAIRS order; the matrix unit multiplies them
-// with x and adds in float, with no per-chunk conversions. The bias term bias * sum(x)
-// is added in float per lane and summed over the quad at the end; sum(x) (and sum(x^2)
-// for a norm) of a chunk comes from 4 elements per lane (lane g takes elements 4 g ..
-// 4 g + 3) added over the 8 lanes of a t, so no lane adds up a whole chunk.
-
-// One 16-row block of a step: the chunk of row g (ca) and of row g + 8 (cb) times x (xh,
-// in the policy's pair order), word by word, so that each simd_quad_mma takes the pairs
-// just made (a word gives 16 / BITS pairs: two mma k-steps for 4 bits, one for 8).
-template <bool FAST, typename P>
-METAL_FUNC void gemv_mma_block(P pol, thread const typename P::HalfChunk& ca,
-                               thread const typename P::HalfChunk& cb, uint2 keys,
-                               thread const half2* xh, thread float4& acc) {
-  constexpr int PPW = 16 / int(P::BITS_PER);  // pairs per word
-  const typename P::FragScale fa = pol.frag_scale(ca);
-  const typename P::FragScale fb = pol.frag_scale(cb);
-#pragma unroll
-  for (int j = 0; j < 16 / PPW; ++j) {
-    half2 pa[PPW];
-    half2 pb[PPW];
-    pol.template frag_word<FAST>(ca.wd[j], fa, keys, pa);
-    pol.template frag_word<FAST>(cb.wd[j], fb, keys, pb);
-#pragma unroll
-    for (int k = 0; k < PPW; k += 2) {
-      simd_quad_mma(acc, pa[k], pb[k], pa[k + 1], pb[k + 1], xh[PPW * j + k],
-                    xh[PPW * j + k + 1]);
-    }
-  }
-}
-
-template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
-METAL_FUNC void gemv_dot_rows_m(P pol, P2 pol2, const device T* xr, const device T* gr,
-                                thread const uint* rows, uint lane, uint part,
-                                thread float* out, thread float* out2, thread float& ss) {
-  constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
-  static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "tensor-core GEMV: 32-element chunks");
-  static_assert(ROWS % 16 == 0, "tensor-core GEMV: 16-row blocks");
-  constexpr int FULL = K / 32;
-  constexpr int STEPS = (FULL + 3) / 4;
-  constexpr int RB = ROWS / 16;  // 16-row blocks
-  constexpr int RL = ROWS / 8;   // rows per lane: g + 8 i
-  constexpr int S1 = gemv_half_pairs<P>::value;
-  constexpr int S2 = DUAL ? int(gemv_half_pairs<P2>::value) : S1;
-  const uint g = lane / 4u;
-  const uint t = lane % 4u;
-  const uint2 keys = pol.mma_keys();
-  const uint2 keys2 = DUAL ? pol2.mma_keys() : keys;
-  // This lane's rows, rows[g + 8 i], picked without dynamic register indexing (rows[] need
-  // not be consecutive: the Q/K/V stage walks RoPE pairs).
-  uint lrows[RL];
-#pragma unroll
-  for (int i = 0; i < RL; ++i) {
-    lrows[i] = rows[8 * i];
-#pragma unroll
-    for (int r = 1; r < 8; ++r) {
-      lrows[i] = g == uint(r) ? rows[8 * i + r] : lrows[i];
-    }
-  }
-  float4 acc[RB];
-  float4 acc2[RB];
-  float bsum[RL];
-  float bsum2[RL];
-#pragma unroll
-  for (int b = 0; b < RB; ++b) {
-    acc[b] = float4(0.0f);
-    acc2[b] = float4(0.0f);
-  }
-#pragma unroll
-  for (int i = 0; i < RL; ++i) {
-    bsum[i] = 0.0f;
-    bsum2[i] = 0.0f;
-  }
-  float ssl = 0.0f;
-  // Software pipelined as the packed-half path: the next step's weights load first.
-  typename P::HalfChunk ch[RL];
-  typename P2::HalfChunk ch2[RL];
-  {
-    const int c0 = metal::min(4 * int(part) + int(t), FULL - 1);
-#pragma unroll
-    for (int i = 0; i < RL; ++i) {
-      ch[i] = pol.load_h(lrows[i], c0);
-      if (DUAL) {
-        ch2[i] = pol2.load_h(lrows[i], c0);
-      }
-    }
-  }
-  for (int j = int(part); j < STEPS; j += SPLIT) {
-    const int c = 4 * j + int(t);
-    const bool live = FULL % 4 == 0 || c < FULL;  // the same for the 8 lanes of a t
-    const int cc = metal::min(c, FULL - 1);
-    typename P::HalfChunk nx[RL];
-    typename P2::HalfChunk nx2[RL];
-    const int cn = metal::min(c + 4 * SPLIT, FULL - 1);
-#pragma unroll
-    for (int i = 0; i < RL; ++i) {
-      nx[i] = pol.load_h(lrows[i], cn);
-      if (DUAL) {
-        nx2[i] = pol2.load_h(lrows[i], cn);
-      }
-    }
-    // The chunk of x as 16 words (times gamma / 16 with a norm weight; zero past K).
-    uint u[16];
-    const device uint4* xq = reinterpret_cast<const device uint4*>(xr + cc * 32);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 v = xq[q];
-      u[4 * q + 0] = live ? v.x : 0u;
-      u[4 * q + 1] = live ? v.y : 0u;
-      u[4 * q + 2] = live ? v.z : 0u;
-      u[4 * q + 3] = live ? v.w : 0u;
-    }
-    if (GAMMA) {
-      const device uint4* gq = reinterpret_cast<const device uint4*>(gr + cc * 32);
-      const half2 sixteenth = as_type<half2>(0x2C002C00u);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint4 v = gq[q];
-        const uint gw[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          u[4 * q + e] = as_type<uint>(as_type<half2>(u[4 * q + e]) *
-                                       (as_type<half2>(gw[e]) * sixteenth));
-        }
-      }
-    }
-    // sum(x) of the chunk (the x the products use) and this lane's part of sum(x^2).
-    float xs;
-    {
-      const uint2 xv = *reinterpret_cast<const device uint2*>(xr + cc * 32 + 4 * int(g));
-      float2 lo = float2(as_type<half2>(xv.x));
-      float2 hi = float2(as_type<half2>(xv.y));
-      if (NORM != GEMV_NORM_NONE) {
-        const float f = live ? 1.0f : 0.0f;
-        ssl = metal::fma(f * lo.x, lo.x, ssl);
-        ssl = metal::fma(f * lo.y, lo.y, ssl);
-        ssl = metal::fma(f * hi.x, hi.x, ssl);
-        ssl = metal::fma(f * hi.y, hi.y, ssl);
-      }
-      if (GAMMA) {
-        const uint2 gv = *reinterpret_cast<const device uint2*>(gr + cc * 32 + 4 * int(g));
-        lo *= float2(as_type<half2>(gv.x)) * 0.0625f;
-        hi *= float2(as_type<half2>(gv.y)) * 0.0625f;
-      }
-      xs = live ? (lo.x + lo.y) + (hi.x + hi.y) : 0.0f;
-      xs += simd_shuffle_xor(xs, ushort(4));
-      xs += simd_shuffle_xor(xs, ushort(8));
-      xs += simd_shuffle_xor(xs, ushort(16));
-    }
-    half2 xh[16];
-    half2 xh2[16];
-    gemv_half_pairs_of<S1>(u, xh);
-    if (DUAL) {
-      gemv_half_pairs_of<S2>(u, xh2);
-    }
-    // The fast dequantization when every scale of the step allows it (uniform branch).
-    bool fast = true;
-#pragma unroll
-    for (int i = 0; i < RL; ++i) {
-      fast = fast && pol.frag_fast(ch[i]);
-      if (DUAL) {
-        fast = fast && pol2.frag_fast(ch2[i]);
-      }
-    }
-    fast = simd_all(fast);
-#pragma unroll
-    for (int b = 0; b < RB; ++b) {
-      if (fast) {
-        gemv_mma_block<true>(pol, ch[2 * b], ch[2 * b + 1], keys, xh, acc[b]);
-      } else {
-        gemv_mma_block<false>(pol, ch[2 * b], ch[2 * b + 1], keys, xh, acc[b]);
-      }
-      if (DUAL) {
-        if (fast) {
-          gemv_mma_block<true>(pol2, ch2[2 * b], ch2[2 * b + 1], keys2, xh2, acc2[b]);
-        } else {
-          gemv_mma_block<false>(pol2, ch2[2 * b], ch2[2 * b + 1], keys2, xh2, acc2[b]);
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < RL; ++i) {
-      bsum[i] = metal::fma(pol.frag_bias(ch[i]), xs, bsum[i]);
-      ch[i] = nx[i];
-      if (DUAL) {
-        bsum2[i] = metal::fma(pol2.frag_bias(ch2[i]), xs, bsum2[i]);
-        ch2[i] = nx2[i];
-      }
-    }
-  }
-  // Lane (g, t) has rows g + 8 i: the matrix sums over the quad, the bias sums over t.
-  float v[RL];
-  float v2[RL];
-#pragma unroll
-  for (int b = 0; b < RB; ++b) {
-    const float2 r = simd_quad_rows(acc[b]);
-    v[2 * b] = r.x;
-    v[2 * b + 1] = r.y;
-    if (DUAL) {
-      const float2 r2 = simd_quad_rows(acc2[b]);
-      v2[2 * b] = r2.x;
-      v2[2 * b + 1] = r2.y;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < RL; ++i) {
-    float bq = bsum[i] + simd_shuffle_xor(bsum[i], ushort(1));
-    bq += simd_shuffle_xor(bq, ushort(2));
-    v[i] += bq;
-    if (DUAL) {
-      float bq2 = bsum2[i] + simd_shuffle_xor(bsum2[i], ushort(1));
-      bq2 += simd_shuffle_xor(bq2, ushort(2));
-      v2[i] += bq2;
-    }
-  }
-  // Every lane gets every row (as the other paths): row r = g + 8 i is in lane 4 g.
-  const float back = GAMMA ? 16.0f : 1.0f;
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    out[r] = simd_shuffle(v[r / 8], ushort(4 * (r % 8))) * back;
-    if (DUAL) {
-      out2[r] = simd_shuffle(v2[r / 8], ushort(4 * (r % 8))) * back;
-    }
-  }
-  ss = ssl;
-}
-
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
@@ -532,19 +297,8 @@ METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T
                                                         out, out2, ss);
 }
 
-template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
-METAL_FUNC void gemv_dot_rows_on(gemv_path<true, true>, P pol, P2 pol2, const device T* xr,
-                                 const device T* gr, thread const uint* rows, uint lane,
-                                 uint part, thread float* out, thread float* out2,
-                                 thread float& ss) {
-  gemv_dot_rows_m<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
-                                                        out, out2, ss);
-}
-
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x, on the
-// packed-half path when x is half and every policy has one (in its tensor-core form when
-// ROWS is a multiple of 16), else on the float path.
+// packed-half path when x is half and every policy has one, else on the float path.
 // SPLIT SIMD-groups share the rows: this one (part, 0 <= part < SPLIT) takes every
 // SPLIT-th 32-chunk stride of K; the caller adds the SPLIT partial sums. With a norm,
 // ss returns this lane's part of sum(x^2) over the same chunks.
@@ -555,9 +309,8 @@ METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T
                               thread float* out, thread float* out2, thread float& ss) {
   constexpr bool H = gemv_is_half<T>::value != 0 && gemv_half_pairs<P>::value > 0 &&
                      (!DUAL || gemv_half_pairs<P2>::value > 0);
-  constexpr bool M = H && ROWS % 16 == 0;
-  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(gemv_path<H, M>(), pol, pol2, xr,
-                                                         gr, rows, lane, part, out, out2, ss);
+  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(gemv_path<H>(), pol, pol2, xr, gr,
+                                                         rows, lane, part, out, out2, ss);
 }
 
 // Split K: adds the partial sums of the SPLIT SIMD-groups of a threadgroup (which all
