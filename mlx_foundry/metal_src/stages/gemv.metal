@@ -154,119 +154,10 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
   }
 }
 
-// One pipeline stage of the packed-half path: the weight chunks of the lane's ROWS rows
-// (two policies when DUAL) and the chunk of x (and of the norm weight) they multiply.
-template <typename P, typename P2, int ROWS, bool GAMMA>
-struct GemvHalfStage {
-  typename P::HalfChunk w[ROWS];
-  typename P2::HalfChunk w2[ROWS];
-  uint x[16];
-  uint g[GAMMA ? 16 : 1];
-};
-
-// Issues the loads of chunk c (already clamped into the row) into st.
-template <typename P, typename P2, typename T, int ROWS, bool GAMMA, bool DUAL>
-METAL_FUNC void gemv_half_load(P pol, P2 pol2, const device T* xr, const device T* gr,
-                               thread const uint* rows, int c,
-                               thread GemvHalfStage<P, P2, ROWS, GAMMA>& st) {
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    st.w[r] = pol.load_h(rows[r], c);
-    if (DUAL) {
-      st.w2[r] = pol2.load_h(rows[r], c);
-    }
-  }
-  const device uint4* xq = reinterpret_cast<const device uint4*>(xr + c * 32);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint4 v = xq[j];
-    st.x[4 * j + 0] = v.x;
-    st.x[4 * j + 1] = v.y;
-    st.x[4 * j + 2] = v.z;
-    st.x[4 * j + 3] = v.w;
-  }
-  if (GAMMA) {
-    const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint4 v = gq[j];
-      st.g[(4 * j + 0) % (GAMMA ? 16 : 1)] = v.x;
-      st.g[(4 * j + 1) % (GAMMA ? 16 : 1)] = v.y;
-      st.g[(4 * j + 2) % (GAMMA ? 16 : 1)] = v.z;
-      st.g[(4 * j + 3) % (GAMMA ? 16 : 1)] = v.w;
-    }
-  }
-}
-
-// The arithmetic on one loaded stage: adds the ROWS dot products to s (and s2), and
-// sum(x^2) of the raw x to ss_lo / ss_hi with a norm.
-template <typename P, typename P2, int ROWS, int NORM, bool DUAL>
-METAL_FUNC void gemv_half_step(P pol, P2 pol2,
-                               thread const GemvHalfStage<P, P2, ROWS,
-                                                          NORM == GEMV_NORM_WEIGHT>& st,
-                               uint key, uint key2, thread float* s, thread float* s2,
-                               thread float& ss_lo, thread float& ss_hi) {
-  constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
-  constexpr int S1 = gemv_half_pairs<P>::value;
-  constexpr int S2 = DUAL ? int(gemv_half_pairs<P2>::value) : S1;
-  uint u[16];
-#pragma unroll
-  for (int k = 0; k < 16; ++k) {
-    u[k] = st.x[k];
-  }
-  if (NORM != GEMV_NORM_NONE) {
-    // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
-    // make anyway (two float accumulators per lane).
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const float2 f = float2(as_type<half2>(u[k]));
-      ss_lo = metal::fma(f.x, f.x, ss_lo);
-      ss_hi = metal::fma(f.y, f.y, ss_hi);
-    }
-  }
-  if (GAMMA) {
-    const half2 sixteenth = as_type<half2>(0x2C002C00u);
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      u[k] = as_type<uint>(as_type<half2>(u[k]) *
-                           (as_type<half2>(st.g[k % (GAMMA ? 16 : 1)]) * sixteenth));
-    }
-  }
-  // sum(x) in float, from pair sums (one half rounding per pair).
-  float xs0 = 0.0f;
-  float xs1 = 0.0f;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
-    xs0 += float(p.x);
-    xs1 += float(p.y);
-  }
-  const float xs = xs0 + xs1;
-  half2 xh[16];
-  half2 xh2[16];
-  gemv_half_pairs_of<S1>(u, xh);
-  if (DUAL) {
-    gemv_half_pairs_of<S2>(u, xh2);
-  }
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    s[r] += pol.dot_h(st.w[r], xh, xs, key);
-    if (DUAL) {
-      s2[r] += pol2.dot_h(st.w2[r], xh2, xs, key2);
-    }
-  }
-}
-
 // The packed-half path (T is half; K is a multiple of 32). With GAMMA (x is the
 // un-normalised row, the RMSNorm scale comes later) x * gamma is rounded to half as
 // x * (gamma / 16), so that it overflows only past 16 x 65504; the sums are scaled back
 // by 16 (exact) in float.
-// Software pipelined over two stages (a and b, no copies between them): the loads of
-// the lane's next chunk, weights and x alike, are issued before the arithmetic on this
-// one. Loads are clamped to the last chunk: branch-free and always in bounds. (With one
-// stage copied into the other every chunk, ncu on an H100 put ~40% of the stalls on the
-// copy of the prefetched scale and bias, which waited for their loads, and on the first
-// use of x loaded in the same iteration.)
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device T* gr,
@@ -275,7 +166,8 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
   static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
   constexpr int FULL = K / 32;
-  constexpr int STRIDE = 32 * SPLIT;
+  constexpr int S1 = gemv_half_pairs<P>::value;
+  constexpr int S2 = DUAL ? int(gemv_half_pairs<P2>::value) : S1;
   const uint key = pol.half_key(lane);
   const uint key2 = DUAL ? pol2.half_key(lane) : key;
   float s[ROWS];
@@ -285,21 +177,93 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
     s[r] = 0.0f;
     s2[r] = 0.0f;
   }
+  // Software pipelined: the weights of the lane's next chunk are loaded before the
+  // arithmetic on this one (clamped to the last chunk: branch-free, always in bounds).
   float ss_lo = 0.0f;
   float ss_hi = 0.0f;
-  GemvHalfStage<P, P2, ROWS, GAMMA> a;
-  GemvHalfStage<P, P2, ROWS, GAMMA> b;
-  int c = int(lane) + 32 * int(part);
-  gemv_half_load<P, P2, T, ROWS, GAMMA, DUAL>(pol, pol2, xr, gr, rows,
-                                              metal::min(c, FULL - 1), a);
-  for (; c < FULL; c += 2 * STRIDE) {
-    gemv_half_load<P, P2, T, ROWS, GAMMA, DUAL>(pol, pol2, xr, gr, rows,
-                                                metal::min(c + STRIDE, FULL - 1), b);
-    gemv_half_step<P, P2, ROWS, NORM, DUAL>(pol, pol2, a, key, key2, s, s2, ss_lo, ss_hi);
-    gemv_half_load<P, P2, T, ROWS, GAMMA, DUAL>(pol, pol2, xr, gr, rows,
-                                                metal::min(c + 2 * STRIDE, FULL - 1), a);
-    if (c + STRIDE < FULL) {
-      gemv_half_step<P, P2, ROWS, NORM, DUAL>(pol, pol2, b, key, key2, s, s2, ss_lo, ss_hi);
+  typename P::HalfChunk ch[ROWS];
+  typename P2::HalfChunk ch2[ROWS];
+  {
+    const int c0 = metal::min(int(lane) + 32 * int(part), FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      ch[r] = pol.load_h(rows[r], c0);
+      if (DUAL) {
+        ch2[r] = pol2.load_h(rows[r], c0);
+      }
+    }
+  }
+  for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
+    typename P::HalfChunk nx[ROWS];
+    typename P2::HalfChunk nx2[ROWS];
+    const int cn = metal::min(c + 32 * SPLIT, FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      nx[r] = pol.load_h(rows[r], cn);
+      if (DUAL) {
+        nx2[r] = pol2.load_h(rows[r], cn);
+      }
+    }
+    uint u[16];
+    const device uint4* xq = reinterpret_cast<const device uint4*>(xr + c * 32);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint4 v = xq[j];
+      u[4 * j + 0] = v.x;
+      u[4 * j + 1] = v.y;
+      u[4 * j + 2] = v.z;
+      u[4 * j + 3] = v.w;
+    }
+    if (NORM != GEMV_NORM_NONE) {
+      // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
+      // make anyway (two float accumulators per lane).
+#pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        const float2 f = float2(as_type<half2>(u[k]));
+        ss_lo = metal::fma(f.x, f.x, ss_lo);
+        ss_hi = metal::fma(f.y, f.y, ss_hi);
+      }
+    }
+    if (GAMMA) {
+      const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
+      const half2 sixteenth = as_type<half2>(0x2C002C00u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint4 v = gq[j];
+        const uint g[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          u[4 * j + t] = as_type<uint>(as_type<half2>(u[4 * j + t]) *
+                                       (as_type<half2>(g[t]) * sixteenth));
+        }
+      }
+    }
+    // sum(x) in float, from pair sums (one half rounding per pair).
+    float xs0 = 0.0f;
+    float xs1 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
+      xs0 += float(p.x);
+      xs1 += float(p.y);
+    }
+    const float xs = xs0 + xs1;
+    half2 xh[16];
+    half2 xh2[16];
+    gemv_half_pairs_of<S1>(u, xh);
+    if (DUAL) {
+      gemv_half_pairs_of<S2>(u, xh2);
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      s[r] += pol.dot_h(ch[r], xh, xs, key);
+      if (DUAL) {
+        s2[r] += pol2.dot_h(ch2[r], xh2, xs, key2);
+      }
+      ch[r] = nx[r];
+      if (DUAL) {
+        ch2[r] = nx2[r];
+      }
     }
   }
   ss = ss_lo + ss_hi;
