@@ -1,13 +1,17 @@
 """Launch sweep (ROWS x THREADS x SPLITK) of the four decode GEMVs of a Llama-3-8B block.
 
-Diagnostics for ``docs/ncu_h200.md``. Every configuration's output is checked against
-the reference backend first; the checked ones then run once each between
+Diagnostics for ``docs/ncu_h100_gemv.md``. Every configuration's output is checked
+against the reference backend first; the checked ones then run once each between
 ``cuProfilerStart``/``cuProfilerStop``::
 
     ncu --profile-from-start off --clock-control none --csv \\
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
         python tools/gemv_sweep.py --profile labels.txt > sweep.csv
     python tools/gemv_sweep.py --table sweep.csv labels.txt
+
+``--rows``, ``--threads``, ``--split`` (comma-separated) and ``--only`` narrow the sweep;
+``--table`` also prints ``launch__registers_per_thread``, ``smsp__inst_executed.sum`` and
+``sm__warps_active.avg.pct_of_peak_sustained_active`` when they were collected.
 """
 
 import argparse
