@@ -27,6 +27,7 @@ The weights are never copied: the fused ops read ``nn.Linear`` and MLX
 affine ``nn.QuantizedLinear`` weights where they are.
 """
 
+import functools
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
@@ -107,15 +108,12 @@ class PatchReport:
 # ------------------------------------------------------------------------------------
 # Weights
 # ------------------------------------------------------------------------------------
-_OPS = []
-
-
+@functools.cache
 def _ops():
     """``mlx_foundry.ops``, imported on first use (it imports this module's users)."""
-    if not _OPS:
-        from . import ops
-        _OPS.append(ops)
-    return _OPS[0]
+    from . import ops
+
+    return ops
 
 
 def _weight_problem(m):
@@ -674,12 +672,10 @@ def _patch_head(model, report, backend, max_rows):
 
 
 def _unpatch_head(model):
-    if _head_plan(model) is None:
-        return 0
-    head = _head(model)
-    head.__class__ = type(head)._mlx_foundry_original
-    object.__delattr__(head, _HEAD_ATTR)
-    return 1
+    if _head_plan(model) is not None:
+        head = _head(model)
+        head.__class__ = type(head)._mlx_foundry_original
+        object.__delattr__(head, _HEAD_ATTR)
 
 
 # ------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ class PreparedLaunch:
     """
 
     __slots__ = ("program", "vary", "backend", "_fn", "_inputs", "_slots", "_out_shapes",
-                 "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed", "_reshape")
+                 "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed")
 
     def __init__(self, program, plan, bound, vary, backend):
         self.program = program
@@ -46,7 +46,6 @@ class PreparedLaunch:
         self._threadgroup = plan.threadgroup
         self._single = len(plan.out_shapes) == 1
         self._fixed = None
-        self._reshape = False
         inputs, slots = [], {}
         for i, (a, (_, conv)) in enumerate(zip(program.inputs, plan.getters)):
             v = bound[a.name]
@@ -70,7 +69,6 @@ class PreparedLaunch:
         self._out_shapes = out_shapes
         self._single = len(out_shapes) == 1
         self._fixed = fixed
-        self._reshape = False  # True once reshaped(): the program's outputs are reshaped
         self._slots = tuple((None, None) + _expected(program._by_name[n], bound[n])
                             for n in vary)
         return self
@@ -110,11 +108,10 @@ class PreparedLaunch:
     def _call_reference(self, values, stream):
         outs = self.program(backend="reference", stream=stream, **self._fixed,
                             **dict(zip(self.vary, values)))
-        if not self._reshape:
-            return outs
-        if self._single:
-            return outs.reshape(self._out_shapes[0])
-        return tuple(o.reshape(s) for o, s in zip(outs, self._out_shapes))
+        # The declared shapes (reshaped()) where they differ from the program's.
+        outs = [o if tuple(o.shape) == tuple(s) else o.reshape(s)
+                for o, s in zip([outs] if self._single else outs, self._out_shapes)]
+        return outs[0] if self._single else tuple(outs)
 
     def reshaped(self, *shapes):
         """This launch with its outputs declared in other shapes of the same sizes.
@@ -151,7 +148,6 @@ class PreparedLaunch:
             new.append(shape)
         other = copy.copy(self)
         other._out_shapes = new
-        other._reshape = self._fn is None
         return other
 
     def __repr__(self):

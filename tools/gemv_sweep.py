@@ -17,7 +17,6 @@ against the reference backend first; the checked ones then run once each between
 import argparse
 import csv
 import ctypes
-import importlib
 import itertools
 import sys
 
@@ -41,21 +40,17 @@ def _ops():
 
 def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
     import mlx.core as mx
+    from mlx_foundry.bench.autotune import _captured
 
-    # The module, not the function ``mlx_foundry.ops.linear`` that shadows its name.
-    linear_mod = importlib.import_module("mlx_foundry.ops.linear")
-    forced = {}
-    resolve = linear_mod._resolve_launch
-    linear_mod._resolve_launch = lambda *a, **k: dict(forced) if forced else resolve(*a, **k)
+    def launch_of(op, args, kw):
+        """The op's one kernel and the arguments of its launch, less the launch constants
+        (the tuner's record-and-replay: each configuration is passed to the kernel itself)."""
+        sets, found = _captured(lambda idx: (op, args, kw), "cuda")
+        (kwargs,) = sets(0)
+        return found[0], kwargs
 
-    def run(op, args, kw, cfg):
-        forced.update(cfg)
-        linear_mod.forget_launches()  # the ops keep the launch they resolved first
-        try:
-            out = op(*args, backend="cuda", **kw)
-        finally:
-            forced.clear()
-            linear_mod.forget_launches()
+    def run(kern, kwargs, cfg):
+        out = kern(backend="cuda", **kwargs, **cfg)
         return out if isinstance(out, tuple) else (out,)
 
     jobs = []
@@ -64,10 +59,11 @@ def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
             continue
         want = op(*args, backend="reference", **kw)
         want = want if isinstance(want, tuple) else (want,)
+        kern, kwargs = launch_of(op, args, kw)
         for r, t, split in itertools.product(rows, threads, splits):
             cfg = {"ROWS": r, "THREADS": t, "SPLITK": split}
             try:
-                got = run(op, args, kw, cfg)
+                got = run(kern, kwargs, cfg)
             except ValueError as e:  # a launch the kernel rejects (split-K row limits)
                 print(f"SKIP {name} {cfg}: {e}", file=sys.stderr)
                 continue
@@ -77,14 +73,14 @@ def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
             if not ok:
                 print(f"WRONG {name} {cfg}", file=sys.stderr)
                 continue
-            jobs.append((f"{name} R{r} T{t} S{split}", cfg, op, args, kw))
+            jobs.append((f"{name} R{r} T{t} S{split}", kern, kwargs, cfg))
     with open(labels_path, "w") as f:
         f.write("\n".join(j[0] for j in jobs))
     mx.synchronize()
     driver = ctypes.CDLL("libcuda.so.1")
     driver.cuProfilerStart()
-    for _, cfg, op, args, kw in jobs:
-        mx.eval(run(op, args, kw, cfg))
+    for _, kern, kwargs, cfg in jobs:
+        mx.eval(run(kern, kwargs, cfg))
         mx.synchronize()
     driver.cuProfilerStop()
 
