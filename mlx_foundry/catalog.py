@@ -116,21 +116,25 @@ def _entries():
             lambda g=g, u=u: ops.norm_gate_up_swiglu(_z((1, K), F16), _z((K,), F16), 1e-5,
                                                      _weight(1024, K, g), _weight(1024, K, u),
                                                      backend="metal"))
-    qkv_cases = [("q4g64", (4, 64), (4, 64), False, False, F16),
-                 ("q4g64_trad", (4, 64), (4, 64), True, False, F16),
-                 ("q8g64_q4g64_mixed", (8, 64), (4, 64), False, False, F16),
-                 ("dense_bf16", "dense", "dense", False, False, BF16),
-                 ("q4g64_bias", (4, 64), (4, 64), False, True, F16)]
-    for label, qf, kvf, trad, bias, dt in qkv_cases:
-        add(f"norm_qkv_rope_{label}", f"RMSNorm + Q/K/V ({_fmt_name(qf)}, {_fmt_name(kvf)}) + "
-            f"RoPE, 32/8 heads x 128, traditional={trad}, bias={bias}",
-            lambda qf=qf, kvf=kvf, trad=trad, bias=bias, dt=dt: ops.norm_qkv_rope(
-                _z((1, 1, K), dt), _z((K,), dt), 1e-5,
+    qkv_cases = [("q4g64", (4, 64), (4, 64), False, False, F16, True, False),
+                 ("q4g64_trad", (4, 64), (4, 64), True, False, F16, True, False),
+                 ("q8g64_q4g64_mixed", (8, 64), (4, 64), False, False, F16, True, False),
+                 ("dense_bf16", "dense", "dense", False, False, BF16, True, False),
+                 ("q4g64_bias", (4, 64), (4, 64), False, True, F16, True, False),
+                 ("q4g64_joint_kv", (4, 64), (4, 64), False, False, F16, True, True),
+                 ("q4g64_plain_bias_joint_kv", (4, 64), (4, 64), False, True, F16, False, True)]
+    for label, qf, kvf, trad, bias, dt, gamma, joint in qkv_cases:
+        add(f"norm_qkv_rope_{label}", f"RMSNorm{'' if gamma else ' (no weight)'} + Q/K/V "
+            f"({_fmt_name(qf)}, {_fmt_name(kvf)}) + RoPE, 32/8 heads x 128, "
+            f"traditional={trad}, bias={bias}{', K/V in one output' if joint else ''}",
+            lambda qf=qf, kvf=kvf, trad=trad, bias=bias, dt=dt, gamma=gamma, joint=joint:
+            ops.norm_qkv_rope(
+                _z((1, 1, K), dt), _z((K,), dt) if gamma else None, 1e-5,
                 _weight(N_HEADS * HEAD_DIM, K, qf, dt, bias),
                 _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
                 _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
                 n_heads=N_HEADS, n_kv_heads=N_KV, head_dim=HEAD_DIM, offset=5,
-                rope_base=500000.0, rope_traditional=trad, backend="metal"))
+                rope_base=500000.0, rope_traditional=trad, joint_kv=joint, backend="metal"))
     # Split K (the default only for tall weights, K >= 2N; else a tuner option): the
     # threadgroup-memory exchange and barrier of the GEMV stages, on the packed-half and
     # the float paths, at K = 4096.

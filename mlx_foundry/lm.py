@@ -5,12 +5,18 @@ architecture (llama, mistral, qwen2, qwen3) and changes the class of every
 block it can fuse to a subclass whose ``__call__`` runs, for decode-sized
 inputs::
 
-    q, k, v = norm_qkv_rope(x)                 # input RMSNorm + Q/K/V (+ RoPE)
-    k, v    = cache.update_and_fetch(k, v)     # mlx-lm's cache, unchanged
+    q, kv   = norm_qkv_rope(x, joint_kv=True)  # input RMSNorm + Q/K/V (+ RoPE)
+    k, v    = cache.update_and_fetch_joint(kv) # one write: K and V share a buffer
     o       = scaled_dot_product_attention(q, k, v, cache=cache, mask=mask)
     h       = linear(o, o_proj, residual=x)    # output projection + residual
     a       = norm_gate_up_swiglu(h)           # post-attention RMSNorm + gate/up + SwiGLU
     out     = linear(a, down_proj, residual=h) # down projection + residual
+
+One decoded token's keys and values leave the fused kernel as one array and go
+into the cache with one update: the patched blocks switch the plain mlx-lm
+``KVCache`` objects they decode with to :class:`mlx_foundry.kv_cache.KVCache`, the
+same cache with keys and values in one buffer (``patch(model, joint_kv=False)``
+keeps mlx-lm's caches as they are; other cache types are never changed).
 
 The model's own output projection (``lm_head``, when the embeddings are not
 tied) runs through the fused GEMV for decode-sized inputs too.  Every fused op
@@ -204,7 +210,7 @@ class _BlockPlan:
     """What a patched block fuses, and counters of how its calls ran."""
 
     def __init__(self, path, original_class, arch, attn, mlp, rope, head_dim, backend,
-                 max_rows):
+                 max_rows, joint_kv=True):
         self.path = path
         self.original_class = original_class
         self.arch = arch
@@ -214,6 +220,7 @@ class _BlockPlan:
         self.head_dim = head_dim
         self.backend = backend
         self.max_rows = max_rows
+        self.joint_kv = joint_kv  # switch plain mlx-lm KVCaches to the joint-buffer cache
         self.weights = _WeightCache()
         self.stats = Counter()
         self.steps = {}           # (x.shape, x.dtype, int offset) -> _Step
@@ -277,15 +284,13 @@ def _plan_attention(block, path, arch):
     rope, why = _rope_spec(attn.rope, head_dim)
     wsum = _weight_summary(attn.q_proj)
     qkv_bias = any("bias" in getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj"))
-    if rope is not None and not qk_norm and not qkv_bias:
-        what = f"attention: rms_norm+q/k/v+rope ({wsum}), sdpa, o_proj+residual"
+    if rope is not None and not qk_norm:
+        # Projection biases (Qwen2) are added in the kernel, before RoPE.
+        bias = " (+ q/k/v biases)" if qkv_bias else ""
+        what = f"attention: rms_norm+q/k/v{bias}+rope ({wsum}), sdpa, o_proj+residual"
         return "qkv_rope", rope, head_dim, what, []
     if qk_norm:
         note = "q/k norms sit between projection and RoPE"
-    elif qkv_bias:
-        # norm_qkv_rope would run biased projections as unfused MLX ops; one fused
-        # norm+GEMV+bias kernel per projection is fewer dispatches.
-        note = "q/k/v biases fused per projection"
     else:
         note = why
         reasons.append((f"{apath}.rope", f"RoPE left unfused: {why}"))
@@ -337,7 +342,7 @@ class _Step:
     cannot be prepared (it then runs through its op function every call).
     """
 
-    __slots__ = ("qkv", "q", "k", "v", "o", "gate_up", "down", "fast")
+    __slots__ = ("qkv", "qkv_joint", "q", "k", "v", "o", "gate_up", "down", "fast")
 
     def __init__(self):
         for name in self.__slots__:
@@ -345,10 +350,29 @@ class _Step:
 
     def arm(self, plan, block, offset):
         """Set :attr:`fast` when one token's whole block runs on the four prepared
-        launches (Q/K/V+RoPE, o_proj+residual, gate/up, down+residual)."""
+        launches (Q/K/V+RoPE, o_proj+residual, gate/up, down+residual); the Q/K/V launch
+        with keys and values in one output, the other, or both."""
         if (plan.attn == "qkv_rope" and plan.mlp and offset.__class__ is int
-                and self.qkv and self.o and self.gate_up and self.down):
-            self.fast = (self.qkv, self.o, self.gate_up, self.down, _sdpa(), block.self_attn)
+                and (self.qkv or self.qkv_joint) and self.o and self.gate_up and self.down):
+            self.fast = (self.qkv, self.qkv_joint, self.o, self.gate_up, self.down, _sdpa(),
+                         block.self_attn)
+
+
+@functools.cache
+def _joint_cache():
+    """``(mlx_foundry.kv_cache.KVCache, adopt)``, imported once (needs mlx-lm)."""
+    from .kv_cache import KVCache, adopt
+
+    return KVCache, adopt
+
+
+def _joint(plan, cache):
+    """Whether ``cache`` takes one token's keys and values as one array (switching a
+    plain mlx-lm ``KVCache`` to the joint-buffer cache when the plan allows it)."""
+    if not plan.joint_kv or cache is None:
+        return False
+    joint_cls, adopt = _joint_cache()
+    return cache.__class__ is joint_cls or adopt(cache)
 
 
 def _prepare(op, *args, vary, backend, **kwargs):
@@ -435,20 +459,33 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
     H, KV, D = attn.n_heads, attn.n_kv_heads, plan.head_dim
     be = plan.backend
     if plan.attn == "qkv_rope" and offset.__class__ is int:
-        launch = step.qkv
+        joint = L == 1 and _joint(plan, cache)
+        slot = "qkv_joint" if joint else "qkv"
+        launch = getattr(step, slot)
         if not launch:
             found = _qkv_rope_args(self, plan, x)
             if found is None:
                 return None
             args, kw = found
             if launch is None:
-                launch = _prepare(ops.norm_qkv_rope, x, *args, offset=offset,
+                launch = _prepare(ops.norm_qkv_rope, x, *args, offset=offset, joint_kv=joint,
                                   vary={"x": x, "rope_offset": offset}, backend=be, **kw)
                 if launch and L == 1:
                     # One token: [B, 1, H*D] is [B, H, 1, D] in memory; declaring the
                     # attention layout in the launch saves six graph nodes per block.
-                    launch = launch.reshaped((B, H, 1, D), (B, KV, 1, D), (B, KV, 1, D))
-                step.qkv = launch
+                    kv_shapes = ((B, 2 * KV, 1, D),) if joint else ((B, KV, 1, D),) * 2
+                    launch = launch.reshaped((B, H, 1, D), *kv_shapes)
+                setattr(step, slot, launch)
+        if joint:
+            if launch:
+                q, kv = launch(x, offset)
+            else:
+                q, kv = ops.norm_qkv_rope(x, *args, offset=offset, joint_kv=True, backend=be,
+                                          **kw)
+                q, kv = q.reshape(B, H, 1, D), kv.reshape(B, 2 * KV, 1, D)
+            k, v = cache.update_and_fetch_joint(kv)
+            o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+            return _linear_residual(plan, step, "o", "o_proj", attn, o.reshape(B, L, -1), x)
         if launch:
             q, k, v = launch(x, offset)
         else:
@@ -551,13 +588,20 @@ def _patched_call(self, x, mask=None, cache=None):
         # One decoded token on the prepared launches: the host work of the decode loop
         # (graph building, then MLX's encoding of every node) is what limits tokens/s
         # once the kernels are fused, so this path does nothing the launches don't need.
-        qkv, o_proj, gate_up, down, sdpa, attn = fast
-        plan.fast_calls += 1
-        q, k, v = qkv(x, offset)
-        k, v = cache.update_and_fetch(k, v)
-        o = sdpa(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-        h = o_proj(o.reshape(shape[0], 1, -1), x)
-        return down(gate_up(h), h)
+        qkv, qkv_joint, o_proj, gate_up, down, sdpa, attn = fast
+        joint = _joint(plan, cache)
+        if qkv_joint if joint else qkv:
+            plan.fast_calls += 1
+            if joint:
+                q, kv = qkv_joint(x, offset)
+                k, v = cache.update_and_fetch_joint(kv)
+            else:
+                q, k, v = qkv(x, offset)
+                k, v = cache.update_and_fetch(k, v)
+            o = sdpa(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+            h = o_proj(o.reshape(shape[0], 1, -1), x)
+            return down(gate_up(h), h)
+        # The other kind of cache: its Q/K/V launch is prepared on the general path.
     h = None
     if plan.attn:
         h = _fused_attention(self, plan, step, x, mask, cache, offset)
@@ -570,8 +614,9 @@ def _patched_call(self, x, mask=None, cache=None):
         plan.stats["fused mlp" if out is not None else "original mlp: weights"] += 1
     if out is None:
         out = h + self.mlp(self.post_attention_layernorm(h))
-    elif step.fast is None and shape[1] == 1 and cache is not None:
-        step.arm(plan, self, offset)
+    elif shape[1] == 1 and cache is not None and (
+            fast is None or fast[0] is not step.qkv or fast[1] is not step.qkv_joint):
+        step.arm(plan, self, offset)  # first token, or a Q/K/V launch for another cache
     return out
 
 
@@ -708,7 +753,8 @@ def _default_max_rows():
     return int(getattr(mod, "PREFILL_ROWS", _DEFAULT_MAX_ROWS))
 
 
-def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_head=True):
+def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_head=True,
+          joint_kv=True):
     """Fuse the decode path of an mlx-lm model's transformer blocks, in place.
 
     Args:
@@ -724,6 +770,10 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
         mlp (bool): fuse the MLP half of each block. Default: ``True``.
         lm_head (bool): run the model's output projection (when it has its own, not
             tied to the embeddings) through the fused GEMV. Default: ``True``.
+        joint_kv (bool): switch the plain mlx-lm ``KVCache`` objects that patched blocks
+            decode with to :class:`mlx_foundry.kv_cache.KVCache` (the same cache, keys
+            and values in one buffer: one write per token instead of two). Default:
+            ``True``.
 
     Returns:
         PatchReport: what was fused and what was left as it was, and why.
@@ -790,7 +840,7 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
         if not mode and not fuse_mlp:
             continue
         plan = _BlockPlan(path, type(block), arch, mode, fuse_mlp, rope, head_dim, backend,
-                          max_rows)
+                          max_rows, joint_kv=bool(joint_kv))
         object.__setattr__(block, _PLAN_ATTR, plan)
         block.__class__ = _patched_class(type(block))
     if lm_head:

@@ -170,6 +170,31 @@ def test_norm_qkv_rope(gpu_backend, shape, traditional, dtype):
             assert_close(a, b, dtype, k=k, msg=f"{name} shape={xshape} offset={offset}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", ["weight", "plain", "bias", "plain_bias"])
+@pytest.mark.parametrize("shape", QKV_SHAPES, ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}k{s[3]}")
+def test_norm_qkv_rope_joint_kv(gpu_backend, shape, variant, dtype):
+    """Keys and values in one output (the joint-buffer KV cache's input): the halves of
+    each row are bitwise the kernel's separate k and v, and match the reference."""
+    h, kvh, d, k, fmts = shape
+    bias = "bias" in variant
+    q, kk, v = (_w(h * d, k, fmts[0], dtype, bias=bias), _w(kvh * d, k, fmts[1], dtype, bias=bias),
+                _w(kvh * d, k, fmts[2], dtype, bias=bias))
+    g = None if variant.startswith("plain") else (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    for xshape, offset in (((1, 1, k), 300), ((3, 1, k), 5), ((2, 3, k), 0), ((5, k), 77)):
+        x = _x(xshape, dtype)
+        kw = dict(n_heads=h, n_kv_heads=kvh, head_dim=d, offset=offset, rope_base=500000.0)
+        gq, gkv = norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, joint_kv=True, backend=gpu_backend)
+        sq, sk, sv = norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, backend=gpu_backend)
+        assert gkv.shape == tuple(xshape[:-1]) + (2 * kvh * d,)
+        assert mx.array_equal(gq, sq).item()
+        assert mx.array_equal(gkv, mx.concatenate([sk, sv], axis=-1)).item()
+        wq, wkv = _ref(lambda be: norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, joint_kv=True,
+                                                backend=be))
+        assert_close(gq, wq, dtype, k=k, msg=f"q shape={xshape}")
+        assert_close(gkv, wkv, dtype, k=k, msg=f"kv shape={xshape}")
+
+
 @pytest.fixture
 def split_k(monkeypatch, tmp_path):
     """Every fused GEMV of the ops with split K (the SIMD-groups of a threadgroup share
@@ -216,6 +241,9 @@ def test_split_k_every_op(gpu_backend, split_k, dtype):
             want = _ref(lambda be: norm_qkv_rope(x, None, 1e-5, q, kk, v, **kw, backend=be))
             for name, a, b in zip("qkv", got, want):
                 assert_close(a, b, dtype, k=k, msg=f"qkv {name} d={d} trad={trad}")
+            _, kv = norm_qkv_rope(x, None, 1e-5, q, kk, v, **kw, joint_kv=True,
+                                  backend=gpu_backend)
+            assert mx.array_equal(kv, mx.concatenate(got[1:], axis=-1)).item()
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])

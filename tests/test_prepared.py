@@ -174,21 +174,25 @@ def test_patched_decode_uses_prepared_launches(monkeypatch, model_type):
     assert_close(lp, ref_lp, mx.float32, k=64)
     decode = [s for s in steps if isinstance(s.down, PreparedLaunch)]
     assert decode, "no prepared launch in the decode step"
-    slots = ("qkv", "o", "gate_up", "down") if model_type == "llama" else \
-        ("q", "k", "v", "o", "gate_up", "down")
-    assert all(isinstance(getattr(decode[0], s), PreparedLaunch) for s in slots)
-    assert record.total() >= 24 * len(slots)
-    # After its first token, a llama block decodes on its four prepared launches alone
-    # (these qwen2/qwen3 blocks take the per-projection Q/K/V path).
-    if model_type == "llama":
+    rope_fused = model_type in ("llama", "qwen2")  # qwen3's q/k norms sit before RoPE
+    for st in decode:
+        one = st is one_token[0]
+        # One token into mlx-lm's KVCache: the Q/K/V launch with K and V in one output.
+        qkv = (("qkv_joint",) if one else ("qkv",)) if rope_fused else ("q", "k", "v")
+        assert all(isinstance(getattr(st, n), PreparedLaunch)
+                   for n in qkv + ("o", "gate_up", "down"))
+    assert record.total() >= 24 * 4
+    # After its first token, a block with the fused Q/K/V + RoPE decodes on its four
+    # prepared launches alone (the qwen3 blocks take the per-projection Q/K/V path).
+    if rope_fused:
         assert fast_calls >= 20 and fast is not None
     else:
         assert fast_calls == 0 and fast is None
     assert stats["fused attention"] == stats["fused mlp"] >= 24
-    if model_type == "llama":
-        # One token: Q/K/V come out of the launch in the attention layout.
-        assert [tuple(sh) for sh in one_token[0].qkv._out_shapes] == [
-            (1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16)]
+    if rope_fused:
+        # One token: Q and K/V come out of the launch in the attention (cache) layout.
+        assert [tuple(sh) for sh in one_token[0].qkv_joint._out_shapes] == [
+            (1, 4, 1, 16), (1, 4, 1, 16)]
 
 
 def test_prepared_launches_follow_new_weights(monkeypatch):

@@ -240,15 +240,19 @@ def _scale2_epilogue():
 
 
 @functools.lru_cache(maxsize=None)
-def qkv_kernel(q_sig, k_sig, v_sig, *, traditional=False, with_weight=True, bias=False):
+def qkv_kernel(q_sig, k_sig, v_sig, *, traditional=False, with_weight=True, bias=False,
+               joint_kv=False):
     """Norm + Q/K/V projections (+ biases) + RoPE in one kernel (weights ``wq``, ``wk``,
-    ``wv``; biases ``q_bias``, ``k_bias``, ``v_bias``)."""
+    ``wv``; biases ``q_bias``, ``k_bias``, ``v_bias``); outputs ``q_out``, ``k_out``,
+    ``v_out``, or ``q_out``, ``kv_out`` with ``joint_kv``."""
     pq, pk, pv = policy_for(q_sig, "wq"), policy_for(k_sig, "wk"), policy_for(v_sig, "wv")
     decls = gemv_decls(norm="weight" if with_weight else "plain")
-    main = qkv_rope_stage(pq, pk, pv, decls, traditional=traditional, bias=bias)
+    main = qkv_rope_stage(pq, pk, pv, decls, traditional=traditional, bias=bias,
+                          joint_kv=joint_kv)
     outs = [a for a in main.args if isinstance(a, Output)]
     name = "_".join(["norm_qkv_rope", *map(str, q_sig), *map(str, k_sig), *map(str, v_sig),
-                     "trad" if traditional else "half"] + (["bias"] if bias else []))
+                     "trad" if traditional else "half"] + (["bias"] if bias else [])
+                    + (["kv"] if joint_kv else []))
     return CompoundKernel(name, main=main, outputs=outs, manual_output=True,
                           dispatch=gemv_dispatch(lambda b: b.wq.shape[0] + 2 * b.wk.shape[0]))
 
@@ -410,7 +414,7 @@ def _default_inv_freq(head_dim, base):
 
 def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim, offset,
                   rope_base=10000.0, rope_scale=1.0, rope_traditional=False, rope_freqs=None,
-                  backend=None):
+                  joint_kv=False, backend=None):
     """RMSNorm + Q/K/V projections + RoPE on Q and K, in one kernel.
 
     ``q = rope(n @ Wq.T)``, ``k = rope(n @ Wk.T)``, ``v = n @ Wv.T`` with
@@ -430,10 +434,16 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
         rope_base (float): Default: ``10000.0``. rope_scale (float): Default: ``1.0``.
         rope_traditional (bool): rotate adjacent pairs. Default: ``False``.
         rope_freqs (array, optional): ``[head_dim/2]`` custom frequencies (Llama 3).
+        joint_kv (bool): return keys and values as one array (below). Default: ``False``.
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
 
     Returns:
-        (q, k, v): ``[..., L, n_heads*head_dim]``, ``[..., L, n_kv_heads*head_dim]`` twice.
+        (q, k, v): ``[..., L, n_heads*head_dim]``, ``[..., L, n_kv_heads*head_dim]`` twice;
+        with ``joint_kv``, ``(q, kv)``: ``kv`` is ``[..., L, 2*n_kv_heads*head_dim]``,
+        ``concatenate([k, v], axis=-1)``. For one token (``L == 1``) that is
+        ``[B, 2*n_kv_heads, 1, head_dim]`` in memory: keys and values of a cache that
+        holds both in one buffer (:class:`mlx_foundry.kv_cache.JointKVCache`), written
+        with one update.
     """
     who = "norm_qkv_rope"
     wq, wk, wv = (_as_weight(w_, n_, who) for w_, n_ in ((q, "q"), (k, "k"), (v, "v")))
@@ -471,8 +481,9 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     seq = x.shape[-2]
     be, fused = _fused(backend, x.size // kdim, who)
     if not fused:
-        return _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim, offset,
-                        rope_base, rope_scale, rope_traditional, rope_freqs)
+        q, k, v = _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim,
+                           offset, rope_base, rope_scale, rope_traditional, rope_freqs)
+        return (q, mx.concatenate([k, v], axis=-1)) if joint_kv else (q, k, v)
     if rope_freqs is not None:
         inv_freq = mx.reciprocal(rope_freqs.astype(mx.float32))
     else:
@@ -480,7 +491,7 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     has_bias = any(w_.bias is not None for w_ in (wq, wk, wv))
     kern = qkv_kernel(wq.signature(), wk.signature(), wv.signature(),
                       traditional=bool(rope_traditional), with_weight=norm_weight is not None,
-                      bias=has_bias)
+                      bias=has_bias, joint_kv=bool(joint_kv))
     args = dict(wq.inputs("wq"), **wk.inputs("wk"), **wv.inputs("wv"), x=x,
                 **_norm_inputs(x, norm_weight, eps), rope_inv_freq=inv_freq, seq_len=seq,
                 rope_offset=offset, rope_scale=float(rope_scale))

@@ -220,9 +220,10 @@ def rope_rotate(t, positions, inv_freq, traditional):
     return mx.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
 
 
-def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
+def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False, joint_kv=False):
     """RMSNorm + Q, K, V projections + RoPE on Q and K, written to ``q_out``, ``k_out``,
-    ``v_out``.
+    ``v_out`` (with ``joint_kv``: ``q_out`` and ``kv_out``, each row of which holds the
+    row's keys, then its values).
 
     ``decls`` must have a norm (``gemv_decls(norm=...)``): the stage computes ``inv_rms``
     from its own ``x`` loads (see :func:`gemv_stage`). Extra arguments:
@@ -239,9 +240,13 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
                          "(gemv_decls(norm='weight') or norm='plain').")
     gamma = norm == "weight"
     lead = lambda b: tuple(b.x.shape[:-1])  # noqa: E731
-    outs = [Output("q_out", shape=lambda b: lead(b) + (b[pq.prefix].shape[0],), dtype="x"),
-            Output("k_out", shape=lambda b: lead(b) + (b[pk.prefix].shape[0],), dtype="x"),
-            Output("v_out", shape=lambda b: lead(b) + (b[pv.prefix].shape[0],), dtype="x")]
+    outs = [Output("q_out", shape=lambda b: lead(b) + (b[pq.prefix].shape[0],), dtype="x")]
+    if joint_kv:
+        outs.append(Output("kv_out", dtype="x", shape=lambda b: lead(b) + (
+            b[pk.prefix].shape[0] + b[pv.prefix].shape[0],)))
+    else:
+        outs += [Output("k_out", shape=lambda b: lead(b) + (b[pk.prefix].shape[0],), dtype="x"),
+                 Output("v_out", shape=lambda b: lead(b) + (b[pv.prefix].shape[0],), dtype="x")]
     consts = [Constant("NQ", value=lambda b: b[pq.prefix].shape[0]),
               Constant("NKV", value=lambda b: b[pk.prefix].shape[0]),
               Constant("HEAD_DIM")]
@@ -268,9 +273,12 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False):
                 y = rope_rotate(y.reshape(m, -1, d), pos, b.rope_inv_freq,
                                 traditional).reshape(m, -1)
             res[name] = y.astype(b.x.dtype).reshape(tuple(b.x.shape[:-1]) + (y.shape[-1],))
+        if joint_kv:
+            res["kv_out"] = mx.concatenate([res.pop("k_out"), res.pop("v_out")], axis=-1)
         return res
 
-    function = "qkv_rope_norm" + ("" if gamma else "_nw") + ("_bias" if bias else "") + "_main"
+    function = ("qkv_rope_norm" + ("" if gamma else "_nw") + ("_bias" if bias else "")
+                + ("_kv" if joint_kv else "") + "_main")
     return Stage(
         "qkv_rope", function=function,
         source=QKV_SOURCE, includes=GEMV_INCLUDES + (GEMV_SOURCE,), args=args,

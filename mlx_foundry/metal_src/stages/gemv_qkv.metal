@@ -63,7 +63,7 @@ METAL_FUNC void qkv_dot(qkv_same_tag<false>, PQ qpol, PK kpol, PV vpol, int seg,
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD, bool GAMMA, bool BIAS>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, bool GAMMA, bool BIAS, bool JOINT>
 METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
                               const device T* gamma, const device T* q_bias,
                               const device T* k_bias, const device T* v_bias,
@@ -119,14 +119,22 @@ METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
     acc = (t & 1u) ? (other * s + acc * c) : (acc * c - other * s);
   }
   if (lane < uint(ROWS) && t < ns && part == 0u) {
-    device T* o = seg == 0 ? q_out : (seg == 1 ? k_out : v_out);
-    o[m * ns + a] = static_cast<T>(acc);
+    if (JOINT) {
+      // One K/V output: row m holds its NKV keys, then its NKV values.
+      device T* o = seg == 0 ? q_out + m * uint(NQ) : k_out + m * uint(2 * NKV);
+      o[(seg == 2 ? uint(NKV) : 0u) + a] = static_cast<T>(acc);
+    } else {
+      device T* o = seg == 0 ? q_out : (seg == 1 ? k_out : v_out);
+      o[m * ns + a] = static_cast<T>(acc);
+    }
   }
 }
 
 // ---- stage functions (they write q_out, k_out, v_out themselves) ----------------------
 // Argument order: policies, x, [norm_weight], eps, [q_bias, k_bias, v_bias] (x's dtype),
-// RoPE values, outputs, thread attributes.
+// RoPE values, outputs, thread attributes. The *_kv_main variants write K and V to one
+// output kv_out (per row of x: its keys, then its values), so that one token's K/V are
+// [B, 2 * H_kv, 1, D] for a cache that holds keys and values in one buffer.
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
           int ROWS, int SIMDS, int SPLIT, bool TRAD>
 METAL_FUNC void qkv_rope_norm_main(
@@ -134,7 +142,7 @@ METAL_FUNC void qkv_rope_norm_main(
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false, false>(
       qpol, kpol, vpol, x, norm_weight, x, x, x, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
@@ -146,7 +154,7 @@ METAL_FUNC void qkv_rope_norm_nw_main(
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false, false>(
       qpol, kpol, vpol, x, x, x, x, x, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
@@ -159,7 +167,7 @@ METAL_FUNC void qkv_rope_norm_bias_main(
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true, false>(
       qpol, kpol, vpol, x, norm_weight, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
@@ -172,7 +180,57 @@ METAL_FUNC void qkv_rope_norm_nw_bias_main(
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true, false>(
       qpol, kpol, vpol, x, x, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+METAL_FUNC void qkv_rope_norm_kv_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false, true>(
+      qpol, kpol, vpol, x, norm_weight, x, x, x, rope_inv_freq, seq_len, rope_offset,
+      rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+METAL_FUNC void qkv_rope_norm_nw_kv_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x, float eps,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false, true>(
+      qpol, kpol, vpol, x, x, x, x, x, rope_inv_freq, seq_len, rope_offset,
+      rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+METAL_FUNC void qkv_rope_norm_bias_kv_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
+    const device T* q_bias, const device T* k_bias, const device T* v_bias,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true, true>(
+      qpol, kpol, vpol, x, norm_weight, q_bias, k_bias, v_bias, rope_inv_freq, seq_len,
+      rope_offset, rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
+}
+
+template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
+          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+METAL_FUNC void qkv_rope_norm_nw_bias_kv_main(
+    PQ qpol, PK kpol, PV vpol, const device T* x, float eps, const device T* q_bias,
+    const device T* k_bias, const device T* v_bias,
+    const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
+    device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
+    threadgroup float* gemv_partials) {
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true, true>(
+      qpol, kpol, vpol, x, x, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
+      rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
 }

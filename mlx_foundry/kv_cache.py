@@ -1,0 +1,136 @@
+"""A KV cache that keeps keys and values in one buffer (needs mlx-lm).
+
+mlx-lm's ``KVCache`` stores keys and values in two buffers ``[B, H_kv, S, D]`` and
+writes each decoded token into both: two slice updates, i.e. two graph nodes and
+two copy kernels per attention layer and token.  :class:`KVCache` here is the
+same cache with both in one buffer ``[B, 2 * H_kv, S, D]`` (keys in the first
+``H_kv`` heads): ``norm_qkv_rope(..., joint_kv=True)`` produces one token's keys
+and values as ``[B, 2 * H_kv, 1, D]``, and :meth:`KVCache.update_and_fetch_joint`
+writes them with one update.  Keys and values come back as views of the buffer
+(strided, as mlx-lm's ``keys[..., :offset, :]`` already are).
+
+It is a subclass of mlx-lm's ``KVCache`` with the same state, so everything that
+takes an mlx-lm cache takes it (``generate``, ``trim_prompt_cache``,
+``to_quantized``, ``BatchKVCache.merge``).  It is named ``KVCache`` on purpose:
+``save_prompt_cache`` stores the class name and ``load_prompt_cache`` looks it up
+in mlx-lm, so a saved cache loads back as mlx-lm's ``KVCache`` with the same
+content.  :func:`mlx_foundry.patch` switches the plain mlx-lm ``KVCache`` objects
+its patched blocks decode with to this class (``patch(model, joint_kv=False)``
+keeps them as they are).
+"""
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache as _MLXKVCache
+
+__all__ = ["KVCache", "adopt"]
+
+
+class KVCache(_MLXKVCache):
+    """mlx-lm's ``KVCache`` with keys and values in one buffer ``[B, 2 * H_kv, S, D]``.
+
+    ``keys`` and ``values`` read as views of the buffer; assigning either (mlx-lm's
+    own code paths, ``state``) stores it on its own until the next
+    :meth:`update_and_fetch_joint` joins them again.
+    """
+
+    def __init__(self):
+        self.__dict__["_kv"] = None
+        super().__init__()
+
+    # ---- keys / values: views of the joint buffer, or stored separately ----------------
+    @property
+    def keys(self):
+        kv = self.__dict__.get("_kv")
+        if kv is not None:
+            return kv[:, : kv.shape[1] // 2]
+        return self.__dict__.get("keys")
+
+    @keys.setter
+    def keys(self, value):
+        self._separate()
+        self.__dict__["keys"] = value
+
+    @property
+    def values(self):
+        kv = self.__dict__.get("_kv")
+        if kv is not None:
+            return kv[:, kv.shape[1] // 2:]
+        return self.__dict__.get("values")
+
+    @values.setter
+    def values(self, value):
+        self._separate()
+        self.__dict__["values"] = value
+
+    def _separate(self):
+        """Store keys and values as two arrays (views of the joint buffer, if any)."""
+        d = self.__dict__
+        kv = d.get("_kv")
+        if kv is not None:
+            h = kv.shape[1] // 2
+            d["keys"], d["values"], d["_kv"] = kv[:, :h], kv[:, h:], None
+
+    # ---- updates -------------------------------------------------------------------
+    def update_and_fetch_joint(self, kv):
+        """Append keys and values given as one array; return ``(keys, values)`` so far.
+
+        Args:
+            kv (array): ``[B, 2 * H_kv, L, D]``, keys in the first ``H_kv`` heads.
+
+        Returns:
+            tuple(array, array): keys and values ``[B, H_kv, offset, D]`` (views).
+        """
+        if kv.ndim != 4 or kv.shape[1] % 2:
+            raise ValueError("[KVCache.update_and_fetch_joint] 'kv' must be "
+                             "[B, 2 * n_kv_heads, L, head_dim] but got shape "
+                             f"{tuple(kv.shape)}.")
+        prev = self.offset
+        end = prev + kv.shape[2]
+        joint = self.__dict__.get("_kv")
+        if joint is None or end > joint.shape[2]:
+            joint = self._grow(kv, prev)
+        self.offset = end
+        joint[..., prev:end, :] = kv
+        h = kv.shape[1] // 2
+        if end < joint.shape[2]:
+            return joint[:, :h, :end, :], joint[:, h:, :end, :]
+        return joint[:, :h], joint[:, h:]
+
+    def _grow(self, kv, prev):
+        """A joint buffer with room for ``kv`` after the first ``prev`` positions (mlx-lm's
+        growth: whole steps of :attr:`step` past ``prev``), holding what is cached."""
+        B, H2, L, D = kv.shape
+        d = self.__dict__
+        old = d.get("_kv")
+        if old is None and d.get("keys") is not None and prev > 0:
+            k, v = d["keys"], d["values"]
+            old = mx.concatenate([k[..., :prev, :], v[..., :prev, :]], axis=1)
+        n_steps = (self.step + L - 1) // self.step
+        new = mx.zeros((B, H2, prev + n_steps * self.step, D), kv.dtype)
+        if old is not None and prev > 0:
+            new[..., :prev, :] = old[..., :prev, :]
+        d["keys"] = d["values"] = None
+        d["_kv"] = new
+        return new
+
+    def update_and_fetch(self, keys, values):
+        """mlx-lm's ``update_and_fetch``: one update of the joint buffer when keys and
+        values have the same shape, else mlx-lm's two buffers."""
+        if keys.shape == values.shape and keys.dtype == values.dtype:
+            return self.update_and_fetch_joint(mx.concatenate([keys, values], axis=1))
+        self._separate()
+        return super().update_and_fetch(keys, values)
+
+
+def adopt(cache):
+    """Switch a plain mlx-lm ``KVCache`` to :class:`KVCache` in place (same state);
+    return whether ``cache`` is now one."""
+    cls = cache.__class__
+    if cls is KVCache:
+        return True
+    if cls is not _MLXKVCache:
+        return False
+    d = cache.__dict__
+    d.setdefault("_kv", None)
+    cache.__class__ = KVCache
+    return True

@@ -1,0 +1,140 @@
+"""mlx_foundry.kv_cache.KVCache (keys and values in one buffer) against mlx-lm's KVCache.
+
+Every step of a seeded random sequence of updates (prefill chunks, single tokens,
+updates through mlx-lm's two-array API and the joint one, growth past the 256-step
+buffer, trims) must return exactly what mlx-lm's cache returns, and the state must
+round-trip through mlx-lm's save/load.
+"""
+
+import mlx.core as mx
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+from mlx_lm.models import cache as lm_cache  # noqa: E402
+
+from mlx_foundry import kv_cache  # noqa: E402
+
+B, H, D = 2, 3, 8
+
+
+def _kv(L, seed, dtype=mx.float16, d=D):
+    k = mx.random.normal((B, H, L, d), key=mx.random.key(seed)).astype(dtype)
+    v = mx.random.normal((B, H, L, d), key=mx.random.key(seed + 10_000)).astype(dtype)
+    return k, v
+
+
+def _same(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b).item()
+
+
+def _check_state(ours, theirs):
+    assert ours.offset == theirs.offset
+    for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+        n = theirs.offset
+        assert _same(a[..., :n, :], b[..., :n, :])
+    assert ours.size() == theirs.size()
+    assert ours.empty() == theirs.empty()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_mlx_lm_over_random_updates(seed):
+    import random
+
+    rnd = random.Random(seed)
+    ours, theirs = kv_cache.KVCache(), lm_cache.KVCache()
+    assert ours.empty() and theirs.empty()
+    # ~600 positions: the buffers grow past two 256-steps; a trim and a second prefill.
+    for i in range(140):
+        L = rnd.choice([1, 1, 1, 1, 7, 33]) if i else 13
+        k, v = _kv(L, 100 * seed + i)
+        if rnd.random() < 0.5:
+            got = ours.update_and_fetch_joint(mx.concatenate([k, v], axis=1))
+        else:
+            got = ours.update_and_fetch(k, v)
+        want = theirs.update_and_fetch(k, v)
+        assert _same(got[0], want[0]) and _same(got[1], want[1]), f"step {i}"
+        _check_state(ours, theirs)
+        if i == 70:
+            assert ours.trim(5) == theirs.trim(5) == 5
+            _check_state(ours, theirs)
+    assert ours.offset > 512
+    assert ours.nbytes == theirs.nbytes  # the same growth as mlx-lm's
+
+
+def test_nbytes_counts_both_halves():
+    ours, theirs = kv_cache.KVCache(), lm_cache.KVCache()
+    k, v = _kv(3, 7)
+    ours.update_and_fetch(k, v)
+    theirs.update_and_fetch(k, v)
+    assert ours.nbytes == theirs.nbytes == 2 * B * H * 256 * D * 2
+
+
+def test_adopt_switches_a_plain_cache_in_place():
+    c, ref = lm_cache.KVCache(), lm_cache.KVCache()
+    k, v = _kv(9, 1)
+    c.update_and_fetch(k, v)
+    ref.update_and_fetch(k, v)
+    assert kv_cache.adopt(c) is True
+    assert type(c) is kv_cache.KVCache and isinstance(c, lm_cache.KVCache)
+    _check_state(c, ref)
+    for i in range(5):
+        k, v = _kv(1, 50 + i)
+        got = c.update_and_fetch_joint(mx.concatenate([k, v], axis=1))
+        want = ref.update_and_fetch(k, v)
+        assert _same(got[0], want[0]) and _same(got[1], want[1])
+    assert kv_cache.adopt(c) is True  # already one
+    # Other cache types are never switched.
+    for other in (lm_cache.RotatingKVCache(max_size=8), lm_cache.QuantizedKVCache()):
+        assert kv_cache.adopt(other) is False
+        assert type(other) is not kv_cache.KVCache
+
+
+def test_state_saves_and_loads_as_mlx_lm_kv_cache(tmp_path):
+    ours, theirs = kv_cache.KVCache(), lm_cache.KVCache()
+    for i, L in enumerate((5, 1, 1, 4)):
+        k, v = _kv(L, 200 + i)
+        ours.update_and_fetch_joint(mx.concatenate([k, v], axis=1))
+        theirs.update_and_fetch(k, v)
+    f = str(tmp_path / "prompt.safetensors")
+    lm_cache.save_prompt_cache(f, [ours])
+    (loaded,) = lm_cache.load_prompt_cache(f)
+    assert type(loaded) is lm_cache.KVCache
+    _check_state(loaded, theirs)
+    # And back: a state set on our cache (mlx-lm's own code path) is used as given.
+    again = kv_cache.KVCache.from_state(theirs.state)
+    _check_state(again, theirs)
+    k, v = _kv(1, 300)
+    got = again.update_and_fetch_joint(mx.concatenate([k, v], axis=1))
+    want = theirs.update_and_fetch(k, v)
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+
+
+def test_to_quantized_and_trim_prompt_cache():
+    ours, theirs = kv_cache.KVCache(), lm_cache.KVCache()
+    k, v = _kv(64, 9, mx.float32, d=32)
+    ours.update_and_fetch(k, v)
+    theirs.update_and_fetch(k, v)
+    assert lm_cache.can_trim_prompt_cache([ours])
+    assert lm_cache.trim_prompt_cache([ours], 10) == 10
+    theirs.trim(10)
+    _check_state(ours, theirs)
+    qo, qt = ours.to_quantized(group_size=32, bits=8), theirs.to_quantized(group_size=32, bits=8)
+    for a, b in zip(qo.keys + qo.values, qt.keys + qt.values):
+        assert _same(a, b)
+
+
+def test_values_with_another_head_dim_use_two_buffers():
+    ours, theirs = kv_cache.KVCache(), lm_cache.KVCache()
+    k = mx.random.normal((1, 2, 3, 8), key=mx.random.key(0))
+    v = mx.random.normal((1, 2, 3, 4), key=mx.random.key(1))
+    got, want = ours.update_and_fetch(k, v), theirs.update_and_fetch(k, v)
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+
+
+def test_bad_joint_input_names_the_argument():
+    c = kv_cache.KVCache()
+    with pytest.raises(ValueError, match="'kv'"):
+        c.update_and_fetch_joint(mx.zeros((1, 3, 1, 8)))
+    with pytest.raises(ValueError, match="'kv'"):
+        c.update_and_fetch_joint(mx.zeros((2, 8)))
