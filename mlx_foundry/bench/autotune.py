@@ -136,7 +136,7 @@ def _decode_ops(D, bits, group_size, dtype):
         return (1.0 + 0.1 * mx.random.normal((k,), key=mx.random.key(idx))).astype(dtype)
 
     wb = lambda n, k: weight_bytes(n, k, bits, gs, dtype.size)  # noqa: E731
-    return {
+    out = {
         "o_proj+residual": (lambda idx: (ops.linear, (act(idx, 0, h), w(idx, 1, h, h)),
                                          {"residual": act(idx, 2, h)}), h, h, wb(h, h)),
         "down_proj+residual": (lambda idx: (ops.linear, (act(idx, 0, i), w(idx, 1, h, i)),
@@ -145,14 +145,18 @@ def _decode_ops(D, bits, group_size, dtype):
                                              (act(idx, 0, h), gamma(idx, h), 1e-5,
                                               w(idx, 1, i, h), w(idx, 2, i, h)), {}),
                                 i, h, 2 * wb(i, h)),
-        "norm_qkv_rope": (lambda idx: (ops.norm_qkv_rope,
-                                       (act(idx, 0, h)[None], gamma(idx, h), 1e-5,
-                                        w(idx, 1, heads * hd, h), w(idx, 2, kv * hd, h),
-                                        w(idx, 3, kv * hd, h)),
-                                       dict(n_heads=heads, n_kv_heads=kv, head_dim=hd,
-                                            offset=7, rope_base=500000.0)),
-                          (heads + 2 * kv) * hd, h, wb((heads + 2 * kv) * hd, h)),
     }
+    # The patched decode launches Q/K/V with keys and values in one output (the
+    # joint-buffer KV cache); the bench's op case launches the three-output kernel.
+    for name, joint in (("norm_qkv_rope+joint_kv", True), ("norm_qkv_rope", False)):
+        out[name] = (lambda idx, joint=joint: (
+            ops.norm_qkv_rope, (act(idx, 0, h)[None], gamma(idx, h), 1e-5,
+                                w(idx, 1, heads * hd, h), w(idx, 2, kv * hd, h),
+                                w(idx, 3, kv * hd, h)),
+            dict(n_heads=heads, n_kv_heads=kv, head_dim=hd, offset=7, rope_base=500000.0,
+                 joint_kv=joint)),
+            (heads + 2 * kv) * hd, h, wb((heads + 2 * kv) * hd, h))
+    return out
 
 
 def _captured(make, backend):
@@ -199,7 +203,8 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
     for name, (make, n, k, nbytes) in _decode_ops(D, bits, group_size, dtype).items():
         if not only or name in only:
             chosen.update(_tune_op(make, n, k, nbytes,
-                                   candidates or decode_candidates(qkv=name == "norm_qkv_rope"),
+                                   candidates or decode_candidates(
+                                       qkv=name.startswith("norm_qkv_rope")),
                                    backend, pool_bytes, repeats=repeats, force=force,
                                    path=path))
     return chosen
