@@ -348,7 +348,7 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
     monkeypatch.setattr(lin, "_TUNED", {})
     cands = [{"ROWS": 2, "THREADS": 64}]
     chosen = autotune.tune_decode("reference", candidates=cands, repeats=1)
-    assert len(chosen) == 4 and all(p == cands[0] for p in chosen.values())
+    assert len(chosen) == 5 and all(p == cands[0] for p in chosen.values())
     # Tuning drops the launch constants the ops resolved before it (its own warm-up
     # calls did), so this process launches with the stored choice.
     assert lin._TUNED == {}
