@@ -252,6 +252,37 @@ def test_tuner_interleaves_rounds_and_drops_failing_candidates(tmp_path):
     assert len(e["candidates"]) == 2
 
 
+@pytest.mark.parametrize("faster,chosen", [(0.98, "default"), (0.96, "other"),
+                                            (1.10, "default")])
+def test_tuner_keeps_the_default_unless_clearly_faster(tmp_path, faster, chosen):
+    """A candidate replaces the default only when its median is at least ``margin``
+    (3%) below the default's: a noise-sized win is not stored for good."""
+    default, other = {"ROWS": 4, "SPLITK": 0}, {"ROWS": 8, "SPLITK": 1}
+    times = {str(default): 10.0, str(other): 10.0 * faster}
+    seen = []
+
+    def run(p):
+        seen.append(p)
+        return times[str(p)]
+
+    # The default is not among the candidates: it is added and timed too.
+    got = tuner.tune("k", [other], run, source_hash="h", shape_class="c", repeats=2,
+                     warmup=0, path=str(tmp_path / "t.json"), default=default)
+    assert got == (default if chosen == "default" else other)
+    assert default in seen and other in seen
+    (e,) = json.load(open(tmp_path / "t.json"))["entries"].values()
+    assert e["default"] == default and e["margin"] == tuner.DEFAULT_MARGIN
+    assert e["params"] == got
+
+
+def test_tuner_rejects_a_bad_default_or_margin(tmp_path):
+    kw = dict(source_hash="h", shape_class="c", path=str(tmp_path / "t.json"))
+    with pytest.raises(TypeError, match="'default'"):
+        tuner.tune("k", [{"ROWS": 1}], lambda p: 1.0, default=[4], **kw)
+    with pytest.raises(ValueError, match="'margin'"):
+        tuner.tune("k", [{"ROWS": 1}], lambda p: 1.0, default={"ROWS": 1}, margin=1.5, **kw)
+
+
 def test_tuner_keys_differ_and_stale_entries_are_not_reused(tmp_path):
     path = str(tmp_path / "t.json")
     base = dict(kernel_key="gemv_q4", source_hash="aaaa", shape_class="m1_n16384_k4096",

@@ -289,7 +289,10 @@ def test_default_launch_splits_k_only_for_tall_weights():
 
     # 14336 -> 4096 (down projection): eight rows, the threadgroup splits K.
     assert default_launch(4096, 14336) == {"ROWS": 8, "THREADS": 128, "SPLITK": 1}
-    for n, k in ((14336, 4096), (4096, 4096), (6144, 4096), (48, 512)):
+    # Square (o_proj): four rows, split K.
+    assert default_launch(4096, 4096) == {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
+                                          "SPLITK": 1}
+    for n, k in ((14336, 4096), (6144, 4096), (4097, 4096), (48, 512), (1024, 1024)):
         assert default_launch(n, k) == {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
                                         "SPLITK": 0}
     # Q/K/V: ROWS must divide head_dim.

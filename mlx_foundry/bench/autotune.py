@@ -97,10 +97,12 @@ def _setup(backend, pool_bytes):
     return backend, (TINY if tiny else FULL), pool_bytes
 
 
-def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, **tune_kw):
+def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim=None,
+             **tune_kw):
     """Tune the one kernel an op launches: ``make(idx) -> (op, args, kwargs)`` builds
     distinct input sets; the launch is recorded per set and replayed with each candidate
-    setting, timed with the bench's method over a pool larger than the cache."""
+    setting, timed with the bench's method over a pool larger than the cache. The op's
+    untuned launch (``default_launch``) stays unless a candidate is clearly faster."""
     sets, found = _captured(make, backend)
     pool = timing.make_pool(sets, set_bytes, pool_bytes)
     kern = found[0]
@@ -110,8 +112,11 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, **tune_kw):
 
     cls = tuner.shape_class(n, k, 1)
     key = kernel_key(kern, backend)
+    default = importlib.import_module("mlx_foundry.ops.linear").default_launch(
+        n, k, head_dim=head_dim)
     params = tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1),
-                        source_hash=tuner.source_hash(kern), shape_class=cls, **tune_kw)
+                        source_hash=tuner.source_hash(kern), shape_class=cls,
+                        default=default, **tune_kw)
     # The ops resolve their launch once per shape: this process must see the new choice.
     importlib.import_module("mlx_foundry.ops.linear").forget_launches()
     return {(key, cls): params}
@@ -202,9 +207,9 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
     chosen = {}
     for name, (make, n, k, nbytes) in _decode_ops(D, bits, group_size, dtype).items():
         if not only or name in only:
+            qkv = name.startswith("norm_qkv_rope")
             chosen.update(_tune_op(make, n, k, nbytes,
-                                   candidates or decode_candidates(
-                                       qkv=name.startswith("norm_qkv_rope")),
+                                   candidates or decode_candidates(qkv=qkv),
                                    backend, pool_bytes, repeats=repeats, force=force,
-                                   path=path))
+                                   path=path, head_dim=D["head_dim"] if qkv else None))
     return chosen

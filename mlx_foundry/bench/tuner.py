@@ -232,8 +232,13 @@ def lookup(kernel_key, *, source_hash, shape_class, device=None, mlx_version=Non
     return dict(e["params"]) if e else None
 
 
+DEFAULT_MARGIN = 0.03
+"""How much faster than the default setting a candidate must time to replace it."""
+
+
 def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, warmup=1,
-         device=None, mlx_version=None, path=None, force=False):
+         device=None, mlx_version=None, path=None, force=False, default=None,
+         margin=DEFAULT_MARGIN):
     """Time every candidate setting, keep the fastest, persist it, return it.
 
     Args:
@@ -249,9 +254,15 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
         device, mlx_version (str, optional): override the key's device / MLX version.
         path (str, optional): the tuning file. Default: :func:`cache_path`.
         force (bool): tune even if a result is stored. Default: ``False``.
+        default (dict, optional): the kernel's untuned setting (added to the candidates
+            when missing). It is kept unless the fastest candidate's median is at least
+            ``margin`` below its own: timings of short kernels carry host noise (on CUDA
+            MLX's per-launch encoding can take as long as the kernel), and a setting
+            chosen by noise is stored for good.
+        margin (float): see ``default``. Default: :data:`DEFAULT_MARGIN`.
 
     Returns:
-        dict: the fastest setting (a copy of one of ``candidates``).
+        dict: the chosen setting (a copy of one of ``candidates``).
 
     Raises:
         TuningError: when every candidate raised.
@@ -260,6 +271,13 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
         raise ValueError("[tuner.tune] 'candidates' must be a non-empty list of dicts.")
     if not callable(run):
         raise TypeError("[tuner.tune] 'run' must be callable(params) -> seconds.")
+    if default is not None:
+        if not isinstance(default, dict):
+            raise TypeError("[tuner.tune] 'default' must be a dict of launch parameters.")
+        if default not in candidates:
+            candidates = [default] + list(candidates)
+    if not 0 <= margin < 1:
+        raise ValueError(f"[tuner.tune] 'margin' must be in [0, 1) but got {margin!r}.")
     path = path or cache_path()
     key = make_key(kernel_key, source_hash=source_hash, shape_class=shape_class,
                    device=device, mlx_version_=mlx_version)
@@ -299,8 +317,12 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
         raise TuningError(f"[tuner.tune] every candidate of {kernel_key!r} failed: "
                           f"{failures[:3]}")
     best = min(results, key=lambda r: r["median_s"])
+    base = next((r for r in results if r["params"] == default), None)
+    if base is not None and best["median_s"] > (1 - margin) * base["median_s"]:
+        best = base  # not clearly faster than the default: keep the default
     _write_entry(path, key, {
         "params": best["params"], "median_s": best["median_s"],
+        "default": default, "margin": margin if default is not None else None,
         "candidates": results, "failures": failures,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kernel_key": kernel_key, "source_hash": source_hash, "shape_class": shape_class,

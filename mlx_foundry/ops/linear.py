@@ -108,20 +108,22 @@ def forget_launches():
 
 
 SPLIT_MIN_K = 2048
-"""Untuned GEMVs split K when ``K >= 2 N`` and ``K >=`` this (see :func:`default_launch`)."""
+"""Untuned GEMVs split K when ``K >= N`` and ``K >=`` this (see :func:`default_launch`)."""
 
 
 def default_launch(n, k, *, head_dim=None):
     """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements.
 
-    From kernel durations measured with ncu on an H100 (4-bit, decode, one row of x):
-    for ``n`` = 4096, ``k`` = 14336, four rows per SIMD-group leave the SMs ~8 SIMD-groups
-    each (47% of DRAM bandwidth, 21 us); eight rows with the threadgroup's four
-    SIMD-groups splitting K reach 59-61% (16-17 us). Layers with ``k <= n`` (Q/K/V,
-    gate/up, 4096 -> 14336) are as fast or faster with four rows and no split.
+    From kernel durations measured with ncu on an H100 (4-bit, decode, one row of x,
+    L2 flushed; ``docs/ncu_h100_gemv.md``): for ``n`` = 4096, ``k`` = 14336, four rows
+    per SIMD-group leave the SMs ~8 SIMD-groups each (47% of DRAM bandwidth, 21 us);
+    eight rows with the threadgroup's four SIMD-groups splitting K reach 59-61%
+    (16-17 us). At ``k == n`` (o_proj, 4096 -> 4096) four rows with split K take
+    8.2 us against 8.7 us without. Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
+    4096 -> 14336) are as fast or faster with four rows and no split.
     """
-    if k >= 2 * n and k >= SPLIT_MIN_K:
-        rows, split = 8, 1
+    if k >= n and k >= SPLIT_MIN_K:
+        rows, split = (8 if k >= 2 * n else DEFAULT_ROWS), 1
     else:
         rows, split = DEFAULT_ROWS, DEFAULT_SPLITK
     if head_dim is not None and head_dim % rows:
