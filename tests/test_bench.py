@@ -397,8 +397,7 @@ def test_timed_run_feeds_the_tuner(tmp_path):
 def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     pytest.importorskip("mlx_foundry.ops.linear")
     from mlx_foundry.bench import autotune
-    from mlx_foundry.ops import linear as lin
-    from mlx_foundry.ops.linear import linear_kernel
+    from mlx_foundry.ops.linear import default_launch, linear_kernel
 
     path = str(tmp_path / "t.json")
     cands = [{"ROWS": 2, "THREADS": 64}, {"ROWS": 4, "THREADS": 128}]
@@ -407,7 +406,7 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     (key, cls), params = next(iter(got.items()))
     # A candidate, or the op's untuned launch (kept unless a candidate is clearly faster).
     assert key.startswith("reference:") and cls == "m1_n128_k256"
-    assert params in cands + [lin.default_launch(96, 256)]
+    assert params in cands + [default_launch(96, 256)]
     kern = linear_kernel(("affine", 4, 64))
     assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == params
     assert autotune.lookup_linear(kern, 96, 256, 1, "cuda", path=path) is None
