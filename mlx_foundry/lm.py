@@ -348,14 +348,17 @@ class _Step:
         for name in self.__slots__:
             setattr(self, name, None)
 
-    def arm(self, plan, block, offset):
+    def arm(self, plan, block, offset, batch):
         """Set :attr:`fast` when one token's whole block runs on the four prepared
         launches (Q/K/V+RoPE, o_proj+residual, gate/up, down+residual); the Q/K/V launch
-        with keys and values in one output, the other, or both."""
+        with keys and values in one output, the other, or both. The output projection
+        takes the attention output as it comes, ``[batch, heads, 1, head_dim]``."""
         if (plan.attn == "qkv_rope" and plan.mlp and offset.__class__ is int
                 and (self.qkv or self.qkv_joint) and self.o and self.gate_up and self.down):
-            self.fast = (self.qkv, self.qkv_joint, self.o, self.gate_up, self.down, _sdpa(),
-                         block.self_attn)
+            attn = block.self_attn
+            o_proj = self.o.reshaped_inputs(x=(batch, attn.n_heads, 1, plan.head_dim))
+            self.fast = (self.qkv, self.qkv_joint, o_proj, self.gate_up, self.down, _sdpa(),
+                         attn)
 
 
 @functools.cache
@@ -599,7 +602,7 @@ def _patched_call(self, x, mask=None, cache=None):
                 q, k, v = qkv(x, offset)
                 k, v = cache.update_and_fetch(k, v)
             o = sdpa(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-            h = o_proj(o.reshape(shape[0], 1, -1), x)
+            h = o_proj(o, x)
             return down(gate_up(h), h)
         # The other kind of cache: its Q/K/V launch is prepared on the general path.
     h = None
@@ -616,7 +619,7 @@ def _patched_call(self, x, mask=None, cache=None):
         out = h + self.mlp(self.post_attention_layernorm(h))
     elif shape[1] == 1 and cache is not None and (
             fast is None or fast[0] is not step.qkv or fast[1] is not step.qkv_joint):
-        step.arm(plan, self, offset)  # first token, or a Q/K/V launch for another cache
+        step.arm(plan, self, offset, shape[0])  # first token, or another cache's Q/K/V
     return out
 
 

@@ -33,7 +33,7 @@ class PreparedLaunch:
     """
 
     __slots__ = ("program", "vary", "backend", "_fn", "_inputs", "_slots", "_out_shapes",
-                 "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed")
+                 "_out_dtypes", "_grid", "_threadgroup", "_single", "_fixed", "_in_shapes")
 
     def __init__(self, program, plan, bound, vary, backend):
         self.program = program
@@ -46,6 +46,7 @@ class PreparedLaunch:
         self._threadgroup = plan.threadgroup
         self._single = len(plan.out_shapes) == 1
         self._fixed = None
+        self._in_shapes = None
         inputs, slots = [], {}
         for i, (a, (_, conv)) in enumerate(zip(program.inputs, plan.getters)):
             v = bound[a.name]
@@ -69,6 +70,7 @@ class PreparedLaunch:
         self._out_shapes = out_shapes
         self._single = len(out_shapes) == 1
         self._fixed = fixed
+        self._in_shapes = None
         self._slots = tuple((None, None) + _expected(program._by_name[n], bound[n])
                             for n in vary)
         return self
@@ -106,8 +108,10 @@ class PreparedLaunch:
         return outs[0] if self._single else tuple(outs)
 
     def _call_reference(self, values, stream):
-        outs = self.program(backend="reference", stream=stream, **self._fixed,
-                            **dict(zip(self.vary, values)))
+        given = dict(zip(self.vary, values))
+        for name, shape in (self._in_shapes or {}).items():
+            given[name] = given[name].reshape(shape)  # the shape it was prepared with
+        outs = self.program(backend="reference", stream=stream, **self._fixed, **given)
         # The declared shapes (reshaped()) where they differ from the program's.
         outs = [o if tuple(o.shape) == tuple(s) else o.reshape(s)
                 for o, s in zip([outs] if self._single else outs, self._out_shapes)]
@@ -148,6 +152,54 @@ class PreparedLaunch:
             new.append(shape)
         other = copy.copy(self)
         other._out_shapes = new
+        return other
+
+    def reshaped_inputs(self, **shapes):
+        """This launch taking varying inputs in other shapes of the same sizes.
+
+        The kernels read their inputs as row-contiguous memory (MLX copies a
+        non-contiguous input first), so an array of any shape with the same number
+        of elements is the same input: accepting it as it comes saves the
+        ``reshape`` (one graph node per call) that would precede the launch.  A
+        decode step passes the attention output ``[B, heads, 1, head_dim]`` straight
+        to the output projection prepared for ``[B, 1, heads * head_dim]``.
+
+        Args:
+            **shapes (tuple of int): input name (one of :attr:`vary`) -> the shape it
+                will be given in.
+
+        Returns:
+            PreparedLaunch: a new launch; this one is unchanged.
+
+        Example:
+            >>> o_proj = step.reshaped_inputs(x=(1, 32, 1, 128))
+        """
+        who = self.program.who
+        slots = list(self._slots)
+        prepared = dict(self._in_shapes or {})
+        for name, shape in shapes.items():
+            if name not in self.vary:
+                raise ValueError(f"[{who}] {name!r} is not a varying input of the prepared "
+                                 f"launch ({', '.join(self.vary)}).")
+            i = self.vary.index(name)
+            old = slots[i][2]
+            if old is None:
+                raise ValueError(f"[{who}] {name!r} is a runtime scalar and has no shape.")
+            shape = tuple(shape)
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                       for d in shape):
+                raise ValueError(f"[{who}] The shape of {name!r} must be a tuple of "
+                                 f"non-negative ints but got {shape!r}.")
+            if math.prod(shape) != math.prod(old):
+                raise ValueError(f"[{who}] The shape {shape} of {name!r} must have the "
+                                 f"{math.prod(old)} elements of its prepared shape "
+                                 f"{tuple(old)}.")
+            prepared.setdefault(name, old)
+            slots[i] = slots[i][:2] + (shape,) + slots[i][3:]
+        other = copy.copy(self)
+        other._slots = tuple(slots)
+        other._in_shapes = {n: s for n, s in prepared.items()
+                            if s != slots[self.vary.index(n)][2]} or None
         return other
 
     def __repr__(self):

@@ -127,6 +127,54 @@ def test_reshaped_errors_name_the_argument(monkeypatch):
         step.reshaped((4.0, 40))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_reshaped_inputs_take_another_shape_of_the_same_size(monkeypatch, backend):
+    """The attention output [B, heads, 1, head_dim] straight into the output projection
+    prepared for [B, 1, heads * head_dim]: the same result, and the original launch
+    still wants its own shape."""
+    if backend == "cuda":
+        fake_gpu(monkeypatch)
+    w = _weight(64, 128, seed=4)
+    x = ck.seeded((2, 1, 128), mx.float16, seed=5)
+    r = ck.seeded((2, 1, 64), mx.float16, seed=6)
+    step = prepare_op(ops.linear, x, w, residual=r, vary={"x": x, "residual": r},
+                      backend=backend)
+    heads = step.reshaped_inputs(x=(2, 8, 1, 16))
+    assert heads is not step
+    x2 = ck.seeded((2, 8, 1, 16), mx.float16, seed=7)
+    got = heads(x2, r)
+    want = step(x2.reshape(2, 1, 128), r)
+    assert tuple(got.shape) == (2, 1, 64)
+    assert mx.array_equal(got, want).item()
+    assert mx.array_equal(got, ops.linear(x2.reshape(2, 1, 128), w, residual=r,
+                                          backend="reference")).item()
+    with pytest.raises(ValueError, match="'x'.*keep the shape"):
+        step(x2, r)
+    with pytest.raises(ValueError, match="'x'.*keep the shape"):
+        heads(x, r)
+    # Back to the prepared shape: no reshape is left on the way.
+    assert heads.reshaped_inputs(x=(2, 1, 128))._in_shapes is None
+
+
+def test_reshaped_inputs_errors_name_the_argument():
+    w = _weight(64, 128, seed=4)
+    x = ck.seeded((1, 128), mx.float16)
+    q, k, v = _weight(64, 128, seed=1), _weight(32, 128, seed=2), _weight(32, 128, seed=3)
+    step = prepare_op(ops.linear, x, w, vary={"x": x}, backend="reference")
+    with pytest.raises(ValueError, match="'residual' is not a varying input"):
+        step.reshaped_inputs(residual=(1, 64))
+    with pytest.raises(ValueError, match="'x'.*128 elements"):
+        step.reshaped_inputs(x=(1, 127))
+    with pytest.raises(ValueError, match="'x'.*non-negative ints"):
+        step.reshaped_inputs(x=(1, 128.0))
+    x3 = x[None]
+    qkv = prepare_op(ops.norm_qkv_rope, x3, None, 1e-5, q, k, v, offset=5,
+                     vary={"x": x3, "rope_offset": 5}, backend="reference",
+                     n_heads=4, n_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="'rope_offset' is a runtime scalar"):
+        qkv.reshaped_inputs(rope_offset=(1,))
+
+
 def test_prepare_op_refuses_what_it_cannot_prepare():
     w = _weight()
     x = ck.seeded((1, 128), mx.float16)
