@@ -139,17 +139,8 @@ class PreparedLaunch:
         if len(shapes) != len(current):
             raise ValueError(f"[{who}] 'shapes' must give one shape per output "
                              f"({len(current)}) but got {len(shapes)}.")
-        new = []
-        for i, (shape, old) in enumerate(zip(shapes, current)):
-            shape = tuple(shape)
-            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                       for d in shape):
-                raise ValueError(f"[{who}] 'shapes[{i}]' must be a tuple of non-negative ints "
-                                 f"but got {shape!r}.")
-            if math.prod(shape) != math.prod(old):
-                raise ValueError(f"[{who}] 'shapes[{i}]' {shape} must have the "
-                                 f"{math.prod(old)} elements of the output shape {tuple(old)}.")
-            new.append(shape)
+        new = [_same_size(who, f"'shapes[{i}]'", shape, old, "the output shape")
+               for i, (shape, old) in enumerate(zip(shapes, current))]
         other = copy.copy(self)
         other._out_shapes = new
         return other
@@ -185,15 +176,7 @@ class PreparedLaunch:
             old = slots[i][2]
             if old is None:
                 raise ValueError(f"[{who}] {name!r} is a runtime scalar and has no shape.")
-            shape = tuple(shape)
-            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                       for d in shape):
-                raise ValueError(f"[{who}] The shape of {name!r} must be a tuple of "
-                                 f"non-negative ints but got {shape!r}.")
-            if math.prod(shape) != math.prod(old):
-                raise ValueError(f"[{who}] The shape {shape} of {name!r} must have the "
-                                 f"{math.prod(old)} elements of its prepared shape "
-                                 f"{tuple(old)}.")
+            shape = _same_size(who, f"The shape of {name!r}", shape, old, "its prepared shape")
             prepared.setdefault(name, old)
             slots[i] = slots[i][:2] + (shape,) + slots[i][3:]
         other = copy.copy(self)
@@ -205,6 +188,18 @@ class PreparedLaunch:
     def __repr__(self):
         return (f"PreparedLaunch({self.program.name}, backend={self.backend}, "
                 f"vary={self.vary})")
+
+
+def _same_size(who, what, shape, old, old_name):
+    """``shape`` as a tuple, checked: non-negative ints, as many elements as ``old``."""
+    shape = tuple(shape)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"[{who}] {what} must be a tuple of non-negative ints but got "
+                         f"{shape!r}.")
+    if math.prod(shape) != math.prod(old):
+        raise ValueError(f"[{who}] {what} {shape} must have the {math.prod(old)} elements "
+                         f"of {old_name} {tuple(old)}.")
+    return shape
 
 
 def _expected(arg, value):
