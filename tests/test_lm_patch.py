@@ -221,6 +221,36 @@ def test_joint_kv_cache_is_adopted_or_left_alone(joint_kv):
     assert min(fast) >= STEPS - 2  # the decode steps after the first ran the fast path
 
 
+def test_joint_cache_continues_through_a_second_prompt():
+    """A multi-turn chat: decode (the cache becomes the joint-buffer cache), then a
+    second prompt longer than max_rows (mlx-lm's original attention writes the adopted
+    cache through update_and_fetch), then decode again; as unpatched."""
+    from mlx_foundry import kv_cache
+
+    model = tiny_model("llama", quant=(64, 4))
+    second = [(7 * i + 3) % VOCAB for i in range(21)]
+
+    def chat():
+        caches = [lm_cache.KVCache() for _ in range(2)]
+        first = greedy(model, steps=12, cache=caches)
+        again = greedy(model, steps=12, prompt=second, cache=caches)
+        return first, again, caches
+
+    ref = chat()
+    mf.patch(model, backend=BACKEND)
+    try:
+        got = chat()
+        stats = lm.patch_stats(model)
+    finally:
+        mf.unpatch(model)
+    for (toks, lp), (rtoks, rlp) in zip(got[:2], ref[:2]):
+        assert toks == rtoks
+        assert_close(lp, rlp, mx.float32, k=64, msg="log-probabilities")
+    assert all(type(c) is kv_cache.KVCache for c in got[2])
+    assert [c.offset for c in got[2]] == [c.offset for c in ref[2]]
+    assert min(c["original: rows > max_rows"] for p, c in stats.items() if p != "lm_head") >= 1
+
+
 def test_cache_kinds_alternate_on_one_patched_model():
     """One patched model decoding with a joint cache, a rotating cache, then a joint
     cache again: each has its Q/K/V launch, and every run matches the unpatched one."""
