@@ -141,25 +141,18 @@ def _entries():
     for name in ("linear_q4g64_f16", "linear_dense_bf16", "norm_gate_up_swiglu_q4g64_q4g64",
                  "norm_qkv_rope_q4g64"):
         base = next(e for e in out if e.name == name)
-        add(f"{name}_splitk", f"{base.description}, split K", _with_launch(base.walk, SPLITK=1))
-    # Few rows per SIMD-group at K = 4096: the packed-half loop that loads every weight
-    # chunk of a lane first (gemv.metal, gemv_upfront), single, dual and Q/K/V.
-    for name, rows in (("linear_q4g64_f16", 2), ("norm_gate_up_swiglu_q4g64_q4g64", 1),
-                       ("norm_qkv_rope_q4g64_joint_kv", 2)):
-        base = next(e for e in out if e.name == name)
-        add(f"{name}_upfront", f"{base.description}, {rows} row(s) per SIMD-group, "
-            "all chunks loaded first", _with_launch(base.walk, ROWS=rows, SPLITK=0))
+        add(f"{name}_splitk", f"{base.description}, split K", _with_split_k(base.walk))
     return out
 
 
-def _with_launch(walk, **launch):
-    """``walk`` with every GEMV launch made with these launch constants."""
+def _with_split_k(walk):
+    """``walk`` with every GEMV launch made with ``SPLITK=1``."""
 
     def run():
         with record_launches() as inner:
             walk()
         for program, args, kwargs in inner:
-            program(*args, **dict(kwargs, **launch), backend="metal")
+            program(*args, **dict(kwargs, SPLITK=1), backend="metal")
 
     return run
 

@@ -257,67 +257,6 @@ def test_split_k_launch_parameters(gpu_backend, rows, threads, dtype):
     assert_close(got, _ref(lambda be: linear(x, w, backend=be)), dtype, k=k)
 
 
-def _launched(op, args, kwargs, backend, **launch):
-    """``op``'s one kernel launch, replayed with these launch constants."""
-    from mlx_foundry.kernel import record_launches
-
-    with record_launches() as rec:
-        op(*args, backend=backend, **kwargs)
-    (program, a, kw), = rec
-    return program(*a, **dict(kw, **launch), backend=backend)
-
-
-# K, and the launches that take the loop loading every chunk of a lane first (2 to 5
-# chunks per lane; K = 2880 and 4128 leave the last lanes a chunk short).
-UPFRONT = [(2048, 2, 128, 0), (2880, 2, 128, 0), (4096, 2, 64, 0), (4128, 1, 128, 0),
-           (4096, 4, 64, 1), (14336, 2, 128, 1)]
-
-
-@pytest.mark.parametrize("k,rows,threads,split", UPFRONT,
-                         ids=lambda v: str(v) if not isinstance(v, tuple) else None)
-@pytest.mark.parametrize("fmt", [(4, 64), (4, 32), (8, 32), (8, 64)], ids=str)
-def test_upfront_loop_single_and_dual(gpu_backend, fmt, k, rows, threads, split):
-    """Few rows per SIMD-group, few chunks per lane: every weight chunk is loaded before
-    the arithmetic (gemv.metal, gemv_upfront); one and several rows of x, with and
-    without the fused RMSNorm, and the dual gate/up GEMV."""
-    dtype = mx.float16
-    launch = dict(ROWS=rows, THREADS=threads, SPLITK=split)
-    w = _w(203, k, fmt, dtype)
-    r = _x((3, 203), dtype)
-    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
-    for m in (1, 3):
-        x = _x((m, k), dtype)
-        res = r[:m]
-        got = _launched(linear, (x, w), {"residual": res}, gpu_backend, **launch)
-        want = _ref(lambda be: linear(x, w, residual=res, backend=be))
-        assert_close(got, want, dtype, k=k, msg=f"linear m={m}")
-        got = _launched(norm_linear, (x, g, 1e-5, w), {}, gpu_backend, **launch)
-        want = _ref(lambda be: norm_linear(x, g, 1e-5, w, backend=be))
-        assert_close(got, want, dtype, k=k, msg=f"norm_linear m={m}")
-    if rows * 2 <= 8:
-        up = _w(203, k, fmt, dtype)
-        x = _x((1, 1, k), dtype)
-        got = _launched(norm_gate_up_swiglu, (x, g, 1e-6, w, up), {}, gpu_backend, **launch)
-        want = _ref(lambda be: norm_gate_up_swiglu(x, g, 1e-6, w, up, backend=be))
-        assert_close(got, want, dtype, k=k, msg="gate_up")
-
-
-@pytest.mark.parametrize("joint", [False, True])
-def test_upfront_loop_qkv(gpu_backend, joint):
-    """Q/K/V + RoPE with two rows per SIMD-group at K = 4096 (the upfront loop)."""
-    dtype, k = mx.float16, 4096
-    q, kk, v = _w(8 * 64, k, (4, 64), dtype), _w(2 * 64, k, (4, 64), dtype), _w(
-        2 * 64, k, (8, 32), dtype)
-    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
-    x = _x((2, 1, k), dtype)
-    kw = dict(n_heads=8, n_kv_heads=2, head_dim=64, offset=11, joint_kv=joint)
-    got = _launched(norm_qkv_rope, (x, g, 1e-5, q, kk, v), kw, gpu_backend, ROWS=2,
-                    THREADS=128, SPLITK=0)
-    want = _ref(lambda be: norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, backend=be))
-    for a, b in zip(got, want):
-        assert_close(a, b, dtype, k=k)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_norm_qkv_rope_biases(gpu_backend, with_weight, dtype):

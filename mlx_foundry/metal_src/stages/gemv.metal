@@ -154,65 +154,6 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
   }
 }
 
-// One 32-element chunk of x for the packed-half dot products (chunk c of the row xr):
-// sum(x^2) into ss_lo/ss_hi when NORM, x * gamma / 16 when GAMMA (see below), xs =
-// sum(x) in float, and the chunk as 16 half2 pairs in each policy's pair order (xh for
-// the first policy's stride S1, xh2 for the second's S2 when DUAL).
-template <typename T, int NORM, int S1, int S2, bool DUAL>
-METAL_FUNC void gemv_x_chunk_h(const device T* xr, const device T* gr, int c,
-                               thread float& ss_lo, thread float& ss_hi, thread half2* xh,
-                               thread half2* xh2, thread float& xs) {
-  constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
-  uint u[16];
-  const device uint4* xq = reinterpret_cast<const device uint4*>(xr + c * 32);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint4 v = xq[j];
-    u[4 * j + 0] = v.x;
-    u[4 * j + 1] = v.y;
-    u[4 * j + 2] = v.z;
-    u[4 * j + 3] = v.w;
-  }
-  if (NORM != GEMV_NORM_NONE) {
-    // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
-    // make anyway (two float accumulators per lane).
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const float2 f = float2(as_type<half2>(u[k]));
-      ss_lo = metal::fma(f.x, f.x, ss_lo);
-      ss_hi = metal::fma(f.y, f.y, ss_hi);
-    }
-  }
-  if (GAMMA) {
-    const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
-    const half2 sixteenth = as_type<half2>(0x2C002C00u);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint4 v = gq[j];
-      const uint g[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        u[4 * j + t] = as_type<uint>(as_type<half2>(u[4 * j + t]) *
-                                     (as_type<half2>(g[t]) * sixteenth));
-      }
-    }
-  }
-  // sum(x) in float, from pair sums (one half rounding per pair).
-  float xs0 = 0.0f;
-  float xs1 = 0.0f;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
-    xs0 += float(p.x);
-    xs1 += float(p.y);
-  }
-  xs = xs0 + xs1;
-  gemv_half_pairs_of<S1>(u, xh);
-  if (DUAL) {
-    gemv_half_pairs_of<S2>(u, xh2);
-  }
-}
-
 // The packed-half path (T is half; K is a multiple of 32). With GAMMA (x is the
 // un-normalised row, the RMSNorm scale comes later) x * gamma is rounded to half as
 // x * (gamma / 16), so that it overflows only past 16 x 65504; the sums are scaled back
@@ -263,10 +204,56 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
         nx2[r] = pol2.load_h(rows[r], cn);
       }
     }
-    float xs;
+    uint u[16];
+    const device uint4* xq = reinterpret_cast<const device uint4*>(xr + c * 32);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint4 v = xq[j];
+      u[4 * j + 0] = v.x;
+      u[4 * j + 1] = v.y;
+      u[4 * j + 2] = v.z;
+      u[4 * j + 3] = v.w;
+    }
+    if (NORM != GEMV_NORM_NONE) {
+      // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
+      // make anyway (two float accumulators per lane).
+#pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        const float2 f = float2(as_type<half2>(u[k]));
+        ss_lo = metal::fma(f.x, f.x, ss_lo);
+        ss_hi = metal::fma(f.y, f.y, ss_hi);
+      }
+    }
+    if (GAMMA) {
+      const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
+      const half2 sixteenth = as_type<half2>(0x2C002C00u);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint4 v = gq[j];
+        const uint g[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          u[4 * j + t] = as_type<uint>(as_type<half2>(u[4 * j + t]) *
+                                       (as_type<half2>(g[t]) * sixteenth));
+        }
+      }
+    }
+    // sum(x) in float, from pair sums (one half rounding per pair).
+    float xs0 = 0.0f;
+    float xs1 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
+      xs0 += float(p.x);
+      xs1 += float(p.y);
+    }
+    const float xs = xs0 + xs1;
     half2 xh[16];
     half2 xh2[16];
-    gemv_x_chunk_h<T, NORM, S1, S2, DUAL>(xr, gr, c, ss_lo, ss_hi, xh, xh2, xs);
+    gemv_half_pairs_of<S1>(u, xh);
+    if (DUAL) {
+      gemv_half_pairs_of<S2>(u, xh2);
+    }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       s[r] += pol.dot_h(ch[r], xh, xs, key);
@@ -290,108 +277,6 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   }
 }
 
-// Chunks per lane of the packed-half path, and whether it loads them all before any
-// arithmetic: when a lane has a few chunks (2 to 4 at K = 4096) and few rows, every
-// weight load of the lane is in flight at once, one round trip to memory instead of
-// one per chunk (the pipelined loop above waits on each chunk in turn). At most
-// GEMV_UPFRONT_CHUNKS chunks (x rows, x 2 when DUAL) are held in registers.
-constant constexpr int GEMV_UPFRONT_CHUNKS = 8;
-template <int K, int ROWS, bool DUAL, int SPLIT>
-struct gemv_upfront {
-  enum : int {
-    ITER = (K / 32 + 32 * SPLIT - 1) / (32 * SPLIT),
-    value = ITER >= 2 && ITER * ROWS * (DUAL ? 2 : 1) <= GEMV_UPFRONT_CHUNKS ? 1 : 0
-  };
-};
-
-// The packed-half path with every weight chunk of the lane loaded first (see
-// gemv_upfront). Same results as gemv_dot_rows_h: the same chunks, in the same order.
-template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
-METAL_FUNC void gemv_dot_rows_hu(P pol, P2 pol2, const device T* xr, const device T* gr,
-                                 thread const uint* rows, uint lane, uint part,
-                                 thread float* out, thread float* out2, thread float& ss) {
-  constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
-  static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
-  constexpr int FULL = K / 32;
-  constexpr int STEP = 32 * SPLIT;
-  constexpr int ITER = gemv_upfront<K, ROWS, DUAL, SPLIT>::ITER;
-  constexpr int S1 = gemv_half_pairs<P>::value;
-  constexpr int S2 = DUAL ? int(gemv_half_pairs<P2>::value) : S1;
-  const uint key = pol.half_key(lane);
-  const uint key2 = DUAL ? pol2.half_key(lane) : key;
-  const int first = int(lane) + 32 * int(part);
-  typename P::HalfChunk ch[ITER][ROWS];
-  typename P2::HalfChunk ch2[ITER][ROWS];
-#pragma unroll
-  for (int i = 0; i < ITER; ++i) {
-    const int c = metal::min(first + STEP * i, FULL - 1);  // clamped: always in bounds
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      ch[i][r] = pol.load_h(rows[r], c);
-      if (DUAL) {
-        ch2[i][r] = pol2.load_h(rows[r], c);
-      }
-    }
-  }
-  float s[ROWS];
-  float s2[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    s[r] = 0.0f;
-    s2[r] = 0.0f;
-  }
-  float ss_lo = 0.0f;
-  float ss_hi = 0.0f;
-#pragma unroll
-  for (int i = 0; i < ITER; ++i) {
-    const int c = first + STEP * i;
-    if (c < FULL) {
-      float xs;
-      half2 xh[16];
-      half2 xh2[16];
-      gemv_x_chunk_h<T, NORM, S1, S2, DUAL>(xr, gr, c, ss_lo, ss_hi, xh, xh2, xs);
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        s[r] += pol.dot_h(ch[i][r], xh, xs, key);
-        if (DUAL) {
-          s2[r] += pol2.dot_h(ch2[i][r], xh2, xs, key2);
-        }
-      }
-    }
-  }
-  ss = ss_lo + ss_hi;
-  const float back = GAMMA ? 16.0f : 1.0f;
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    out[r] = simd_sum(s[r]) * back;
-    if (DUAL) {
-      out2[r] = simd_sum(s2[r]) * back;
-    }
-  }
-}
-
-// The packed-half path: pipelined (gemv_path<false>) or every chunk first (<true>).
-template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
-METAL_FUNC void gemv_dot_rows_h_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
-                                   const device T* gr, thread const uint* rows, uint lane,
-                                   uint part, thread float* out, thread float* out2,
-                                   thread float& ss) {
-  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
-                                                        out, out2, ss);
-}
-
-template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
-METAL_FUNC void gemv_dot_rows_h_on(gemv_path<true>, P pol, P2 pol2, const device T* xr,
-                                   const device T* gr, thread const uint* rows, uint lane,
-                                   uint part, thread float* out, thread float* out2,
-                                   thread float& ss) {
-  gemv_dot_rows_hu<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
-                                                         out, out2, ss);
-}
-
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
@@ -408,9 +293,8 @@ METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T
                                  const device T* gr, thread const uint* rows, uint lane,
                                  uint part, thread float* out, thread float* out2,
                                  thread float& ss) {
-  gemv_dot_rows_h_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(
-      gemv_path<gemv_upfront<K, ROWS, DUAL, SPLIT>::value != 0>(), pol, pol2, xr, gr, rows,
-      lane, part, out, out2, ss);
+  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
+                                                        out, out2, ss);
 }
 
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x, on the
