@@ -281,9 +281,11 @@ def test_quantized_kv_cache():
     assert fused_calls(stats) > 0
 
 
-@pytest.mark.parametrize("quant", [None, (32, 4)])
-def test_batch_forward_equal(quant):
-    model = tiny_model("qwen3", quant=quant)
+@pytest.mark.parametrize("model_type,quant", [("qwen3", None), ("qwen3", (32, 4)),
+                                              ("llama", (32, 4))])
+def test_batch_forward_equal(model_type, quant):
+    """Three sequences at once; llama's blocks decode through the joint K/V cache."""
+    model = tiny_model(model_type, quant=quant)
     B = 3
     rng = np.random.RandomState(0)
     prompt = mx.array(rng.randint(0, VOCAB, size=(B, 5)))
@@ -294,17 +296,20 @@ def test_batch_forward_equal(quant):
         outs = [model(prompt, cache=cache)[:, -1]]
         for s in steps:
             outs.append(model(s, cache=cache)[:, -1])
-        return mx.stack(outs)
+        return mx.stack(outs), cache
 
-    ref = run()
+    ref, _ = run()
     mf.patch(model, backend=BACKEND, max_rows=4)   # B x 5 prompt: original; B x 1: fused
     try:
-        out = run()
+        out, cache = run()
         stats = lm.patch_stats(model)["model.layers.0"]
     finally:
         mf.unpatch(model)
     assert stats["fused attention"] == 4 and stats["original: rows > max_rows"] == 1
     assert_close(out, ref, mx.float32, k=64)
+    joint = model_type == "llama"  # qwen3's q/k norms keep the per-projection path
+    assert all(type(c).__module__ == ("mlx_foundry.kv_cache" if joint else
+                                      "mlx_lm.models.cache") for c in cache)
 
 
 def test_llama3_rope_scaling():
