@@ -461,6 +461,7 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
     B, L, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, plan.head_dim
     be = plan.backend
+    joint = False  # keys and values already in the cache (one joint update)
     if plan.attn == "qkv_rope" and offset.__class__ is int:
         joint = L == 1 and _joint(plan, cache)
         slot = "qkv_joint" if joint else "qkv"
@@ -479,24 +480,17 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
                     kv_shapes = ((B, 2 * KV, 1, D),) if joint else ((B, KV, 1, D),) * 2
                     launch = launch.reshaped((B, H, 1, D), *kv_shapes)
                 setattr(step, slot, launch)
-        if joint:
-            if launch:
-                q, kv = launch(x, offset)
-            else:
-                q, kv = ops.norm_qkv_rope(x, *args, offset=offset, joint_kv=True, backend=be,
-                                          **kw)
-                q, kv = q.reshape(B, H, 1, D), kv.reshape(B, 2 * KV, 1, D)
-            k, v = cache.update_and_fetch_joint(kv)
-            o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
-            return _linear_residual(plan, step, "o", "o_proj", attn, o.reshape(B, L, -1), x)
         if launch:
-            q, k, v = launch(x, offset)
+            outs = launch(x, offset)
         else:
-            q, k, v = ops.norm_qkv_rope(x, *args, offset=offset, backend=be, **kw)
+            outs = ops.norm_qkv_rope(x, *args, offset=offset, joint_kv=joint, backend=be, **kw)
         if not (launch and L == 1):  # else the launch is already in the attention layout
-            q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
-            k = k.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
-            v = v.reshape(B, L, KV, D).transpose(0, 2, 1, 3)
+            outs = [t.reshape(B, L, -1, D).transpose(0, 2, 1, 3) for t in outs]
+        if joint:
+            q, kv = outs
+            k, v = cache.update_and_fetch_joint(kv)
+        else:
+            q, k, v = outs
     else:
         ln = self.input_layernorm
         outs = []
@@ -529,7 +523,7 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
         else:
             q = attn.rope(q)
             k = attn.rope(k)
-    if cache is not None:
+    if cache is not None and not joint:
         k, v = cache.update_and_fetch(k, v)
     o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     # [B, H, L, D] -> [B, L, H*D]; with one token the transpose moves nothing.

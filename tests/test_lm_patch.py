@@ -251,6 +251,27 @@ def test_joint_cache_continues_through_a_second_prompt():
     assert min(c["original: rows > max_rows"] for p, c in stats.items() if p != "lm_head") >= 1
 
 
+def test_joint_cache_without_prepared_launches(monkeypatch):
+    """When no launch can be prepared, the blocks call the fused ops each step, the
+    joint K/V path included; same tokens as unpatched."""
+    from mlx_foundry import kv_cache
+
+    model = tiny_model("llama", quant=(64, 4))
+    ref = greedy(model, steps=16)
+    monkeypatch.setattr(lm, "_prepare", lambda *a, **k: False)
+    mf.patch(model, backend=BACKEND)
+    try:
+        caches = [lm_cache.KVCache() for _ in range(2)]
+        toks, lp = greedy(model, steps=16, cache=caches)
+        stats = lm.patch_stats(model)
+    finally:
+        mf.unpatch(model)
+    assert toks == ref[0]
+    assert_close(lp, ref[1], mx.float32, k=64, msg="log-probabilities")
+    assert all(type(c) is kv_cache.KVCache for c in caches)
+    assert fused_calls(stats) >= 16
+
+
 def test_cache_kinds_alternate_on_one_patched_model():
     """One patched model decoding with a joint cache, a rotating cache, then a joint
     cache again: each has its Q/K/V launch, and every run matches the unpatched one."""
