@@ -181,8 +181,7 @@ class PreparedLaunch:
             slots[i] = slots[i][:2] + (shape,) + slots[i][3:]
         other = copy.copy(self)
         other._slots = tuple(slots)
-        other._in_shapes = {n: s for n, s in prepared.items()
-                            if s != slots[self.vary.index(n)][2]} or None
+        other._in_shapes = prepared
         return other
 
     def __repr__(self):

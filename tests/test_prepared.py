@@ -152,8 +152,11 @@ def test_reshaped_inputs_take_another_shape_of_the_same_size(monkeypatch, backen
         step(x2, r)
     with pytest.raises(ValueError, match="'x'.*keep the shape"):
         heads(x, r)
-    # Back to the prepared shape: no reshape is left on the way.
-    assert heads.reshaped_inputs(x=(2, 1, 128))._in_shapes is None
+    # Back to the prepared shape: the same launch as the original.
+    back = heads.reshaped_inputs(x=(2, 1, 128))
+    assert mx.array_equal(back(x2.reshape(2, 1, 128), r), want).item()
+    with pytest.raises(ValueError, match="'x'.*keep the shape"):
+        back(x2, r)
 
 
 def test_reshaped_inputs_errors_name_the_argument():
