@@ -101,14 +101,14 @@ class KVCache(_MLXKVCache):
         growth: whole steps of :attr:`step` past ``prev``), holding what is cached."""
         B, H2, L, D = kv.shape
         d = self.__dict__
-        old = d.get("_kv")
-        if old is None and d.get("keys") is not None and prev > 0:
-            k, v = d["keys"], d["values"]
-            old = mx.concatenate([k[..., :prev, :], v[..., :prev, :]], axis=1)
         n_steps = (self.step + L - 1) // self.step
         new = mx.zeros((B, H2, prev + n_steps * self.step, D), kv.dtype)
-        if old is not None and prev > 0:
-            new[..., :prev, :] = old[..., :prev, :]
+        if prev > 0:
+            joint = d.get("_kv")
+            if joint is None:  # keys and values stored apart (set by mlx-lm's code paths)
+                joint = mx.concatenate([d["keys"][..., :prev, :], d["values"][..., :prev, :]],
+                                       axis=1)
+            new[..., :prev, :] = joint[..., :prev, :]
         d["keys"] = d["values"] = None
         d["_kv"] = new
         return new
