@@ -20,7 +20,7 @@ import itertools
 
 import mlx.core as mx
 
-from . import timing, tuner
+from . import CALLS_PER_TIMING, timing, tuner
 from .cases import FULL, TINY, _dense_w, _qweight, weight_bytes
 
 DEFAULT_ROWS = (1, 2, 4, 8)
@@ -112,20 +112,17 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
 
     cls = tuner.shape_class(n, k, 1)
     key = kernel_key(kern, backend)
-    default = importlib.import_module("mlx_foundry.ops.linear").default_launch(
-        n, k, head_dim=head_dim)
+    lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
     # The bench's calls per timing: on CUDA the number of calls per mx.eval changes the
     # time per call (more calls, slower and noisier), so the tuner times what the bench
     # times. (Before, ~1000-2000 calls per timing put a Q/K/V launch that ncu times 14%
     # slower ahead of the default.)
-    from . import CALLS_PER_TIMING
-
     calls = None if backend == "reference" else CALLS_PER_TIMING
     params = tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1, calls=calls),
                         source_hash=tuner.source_hash(kern), shape_class=cls,
-                        default=default, **tune_kw)
+                        default=lin.default_launch(n, k, head_dim=head_dim), **tune_kw)
     # The ops resolve their launch once per shape: this process must see the new choice.
-    importlib.import_module("mlx_foundry.ops.linear").forget_launches()
+    lin.forget_launches()
     return {(key, cls): params}
 
 

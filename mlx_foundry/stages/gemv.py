@@ -264,9 +264,10 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False, joint_kv
         pos = (mx.arange(m) % b.seq_len).astype(mx.float32)
         pos = (pos + mx.array(b.rope_offset).astype(mx.float32)) * mx.array(
             b.rope_scale, dtype=mx.float32)
+        inv_rms = inv_rms_math(b.x, b.eps, b.K)
         res = {}
         for name, pol in (("q_out", pq), ("k_out", pk), ("v_out", pv)):
-            y = (xf @ pol.dequantize(b).T) * inv_rms_math(b.x, b.eps, b.K)
+            y = (xf @ pol.dequantize(b).T) * inv_rms
             if bias:
                 y = y + b[f"{name[0]}_bias"].astype(mx.float32)
             if name != "v_out":
