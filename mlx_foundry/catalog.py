@@ -135,6 +135,17 @@ def _entries():
                 _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
                 n_heads=N_HEADS, n_kv_heads=N_KV, head_dim=HEAD_DIM, offset=5,
                 rope_base=500000.0, rope_traditional=trad, joint_kv=joint, backend="metal"))
+    for dt in (F16, BF16, F32):
+        add(f"decode_attention_{_DT[dt]}", f"decode attention 32/8 heads x 128 over a joint "
+            f"K/V cache (20 of 256 positions) {_DT[dt]}",
+            lambda dt=dt: ops.decode_attention(
+                _z((1, N_HEADS, 1, HEAD_DIM), dt), _z((1, 2 * N_KV, 1, HEAD_DIM), dt),
+                _z((1, 2 * N_KV, 256, HEAD_DIM), dt), past_len=20, scale=HEAD_DIM ** -0.5,
+                backend="metal"))
+    add("decode_attention_f16_d80", "decode attention 12/4 heads x 80 (lanes past head_dim)",
+        lambda: ops.decode_attention(_z((2, 12, 1, 80), F16), _z((2, 8, 1, 80), F16),
+                                     _z((2, 8, 7, 80), F16), past_len=7, scale=0.1,
+                                     backend="metal"))
     # Split K (the default only for tall weights, K >= 2N; else a tuner option): the
     # threadgroup-memory exchange and barrier of the GEMV stages, on the packed-half and
     # the float paths, at K = 4096.

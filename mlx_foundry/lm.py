@@ -6,8 +6,8 @@ block it can fuse to a subclass whose ``__call__`` runs, for decode-sized
 inputs::
 
     q, kv   = norm_qkv_rope(x, joint_kv=True)  # input RMSNorm + Q/K/V (+ RoPE)
-    k, v    = cache.update_and_fetch_joint(kv) # one write: K and V share a buffer
-    o       = scaled_dot_product_attention(q, k, v, cache=cache, mask=mask)
+    past, n = cache.append_joint(kv)           # one write: K and V share a buffer
+    o       = decode_attention(q, kv, past, past_len=n)  # over the cache and the token
     h       = linear(o, o_proj, residual=x)    # output projection + residual
     a       = norm_gate_up_swiglu(h)           # post-attention RMSNorm + gate/up + SwiGLU
     out     = linear(a, down_proj, residual=h) # down projection + residual
@@ -17,6 +17,12 @@ into the cache with one update: the patched blocks switch the plain mlx-lm
 ``KVCache`` objects they decode with to :class:`mlx_foundry.kv_cache.KVCache`, the
 same cache with keys and values in one buffer (``patch(model, joint_kv=False)``
 keeps mlx-lm's caches as they are; other cache types are never changed).
+The attention reads the cache buffer as it was before the write, and the new
+token from ``kv``, so the write is off the step's critical path: MLX evaluates it
+when the cache is next read.  With a mask, a context over
+:data:`DECODE_ATTENTION_MAX_LEN` positions, ``decode_attention=False`` or
+``joint_kv=False``, the step uses key/value views and mlx-lm's
+``scaled_dot_product_attention`` instead.
 
 The model's own output projection (``lm_head``, when the embeddings are not
 tied) runs through the fused GEMV for decode-sized inputs too.  Every fused op
@@ -52,6 +58,11 @@ _KNOWN_BLOCK_MODULES = {
 _PLAN_ATTR = "_mlx_foundry_plan"
 _REPORT_ATTR = "_mlx_foundry_report"
 _DEFAULT_MAX_ROWS = 16
+
+DECODE_ATTENTION_MAX_LEN = 4096
+"""Cached positions up to which a patched block's decode attention runs through
+:func:`mlx_foundry.ops.decode_attention` (one threadgroup per query head); longer
+contexts use MLX's attention, whose kernel splits the positions over more threadgroups."""
 
 __all__ = ["PatchReport", "patch", "unpatch", "is_patched", "patch_stats",
            "SUPPORTED_MODEL_TYPES"]
@@ -210,7 +221,7 @@ class _BlockPlan:
     """What a patched block fuses, and counters of how its calls ran."""
 
     def __init__(self, path, original_class, arch, attn, mlp, rope, head_dim, backend,
-                 max_rows, joint_kv=True):
+                 max_rows, joint_kv=True, decode_attention=True):
         self.path = path
         self.original_class = original_class
         self.arch = arch
@@ -221,6 +232,7 @@ class _BlockPlan:
         self.backend = backend
         self.max_rows = max_rows
         self.joint_kv = joint_kv  # switch plain mlx-lm KVCaches to the joint-buffer cache
+        self.decode_attention = joint_kv and decode_attention  # ops.decode_attention
         self.weights = _WeightCache()
         self.stats = Counter()
         self.steps = {}           # (x.shape, x.dtype, int offset) -> _Step
@@ -342,7 +354,7 @@ class _Step:
     cannot be prepared (it then runs through its op function every call).
     """
 
-    __slots__ = ("qkv", "qkv_joint", "q", "k", "v", "o", "gate_up", "down", "fast")
+    __slots__ = ("qkv", "qkv_joint", "q", "k", "v", "o", "gate_up", "down", "attend", "fast")
 
     def __init__(self):
         for name in self.__slots__:
@@ -376,6 +388,30 @@ def _joint(plan, cache):
         return False
     joint_cls, adopt = _joint_cache()
     return cache.__class__ is joint_cls or adopt(cache)
+
+
+def _attends(plan, mask, offset):
+    """Whether one token's attention runs through :func:`~mlx_foundry.ops.decode_attention`
+    over the joint cache (no mask: every cached position is visible)."""
+    return (plan.decode_attention and offset < DECODE_ATTENTION_MAX_LEN
+            and (mask is None or (mask.__class__ is str and mask == "causal")))
+
+
+def _attend(plan, step, q, kv, cache, scale):
+    """Append the token's keys and values to the joint cache and attend over it: ``[B, H,
+    1, D]``. The launch is prepared per cache capacity (the buffer grows in steps)."""
+    past, past_len = cache.append_joint(kv)
+    slot = step.attend
+    cap = past.shape[2]
+    if slot is None or (slot and slot[0] != cap):
+        launch = _prepare(_ops().decode_attention, q, kv, past, past_len=past_len, scale=scale,
+                          vary={"q": q, "kv": kv, "past": past, "past_len": past_len},
+                          backend=plan.backend)
+        slot = step.attend = (cap, launch) if launch else False
+    if slot:
+        return slot[1](q, kv, past, past_len)
+    return _ops().decode_attention(q, kv, past, past_len=past_len, scale=scale,
+                                   backend=plan.backend)
 
 
 def _prepare(op, *args, vary, backend, **kwargs):
@@ -488,6 +524,9 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
             outs = [t.reshape(B, L, -1, D).transpose(0, 2, 1, 3) for t in outs]
         if joint:
             q, kv = outs
+            if _attends(plan, mask, offset):
+                o = _attend(plan, step, q, kv, cache, attn.scale)
+                return _linear_residual(plan, step, "o", "o_proj", attn, o.reshape(B, L, -1), x)
             k, v = cache.update_and_fetch_joint(kv)
         else:
             q, k, v = outs
@@ -591,6 +630,9 @@ def _patched_call(self, x, mask=None, cache=None):
             plan.fast_calls += 1
             if joint:
                 q, kv = qkv_joint(x, offset)
+                if _attends(plan, mask, offset):
+                    h = o_proj(_attend(plan, step, q, kv, cache, attn.scale), x)
+                    return down(gate_up(h), h)
                 k, v = cache.update_and_fetch_joint(kv)
             else:
                 q, k, v = qkv(x, offset)
@@ -751,7 +793,7 @@ def _default_max_rows():
 
 
 def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_head=True,
-          joint_kv=True):
+          joint_kv=True, decode_attention=True):
     """Fuse the decode path of an mlx-lm model's transformer blocks, in place.
 
     Args:
@@ -771,6 +813,11 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
             decode with to :class:`mlx_foundry.kv_cache.KVCache` (the same cache, keys
             and values in one buffer: one write per token instead of two). Default:
             ``True``.
+        decode_attention (bool): with ``joint_kv``, attend a decoded token with
+            :func:`mlx_foundry.ops.decode_attention` over the cache buffer (contexts up
+            to :data:`DECODE_ATTENTION_MAX_LEN` positions, no mask) instead of key and
+            value views and MLX's attention; the cache write then runs beside the next
+            step's first kernels instead of in front of the attention. Default: ``True``.
 
     Returns:
         PatchReport: what was fused and what was left as it was, and why.
@@ -837,7 +884,8 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
         if not mode and not fuse_mlp:
             continue
         plan = _BlockPlan(path, type(block), arch, mode, fuse_mlp, rope, head_dim, backend,
-                          max_rows, joint_kv=bool(joint_kv))
+                          max_rows, joint_kv=bool(joint_kv),
+                          decode_attention=bool(decode_attention))
         object.__setattr__(block, _PLAN_ATTR, plan)
         block.__class__ = _patched_class(type(block))
     if lm_head:

@@ -241,9 +241,8 @@ def prepare_op(op, *args, vary, backend=None, **kwargs):
     if len(launches) != 1:
         return None
     program, a, kw = launches[0]
-    if a:
-        bound, _ = program.bind(*a)
-        kw = dict(bound, **kw)
+    if a:  # positional inputs, in the program's input order
+        kw = dict(zip((i.name for i in program.inputs), a), **kw)
     for name, value in vary.items():
         got = kw.get(name)
         if isinstance(value, mx.array) or isinstance(got, mx.array):

@@ -20,7 +20,7 @@ def test_every_entry_builds_a_program():
 def test_every_public_op_is_in_the_catalog():
     walked = {e.name.split("_f")[0] for e in catalog.entries()}
     for op in ("rms_norm", "add_rms_norm", "softmax", "rope", "linear", "norm_linear",
-               "norm_gate_up_swiglu", "norm_qkv_rope"):
+               "norm_gate_up_swiglu", "norm_qkv_rope", "decode_attention"):
         assert any(n == op or n.startswith(op + "_") for n in walked), op
     assert set(ops.__all__ if hasattr(ops, "__all__") else []) <= set(dir(ops))
 

@@ -221,6 +221,56 @@ def test_joint_kv_cache_is_adopted_or_left_alone(joint_kv):
     assert min(fast) >= STEPS - 2  # the decode steps after the first ran the fast path
 
 
+@pytest.mark.parametrize("attend, max_len", [(True, 4096), (True, 20), (False, 4096)])
+def test_decode_attention_over_the_joint_cache(monkeypatch, attend, max_len):
+    """With the joint cache a decoded token attends through ops.decode_attention over the
+    cache buffer (the write left lazy), up to DECODE_ATTENTION_MAX_LEN cached positions,
+    then through key/value views and MLX's attention; the buffer grows (here every 8
+    positions) under it. Same tokens and cache contents as unpatched either way."""
+    from mlx_foundry.kernel import record_launches
+
+    monkeypatch.setattr(lm, "DECODE_ATTENTION_MAX_LEN", max_len)
+    model = tiny_model("llama", quant=(64, 4), dtype=mx.float16)
+
+    def caches():
+        cs = [lm_cache.KVCache() for _ in range(2)]
+        for c in cs:
+            c.step = 8
+        return cs
+
+    ref_caches = caches()
+    ref = greedy(model, steps=40, cache=ref_caches)
+    mf.patch(model, backend=BACKEND, decode_attention=attend)
+    try:
+        got_caches = caches()
+        toks, lp = greedy(model, steps=40, cache=got_caches)
+        attend_slots = [s.attend for b in model.model.layers
+                        for s in b.__dict__[lm._PLAN_ATTR].steps.values()]
+        # One more step, recorded: which kernels a decoded token launches now.
+        with record_launches() as rec:
+            model(mx.array([[1]]), cache=got_caches)
+        launched = {program.name for program, _, _ in rec}
+    finally:
+        mf.unpatch(model)
+    assert toks == ref[0]
+    assert_close(lp, ref[1], mx.float16, k=64, msg="log-probabilities")
+    for c, r in zip(got_caches, ref_caches):
+        n = r.offset
+        for got, want in ((c.keys, r.keys), (c.values, r.values)):
+            got, want = (np.array(a[..., :n, :].astype(mx.float32)) for a in (got, want))
+            assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+    prepared = [s for s in attend_slots if s]
+    if attend:
+        # Prepared per capacity: the last one at the capacity the buffer grew to.
+        if max_len == 4096:
+            assert prepared and all(s[0] == c._kv.shape[2]
+                                    for s, c in zip(prepared, got_caches))
+        assert prepared and all(s[0] > 16 for s in prepared)
+    else:
+        assert not prepared
+    assert ("decode_attention" in launched) == (attend and max_len == 4096)
+
+
 def test_joint_cache_continues_through_a_second_prompt():
     """A multi-turn chat: decode (the cache becomes the joint-buffer cache), then a
     second prompt longer than max_rows (mlx-lm's original attention writes the adopted

@@ -314,6 +314,37 @@ def _qkv_rope_case(d, heads, kv_heads, head_dim, bits, gs, dt):
                 make, baseline, candidate, comparable=comparable)
 
 
+def _decode_attention_case(heads, kv_heads, head_dim, past_len, dt):
+    """One token's attention over a joint K/V cache of ``past_len`` earlier positions
+    (capacity rounded up to mlx-lm's 256-position steps). Baseline: what mlx-lm runs
+    once the token is in the cache, MLX's attention over key and value views of the
+    buffer; ours reads the buffer as it was and the token from ``kv``."""
+    cap = 256 * (past_len // 256 + 1)
+    scale = head_dim ** -0.5
+
+    def make(i):
+        q = _act(i, 0, (1, heads, 1, head_dim), dt)
+        kv = _act(i, 1, (1, 2 * kv_heads, 1, head_dim), dt)
+        past = _act(i, 2, (1, 2 * kv_heads, cap, head_dim), dt)
+        past[:, :, past_len:past_len + 1] = kv  # the buffer after the cache write
+        return q, kv, past
+
+    def baseline(q, kv, past):
+        n = past_len + 1
+        return mx.fast.scaled_dot_product_attention(
+            q, past[:, :kv_heads, :n], past[:, kv_heads:, :n], scale=scale)
+
+    def candidate(backend):
+        attend = _op("decode_attention")
+        return lambda q, kv, past: attend(q, kv, past, past_len=past_len, scale=scale,
+                                          backend=backend)
+
+    nbytes = dt.size * head_dim * (2 * heads + 2 * kv_heads * (past_len + 1))
+    return Case(f"decode_attention_{heads}x{head_dim}_len{past_len + 1}", "decode_attention",
+                f"{heads}/{kv_heads}x{head_dim}, {past_len + 1} pos", _dname(dt), nbytes,
+                make, baseline, candidate)
+
+
 def _mlp_block_case(d, inter, bits, gs, dt):
     def make(i):
         return ((_act(i, 0, (1, d), dt), _gamma(i, 1, d, dt))
@@ -382,6 +413,9 @@ def suite(*, tiny=False, dtype=None):
         _mlp_block_case(h, i, 4, gs, dt),
         _e2e_case(tiny, dt),
     ]
+    heads, kv_heads, head_dim = D["heads"], D["kv_heads"], D["head_dim"]
+    cases += [_decode_attention_case(heads, kv_heads, head_dim, n, dt)
+              for n in ((20, 300) if tiny else (150, 1000, 2047, 4095, 8191))]
     cases += [_prefill_case(h, i, 4, gs, dt, m) for m in (2, 4, 6, 8, 16)]
     names = [c.name for c in cases]
     assert len(set(names)) == len(names), names

@@ -4,9 +4,10 @@ Decode-sized inputs run as fused kernels; many rows (prefill) route to MLX's own
 matmul / quantized_matmul where that is measured faster.
 """
 
+from .attention import decode_attention
 from .linear import linear, norm_gate_up_swiglu, norm_linear, norm_qkv_rope
 from .norm import add_rms_norm, rms_norm, rope, softmax
 from .weights import Weight
 
-__all__ = ["Weight", "add_rms_norm", "linear", "norm_gate_up_swiglu", "norm_linear",
-           "norm_qkv_rope", "rms_norm", "rope", "softmax"]
+__all__ = ["Weight", "add_rms_norm", "decode_attention", "linear", "norm_gate_up_swiglu",
+           "norm_linear", "norm_qkv_rope", "rms_norm", "rope", "softmax"]

@@ -1,0 +1,104 @@
+"""Decode attention against a joint K/V cache: validated at the boundary, one kernel."""
+
+import math
+
+from ..backends import check_backend
+from ..stages import attention as _attention
+from ..types import dtype_name
+from ._checks import check_float_array
+
+MAX_HEAD_DIM = 256
+"""The largest ``head_dim`` :func:`decode_attention` takes (its threadgroup memory holds
+32 x (head_dim + 2) floats)."""
+
+
+def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
+    r"""Attention of one new token per sequence over a joint K/V cache and itself.
+
+    .. math::
+
+        o_h = \mathrm{softmax}\left(s\, q_h [K_{past}; k]^T\right) [V_{past}; v]
+
+    over the first ``past_len`` positions of ``past`` and the new token, with query
+    head ``h`` reading key/value head ``h // (n_heads // n_kv_heads)`` (grouped-query
+    attention). No mask: every cached position is visible, as in a causal decode step.
+    Keys and values come in the joint layout of
+    :class:`mlx_foundry.kv_cache.KVCache` (keys in the first ``n_kv_heads`` heads,
+    values in the rest), the layout ``norm_qkv_rope(..., joint_kv=True)`` writes, so
+    the step needs no key/value views and the cache update can run beside it.
+    Accumulates in float32.
+
+    Args:
+        q (array): the queries, ``[B, n_heads, 1, head_dim]``, float16/bfloat16/float32.
+        kv (array): the new token's keys and values, ``[B, 2 * n_kv_heads, 1, head_dim]``,
+            the dtype of ``q``.
+        past (array, optional): the cache buffer, ``[B, 2 * n_kv_heads, capacity,
+            head_dim]``, the dtype of ``q``. Default: no earlier tokens.
+        past_len (int): how many positions of ``past`` hold earlier tokens
+            (``0 <= past_len <= capacity``). Default: ``0``.
+        scale (float): the factor on ``q K^T`` (usually ``head_dim ** -0.5``).
+        backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
+            Default: chosen automatically.
+
+    Returns:
+        array: ``[B, n_heads, 1, head_dim]`` in the dtype of ``q``.
+
+    Example:
+        >>> q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
+        >>> kv = mx.random.normal((1, 16, 1, 128)).astype(mx.float16)
+        >>> past = mx.zeros((1, 16, 256, 128), mx.float16)
+        >>> o = decode_attention(q, kv, past, past_len=20, scale=128 ** -0.5)
+    """
+    who = "decode_attention"
+    check_float_array(who, "q", q, min_ndim=4)
+    if q.ndim != 4 or q.shape[2] != 1:
+        raise ValueError(f"[{who}] 'q' must be [batch, n_heads, 1, head_dim] (one token) "
+                         f"but has shape {tuple(q.shape)}.")
+    B, H, _, D = q.shape
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"[{who}] head_dim (the last dimension of 'q') must be at most "
+                         f"{MAX_HEAD_DIM} but is {D}.")
+    check_float_array(who, "kv", kv, min_ndim=4)
+    if (kv.ndim != 4 or kv.shape[0] != B or kv.shape[1] % 2 or kv.shape[2] != 1
+            or kv.shape[3] != D):
+        raise ValueError(f"[{who}] 'kv' must be [{B}, 2 * n_kv_heads, 1, {D}] (the keys "
+                         f"and values of the token of 'q') but has shape {tuple(kv.shape)}.")
+    kv_heads = kv.shape[1] // 2
+    if H % kv_heads:
+        raise ValueError(f"[{who}] n_heads ({H}, from 'q') must be a multiple of "
+                         f"n_kv_heads ({kv_heads}, from 'kv').")
+    _same_dtype(who, "kv", kv, q)
+    if isinstance(past_len, bool) or not isinstance(past_len, int):
+        raise TypeError(f"[{who}] 'past_len' must be an int but got "
+                        f"{type(past_len).__name__}.")
+    if past is None:
+        if past_len != 0:
+            raise ValueError(f"[{who}] 'past_len' must be 0 without 'past' but is "
+                             f"{past_len}.")
+        past = kv  # never read
+    else:
+        check_float_array(who, "past", past, min_ndim=4)
+        if (past.ndim != 4 or past.shape[0] != B or past.shape[1] != kv.shape[1]
+                or past.shape[3] != D):
+            raise ValueError(f"[{who}] 'past' must be [{B}, {kv.shape[1]}, capacity, {D}] "
+                             f"(the joint K/V layout of 'kv') but has shape "
+                             f"{tuple(past.shape)}.")
+        _same_dtype(who, "past", past, q)
+        if not 0 <= past_len <= past.shape[2]:
+            raise ValueError(f"[{who}] 'past_len' must be in [0, {past.shape[2]}] (the "
+                             f"capacity of 'past') but is {past_len}.")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"[{who}] 'scale' must be a number but got {type(scale).__name__}.")
+    if not math.isfinite(scale):
+        raise ValueError(f"[{who}] 'scale' must be finite but is {scale}.")
+    if backend is not None:
+        check_backend(backend, who)
+    return _attention.decode_attention(q, kv, past, past_len=past_len,
+                                       past_cap=past.shape[2], scale=float(scale),
+                                       backend=backend)
+
+
+def _same_dtype(who, name, v, q):
+    if v.dtype != q.dtype:
+        raise ValueError(f"[{who}] '{name}' must have the dtype of 'q' "
+                         f"({dtype_name(q.dtype)}) but has {dtype_name(v.dtype)}.")

@@ -1,0 +1,77 @@
+"""decode_attention: the reference against MLX's attention, and input validation."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_foundry.ops import decode_attention
+from tolerances import assert_close
+
+# (batch, n_heads, n_kv_heads, head_dim, capacity, past_len)
+SHAPES = [(1, 32, 8, 128, 256, 20), (2, 8, 2, 64, 40, 17), (1, 4, 4, 80, 7, 7),
+          (3, 6, 1, 96, 33, 0), (1, 1, 1, 32, 1, 1), (2, 12, 4, 256, 100, 99)]
+
+
+def _inputs(B, H, KV, D, cap, dtype, seed=0):
+    mx.random.seed(seed)
+    q = mx.random.normal((B, H, 1, D)).astype(dtype)
+    kv = mx.random.normal((B, 2 * KV, 1, D)).astype(dtype)
+    past = mx.random.normal((B, 2 * KV, cap, D)).astype(dtype)
+    return q, kv, past
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_reference_matches_mlx_attention(shape, dtype):
+    B, H, KV, D, cap, n = shape
+    q, kv, past = _inputs(B, H, KV, D, cap, dtype)
+    got = decode_attention(q, kv, past, past_len=n, scale=D ** -0.5, backend="reference")
+    full = mx.concatenate([past[:, :, :n], kv], axis=2).astype(mx.float32)
+    want = mx.fast.scaled_dot_product_attention(
+        q.astype(mx.float32), full[:, :KV], full[:, KV:], scale=D ** -0.5)
+    assert got.shape == (B, H, 1, D) and got.dtype == dtype
+    assert_close(got, want, dtype)
+
+
+def test_positions_past_past_len_are_not_read():
+    q, kv, past = _inputs(1, 8, 2, 64, 50, mx.float16)
+    poisoned = mx.concatenate([past[:, :, :10], mx.full((1, 4, 40, 64), float("nan"),
+                                                        mx.float16)], axis=2)
+    a = decode_attention(q, kv, past, past_len=10, scale=0.125, backend="reference")
+    b = decode_attention(q, kv, poisoned, past_len=10, scale=0.125, backend="reference")
+    assert mx.array_equal(a, b).item()
+
+
+def test_without_past_the_output_is_the_new_value():
+    q, kv, _ = _inputs(2, 8, 2, 64, 1, mx.float32)
+    got = decode_attention(q, kv, scale=0.125, backend="reference")
+    # One position: softmax is 1, so every query head gets its group's value row.
+    want = mx.repeat(kv[:, 2:], 4, axis=1)
+    assert_close(got, want, mx.float32)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(q=mx.zeros((1, 8, 2, 64), mx.float16)), ValueError, "'q' must be .*one token"),
+    (dict(q=mx.zeros((8, 1, 64), mx.float16)), ValueError, "'q' must have at least 4"),
+    (dict(q=mx.zeros((1, 8, 1, 64), mx.int32)), ValueError, "'q' must have a floating"),
+    (dict(q=mx.zeros((1, 8, 1, 0), mx.float16)), ValueError, "'q' is empty"),
+    (dict(q=mx.zeros((1, 8, 1, 512), mx.float16)), ValueError, "head_dim .* at most 256"),
+    (dict(kv=mx.zeros((1, 3, 1, 64), mx.float16)), ValueError, "'kv' must be"),
+    (dict(kv=mx.zeros((1, 6, 1, 64), mx.float16)), ValueError, "multiple of n_kv_heads"),
+    (dict(kv=mx.zeros((1, 4, 1, 64), mx.float32)), ValueError, "'kv' must have the dtype"),
+    (dict(past=mx.zeros((1, 4, 9, 32), mx.float16)), ValueError, "'past' must be"),
+    (dict(past=mx.zeros((1, 4, 9, 64), mx.bfloat16)), ValueError, "'past' must have the dtype"),
+    (dict(past_len=10), ValueError, "'past_len' must be in \\[0, 9\\]"),
+    (dict(past_len=-1), ValueError, "'past_len' must be in"),
+    (dict(past_len=2.0), TypeError, "'past_len' must be an int"),
+    (dict(past=None, past_len=3), ValueError, "'past_len' must be 0 without 'past'"),
+    (dict(scale=float("inf")), ValueError, "'scale' must be finite"),
+    (dict(scale="x"), TypeError, "'scale' must be a number"),
+    (dict(backend="vulkan"), ValueError, "Unknown backend"),
+])
+def test_bad_input_names_the_argument(kwargs, err, match):
+    args = dict(q=mx.zeros((1, 8, 1, 64), mx.float16), kv=mx.zeros((1, 4, 1, 64), mx.float16),
+                past=mx.zeros((1, 4, 9, 64), mx.float16), past_len=3, scale=0.125,
+                backend="reference")
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        decode_attention(args.pop("q"), args.pop("kv"), args.pop("past"), **args)

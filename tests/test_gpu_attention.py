@@ -1,0 +1,53 @@
+"""GPU tests: the decode attention kernel against its reference."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_foundry.ops import decode_attention
+from tolerances import assert_close
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [mx.float16, mx.bfloat16, mx.float32]
+# (batch, n_heads, n_kv_heads, head_dim, capacity, past_len): one position, fewer
+# positions than SIMD-groups, 32 +- 1, long caches, head_dim not a multiple of 32,
+# unused capacity past past_len.
+SHAPES = [(1, 32, 8, 128, 256, 0), (1, 32, 8, 128, 256, 1), (1, 32, 8, 128, 256, 31),
+          (1, 32, 8, 128, 256, 32), (1, 32, 8, 128, 256, 33), (1, 32, 8, 128, 4352, 4100),
+          (2, 8, 2, 64, 40, 17), (1, 4, 4, 80, 7, 7), (3, 6, 1, 96, 33, 5),
+          (1, 1, 1, 32, 1, 0), (2, 12, 4, 256, 100, 99), (1, 28, 4, 128, 512, 300),
+          (4, 16, 16, 64, 9, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_attention_gpu(gpu_backend, dtype, shape):
+    B, H, KV, D, cap, n = shape
+    mx.random.seed(B * 1000 + H * 10 + n)
+    q = mx.random.normal((B, H, 1, D)).astype(dtype)
+    kv = mx.random.normal((B, 2 * KV, 1, D)).astype(dtype)
+    past = (2 * mx.random.normal((B, 2 * KV, cap, D))).astype(dtype)
+    kw = dict(past_len=n, scale=D ** -0.5)
+    got = decode_attention(q, kv, past, backend=gpu_backend, **kw)
+    assert_close(got, decode_attention(q, kv, past, backend="reference", **kw), dtype,
+                 k=n + 1)
+
+
+def test_decode_attention_gpu_does_not_read_past_past_len(gpu_backend):
+    mx.random.seed(3)
+    q = mx.random.normal((1, 8, 1, 64)).astype(mx.float16)
+    kv = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+    past = mx.random.normal((1, 4, 64, 64)).astype(mx.float16)
+    nan = mx.concatenate([past[:, :, :10], mx.full((1, 4, 54, 64), float("nan"), mx.float16)],
+                         axis=2)
+    a = decode_attention(q, kv, past, past_len=10, scale=0.125, backend=gpu_backend)
+    b = decode_attention(q, kv, nan, past_len=10, scale=0.125, backend=gpu_backend)
+    assert mx.array_equal(a, b).item()
+
+
+def test_decode_attention_gpu_without_past(gpu_backend):
+    mx.random.seed(4)
+    q = mx.random.normal((2, 8, 1, 64)).astype(mx.bfloat16)
+    kv = mx.random.normal((2, 4, 1, 64)).astype(mx.bfloat16)
+    got = decode_attention(q, kv, scale=0.125, backend=gpu_backend)
+    assert mx.array_equal(got, mx.repeat(kv[:, 2:], 4, axis=1)).item()
