@@ -80,21 +80,19 @@ class KVCache(_MLXKVCache):
         Returns:
             tuple(array, array): keys and values ``[B, H_kv, offset, D]`` (views).
         """
-        _, joint, end = self._write(kv, "update_and_fetch_joint")
+        joint, end = self._write(kv, "update_and_fetch_joint")
         h = kv.shape[1] // 2
         if end < joint.shape[2]:
             return joint[:, :h, :end, :], joint[:, h:, :end, :]
         return joint[:, :h], joint[:, h:]
 
     def append_joint(self, kv):
-        """Append keys and values given as one array; return ``(past, past_len)``.
+        """Append keys and values given as one array; return ``(buffer, past_len)``.
 
-        ``past`` is the joint buffer as it was before this write, its first
-        ``past_len`` positions holding the earlier tokens: what
-        :func:`mlx_foundry.ops.decode_attention` takes, with the new token read from
-        ``kv`` itself. Nothing of this step waits for the write, so MLX evaluates it
-        when the cache is next read (the next step), beside that step's first kernels
-        instead of in front of this step's attention.
+        The whole joint buffer after the write, whose first ``past_len`` positions
+        hold the earlier tokens: what :func:`mlx_foundry.ops.decode_attention` takes
+        (with the new token read from ``kv``), so a decode step needs no key and
+        value views.
 
         Args:
             kv (array): ``[B, 2 * H_kv, L, D]``, keys in the first ``H_kv`` heads.
@@ -102,12 +100,12 @@ class KVCache(_MLXKVCache):
         Returns:
             tuple(array, int): the buffer ``[B, 2 * H_kv, capacity, D]`` and ``past_len``.
         """
-        past, _, end = self._write(kv, "append_joint")
-        return past, end - kv.shape[2]
+        joint, end = self._write(kv, "append_joint")
+        return joint, end - kv.shape[2]
 
     def _write(self, kv, who):
         """Write ``kv`` after the cached positions (growing the buffer if needed); return
-        ``(buffer before the write, buffer after it, new offset)``."""
+        ``(buffer, new offset)``."""
         if kv.ndim != 4 or kv.shape[1] % 2:
             raise ValueError(f"[KVCache.{who}] 'kv' must be [B, 2 * n_kv_heads, L, "
                              f"head_dim] but got shape {tuple(kv.shape)}.")
@@ -116,10 +114,13 @@ class KVCache(_MLXKVCache):
         joint = self.__dict__.get("_kv")
         if joint is None or end > joint.shape[2]:
             joint = self._grow(kv, prev)
-        before = mx.array(joint)  # a second handle: the update below rebinds `joint` only
+        # The write must come before anything reads the buffer in the same step: MLX
+        # updates it in place only while no other kernel (even one in flight) holds it,
+        # else it copies the whole buffer (measured: a lazy write after an attention
+        # over the old buffer cost a full copy per layer and token).
         joint[:, :, prev:end] = kv
         self.offset = end
-        return before, joint, end
+        return joint, end
 
     def _grow(self, kv, prev):
         """A joint buffer with room for ``kv`` after the first ``prev`` positions (mlx-lm's

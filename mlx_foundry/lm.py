@@ -6,8 +6,8 @@ block it can fuse to a subclass whose ``__call__`` runs, for decode-sized
 inputs::
 
     q, kv   = norm_qkv_rope(x, joint_kv=True)  # input RMSNorm + Q/K/V (+ RoPE)
-    past, n = cache.append_joint(kv)           # one write: K and V share a buffer
-    o       = decode_attention(q, kv, past, past_len=n)  # over the cache and the token
+    k, v    = cache.update_and_fetch_joint(kv) # one write: K and V share a buffer
+    o       = scaled_dot_product_attention(q, k, v, cache=cache, mask=mask)
     h       = linear(o, o_proj, residual=x)    # output projection + residual
     a       = norm_gate_up_swiglu(h)           # post-attention RMSNorm + gate/up + SwiGLU
     out     = linear(a, down_proj, residual=h) # down projection + residual
@@ -17,12 +17,11 @@ into the cache with one update: the patched blocks switch the plain mlx-lm
 ``KVCache`` objects they decode with to :class:`mlx_foundry.kv_cache.KVCache`, the
 same cache with keys and values in one buffer (``patch(model, joint_kv=False)``
 keeps mlx-lm's caches as they are; other cache types are never changed).
-The attention reads the cache buffer as it was before the write, and the new
-token from ``kv``, so the write is off the step's critical path: MLX evaluates it
-when the cache is next read.  With a mask, a context over
-:data:`DECODE_ATTENTION_MAX_LEN` positions, ``decode_attention=False`` or
-``joint_kv=False``, the step uses key/value views and mlx-lm's
-``scaled_dot_product_attention`` instead.
+With ``patch(model, decode_attention=True)`` the attention of a decoded token
+runs through :func:`mlx_foundry.ops.decode_attention` over the cache buffer
+itself (no key/value views), for contexts up to :data:`DECODE_ATTENTION_MAX_LEN`
+and no mask; it is off by default because on MLX's CUDA backend it measured no
+faster (see :data:`DECODE_ATTENTION_MAX_LEN`).
 
 The model's own output projection (``lm_head``, when the embeddings are not
 tied) runs through the fused GEMV for decode-sized inputs too.  Every fused op
@@ -59,10 +58,17 @@ _PLAN_ATTR = "_mlx_foundry_plan"
 _REPORT_ATTR = "_mlx_foundry_report"
 _DEFAULT_MAX_ROWS = 16
 
-DECODE_ATTENTION_MAX_LEN = 4096
-"""Cached positions up to which a patched block's decode attention runs through
-:func:`mlx_foundry.ops.decode_attention` (one threadgroup per query head); longer
-contexts use MLX's attention, whose kernel splits the positions over more threadgroups."""
+DECODE_ATTENTION_MAX_LEN = 1024
+"""Cached positions up to which a block patched with ``decode_attention=True`` attends
+through :func:`mlx_foundry.ops.decode_attention` (one threadgroup per query head).
+
+Measured with ncu on an NVIDIA H100 (MLX 0.32.4, 32/8 heads x 128, float16): the kernel
+takes 8.4 / 15.2 / 24.7 us at 151 / 500 / 1001 positions against 8.2 / 14.9 / 24.1 us for
+MLX's one-pass attention, and 45 / 84 us at 2048 / 4096 against 20 / 29 us for MLX's
+two-pass kernel, which MLX switches to between 1001 and 2048 positions. Inside a decode
+step (the cache in L2) it took 5.5 us against 6.2 us, but the launch of a custom kernel
+costs the host more than MLX's attention and two views, and whole-token decode on that
+host was not faster (`tools/decode_breakdown.py`, pipelined 2.86 against 2.66 ms)."""
 
 __all__ = ["PatchReport", "patch", "unpatch", "is_patched", "patch_stats",
            "SUPPORTED_MODEL_TYPES"]
@@ -221,7 +227,7 @@ class _BlockPlan:
     """What a patched block fuses, and counters of how its calls ran."""
 
     def __init__(self, path, original_class, arch, attn, mlp, rope, head_dim, backend,
-                 max_rows, joint_kv=True, decode_attention=True):
+                 max_rows, joint_kv=True, decode_attention=False):
         self.path = path
         self.original_class = original_class
         self.arch = arch
@@ -400,7 +406,7 @@ def _attends(plan, mask, offset):
 def _attend(plan, step, q, kv, cache, scale):
     """Append the token's keys and values to the joint cache and attend over it: ``[B, H,
     1, D]``. The launch is prepared per cache capacity (the buffer grows in steps)."""
-    past, past_len = cache.append_joint(kv)
+    past, past_len = cache.append_joint(kv)  # the buffer after the write
     slot = step.attend
     cap = past.shape[2]
     if slot is None or (slot and slot[0] != cap):
@@ -793,7 +799,7 @@ def _default_max_rows():
 
 
 def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_head=True,
-          joint_kv=True, decode_attention=True):
+          joint_kv=True, decode_attention=False):
     """Fuse the decode path of an mlx-lm model's transformer blocks, in place.
 
     Args:
@@ -816,8 +822,8 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
         decode_attention (bool): with ``joint_kv``, attend a decoded token with
             :func:`mlx_foundry.ops.decode_attention` over the cache buffer (contexts up
             to :data:`DECODE_ATTENTION_MAX_LEN` positions, no mask) instead of key and
-            value views and MLX's attention; the cache write then runs beside the next
-            step's first kernels instead of in front of the attention. Default: ``True``.
+            value views and MLX's attention. Default: ``False`` (not faster on MLX's
+            CUDA backend; see :data:`DECODE_ATTENTION_MAX_LEN`).
 
     Returns:
         PatchReport: what was fused and what was left as it was, and why.

@@ -221,10 +221,10 @@ def test_joint_kv_cache_is_adopted_or_left_alone(joint_kv):
     assert min(fast) >= STEPS - 2  # the decode steps after the first ran the fast path
 
 
-@pytest.mark.parametrize("attend, max_len", [(True, 4096), (True, 20), (False, 4096)])
+@pytest.mark.parametrize("attend, max_len", [(True, 1024), (True, 20), (False, 1024)])
 def test_decode_attention_over_the_joint_cache(monkeypatch, attend, max_len):
     """With the joint cache a decoded token attends through ops.decode_attention over the
-    cache buffer (the write left lazy), up to DECODE_ATTENTION_MAX_LEN cached positions,
+    cache buffer, up to DECODE_ATTENTION_MAX_LEN cached positions,
     then through key/value views and MLX's attention; the buffer grows (here every 8
     positions) under it. Same tokens and cache contents as unpatched either way."""
     from mlx_foundry.kernel import record_launches
@@ -262,13 +262,13 @@ def test_decode_attention_over_the_joint_cache(monkeypatch, attend, max_len):
     prepared = [s for s in attend_slots if s]
     if attend:
         # Prepared per capacity: the last one at the capacity the buffer grew to.
-        if max_len == 4096:
+        if max_len == 1024:
             assert prepared and all(s[0] == c._kv.shape[2]
                                     for s, c in zip(prepared, got_caches))
         assert prepared and all(s[0] > 16 for s in prepared)
     else:
         assert not prepared
-    assert ("decode_attention" in launched) == (attend and max_len == 4096)
+    assert ("decode_attention" in launched) == (attend and max_len == 1024)
 
 
 def test_joint_cache_continues_through_a_second_prompt():

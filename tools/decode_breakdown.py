@@ -5,7 +5,8 @@ Per token, unpatched and patched: *build* (Python: ``model(y, cache=cache)``),
 per kernel), *wait* (the rest until the token is done) and *pipelined* (a loop that
 builds token t+1 while the GPU runs token t, as ``mlx_lm.generate_step`` does); for the
 unpatched model, the patched model with mlx-lm's two-buffer KV cache
-(``joint_kv=False``) and the patched model as patched by default::
+(``joint_kv=False``), the patched model as patched by default, and with
+``ops.decode_attention`` over the joint cache (``decode_attention=True``)::
 
     python tools/decode_breakdown.py breakdown --json out.json
 
@@ -112,8 +113,12 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("breakdown")
     s.add_argument("--json", default=None)
+    s.add_argument("--only", nargs="*", default=None,
+                   help="variants whose name contains one of these strings")
+    s.add_argument("--rounds", type=int, default=2)
     s = sub.add_parser("one-token")
     s.add_argument("--patched", action="store_true")
+    s.add_argument("--decode-attention", action="store_true")
     s = sub.add_parser("sum")
     s.add_argument("csv")
     args = p.parse_args()
@@ -125,14 +130,17 @@ def main():
     model = _model()
     if args.cmd == "one-token":
         if args.patched:
-            patch(model)
+            patch(model, decode_attention=args.decode_attention)
         one_token(model)
         return 0
-    # Each variant twice, interleaved (host speed drifts over a run); the better of two.
+    # Each variant --rounds times, interleaved (host speed drifts over a run); the best.
     res = {}
     variants = (("unpatched", None), ("patched, joint_kv=False", {"joint_kv": False}),
-                ("patched", {}))
-    for _ in range(2):
+                ("patched", {}),
+                ("patched, decode_attention=True", {"decode_attention": True}))
+    if args.only:
+        variants = [v for v in variants if any(o in v[0] for o in args.only)]
+    for _ in range(args.rounds):
         for name, kw in variants:
             if kw is not None:
                 patch(model, **kw)
@@ -145,7 +153,7 @@ def main():
             if best is None or r["pipelined_ms"] < best["pipelined_ms"]:
                 res[name] = r
     for k, v in res.items():
-        print(f"{k:24s} " + "  ".join(f"{m} {x:.3f}" for m, x in v.items()))
+        print(f"{k:32s} " + "  ".join(f"{m} {x:.3f}" for m, x in v.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

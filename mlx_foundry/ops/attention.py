@@ -25,8 +25,11 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
     Keys and values come in the joint layout of
     :class:`mlx_foundry.kv_cache.KVCache` (keys in the first ``n_kv_heads`` heads,
     values in the rest), the layout ``norm_qkv_rope(..., joint_kv=True)`` writes, so
-    the step needs no key/value views and the cache update can run beside it.
-    Accumulates in float32.
+    the step needs no key/value views of the cache.
+    Accumulates in float32. One threadgroup per query head walks the positions: about
+    as fast as MLX's one-pass attention up to ~1000 positions, and slower than MLX's
+    two-pass kernel past that (``mlx_foundry.lm.DECODE_ATTENTION_MAX_LEN`` has the
+    measurement).
 
     Args:
         q (array): the queries, ``[B, n_heads, 1, head_dim]``, float16/bfloat16/float32.

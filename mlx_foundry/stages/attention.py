@@ -3,8 +3,8 @@
 The kernel reads the cache's joint buffer ``[B, 2 * H_kv, capacity, D]``
 (:class:`mlx_foundry.kv_cache.KVCache`) and this token's keys and values
 ``[B, 2 * H_kv, 1, D]`` as they come from ``norm_qkv_rope(..., joint_kv=True)``,
-so a decode step needs neither the cache update nor key/value views before it:
-the update can run beside the attention instead of in front of it.
+so a decode step needs no key/value views of the cache (two graph nodes per
+layer and token).
 
 One threadgroup of 1024 threads (32 SIMD-groups) per (batch, query head).
 Compile-time: ``T``, ``H``, ``KV``, ``D``. Runtime: ``past_len`` and

@@ -11,7 +11,7 @@
 // 32)). A position is one dot product (simd_sum), then an online-softmax update of the
 // SIMD-group's running max, sum and weighted values; the loads of its next position are
 // issued before that arithmetic. The 32 partial states are merged through threadgroup
-// memory (attn_state: 32 x (D + 2) floats), one output element per thread.
+// memory (attn_state: 32 + 32 x (D + 1) floats), one output element per thread.
 
 constant constexpr int ATTN_SIMDS = 32;
 
@@ -96,17 +96,24 @@ METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
     m = mn;
   }
 
-  // Merge: SIMD-group s leaves (m, l, acc[D]) at attn_state[s * (D + 2)].
-  threadgroup float* mine = attn_state + sg * uint(D + 2);
+  // Merge. The threadgroup's max first (attn_state[0..31]: each SIMD-group's max), so
+  // that each SIMD-group stores its sum and values already rescaled to it, at
+  // attn_state[32 + s * (D + 1)]: the final sums then need no exp and no dependent loads.
   if (lane == 0u) {
-    mine[0] = m;
-    mine[1] = l;
+    attn_state[sg] = m;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float gm = simd_max(attn_state[lane]);  // lane s reads SIMD-group s's max
+  const float w = metal::exp(m - gm);           // 0 for a SIMD-group without positions
+  threadgroup float* mine = attn_state + 32u + sg * uint(D + 1);
+  if (lane == 0u) {
+    mine[0] = l * w;
   }
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     const uint d = lane * uint(E) + uint(e);
     if (D % 32 == 0 || d < uint(D)) {
-      mine[2u + d] = acc[e];
+      mine[1u + d] = acc[e] * w;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -114,20 +121,12 @@ METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
   if (t >= uint(D)) {
     return;
   }
-  float gm = -INFINITY;
-  for (int s = 0; s < ATTN_SIMDS; ++s) {
-    gm = metal::max(gm, attn_state[s * (D + 2)]);
-  }
   float total = 0.0f;
   float o = 0.0f;
+#pragma unroll
   for (int s = 0; s < ATTN_SIMDS; ++s) {
-    const float ms = attn_state[s * (D + 2)];
-    if (ms == -INFINITY) {
-      continue;  // a SIMD-group without positions (n < 32)
-    }
-    const float w = metal::exp(ms - gm);
-    total = metal::fma(w, attn_state[s * (D + 2) + 1], total);
-    o = metal::fma(w, attn_state[s * (D + 2) + 2 + int(t)], o);
+    total += attn_state[32 + s * (D + 1)];
+    o += attn_state[32 + s * (D + 1) + 1 + int(t)];
   }
   out[size_t(bh) * size_t(D) + size_t(t)] = static_cast<T>(o / total);
 }
