@@ -222,7 +222,7 @@ def logit_errors(model, prompt, steps, *, backend=None):
 
 def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=4,
                      repeats=1, results_dir=None, config=None, bits=4, group_size=64,
-                     dtype=mx.float16):
+                     dtype=mx.float16, patch_kwargs=None):
     """Greedy-decode unpatched and patched; compare tokens and tokens/s.
 
     Args:
@@ -238,6 +238,8 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
             nothing). Default: ``$MLX_FOUNDRY_RESULTS_DIR`` if set and the model is
             the default Llama-3-8B-shaped one.
         config, bits, group_size, dtype: for the random model.
+        patch_kwargs (dict, optional): further arguments of :func:`mlx_foundry.patch`
+            (``decode_attention=True``, ...).
 
     Greedy decoding amplifies rounding at ties: where the unpatched model's two best
     tokens are within fp16 resolution, any other summation order may pick the other
@@ -275,7 +277,7 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
 
     ref_tokens, ref_tps = run()
     _, _, ref_margins = greedy_decode(model, prompt, steps, margins=True)
-    report = patch(model, backend=backend)
+    report = patch(model, backend=backend, **(patch_kwargs or {}))
     try:
         tokens, tps = run()
         stats = {k: dict(v) for k, v in patch_stats(model).items()}

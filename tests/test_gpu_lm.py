@@ -56,6 +56,35 @@ def test_small_models_greedy_tokens(gpu_backend, model_type, bits, group_size):
     _assert_same_tokens_up_to_ties(result)
 
 
+def test_decode_attention_greedy_tokens(gpu_backend):
+    """patch(decode_attention=True): the attention of every decoded token runs through
+    ops.decode_attention over the joint cache; same tokens as unpatched."""
+    cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
+               num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, head_dim=64,
+               rope_scaling=None)
+    result = decode_benchmark(steps=48, backend=gpu_backend, config=cfg, results_dir="",
+                              warmup=2, patch_kwargs={"decode_attention": True})
+    assert result["fused_blocks"] == 4, result["report"]
+    _assert_same_tokens_up_to_ties(result)
+    # The decoded tokens took the decode attention launch in every block.
+    from mlx_foundry.lm_bench import random_quantized_model
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = random_quantized_model(config=cfg, bits=4, group_size=64)
+    lm.patch(model, backend=gpu_backend, decode_attention=True)
+    try:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([[1] * 16]), cache=cache))
+        for t in (3, 4, 5):
+            mx.eval(model(mx.array([[t]]), cache=cache))
+        for block in model.model.layers:
+            slots = [s.attend for s in block.__dict__[lm._PLAN_ATTR].steps.values()]
+            launches = [s[1] for s in slots if s]
+            assert launches and all(p.backend == gpu_backend for p in launches)
+    finally:
+        lm.unpatch(model)
+
+
 def test_fused_logits_at_least_as_close_to_float32_as_mlx(gpu_backend):
     """The fused fp16 decode rounds less often than MLX's unfused ops: its logits must
     be at least as close to a float32 decode of the same model (within 10%)."""
