@@ -63,12 +63,13 @@ DECODE_ATTENTION_MAX_LEN = 1024
 through :func:`mlx_foundry.ops.decode_attention` (one threadgroup per query head).
 
 Measured with ncu on an NVIDIA H100 (MLX 0.32.4, 32/8 heads x 128, float16): the kernel
-takes 8.4 / 15.2 / 24.7 us at 151 / 500 / 1001 positions against 8.2 / 14.9 / 24.1 us for
-MLX's one-pass attention, and 45 / 84 us at 2048 / 4096 against 20 / 29 us for MLX's
-two-pass kernel, which MLX switches to between 1001 and 2048 positions. Inside a decode
-step (the cache in L2) it took 5.5 us against 6.2 us, but the launch of a custom kernel
-costs the host more than MLX's attention and two views, and whole-token decode on that
-host was not faster (`tools/decode_breakdown.py`, pipelined 2.86 against 2.66 ms)."""
+takes 7.1 / 22.7 us at 151 / 1001 positions against 8.2 / 24.1 us for MLX's one-pass
+attention, and (an earlier version, ~10% slower) 45 / 84 us at 2048 / 4096 against
+20 / 29 us for MLX's two-pass kernel, which MLX switches to between 1001 and 2048
+positions. The decode of a whole token was not faster with it (`tools/decode_breakdown.py`,
+pipelined per token: 3.71 against 3.71 ms on a host-bound lease, 2.86 against 2.66 ms
+with the earlier version on another): the launch of a custom kernel costs the host about
+what MLX's attention and the two key/value views cost. BENCHMARKS.md has the table."""
 
 __all__ = ["PatchReport", "patch", "unpatch", "is_patched", "patch_stats",
            "SUPPORTED_MODEL_TYPES"]
