@@ -114,7 +114,7 @@ def main():
     s = sub.add_parser("breakdown")
     s.add_argument("--json", default=None)
     s.add_argument("--only", nargs="*", default=None,
-                   help="variants whose name contains one of these strings")
+                   help="variant names to run (unpatched, patched, ...); default: all")
     s.add_argument("--rounds", type=int, default=2)
     s = sub.add_parser("one-token")
     s.add_argument("--patched", action="store_true")
@@ -139,7 +139,7 @@ def main():
                 ("patched", {}),
                 ("patched, decode_attention=True", {"decode_attention": True}))
     if args.only:
-        variants = [v for v in variants if any(o in v[0] for o in args.only)]
+        variants = [v for v in variants if v[0] in args.only]
     for _ in range(args.rounds):
         for name, kw in variants:
             if kw is not None:
