@@ -146,6 +146,16 @@ def _entries():
         lambda: ops.decode_attention(_z((2, 12, 1, 80), F16), _z((2, 8, 1, 80), F16),
                                      _z((2, 8, 7, 80), F16), past_len=7, scale=0.1,
                                      backend="metal"))
+    add("decode_attention_long_f16", "decode attention 32/8 heads x 128 over 3000 positions "
+        "(split kernel + combine)",
+        lambda: ops.decode_attention(
+            _z((1, N_HEADS, 1, HEAD_DIM), F16), _z((1, 2 * N_KV, 1, HEAD_DIM), F16),
+            _z((1, 2 * N_KV, 3072, HEAD_DIM), F16), past_len=2999, scale=HEAD_DIM ** -0.5,
+            backend="metal"))
+    add("decode_attention_combine_f16", "decode attention's merge of 13 split states, "
+        "32 heads x 128 (the second launch of decode_attention_long_f16)",
+        lambda: _attention_combine()(_z((N_HEADS, 13, HEAD_DIM + 2), F32), splits=13, T=F16,
+                                     backend="metal"))
     # Split K (the default only for tall weights, K >= 2N; else a tuner option): the
     # threadgroup-memory exchange and barrier of the GEMV stages, on the packed-half and
     # the float paths, at K = 4096.
@@ -154,6 +164,12 @@ def _entries():
         base = next(e for e in out if e.name == name)
         add(f"{name}_splitk", f"{base.description}, split K", _with_split_k(base.walk))
     return out
+
+
+def _attention_combine():
+    from .stages.attention import decode_attention_combine
+
+    return decode_attention_combine
 
 
 def _with_split_k(walk):

@@ -8,7 +8,9 @@ from tolerances import assert_close
 
 # (batch, n_heads, n_kv_heads, head_dim, capacity, past_len)
 SHAPES = [(1, 32, 8, 128, 256, 20), (2, 8, 2, 64, 40, 17), (1, 4, 4, 80, 7, 7),
-          (3, 6, 1, 96, 33, 0), (1, 1, 1, 32, 1, 1), (2, 12, 4, 256, 100, 99)]
+          (3, 6, 1, 96, 33, 0), (1, 1, 1, 32, 1, 1), (2, 12, 4, 256, 100, 99),
+          # past ONE_PASS_MAX_LEN positions: the split kernel and the merge
+          (1, 8, 2, 64, 1100, 1023), (1, 8, 2, 64, 1100, 1024), (2, 4, 1, 80, 2600, 2599)]
 
 
 def _inputs(B, H, KV, D, cap, dtype, seed=0):
@@ -75,3 +77,18 @@ def test_bad_input_names_the_argument(kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         decode_attention(args.pop("q"), args.pop("kv"), args.pop("past"), **args)
+
+
+def test_split_states_merge_to_the_one_pass_result():
+    """The split kernel's reference (chunk states, empty chunks past the positions) merged
+    by the combine reference gives the one-pass reference, at any context length."""
+    from mlx_foundry.stages import attention as A
+
+    q, kv, past = _inputs(2, 8, 2, 64, 900, mx.float32)
+    for n in (0, 5, 255, 256, 600):
+        splits = A.split_count(900)
+        parts = A.split_partials_math(q, kv, past, n, 0.125, splits)
+        assert parts.shape == (16, splits, 66)
+        assert mx.all(parts[:, (n + 1 + 255) // 256:, 0] == -float("inf")).item()
+        got = A.combine_math(parts, mx.float32).reshape(2, 8, 1, 64)
+        assert_close(got, A.decode_attention_math(q, kv, past, n, 0.125), mx.float32)

@@ -7,6 +7,11 @@ from ..stages import attention as _attention
 from ..types import dtype_name
 from ._checks import check_float_array
 
+ONE_PASS_MAX_LEN = 1024
+"""Positions (``past_len + 1``) up to which one threadgroup per query head takes them all;
+longer contexts split the positions over more threadgroups and merge the parts in a
+second kernel."""
+
 MAX_HEAD_DIM = 256
 """The largest ``head_dim`` :func:`decode_attention` takes (its threadgroup memory holds
 32 x (head_dim + 2) floats)."""
@@ -26,10 +31,9 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
     :class:`mlx_foundry.kv_cache.KVCache` (keys in the first ``n_kv_heads`` heads,
     values in the rest), the layout ``norm_qkv_rope(..., joint_kv=True)`` writes, so
     the step needs no key/value views of the cache.
-    Accumulates in float32. One threadgroup per query head walks the positions: about
-    as fast as MLX's one-pass attention up to ~1000 positions, and slower than MLX's
-    two-pass kernel past that (``mlx_foundry.lm.DECODE_ATTENTION_MAX_LEN`` has the
-    measurement).
+    Accumulates in float32. Up to :data:`ONE_PASS_MAX_LEN` positions one kernel runs
+    one threadgroup per query head; longer contexts take two kernels (chunks of
+    positions, then their merge), as MLX's attention does.
 
     Args:
         q (array): the queries, ``[B, n_heads, 1, head_dim]``, float16/bfloat16/float32.
@@ -96,9 +100,17 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
         raise ValueError(f"[{who}] 'scale' must be finite but is {scale}.")
     if backend is not None:
         check_backend(backend, who)
-    return _attention.decode_attention(q, kv, past, past_len=past_len,
-                                       past_cap=past.shape[2], scale=float(scale),
-                                       backend=backend)
+    cap = past.shape[2]
+    if past_len + 1 <= ONE_PASS_MAX_LEN:
+        return _attention.decode_attention(q, kv, past, past_len=past_len, past_cap=cap,
+                                           scale=float(scale), backend=backend)
+    splits = _attention.split_count(cap)
+    partials = _attention.decode_attention_split(q, kv, past, past_len=past_len,
+                                                 past_cap=cap, scale=float(scale),
+                                                 splits=splits, backend=backend)
+    out = _attention.decode_attention_combine(partials, splits=splits, T=q.dtype,
+                                              backend=backend)
+    return out.reshape(B, H, 1, D)
 
 
 def _same_dtype(who, name, v, q):

@@ -6,9 +6,17 @@ The kernel reads the cache's joint buffer ``[B, 2 * H_kv, capacity, D]``
 so a decode step needs no key/value views of the cache (two graph nodes per
 layer and token).
 
-One threadgroup of 1024 threads (32 SIMD-groups) per (batch, query head).
-Compile-time: ``T``, ``H``, ``KV``, ``D``. Runtime: ``past_len`` and
-``past_cap`` (the cache grows without recompiling) and ``scale``.
+Two forms (``attention.metal``):
+
+- :data:`decode_attention`: one threadgroup of 1024 threads (32 SIMD-groups) per
+  (batch, query head) takes every position (short contexts);
+- :data:`decode_attention_split` + :data:`decode_attention_combine`: the positions
+  of a head split into chunks of :data:`SPLIT_CHUNK`, one threadgroup of
+  :data:`SPLIT_SIMDS` SIMD-groups each, their partial softmax states merged by a
+  second kernel (long contexts: more threadgroups than query heads).
+
+Compile-time: ``T``, ``H``, ``KV``, ``D``. Runtime: ``past_len`` and ``past_cap`` (the
+cache grows without recompiling), ``scale`` and ``splits``.
 """
 
 import mlx.core as mx
@@ -20,7 +28,18 @@ from ..stage import Threadgroup
 from ..types import FLOAT_DTYPES, f32, u32
 
 ATTENTION_SIMDS = 32
-"""SIMD-groups per threadgroup (the merge in ``attention.metal`` assumes 32)."""
+"""SIMD-groups per threadgroup of the one-pass kernel."""
+
+SPLIT_SIMDS = 8
+"""SIMD-groups per threadgroup of the split kernel."""
+
+SPLIT_CHUNK = 32 * SPLIT_SIMDS
+"""Positions per threadgroup of the split kernel (32 per SIMD-group)."""
+
+
+def split_count(past_cap):
+    """Chunks of :data:`SPLIT_CHUNK` positions that cover ``past_cap + 1`` positions."""
+    return -(-(past_cap + 1) // SPLIT_CHUNK)
 
 
 def decode_attention_math(q, kv, past, past_len, scale):
@@ -46,11 +65,53 @@ def decode_attention_math(q, kv, past, past_len, scale):
     return (p @ v).reshape(B, H, 1, D).astype(q.dtype)
 
 
-def _reference(b):
+def _scores_and_values(q, kv, past, past_len, scale):
+    """Per query head ``[B * H, n]`` scores and ``[B * H, n, D]`` values (float32)."""
+    B, H, _, D = q.shape
+    kv_heads = kv.shape[1] // 2
+    if past_len:
+        kv = mx.concatenate([past[:, :, :past_len].astype(kv.dtype), kv], axis=2)
+    kv = kv.astype(mx.float32)
+    n = kv.shape[2]
+    qf = q.astype(mx.float32).reshape(B, kv_heads, H // kv_heads, 1, D) * scale
+    scores = (qf @ kv[:, :kv_heads, None].swapaxes(-1, -2)).reshape(B * H, n)
+    values = mx.broadcast_to(kv[:, kv_heads:, None], (B, kv_heads, H // kv_heads, n, D))
+    return scores, values.reshape(B * H, n, D)
+
+
+def split_partials_math(q, kv, past, past_len, scale, splits):
+    """The split kernel's ``[B * H, splits, D + 2]`` states in plain MLX ops: per chunk of
+    :data:`SPLIT_CHUNK` positions its max score (-inf when empty), the sum of
+    ``exp(score - max)`` and the ``exp(score - max)``-weighted sum of values."""
+    scores, values = _scores_and_values(q, kv, past, past_len, scale)
+    rows, n = scores.shape
+    pad = splits * SPLIT_CHUNK - n
+    scores = mx.pad(scores, [(0, 0), (0, pad)], constant_values=-float("inf"))
+    values = mx.pad(values, [(0, 0), (0, pad), (0, 0)])
+    scores = scores.reshape(rows, splits, SPLIT_CHUNK)
+    values = values.reshape(rows, splits, SPLIT_CHUNK, -1)
+    m = mx.max(scores, axis=-1)
+    empty = m == -float("inf")
+    p = mx.where(empty[..., None], 0.0, mx.exp(scores - mx.where(empty, 0.0, m)[..., None]))
+    o = (p[..., None, :] @ values).squeeze(-2)
+    return mx.concatenate([m[..., None], mx.sum(p, axis=-1)[..., None], o], axis=-1)
+
+
+def combine_math(partials, dtype):
+    """The combine kernel in plain MLX ops: ``[B * H, D]`` from the split states."""
+    m, total, o = partials[..., 0], partials[..., 1], partials[..., 2:]
+    gm = mx.max(m, axis=-1, keepdims=True)
+    w = mx.where(m == -float("inf"), 0.0, mx.exp(m - gm))
+    return (mx.sum(w[..., None] * o, axis=1) / mx.sum(w * total, axis=1)[..., None]).astype(dtype)
+
+
+def _past_len(b):
     past_len = b.past_len
-    if isinstance(past_len, mx.array):
-        past_len = past_len.item()
-    return decode_attention_math(b.q, b.kv, b.past, int(past_len), b.scale)
+    return int(past_len.item() if isinstance(past_len, mx.array) else past_len)
+
+
+def _reference(b):
+    return decode_attention_math(b.q, b.kv, b.past, _past_len(b), b.scale)
 
 
 decode_attention = Kernel(
@@ -79,3 +140,55 @@ decode_attention = Kernel(
 )
 """The decode attention :class:`Kernel`:
 ``decode_attention(q, kv, past, past_len=n, past_cap=past.shape[2], scale=s)``."""
+
+
+decode_attention_split = Kernel(
+    "decode_attention_split", source="stages/attention.metal",
+    function="decode_attention_split", template=("T", "H", "KV", "D", "SIMDS", "CHUNK"),
+    args=[
+        Tensor("q", FLOAT_DTYPES, ndim=4),
+        Tensor("kv", FLOAT_DTYPES, ndim=4),
+        Tensor("past", FLOAT_DTYPES, ndim=4),
+        Output("partials", shape=lambda b: (b.q.shape[0] * b.q.shape[1],
+                                            split_count(b.past.shape[2]), b.q.shape[3] + 2),
+               dtype=mx.float32),
+        Scalar("past_len", u32),
+        Scalar("past_cap", u32),
+        Scalar("scale", f32),
+        Scalar("splits", u32),
+        Constant("T", "dtype", like="q"),
+        Constant("H", value=lambda b: b.q.shape[1]),
+        Constant("KV", value=lambda b: b.kv.shape[1] // 2),
+        Constant("D", value=lambda b: b.q.shape[3]),
+        Constant("SIMDS", value=SPLIT_SIMDS),
+        Constant("CHUNK", value=SPLIT_CHUNK),
+        Constant("STATE", value=lambda b: 32 + SPLIT_SIMDS * (b.q.shape[3] + 1)),
+    ],
+    attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
+                "thread_index_in_simdgroup"),
+    threadgroup=(Threadgroup("float", "attn_state", "STATE"),),
+    dispatch=lambda b: DispatchConfig((b.q.shape[0] * b.q.shape[1],
+                                       split_count(b.past.shape[2])), (32 * SPLIT_SIMDS,)),
+    reference=lambda b: split_partials_math(b.q, b.kv, b.past, _past_len(b), b.scale,
+                                            split_count(b.past.shape[2])),
+)
+"""Decode attention over chunks of positions: ``[B * H, splits, D + 2]`` float32 states
+(``splits`` = :func:`split_count` of the capacity; chunks past the positions are empty)."""
+
+decode_attention_combine = Kernel(
+    "decode_attention_combine", source="stages/attention.metal",
+    function="decode_attention_combine", template=("T", "D"),
+    args=[
+        Tensor("partials", (mx.float32,), ndim=3),
+        Output("out", shape=lambda b: (b.partials.shape[0], b.partials.shape[2] - 2),
+               dtype=lambda b: b.T),
+        Scalar("splits", u32),
+        Constant("T", "dtype"),
+        Constant("D", value=lambda b: b.partials.shape[2] - 2),
+    ],
+    attributes=("threadgroup_position_in_grid", "thread_index_in_threadgroup"),
+    dispatch=lambda b: DispatchConfig((b.partials.shape[0],),
+                                      (32 * -(-(b.partials.shape[2] - 2) // 32),)),
+    reference=lambda b: combine_math(b.partials, b.T),
+)
+"""Merges the split states of each query head: ``[B * H, D]`` in dtype ``T``."""

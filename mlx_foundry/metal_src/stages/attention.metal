@@ -6,14 +6,21 @@
 // softmax(scale * q K^T) V over the past_len + 1 positions (the new token last), query
 // head h reading K/V head h / (H / KV) (grouped-query attention).
 //
-// One threadgroup of 32 SIMD-groups per (batch, query head) on grid x. SIMD-group s takes
-// positions s, s + 32, ...; lane l holds elements [l E, l E + E) of a head (E = ceil(D /
-// 32)). A position is one dot product (simd_sum), then an online-softmax update of the
-// SIMD-group's running max, sum and weighted values; the loads of its next position are
-// issued before that arithmetic. The 32 partial states are merged through threadgroup
-// memory (attn_state: 32 + 32 x (D + 1) floats), one output element per thread.
-
-constant constexpr int ATTN_SIMDS = 32;
+// A threadgroup of SIMDS SIMD-groups works on one (batch, query head) (grid x) and a
+// range of positions. SIMD-group s takes positions lo + s, lo + s + SIMDS, ...; lane l
+// holds elements [l E, l E + E) of a head (E = ceil(D / 32)). A position is one dot
+// product (simd_sum), then an online-softmax update of the SIMD-group's running max, sum
+// and weighted values; the loads of its next position are issued before that
+// arithmetic. The SIMD-groups' states are merged through threadgroup memory (attn_state:
+// 32 + SIMDS x (D + 1) floats), one output element per thread.
+//
+// Two forms:
+// - decode_attention_rows: one threadgroup of 32 SIMD-groups takes every position and
+//   writes the output (short contexts);
+// - decode_attention_split + decode_attention_combine: threadgroup y of a head takes
+//   positions [y CHUNK, (y + 1) CHUNK) and writes its unnormalised state (max, sum,
+//   weighted values: D + 2 floats) to `partials` [B H, splits, D + 2]; the combine
+//   kernel merges a head's splits (long contexts: many more threadgroups).
 
 // Row j of K (or V, by `base`) for this head: a cached position, or the new token.
 template <typename T, int D>
@@ -32,17 +39,19 @@ METAL_FUNC void attn_load(const device T* r, uint lane, thread float* v) {
   }
 }
 
-template <typename T, int H, int KV, int D>
-METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
-                                      const device T* past, device T* out, uint past_len,
-                                      uint past_cap, float scale, uint3 tg_pos, uint sg,
-                                      uint lane, threadgroup float* attn_state) {
+// Attention of query head bh over positions [lo, hi) of its K/V head. Every thread of
+// the threadgroup must call it. Returns in gm the threadgroup's max score (-inf when the
+// range is empty) and leaves at attn_state[32 + s * (D + 1)] SIMD-group s's sum of
+// exp(score - gm), then its sums of exp(score - gm) * value (D floats).
+template <typename T, int H, int KV, int D, int SIMDS>
+METAL_FUNC void attn_range(const device T* q, const device T* kv, const device T* past,
+                           uint past_len, uint past_cap, float scale, uint bh, uint lo,
+                           uint hi, uint sg, uint lane, threadgroup float* attn_state,
+                           thread float& gm) {
   constexpr int E = (D + 31) / 32;
   constexpr int G = H / KV;
-  const uint bh = tg_pos.x;  // b * H + h
   const uint b = bh / uint(H);
   const uint g = (bh % uint(H)) / uint(G);
-  const uint n = past_len + 1u;
   float qv[E];
   attn_load<T, D, E>(q + size_t(bh) * size_t(D), lane, qv);
 #pragma unroll
@@ -62,49 +71,50 @@ METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
   for (int e = 0; e < E; ++e) {
     acc[e] = 0.0f;
   }
-  // Software pipelined: position j's rows are in kc / vc while j + 32's load (clamped
-  // to the last position: always in bounds).
-  float kc[E];
-  float vc[E];
-  {
-    const uint j0 = metal::min(sg, n - 1u);
+  if (lo < hi) {
+    // Software pipelined: position j's rows are in kc / vc while j + SIMDS's load
+    // (clamped to the last position of the range: always in bounds).
+    float kc[E];
+    float vc[E];
+    const uint j0 = metal::min(lo + sg, hi - 1u);
     attn_load<T, D, E>(attn_row<T, D>(past, k_new, k_base, j0, past_len), lane, kc);
     attn_load<T, D, E>(attn_row<T, D>(past, v_new, v_base, j0, past_len), lane, vc);
-  }
-  for (uint j = sg; j < n; j += uint(ATTN_SIMDS)) {
-    const uint jn = metal::min(j + uint(ATTN_SIMDS), n - 1u);
-    float kn[E];
-    float vn[E];
-    attn_load<T, D, E>(attn_row<T, D>(past, k_new, k_base, jn, past_len), lane, kn);
-    attn_load<T, D, E>(attn_row<T, D>(past, v_new, v_base, jn, past_len), lane, vn);
-    float s = 0.0f;
+    for (uint j = lo + sg; j < hi; j += uint(SIMDS)) {
+      const uint jn = metal::min(j + uint(SIMDS), hi - 1u);
+      float kn[E];
+      float vn[E];
+      attn_load<T, D, E>(attn_row<T, D>(past, k_new, k_base, jn, past_len), lane, kn);
+      attn_load<T, D, E>(attn_row<T, D>(past, v_new, v_base, jn, past_len), lane, vn);
+      float s = 0.0f;
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      s = metal::fma(qv[e], kc[e], s);
-    }
-    s = simd_sum(s);
-    const float mn = metal::max(m, s);
-    const float corr = metal::exp(m - mn);  // 0 for the first position (m = -inf)
-    const float p = metal::exp(s - mn);
-    l = l * corr + p;
+      for (int e = 0; e < E; ++e) {
+        s = metal::fma(qv[e], kc[e], s);
+      }
+      s = simd_sum(s);
+      const float mn = metal::max(m, s);
+      const float corr = metal::exp(m - mn);  // 0 for the first position (m = -inf)
+      const float p = metal::exp(s - mn);
+      l = l * corr + p;
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      acc[e] = metal::fma(p, vc[e], acc[e] * corr);
-      kc[e] = kn[e];
-      vc[e] = vn[e];
+      for (int e = 0; e < E; ++e) {
+        acc[e] = metal::fma(p, vc[e], acc[e] * corr);
+        kc[e] = kn[e];
+        vc[e] = vn[e];
+      }
+      m = mn;
     }
-    m = mn;
   }
 
-  // Merge. The threadgroup's max first (attn_state[0..31]: each SIMD-group's max), so
-  // that each SIMD-group stores its sum and values already rescaled to it, at
-  // attn_state[32 + s * (D + 1)]: the final sums then need no exp and no dependent loads.
+  // The threadgroup's max first (attn_state[0 .. SIMDS-1]: each SIMD-group's max), so
+  // that each SIMD-group stores its sum and values already rescaled to it: the final
+  // sums then need no exp and no dependent loads.
   if (lane == 0u) {
     attn_state[sg] = m;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  const float gm = simd_max(attn_state[lane]);  // lane s reads SIMD-group s's max
-  const float w = metal::exp(m - gm);           // 0 for a SIMD-group without positions
+  gm = simd_max(lane < uint(SIMDS) ? attn_state[lane] : -INFINITY);
+  // 0 for a SIMD-group without positions; an empty range has no scale at all.
+  const float w = gm == -INFINITY ? 0.0f : metal::exp(m - gm);
   threadgroup float* mine = attn_state + 32u + sg * uint(D + 1);
   if (lane == 0u) {
     mine[0] = l * w;
@@ -117,16 +127,90 @@ METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// Thread t's sums over the SIMD-groups' rescaled states: total (the softmax
+// denominator) and o (its output element, t < D).
+template <int D, int SIMDS>
+METAL_FUNC void attn_sums(threadgroup const float* attn_state, uint t, thread float& total,
+                          thread float& o) {
+  total = 0.0f;
+  o = 0.0f;
+#pragma unroll
+  for (int s = 0; s < SIMDS; ++s) {
+    total += attn_state[32 + s * (D + 1)];
+    o += attn_state[32 + s * (D + 1) + 1 + int(t)];
+  }
+}
+
+template <typename T, int H, int KV, int D>
+METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
+                                      const device T* past, device T* out, uint past_len,
+                                      uint past_cap, float scale, uint3 tg_pos, uint sg,
+                                      uint lane, threadgroup float* attn_state) {
+  const uint bh = tg_pos.x;  // b * H + h
+  float gm;
+  attn_range<T, H, KV, D, 32>(q, kv, past, past_len, past_cap, scale, bh, 0u,
+                              past_len + 1u, sg, lane, attn_state, gm);
   const uint t = sg * 32u + lane;
   if (t >= uint(D)) {
     return;
   }
+  float total;
+  float o;
+  attn_sums<D, 32>(attn_state, t, total, o);
+  out[size_t(bh) * size_t(D) + size_t(t)] = static_cast<T>(o / total);
+}
+
+template <typename T, int H, int KV, int D, int SIMDS, int CHUNK>
+METAL_FUNC void decode_attention_split(const device T* q, const device T* kv,
+                                       const device T* past, device float* partials,
+                                       uint past_len, uint past_cap, float scale,
+                                       uint splits, uint3 tg_pos, uint sg, uint lane,
+                                       threadgroup float* attn_state) {
+  const uint bh = tg_pos.x;
+  const uint n = past_len + 1u;
+  const uint lo = metal::min(tg_pos.y * uint(CHUNK), n);
+  const uint hi = metal::min(lo + uint(CHUNK), n);
+  float gm;
+  attn_range<T, H, KV, D, SIMDS>(q, kv, past, past_len, past_cap, scale, bh, lo, hi, sg,
+                                 lane, attn_state, gm);
+  device float* st = partials + (size_t(bh) * size_t(splits) + size_t(tg_pos.y)) *
+                                    size_t(D + 2);
+  const uint t = sg * 32u + lane;
+  if (t < uint(D)) {
+    float total;
+    float o;
+    attn_sums<D, SIMDS>(attn_state, t, total, o);
+    st[2u + t] = o;
+    if (t == 0u) {
+      st[0] = gm;
+      st[1] = total;
+    }
+  }
+}
+
+// One threadgroup per query head (grid x); thread t < D merges element t of the head's
+// `splits` states.
+template <typename T, int D>
+METAL_FUNC void decode_attention_combine(const device float* partials, device T* out,
+                                         uint splits, uint3 tg_pos, uint tid) {
+  const uint bh = tg_pos.x;
+  if (tid >= uint(D)) {
+    return;
+  }
+  const device float* st = partials + size_t(bh) * size_t(splits) * size_t(D + 2);
+  float gm = -INFINITY;
+  for (uint y = 0; y < splits; ++y) {
+    gm = metal::max(gm, st[size_t(y) * size_t(D + 2)]);
+  }
   float total = 0.0f;
   float o = 0.0f;
-#pragma unroll
-  for (int s = 0; s < ATTN_SIMDS; ++s) {
-    total += attn_state[32 + s * (D + 1)];
-    o += attn_state[32 + s * (D + 1) + 1 + int(t)];
+  for (uint y = 0; y < splits; ++y) {
+    const device float* sy = st + size_t(y) * size_t(D + 2);
+    const float w = sy[0] == -INFINITY ? 0.0f : metal::exp(sy[0] - gm);
+    total = metal::fma(w, sy[1], total);
+    o = metal::fma(w, sy[2 + tid], o);
   }
-  out[size_t(bh) * size_t(D) + size_t(t)] = static_cast<T>(o / total);
+  out[size_t(bh) * size_t(D) + size_t(tid)] = static_cast<T>(o / total);
 }
