@@ -60,15 +60,15 @@ _DEFAULT_MAX_ROWS = 16
 
 DECODE_ATTENTION_MAX_LEN = 1024
 """Cached positions up to which a block patched with ``decode_attention=True`` attends
-through :func:`mlx_foundry.ops.decode_attention` (one threadgroup per query head).
+through :func:`mlx_foundry.ops.decode_attention`: its one-pass kernel, one prepared
+launch (longer contexts take MLX's attention, as unpatched; the op's own long-context
+path is two launches).
 
 Measured with ncu on an NVIDIA H100 (MLX 0.32.4, 32/8 heads x 128, float16): the kernel
-takes 7.1 / 22.7 us at 151 / 1001 positions against 8.2 / 24.1 us for MLX's one-pass
-attention, and (an earlier version, ~10% slower) 45 / 84 us at 2048 / 4096 against
-20 / 29 us for MLX's two-pass kernel, which MLX switches to between 1001 and 2048
-positions. The decode of a whole token was not faster with it (`tools/decode_breakdown.py`,
+takes 7.2 / 22.0 us at 151 / 1001 positions against 8.2 / 23.6 us for MLX's one-pass
+attention. The decode of a whole token was not faster with it (`tools/decode_breakdown.py`,
 pipelined per token: 3.71 against 3.71 ms on a host-bound lease, 2.86 against 2.66 ms
-with the earlier version on another): the launch of a custom kernel costs the host about
+with an earlier version on another): the launch of a custom kernel costs the host about
 what MLX's attention and the two key/value views cost. BENCHMARKS.md has the table."""
 
 __all__ = ["PatchReport", "patch", "unpatch", "is_patched", "patch_stats",
