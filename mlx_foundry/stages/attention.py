@@ -110,18 +110,15 @@ def _past_len(b):
     return int(past_len.item() if isinstance(past_len, mx.array) else past_len)
 
 
-def _reference(b):
-    return decode_attention_math(b.q, b.kv, b.past, _past_len(b), b.scale)
+def _kv_inputs():
+    """The inputs of both attention kernels: q, kv, past."""
+    return [Tensor("q", FLOAT_DTYPES, ndim=4), Tensor("kv", FLOAT_DTYPES, ndim=4),
+            Tensor("past", FLOAT_DTYPES, ndim=4)]
 
 
-decode_attention = Kernel(
-    "decode_attention", source="stages/attention.metal", function="decode_attention_rows",
-    template=("T", "H", "KV", "D"),
-    args=[
-        Tensor("q", FLOAT_DTYPES, ndim=4),
-        Tensor("kv", FLOAT_DTYPES, ndim=4),
-        Tensor("past", FLOAT_DTYPES, ndim=4),
-        Output("out", shape=lambda b: b.q.shape, dtype="q"),
+def _head_args():
+    """Runtime scalars and head constants of both attention kernels."""
+    return [
         Scalar("past_len", u32),
         Scalar("past_cap", u32),
         Scalar("scale", f32),
@@ -129,11 +126,29 @@ decode_attention = Kernel(
         Constant("H", value=lambda b: b.q.shape[1]),
         Constant("KV", value=lambda b: b.kv.shape[1] // 2),
         Constant("D", value=lambda b: b.q.shape[3]),
-        Constant("STATE", value=lambda b: ATTENTION_SIMDS * (b.q.shape[3] + 2)),
-    ],
-    attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
-                "thread_index_in_simdgroup"),
-    threadgroup=(Threadgroup("float", "attn_state", "STATE"),),
+    ]
+
+
+def _state(simds):
+    """The size of the merge state in threadgroup memory for ``simds`` SIMD-groups."""
+    return Constant("STATE", value=lambda b: 32 + simds * (b.q.shape[3] + 1))
+
+
+_ATTRIBUTES = ("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
+               "thread_index_in_simdgroup")
+_STATE = (Threadgroup("float", "attn_state", "STATE"),)
+
+
+def _reference(b):
+    return decode_attention_math(b.q, b.kv, b.past, _past_len(b), b.scale)
+
+
+decode_attention = Kernel(
+    "decode_attention", source="stages/attention.metal", function="decode_attention_rows",
+    template=("T", "H", "KV", "D"),
+    args=_kv_inputs() + [Output("out", shape=lambda b: b.q.shape, dtype="q")]
+    + _head_args() + [_state(ATTENTION_SIMDS)],
+    attributes=_ATTRIBUTES, threadgroup=_STATE,
     dispatch=lambda b: DispatchConfig((b.q.shape[0] * b.q.shape[1],),
                                       (32 * ATTENTION_SIMDS,)),
     reference=_reference,
@@ -145,28 +160,17 @@ decode_attention = Kernel(
 decode_attention_split = Kernel(
     "decode_attention_split", source="stages/attention.metal",
     function="decode_attention_split", template=("T", "H", "KV", "D", "SIMDS", "CHUNK"),
-    args=[
-        Tensor("q", FLOAT_DTYPES, ndim=4),
-        Tensor("kv", FLOAT_DTYPES, ndim=4),
-        Tensor("past", FLOAT_DTYPES, ndim=4),
+    args=_kv_inputs() + [
         Output("partials", shape=lambda b: (b.q.shape[0] * b.q.shape[1],
                                             split_count(b.past.shape[2]), b.q.shape[3] + 2),
                dtype=mx.float32),
-        Scalar("past_len", u32),
-        Scalar("past_cap", u32),
-        Scalar("scale", f32),
+    ] + _head_args() + [
         Scalar("splits", u32),
-        Constant("T", "dtype", like="q"),
-        Constant("H", value=lambda b: b.q.shape[1]),
-        Constant("KV", value=lambda b: b.kv.shape[1] // 2),
-        Constant("D", value=lambda b: b.q.shape[3]),
         Constant("SIMDS", value=SPLIT_SIMDS),
         Constant("CHUNK", value=SPLIT_CHUNK),
-        Constant("STATE", value=lambda b: 32 + SPLIT_SIMDS * (b.q.shape[3] + 1)),
+        _state(SPLIT_SIMDS),
     ],
-    attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
-                "thread_index_in_simdgroup"),
-    threadgroup=(Threadgroup("float", "attn_state", "STATE"),),
+    attributes=_ATTRIBUTES, threadgroup=_STATE,
     dispatch=lambda b: DispatchConfig((b.q.shape[0] * b.q.shape[1],
                                        split_count(b.past.shape[2])), (32 * SPLIT_SIMDS,)),
     reference=lambda b: split_partials_math(b.q, b.kv, b.past, _past_len(b), b.scale,
