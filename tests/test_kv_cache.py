@@ -138,6 +138,9 @@ def test_bad_joint_input_names_the_argument():
         c.update_and_fetch_joint(mx.zeros((1, 3, 1, 8)))
     with pytest.raises(ValueError, match="'kv'"):
         c.update_and_fetch_joint(mx.zeros((2, 8)))
+    with pytest.raises(ValueError, match=r"\[KVCache.append_joint\] 'kv'"):
+        c.append_joint(mx.zeros((1, 5, 1, 8)))
+    assert c.offset == 0
 
 
 def test_append_joint_returns_the_buffer_and_the_past_length():
