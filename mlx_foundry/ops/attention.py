@@ -1,4 +1,5 @@
-"""Decode attention against a joint K/V cache: validated at the boundary, one kernel."""
+"""Decode attention against a joint K/V cache: validated at the boundary; one kernel, or
+two for long contexts."""
 
 import math
 
