@@ -318,7 +318,7 @@ def _decode_attention_case(heads, kv_heads, head_dim, past_len, dt):
     """One token's attention over a joint K/V cache of ``past_len`` earlier positions
     (capacity rounded up to mlx-lm's 256-position steps). Baseline: what mlx-lm runs
     once the token is in the cache, MLX's attention over key and value views of the
-    buffer; ours reads the buffer as it was and the token from ``kv``."""
+    buffer; ours reads the buffer's earlier positions and the token from ``kv``."""
     cap = 256 * (past_len // 256 + 1)
     scale = head_dim ** -0.5
 

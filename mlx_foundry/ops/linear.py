@@ -444,7 +444,7 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
         with ``joint_kv``, ``(q, kv)``: ``kv`` is ``[..., L, 2*n_kv_heads*head_dim]``,
         ``concatenate([k, v], axis=-1)``. For one token (``L == 1``) that is
         ``[B, 2*n_kv_heads, 1, head_dim]`` in memory: keys and values of a cache that
-        holds both in one buffer (:class:`mlx_foundry.kv_cache.JointKVCache`), written
+        holds both in one buffer (:class:`mlx_foundry.kv_cache.KVCache`), written
         with one update.
     """
     who = "norm_qkv_rope"

@@ -53,16 +53,9 @@ def decode_attention_math(q, kv, past, past_len, scale):
         past_len (int): cached positions before the new token.
         scale (float): applied to ``q K^T``.
     """
-    B, H, _, D = q.shape
-    kv_heads = kv.shape[1] // 2
-    if past_len:
-        kv = mx.concatenate([past[:, :, :past_len].astype(kv.dtype), kv], axis=2)
-    kv = kv.astype(mx.float32)
-    k = kv[:, :kv_heads, None]                      # [B, KV, 1, L, D]
-    v = kv[:, kv_heads:, None]
-    qf = q.astype(mx.float32).reshape(B, kv_heads, H // kv_heads, 1, D) * scale
-    p = mx.softmax(qf @ k.swapaxes(-1, -2), axis=-1)  # [B, KV, G, 1, L]
-    return (p @ v).reshape(B, H, 1, D).astype(q.dtype)
+    scores, values = _scores_and_values(q, kv, past, past_len, scale)
+    p = mx.softmax(scores, axis=-1)[:, None]         # [B * H, 1, n]
+    return (p @ values).reshape(q.shape).astype(q.dtype)
 
 
 def _scores_and_values(q, kv, past, past_len, scale):
