@@ -15,20 +15,11 @@ import mlx.core as mx
 
 from . import cache, sources
 from ._names import METAL_ATTRIBUTES, check_identifier
-from .args import Bound, Constant, Output, Params, Scalar, Tensor, order_args
+from .args import SCALAR_LANES, Bound, Constant, Output, Params, Scalar, Tensor, order_args
 from .backends import reference as reference_backend
 from .backends import select_backend
 from .stage import Stage, Threadgroup
 from .structs import is_struct_type
-
-SCALAR_LANES = 4
-"""A scalar argument reaches the kernel as an array of this many copies (it reads
-element 0), made on the device: MLX's CUDA allocator puts arrays of at most 8 bytes, and
-every array made on the host, in managed memory, and the small ones in a pool that the GPU
-reads over the host link. Every thread reading a 4-byte ``eps`` from there cost a fused
-GEMV ~20 us (ncu, H100: 1x4096->14336 4-bit 36 us with an ``eps`` input, 16 us without).
-``mx.full`` of 16 bytes runs on the GPU and gets device memory."""
-
 
 _programs = weakref.WeakSet()
 
@@ -390,9 +381,12 @@ class Program:
     def _scalar_converter(self, a):
         unsigned = a.type.fmt in "BHIQ"
         who = self.who
+        lanes, dtype = (SCALAR_LANES,), a.type.dtype
 
         def convert(v):
             if isinstance(v, mx.array):
+                if v.shape == lanes and v.dtype == dtype:
+                    return v  # already the kernel input (e.g. made once per decode step)
                 # Broadcast: MLX copies the non-contiguous view into a fresh device array.
                 return mx.broadcast_to(a.convert(v, who).reshape(1).astype(a.type.dtype),
                                        (SCALAR_LANES,))

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 
 import mlx.nn as nn
 
+from .lm_compiled import TracedCache, traced_block
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # The mlx-lm modules whose TransformerBlock.__call__ we reproduce exactly.
@@ -89,6 +91,8 @@ class PatchReport:
         skipped (list of (str, str)): (module path, reason it was left as it was).
         max_rows (int): blocks with more input rows (batch x tokens) run their
             original code.
+        compiled_decode (bool): decoded tokens after the first run through the
+            compiled step (``patch(..., compile_decode=True)``).
     """
 
     model_type: str = "?"
@@ -97,13 +101,14 @@ class PatchReport:
     skipped: list = field(default_factory=list)
     max_rows: int = _DEFAULT_MAX_ROWS
     blocks: int = 0
+    compiled_decode: bool = False
 
     @property
     def patched_blocks(self):
         """Paths of the blocks that run at least one fused half."""
         seen = []
         for path, _ in self.fused:
-            if path == "lm_head":
+            if path in ("lm_head", "model"):
                 continue
             block = path.rsplit(".", 1)[0] if path.endswith((".self_attn", ".mlp")) else path
             if block not in seen:
@@ -427,14 +432,9 @@ def _prepare(op, *args, vary, backend, **kwargs):
     return prepare_op(op, *args, vary=vary, backend=backend, **kwargs) or False
 
 
-def _watch_list(block):
-    """What the prepared launches captured: ``(containers, keys, objects)``.
-
-    A block whose modules, arrays or epsilons were replaced after the launches
-    were prepared (``load_weights``, ``nn.quantize``, an adapter) no longer
-    matches, and its launches are prepared again.  Three parallel tuples, so that
-    the check of every call (:func:`_watch_holds`) is one pass in C.
-    """
+def _watcher():
+    """``(item, done)``: ``item(container, key)`` records what a dict (a module) holds
+    under ``key`` and returns it; ``done()`` gives the record as three parallel tuples."""
     containers, keys, values = [], [], []
 
     def item(container, key):
@@ -446,6 +446,18 @@ def _watch_list(block):
         values.append(value)
         return value
 
+    return item, lambda: (tuple(containers), tuple(keys), tuple(values))
+
+
+def _watch_list(block):
+    """What the prepared launches captured: ``(containers, keys, objects)``.
+
+    A block whose modules, arrays or epsilons were replaced after the launches
+    were prepared (``load_weights``, ``nn.quantize``, an adapter) no longer
+    matches, and its launches are prepared again.  Three parallel tuples, so that
+    the check of every call (:func:`_watch_holds`) is one pass in C.
+    """
+    item, done = _watcher()
     attn, mlp = item(block, "self_attn"), item(block, "mlp")
     for name in ("input_layernorm", "post_attention_layernorm"):
         ln = item(block, name)
@@ -460,7 +472,27 @@ def _watch_list(block):
                 for key in ("_freqs",) if name == "rope" else ("weight", "scales", "biases",
                                                                "bias"):
                     item(m, key)
-    return tuple(containers), tuple(keys), tuple(values)
+    return done()
+
+
+def _top_watch_list(model):
+    """What a compiled decode step captured besides the blocks (the embedding, the
+    final norm, the output projection), in the form of :func:`_watch_list`."""
+    item, done = _watcher()
+    inner = item(model, "model")
+    if isinstance(inner, nn.Module):
+        for name, keys in (("embed_tokens", ("weight", "scales", "biases")),
+                           ("norm", ("weight",))):
+            m = item(inner, name)
+            if isinstance(m, nn.Module):
+                for key in keys:
+                    item(m, key)
+                item(m.__dict__, "eps")
+    head = item(model, "lm_head")
+    if isinstance(head, nn.Module):
+        for key in ("weight", "scales", "biases", "bias"):
+            item(head, key)
+    return done()
 
 
 def _watch_holds(watch, _get=dict.get, _is=operator.is_):
@@ -624,6 +656,8 @@ def _patched_call(self, x, mask=None, cache=None):
     if shape[0] * shape[1] > plan.max_rows:
         plan.stats["original: rows > max_rows"] += 1
         return original.__call__(self, x, mask, cache)
+    if cache.__class__ is TracedCache:  # tracing the compiled decode step
+        return traced_block(self, plan, x, cache)
     offset = 0 if cache is None else cache.offset
     step = _step(plan, self, x, offset)
     fast = step.fast
@@ -800,7 +834,7 @@ def _default_max_rows():
 
 
 def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_head=True,
-          joint_kv=True, decode_attention=False):
+          joint_kv=True, decode_attention=False, compile_decode=False):
     """Fuse the decode path of an mlx-lm model's transformer blocks, in place.
 
     Args:
@@ -825,6 +859,13 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
             to :data:`DECODE_ATTENTION_MAX_LEN` positions, no mask) instead of key and
             value views and MLX's attention. Default: ``False`` (not faster on MLX's
             CUDA backend; see :data:`DECODE_ATTENTION_MAX_LEN`).
+        compile_decode (bool): with ``joint_kv``, run each decoded token after the first
+            through one ``mx.compile``'d function of the whole model (the blocks'
+            fused launches, the cache writes and :func:`mlx_foundry.ops.decode_attention`
+            at any context length), traced once per batch size and cache capacity
+            (:mod:`mlx_foundry.lm_compiled`). It needs every block fused as a whole
+            (Q/K/V with RoPE, and the MLP); otherwise the report says why it is off.
+            Default: ``False``.
 
     Returns:
         PatchReport: what was fused and what was left as it was, and why.
@@ -897,8 +938,47 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
         block.__class__ = _patched_class(type(block))
     if lm_head:
         _patch_head(model, report, backend, max_rows)
+    if compile_decode:
+        _patch_compiled(model, report, blocks, bool(joint_kv))
     object.__setattr__(model, _REPORT_ATTR, report)
     return report
+
+
+def _patch_compiled(model, report, blocks, joint_kv):
+    """Attach the compiled decode step (:mod:`mlx_foundry.lm_compiled`) when the whole
+    model can be traced: every block fused as a whole, the joint K/V cache, a known
+    model class without sliding-window layers or pipeline stages."""
+    from .lm_compiled import _RUNNER_ATTR, DecodeRunner, compiled_model_class
+
+    cls = type(model)
+    plans = [b.__dict__.get(_PLAN_ATTR) if isinstance(b, nn.Module) else None for b in blocks]
+    inner = getattr(model, "model", None)
+    why = None
+    if not joint_kv:
+        why = "compile_decode needs joint_kv=True"
+    elif cls.__module__ not in _KNOWN_BLOCK_MODULES or cls.__name__ != "Model":
+        why = f"model class {cls.__module__}.{cls.__name__} is not known"
+    elif getattr(inner, "swa_idx", None) is not None:
+        why = "sliding-window layers"
+    elif getattr(inner, "pipeline_size", 1) != 1:
+        why = "pipeline stages"
+    elif not plans or not all(p is not None and p.attn == "qkv_rope" and p.mlp for p in plans):
+        why = "not every block is fused as a whole (Q/K/V with RoPE, and the MLP)"
+    if why:
+        report.skipped.append(("model", f"compiled decode off: {why}"))
+        return
+    object.__setattr__(model, _RUNNER_ATTR, DecodeRunner(model, list(blocks), plans))
+    model.__class__ = compiled_model_class(cls)
+    report.compiled_decode = True
+    report.fused.append(("model", "decode step compiled (mx.compile) after the first token"))
+
+
+def _unpatch_compiled(model):
+    from .lm_compiled import _RUNNER_ATTR
+
+    if _RUNNER_ATTR in model.__dict__:
+        model.__class__ = type(model)._mlx_foundry_original
+        object.__delattr__(model, _RUNNER_ATTR)
 
 
 def unpatch(model):
@@ -920,6 +1000,7 @@ def unpatch(model):
         object.__delattr__(block, _PLAN_ATTR)
         n += 1
     _unpatch_head(model)
+    _unpatch_compiled(model)
     model.__dict__.pop(_REPORT_ATTR, None)
     return n
 
@@ -927,15 +1008,19 @@ def unpatch(model):
 def is_patched(model):
     """Whether :func:`patch` changed any block of ``model``."""
     _, blocks = _blocks(model)
+    from .lm_compiled import _RUNNER_ATTR
+
     return (any(isinstance(b, nn.Module) and _PLAN_ATTR in b.__dict__ for b in blocks or [])
-            or _head_plan(model) is not None)
+            or _head_plan(model) is not None or _RUNNER_ATTR in model.__dict__)
 
 
 def patch_stats(model):
     """How the patched blocks' calls ran: ``{block path: Counter}``.
 
     Keys of each counter: ``"fused attention"``, ``"fused mlp"``,
-    ``"original: rows > max_rows"`` (prefill), ...
+    ``"original: rows > max_rows"`` (prefill), ...; with ``compile_decode``, the
+    counter under ``"model"`` has ``"compiled decode steps"``, ``"decode steps on the
+    ordinary path"`` (one-token calls the compiled step did not take) and ``"traces"``.
     """
     _, blocks = _blocks(model)
     out = {}
@@ -949,4 +1034,11 @@ def patch_stats(model):
     plan = _head_plan(model)
     if plan is not None:
         out["lm_head"] = Counter(plan.stats)
+    from .lm_compiled import _RUNNER_ATTR
+
+    runner = model.__dict__.get(_RUNNER_ATTR)
+    if runner is not None:
+        out["model"] = Counter({"compiled decode steps": runner.steps,
+                                "decode steps on the ordinary path": runner.fallbacks,
+                                "traces": runner.traces})
     return out

@@ -92,3 +92,37 @@ def test_split_states_merge_to_the_one_pass_result():
         assert mx.all(parts[:, (n + 1 + 255) // 256:, 0] == -float("inf")).item()
         got = A.combine_math(parts, mx.float32).reshape(2, 8, 1, 64)
         assert_close(got, A.decode_attention_math(q, kv, past, n, 0.125), mx.float32)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128, 256, 20), (2, 8, 2, 64, 40, 0),
+                                   (1, 8, 2, 64, 1100, 1023), (2, 4, 1, 80, 2600, 700)])
+@pytest.mark.parametrize("form", ["one value", "lanes"])
+def test_past_len_on_the_device(shape, form):
+    """A length given as an array (as in a compiled decode step) is the same attention:
+    the path is chosen by the capacity and the positions past the length are masked."""
+    from mlx_foundry.kernel import SCALAR_LANES
+
+    B, H, KV, D, cap, n = shape
+    q, kv, past = _inputs(B, H, KV, D, cap, mx.float32, seed=n)
+    want = decode_attention(q, kv, past, past_len=n, scale=0.1, backend="reference")
+    arr = (mx.array([n], mx.int32) if form == "one value"
+           else mx.full((SCALAR_LANES,), n, mx.uint32))
+    got = decode_attention(q, kv, past, past_len=arr, scale=0.1, backend="reference")
+    assert_close(got, want, mx.float32)
+    # Under mx.compile, where the length is never a Python int.
+    fn = mx.compile(lambda q, kv, past, n: decode_attention(q, kv, past, past_len=n, scale=0.1,
+                                                            backend="reference"))
+    assert_close(fn(q, kv, past, arr), want, mx.float32)
+
+
+@pytest.mark.parametrize("past_len, past, match", [
+    (mx.array([1.0]), True, "integer array"),
+    (mx.array([1, 2, 3], mx.int32), True, "1 or 4 equal values"),
+    (mx.array([[1]], mx.int32), True, "integer array"),
+    (mx.array([1], mx.int32), False, "with 'past'"),
+])
+def test_past_len_array_validation(past_len, past, match):
+    q, kv, buf = _inputs(1, 8, 2, 64, 9, mx.float16)
+    with pytest.raises(ValueError, match=f"'past_len'.*{match}"):
+        decode_attention(q, kv, buf if past else None, past_len=past_len, scale=0.125,
+                         backend="reference")

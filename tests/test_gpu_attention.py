@@ -84,3 +84,24 @@ def test_split_and_combine_kernels_gpu(gpu_backend, dtype):
     out = A.decode_attention_combine(want, splits=splits, T=dtype, backend=gpu_backend)
     assert_close(out, A.decode_attention_combine(want, splits=splits, T=dtype,
                                                  backend="reference"), dtype, k=splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128, 256, 0), (1, 32, 8, 128, 256, 33),
+                                   (2, 8, 2, 64, 40, 17), (1, 8, 2, 64, 1100, 1023),
+                                   (2, 4, 1, 80, 2600, 700), (1, 32, 8, 128, 4352, 4100)])
+def test_decode_attention_gpu_length_on_the_device(gpu_backend, dtype, shape):
+    """past_len as SCALAR_LANES uint32 values (the compiled decode step's form, handed to
+    the kernel as it is) and as one int32 value: the kernel path is chosen by the
+    capacity, so short lengths in a long buffer take the split kernel."""
+    from mlx_foundry.kernel import SCALAR_LANES
+
+    B, H, KV, D, cap, n = shape
+    mx.random.seed(7 * n + B)
+    q = mx.random.normal((B, H, 1, D)).astype(dtype)
+    kv = mx.random.normal((B, 2 * KV, 1, D)).astype(dtype)
+    past = (2 * mx.random.normal((B, 2 * KV, cap, D))).astype(dtype)
+    want = decode_attention(q, kv, past, past_len=n, scale=D ** -0.5, backend="reference")
+    for arr in (mx.full((SCALAR_LANES,), n, mx.uint32), mx.array([n], mx.int32)):
+        got = decode_attention(q, kv, past, past_len=arr, scale=D ** -0.5, backend=gpu_backend)
+        assert_close(got, want, dtype, k=n + 1 if dtype == mx.float32 else None)

@@ -85,6 +85,43 @@ def test_decode_attention_greedy_tokens(gpu_backend):
         lm.unpatch(model)
 
 
+@pytest.mark.parametrize("model_type,bits,group_size", [("llama", 4, 64), ("qwen2", 8, 32)])
+def test_compile_decode_greedy_tokens(gpu_backend, model_type, bits, group_size):
+    """patch(compile_decode=True): every decoded token after the first runs through the
+    compiled step (put_along_axis cache write, decode_attention with the length on the
+    device); same tokens as unpatched, across a growth of the cache buffer."""
+    cfg = dict(LLAMA3_8B, model_type=model_type, hidden_size=1024, num_hidden_layers=4,
+               intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+               vocab_size=32000, head_dim=64, rope_scaling=None)
+    result = decode_benchmark(steps=300, backend=gpu_backend, config=cfg, bits=bits,
+                              group_size=group_size, results_dir="", warmup=2,
+                              patch_kwargs={"compile_decode": True})
+    assert result["fused_blocks"] == 4, result["report"]
+    assert "decode step compiled" in result["report"], result["report"]
+    _assert_same_tokens_up_to_ties(result)
+
+
+def test_compile_decode_runs_compiled(gpu_backend):
+    from mlx_foundry.lm_bench import random_quantized_model
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
+               num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, head_dim=64,
+               rope_scaling=None)
+    model = random_quantized_model(config=cfg, bits=4, group_size=64)
+    lm.patch(model, backend=gpu_backend, compile_decode=True)
+    try:
+        cache = make_prompt_cache(model)
+        y = mx.argmax(model(mx.array([[1] * 16]), cache=cache)[:, -1], -1)
+        for _ in range(6):
+            y = mx.argmax(model(y[:, None], cache=cache)[:, -1], -1)
+        mx.eval(y)
+        counts = lm.patch_stats(model)["model"]
+    finally:
+        lm.unpatch(model)
+    assert counts["compiled decode steps"] == 5 and counts["traces"] == 1
+
+
 def test_fused_logits_at_least_as_close_to_float32_as_mlx(gpu_backend):
     """The fused fp16 decode rounds less often than MLX's unfused ops: its logits must
     be at least as close to a float32 decode of the same model (within 10%)."""

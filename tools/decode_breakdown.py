@@ -119,6 +119,7 @@ def main():
     s = sub.add_parser("one-token")
     s.add_argument("--patched", action="store_true")
     s.add_argument("--decode-attention", action="store_true")
+    s.add_argument("--compile-decode", action="store_true")
     s = sub.add_parser("sum")
     s.add_argument("csv")
     args = p.parse_args()
@@ -130,14 +131,16 @@ def main():
     model = _model()
     if args.cmd == "one-token":
         if args.patched:
-            patch(model, decode_attention=args.decode_attention)
+            patch(model, decode_attention=args.decode_attention,
+                  compile_decode=args.compile_decode)
         one_token(model)
         return 0
     # Each variant --rounds times, interleaved (host speed drifts over a run); the best.
     res = {}
     variants = (("unpatched", None), ("patched, joint_kv=False", {"joint_kv": False}),
                 ("patched", {}),
-                ("patched, decode_attention=True", {"decode_attention": True}))
+                ("patched, decode_attention=True", {"decode_attention": True}),
+                ("patched, compile_decode=True", {"compile_decode": True}))
     if args.only:
         variants = [v for v in variants if v[0] in args.only]
     for _ in range(args.rounds):

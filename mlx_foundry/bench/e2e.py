@@ -1,7 +1,8 @@
 """End-to-end decode: an mlx-lm Llama-3-8B-shaped 4-bit model, patched vs unpatched.
 
 Calls :func:`mlx_foundry.lm_bench.decode_benchmark` (both variants in the same
-process).  On the reference backend the model is a tiny llama, so the command
+process), once as :func:`mlx_foundry.patch` patches by default and once with
+``compile_decode=True``.  On the reference backend the model is a tiny llama, so the command
 runs on a CPU in seconds.  A missing or failing ``decode_benchmark`` turns
 into a skipped case with its reason, never an exception.
 """
@@ -24,7 +25,7 @@ def _accepted(fn, kwargs):
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def run_decode(ctx, *, tiny, dtype=None):
+def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None):
     """Run the decode benchmark; returns a case-result fragment (see report.py).
 
     Keys: ``status`` (``"ok"``/``"skipped"``/``"error"``), ``reason``,
@@ -42,6 +43,8 @@ def run_decode(ctx, *, tiny, dtype=None):
         kwargs["config"] = TINY_LLAMA
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if patch_kwargs:
+        kwargs["patch_kwargs"] = patch_kwargs
     call = _accepted(decode_benchmark, kwargs)
     if tiny and "config" not in call:
         return {"status": "skipped",

@@ -3,7 +3,10 @@ two for long contexts."""
 
 import math
 
+import mlx.core as mx
+
 from ..backends import check_backend
+from ..kernel import SCALAR_LANES
 from ..stages import attention as _attention
 from ..types import dtype_name
 from ._checks import check_float_array
@@ -42,8 +45,11 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
             the dtype of ``q``.
         past (array, optional): the cache buffer, ``[B, 2 * n_kv_heads, capacity,
             head_dim]``, the dtype of ``q``. Default: no earlier tokens.
-        past_len (int): how many positions of ``past`` hold earlier tokens
-            (``0 <= past_len <= capacity``). Default: ``0``.
+        past_len (int or array): how many positions of ``past`` hold earlier tokens
+            (``0 <= past_len <= capacity``). An integer array of one value, or of
+            :data:`~mlx_foundry.kernel.SCALAR_LANES` equal ``uint32`` values (passed to
+            the kernel as it is), keeps the length on the device, e.g. in a compiled
+            decode step; it is not checked against the capacity. Default: ``0``.
         scale (float): the factor on ``q K^T`` (usually ``head_dim ** -0.5``).
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
             Default: chosen automatically.
@@ -76,7 +82,15 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
         raise ValueError(f"[{who}] n_heads ({H}, from 'q') must be a multiple of "
                          f"n_kv_heads ({kv_heads}, from 'kv').")
     _same_dtype(who, "kv", kv, q)
-    if isinstance(past_len, bool) or not isinstance(past_len, int):
+    on_device = isinstance(past_len, mx.array)
+    if on_device:
+        if (past is None or not mx.issubdtype(past_len.dtype, mx.integer)
+                or past_len.size not in (1, SCALAR_LANES) or past_len.ndim > 1):
+            raise ValueError(f"[{who}] 'past_len' given as an array must be an integer "
+                             f"array of 1 or {SCALAR_LANES} equal values, with 'past', but "
+                             f"got shape {tuple(past_len.shape)}, "
+                             f"{dtype_name(past_len.dtype)}.")
+    elif isinstance(past_len, bool) or not isinstance(past_len, int):
         raise TypeError(f"[{who}] 'past_len' must be an int but got "
                         f"{type(past_len).__name__}.")
     if past is None:
@@ -92,7 +106,7 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
                              f"(the joint K/V layout of 'kv') but has shape "
                              f"{tuple(past.shape)}.")
         _same_dtype(who, "past", past, q)
-        if not 0 <= past_len <= past.shape[2]:
+        if not on_device and not 0 <= past_len <= past.shape[2]:
             raise ValueError(f"[{who}] 'past_len' must be in [0, {past.shape[2]}] (the "
                              f"capacity of 'past') but is {past_len}.")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -102,7 +116,8 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
     if backend is not None:
         check_backend(backend, who)
     cap = past.shape[2]
-    if past_len + 1 <= ONE_PASS_MAX_LEN:
+    # A device-side length is only known to be at most the capacity: choose by that.
+    if (cap if on_device else past_len) + 1 <= ONE_PASS_MAX_LEN:
         return _attention.decode_attention(q, kv, past, past_len=past_len, past_cap=cap,
                                            scale=float(scale), backend=backend)
     splits = _attention.split_count(cap)

@@ -50,7 +50,7 @@ def decode_attention_math(q, kv, past, past_len, scale):
         kv (array): ``[B, 2 * KV, 1, D]``, keys then values of the new token.
         past (array): ``[B, 2 * KV, capacity, D]``; the first ``past_len`` positions
             are read.
-        past_len (int): cached positions before the new token.
+        past_len (int or array): cached positions before the new token.
         scale (float): applied to ``q K^T``.
     """
     scores, values = _scores_and_values(q, kv, past, past_len, scale)
@@ -59,15 +59,28 @@ def decode_attention_math(q, kv, past, past_len, scale):
 
 
 def _scores_and_values(q, kv, past, past_len, scale):
-    """Per query head ``[B * H, n]`` scores and ``[B * H, n, D]`` values (float32)."""
+    """Per query head ``[B * H, n]`` scores and ``[B * H, n, D]`` values (float32).
+
+    With ``past_len`` an array (a value known only on the device, as in a compiled decode
+    step) ``n`` is ``capacity + 1``: the new token sits at position ``past_len`` as in the
+    kernel, and the positions after it score ``-inf``."""
     B, H, _, D = q.shape
     kv_heads = kv.shape[1] // 2
-    if past_len:
+    visible = None
+    if isinstance(past_len, mx.array):
+        n_past = past_len.reshape(-1)[:1].astype(mx.int32)
+        idx = mx.arange(past.shape[2] + 1, dtype=mx.int32)
+        room = mx.concatenate([past.astype(kv.dtype), mx.zeros_like(kv)], axis=2)
+        kv = mx.where((idx == n_past)[:, None], kv, room)
+        visible = idx <= n_past
+    elif past_len:
         kv = mx.concatenate([past[:, :, :past_len].astype(kv.dtype), kv], axis=2)
     kv = kv.astype(mx.float32)
     n = kv.shape[2]
     qf = q.astype(mx.float32).reshape(B, kv_heads, H // kv_heads, 1, D) * scale
     scores = (qf @ kv[:, :kv_heads, None].swapaxes(-1, -2)).reshape(B * H, n)
+    if visible is not None:
+        scores = mx.where(visible, scores, -float("inf"))
     values = mx.broadcast_to(kv[:, kv_heads:, None], (B, kv_heads, H // kv_heads, n, D))
     return scores, values.reshape(B * H, n, D)
 
@@ -99,8 +112,8 @@ def combine_math(partials, dtype):
 
 
 def _past_len(b):
-    past_len = b.past_len
-    return int(past_len.item() if isinstance(past_len, mx.array) else past_len)
+    """The bound ``past_len``: an int, or an array (kept lazy; see ``_scores_and_values``)."""
+    return b.past_len
 
 
 def _kv_inputs():

@@ -1,0 +1,212 @@
+"""patch(model, compile_decode=True): the whole decode step as one mx.compile'd function.
+
+On the reference backend (the CPU): the compiled step traces the same blocks, so its
+tokens and log-probabilities must match the ordinary patched path (and the unpatched
+model, up to the attention's summation order), and every call it cannot take must go
+the ordinary way.
+"""
+
+import mlx.core as mx
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+from mlx_lm.models import cache as lm_cache  # noqa: E402
+
+import mlx_foundry as mf  # noqa: E402
+from mlx_foundry import lm  # noqa: E402
+from mlx_foundry.kv_cache import KVCache  # noqa: E402
+from test_lm_patch import BACKEND, greedy, tiny_model  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+
+def _counts(model):
+    return lm.patch_stats(model)["model"]
+
+
+def _decode(model, prompt, steps):
+    """Greedy tokens and logits, one token per call, with a fresh prompt cache."""
+    cache = lm_cache.make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    toks, outs = [], []
+    for _ in range(steps):
+        y = mx.argmax(logits, axis=-1)
+        toks.append(y.item())
+        logits = model(y[:, None], cache=cache)[:, -1]
+        outs.append(logits)
+    return toks, mx.stack(outs), cache
+
+
+@pytest.mark.parametrize("model_type, quant", [("llama", None), ("llama", (32, 4)),
+                                               ("mistral", (64, 8)), ("qwen2", (32, 4))])
+def test_compiled_decode_matches_the_ordinary_patched_path(model_type, quant):
+    model = tiny_model(model_type, dtype=mx.float32, quant=quant)
+    mf.patch(model, backend=BACKEND)
+    try:
+        want_toks, want = greedy(model, 40)
+    finally:
+        mf.unpatch(model)
+    report = mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        assert report.compiled_decode, str(report)
+        toks, got = greedy(model, 40)
+        counts = _counts(model)
+    finally:
+        mf.unpatch(model)
+    assert toks == want_toks
+    # The attention differs only in its summation over the (masked) capacity.
+    assert_close(got, want, mx.float32, k=64, msg="log-probabilities")
+    # generate_step computes one token ahead: 41 one-token calls for 40 tokens. The
+    # first (a plain mlx-lm cache, switched to the joint cache by the block) prepares
+    # the launches; every later one runs compiled.
+    assert counts["compiled decode steps"] == 40 and counts["traces"] == 1
+    assert counts["decode steps on the ordinary path"] == 0
+
+
+def test_compiled_decode_float16_against_unpatched():
+    model = tiny_model("llama", dtype=mx.float16, quant=(32, 4), layers=3)
+    want_toks, want = greedy(model, 48)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        toks, got = greedy(model, 48)
+    finally:
+        mf.unpatch(model)
+    assert toks == want_toks
+    assert_close(got, want, mx.float16, k=64, msg="log-probabilities")
+
+
+def test_cache_growth_and_long_contexts():
+    """The cache buffer grows on the ordinary path (MLX traces the step again for the
+    new capacity); past ONE_PASS_MAX_LEN of capacity the traced attention splits."""
+    from mlx_foundry.ops.attention import ONE_PASS_MAX_LEN
+
+    model = tiny_model("llama", layers=2, max_position_embeddings=4096)
+    prompt = [(5 * i + 1) % 128 for i in range(ONE_PASS_MAX_LEN - 40)]
+    mf.patch(model, backend=BACKEND)
+    try:
+        want_toks, want, _ = _decode(model, prompt, 300)
+    finally:
+        mf.unpatch(model)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        toks, got, cache = _decode(model, prompt, 300)
+        counts = _counts(model)
+    finally:
+        mf.unpatch(model)
+    assert isinstance(cache[0], KVCache)
+    assert cache[0].offset == len(prompt) + 300 and cache[0].keys.shape[2] > ONE_PASS_MAX_LEN
+    assert toks == want_toks
+    assert_close(got, want, mx.float32, k=64, msg="logits")
+    # The first decoded token (ordinary, not counted: a plain mlx-lm cache) makes the
+    # joint buffer of 984 + 256 positions; the token at position 1240 grows it (one
+    # ordinary call); every other token runs compiled.
+    assert counts["decode steps on the ordinary path"] == 1
+    assert counts["compiled decode steps"] == 298
+
+
+def test_the_cache_stays_a_working_mlx_lm_cache():
+    """After compiled steps the cache's state is mlx-lm's: keys/values views, offset,
+    trimming and a second prompt continue on it."""
+    model = tiny_model("llama", layers=2)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        toks, _, cache = _decode(model, [3, 9, 27], 12)
+        assert cache[0].offset == 15 and cache[0].keys.shape[2] >= 15
+        # The keys and values written by the compiled steps are the ordinary path's.
+        mf.unpatch(model)
+        mf.patch(model, backend=BACKEND)
+        _, _, ordinary = _decode(model, [3, 9, 27], 12)
+        for a, b in zip(cache, ordinary):
+            assert a.offset == b.offset == 15
+            assert_close(a.keys[..., :15, :], b.keys[..., :15, :], mx.float32)
+            assert_close(a.values[..., :15, :], b.values[..., :15, :], mx.float32)
+        lm_cache.trim_prompt_cache(cache, 4)
+        assert cache[0].offset == 11
+        mf.unpatch(model)
+        mf.patch(model, backend=BACKEND, compile_decode=True)
+        out = model(mx.array([[5]]), cache=cache)
+        out = model(mx.argmax(out[:, -1], -1)[:, None], cache=cache)
+        assert cache[0].offset == 13 and out.shape == (1, 1, 128)
+    finally:
+        mf.unpatch(model)
+
+
+def test_new_weights_are_picked_up():
+    """A compiled step captured the weights: replacing them must not reuse it."""
+    model = tiny_model("llama", layers=2)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        cache = lm_cache.make_prompt_cache(model)
+        model(mx.array([[1, 2, 3]]), cache=cache)
+        for t in (4, 5, 6):
+            mx.eval(model(mx.array([[t]]), cache=cache))
+        assert _counts(model)["compiled decode steps"] == 2
+        mlp = model.model.layers[1].mlp
+        mlp.down_proj.weight = mlp.down_proj.weight * 2
+        model.lm_head.weight = -model.lm_head.weight
+        got = model(mx.array([[7]]), cache=cache)       # ordinary: prepares again
+        got2 = model(mx.array([[8]]), cache=cache)      # compiled: traced again
+        counts = _counts(model)
+    finally:
+        mf.unpatch(model)
+    assert counts["traces"] == 2 and counts["compiled decode steps"] == 3
+    ref_cache = lm_cache.make_prompt_cache(model)
+    model(mx.array([[1, 2, 3]]), cache=ref_cache)
+    for t in (4, 5, 6):
+        model(mx.array([[t]]), cache=ref_cache)
+    want = model(mx.array([[7]]), cache=ref_cache)
+    want2 = model(mx.array([[8]]), cache=ref_cache)
+    assert_close(got, want, mx.float32, k=64)
+    assert_close(got2, want2, mx.float32, k=64)
+
+
+def test_calls_it_does_not_take():
+    model = tiny_model("llama", layers=2)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        runner = model.__dict__["_mlx_foundry_decode"]
+        cache = lm_cache.make_prompt_cache(model)
+        model(mx.array([[1, 2, 3]]), cache=cache)          # prefill: not a decode call
+        model(mx.array([[4]]), cache=cache)                # first token: plain mlx-lm cache
+        assert runner.steps == 0
+        model(mx.array([[5]]), cache=cache)
+        assert runner.steps == 1
+        model(mx.array([[5]]), cache=None)                 # no cache
+        model(mx.array([[6]]), cache=cache, input_embeddings=None)
+        assert runner.steps == 2
+        emb = model.model.embed_tokens(mx.array([[6]]))
+        model(mx.array([[6]]), cache=cache, input_embeddings=emb)
+        model(mx.array([[1, 2]]), cache=cache)             # two tokens
+        rotating = [lm_cache.RotatingKVCache(max_size=64) for _ in range(2)]
+        model(mx.array([[1]]), cache=rotating)
+        model(mx.array([[1]]), cache=rotating)
+        assert runner.steps == 2
+    finally:
+        mf.unpatch(model)
+
+
+@pytest.mark.parametrize("model_type, kwargs, why", [
+    ("llama", dict(joint_kv=False), "needs joint_kv=True"),
+    ("llama", dict(mlp=False), "not every block is fused as a whole"),
+    ("qwen3", {}, "not every block is fused as a whole"),
+])
+def test_reported_off_when_the_model_cannot_be_traced(model_type, kwargs, why):
+    model = tiny_model(model_type, layers=1)
+    report = mf.patch(model, backend=BACKEND, compile_decode=True, **kwargs)
+    try:
+        assert not report.compiled_decode
+        assert any(p == "model" and why in r for p, r in report.skipped), str(report)
+        assert "model" not in lm.patch_stats(model)
+    finally:
+        mf.unpatch(model)
+
+
+def test_unpatch_restores_the_model_class():
+    model = tiny_model("qwen2", layers=1)
+    cls = type(model)
+    report = mf.patch(model, backend=BACKEND, compile_decode=True)
+    assert report.compiled_decode and type(model) is not cls
+    assert "decode step compiled" in str(report)
+    assert mf.unpatch(model) == 1
+    assert type(model) is cls and "_mlx_foundry_decode" not in model.__dict__
+    assert not lm.is_patched(model)
