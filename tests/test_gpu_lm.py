@@ -89,16 +89,40 @@ def test_decode_attention_greedy_tokens(gpu_backend):
 def test_compile_decode_greedy_tokens(gpu_backend, model_type, bits, group_size):
     """patch(compile_decode=True): every decoded token after the first runs through the
     compiled step (put_along_axis cache write, decode_attention with the length on the
-    device); same tokens as unpatched, across a growth of the cache buffer."""
+    device). Same tokens as unpatched up to ties over 128 steps; over 300 steps (a
+    growth of the cache buffer) the same tokens and log-probabilities as the ordinary
+    path with the same attention kernel (decode_attention=True), within one fp16 unit
+    in the last place."""
+    from mlx_foundry.lm_bench import random_quantized_model
+    from mlx_lm.generate import generate_step
+
     cfg = dict(LLAMA3_8B, model_type=model_type, hidden_size=1024, num_hidden_layers=4,
                intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
                vocab_size=32000, head_dim=64, rope_scaling=None)
-    result = decode_benchmark(steps=300, backend=gpu_backend, config=cfg, bits=bits,
+    result = decode_benchmark(steps=128, backend=gpu_backend, config=cfg, bits=bits,
                               group_size=group_size, results_dir="", warmup=2,
                               patch_kwargs={"compile_decode": True})
     assert result["fused_blocks"] == 4, result["report"]
     assert "decode step compiled" in result["report"], result["report"]
     _assert_same_tokens_up_to_ties(result)
+
+    model = random_quantized_model(config=cfg, bits=bits, group_size=group_size)
+    prompt = mx.array([(13 * i + 5) % 32000 for i in range(16)])
+    runs = []
+    # decode_attention=True in both: the tokens the compiled step leaves to the ordinary
+    # path (the first decoded token, the growth of the buffer) attend with the same
+    # kernel as the compiled ones, not MLX's attention.
+    for kw in ({"decode_attention": True}, {"decode_attention": True, "compile_decode": True}):
+        lm.patch(model, backend=gpu_backend, **kw)
+        try:
+            toks, lps = zip(*generate_step(prompt, model, max_tokens=300))
+            runs.append(([int(t) for t in toks], mx.stack(lps)))
+            stats = lm.patch_stats(model)
+        finally:
+            lm.unpatch(model)
+    assert stats["model"]["compiled decode steps"] >= 298
+    assert runs[1][0] == runs[0][0]
+    assert mx.allclose(runs[1][1], runs[0][1], rtol=0, atol=2 ** -7).item()
 
 
 def test_compile_decode_runs_compiled(gpu_backend):
