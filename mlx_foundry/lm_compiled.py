@@ -28,7 +28,11 @@ launches, a token that must grow the cache buffers, other cache types, a model
 whose weights changed) takes the patched model's ordinary path.
 """
 
+import weakref
+
 import mlx.core as mx
+
+from .args import SCALAR_LANES
 
 __all__ = ["TracedCache", "compiled_model_class", "DecodeRunner"]
 
@@ -89,9 +93,10 @@ class DecodeRunner:
         self.plans = plans
         self.steps = 0            # tokens that ran compiled
         self.fallbacks = 0        # decode-shaped calls that took the ordinary path
-        self.traces = 0           # traces made (per batch size, dtype and capacity)
+        self.traces = 0           # compiled functions built (MLX traces each again per
+        #                           cache capacity, by the shapes of the buffers)
         self._fn = None           # the compiled function
-        self._armed = None        # (B, dtype) -> the block steps it was traced with
+        self._armed = None        # ((B, dtype), the block steps it was traced with)
         self._top = None          # the model-level arrays the trace captured
 
     # -- the hot path ------------------------------------------------------------------
@@ -117,8 +122,8 @@ class DecodeRunner:
         if not self._ready(inputs.shape[0], b0.dtype):
             self.fallbacks += 1
             return None
-        pos_i = mx.full((_lanes(),), offset, mx.int32)
-        pos_u = mx.full((_lanes(),), offset, mx.uint32)
+        pos_i = mx.full((SCALAR_LANES,), offset, mx.int32)
+        pos_u = mx.full((SCALAR_LANES,), offset, mx.uint32)
         # The caches let go of their buffers during the call, so that each put_along_axis
         # may update its buffer in place (MLX donates an array only it alone holds).
         for c in cache:
@@ -167,13 +172,16 @@ class DecodeRunner:
             steps.append(found[0])
         model = self.model
         original = type(model)._mlx_foundry_original
+        # MLX keeps the compiled function (and what it captured) until the function
+        # object goes; the model holds it, so the traced function must not hold the model.
+        model_ref = weakref.ref(model)
 
         def forward(inputs, pos_i, pos_u, *buffers):
             index = mx.broadcast_to(pos_i[:1].reshape(1, 1, 1, 1),
                                     (buffers[0].shape[0], buffers[0].shape[1], 1,
                                      buffers[0].shape[3]))
             caches = [TracedCache(b, pos_i, pos_u, index) for b in buffers]
-            logits = original.__call__(model, inputs, caches)
+            logits = original.__call__(model_ref(), inputs, caches)
             return (logits, *(c.buffer for c in caches))
 
         self._fn = mx.compile(forward)
@@ -181,12 +189,6 @@ class DecodeRunner:
         self._top = lm._top_watch_list(model)
         self.traces += 1
         return True
-
-
-def _lanes():
-    from .args import SCALAR_LANES
-
-    return SCALAR_LANES
 
 
 def compiled_model_class(cls):

@@ -210,3 +210,22 @@ def test_unpatch_restores_the_model_class():
     assert mf.unpatch(model) == 1
     assert type(model) is cls and "_mlx_foundry_decode" not in model.__dict__
     assert not lm.is_patched(model)
+
+
+def test_a_dropped_model_is_freed():
+    """A dropped patched model is freed: nothing of its compiled step keeps it (or its
+    weights) alive."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama", layers=1)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    cache = lm_cache.make_prompt_cache(model)
+    model(mx.array([[1, 2]]), cache=cache)
+    for t in (3, 4, 5):
+        mx.eval(model(mx.array([[t]]), cache=cache))
+    assert lm.patch_stats(model)["model"]["compiled decode steps"] == 2
+    ref = weakref.ref(model)
+    del model, cache
+    gc.collect()
+    assert ref() is None

@@ -6,7 +6,8 @@ per kernel), *wait* (the rest until the token is done) and *pipelined* (a loop t
 builds token t+1 while the GPU runs token t, as ``mlx_lm.generate_step`` does); for the
 unpatched model, the patched model with mlx-lm's two-buffer KV cache
 (``joint_kv=False``), the patched model as patched by default, and with
-``ops.decode_attention`` over the joint cache (``decode_attention=True``)::
+``ops.decode_attention`` over the joint cache (``decode_attention=True``), and with the
+decode step compiled (``compile_decode=True``)::
 
     python tools/decode_breakdown.py breakdown --json out.json
 
