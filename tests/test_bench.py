@@ -432,3 +432,31 @@ def test_same_tokens_up_to_ties(kw, ok):
 
     got, why = same_tokens_up_to_ties(_decode_result(**kw))
     assert got is ok and why
+
+
+def test_e2e_rounds_alternate_unpatched_and_patched(monkeypatch):
+    """decode_benchmark times unpatched and patched in alternating rounds, each run after
+    its own warm-up (host speed drifts over a run), and keeps the best of each."""
+    pytest.importorskip("mlx_lm")
+    from mlx_foundry import lm, lm_bench
+    from mlx_foundry.bench.e2e import TINY_LLAMA
+
+    model = lm_bench.random_quantized_model(TINY_LLAMA, dtype=mx.float32)
+    calls, real = [], lm_bench.greedy_decode
+    rates = iter([10.0, 30.0, 20.0, 5.0, 15.0, 40.0])  # timed runs: unp, pat, unp, pat, ...
+
+    def spy(m, prompt, steps, **kw):
+        out = real(m, prompt, steps, **kw)
+        timed = steps == 6 and not kw
+        calls.append(("patched" if lm.is_patched(m) else "unpatched",
+                      "timed" if timed else "other"))
+        return (out[0], next(rates)) if timed else out
+
+    monkeypatch.setattr(lm_bench, "greedy_decode", spy)
+    r = lm_bench.decode_benchmark(model, steps=6, warmup=2, repeats=3, backend="reference",
+                                  results_dir="")
+    timed = [who for who, kind in calls if kind == "timed"]
+    assert timed == ["unpatched", "patched"] * 3
+    assert [who for who, _ in calls[:4]] == ["unpatched", "unpatched", "patched", "patched"]
+    assert r["unpatched_tok_s"] == 20.0 and r["patched_tok_s"] == 40.0
+    assert not lm.is_patched(model)
