@@ -229,3 +229,38 @@ def test_a_dropped_model_is_freed():
     del model, cache
     gc.collect()
     assert ref() is None
+
+
+def test_a_block_that_cannot_be_traced_falls_back(monkeypatch):
+    """A block whose launches are missing while the step is traced makes that token take
+    the ordinary path (same logits), and the runner traces again on a later token."""
+    from mlx_foundry import lm_compiled
+
+    model = tiny_model("llama", layers=2)
+    mf.patch(model, backend=BACKEND)
+    want = [model(mx.array([[t]]), cache=c) for c in [lm_cache.make_prompt_cache(model)]
+            for t in (1, 2, 3)][-1]
+    mf.unpatch(model)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    real = lm.traced_block
+    calls = []
+
+    def fail_once(block, plan, x, cache):
+        calls.append(plan.path)
+        if len(calls) == 1:
+            raise lm_compiled._NotTraceable(plan.path)
+        return real(block, plan, x, cache)
+
+    monkeypatch.setattr(lm, "traced_block", fail_once)
+    try:
+        cache = lm_cache.make_prompt_cache(model)
+        model(mx.array([[1]]), cache=cache)               # ordinary: prepares the launches
+        got = model(mx.array([[2]]), cache=cache)         # tracing fails: ordinary path
+        runner = model.__dict__["_mlx_foundry_decode"]
+        assert runner.steps == 0 and runner._fn is None
+        assert cache[0].offset == 2 and cache[0].__dict__["_kv"] is not None
+        got = model(mx.array([[3]]), cache=cache)         # traced again: compiled
+        assert runner.steps == 1 and runner.traces == 2
+    finally:
+        mf.unpatch(model)
+    assert_close(got, want, mx.float32, k=64)
