@@ -23,6 +23,11 @@ itself (no key/value views), for contexts up to :data:`DECODE_ATTENTION_MAX_LEN`
 and no mask; it is off by default because on MLX's CUDA backend it measured no
 faster (see :data:`DECODE_ATTENTION_MAX_LEN`).
 
+With ``patch(model, compile_decode=True)`` every decoded token after the first runs
+through one ``mx.compile``'d function of the whole model instead
+(:mod:`mlx_foundry.lm_compiled`): the blocks are traced through this same ``__call__``
+with a :class:`~mlx_foundry.lm_compiled.TracedCache`, so Python builds no graph per token.
+
 The model's own output projection (``lm_head``, when the embeddings are not
 tied) runs through the fused GEMV for decode-sized inputs too.  Every fused op
 launches through a prepared launch (:mod:`mlx_foundry.prepared`) built on
@@ -45,7 +50,7 @@ from dataclasses import dataclass, field
 
 import mlx.nn as nn
 
-from .lm_compiled import TracedCache, traced_block
+from .lm_compiled import _RUNNER_ATTR, TracedCache, traced_block
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -948,7 +953,7 @@ def _patch_compiled(model, report, blocks, joint_kv):
     """Attach the compiled decode step (:mod:`mlx_foundry.lm_compiled`) when the whole
     model can be traced: every block fused as a whole, the joint K/V cache, a known
     model class without sliding-window layers or pipeline stages."""
-    from .lm_compiled import _RUNNER_ATTR, DecodeRunner, compiled_model_class
+    from .lm_compiled import DecodeRunner, compiled_model_class
 
     cls = type(model)
     plans = [b.__dict__.get(_PLAN_ATTR) if isinstance(b, nn.Module) else None for b in blocks]
@@ -974,8 +979,6 @@ def _patch_compiled(model, report, blocks, joint_kv):
 
 
 def _unpatch_compiled(model):
-    from .lm_compiled import _RUNNER_ATTR
-
     if _RUNNER_ATTR in model.__dict__:
         model.__class__ = type(model)._mlx_foundry_original
         object.__delattr__(model, _RUNNER_ATTR)
@@ -1008,8 +1011,6 @@ def unpatch(model):
 def is_patched(model):
     """Whether :func:`patch` changed any block of ``model``."""
     _, blocks = _blocks(model)
-    from .lm_compiled import _RUNNER_ATTR
-
     return (any(isinstance(b, nn.Module) and _PLAN_ATTR in b.__dict__ for b in blocks or [])
             or _head_plan(model) is not None or _RUNNER_ATTR in model.__dict__)
 
@@ -1034,8 +1035,6 @@ def patch_stats(model):
     plan = _head_plan(model)
     if plan is not None:
         out["lm_head"] = Counter(plan.stats)
-    from .lm_compiled import _RUNNER_ATTR
-
     runner = model.__dict__.get(_RUNNER_ATTR)
     if runner is not None:
         out["model"] = Counter({"compiled decode steps": runner.steps,
