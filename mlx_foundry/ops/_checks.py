@@ -31,6 +31,13 @@ def check_float_array(who, name, v, *, min_ndim=1, shape=None, none_ok=False):
     return v
 
 
+def check_same_dtype(who, name, v, ref_name, ref):
+    """``v`` has the dtype of the array ``ref`` (the argument named ``ref_name``)."""
+    if v.dtype != ref.dtype:
+        raise ValueError(f"[{who}] '{name}' must have the dtype of '{ref_name}' "
+                         f"({dtype_name(ref.dtype)}) but has {dtype_name(v.dtype)}.")
+
+
 def check_eps(who, eps):
     """A finite, non-negative number (as ``mx.fast.rms_norm`` takes)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):

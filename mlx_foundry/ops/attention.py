@@ -9,7 +9,7 @@ from ..backends import check_backend
 from ..kernel import SCALAR_LANES
 from ..stages import attention as _attention
 from ..types import dtype_name
-from ._checks import check_float_array
+from ._checks import check_float_array, check_same_dtype
 
 ONE_PASS_MAX_LEN = 1024
 """Positions (``past_len + 1``) up to which one threadgroup per query head takes them all;
@@ -81,7 +81,7 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
     if H % kv_heads:
         raise ValueError(f"[{who}] n_heads ({H}, from 'q') must be a multiple of "
                          f"n_kv_heads ({kv_heads}, from 'kv').")
-    _same_dtype(who, "kv", kv, q)
+    check_same_dtype(who, "kv", kv, "q", q)
     on_device = isinstance(past_len, mx.array)
     if on_device:
         if (past is None or not mx.issubdtype(past_len.dtype, mx.integer)
@@ -105,7 +105,7 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
             raise ValueError(f"[{who}] 'past' must be [{B}, {kv.shape[1]}, capacity, {D}] "
                              f"(the joint K/V layout of 'kv') but has shape "
                              f"{tuple(past.shape)}.")
-        _same_dtype(who, "past", past, q)
+        check_same_dtype(who, "past", past, "q", q)
         if not on_device and not 0 <= past_len <= past.shape[2]:
             raise ValueError(f"[{who}] 'past_len' must be in [0, {past.shape[2]}] (the "
                              f"capacity of 'past') but is {past_len}.")
@@ -127,9 +127,3 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
     out = _attention.decode_attention_combine(partials, splits=splits, T=q.dtype,
                                               backend=backend)
     return out.reshape(B, H, 1, D)
-
-
-def _same_dtype(who, name, v, q):
-    if v.dtype != q.dtype:
-        raise ValueError(f"[{who}] '{name}' must have the dtype of 'q' "
-                         f"({dtype_name(q.dtype)}) but has {dtype_name(v.dtype)}.")

@@ -10,7 +10,7 @@ from ..stages import norm as _norm
 from ..stages import rope as _rope
 from ..stages import softmax as _softmax
 from ..types import dtype_name
-from ._checks import check_eps, check_float_array
+from ._checks import check_eps, check_float_array, check_same_dtype
 
 
 def _check_weight(who, weight, x):
@@ -20,9 +20,7 @@ def _check_weight(who, weight, x):
     if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"[{who}] 'weight' must have shape ({x.shape[-1]},) (the last "
                          f"dimension of 'x') but has shape {tuple(weight.shape)}.")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"[{who}] 'weight' must have the dtype of 'x' "
-                         f"({dtype_name(x.dtype)}) but has {dtype_name(weight.dtype)}.")
+    check_same_dtype(who, "weight", weight, "x", x)
 
 
 def _check_backend(who, backend):
@@ -100,9 +98,7 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
     if residual.shape != x.shape:
         raise ValueError(f"[{who}] 'residual' must have the shape of 'x' {tuple(x.shape)} "
                          f"but has shape {tuple(residual.shape)}.")
-    if residual.dtype != x.dtype:
-        raise ValueError(f"[{who}] 'residual' must have the dtype of 'x' "
-                         f"({dtype_name(x.dtype)}) but has {dtype_name(residual.dtype)}.")
+    check_same_dtype(who, "residual", residual, "x", x)
     _check_weight(who, weight, x)
     check_eps(who, eps)
     _check_backend(who, backend)
