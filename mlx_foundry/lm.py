@@ -972,7 +972,7 @@ def _patch_compiled(model, report, blocks, joint_kv):
     if why:
         report.skipped.append(("model", f"compiled decode off: {why}"))
         return
-    object.__setattr__(model, _RUNNER_ATTR, DecodeRunner(model, list(blocks), plans))
+    object.__setattr__(model, _RUNNER_ATTR, DecodeRunner(model, plans))
     model.__class__ = compiled_model_class(cls)
     report.compiled_decode = True
     report.fused.append(("model", "decode step compiled (mx.compile) after the first token"))

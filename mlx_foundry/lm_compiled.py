@@ -87,16 +87,15 @@ class DecodeRunner:
     ordinary path.
     """
 
-    def __init__(self, model, blocks, plans):
+    def __init__(self, model, plans):
         self.model = model
-        self.blocks = blocks
-        self.plans = plans
+        self.plans = plans        # one per block, in order
         self.steps = 0            # tokens that ran compiled
         self.fallbacks = 0        # decode-shaped calls that took the ordinary path
         self.traces = 0           # compiled functions built (MLX traces each again per
         #                           cache capacity, by the shapes of the buffers)
         self._fn = None           # the compiled function
-        self._armed = None        # ((B, dtype), the block steps it was traced with)
+        self._key = None          # (batch, dtype) of the compiled function
         self._top = None          # the model-level arrays the trace captured
 
     # -- the hot path ------------------------------------------------------------------
@@ -105,7 +104,7 @@ class DecodeRunner:
         from . import lm
 
         if (inputs.__class__ is not mx.array or inputs.ndim != 2 or inputs.shape[1] != 1
-                or cache.__class__ is not list or len(cache) != len(self.blocks)):
+                or cache.__class__ is not list or len(cache) != len(self.plans)):
             return None
         joint_cls = lm._joint_cache()[0]
         first = cache[0]
@@ -151,10 +150,8 @@ class DecodeRunner:
             if plan.watch is None or not watch_holds(plan.watch):
                 self._fn = None  # new weights: the ordinary path prepares the launches again
                 return False
-        if self._fn is not None and self._armed[0] == (batch, dtype):
-            if self._top is not None and watch_holds(self._top):
-                return True
-            self._fn = None
+        if self._fn is not None and self._key == (batch, dtype) and watch_holds(self._top):
+            return True
         return self._trace(batch, dtype)
 
     # -- tracing ---------------------------------------------------------------------
@@ -163,14 +160,12 @@ class DecodeRunner:
         has its one-token launches (prepared by the ordinary path's first token)."""
         from . import lm
 
-        steps = []
-        for plan in self.plans:
-            found = [s for key, s in plan.steps.items()
-                     if key[0][0] == batch and key[0][1] == 1 and key[1] == dtype and key[2]]
-            if not found or found[0].fast is None or not found[0].fast[1]:
-                return False
-            steps.append(found[0])
         model = self.model
+        key = ((batch, 1, model.args.hidden_size), dtype, True)  # as traced_block looks up
+        for plan in self.plans:
+            step = plan.steps.get(key)
+            if step is None or step.fast is None or not step.fast[1]:
+                return False
         original = type(model)._mlx_foundry_original
         # MLX keeps the compiled function (and what it captured) until the function
         # object goes; the model holds it, so the traced function must not hold the model.
@@ -185,7 +180,7 @@ class DecodeRunner:
             return (logits, *(c.buffer for c in caches))
 
         self._fn = mx.compile(forward)
-        self._armed = ((batch, dtype), tuple(steps))
+        self._key = (batch, dtype)
         self._top = lm._top_watch_list(model)
         self.traces += 1
         return True
