@@ -160,7 +160,12 @@ def test_fused_logits_at_least_as_close_to_float32_as_mlx(gpu_backend):
     assert err["patched"]["max_abs_err"] <= 1.5 * err["mlx"]["max_abs_err"], err
 
 
-def test_batch_decode_matches(gpu_backend):
+@pytest.mark.parametrize("patch_kwargs", [{}, {"compile_decode": True}],
+                         ids=["ordinary", "compile_decode"])
+def test_batch_decode_matches(gpu_backend, patch_kwargs):
+    """Three sequences decoded together, patched against unpatched: the same greedy
+    choices and logits within 5% of their range; with compile_decode every decoded
+    token after the first runs through one trace for batch 3."""
     from mlx_lm.models import cache as lm_cache
 
     from mlx_foundry.lm_bench import random_quantized_model
@@ -180,13 +185,18 @@ def test_batch_decode_matches(gpu_backend):
         return mx.stack(outs).astype(mx.float32)
 
     ref = run()
-    lm.patch(model, backend=gpu_backend)
+    lm.patch(model, backend=gpu_backend, **patch_kwargs)
     try:
         out = run()
-        stats = lm.patch_stats(model)["model.layers.0"]
+        stats = lm.patch_stats(model)
     finally:
         lm.unpatch(model)
-    assert stats["fused attention"] == 8          # decode steps (the 18-row prompt: original)
+    if patch_kwargs:
+        assert stats["model"]["compiled decode steps"] == 7, stats["model"]
+        assert stats["model"]["traces"] == 1, stats["model"]
+    else:
+        # decode steps (the 18-row prompt: original)
+        assert stats["model.layers.0"]["fused attention"] == 8
     assert mx.array_equal(mx.argmax(out, -1), mx.argmax(ref, -1)).item()
     err = mx.abs(out - ref).max().item()
     assert err < 0.05 * mx.abs(ref).max().item(), err
