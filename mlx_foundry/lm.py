@@ -28,8 +28,9 @@ through one ``mx.compile``'d function of the whole model instead
 (:mod:`mlx_foundry.lm_compiled`): the blocks are traced through this same ``__call__``
 with a :class:`~mlx_foundry.lm_compiled.TracedCache`, so Python builds no graph per token.
 
-The model's own output projection (``lm_head``, when the embeddings are not
-tied) runs through the fused GEMV for decode-sized inputs too.  Every fused op
+The output projection runs through the fused GEMV for decode-sized inputs too:
+``lm_head``, or with tied embeddings the embedding's ``as_linear`` (named
+:data:`TIED_HEAD` in reports and :func:`patch_stats`).  Every fused op
 launches through a prepared launch (:mod:`mlx_foundry.prepared`) built on
 first use per input shape, and built again when a module's arrays change.
 
@@ -113,7 +114,7 @@ class PatchReport:
         """Paths of the blocks that run at least one fused half."""
         seen = []
         for path, _ in self.fused:
-            if path in ("lm_head", "model"):
+            if path in ("lm_head", TIED_HEAD, "model"):
                 continue
             block = path.rsplit(".", 1)[0] if path.endswith((".self_attn", ".mlp")) else path
             if block not in seen:
@@ -155,11 +156,11 @@ def _weight_problem(m):
     # A module patch() subclassed (a fused lm_head) is judged as its original class.
     cls = getattr(type(m), "_mlx_foundry_original", type(m))
     name = cls.__name__
-    if cls is nn.QuantizedLinear:
+    if cls is nn.QuantizedLinear or cls is nn.QuantizedEmbedding:
         mode = getattr(m, "mode", "affine")
         if mode != "affine":
             return f"quantization mode {mode!r} is not supported (affine only)"
-    elif cls is not nn.Linear:
+    elif cls is not nn.Linear and cls is not nn.Embedding:
         if "lora" in name.lower() or "dora" in name.lower():
             return f"adapter layer {name} (LoRA/DoRA) is not fused"
         if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
@@ -173,7 +174,7 @@ def _weight_problem(m):
 
 
 def _weight_summary(m):
-    if isinstance(m, nn.QuantizedLinear):
+    if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return f"affine {m.bits}-bit g{m.group_size}"
     return f"dense {str(m.weight.dtype).split('.')[-1]}"
 
@@ -716,8 +717,9 @@ _SUBCLASSES = {}
 
 
 def _fused_subclass(cls, namespace, doc):
-    """The subclass of ``cls`` whose methods ``namespace`` replaces (one per class)."""
-    key = (cls, namespace["__call__"])
+    """The subclass of ``cls`` whose methods ``namespace`` replaces (one per class and
+    set of methods)."""
+    key = (cls, frozenset(namespace.items()))
     sub = _SUBCLASSES.get(key)
     if sub is None:
         sub = type(f"Fused{cls.__name__}", (cls,), dict(
@@ -733,15 +735,21 @@ def _patched_class(cls):
 
 
 # ------------------------------------------------------------------------------------
-# The output projection (lm_head)
+# The output projection: lm_head, or the embedding's as_linear when the embeddings are tied
 # ------------------------------------------------------------------------------------
 _HEAD_ATTR = "_mlx_foundry_head"
 
+TIED_HEAD = "model.embed_tokens.as_linear"
+"""The path under which :class:`PatchReport` and :func:`patch_stats` name the output
+projection of a model with tied embeddings."""
+
 
 class _HeadPlan:
-    """A patched ``lm_head``: its prepared launches per input shape, and call counters."""
+    """A patched output projection: its prepared launches per input shape, and call
+    counters."""
 
-    def __init__(self, backend, max_rows):
+    def __init__(self, path, backend, max_rows):
+        self.path = path
         self.backend = backend
         self.max_rows = max_rows
         self.weights = _WeightCache()
@@ -750,12 +758,13 @@ class _HeadPlan:
         self.stats = Counter()
 
 
-def _head_call(self, x):
+def _head_gemv(self, x, original):
+    """The output projection of ``x``: the fused GEMV for decode-sized inputs, else
+    ``original(self, x)`` (the module's own method)."""
     plan = self.__dict__.get(_HEAD_ATTR)
-    original = type(self)._mlx_foundry_original
     if plan is None or x.ndim < 2 or x.size // x.shape[-1] > plan.max_rows:
-        return original.__call__(self, x)
-    w = plan.weights.get("lm_head", self)  # a new view when the module's arrays change
+        return original(self, x)
+    w = plan.weights.get(plan.path, self)  # a new view when the module's arrays change
     if w is not plan.weight:
         plan.launches.clear()
         plan.weight = w
@@ -766,44 +775,66 @@ def _head_call(self, x):
             _ops().linear, x, w, vary={"x": x}, backend=plan.backend)
     if not launch:
         plan.stats["original"] += 1
-        return original.__call__(self, x)
+        return original(self, x)
     plan.stats["fused"] += 1
     return launch(x)
 
 
-def _head_class(cls):
-    return _fused_subclass(cls, {"__call__": _head_call},
-                           "whose decode-sized calls run mlx_foundry's GEMV.")
+def _head_call(self, x):
+    return _head_gemv(self, x, type(self)._mlx_foundry_original.__call__)
+
+
+def _tied_head_as_linear(self, x):
+    return _head_gemv(self, x, type(self)._mlx_foundry_original.as_linear)
+
+
+_HEAD_METHODS = {"__call__": _head_call, "as_linear": _tied_head_as_linear}
 
 
 def _head(model):
-    """``model.lm_head`` (a separate output projection), or ``None``."""
-    return dict.get(model, "lm_head") if isinstance(model, dict) else None
+    """``(path, module, method)`` of the output projection: ``model.lm_head`` and its
+    ``__call__``; with tied embeddings (no ``lm_head`` in the supported mlx-lm models)
+    ``model.model.embed_tokens`` and its ``as_linear``, which the model calls on the
+    last hidden states. ``(None, None, None)`` when there is neither."""
+    if not isinstance(model, dict):
+        return None, None, None
+    head = dict.get(model, "lm_head")
+    if head is not None:
+        return "lm_head", head, "__call__"
+    inner = dict.get(model, "model")
+    emb = dict.get(inner, "embed_tokens") if isinstance(inner, dict) else None
+    if isinstance(emb, nn.Module) and callable(getattr(emb, "as_linear", None)):
+        return TIED_HEAD, emb, "as_linear"
+    return None, None, None
 
 
 def _head_plan(model):
-    """The :class:`_HeadPlan` of a patched ``lm_head``, or ``None``."""
-    head = _head(model)
+    """The :class:`_HeadPlan` of a patched output projection, or ``None``."""
+    head = _head(model)[1]
     return head.__dict__.get(_HEAD_ATTR) if isinstance(head, nn.Module) else None
 
 
 def _patch_head(model, report, backend, max_rows):
-    """Fuse ``model.lm_head`` (a separate output projection) when the GEMV can read it."""
-    head = _head(model)
+    """Fuse the output projection (``lm_head``, or the tied embedding's ``as_linear``)
+    when the GEMV can read its weights."""
+    path, head, method = _head(model)
     if head is None:
-        return  # tied embeddings: the embedding's as_linear, left to MLX
+        return
     why = _weight_problem(head) if isinstance(head, nn.Module) else "not a module"
     if why:
-        report.skipped.append(("lm_head", why))
+        report.skipped.append((path, why))
         return
-    object.__setattr__(head, _HEAD_ATTR, _HeadPlan(backend, max_rows))
-    head.__class__ = _head_class(type(head))
-    report.fused.append(("lm_head", f"linear ({_weight_summary(head)})"))
+    object.__setattr__(head, _HEAD_ATTR, _HeadPlan(path, backend, max_rows))
+    head.__class__ = _fused_subclass(type(head), {method: _HEAD_METHODS[method]},
+                                     f"whose decode-sized {method} calls run mlx_foundry's "
+                                     "GEMV.")
+    what = "linear" if method == "__call__" else "linear over the tied embeddings"
+    report.fused.append((path, f"{what} ({_weight_summary(head)})"))
 
 
 def _unpatch_head(model):
     if _head_plan(model) is not None:
-        head = _head(model)
+        head = _head(model)[1]
         head.__class__ = type(head)._mlx_foundry_original
         object.__delattr__(head, _HEAD_ATTR)
 
@@ -853,8 +884,9 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
             ``mlx_foundry.ops.linear.PREFILL_ROWS``.
         attention (bool): fuse the attention half of each block. Default: ``True``.
         mlp (bool): fuse the MLP half of each block. Default: ``True``.
-        lm_head (bool): run the model's output projection (when it has its own, not
-            tied to the embeddings) through the fused GEMV. Default: ``True``.
+        lm_head (bool): run the model's output projection through the fused GEMV for
+            decode-sized inputs: ``lm_head``, or with tied embeddings the embedding's
+            ``as_linear`` (dense or affine quantized). Default: ``True``.
         joint_kv (bool): switch the plain mlx-lm ``KVCache`` objects that patched blocks
             decode with to :class:`mlx_foundry.kv_cache.KVCache` (the same cache, keys
             and values in one buffer: one write per token instead of two). Default:
@@ -1034,7 +1066,7 @@ def patch_stats(model):
                 c["fused mlp"] += plan.fast_calls
     plan = _head_plan(model)
     if plan is not None:
-        out["lm_head"] = Counter(plan.stats)
+        out[plan.path] = Counter(plan.stats)
     runner = model.__dict__.get(_RUNNER_ATTR)
     if runner is not None:
         out["model"] = Counter({"compiled decode steps": runner.steps,

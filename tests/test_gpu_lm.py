@@ -56,6 +56,20 @@ def test_small_models_greedy_tokens(gpu_backend, model_type, bits, group_size):
     _assert_same_tokens_up_to_ties(result)
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+def test_tied_embeddings_greedy_tokens(gpu_backend, bits, group_size):
+    """A model with tied embeddings (like Llama-3.2-1B or the small Qwen models): the
+    logits come from the fused GEMV over the quantized embedding table."""
+    cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
+               num_attention_heads=16, num_key_value_heads=4, vocab_size=32003, head_dim=64,
+               rope_scaling=None, tie_word_embeddings=True)
+    result = decode_benchmark(steps=32, backend=gpu_backend, config=cfg, bits=bits,
+                              group_size=group_size, results_dir="", warmup=2)
+    assert result["fused_blocks"] == 4, result["report"]
+    assert lm.TIED_HEAD in result["report"], result["report"]
+    _assert_same_tokens_up_to_ties(result)
+
+
 def test_decode_attention_greedy_tokens(gpu_backend):
     """patch(decode_attention=True): the attention of every decoded token runs through
     ops.decode_attention over the joint cache; same tokens as unpatched."""

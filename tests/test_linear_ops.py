@@ -204,6 +204,20 @@ def test_weight_from_modules():
     assert_close(linear(x, w, backend="reference"), dl(x), mx.float32, k=64)
 
 
+def test_weight_from_embeddings_is_their_as_linear():
+    emb = nn.Embedding(40, 96)
+    w = Weight.from_module(emb)
+    assert (w.quantized, w.in_features, w.out_features) == (False, 96, 40)
+    x = mx.random.normal((1, 96))
+    assert_close(linear(x, w, backend="reference"), emb.as_linear(x), mx.float32, k=96)
+    qemb = nn.QuantizedEmbedding(40, 128, group_size=32, bits=4)
+    w = Weight.from_module(qemb)
+    assert (w.quantized, w.bits, w.group_size, w.in_features, w.out_features) == (
+        True, 4, 32, 128, 40)
+    x = mx.random.normal((2, 128))
+    assert_close(linear(x, w, backend="reference"), qemb.as_linear(x), mx.float32, k=128)
+
+
 def test_weight_from_module_rejects_other_modes():
     with pytest.raises(ValueError, match="affine"):
         Weight.from_module(nn.QuantizedLinear(64, 32, group_size=32, mode="mxfp4"))

@@ -63,6 +63,27 @@ def test_compiled_decode_matches_the_ordinary_patched_path(model_type, quant):
     assert counts["decode steps on the ordinary path"] == 0
 
 
+def test_compiled_decode_with_tied_embeddings():
+    """The compiled step traces the model's own __call__, so a tied output projection
+    (the embedding's as_linear) is fused inside it too."""
+    model = tiny_model("llama", quant=(32, 4), quant_embedding=True, tie_word_embeddings=True)
+    want_toks, want = greedy(model, 24)
+    report = mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        assert report.compiled_decode and lm.TIED_HEAD in dict(report.fused), str(report)
+        toks, got = greedy(model, 24)
+        counts = _counts(model)
+        head = lm.patch_stats(model)[lm.TIED_HEAD]
+    finally:
+        mf.unpatch(model)
+    assert toks == want_toks
+    assert_close(got, want, mx.float32, k=64, msg="log-probabilities")
+    assert counts["compiled decode steps"] == 24 and counts["traces"] == 1
+    # Python runs the head's fused call for the first decoded token and once more when
+    # the step is traced; the compiled calls replay the trace.
+    assert head["fused"] >= 2 and head["original"] == 0
+
+
 def test_compiled_decode_float16_against_unpatched():
     model = tiny_model("llama", dtype=mx.float16, quant=(32, 4), layers=3)
     want_toks, want = greedy(model, 48)

@@ -28,10 +28,12 @@ PROMPT = [3, 17, 42, 99, 5, 64, 7]
 _MODULES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3}
 
 
-def tiny_model(model_type, *, dtype=mx.float32, quant=None, layers=2, seed=0, **extra):
+def tiny_model(model_type, *, dtype=mx.float32, quant=None, layers=2, seed=0,
+               quant_embedding=False, **extra):
     """A tiny random mlx-lm model: hidden 64, 4 heads, 2 KV heads, vocab 128.
 
-    ``quant=(group_size, bits)`` quantizes every linear layer (MLX affine).
+    ``quant=(group_size, bits)`` quantizes every linear layer (MLX affine), and the
+    embedding too with ``quant_embedding``.
     """
     mx.random.seed(seed)
     cfg = dict(model_type=model_type, hidden_size=64, num_hidden_layers=layers,
@@ -51,8 +53,9 @@ def tiny_model(model_type, *, dtype=mx.float32, quant=None, layers=2, seed=0, **
     model.load_weights(list(params.items()), strict=False)
     if quant is not None:
         g, b = quant
+        kinds = (nn.Linear, nn.Embedding) if quant_embedding else nn.Linear
         nn.quantize(model, group_size=g, bits=b,
-                    class_predicate=lambda p, m: isinstance(m, nn.Linear))
+                    class_predicate=lambda p, m: isinstance(m, kinds))
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
@@ -87,7 +90,7 @@ def check_parity(model, dtype, *, cache_fn=None, steps=STEPS, tol_dtype=None, **
 
 def fused_calls(stats, what="fused attention"):
     """Fused calls of the least-used patched block."""
-    return min(c[what] for path, c in stats.items() if path != "lm_head")
+    return min(c[what] for path, c in stats.items() if ".layers." in path)
 
 
 # ------------------------------------------------------------------------------------
@@ -563,15 +566,69 @@ def test_lm_head_fused_and_restored():
     assert not lm.is_patched(model)
 
 
-def test_lm_head_option_and_tied_embeddings():
-    model = tiny_model("llama")
-    report = mf.patch(model, backend=BACKEND, lm_head=False)
-    mf.unpatch(model)
-    assert all(p != "lm_head" for p, _ in report.fused + report.skipped)
-    tied = tiny_model("llama", tie_word_embeddings=True)
-    report = mf.patch(tied, backend=BACKEND)
-    mf.unpatch(tied)
-    assert all(p != "lm_head" for p, _ in report.fused)
+def test_lm_head_option():
+    for tie in (False, True):
+        model = tiny_model("llama", tie_word_embeddings=tie)
+        report = mf.patch(model, backend=BACKEND, lm_head=False)
+        stats = lm.patch_stats(model)
+        mf.unpatch(model)
+        paths = [p for p, _ in report.fused + report.skipped]
+        assert "lm_head" not in paths and lm.TIED_HEAD not in paths, paths
+        assert "lm_head" not in stats and lm.TIED_HEAD not in stats
+
+
+@pytest.mark.parametrize("model_type,dtype,quant", [
+    ("llama", mx.float32, None), ("qwen3", mx.float16, None), ("llama", mx.float32, (64, 4)),
+    ("qwen2", mx.float32, (32, 8)), ("llama", mx.float16, (32, 4)),
+])
+def test_tied_embeddings_output_projection(model_type, dtype, quant):
+    """With tied embeddings (no lm_head) the model's logits come from the embedding's
+    as_linear: decode-sized calls run the fused GEMV over the embedding table (dense,
+    or quantized like the rest of the model); lookups stay the embedding's own."""
+    model = tiny_model(model_type, dtype=dtype, quant=quant, quant_embedding=True,
+                       tie_word_embeddings=True)
+    assert "lm_head" not in model
+    emb = model.model.embed_tokens
+    emb_cls = type(emb)
+    assert emb_cls is (nn.QuantizedEmbedding if quant else nn.Embedding)
+    report, stats = check_parity(model, dtype)
+    summary = f"affine {quant[1]}-bit g{quant[0]}" if quant else "dense"
+    assert dict(report.fused)[lm.TIED_HEAD].startswith("linear over the tied embeddings ("
+                                                       + summary), str(report)
+    assert "lm_head" not in dict(report.fused)
+    assert stats[lm.TIED_HEAD]["fused"] >= STEPS - 1
+    assert fused_calls(stats) >= STEPS
+    # Unpatched: the embedding's class and lookups are its own again.
+    assert type(emb) is emb_cls and "_mlx_foundry_head" not in emb.__dict__
+    assert not lm.is_patched(model)
+    ids = mx.array([[1, 5, 9]])
+    want = emb(ids)
+    mf.patch(model, backend=BACKEND)
+    try:
+        assert type(model.model.embed_tokens) is not emb_cls
+        assert mx.array_equal(model.model.embed_tokens(ids), want).item()
+    finally:
+        mf.unpatch(model)
+
+
+def test_tied_embeddings_new_table_is_picked_up():
+    """Loading new embeddings into a patched model with tied embeddings: the fused
+    output projection reads the new table."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    mf.patch(model, backend=BACKEND)
+    try:
+        greedy(model, 4)
+        emb = model.model.embed_tokens
+        new = mx.random.normal(emb.weight.shape, key=mx.random.key(7))
+        model.load_weights([("model.embed_tokens.weight", new)], strict=False)
+        toks, lp = greedy(model, 8)
+        fused = lm.patch_stats(model)[lm.TIED_HEAD]["fused"]
+    finally:
+        mf.unpatch(model)
+    want_toks, want_lp = greedy(model, 8)
+    assert toks == want_toks
+    assert_close(lp, want_lp, mx.float32, k=64, msg="log-probabilities")
+    assert fused >= 8
 
 
 def test_teacher_forced_choices_match_free_running_greedy():

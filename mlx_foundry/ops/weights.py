@@ -47,20 +47,27 @@ class Weight:
     # -- construction -----------------------------------------------------------------
     @classmethod
     def from_module(cls, module):
-        """From an ``mlx.nn.Linear`` or an ``mlx.nn.QuantizedLinear`` (mode ``"affine"``)."""
+        """From an ``mlx.nn.Linear`` or an ``mlx.nn.QuantizedLinear`` (mode ``"affine"``).
+
+        An ``mlx.nn.Embedding`` or ``mlx.nn.QuantizedEmbedding`` gives the weight of its
+        ``as_linear`` (the output projection of a model with tied embeddings): the table
+        ``[vocab, dims]`` is stored as a linear layer's ``[N, K]``.
+        """
         import mlx.nn as nn
 
-        if isinstance(module, nn.QuantizedLinear):
+        quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+        if isinstance(module, quantized):
             mode = getattr(module, "mode", "affine")
             if mode != "affine":
                 raise ValueError(f"[Weight.from_module] Only mode 'affine' is supported but the "
-                                 f"QuantizedLinear has mode {mode!r}.")
+                                 f"{type(module).__name__} has mode {mode!r}.")
             return cls(module["weight"], module["scales"], module.get("biases"),
                        module.get("bias"), group_size=module.group_size, bits=module.bits)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             return cls(module["weight"], bias=module.get("bias"))
-        raise TypeError(f"[Weight.from_module] 'module' must be an mlx.nn.Linear or "
-                        f"mlx.nn.QuantizedLinear but got {type(module).__name__}.")
+        raise TypeError(f"[Weight.from_module] 'module' must be an mlx.nn.Linear, "
+                        f"QuantizedLinear, Embedding or QuantizedEmbedding but got "
+                        f"{type(module).__name__}.")
 
     # -- properties -------------------------------------------------------------------
     @property
