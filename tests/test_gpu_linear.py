@@ -85,6 +85,29 @@ def test_linear_vocabulary_sized_n(gpu_backend, fmt, dtype):
                  k=256)
 
 
+@pytest.mark.parametrize("n,k,fmt,dtype", [(32003, 1024, (4, 64), mx.float16),
+                                            (151936, 896, (4, 64), mx.bfloat16),
+                                            (32003, 1024, (8, 32), mx.float16),
+                                            (1000, 96, "dense", mx.float16)])
+def test_linear_over_embedding_tables(gpu_backend, n, k, fmt, dtype):
+    """The output projection of a model with tied embeddings: Weight.from_module of an
+    (quantized) embedding, one and three rows, against the reference and MLX's own
+    as_linear."""
+    import mlx.nn as nn
+
+    mx.random.seed(3)
+    emb = nn.Embedding(n, k) if fmt == "dense" else nn.QuantizedEmbedding(
+        n, k, group_size=fmt[1], bits=fmt[0])
+    emb.set_dtype(dtype)
+    w = Weight.from_module(emb)
+    for rows in (1, 3):
+        x = _x((rows, k), dtype)
+        got = linear(x, w, backend=gpu_backend)
+        assert_close(got, _ref(lambda be: linear(x, w, backend=be)), dtype, k=k,
+                     msg=f"rows={rows}")
+        assert_close(got, emb.as_linear(x), dtype, k=k, msg=f"as_linear, rows={rows}")
+
+
 @pytest.mark.parametrize("activation", [None, "silu", "gelu", "gelu_approx", "relu"])
 @pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (True, True)])
 def test_linear_epilogues(gpu_backend, activation, bias, residual):
