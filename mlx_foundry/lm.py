@@ -307,6 +307,8 @@ def _plan_attention(block, path, arch):
         if out != n_kv * head_dim:
             return None, None, None, None, [(f"{apath}.{p}", f"outputs {out} features, not "
                                                              f"{n_kv} KV heads x {head_dim}")]
+    if head_dim % 2:
+        return None, None, None, None, [(apath, f"head_dim {head_dim} is odd")]
     qk_norm = hasattr(attn, "q_norm") or hasattr(attn, "k_norm")
     if qk_norm and not (type(getattr(attn, "q_norm", None)) is nn.RMSNorm
                         and type(getattr(attn, "k_norm", None)) is nn.RMSNorm):
@@ -372,7 +374,7 @@ class _Step:
     cannot be prepared (it then runs through its op function every call).
     """
 
-    __slots__ = ("qkv", "qkv_joint", "q", "k", "v", "o", "gate_up", "down", "attend", "fast")
+    __slots__ = ("qkv", "qkv_joint", "qkv_plain", "o", "gate_up", "down", "attend", "fast")
 
     def __init__(self):
         for name in self.__slots__:
@@ -522,14 +524,15 @@ def _step(plan, block, x, offset):
     return step
 
 
-def _qkv_rope_args(self, plan, x):
-    """Positional and keyword arguments of ``norm_qkv_rope`` after ``x`` (or ``None``)."""
+def _qkv_rope_args(self, plan, x, rope=True):
+    """Positional and keyword arguments of ``norm_qkv_rope`` after ``x`` (or ``None``);
+    with ``rope=False`` those of the projections without RoPE."""
     attn, ln = self.self_attn, self.input_layernorm
     ws = plan.weights
     wq, wk, wv = (ws.get(p, getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj"))
     if wq is None or wk is None or wv is None:
         return None
-    rope = dict(plan.rope)
+    rope = dict(plan.rope) if rope else {"rope": False}
     if rope.get("rope_freqs") == "_freqs":
         rope["rope_freqs"] = attn.rope._freqs
     return (ln.weight, ln.eps, wq, wk, wv), dict(n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
@@ -576,23 +579,21 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
         else:
             q, k, v = outs
     else:
-        ln = self.input_layernorm
-        outs = []
-        for name in ("q", "k", "v"):
-            launch = getattr(step, name)
-            if launch:
-                outs.append(launch(x))
-                continue
-            w = plan.weights.get(f"{name}_proj", getattr(attn, f"{name}_proj"))
-            if w is None:
+        # Q/K/V in one launch without RoPE; the model's own q/k norms (Qwen3) and RoPE
+        # module follow.
+        launch = step.qkv_plain
+        if launch:
+            q, k, v = launch(x)
+        else:
+            found = _qkv_rope_args(self, plan, x, rope=False)
+            if found is None:
                 return None
+            args, kw = found
             if launch is None:
-                launch = _prepare(ops.norm_linear, x, ln.weight, ln.eps, w, vary={"x": x},
-                                  backend=be)
-                setattr(step, name, launch)
-            outs.append(launch(x) if launch else ops.norm_linear(x, ln.weight, ln.eps, w,
-                                                                 backend=be))
-        q, k, v = outs
+                launch = step.qkv_plain = _prepare(ops.norm_qkv_rope, x, *args, offset=0,
+                                                   vary={"x": x}, backend=be, **kw)
+            q, k, v = (launch(x) if launch
+                       else ops.norm_qkv_rope(x, *args, offset=0, backend=be, **kw))
         q = q.reshape(B, L, H, D)
         k = k.reshape(B, L, KV, D)
         if hasattr(attn, "q_norm"):

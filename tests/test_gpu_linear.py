@@ -218,6 +218,28 @@ def test_norm_qkv_rope_joint_kv(gpu_backend, shape, variant, dtype):
         assert_close(gkv, wkv, dtype, k=k, msg=f"kv shape={xshape}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("joint_kv", [False, True])
+@pytest.mark.parametrize("shape", QKV_SHAPES + [(16, 8, 128, 1024, ((4, 64),) * 3)],
+                         ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}k{s[3]}")
+def test_norm_qkv_without_rope(gpu_backend, shape, joint_kv, dtype):
+    """rope=False (Qwen3's projections, before its per-head norms): the GPU kernel
+    against the reference, which is the plain projections."""
+    h, kvh, d, k, fmts = shape
+    q, kk, v = (_w(h * d, k, fmts[0], dtype, bias=True), _w(kvh * d, k, fmts[1], dtype),
+                _w(kvh * d, k, fmts[2], dtype))
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    for xshape in ((1, 1, k), (3, 1, k), (2, 3, k)):
+        x = _x(xshape, dtype)
+        kw = dict(n_heads=h, n_kv_heads=kvh, head_dim=d, offset=0, rope=False,
+                  joint_kv=joint_kv)
+        got = norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, backend=gpu_backend)
+        want = _ref(lambda be: norm_qkv_rope(x, g, 1e-5, q, kk, v, **kw, backend=be))
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            assert_close(a, b, dtype, k=k, msg=f"shape={xshape}")
+
+
 @pytest.fixture
 def split_k(monkeypatch, tmp_path):
     """Every fused GEMV of the ops with split K (the SIMD-groups of a threadgroup share

@@ -157,6 +157,29 @@ def test_norm_qkv_rope_reference_with_biases(with_weight):
         assert_close(a, b_, mx.float32, k=k)
 
 
+@pytest.mark.parametrize("joint_kv", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_norm_qkv_without_rope(joint_kv, dtype):
+    """rope=False: the three projections of the normalised row (biases included), the
+    RoPE arguments ignored."""
+    k, h, kvh, d = 128, 4, 2, 16
+    x = mx.random.normal((2, 1, k)).astype(dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    q = _qw(h * d, k, 4, 64, dtype, bias=True)
+    kk, v = _qw(kvh * d, k, 8, 32, dtype, bias=True), _dw(kvh * d, k, dtype, bias=True)
+    got = norm_qkv_rope(x, g, 1e-5, q, kk, v, n_heads=h, n_kv_heads=kvh, head_dim=d,
+                        offset=mx.array(37), rope_base=-1.0, rope_traditional=True,
+                        rope=False, joint_kv=joint_kv, backend="reference")
+    hn = mx.fast.rms_norm(x, g, 1e-5)
+    want = [_mm32(hn, w_) + w_.bias for w_ in (q, kk, v)]
+    if joint_kv:
+        want = [want[0], mx.concatenate(want[1:], axis=-1)]
+    assert len(got) == len(want)
+    for a, b_ in zip(got, want):
+        assert a.shape == b_.shape and a.dtype == dtype
+        assert_close(a, b_, dtype, k=k)
+
+
 # ---- the prefill route (MLX's own kernels) agrees with the reference -------------------
 @pytest.fixture
 def prefill(monkeypatch):
@@ -183,9 +206,11 @@ def test_prefill_route_fused_ops(prefill):
         assert_close(fn(prefill), fn("reference"), mx.float32, k=k)
     q, kv = _qw(64, k, 4, 64, mx.float32), _qw(32, k, 4, 64, mx.float32)
     args = dict(n_heads=4, n_kv_heads=2, head_dim=16, offset=3)
-    for a, b in zip(norm_qkv_rope(x, g, 1e-5, q, kv, kv, **args, backend=prefill),
-                    norm_qkv_rope(x, g, 1e-5, q, kv, kv, **args, backend="reference")):
-        assert_close(a, b, mx.float32, k=k)
+    for rope in (True, False):
+        for a, b in zip(norm_qkv_rope(x, g, 1e-5, q, kv, kv, **args, rope=rope, backend=prefill),
+                        norm_qkv_rope(x, g, 1e-5, q, kv, kv, **args, rope=rope,
+                                      backend="reference")):
+            assert_close(a, b, mx.float32, k=k)
 
 
 # ---- Weight ---------------------------------------------------------------------------------

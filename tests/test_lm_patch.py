@@ -125,6 +125,35 @@ def test_quantized_greedy_parity(model_type, quant):
     assert fused_calls(stats) >= STEPS
 
 
+@pytest.mark.parametrize("model_type,rope", [("llama", True), ("qwen3", False)])
+def test_one_qkv_launch_per_block(monkeypatch, model_type, rope):
+    """A decoded token's Q/K/V projections are one prepared kernel per block: with RoPE
+    inside it (Llama), or without (Qwen3, whose q/k norms come between the projections
+    and RoPE); never three norm_linear launches."""
+    prepared = []
+    real = lm._prepare
+
+    def record(op, *args, **kwargs):
+        prepared.append((op.__name__, kwargs.get("rope", True)))
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "_prepare", record)
+    model = tiny_model(model_type, quant=(32, 4))
+    ref_toks, ref_lp = greedy(model, 6)
+    mf.patch(model, backend=BACKEND)
+    try:
+        toks, lp = greedy(model, 6)
+    finally:
+        mf.unpatch(model)
+    assert toks == ref_toks
+    assert_close(lp, ref_lp, mx.float32, k=64, msg="log-probabilities")
+    qkv = [r for name, r in prepared if name == "norm_qkv_rope"]
+    # Prepared once per block and input shape: generate_step runs the prompt's first 6
+    # rows (fused: not over max_rows), then one token at a time.
+    assert qkv == [rope] * 4, prepared
+    assert not any(name == "norm_linear" for name, _ in prepared), prepared
+
+
 def test_report_names_what_was_fused():
     model = tiny_model("llama")
     report = mf.patch(model, backend=BACKEND)

@@ -416,7 +416,7 @@ def _default_inv_freq(head_dim, base):
 
 def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim, offset,
                   rope_base=10000.0, rope_scale=1.0, rope_traditional=False, rope_freqs=None,
-                  joint_kv=False, backend=None):
+                  joint_kv=False, rope=True, backend=None):
     """RMSNorm + Q/K/V projections + RoPE on Q and K, in one kernel.
 
     ``q = rope(n @ Wq.T)``, ``k = rope(n @ Wk.T)``, ``v = n @ Wv.T`` with
@@ -437,6 +437,11 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
         rope_traditional (bool): rotate adjacent pairs. Default: ``False``.
         rope_freqs (array, optional): ``[head_dim/2]`` custom frequencies (Llama 3).
         joint_kv (bool): return keys and values as one array (below). Default: ``False``.
+        rope (bool): rotate Q and K. ``False`` gives the three projections of the
+            normalised row, still in one kernel, for models that transform Q and K
+            further before their RoPE (Qwen3's per-head norms) or whose RoPE this kernel
+            does not implement; ``offset`` and the ``rope_*`` arguments are then
+            ignored. Default: ``True``.
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
 
     Returns:
@@ -467,6 +472,8 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
                              f"has {w_.in_features}.")
     _check_x(x, kdim, who, min_ndim=2)
     _check_norm(norm_weight, eps, kdim, who)
+    if not rope:
+        offset, rope_freqs, rope_base, rope_scale, rope_traditional = 0, None, 1.0, 1.0, False
     if isinstance(offset, mx.array):
         if offset.size != 1 or not mx.issubdtype(offset.dtype, mx.integer):
             raise ValueError(f"[{who}] 'offset' must be an int or a one-element integer array "
@@ -484,9 +491,12 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     be, fused = _fused(backend, x.size // kdim, who)
     if not fused:
         q, k, v = _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim,
-                           offset, rope_base, rope_scale, rope_traditional, rope_freqs)
+                           offset, rope_base, rope_scale, rope_traditional, rope_freqs, rope)
         return (q, mx.concatenate([k, v], axis=-1)) if joint_kv else (q, k, v)
-    if rope_freqs is not None:
+    if not rope:
+        # Every angle 0: the kernel's rotation is the identity (cos 0 = 1, sin 0 = 0).
+        inv_freq = _no_rotation(head_dim)
+    elif rope_freqs is not None:
         inv_freq = mx.reciprocal(rope_freqs.astype(mx.float32))
     else:
         inv_freq = _default_inv_freq(head_dim, float(rope_base))
@@ -506,8 +516,13 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     return kern(backend=be, **args, HEAD_DIM=head_dim, **launch)
 
 
+@functools.lru_cache(maxsize=16)
+def _no_rotation(head_dim):
+    return mx.zeros((head_dim // 2,), mx.float32)
+
+
 def _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim, offset, base,
-             scale, traditional, freqs):
+             scale, traditional, freqs, rope=True):
     """The unfused path with MLX's own ops (prefill)."""
     h = mx.fast.rms_norm(x, norm_weight, eps)
     lead, seq = tuple(x.shape[:-2]), x.shape[-2]
@@ -517,7 +532,7 @@ def _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim, off
         if w_.bias is not None:
             y = y + w_.bias
         y = y.astype(x.dtype)
-        if rot:
+        if rot and rope:
             t = y.reshape(-1, seq, n, head_dim).transpose(0, 2, 1, 3)
             t = mx.fast.rope(t, head_dim, traditional=traditional,
                              base=None if freqs is not None else base, scale=scale,
