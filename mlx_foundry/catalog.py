@@ -152,6 +152,15 @@ def _entries():
             _z((1, N_HEADS, 1, HEAD_DIM), F16), _z((1, 2 * N_KV, 1, HEAD_DIM), F16),
             _z((1, 2 * N_KV, 3072, HEAD_DIM), F16), past_len=2999, scale=HEAD_DIM ** -0.5,
             backend="metal"))
+    add("qk_norm_rope_f16", "Qwen3's per-head q/k norms + RoPE, 32/8 heads x 128, one token",
+        lambda: ops.qk_norm_rope(_z((1, N_HEADS, 1, HEAD_DIM), F16),
+                                 _z((1, 2 * N_KV, 1, HEAD_DIM), F16), _z((HEAD_DIM,), F16),
+                                 _z((HEAD_DIM,), F16), 1e-6, offset=5, rope_base=1e6,
+                                 backend="metal"))
+    add("qk_norm_rope_trad_bf16", "per-head q/k norms + traditional RoPE, 8/2 heads x 64, "
+        "3 rows", lambda: ops.qk_norm_rope(_z((2, 8, 3, 64), BF16), _z((2, 4, 3, 64), BF16),
+                                           _z((64,), BF16), _z((64,), BF16), 1e-5, offset=0,
+                                           rope_traditional=True, backend="metal"))
     add("decode_attention_combine_f16", "decode attention's merge of 13 split states, "
         "32 heads x 128 (the second launch of decode_attention_long_f16)",
         lambda: _attention_combine()(_z((N_HEADS, 13, HEAD_DIM + 2), F32), splits=13, T=F16,

@@ -49,6 +49,7 @@ import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from .lm_compiled import _RUNNER_ATTR, TracedCache, traced_block
@@ -243,9 +244,9 @@ class _BlockPlan:
         self.path = path
         self.original_class = original_class
         self.arch = arch
-        self.attn = attn          # None, "qkv_rope" or "qkv"
+        self.attn = attn          # None, "qkv_rope", "qkv_norm_rope" or "qkv"
         self.mlp = mlp            # bool
-        self.rope = rope          # kwargs for norm_qkv_rope (or None)
+        self.rope = rope          # RoPE kwargs of norm_qkv_rope / qk_norm_rope (or None)
         self.head_dim = head_dim
         self.backend = backend
         self.max_rows = max_rows
@@ -322,13 +323,33 @@ def _plan_attention(block, path, arch):
         what = f"attention: rms_norm+q/k/v{bias}+rope ({wsum}), sdpa, o_proj+residual"
         return "qkv_rope", rope, head_dim, what, []
     if qk_norm:
-        note = "q/k norms sit between projection and RoPE"
+        why_not = _qk_norm_rope_problem(attn, rope, head_dim) if rope is not None else why
+        if why_not is None:
+            # Qwen3: one token's Q/K/V (one launch, K and V joint), then its q/k norms and
+            # RoPE (another) when the cache is the joint one; else the modules' own.
+            what = (f"attention: rms_norm+q/k/v ({wsum}), q/k norms+rope, sdpa, "
+                    "o_proj+residual")
+            return "qkv_norm_rope", rope, head_dim, what, []
+        note = f"q/k norms sit between projection and RoPE ({why_not})"
     else:
         note = why
         reasons.append((f"{apath}.rope", f"RoPE left unfused: {why}"))
     what = (f"attention: rms_norm+q/k/v ({wsum}; {note}: module RoPE), sdpa, "
             "o_proj+residual")
     return "qkv", None, head_dim, what, reasons
+
+
+def _qk_norm_rope_problem(attn, rope, head_dim):
+    """Why ``ops.qk_norm_rope`` cannot take this attention's q/k norms and RoPE."""
+    from .ops.qk_norm import MAX_HEAD_DIM
+
+    if head_dim % 32 or head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is not a multiple of 32 up to {MAX_HEAD_DIM}"
+    if rope.get("rope_traditional") and head_dim % 64:
+        return f"traditional RoPE over head_dim {head_dim} (not a multiple of 64)"
+    if attn.q_norm.eps != attn.k_norm.eps:
+        return "the q and k norms have different eps"
+    return None
 
 
 def _plan_mlp(block, path):
@@ -366,6 +387,11 @@ def _sdpa():
     return _SDPA[0]
 
 
+_WHOLE_QKV = ("qkv_rope", "qkv_norm_rope")
+"""Attention modes whose decoded token's Q/K/V reach the attention in prepared launches
+(RoPE included)."""
+
+
 class _Step:
     """The prepared launches of one block for one input shape and dtype.
 
@@ -385,7 +411,7 @@ class _Step:
         launches (Q/K/V+RoPE, o_proj+residual, gate/up, down+residual); the Q/K/V launch
         with keys and values in one output, the other, or both. The output projection
         takes the attention output as it comes, ``[batch, heads, 1, head_dim]``."""
-        if (plan.attn == "qkv_rope" and plan.mlp and offset.__class__ is int
+        if (plan.attn in _WHOLE_QKV and plan.mlp and offset.__class__ is int
                 and (self.qkv or self.qkv_joint) and self.o and self.gate_up and self.down):
             attn = block.self_attn
             o_proj = self.o.reshaped_inputs(x=(batch, attn.n_heads, 1, plan.head_dim))
@@ -472,14 +498,20 @@ def _watch_list(block):
         if isinstance(ln, nn.Module):
             item(ln, "weight")
             item(ln.__dict__, "eps")
-    for parent, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj", "rope")),
+    for parent, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "q_norm",
+                                  "k_norm")),
                           (mlp, ("gate_proj", "up_proj", "down_proj"))):
         for name in names:
             m = item(parent, name)
             if isinstance(m, nn.Module):
-                for key in ("_freqs",) if name == "rope" else ("weight", "scales", "biases",
-                                                               "bias"):
-                    item(m, key)
+                if name == "rope":
+                    item(m, "_freqs")
+                elif name.endswith("_norm"):
+                    item(m, "weight")
+                    item(m.__dict__, "eps")
+                else:
+                    for key in ("weight", "scales", "biases", "bias"):
+                        item(m, key)
     return done()
 
 
@@ -578,6 +610,14 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
             k, v = cache.update_and_fetch_joint(kv)
         else:
             q, k, v = outs
+    elif (plan.attn == "qkv_norm_rope" and L == 1 and offset.__class__ is int
+          and _joint(plan, cache) and _qk_norm_launch(self, plan, step, x, offset)):
+        joint = True
+        q, kv = step.qkv_joint(x, offset)
+        if _attends(plan, mask, offset):
+            o = _attend(plan, step, q, kv, cache, attn.scale)
+            return _linear_residual(plan, step, "o", "o_proj", attn, o.reshape(B, L, -1), x)
+        k, v = cache.update_and_fetch_joint(kv)
     else:
         # Q/K/V in one launch without RoPE; the model's own q/k norms (Qwen3) and RoPE
         # module follow.
@@ -614,6 +654,53 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
     # [B, H, L, D] -> [B, L, H*D]; with one token the transpose moves nothing.
     o = o.reshape(B, L, -1) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, -1)
     return _linear_residual(plan, step, "o", "o_proj", attn, o, x)
+
+
+class _QKNormRope:
+    """One token's Q/K/V without RoPE (a prepared launch, keys and values joint), then its
+    q/k norms and RoPE (another): called as a block's joint Q/K/V launch is,
+    ``(x, offset) -> (q, kv)`` in the attention layouts."""
+
+    __slots__ = ("qkv", "norm")
+
+    def __init__(self, qkv, norm):
+        self.qkv, self.norm = qkv, norm
+
+    def __call__(self, x, offset):
+        q, kv = self.qkv(x)
+        return self.norm(q, kv, offset)
+
+
+def _qk_norm_launch(self, plan, step, x, offset):
+    """The :class:`_QKNormRope` of ``step`` (prepared on first use; ``False`` when it
+    cannot be prepared)."""
+    launch = step.qkv_joint
+    if launch is not None:
+        return launch
+    found = _qkv_rope_args(self, plan, x, rope=False)
+    if found is None:
+        return False
+    ops = _ops()
+    attn = self.self_attn
+    B, D = x.shape[0], plan.head_dim
+    args, kw = found
+    qkv = _prepare(ops.norm_qkv_rope, x, *args, offset=0, joint_kv=True, vary={"x": x},
+                   backend=plan.backend, **kw)
+    norm = False
+    if qkv:
+        # One token: [B, 1, H*D] is [B, H, 1, D] in memory (see the Llama path).
+        q = mx.zeros((B, attn.n_heads, 1, D), x.dtype)
+        kv = mx.zeros((B, 2 * attn.n_kv_heads, 1, D), x.dtype)
+        qkv = qkv.reshaped(q.shape, kv.shape)
+        rope = dict(plan.rope)
+        if rope.get("rope_freqs") == "_freqs":
+            rope["rope_freqs"] = attn.rope._freqs
+        norm = _prepare(ops.qk_norm_rope, q, kv, attn.q_norm.weight, attn.k_norm.weight,
+                        attn.q_norm.eps, offset=offset,
+                        vary={"q": q, "kv": kv, "rope_offset": offset}, backend=plan.backend,
+                        **rope)
+    step.qkv_joint = _QKNormRope(qkv, norm) if qkv and norm else False
+    return step.qkv_joint
 
 
 def _linear_residual(plan, step, slot, name, parent, a, residual):

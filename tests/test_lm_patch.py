@@ -125,11 +125,13 @@ def test_quantized_greedy_parity(model_type, quant):
     assert fused_calls(stats) >= STEPS
 
 
-@pytest.mark.parametrize("model_type,rope", [("llama", True), ("qwen3", False)])
-def test_one_qkv_launch_per_block(monkeypatch, model_type, rope):
+@pytest.mark.parametrize("model_type,head_dim,rope,norms", [
+    ("llama", 16, True, 0), ("qwen3", 32, False, 2), ("qwen3", 16, False, 0)])
+def test_one_qkv_launch_per_block(monkeypatch, model_type, head_dim, rope, norms):
     """A decoded token's Q/K/V projections are one prepared kernel per block: with RoPE
     inside it (Llama), or without (Qwen3, whose q/k norms come between the projections
-    and RoPE); never three norm_linear launches."""
+    and RoPE: one more prepared kernel, qk_norm_rope, where it takes the head_dim);
+    never three norm_linear launches."""
     prepared = []
     real = lm._prepare
 
@@ -138,7 +140,7 @@ def test_one_qkv_launch_per_block(monkeypatch, model_type, rope):
         return real(op, *args, **kwargs)
 
     monkeypatch.setattr(lm, "_prepare", record)
-    model = tiny_model(model_type, quant=(32, 4))
+    model = tiny_model(model_type, quant=(32, 4), head_dim=head_dim)
     ref_toks, ref_lp = greedy(model, 6)
     mf.patch(model, backend=BACKEND)
     try:
@@ -152,6 +154,7 @@ def test_one_qkv_launch_per_block(monkeypatch, model_type, rope):
     # rows (fused: not over max_rows), then one token at a time.
     assert qkv == [rope] * 4, prepared
     assert not any(name == "norm_linear" for name, _ in prepared), prepared
+    assert sum(name == "qk_norm_rope" for name, _ in prepared) == norms, prepared
 
 
 def test_report_names_what_was_fused():
@@ -174,12 +177,28 @@ def test_report_names_what_was_fused():
         mf.unpatch(model)
 
 
-def test_qwen3_qk_norm_keeps_module_rope():
-    model = tiny_model("qwen3")
-    report = mf.patch(model, backend=BACKEND)
-    mf.unpatch(model)
+def test_qwen3_qk_norms_in_the_report():
+    """Qwen3's q/k norms and RoPE run in ops.qk_norm_rope when it takes the head_dim;
+    otherwise the modules' own, and the report says why."""
+    report = mf.patch(tiny_model("qwen3", head_dim=32), backend=BACKEND)
     attn = dict(report.fused)["model.layers.0.self_attn"]
-    assert "q/k norms" in attn and "+rope" not in attn
+    assert "q/k norms+rope" in attn, attn
+    report = mf.patch(tiny_model("qwen3"), backend=BACKEND)  # head_dim 16
+    attn = dict(report.fused)["model.layers.0.self_attn"]
+    assert "module RoPE" in attn and "not a multiple of 32" in attn, attn
+
+
+@pytest.mark.parametrize("dtype,quant,head_dim", [(mx.float32, None, 32),
+                                                  (mx.float16, None, 64),
+                                                  (mx.float32, (32, 4), 32),
+                                                  (mx.float32, (64, 8), 64)])
+def test_qwen3_qk_norm_rope_parity(dtype, quant, head_dim):
+    """Qwen3 decoding through qk_norm_rope (and the joint K/V cache): the same greedy
+    tokens and log-probabilities as unpatched."""
+    model = tiny_model("qwen3", dtype=dtype, quant=quant, head_dim=head_dim)
+    report, stats = check_parity(model, dtype)
+    assert "q/k norms+rope" in dict(report.fused)["model.layers.0.self_attn"]
+    assert fused_calls(stats) >= STEPS
 
 
 def test_prefill_falls_back_and_is_counted():
@@ -384,11 +403,12 @@ def test_quantized_kv_cache():
     assert fused_calls(stats) > 0
 
 
-@pytest.mark.parametrize("model_type,quant", [("qwen3", None), ("qwen3", (32, 4)),
-                                              ("llama", (32, 4))])
-def test_batch_forward_equal(model_type, quant):
-    """Three sequences at once; llama's blocks decode through the joint K/V cache."""
-    model = tiny_model(model_type, quant=quant)
+@pytest.mark.parametrize("model_type,quant,head_dim", [
+    ("qwen3", None, 16), ("qwen3", (32, 4), 16), ("qwen3", (32, 4), 32), ("llama", (32, 4), 16)])
+def test_batch_forward_equal(model_type, quant, head_dim):
+    """Three sequences at once; llama's blocks, and qwen3's where qk_norm_rope takes its
+    head_dim, decode through the joint K/V cache."""
+    model = tiny_model(model_type, quant=quant, head_dim=head_dim)
     B = 3
     rng = np.random.RandomState(0)
     prompt = mx.array(rng.randint(0, VOCAB, size=(B, 5)))
@@ -410,7 +430,8 @@ def test_batch_forward_equal(model_type, quant):
         mf.unpatch(model)
     assert stats["fused attention"] == 4 and stats["original: rows > max_rows"] == 1
     assert_close(out, ref, mx.float32, k=64)
-    joint = model_type == "llama"  # qwen3's q/k norms keep the per-projection path
+    # qwen3 at head_dim 16 keeps the modules' q/k norms and mlx-lm's cache
+    joint = model_type == "llama" or head_dim == 32
     assert all(type(c).__module__ == ("mlx_foundry.kv_cache" if joint else
                                       "mlx_lm.models.cache") for c in cache)
 

@@ -8,7 +8,6 @@ same results. The ``reference`` backend always runs the fused kernel's reference
 """
 
 import functools
-import math
 
 import mlx.core as mx
 
@@ -20,7 +19,7 @@ from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epi
                                 scale_epilogue, swiglu_epilogue)
 from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, gemv_decls,
                            gemv_dispatch, gemv_dual_stage, gemv_stage, qkv_rope_stage)
-from ..types import dtype_name
+from . import _rope
 from ._checks import check_eps, check_float_array
 from .weights import Weight, policy_for
 
@@ -406,14 +405,6 @@ def norm_gate_up_swiglu(x, norm_weight, eps, gate, up, *, backend=None):
     return kern(backend=be, **args, **_launch(kern, g, x, be))
 
 
-@functools.lru_cache(maxsize=64)
-def _default_inv_freq(head_dim, base):
-    # mx.fast.rope's fallback: exp(-i * log(base) / (D/2)), in float32.
-    half = head_dim // 2
-    return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32)
-                  * mx.array(math.log(base) / half, dtype=mx.float32))
-
-
 def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim, offset,
                   rope_base=10000.0, rope_scale=1.0, rope_traditional=False, rope_freqs=None,
                   joint_kv=False, rope=True, backend=None):
@@ -474,32 +465,19 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     _check_norm(norm_weight, eps, kdim, who)
     if not rope:
         offset, rope_freqs, rope_base, rope_scale, rope_traditional = 0, None, 1.0, 1.0, False
-    if isinstance(offset, mx.array):
-        if offset.size != 1 or not mx.issubdtype(offset.dtype, mx.integer):
-            raise ValueError(f"[{who}] 'offset' must be an int or a one-element integer array "
-                             f"but got shape {tuple(offset.shape)}, {dtype_name(offset.dtype)}.")
-    elif isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"[{who}] 'offset' must be an int but got {type(offset).__name__}.")
-    if rope_freqs is not None:
-        if not isinstance(rope_freqs, mx.array) or tuple(rope_freqs.shape) != (head_dim // 2,):
-            got = tuple(rope_freqs.shape) if isinstance(rope_freqs, mx.array) else rope_freqs
-            raise ValueError(f"[{who}] 'rope_freqs' must be an array of shape "
-                             f"({head_dim // 2},) but got {got!r}.")
-    elif not rope_base > 0:
-        raise ValueError(f"[{who}] 'rope_base' must be positive but got {rope_base!r}.")
+    _rope.check_offset(who, offset)
+    _rope.check_rope(who, head_dim, rope_base, rope_freqs)
     seq = x.shape[-2]
     be, fused = _fused(backend, x.size // kdim, who)
     if not fused:
         q, k, v = _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim,
                            offset, rope_base, rope_scale, rope_traditional, rope_freqs, rope)
         return (q, mx.concatenate([k, v], axis=-1)) if joint_kv else (q, k, v)
-    if not rope:
-        # Every angle 0: the kernel's rotation is the identity (cos 0 = 1, sin 0 = 0).
-        inv_freq = _no_rotation(head_dim)
-    elif rope_freqs is not None:
-        inv_freq = mx.reciprocal(rope_freqs.astype(mx.float32))
+    if rope:
+        inv_freq = _rope.inv_freq(head_dim, rope_base, rope_freqs)
     else:
-        inv_freq = _default_inv_freq(head_dim, float(rope_base))
+        # Every angle 0: the kernel's rotation is the identity (cos 0 = 1, sin 0 = 0).
+        inv_freq = _rope.no_rotation(head_dim)
     has_bias = any(w_.bias is not None for w_ in (wq, wk, wv))
     kern = qkv_kernel(wq.signature(), wk.signature(), wv.signature(),
                       traditional=bool(rope_traditional), with_weight=norm_weight is not None,
@@ -514,11 +492,6 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     launch = _launch(kern, wq, x, be, n=wq.out_features + 2 * wk.out_features,
                      head_dim=head_dim)
     return kern(backend=be, **args, HEAD_DIM=head_dim, **launch)
-
-
-@functools.lru_cache(maxsize=16)
-def _no_rotation(head_dim):
-    return mx.zeros((head_dim // 2,), mx.float32)
 
 
 def _qkv_mlx(x, norm_weight, eps, wq, wk, wv, n_heads, n_kv_heads, head_dim, offset, base,

@@ -1,0 +1,51 @@
+"""RoPE arguments shared by the ops that rotate (``norm_qkv_rope``, ``qk_norm_rope``):
+checked at the boundary, turned into the kernels' float32 inverse frequencies."""
+
+import functools
+import math
+
+import mlx.core as mx
+
+from ..types import dtype_name
+
+
+def check_offset(who, offset):
+    """An int, or a one-element integer array (a position known only on the device)."""
+    if isinstance(offset, mx.array):
+        if offset.size != 1 or not mx.issubdtype(offset.dtype, mx.integer):
+            raise ValueError(f"[{who}] 'offset' must be an int or a one-element integer array "
+                             f"but got shape {tuple(offset.shape)}, {dtype_name(offset.dtype)}.")
+    elif isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"[{who}] 'offset' must be an int but got {type(offset).__name__}.")
+
+
+def check_rope(who, head_dim, rope_base, rope_freqs):
+    """``rope_freqs`` of shape ``[head_dim / 2]``, else a positive ``rope_base``."""
+    if rope_freqs is not None:
+        if not isinstance(rope_freqs, mx.array) or tuple(rope_freqs.shape) != (head_dim // 2,):
+            got = tuple(rope_freqs.shape) if isinstance(rope_freqs, mx.array) else rope_freqs
+            raise ValueError(f"[{who}] 'rope_freqs' must be an array of shape "
+                             f"({head_dim // 2},) but got {got!r}.")
+    elif not rope_base > 0:
+        raise ValueError(f"[{who}] 'rope_base' must be positive but got {rope_base!r}.")
+
+
+def inv_freq(head_dim, rope_base, rope_freqs):
+    """The float32 ``[head_dim / 2]`` inverse frequencies, as ``mx.fast.rope`` uses them."""
+    if rope_freqs is not None:
+        return mx.reciprocal(rope_freqs.astype(mx.float32))
+    return default_inv_freq(head_dim, float(rope_base))
+
+
+@functools.lru_cache(maxsize=64)
+def default_inv_freq(head_dim, base):
+    # mx.fast.rope's fallback: exp(-i * log(base) / (D/2)), in float32.
+    half = head_dim // 2
+    return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32)
+                  * mx.array(math.log(base) / half, dtype=mx.float32))
+
+
+@functools.lru_cache(maxsize=16)
+def no_rotation(head_dim):
+    """Inverse frequencies of 0: every angle 0, the rotation the identity."""
+    return mx.zeros((head_dim // 2,), mx.float32)
