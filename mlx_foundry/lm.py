@@ -1087,7 +1087,7 @@ def _patch_compiled(model, report, blocks, joint_kv):
         why = "sliding-window layers"
     elif getattr(inner, "pipeline_size", 1) != 1:
         why = "pipeline stages"
-    elif not plans or not all(p is not None and p.attn == "qkv_rope" and p.mlp for p in plans):
+    elif not plans or not all(p is not None and p.attn in _WHOLE_QKV and p.mlp for p in plans):
         why = "not every block is fused as a whole (Q/K/V with RoPE, and the MLP)"
     if why:
         report.skipped.append(("model", f"compiled decode off: {why}"))

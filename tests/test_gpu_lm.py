@@ -99,7 +99,8 @@ def test_decode_attention_greedy_tokens(gpu_backend):
         lm.unpatch(model)
 
 
-@pytest.mark.parametrize("model_type,bits,group_size", [("llama", 4, 64), ("qwen2", 8, 32)])
+@pytest.mark.parametrize("model_type,bits,group_size", [("llama", 4, 64), ("qwen2", 8, 32),
+                                                        ("qwen3", 4, 64)])
 def test_compile_decode_greedy_tokens(gpu_backend, model_type, bits, group_size):
     """patch(compile_decode=True): every decoded token after the first runs through the
     compiled step (put_along_axis cache write, decode_attention with the length on the

@@ -37,10 +37,11 @@ def _decode(model, prompt, steps):
     return toks, mx.stack(outs), cache
 
 
-@pytest.mark.parametrize("model_type, quant", [("llama", None), ("llama", (32, 4)),
-                                               ("mistral", (64, 8)), ("qwen2", (32, 4))])
-def test_compiled_decode_matches_the_ordinary_patched_path(model_type, quant):
-    model = tiny_model(model_type, dtype=mx.float32, quant=quant)
+@pytest.mark.parametrize("model_type, quant, head_dim", [
+    ("llama", None, 16), ("llama", (32, 4), 16), ("mistral", (64, 8), 16), ("qwen2", (32, 4), 16),
+    ("qwen3", (32, 4), 32), ("qwen3", None, 64)])
+def test_compiled_decode_matches_the_ordinary_patched_path(model_type, quant, head_dim):
+    model = tiny_model(model_type, dtype=mx.float32, quant=quant, head_dim=head_dim)
     mf.patch(model, backend=BACKEND)
     try:
         want_toks, want = greedy(model, 40)
@@ -209,6 +210,7 @@ def test_calls_it_does_not_take():
 @pytest.mark.parametrize("model_type, kwargs, why", [
     ("llama", dict(joint_kv=False), "needs joint_kv=True"),
     ("llama", dict(mlp=False), "not every block is fused as a whole"),
+    # head_dim 16: qk_norm_rope does not take it, so qwen3 keeps the modules' q/k norms
     ("qwen3", {}, "not every block is fused as a whole"),
 ])
 def test_reported_off_when_the_model_cannot_be_traced(model_type, kwargs, why):
