@@ -195,21 +195,22 @@ def test_prepare_op_refuses_what_it_cannot_prepare():
 # ------------------------------------------------------------------------------------
 # The patched decode path through the stand-in GPU backend
 # ------------------------------------------------------------------------------------
-def _tiny(model_type="llama", quant=(32, 4)):
+def _tiny(model_type="llama", quant=(32, 4), **extra):
     from test_lm_patch import tiny_model
 
-    return tiny_model(model_type, quant=quant)
+    return tiny_model(model_type, quant=quant, **extra)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
-def test_patched_decode_uses_prepared_launches(monkeypatch, model_type):
+@pytest.mark.parametrize("model_type,head_dim", [("llama", 16), ("qwen2", 16), ("qwen3", 16),
+                                                ("qwen3", 32)])
+def test_patched_decode_uses_prepared_launches(monkeypatch, model_type, head_dim):
     pytest.importorskip("mlx_lm")
     from test_lm_patch import greedy
 
     from mlx_foundry import lm
 
     record = fake_gpu(monkeypatch)
-    model = _tiny(model_type)
+    model = _tiny(model_type, head_dim=head_dim)
     ref_toks, ref_lp = greedy(model, 24)
     mf.patch(model, backend="cuda")
     try:
@@ -225,17 +226,26 @@ def test_patched_decode_uses_prepared_launches(monkeypatch, model_type):
     assert_close(lp, ref_lp, mx.float32, k=64)
     decode = [s for s in steps if isinstance(s.down, PreparedLaunch)]
     assert decode, "no prepared launch in the decode step"
-    rope_fused = model_type in ("llama", "qwen2")  # qwen3's q/k norms sit before RoPE
+    rope_fused = model_type in ("llama", "qwen2")
+    # qwen3's q/k norms sit between the projections and RoPE: at head_dim 32 one token
+    # runs Q/K/V (K and V joint) then qk_norm_rope, two prepared launches; at head_dim 16
+    # (which qk_norm_rope does not take) the projections without RoPE, then the modules.
+    qk_norm = model_type == "qwen3" and head_dim == 32
     for st in decode:
         one = st is one_token[0]
         # One token into mlx-lm's KVCache: the Q/K/V launch with K and V in one output.
-        qkv = (("qkv_joint",) if one else ("qkv",)) if rope_fused else ("q", "k", "v")
+        qkv = (("qkv_joint",) if one else ("qkv",)) if rope_fused else ("qkv_plain",)
+        if qk_norm and one:
+            chain = st.qkv_joint
+            assert isinstance(chain.qkv, PreparedLaunch) and isinstance(chain.norm,
+                                                                         PreparedLaunch)
+            qkv = ()
         assert all(isinstance(getattr(st, n), PreparedLaunch)
                    for n in qkv + ("o", "gate_up", "down"))
     assert record.total() >= 24 * 4
-    # After its first token, a block with the fused Q/K/V + RoPE decodes on its four
-    # prepared launches alone (the qwen3 blocks take the per-projection Q/K/V path).
-    if rope_fused:
+    # After its first token, a block with the fused Q/K/V + RoPE (or Q/K/V, then
+    # qk_norm_rope) decodes on its prepared launches alone.
+    if rope_fused or qk_norm:
         assert fast_calls >= 20 and fast is not None
     else:
         assert fast_calls == 0 and fast is None
