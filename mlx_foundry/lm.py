@@ -12,6 +12,11 @@ inputs::
     a       = norm_gate_up_swiglu(h)           # post-attention RMSNorm + gate/up + SwiGLU
     out     = linear(a, down_proj, residual=h) # down projection + residual
 
+Qwen3 normalises each query and key head before RoPE: its Q/K/V launch leaves RoPE
+out (``rope=False``), and one token then runs :func:`mlx_foundry.ops.qk_norm_rope`
+(both norms and both RoPEs in one kernel) before the cache; other shapes it cannot take
+keep the modules' own norms and RoPE.
+
 One decoded token's keys and values leave the fused kernel as one array and go
 into the cache with one update: the patched blocks switch the plain mlx-lm
 ``KVCache`` objects they decode with to :class:`mlx_foundry.kv_cache.KVCache`, the
