@@ -122,17 +122,21 @@ def _kv_inputs():
             Tensor("past", FLOAT_DTYPES, ndim=4)]
 
 
-def _head_args():
-    """Runtime scalars and head constants of both attention kernels."""
+def head_constants():
+    """``T``, ``H``, ``KV`` and ``D`` of a kernel over ``q [B, H, L, D]`` and a joint
+    ``kv [B, 2 * KV, L, D]`` (the attention kernels, ``qk_norm_rope``)."""
     return [
-        Scalar("past_len", u32),
-        Scalar("past_cap", u32),
-        Scalar("scale", f32),
         Constant("T", "dtype", like="q"),
         Constant("H", value=lambda b: b.q.shape[1]),
         Constant("KV", value=lambda b: b.kv.shape[1] // 2),
         Constant("D", value=lambda b: b.q.shape[3]),
     ]
+
+
+def _head_args():
+    """Runtime scalars and head constants of both attention kernels."""
+    return [Scalar("past_len", u32), Scalar("past_cap", u32),
+            Scalar("scale", f32)] + head_constants()
 
 
 def _state(simds):

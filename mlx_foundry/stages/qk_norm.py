@@ -16,6 +16,7 @@ from ..args import Constant, Output, Scalar, Tensor
 from ..dispatch import DispatchConfig
 from ..kernel import Kernel
 from ..types import FLOAT_DTYPES, f32, i32, u32
+from .attention import head_constants
 from .gemv import rope_rotate
 
 QK_NORM_SOURCE = "stages/qk_norm_rope.metal"
@@ -81,11 +82,7 @@ def qk_norm_rope_kernel(traditional):
             Scalar("rope_offset", i32),
             Scalar("rope_scale", f32),
             Scalar("q_rows", u32),
-            Constant("T", "dtype", like="q"),
-            Constant("H", value=lambda b: b.q.shape[1]),
-            Constant("KV", value=lambda b: b.kv.shape[1] // 2),
-            Constant("D", value=lambda b: b.q.shape[3]),
             Constant("L", value=lambda b: b.q.shape[2]),
-        ],
+        ] + head_constants(),
         attributes=("threadgroup_position_in_grid", "thread_index_in_simdgroup"),
         dispatch=dispatch, reference=reference)
