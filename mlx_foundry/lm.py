@@ -561,6 +561,14 @@ def _step(plan, block, x, offset):
     return step
 
 
+def _rope_kwargs(plan, attn):
+    """The plan's RoPE keyword arguments, with the module's own frequencies (Llama 3)."""
+    rope = dict(plan.rope)
+    if rope.get("rope_freqs") == "_freqs":
+        rope["rope_freqs"] = attn.rope._freqs
+    return rope
+
+
 def _qkv_rope_args(self, plan, x, rope=True):
     """Positional and keyword arguments of ``norm_qkv_rope`` after ``x`` (or ``None``);
     with ``rope=False`` those of the projections without RoPE."""
@@ -569,9 +577,7 @@ def _qkv_rope_args(self, plan, x, rope=True):
     wq, wk, wv = (ws.get(p, getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj"))
     if wq is None or wk is None or wv is None:
         return None
-    rope = dict(plan.rope) if rope else {"rope": False}
-    if rope.get("rope_freqs") == "_freqs":
-        rope["rope_freqs"] = attn.rope._freqs
+    rope = _rope_kwargs(plan, attn) if rope else {"rope": False}
     return (ln.weight, ln.eps, wq, wk, wv), dict(n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
                                                  head_dim=plan.head_dim, **rope)
 
@@ -582,7 +588,7 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
     B, L, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, plan.head_dim
     be = plan.backend
-    joint = False  # keys and values already in the cache (one joint update)
+    joint = False  # one token's keys and values as one array, for the joint cache
     if plan.attn == "qkv_rope" and offset.__class__ is int:
         joint = L == 1 and _joint(plan, cache)
         slot = "qkv_joint" if joint else "qkv"
@@ -609,20 +615,12 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
             outs = [t.reshape(B, L, -1, D).transpose(0, 2, 1, 3) for t in outs]
         if joint:
             q, kv = outs
-            if _attends(plan, mask, offset):
-                o = _attend(plan, step, q, kv, cache, attn.scale)
-                return _linear_residual(plan, step, "o", "o_proj", attn, o.reshape(B, L, -1), x)
-            k, v = cache.update_and_fetch_joint(kv)
         else:
             q, k, v = outs
     elif (plan.attn == "qkv_norm_rope" and L == 1 and offset.__class__ is int
           and _joint(plan, cache) and _qk_norm_launch(self, plan, step, x, offset)):
         joint = True
         q, kv = step.qkv_joint(x, offset)
-        if _attends(plan, mask, offset):
-            o = _attend(plan, step, q, kv, cache, attn.scale)
-            return _linear_residual(plan, step, "o", "o_proj", attn, o.reshape(B, L, -1), x)
-        k, v = cache.update_and_fetch_joint(kv)
     else:
         # Q/K/V in one launch without RoPE; the model's own q/k norms (Qwen3) and RoPE
         # module follow.
@@ -653,7 +651,12 @@ def _fused_attention(self, plan, step, x, mask, cache, offset):
         else:
             q = attn.rope(q)
             k = attn.rope(k)
-    if cache is not None and not joint:
+    if joint:
+        if _attends(plan, mask, offset):
+            o = _attend(plan, step, q, kv, cache, attn.scale)
+            return _linear_residual(plan, step, "o", "o_proj", attn, o.reshape(B, L, -1), x)
+        k, v = cache.update_and_fetch_joint(kv)
+    elif cache is not None:
         k, v = cache.update_and_fetch(k, v)
     o = _sdpa()(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     # [B, H, L, D] -> [B, L, H*D]; with one token the transpose moves nothing.
@@ -697,13 +700,10 @@ def _qk_norm_launch(self, plan, step, x, offset):
         q = mx.zeros((B, attn.n_heads, 1, D), x.dtype)
         kv = mx.zeros((B, 2 * attn.n_kv_heads, 1, D), x.dtype)
         qkv = qkv.reshaped(q.shape, kv.shape)
-        rope = dict(plan.rope)
-        if rope.get("rope_freqs") == "_freqs":
-            rope["rope_freqs"] = attn.rope._freqs
         norm = _prepare(ops.qk_norm_rope, q, kv, attn.q_norm.weight, attn.k_norm.weight,
                         attn.q_norm.eps, offset=offset,
                         vary={"q": q, "kv": kv, "rope_offset": offset}, backend=plan.backend,
-                        **rope)
+                        **_rope_kwargs(plan, attn))
     step.qkv_joint = _QKNormRope(qkv, norm) if qkv and norm else False
     return step.qkv_joint
 

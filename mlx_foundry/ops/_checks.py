@@ -38,6 +38,12 @@ def check_same_dtype(who, name, v, ref_name, ref):
                          f"({dtype_name(ref.dtype)}) but has {dtype_name(v.dtype)}.")
 
 
+def in_dtype_of(a, ref):
+    """``a`` in the dtype of ``ref`` (no copy when it already is): the fused kernels read
+    norm weights and biases as their activation's dtype."""
+    return a if a.dtype == ref.dtype else a.astype(ref.dtype)
+
+
 def check_eps(who, eps):
     """A finite, non-negative number (as ``mx.fast.rms_norm`` takes)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):

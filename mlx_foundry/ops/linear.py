@@ -20,7 +20,7 @@ from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epi
 from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, gemv_decls,
                            gemv_dispatch, gemv_dual_stage, gemv_stage, qkv_rope_stage)
 from . import _rope
-from ._checks import check_eps, check_float_array
+from ._checks import check_eps, check_float_array, in_dtype_of
 from .weights import Weight, policy_for
 
 PREFILL_ROWS = 6
@@ -146,16 +146,11 @@ def _resolve_launch(kern, backend, n, k, m, head_dim):
     return params
 
 
-def _as_x_dtype(a, x):
-    # The fused kernels read the norm weight and QKV biases as x's dtype.
-    return a if a.dtype == x.dtype else a.astype(x.dtype)
-
-
 def _norm_inputs(x, norm_weight, eps):
     """The fused RMSNorm's kernel inputs: ``eps``, and ``norm_weight`` when there is one."""
     args = {"eps": float(eps)}
     if norm_weight is not None:
-        args["norm_weight"] = _as_x_dtype(norm_weight, x)
+        args["norm_weight"] = in_dtype_of(norm_weight, x)
     return args
 
 
@@ -488,7 +483,7 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     if has_bias:
         for name, w_ in (("q_bias", wq), ("k_bias", wk), ("v_bias", wv)):
             b = w_.bias if w_.bias is not None else mx.zeros((w_.out_features,), x.dtype)
-            args[name] = _as_x_dtype(b, x)
+            args[name] = in_dtype_of(b, x)
     launch = _launch(kern, wq, x, be, n=wq.out_features + 2 * wk.out_features,
                      head_dim=head_dim)
     return kern(backend=be, **args, HEAD_DIM=head_dim, **launch)

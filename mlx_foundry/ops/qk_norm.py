@@ -3,7 +3,7 @@
 from ..backends import select_backend
 from ..stages.qk_norm import qk_norm_rope_kernel
 from . import _rope
-from ._checks import check_eps, check_float_array, check_same_dtype
+from ._checks import check_eps, check_float_array, check_same_dtype, in_dtype_of
 
 MAX_HEAD_DIM = 256
 """The largest ``head_dim`` :func:`qk_norm_rope` takes (a multiple of 32)."""
@@ -70,6 +70,6 @@ def qk_norm_rope(q, kv, q_norm_weight, k_norm_weight, eps, *, offset, rope_base=
     _rope.check_rope(who, D, rope_base, rope_freqs)
     be = select_backend(backend, who)
     kern = qk_norm_rope_kernel(bool(rope_traditional))
-    return kern(q, kv, q_norm_weight.astype(q.dtype), k_norm_weight.astype(q.dtype),
+    return kern(q, kv, in_dtype_of(q_norm_weight, q), in_dtype_of(k_norm_weight, q),
                 _rope.inv_freq(D, rope_base, rope_freqs), eps=float(eps), rope_offset=offset,
                 rope_scale=float(rope_scale), q_rows=q.shape[0] * q.shape[1] * L, backend=be)
