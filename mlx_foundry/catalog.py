@@ -172,6 +172,14 @@ def _entries():
                  "norm_qkv_rope_q4g64"):
         base = next(e for e in out if e.name == name)
         add(f"{name}_splitk", f"{base.description}, split K", _with_split_k(base.walk))
+    # Several rows of x per SIMD-group (MBLOCK): the packed-half path with a norm and the
+    # dual GEMV, and the float path with split K.
+    add("norm_gate_up_swiglu_q4g64_q4g64_rows4", "RMSNorm + gate/up q4g64 + SwiGLU, 4 rows of x, split K",
+        lambda: ops.norm_gate_up_swiglu(_z((4, K), F16), _z((K,), F16), 1e-5,
+                                        _weight(1024, K, (4, 64)), _weight(1024, K, (4, 64)),
+                                        backend="metal"))
+    add("linear_dense_bf16_rows3_splitk", "GEMV 3x4096 -> 1024 dense bf16, split K",
+        lambda: ops.linear(_z((3, K), BF16), _weight(1024, K, "dense", BF16), backend="metal"))
     return out
 
 

@@ -46,8 +46,10 @@ def test_gemv_stage_reference_with_norm_weight():
     assert_close(got, (x * g) @ w.T, mx.float32, k=64)
 
 
+# Batch rows on x; row blocks on y, then z in steps of 32768 (CUDA caps y and z at 65535).
 @pytest.mark.parametrize("rows,threads,n,m,groups", [
-    (4, 128, 100, 1, (7, 1, 1)), (4, 128, 16, 3, (1, 3, 1)), (2, 64, 151936, 1, (37984, 1, 1))])
+    (4, 128, 100, 1, (1, 7, 1)), (4, 128, 16, 3, (3, 1, 1)), (2, 64, 151936, 1, (1, 32768, 2)),
+    (1, 32, 262145, 2, (2, 32768, 9)), (8, 256, 4096, 6, (6, 64, 1))])
 def test_dispatch(rows, threads, n, m, groups):
     d = gemv_dispatch(lambda b: n)(Bound(x=mx.zeros((m, 8)), ROWS=rows, THREADS=threads))
     assert d.groups == groups and d.threads == (threads, 1, 1)
@@ -70,8 +72,9 @@ def test_linear_source_metal():
     assert "constexpr int K = 256;" in body and "constexpr int N = 64;" in body
     assert f"constexpr int ROWS = {DEFAULT_ROWS};" in body
     assert f"constexpr int THREADS = {DEFAULT_THREADS};" in body
-    assert (f"gemv_main<PolicyAffine<w_S, 4, 64, K>, T, K, N, ROWS, {DEFAULT_THREADS // 32}, 1>"
-            "(wpol, x, acc, row, index, valid,") in body
+    assert "constexpr int M = 1;" in body and "constexpr int MBLOCK = 1;" in body
+    assert (f"gemv_main<PolicyAffine<w_S, 4, 64, K>, T, K, N, M, ROWS, {DEFAULT_THREADS // 32},"
+            " 1, MBLOCK>(wpol, x, acc, row, index, valid,") in body
     assert "gemv_partials" in body  # split-K scratch, declared by the stage
     calls = [body.index(s) for s in ("gemv_main<", "ep_bias(", "ep_silu(", "ep_residual(")]
     assert calls == sorted(calls)
@@ -86,10 +89,13 @@ def test_launch_constants_are_overridable():
     k = linear_kernel(("dense",))
     w = mx.ones((64, 96), mx.float16)
     body = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256).body
-    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8, 1>(" in body
+    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8, 1, MBLOCK>(" in body
     # Split K: every SIMD-group of the threadgroup shares the rows.
     split = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256, SPLITK=1).body
-    assert "constexpr int SPLITK = 1;" in split and ", ROWS, 8, 8>(" in split
+    assert "constexpr int SPLITK = 1;" in split and ", ROWS, 8, 8, MBLOCK>(" in split
+    # Rows of x per SIMD-group: M comes from x, MBLOCK is a launch constant.
+    multi = k.source(x=mx.ones((5, 96), mx.float16), w=w, ROWS=4, MBLOCK=3).body
+    assert "constexpr int M = 5;" in multi and "constexpr int MBLOCK = 3;" in multi
 
 
 @pytest.mark.parametrize("split,rows,n,groups", [(0, 4, 4096, 256), (1, 4, 4096, 1024),
@@ -97,7 +103,7 @@ def test_launch_constants_are_overridable():
 def test_split_k_dispatch(split, rows, n, groups):
     d = gemv_dispatch(lambda b: n)(Bound(x=mx.zeros((1, 8)), ROWS=rows, THREADS=128,
                                          SPLITK=split))
-    assert d.groups == (groups, 1, 1)
+    assert d.groups == (1, groups, 1)
 
 
 def test_split_k_dispatch_rejects_bad_values():
@@ -288,14 +294,58 @@ def test_default_launch_splits_k_only_for_tall_weights():
     from mlx_foundry.ops.linear import default_launch
 
     # 14336 -> 4096 (down projection): eight rows, the threadgroup splits K.
-    assert default_launch(4096, 14336) == {"ROWS": 8, "THREADS": 128, "SPLITK": 1}
+    assert default_launch(4096, 14336) == {"ROWS": 8, "THREADS": 128, "SPLITK": 1,
+                                           "MBLOCK": 1}
     # Square (o_proj): four rows, split K.
     assert default_launch(4096, 4096) == {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
-                                          "SPLITK": 1}
+                                          "SPLITK": 1, "MBLOCK": 1}
     for n, k in ((14336, 4096), (6144, 4096), (4097, 4096), (48, 512), (1024, 1024)):
         assert default_launch(n, k) == {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
-                                        "SPLITK": 0}
-    # Q/K/V: ROWS must divide head_dim.
-    assert default_launch(6144, 4096, head_dim=128)["ROWS"] == 4
+                                        "SPLITK": 0, "MBLOCK": 1}
+    # Q/K/V: ROWS must divide head_dim; one row of x per threadgroup (no MBLOCK).
+    assert default_launch(6144, 4096, head_dim=128) == {"ROWS": 4, "THREADS": 128,
+                                                        "SPLITK": 0}
     assert default_launch(6144, 4096, head_dim=6)["ROWS"] == 2
     assert default_launch(100, 14336, head_dim=100)["ROWS"] == 2
+
+
+@pytest.mark.parametrize("n,k,m,dual,want", [
+    # split K (k >= n): four rows, every row of x in one SIMD-group up to 6
+    (4096, 14336, 2, False, (4, 1, 2)), (4096, 14336, 6, False, (4, 1, 6)),
+    (4096, 14336, 8, False, (4, 1, 4)), (4096, 4096, 3, False, (4, 1, 3)),
+    # the gate/up GEMV: 2, or 4 from 8 rows when they divide
+    (14336, 4096, 4, True, (4, 0, 2)), (14336, 4096, 8, True, (4, 0, 4)),
+    (14336, 4096, 3, True, (4, 0, 2)),
+    # others: 4 when m is a multiple of 4, else 2
+    (14336, 4096, 4, False, (4, 0, 4)), (14336, 4096, 6, False, (4, 0, 2)),
+    (14336, 4096, 16, False, (4, 0, 4))])
+def test_default_launch_rows_of_x(n, k, m, dual, want):
+    """Several rows of x share each SIMD-group's weight loads (MBLOCK), from the H100 sweep."""
+    from mlx_foundry.ops.linear import default_launch
+
+    got = default_launch(n, k, m=m, dual=dual)
+    assert (got["ROWS"], got["SPLITK"], got["MBLOCK"]) == want
+    # Every choice is a valid launch for its kernel.
+    d = gemv_dispatch(lambda b: n, dual=dual)(Bound(x=mx.zeros((m, 8)), **got))
+    assert d.groups[0] == -(-m // want[2])
+
+
+def test_mblock_stays_within_lanes_and_partial_sums():
+    from mlx_foundry.ops.linear import _mblock
+
+    assert _mblock(1, 8, 1, False) == 1
+    assert _mblock(6, 8, 0, False) == 2  # 8 x 2 lanes
+    assert _mblock(4, 16, 0, False) == 2  # 16 x 2 = 32 lanes
+    assert _mblock(6, 4, 1, True) == 3  # dual split: 4 x 3 x 2 + 3 = 27 <= 32
+    assert _mblock(6, 8, 1, False) == 3  # split: 8 x 3 + 3 = 27 <= 32
+
+
+@pytest.mark.parametrize("rows,mblock,split,dual,match", [
+    (8, 5, 0, False, r"'MBLOCK' must be in \[1, 32 // ROWS\] = \[1, 4\]"),
+    (4, 0, 0, False, "'MBLOCK'"),
+    (4, 4, 1, True, "'ROWS' must be at most 3 with 'SPLITK' in a dual GEMV and MBLOCK=4"),
+    (8, 4, 1, False, "'ROWS' must be at most 7 with 'SPLITK' and MBLOCK=4")])
+def test_dispatch_rejects_bad_mblock(rows, mblock, split, dual, match):
+    with pytest.raises(ValueError, match=match):
+        gemv_dispatch(lambda b: 64, dual=dual)(Bound(x=mx.zeros((4, 8)), ROWS=rows,
+                                                     THREADS=128, SPLITK=split, MBLOCK=mblock))

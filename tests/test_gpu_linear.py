@@ -302,6 +302,20 @@ def test_split_k_launch_parameters(gpu_backend, rows, threads, dtype):
     assert_close(got, _ref(lambda be: linear(x, w, backend=be)), dtype, k=k)
 
 
+@pytest.mark.parametrize("split", [0, 1])
+@pytest.mark.parametrize("fmt", [(4, 64), "dense"], ids=["q4g64", "dense"])
+def test_row_blocks_past_grid_y(gpu_backend, fmt, split):
+    """70001 one-row blocks: grid (3, 32768, 3), the last z step mostly past the rows."""
+    dtype, k, n = mx.float16, 128, 70001
+    w = _w(n, k, fmt, dtype)
+    x = _x((3, k), dtype)
+    kern = linear_kernel(w.signature())
+    got = kern(x=x, **w.inputs("w"), ROWS=1, THREADS=32 * (1 + split), SPLITK=split,
+               backend=gpu_backend)
+    assert got.shape == (3, n)
+    assert_close(got, _ref(lambda be: linear(x, w, backend=be)), dtype, k=k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_norm_qkv_rope_biases(gpu_backend, with_weight, dtype):
@@ -351,6 +365,43 @@ def test_half_path_large_activations(gpu_backend, bits):
     got = norm_linear(xr, g, 1e-5, w, backend=gpu_backend)
     assert bool(mx.isfinite(got).all())
     assert_close(got, _ref(lambda be: norm_linear(xr, g, 1e-5, w, backend=be)), dtype, k=k)
+
+
+MBLOCK_CASES = [  # (format, K): the packed-half path (4/8-bit, f16) and the float path
+    ((4, 64), 2880), ((8, 32), 4128), ((5, 32), 4128), ("dense", 1000)]
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("m", [2, 3, 5, 6])
+@pytest.mark.parametrize("fmt,k", MBLOCK_CASES, ids=lambda v: str(v))
+def test_rows_of_x_per_simdgroup(gpu_backend, fused_rows, fmt, k, m, dtype):
+    """MBLOCK rows of x share each SIMD-group's weight loads: every op, the default launch
+    and explicit ones (with and without split K, M not a multiple of MBLOCK)."""
+    n = 77
+    w = _w(n, k, fmt, dtype, bias=True)
+    x = _x((m, k), dtype)
+    r = _x((m, n), dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    gate, up = _w(n, k, fmt, dtype), _w(n, k, fmt, dtype)
+    ops = {
+        "linear": lambda be, **kw: linear(x, w, activation="silu", residual=r, backend=be),
+        "norm_linear": lambda be, **kw: norm_linear(x, g, 1e-5, w, residual=r, backend=be),
+        "norm_linear_plain": lambda be, **kw: norm_linear(x, None, 1e-5, w, backend=be),
+        "gate_up": lambda be, **kw: norm_gate_up_swiglu(x, g, 1e-5, gate, up, backend=be),
+    }
+    from mlx_foundry.kernel import record_launches
+
+    for name, op in ops.items():
+        want = _ref(op)
+        assert_close(op(gpu_backend), want, dtype, k=k, msg=f"{name} default launch")
+        with record_launches() as rec:
+            op("metal")
+        program, args, kwargs = rec[0]
+        for rows, split, mblock in ((4, 0, 2), (2, 0, m), (4, 1, 3), (1, 1, 5), (8, 0, 4)):
+            got = program(*args, **dict(kwargs, ROWS=rows, THREADS=128, SPLITK=split,
+                                        MBLOCK=mblock), backend=gpu_backend)
+            assert_close(got, want, dtype, k=k,
+                         msg=f"{name} ROWS={rows} SPLITK={split} MBLOCK={mblock}")
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])

@@ -36,7 +36,7 @@ function once the package is imported)::
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
 """
 
-MAX_FUSED_ROWS = 65535  # batch rows live on grid y (CUDA's limit)
+MAX_FUSED_ROWS = 65535  # batch rows on grid x: far past any PREFILL_ROWS worth setting
 
 
 # ---- validation -------------------------------------------------------------------------
@@ -83,8 +83,9 @@ def _fused(backend, rows, who):
 _TUNED = {}
 
 
-def _launch(kern, w, x, backend, *, n=None, head_dim=None):
-    """The GEMV launch constants ``ROWS``, ``THREADS`` and ``SPLITK`` for this call.
+def _launch(kern, w, x, backend, *, n=None, head_dim=None, dual=False):
+    """The GEMV launch constants ``ROWS``, ``THREADS``, ``SPLITK`` (and ``MBLOCK`` but for
+    the Q/K/V kernel) for this call.
 
     The tuner's stored choice for this device, MLX version, kernel source and shape
     class (``python -m mlx_foundry bench --tune`` writes them), else
@@ -94,7 +95,7 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None):
     dictionary lookup.
     """
     n = w.out_features if n is None else n
-    key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim)
+    key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim, dual)
     params = _TUNED.get(key)
     if params is None:
         params = _TUNED[key] = _resolve_launch(kern, backend, *key[2:])
@@ -110,8 +111,10 @@ SPLIT_MIN_K = 2048
 """Untuned GEMVs split K when ``K >= N`` and ``K >=`` this (see :func:`default_launch`)."""
 
 
-def default_launch(n, k, *, head_dim=None):
-    """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements.
+def default_launch(n, k, *, head_dim=None, m=1, dual=False):
+    """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements and ``m``
+    rows of ``x`` (``dual``: the gate/up kernel; ``head_dim``: the Q/K/V kernel, which
+    takes one row of ``x`` per threadgroup and no ``MBLOCK``).
 
     From kernel durations measured with ncu on an H100 (4-bit, decode, one row of x,
     L2 flushed; ``docs/ncu_h100_gemv.md``): for ``n`` = 4096, ``k`` = 14336, four rows
@@ -119,19 +122,49 @@ def default_launch(n, k, *, head_dim=None):
     eight rows with the threadgroup's four SIMD-groups splitting K reach 59-61%
     (16-17 us). At ``k == n`` (o_proj, 4096 -> 4096) four rows with split K take
     8.2 us against 8.7 us without. Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
-    4096 -> 14336) are as fast or faster with four rows and no split.
+    4096 -> 14336) are as fast or faster with four rows and no split. With several rows
+    of ``x`` see :func:`_mblock`.
     """
     if k >= n and k >= SPLIT_MIN_K:
-        rows, split = (8 if k >= 2 * n else DEFAULT_ROWS), 1
+        rows, split = (8 if k >= 2 * n and m == 1 else DEFAULT_ROWS), 1
     else:
         rows, split = DEFAULT_ROWS, DEFAULT_SPLITK
-    if head_dim is not None and head_dim % rows:
-        rows = 2
-    return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split}
+    if head_dim is not None:
+        if head_dim % rows:
+            rows = 2
+        return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split}
+    return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split,
+            "MBLOCK": _mblock(m, rows, split, dual)}
 
 
-def _resolve_launch(kern, backend, n, k, m, head_dim):
-    params = default_launch(n, k, head_dim=head_dim)
+def _mblock(m, rows, split, dual):
+    """Rows of ``x`` per SIMD-group for ``m`` rows (``MBLOCK``): they share each weight load.
+
+    From an ncu sweep on an H100 (4-bit, Llama-3-8B shapes, ``m`` = 2 to 16; BENCHMARKS.md):
+    the dot products stay per row of ``x`` (the dequantization too), so the gain is in
+    loads and the cost in registers. Split K (``k >= n``, four rows): every row of ``x`` in
+    one SIMD-group up to 6 (14336 -> 4096 at ``m`` = 4: 33.0 against 38.4 us), else 4;
+    the dual gate/up GEMV: 2 (4 when ``m`` is a multiple of 4 from 8; 4096 -> 2 x 14336 at
+    ``m`` = 4: 67.9 against 78.8 us); others: 4 when ``m`` is a multiple of 4, else 2
+    (4096 -> 14336 at ``m`` = 4: 29.7 against 39.2 us). Never more than the lanes
+    (``rows * MBLOCK <= 32``) or split K's partial sums allow.
+    """
+    if m < 2:
+        return 1
+    if split:
+        mb = m if m <= 6 else 4
+    elif dual:
+        mb = 4 if m >= 8 and m % 4 == 0 else 2
+    else:
+        mb = 4 if m % 4 == 0 else 2
+    mb = min(mb, m, 32 // rows)
+    while split and mb > 1 and rows * mb * (2 if dual else 1) + mb > 32:
+        mb -= 1
+    return mb
+
+
+def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
+    params = default_launch(n, k, head_dim=head_dim, m=m, dual=dual)
     if backend == "reference":
         return params
     try:
@@ -141,8 +174,10 @@ def _resolve_launch(kern, backend, n, k, m, head_dim):
     except Exception:  # noqa: BLE001 - tuning is an optimisation: never fail a launch
         found = None
     if found and (head_dim is None or head_dim % int(found["ROWS"]) == 0):
-        params = {"ROWS": int(found["ROWS"]), "THREADS": int(found["THREADS"]),
-                  "SPLITK": int(found.get("SPLITK", DEFAULT_SPLITK))}
+        rows, split = int(found["ROWS"]), int(found.get("SPLITK", DEFAULT_SPLITK))
+        params = {"ROWS": rows, "THREADS": int(found["THREADS"]), "SPLITK": split}
+        if head_dim is None:
+            params["MBLOCK"] = _mblock(m, rows, split, dual)
     return params
 
 
@@ -397,7 +432,7 @@ def norm_gate_up_swiglu(x, norm_weight, eps, gate, up, *, backend=None):
     kern = gate_up_kernel(g.signature(), u.signature(),
                           norm="weight" if norm_weight is not None else "plain")
     args = dict(g.inputs("wg"), **u.inputs("wu"), x=x, **_norm_inputs(x, norm_weight, eps))
-    return kern(backend=be, **args, **_launch(kern, g, x, be))
+    return kern(backend=be, **args, **_launch(kern, g, x, be, dual=True))
 
 
 def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim, offset,

@@ -1,7 +1,9 @@
 """GEMV main stages over weights stored ``[N, K]`` (MLX's Linear layout).
 
-One batch row ``m`` of ``x`` per threadgroup row (grid y); ``THREADS / 32``
-SIMD-groups per threadgroup, ``ROWS`` output rows per SIMD-group (grid x). The
+One batch row ``m`` of ``x`` per threadgroup column (grid x, fastest, so that the
+threadgroups of one block of weight rows run together and read it from DRAM once);
+row blocks on grid y (and z past :data:`GEMV_GRID_Y`); ``THREADS / 32``
+SIMD-groups per threadgroup, ``ROWS`` output rows per SIMD-group. The
 lanes of a SIMD-group stride over ``K`` in 32-element chunks: each lane loads
 its chunk of ``x`` once (times the RMSNorm weight when fused) and dots it with
 the same chunk of its ``ROWS`` weight rows, read through a weight policy
@@ -52,6 +54,11 @@ DEFAULT_THREADS = 128
 """Threads per threadgroup (4 SIMD-groups)."""
 DEFAULT_SPLITK = 0
 """1: the SIMD-groups of a threadgroup share its rows and split K (see gemv.metal)."""
+DEFAULT_MBLOCK = 1
+"""Rows of ``x`` per SIMD-group: they share each weight load (``ROWS * MBLOCK <= 32``)."""
+GEMV_GRID_Y = 32768
+"""Row blocks per step of grid z (``gemv_row_block`` in gemv.metal): grid y stays under
+CUDA's 65535."""
 MAX_GEMV_THREADS = 256
 """The GEMV kernels use up to ~128 registers per thread; MLX compiles custom CUDA kernels
 without launch bounds, so a threadgroup of 512 or 1024 such threads needs more registers
@@ -79,7 +86,9 @@ NORMS = (None, "plain", "weight")
 
 def gemv_decls(norm=None):
     """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS``, ``SPLITK``,
-    and for a norm GEMV ``eps`` (and ``norm_weight`` when the norm has a weight).
+    ``M`` (rows of ``x``) and ``MBLOCK`` (the GEMV stages; the Q/K/V stage takes one row of
+    ``x`` per threadgroup), and for a norm GEMV ``eps`` (and ``norm_weight`` when the norm
+    has a weight).
 
     Args:
         norm (str, optional): one of :data:`NORMS`.
@@ -96,6 +105,8 @@ def gemv_decls(norm=None):
         "ROWS": Constant("ROWS", value=DEFAULT_ROWS),
         "THREADS": Constant("THREADS", value=DEFAULT_THREADS),
         "SPLITK": Constant("SPLITK", value=DEFAULT_SPLITK),
+        "M": Constant("M", value=lambda b: b.x.size // b.x.shape[-1]),
+        "MBLOCK": Constant("MBLOCK", value=DEFAULT_MBLOCK),
     }
     if norm is not None:
         d["eps"] = Scalar("eps", f32)
@@ -117,20 +128,31 @@ def gemv_dispatch(n_rows, *, dual=False):
 
     def dispatch(b):
         threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", 0)
+        mblock = b.get("MBLOCK", 1)
         if split not in (0, 1):
             raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
-        limit = 15 if dual else 31
-        if split and rows > limit:
-            raise ValueError(f"[gemv] 'ROWS' must be at most {limit} with 'SPLITK'"
-                             f"{' in a dual GEMV' if dual else ''} but got {rows}.")
         if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
             raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in "
                              f"[32, {MAX_GEMV_THREADS}] but got {threads}.")
         if not 1 <= rows <= 32:
             raise ValueError(f"[gemv] 'ROWS' must be in [1, 32] but got {rows}.")
+        if not (isinstance(mblock, int) and 1 <= mblock <= 32 // rows):
+            raise ValueError(f"[gemv] 'MBLOCK' must be in [1, 32 // ROWS] = [1, {32 // rows}]"
+                             f" but got {mblock!r}.")
+        # Split K adds the SIMD-groups' partial sums in THREADS floats of threadgroup
+        # memory: 32 per SIMD-group, ROWS * MBLOCK sums (twice in a dual GEMV) and MBLOCK
+        # sums of squares.
+        limit = (32 - mblock) // ((2 if dual else 1) * mblock)
+        if split and rows > limit:
+            raise ValueError(f"[gemv] 'ROWS' must be at most {limit} with 'SPLITK'"
+                             f"{' in a dual GEMV' if dual else ''}"
+                             f"{f' and MBLOCK={mblock}' if mblock > 1 else ''} but got {rows}.")
         per_group = rows if split else rows * (threads // 32)
-        m = b.x.size // b.x.shape[-1]
-        return DispatchConfig((-(-n_rows(b) // per_group), m), (threads, 1))
+        m = -(-(b.x.size // b.x.shape[-1]) // mblock)
+        blocks = -(-n_rows(b) // per_group)
+        # Batch rows on x (fastest), row blocks on y and z: see gemv_row_block.
+        return DispatchConfig((m, min(blocks, GEMV_GRID_Y), -(-blocks // GEMV_GRID_Y)),
+                              (threads, 1, 1))
 
     return dispatch
 
@@ -167,7 +189,8 @@ def gemv_stage(policy, decls, *, n="N"):
     norm = _norm_of(decls)
     N = Constant(n, value=lambda b: b[policy.prefix].shape[0])
     args = _norm_args(decls)
-    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"]]
+    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
+             decls["M"], decls["MBLOCK"]]
 
     def reference(b, v):
         return _with_inv_rms(b, {"acc": _x_rows(b) @ policy.dequantize(b).T})
@@ -179,7 +202,7 @@ def gemv_stage(policy, decls, *, n="N"):
         f"gemv{_FUNCTIONS[norm]}", function=f"gemv{_FUNCTIONS[norm]}_main",
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args, policies={"wpol": policy},
         produces=produces,
-        template=(policy.metal_type(), "T", "K", n, "ROWS", _simds, _split),
+        template=(policy.metal_type(), "T", "K", n, "M", "ROWS", _simds, _split, "MBLOCK"),
         attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
 
 
@@ -189,7 +212,8 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
     norm = _norm_of(decls)
     N = Constant(n, value=lambda b: b[gate.prefix].shape[0])
     args = _norm_args(decls)
-    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"]]
+    args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
+             decls["M"], decls["MBLOCK"]]
 
     def reference(b, v):
         xf = _x_rows(b)
@@ -204,7 +228,8 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
         f"gemv_dual{_FUNCTIONS[norm]}", function=f"gemv_dual{_FUNCTIONS[norm]}_main",
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args,
         policies={"gpol": gate, "upol": up}, produces=produces,
-        template=(gate.metal_type(), up.metal_type(), "T", "K", n, "ROWS", _simds, _split),
+        template=(gate.metal_type(), up.metal_type(), "T", "K", n, "M", "ROWS", _simds, _split,
+                  "MBLOCK"),
         attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
 
 

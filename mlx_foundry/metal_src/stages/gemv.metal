@@ -1,12 +1,14 @@
 // GEMV main stages over weights stored [N, K] (MLX's Linear layout).
 // Needs policies/dense.metal (loaders) and the weight policies' headers.
 //
-// Layout: batch row m of x = threadgroup_position_in_grid.y; each threadgroup has SIMDS
-// SIMD-groups, each SIMD-group computes ROWS consecutive output rows. The 32 lanes of a
-// SIMD-group stride over K in chunks of 32 elements: a lane loads its x chunk once
-// (times the norm weight when fused with RMSNorm) and dots it with the same chunk of
-// its ROWS weight rows (ROWS independent wide loads in flight). After the SIMD
-// reduction lane r (< ROWS) holds row r of the group: acc, row, index, valid.
+// Layout: each threadgroup has SIMDS SIMD-groups, each SIMD-group computes ROWS
+// consecutive output rows for MB rows of x (x rows MB * threadgroup_position_in_grid.x
+// onwards; the block of output rows is gemv_row_block, grid y and z). The 32 lanes of a
+// SIMD-group stride over K in chunks of 32 elements: a lane loads its chunk of each x row
+// (times the norm weight when fused with RMSNorm) and dots it with the same chunk of its
+// ROWS weight rows (ROWS independent wide loads in flight, loaded once for the MB rows of
+// x). After the SIMD reduction lane j * ROWS + r (< ROWS * MB) holds output row r of x
+// row j: acc, row, index, valid.
 // RMSNorm fused (NORM): the lanes also add up x^2 of the chunks they load, so every lane
 // gets inv_rms of the row without a separate pass over x.
 // Split K (SPLIT == SIMDS): the SIMD-groups of a threadgroup share its ROWS rows instead,
@@ -15,7 +17,7 @@
 // flight per row, for shapes with few rows (N = 4096) that would otherwise leave most SMs
 // idle.
 //
-// Two paths, chosen at compile time by gemv_dot_rows:
+// Two paths, chosen at compile time by gemv_dot_rows_mb:
 // - float (any policy and activation type): x converted to float, policy.dot_chunk;
 // - packed half (x is half and every weight policy of the call has HALF_PAIRS > 0, i.e.
 //   MLX affine with 4 or 8 bits): the chunk of x stays 16 half2 registers, permuted once
@@ -24,20 +26,33 @@
 //   (policies/affine.metal). The loads of the next chunk are issued before the
 //   arithmetic on this one.
 
+// The blocks of x rows vary fastest in the grid (x), so that the threadgroups that read
+// one block of weight rows, one per block of x rows, run together and share those loads
+// through the L2 cache (with the row block on x, a batch of M rows read the weights M / MB
+// times from DRAM). The row block is on y, and past GEMV_GRID_Y blocks on z as well (CUDA
+// caps y and z at 65535).
+constant constexpr uint GEMV_GRID_Y = 32768;
+
+METAL_FUNC uint gemv_row_block(uint3 tg_pos) {
+  return tg_pos.y + tg_pos.z * GEMV_GRID_Y;
+}
+
 // The norm a GEMV applies to x (template argument NORM).
 constant constexpr int GEMV_NORM_NONE = 0;    // x as given
 constant constexpr int GEMV_NORM_PLAIN = 1;   // RMSNorm without weight: sum(x^2) too
 constant constexpr int GEMV_NORM_WEIGHT = 2;  // RMSNorm with weight: x * gamma, sum(x^2)
 
-// Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x: the float
-// path. rows[r]: the weight row of slot r (already clamped to a valid row). Every lane
-// gets all sums (out, and out2 when DUAL); ss is this lane's part of sum(x^2) when NORM
-// is not GEMV_NORM_NONE (the caller reduces it).
+// Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with MB rows of x: the float
+// path. x row j is xr + min(j, last) * K (rows past `last` repeat it; the caller drops
+// their sums). rows[r]: the weight row of slot r (already clamped to a valid row). Every
+// lane gets all sums, out[j * ROWS + r] (and out2 when DUAL); ss[j] is this lane's part of
+// sum(x_j^2) when NORM is not GEMV_NORM_NONE (the caller reduces it).
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
-METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device T* gr,
-                                thread const uint* rows, uint lane, uint part,
-                                thread float* out, thread float* out2, thread float& ss) {
+          int SPLIT, int MB>
+METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, uint last,
+                                const device T* gr, thread const uint* rows, uint lane,
+                                uint part, thread float* out, thread float* out2,
+                                thread float* ss) {
   constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
   // The chunk: elements per lane per step, the weight policy's load unit.
   constexpr int C = int(P::CHUNK);
@@ -45,74 +60,88 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, const device
   constexpr int FULL = K / C;
   constexpr int TAIL = K - FULL * C;
   constexpr bool XVEC = (K * int(sizeof(T))) % 16 == 0 && (C * int(sizeof(T))) % 16 == 0;
-  float s[ROWS];
-  float s2[ROWS];
+  float s[MB * ROWS];
+  float s2[MB * ROWS];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    s[r] = 0.0f;
-    s2[r] = 0.0f;
+  for (int i = 0; i < MB * ROWS; ++i) {
+    s[i] = 0.0f;
+    s2[i] = 0.0f;
   }
-  ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < MB; ++j) {
+    ss[j] = 0.0f;
+  }
   for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
-    float xv[C];
-    dense_load<T, C, XVEC>(xr + c * C, xv);
-    if (NORM != GEMV_NORM_NONE) {
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        ss = metal::fma(xv[i], xv[i], ss);
-      }
-    }
+    float gv[C];
     if (GAMMA) {
-      float gv[C];
       dense_load<T, C, XVEC>(gr + c * C, gv);
+    }
+#pragma unroll
+    for (int j = 0; j < MB; ++j) {
+      float xv[C];
+      dense_load<T, C, XVEC>(xr + metal::min(uint(j), last) * uint(K) + uint(c * C), xv);
+      if (NORM != GEMV_NORM_NONE) {
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+          ss[j] = metal::fma(xv[i], xv[i], ss[j]);
+        }
+      }
+      if (GAMMA) {
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+          xv[i] *= gv[i];
+        }
+      }
+      float xs = 0.0f;
 #pragma unroll
       for (int i = 0; i < C; ++i) {
-        xv[i] *= gv[i];
+        xs += xv[i];
       }
-    }
-    float xs = 0.0f;
 #pragma unroll
-    for (int i = 0; i < C; ++i) {
-      xs += xv[i];
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      s[r] += pol.dot_chunk(rows[r], c, xv, xs);
-      if (DUAL) {
-        s2[r] += pol2.dot_chunk(rows[r], c, xv, xs);
+      for (int r = 0; r < ROWS; ++r) {
+        s[j * ROWS + r] += pol.dot_chunk(rows[r], c, xv, xs);
+        if (DUAL) {
+          s2[j * ROWS + r] += pol2.dot_chunk(rows[r], c, xv, xs);
+        }
       }
     }
   }
   if (TAIL > 0 && int(lane) == FULL % 32 && int(part) == (FULL / 32) % SPLIT) {
-    float xv[C];
-    dense_load_tail<T, C>(xr + FULL * C, TAIL, xv);
-    if (NORM != GEMV_NORM_NONE) {
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        ss = metal::fma(xv[i], xv[i], ss);
-      }
-    }
+    float gv[C];
     if (GAMMA) {
-      float gv[C];
       dense_load_tail<T, C>(gr + FULL * C, TAIL, gv);
-#pragma unroll
-      for (int i = 0; i < C; ++i) {
-        xv[i] *= gv[i];
-      }
     }
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      s[r] += pol.dot_tail(rows[r], FULL, xv, TAIL);
-      if (DUAL) {
-        s2[r] += pol2.dot_tail(rows[r], FULL, xv, TAIL);
+    for (int j = 0; j < MB; ++j) {
+      float xv[C];
+      dense_load_tail<T, C>(xr + metal::min(uint(j), last) * uint(K) + uint(FULL * C), TAIL,
+                            xv);
+      if (NORM != GEMV_NORM_NONE) {
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+          ss[j] = metal::fma(xv[i], xv[i], ss[j]);
+        }
+      }
+      if (GAMMA) {
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+          xv[i] *= gv[i];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        s[j * ROWS + r] += pol.dot_tail(rows[r], FULL, xv, TAIL);
+        if (DUAL) {
+          s2[j * ROWS + r] += pol2.dot_tail(rows[r], FULL, xv, TAIL);
+        }
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    out[r] = simd_sum(s[r]);
+  for (int i = 0; i < MB * ROWS; ++i) {
+    out[i] = simd_sum(s[i]);
     if (DUAL) {
-      out2[r] = simd_sum(s2[r]);
+      out2[i] = simd_sum(s2[i]);
     }
   }
 }
@@ -154,15 +183,17 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
   }
 }
 
-// The packed-half path (T is half; K is a multiple of 32). With GAMMA (x is the
-// un-normalised row, the RMSNorm scale comes later) x * gamma is rounded to half as
-// x * (gamma / 16), so that it overflows only past 16 x 65504; the sums are scaled back
-// by 16 (exact) in float.
+// The packed-half path (T is half; K is a multiple of 32), MB rows of x as in
+// gemv_dot_rows_f: a lane's weight chunks are loaded once and dotted with the chunk of
+// every row of x. With GAMMA (x is the un-normalised row, the RMSNorm scale comes later)
+// x * gamma is rounded to half as x * (gamma / 16), so that it overflows only past
+// 16 x 65504; the sums are scaled back by 16 (exact) in float.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
-METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device T* gr,
-                                thread const uint* rows, uint lane, uint part,
-                                thread float* out, thread float* out2, thread float& ss) {
+          int SPLIT, int MB>
+METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
+                                const device T* gr, thread const uint* rows, uint lane,
+                                uint part, thread float* out, thread float* out2,
+                                thread float* ss) {
   constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
   static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
   constexpr int FULL = K / 32;
@@ -170,17 +201,22 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
   constexpr int S2 = DUAL ? int(gemv_half_pairs<P2>::value) : S1;
   const uint key = pol.half_key(lane);
   const uint key2 = DUAL ? pol2.half_key(lane) : key;
-  float s[ROWS];
-  float s2[ROWS];
+  float s[MB * ROWS];
+  float s2[MB * ROWS];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    s[r] = 0.0f;
-    s2[r] = 0.0f;
+  for (int i = 0; i < MB * ROWS; ++i) {
+    s[i] = 0.0f;
+    s2[i] = 0.0f;
   }
   // Software pipelined: the weights of the lane's next chunk are loaded before the
   // arithmetic on this one (clamped to the last chunk: branch-free, always in bounds).
-  float ss_lo = 0.0f;
-  float ss_hi = 0.0f;
+  float ss_lo[MB];
+  float ss_hi[MB];
+#pragma unroll
+  for (int j = 0; j < MB; ++j) {
+    ss_lo[j] = 0.0f;
+    ss_hi[j] = 0.0f;
+  }
   typename P::HalfChunk ch[ROWS];
   typename P2::HalfChunk ch2[ROWS];
   {
@@ -204,145 +240,176 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, const device
         nx2[r] = pol2.load_h(rows[r], cn);
       }
     }
-    uint u[16];
-    const device uint4* xq = reinterpret_cast<const device uint4*>(xr + c * 32);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint4 v = xq[j];
-      u[4 * j + 0] = v.x;
-      u[4 * j + 1] = v.y;
-      u[4 * j + 2] = v.z;
-      u[4 * j + 3] = v.w;
-    }
-    if (NORM != GEMV_NORM_NONE) {
-      // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
-      // make anyway (two float accumulators per lane).
-#pragma unroll
-      for (int k = 0; k < 16; ++k) {
-        const float2 f = float2(as_type<half2>(u[k]));
-        ss_lo = metal::fma(f.x, f.x, ss_lo);
-        ss_hi = metal::fma(f.y, f.y, ss_hi);
-      }
-    }
+    uint gw[16];
     if (GAMMA) {
       const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
-      const half2 sixteenth = as_type<half2>(0x2C002C00u);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint4 v = gq[j];
-        const uint g[4] = {v.x, v.y, v.z, v.w};
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = gq[q];
+        gw[4 * q + 0] = v.x;
+        gw[4 * q + 1] = v.y;
+        gw[4 * q + 2] = v.z;
+        gw[4 * q + 3] = v.w;
+      }
+    }
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          u[4 * j + t] = as_type<uint>(as_type<half2>(u[4 * j + t]) *
-                                       (as_type<half2>(g[t]) * sixteenth));
+    for (int j = 0; j < MB; ++j) {
+      uint u[16];
+      const device uint4* xq = reinterpret_cast<const device uint4*>(
+          xr + metal::min(uint(j), last) * uint(K) + uint(c * 32));
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = xq[q];
+        u[4 * q + 0] = v.x;
+        u[4 * q + 1] = v.y;
+        u[4 * q + 2] = v.z;
+        u[4 * q + 3] = v.w;
+      }
+      if (NORM != GEMV_NORM_NONE) {
+        // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
+        // make anyway (two float accumulators per lane and row of x).
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+          const float2 f = float2(as_type<half2>(u[k]));
+          ss_lo[j] = metal::fma(f.x, f.x, ss_lo[j]);
+          ss_hi[j] = metal::fma(f.y, f.y, ss_hi[j]);
+        }
+      }
+      if (GAMMA) {
+        const half2 sixteenth = as_type<half2>(0x2C002C00u);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+          u[k] = as_type<uint>(as_type<half2>(u[k]) * (as_type<half2>(gw[k]) * sixteenth));
+        }
+      }
+      // sum(x) in float, from pair sums (one half rounding per pair).
+      float xs0 = 0.0f;
+      float xs1 = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
+        xs0 += float(p.x);
+        xs1 += float(p.y);
+      }
+      const float xs = xs0 + xs1;
+      half2 xh[16];
+      half2 xh2[16];
+      gemv_half_pairs_of<S1>(u, xh);
+      if (DUAL) {
+        gemv_half_pairs_of<S2>(u, xh2);
+      }
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        s[j * ROWS + r] += pol.dot_h(ch[r], xh, xs, key);
+        if (DUAL) {
+          s2[j * ROWS + r] += pol2.dot_h(ch2[r], xh2, xs, key2);
         }
       }
     }
-    // sum(x) in float, from pair sums (one half rounding per pair).
-    float xs0 = 0.0f;
-    float xs1 = 0.0f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
-      xs0 += float(p.x);
-      xs1 += float(p.y);
-    }
-    const float xs = xs0 + xs1;
-    half2 xh[16];
-    half2 xh2[16];
-    gemv_half_pairs_of<S1>(u, xh);
-    if (DUAL) {
-      gemv_half_pairs_of<S2>(u, xh2);
-    }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      s[r] += pol.dot_h(ch[r], xh, xs, key);
-      if (DUAL) {
-        s2[r] += pol2.dot_h(ch2[r], xh2, xs, key2);
-      }
       ch[r] = nx[r];
       if (DUAL) {
         ch2[r] = nx2[r];
       }
     }
   }
-  ss = ss_lo + ss_hi;
+#pragma unroll
+  for (int j = 0; j < MB; ++j) {
+    ss[j] = ss_lo[j] + ss_hi[j];
+  }
   const float back = GAMMA ? 16.0f : 1.0f;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    out[r] = simd_sum(s[r]) * back;
+  for (int i = 0; i < MB * ROWS; ++i) {
+    out[i] = simd_sum(s[i]) * back;
     if (DUAL) {
-      out2[r] = simd_sum(s2[r]) * back;
+      out2[i] = simd_sum(s2[i]) * back;
     }
   }
 }
 
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
+          int SPLIT, int MB>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
-                                 const device T* gr, thread const uint* rows, uint lane,
-                                 uint part, thread float* out, thread float* out2,
-                                 thread float& ss) {
-  gemv_dot_rows_f<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
-                                                        out, out2, ss);
+                                 uint last, const device T* gr, thread const uint* rows,
+                                 uint lane, uint part, thread float* out, thread float* out2,
+                                 thread float* ss) {
+  gemv_dot_rows_f<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(pol, pol2, xr, last, gr, rows,
+                                                            lane, part, out, out2, ss);
 }
 
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
+          int SPLIT, int MB>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T* xr,
-                                 const device T* gr, thread const uint* rows, uint lane,
-                                 uint part, thread float* out, thread float* out2,
-                                 thread float& ss) {
-  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, xr, gr, rows, lane, part,
-                                                        out, out2, ss);
+                                 uint last, const device T* gr, thread const uint* rows,
+                                 uint lane, uint part, thread float* out, thread float* out2,
+                                 thread float* ss) {
+  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(pol, pol2, xr, last, gr, rows,
+                                                            lane, part, out, out2, ss);
 }
 
-// Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with one row of x, on the
-// packed-half path when x is half and every policy has one, else on the float path.
-// SPLIT SIMD-groups share the rows: this one (part, 0 <= part < SPLIT) takes every
-// SPLIT-th 32-chunk stride of K; the caller adds the SPLIT partial sums. With a norm,
-// ss returns this lane's part of sum(x^2) over the same chunks.
+// Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with MB rows of x (xr, and
+// rows of K after it up to `last`), on the packed-half path when x is half and every
+// policy has one, else on the float path. SPLIT SIMD-groups share the rows: this one
+// (part, 0 <= part < SPLIT) takes every SPLIT-th 32-chunk stride of K; the caller adds
+// the SPLIT partial sums. With a norm, ss[j] returns this lane's part of sum(x_j^2) over
+// the same chunks.
+template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB>
+METAL_FUNC void gemv_dot_rows_mb(P pol, P2 pol2, const device T* xr, uint last,
+                                 const device T* gr, thread const uint* rows, uint lane,
+                                 uint part, thread float* out, thread float* out2,
+                                 thread float* ss) {
+  constexpr bool H = gemv_is_half<T>::value != 0 && gemv_half_pairs<P>::value > 0 &&
+                     (!DUAL || gemv_half_pairs<P2>::value > 0);
+  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(gemv_path<H>(), pol, pol2, xr,
+                                                             last, gr, rows, lane, part, out,
+                                                             out2, ss);
+}
+
+// One row of x (the Q/K/V stage): out[r], out2[r], and ss a scalar.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT>
 METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
                               thread const uint* rows, uint lane, uint part,
                               thread float* out, thread float* out2, thread float& ss) {
-  constexpr bool H = gemv_is_half<T>::value != 0 && gemv_half_pairs<P>::value > 0 &&
-                     (!DUAL || gemv_half_pairs<P2>::value > 0);
-  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(gemv_path<H>(), pol, pol2, xr, gr,
-                                                         rows, lane, part, out, out2, ss);
+  float ssv[1];
+  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, 1>(pol, pol2, xr, 0u, gr, rows,
+                                                            lane, part, out, out2, ssv);
+  ss = ssv[0];
 }
 
 // Split K: adds the partial sums of the SPLIT SIMD-groups of a threadgroup (which all
-// hold the same rows) through threadgroup memory: SPLIT * ROWS floats (twice when DUAL),
-// then SPLIT sums of squares when SS (the RMSNorm of a norm GEMV). Every thread gets the
-// totals; every thread of the threadgroup must call it.
-template <int ROWS, int SPLIT, bool DUAL, bool SS>
-METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, thread float& ss,
-                               uint sg, uint lane, threadgroup float* partials) {
-  constexpr int SS_AT = (DUAL ? 2 : 1) * SPLIT * ROWS;
+// hold the same rows) through threadgroup memory: SPLIT * R floats (twice when DUAL),
+// then SPLIT * NSS sums of squares (one per row of x in a norm GEMV). Every thread gets
+// the totals; every thread of the threadgroup must call it.
+template <int R, int SPLIT, bool DUAL, int NSS>
+METAL_FUNC void gemv_split_sums(thread float* sums, thread float* sums2, thread float* ss,
+                                uint sg, uint lane, threadgroup float* partials) {
+  constexpr int SS_AT = (DUAL ? 2 : 1) * SPLIT * R;
   if (lane == 0) {
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      partials[sg * uint(ROWS) + uint(r)] = sums[r];
+    for (int r = 0; r < R; ++r) {
+      partials[sg * uint(R) + uint(r)] = sums[r];
       if (DUAL) {
-        partials[uint(SPLIT * ROWS) + sg * uint(ROWS) + uint(r)] = sums2[r];
+        partials[uint(SPLIT * R) + sg * uint(R) + uint(r)] = sums2[r];
       }
     }
-    if (SS) {
-      partials[uint(SS_AT) + sg] = ss;
+#pragma unroll
+    for (int j = 0; j < NSS; ++j) {
+      partials[uint(SS_AT) + sg * uint(NSS) + uint(j)] = ss[j];
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
+  for (int r = 0; r < R; ++r) {
     float t = 0.0f;
     float t2 = 0.0f;
 #pragma unroll
     for (int p = 0; p < SPLIT; ++p) {
-      t += partials[p * ROWS + r];
+      t += partials[p * R + r];
       if (DUAL) {
-        t2 += partials[SPLIT * ROWS + p * ROWS + r];
+        t2 += partials[SPLIT * R + p * R + r];
       }
     }
     sums[r] = t;
@@ -350,14 +417,24 @@ METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, thread f
       sums2[r] = t2;
     }
   }
-  if (SS) {
+#pragma unroll
+  for (int j = 0; j < NSS; ++j) {
     float t = 0.0f;
 #pragma unroll
     for (int p = 0; p < SPLIT; ++p) {
-      t += partials[SS_AT + p];
+      t += partials[SS_AT + p * NSS + j];
     }
-    ss = t;
+    ss[j] = t;
   }
+}
+
+// gemv_split_sums for one row of x (the Q/K/V stage): ROWS sums, one sum of squares if SS.
+template <int ROWS, int SPLIT, bool DUAL, bool SS>
+METAL_FUNC void gemv_split_sum(thread float* sums, thread float* sums2, thread float& ss,
+                               uint sg, uint lane, threadgroup float* partials) {
+  float ssv[1] = {ss};
+  gemv_split_sums<ROWS, SPLIT, DUAL, SS ? 1 : 0>(sums, sums2, ssv, sg, lane, partials);
+  ss = ssv[0];
 }
 
 // The RMSNorm scale of a row from its sum of squares (as the RMSNorm kernels compute it).
@@ -366,13 +443,13 @@ METAL_FUNC float gemv_inv_rms(float ss, float eps) {
   return metal::rsqrt(ss / float(K) + eps);
 }
 
-// sums[lane] for lane < ROWS (0 otherwise), without dynamic register indexing.
-template <int ROWS>
-METAL_FUNC float gemv_pick(thread const float* sums, uint lane) {
+// sums[i] for i < COUNT (0 otherwise), without dynamic register indexing.
+template <int COUNT>
+METAL_FUNC float gemv_pick(thread const float* sums, uint i) {
   float v = 0.0f;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    v = lane == uint(r) ? sums[r] : v;
+  for (int r = 0; r < COUNT; ++r) {
+    v = i == uint(r) ? sums[r] : v;
   }
   return v;
 }
@@ -381,24 +458,29 @@ METAL_FUNC float gemv_pick(thread const float* sums, uint lane) {
 // inv_rms = rsqrt(mean(x^2) + eps), its sum of squares taken from the same x loads as the
 // dot products (a separate pass over x in every threadgroup before the first weight load
 // stalled the whole grid: ncu, H100, 1x4096 -> 14336 q4: 36 us against 16 us without it).
-template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int NORM,
-          bool DUAL, int SPLIT>
+// MB rows of x per SIMD-group (M rows in all): their weight loads are shared, and lane
+// j * ROWS + r holds row r of x row j (ROWS * MB <= 32).
+template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
+          int NORM, bool DUAL, int SPLIT, int MB>
 METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T* gamma,
                                float eps, thread float& acc, thread float& acc2,
                                thread uint& row, thread uint& index, thread bool& valid,
                                thread float& inv_rms, uint3 tg_pos, uint sg, uint lane,
                                threadgroup float* partials) {
   static_assert(SPLIT == 1 || SPLIT == SIMDS, "split K: 1 or every SIMD-group");
-  const uint m = tg_pos.y;
+  static_assert(ROWS * MB <= 32, "one lane per output: ROWS * MB <= 32");
+  const uint m0 = tg_pos.x * uint(MB);
+  const uint block = gemv_row_block(tg_pos);
   // Split K: the whole threadgroup holds ROWS rows (a uniform early return below).
-  const uint row0 = (SPLIT > 1 ? tg_pos.x : tg_pos.x * uint(SIMDS) + sg) * uint(ROWS);
+  const uint row0 = (SPLIT > 1 ? block : block * uint(SIMDS) + sg) * uint(ROWS);
   const uint part = SPLIT > 1 ? sg : 0u;
+  const uint xj = lane / uint(ROWS);
   acc = 0.0f;
   acc2 = 0.0f;
   inv_rms = 0.0f;
-  row = row0 + lane;
-  index = m * uint(N) + row;
-  valid = lane < uint(ROWS) && row < uint(N) && part == 0u;
+  row = row0 + lane % uint(ROWS);
+  index = (m0 + xj) * uint(N) + row;
+  valid = lane < uint(ROWS * MB) && row < uint(N) && m0 + xj < uint(M) && part == 0u;
   if (row0 >= uint(N)) {
     return;  // the whole SIMD-group (threadgroup when split) is past the last row
   }
@@ -407,96 +489,104 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
   for (int r = 0; r < ROWS; ++r) {
     rows[r] = metal::min(row0 + uint(r), uint(N - 1));
   }
-  float sums[ROWS];
-  float sums2[ROWS];
-  float ss;
-  gemv_dot_rows<P, P2, T, K, ROWS, NORM, DUAL, SPLIT>(pol, pol2, x + m * uint(K), gamma, rows,
-                                                      lane, part, sums, sums2, ss);
+  float sums[MB * ROWS];
+  float sums2[MB * ROWS];
+  float ss[MB];
+  // Rows of x past the last (M not a multiple of MB) repeat it; their lanes are invalid.
+  const uint last = metal::min(uint(M - 1) - m0, uint(MB - 1));
+  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(
+      pol, pol2, x + m0 * uint(K), last, gamma, rows, lane, part, sums, sums2, ss);
   if (NORM != GEMV_NORM_NONE) {
-    ss = simd_sum(ss);
+#pragma unroll
+    for (int j = 0; j < MB; ++j) {
+      ss[j] = simd_sum(ss[j]);
+    }
   }
   if (SPLIT > 1) {
-    gemv_split_sum<ROWS, SPLIT, DUAL, NORM != GEMV_NORM_NONE>(sums, sums2, ss, sg, lane,
-                                                               partials);
+    gemv_split_sums<MB * ROWS, SPLIT, DUAL, NORM != GEMV_NORM_NONE ? MB : 0>(
+        sums, sums2, ss, sg, lane, partials);
   }
   if (NORM != GEMV_NORM_NONE) {
-    inv_rms = gemv_inv_rms<K>(ss, eps);
+    inv_rms = gemv_inv_rms<K>(gemv_pick<MB>(ss, xj), eps);
   }
-  acc = gemv_pick<ROWS>(sums, lane);
+  acc = gemv_pick<MB * ROWS>(sums, lane);
   if (DUAL) {
-    acc2 = gemv_pick<ROWS>(sums2, lane);
+    acc2 = gemv_pick<MB * ROWS>(sums2, lane);
   }
 }
 
 // ---- stage functions ------------------------------------------------------------------
 // acc = dot(W[row], x[m]).
-template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB>
 METAL_FUNC void gemv_main(P wpol, const device T* x, thread float& acc, thread uint& row,
                           thread uint& index, thread bool& valid, uint3 tg_pos, uint sg,
                           uint lane, threadgroup float* gemv_partials) {
   float unused, unused_rms;
-  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, GEMV_NORM_NONE, false, SPLIT>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, false, SPLIT, MB>(
       wpol, wpol, x, x, 0.0f, acc, unused, row, index, valid, unused_rms, tg_pos, sg, lane,
       gemv_partials);
 }
 
 // acc = dot(W[row], x[m] * norm_weight) and inv_rms of x[m] (the RMSNorm scale epilogue
 // applies it).
-template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB>
 METAL_FUNC void gemv_norm_main(P wpol, const device T* x, const device T* norm_weight,
                                float eps, thread float& acc, thread uint& row,
                                thread uint& index, thread bool& valid, thread float& inv_rms,
                                uint3 tg_pos, uint sg, uint lane,
                                threadgroup float* gemv_partials) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, GEMV_NORM_WEIGHT, false, SPLIT>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, false, SPLIT, MB>(
       wpol, wpol, x, norm_weight, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg,
       lane, gemv_partials);
 }
 
 // acc = dot(W[row], x[m]) and inv_rms of x[m] (RMSNorm without weight).
-template <typename P, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB>
 METAL_FUNC void gemv_rms_main(P wpol, const device T* x, float eps, thread float& acc,
                               thread uint& row, thread uint& index, thread bool& valid,
                               thread float& inv_rms, uint3 tg_pos, uint sg, uint lane,
                               threadgroup float* gemv_partials) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, ROWS, SIMDS, GEMV_NORM_PLAIN, false, SPLIT>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, false, SPLIT, MB>(
       wpol, wpol, x, x, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg, lane,
       gemv_partials);
 }
 
 // Gate and up projections sharing the x loads: acc = gate row, acc2 = up row
 // (produced values in declaration order: acc, row, index, valid, [inv_rms,] acc2).
-template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
+          int SPLIT, int MB>
 METAL_FUNC void gemv_dual_main(P gpol, P2 upol, const device T* x, thread float& acc,
                                thread uint& row, thread uint& index, thread bool& valid,
                                thread float& acc2, uint3 tg_pos, uint sg, uint lane,
                                threadgroup float* gemv_partials) {
   float unused_rms;
-  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, GEMV_NORM_NONE, true, SPLIT>(
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, true, SPLIT, MB>(
       gpol, upol, x, x, 0.0f, acc, acc2, row, index, valid, unused_rms, tg_pos, sg, lane,
       gemv_partials);
 }
 
-template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
+          int SPLIT, int MB>
 METAL_FUNC void gemv_dual_norm_main(P gpol, P2 upol, const device T* x,
                                     const device T* norm_weight, float eps, thread float& acc,
                                     thread uint& row, thread uint& index, thread bool& valid,
                                     thread float& inv_rms, thread float& acc2, uint3 tg_pos,
                                     uint sg, uint lane, threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, GEMV_NORM_WEIGHT, true, SPLIT>(
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, true, SPLIT, MB>(
       gpol, upol, x, norm_weight, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg,
       lane, gemv_partials);
 }
 
-template <typename P, typename P2, typename T, int K, int N, int ROWS, int SIMDS, int SPLIT>
+template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
+          int SPLIT, int MB>
 METAL_FUNC void gemv_dual_rms_main(P gpol, P2 upol, const device T* x, float eps,
                                    thread float& acc, thread uint& row, thread uint& index,
                                    thread bool& valid, thread float& inv_rms,
                                    thread float& acc2, uint3 tg_pos, uint sg, uint lane,
                                    threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, ROWS, SIMDS, GEMV_NORM_PLAIN, true, SPLIT>(
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, true, SPLIT, MB>(
       gpol, upol, x, x, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg, lane,
       gemv_partials);
 }

@@ -74,8 +74,9 @@ METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
   // The RMSNorm's sum of squares comes from the GEMV's own x loads (see gemv_rows_impl).
   constexpr int NORM = GAMMA ? GEMV_NORM_WEIGHT : GEMV_NORM_PLAIN;
   static_assert(SPLIT == 1 || SPLIT == SIMDS, "split K: 1 or every SIMD-group");
-  const uint m = tg_pos.y;
-  const uint v0 = (SPLIT > 1 ? tg_pos.x : tg_pos.x * uint(SIMDS) + sg) * uint(ROWS);
+  const uint m = tg_pos.x;
+  const uint block = gemv_row_block(tg_pos);
+  const uint v0 = (SPLIT > 1 ? block : block * uint(SIMDS) + sg) * uint(ROWS);
   const uint part = SPLIT > 1 ? sg : 0u;
   if (v0 >= uint(NQ + 2 * NKV)) {
     return;  // the whole SIMD-group (threadgroup when split) is past the last row
