@@ -372,7 +372,7 @@ MBLOCK_CASES = [  # (format, K): the packed-half path (4/8-bit, f16) and the flo
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("m", [2, 3, 5, 6])
+@pytest.mark.parametrize("m", [2, 5])
 @pytest.mark.parametrize("fmt,k", MBLOCK_CASES, ids=lambda v: str(v))
 def test_rows_of_x_per_simdgroup(gpu_backend, fused_rows, fmt, k, m, dtype):
     """MBLOCK rows of x share each SIMD-group's weight loads: every op, the default launch
@@ -397,7 +397,7 @@ def test_rows_of_x_per_simdgroup(gpu_backend, fused_rows, fmt, k, m, dtype):
         with record_launches() as rec:
             op("metal")
         program, args, kwargs = rec[0]
-        for rows, split, mblock in ((4, 0, 2), (2, 0, m), (4, 1, 3), (1, 1, 5), (8, 0, 4)):
+        for rows, split, mblock in ((4, 0, 2), (2, 1, m), (8, 0, 4)):
             got = program(*args, **dict(kwargs, ROWS=rows, THREADS=128, SPLITK=split,
                                         MBLOCK=mblock), backend=gpu_backend)
             assert_close(got, want, dtype, k=k,
