@@ -316,9 +316,9 @@ def test_default_launch_splits_k_only_for_tall_weights():
     # the gate/up GEMV: 2, or 4 from 8 rows when they divide
     (14336, 4096, 4, True, (4, 0, 2)), (14336, 4096, 8, True, (4, 0, 4)),
     (14336, 4096, 3, True, (4, 0, 2)),
-    # others: 4 when m is a multiple of 4, else 2
+    # others: 8 or 4 when m is a multiple of it, else 2
     (14336, 4096, 4, False, (4, 0, 4)), (14336, 4096, 6, False, (4, 0, 2)),
-    (14336, 4096, 16, False, (4, 0, 4))])
+    (14336, 4096, 16, False, (4, 0, 8)), (14336, 4096, 12, False, (4, 0, 4))])
 def test_default_launch_rows_of_x(n, k, m, dual, want):
     """Several rows of x share each SIMD-group's weight loads (MBLOCK), from the H100 sweep."""
     from mlx_foundry.ops.linear import default_launch

@@ -27,11 +27,12 @@ PREFILL_ROWS = 6
 """Inputs with more rows than this (``x.size // K``) use MLX's matmul/quantized_matmul
 instead of the fused GEMV kernels.
 
-Measured with ``python -m mlx_foundry bench --only prefill`` (NVIDIA H200, MLX 0.32.4,
-4-bit 4096 -> 14336, 2026-11-26, BENCHMARKS.md): the fused kernel is 3.0x / 3.3x / 3.5x
-faster than ``mx.quantized_matmul`` at 2 / 4 / 6 rows and 0.41x at 8 rows, where MLX
-switches to its GEMM kernel. Set it on the module (``mlx_foundry.ops.linear`` is the
-function once the package is imported)::
+Measured with ``python -m mlx_foundry bench`` (NVIDIA H100, MLX 0.32.4, 4-bit
+4096 -> 14336, 2026-11-26, commit d9b4ff0, BENCHMARKS.md): the fused kernel is 3.76x /
+5.05x / 4.79x faster than ``mx.quantized_matmul`` at 2 / 4 / 6 rows (several rows of
+``x`` per SIMD-group, see :func:`_mblock`) and 0.62x at 8 rows, where MLX switches to
+its GEMM kernel. Set it on the module (``mlx_foundry.ops.linear`` is the function once
+the package is imported)::
 
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
 """
@@ -145,8 +146,8 @@ def _mblock(m, rows, split, dual):
     loads and the cost in registers. Split K (``k >= n``, four rows): every row of ``x`` in
     one SIMD-group up to 6 (14336 -> 4096 at ``m`` = 4: 33.0 against 38.4 us), else 4;
     the dual gate/up GEMV: 2 (4 when ``m`` is a multiple of 4 from 8; 4096 -> 2 x 14336 at
-    ``m`` = 4: 67.9 against 78.8 us); others: 4 when ``m`` is a multiple of 4, else 2
-    (4096 -> 14336 at ``m`` = 4: 29.7 against 39.2 us). Never more than the lanes
+    ``m`` = 4: 67.9 against 78.8 us); others: 8 or 4 when ``m`` is a multiple of it, else
+    2 (4096 -> 14336 at ``m`` = 4: 29.7 against 39.2 us). Never more than the lanes
     (``rows * MBLOCK <= 32``) or split K's partial sums allow.
     """
     if m < 2:
@@ -156,7 +157,7 @@ def _mblock(m, rows, split, dual):
     elif dual:
         mb = 4 if m >= 8 and m % 4 == 0 else 2
     else:
-        mb = 4 if m % 4 == 0 else 2
+        mb = 8 if m % 8 == 0 else (4 if m % 4 == 0 else 2)
     mb = min(mb, m, 32 // rows)
     while split and mb > 1 and rows * mb * (2 if dual else 1) + mb > 32:
         mb -= 1
