@@ -26,8 +26,9 @@ LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
                                "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192})
 
-__all__ = ["LLAMA3_8B", "FP16_TIE", "decode_benchmark", "random_quantized_model",
-           "greedy_decode", "forced_argmax", "logit_errors", "same_tokens_up_to_ties"]
+__all__ = ["LLAMA3_8B", "FP16_TIE", "decode_benchmark", "batch_decode_benchmark",
+           "random_quantized_model", "greedy_decode", "forced_argmax", "logit_errors",
+           "same_tokens_up_to_ties"]
 
 
 def _random_affine(module, bits, group_size, std, dtype, key):
@@ -339,3 +340,118 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         with open(os.path.join(results_dir, "lm_decode.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _batch_greedy(model, prompts, steps, warmup, *, margins=False):
+    """Greedy-decode the rows of ``prompts`` together through one KV cache.
+
+    Each step's graph is built while the device runs the previous one (as
+    ``mlx_lm.generate.generate_step`` does). Returns the tokens ``[warmup + steps][B]``,
+    seconds per step over the last ``steps`` steps, and with ``margins`` the unpatched
+    top-2 log-probability gaps ``[warmup + steps][B]`` (computed in the same loop, so
+    that run is not timed meaningfully).
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompts), cache=cache)[:, -1]
+    y = mx.argmax(logits, axis=-1)
+    toks, gaps = [], []
+    t0 = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            mx.eval(y)
+            t0 = time.perf_counter()
+        logits = model(y[:, None], cache=cache)[:, -1]
+        toks.append(y)
+        if margins:
+            top2 = mx.topk(logits.astype(mx.float32), 2, axis=-1)
+            gaps.append(mx.max(top2, axis=-1) - mx.min(top2, axis=-1))
+        y = mx.argmax(logits, axis=-1)
+        mx.async_eval(y, *gaps[-1:])
+    mx.eval(y)
+    per_step = (time.perf_counter() - t0) / steps
+    tokens = [t.tolist() for t in toks]
+    if not margins:
+        return tokens, per_step
+    return tokens, per_step, [g.tolist() for g in gaps]
+
+
+def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3,
+                           prompt_len=16, backend=None, config=None, bits=4, group_size=64,
+                           dtype=mx.float16, patch_kwargs=None):
+    """Decode ``batch`` sequences together, unpatched and patched; tokens/s and tokens.
+
+    The rows of ``x`` in every decode step are the sequences of the batch: the patched
+    model runs them through its fused GEMVs, which read each block of weights once for
+    several rows (``MBLOCK``). Unpatched and patched alternate, round by round, each
+    patched round patching anew; the best round of each is reported. Greedy choices are
+    compared step by step: the first step where a sequence differs must be a tie of the
+    unpatched run (top-2 log-probability gap at most :data:`FP16_TIE`).
+
+    Args:
+        model (nn.Module, optional): an mlx-lm model. Default: the random
+            Llama-3-8B-shaped model of :func:`random_quantized_model`.
+        batch (int): sequences decoded together. Default: ``4``.
+        steps (int): timed decode steps (each gives ``batch`` tokens). Default: ``48``.
+        warmup (int): decode steps before timing (kernels compile on first use).
+        repeats (int): alternating rounds. Default: ``3``.
+        prompt_len (int): tokens of every prompt (the prompts differ). Default: ``16``.
+        backend, config, bits, group_size, dtype, patch_kwargs: as :func:`decode_benchmark`.
+
+    Returns:
+        dict: ``batch``, ``unpatched_tok_s`` and ``patched_tok_s`` (tokens of all
+        sequences per second), ``speedup``, ``unpatched_step_ms``, ``patched_step_ms``,
+        ``tokens_equal``, ``first_mismatch`` (step), ``first_mismatch_margin``,
+        ``unpatched_tokens``, ``patched_tokens`` (``[step][sequence]``),
+        ``forced_disagreements`` (empty: no teacher-forced pass), ``device``.
+    """
+    from .lm import patch, unpatch
+
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"[batch_decode_benchmark] 'batch' must be a positive int but got "
+                         f"{batch!r}.")
+    if model is None:
+        model = random_quantized_model(config, bits=bits, group_size=group_size, dtype=dtype)
+    vocab = model.args.vocab_size
+    prompts = [[(97 * b + 31 * i + 1) % vocab for i in range(prompt_len)]
+               for b in range(batch)]
+    ref_step = ours_step = float("inf")
+    for _ in range(max(1, repeats)):
+        ref_tokens, t = _batch_greedy(model, prompts, steps, warmup)
+        ref_step = min(ref_step, t)
+        patch(model, backend=backend, **(patch_kwargs or {}))
+        try:
+            tokens, t = _batch_greedy(model, prompts, steps, warmup)
+            ours_step = min(ours_step, t)
+        finally:
+            unpatch(model)
+    _, _, margins = _batch_greedy(model, prompts, steps, warmup, margins=True)
+    mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+    margin = None
+    if mismatch is not None:
+        rows = [j for j, (a, b) in enumerate(zip(tokens[mismatch], ref_tokens[mismatch]))
+                if a != b]
+        margin = max(margins[mismatch][j] for j in rows)
+    try:
+        device = mx.device_info().get("device_name", str(mx.default_device()))
+    except Exception:  # noqa: BLE001 - a label only
+        device = str(mx.default_device())
+    return {
+        "device": device,
+        "backend": backend or "auto",
+        "batch": batch,
+        "steps": steps,
+        "prompt_tokens": prompt_len,
+        "unpatched_step_ms": ref_step * 1e3,
+        "patched_step_ms": ours_step * 1e3,
+        "unpatched_tok_s": batch / ref_step,
+        "patched_tok_s": batch / ours_step,
+        "speedup": ref_step / ours_step,
+        "tokens_equal": mismatch is None,
+        "first_mismatch": mismatch,
+        "first_mismatch_margin": margin,
+        "forced_disagreements": [],
+        "unpatched_tokens": ref_tokens,
+        "patched_tokens": tokens,
+    }

@@ -460,3 +460,50 @@ def test_e2e_rounds_alternate_unpatched_and_patched(monkeypatch):
     assert [who for who, _ in calls[:4]] == ["unpatched", "unpatched", "patched", "patched"]
     assert r["unpatched_tok_s"] == 20.0 and r["patched_tok_s"] == 40.0
     assert not lm.is_patched(model)
+
+
+def test_batch_decode_benchmark_alternates_and_compares_tokens(monkeypatch):
+    """Several sequences decoded together: unpatched and patched alternate round by round
+    (the best of each kept), the per-step greedy tokens of every sequence are compared,
+    and the model is left unpatched."""
+    pytest.importorskip("mlx_lm")
+    from mlx_foundry import lm, lm_bench
+    from mlx_foundry.bench.e2e import TINY_LLAMA
+
+    model = lm_bench.random_quantized_model(TINY_LLAMA, dtype=mx.float32)
+    calls, real = [], lm_bench._batch_greedy
+    steps_s = iter([0.4, 0.1, 0.2, 0.3])  # seconds per step of the timed runs, in order
+
+    def spy(m, prompts, steps, warmup, **kw):
+        out = real(m, prompts, steps, warmup, **kw)
+        calls.append(("patched" if lm.is_patched(m) else "unpatched", len(prompts),
+                      bool(kw.get("margins"))))
+        return out if kw.get("margins") else (out[0], next(steps_s))
+
+    monkeypatch.setattr(lm_bench, "_batch_greedy", spy)
+    r = lm_bench.batch_decode_benchmark(model, batch=3, steps=5, warmup=1, repeats=2,
+                                        backend="reference")
+    assert calls == [("unpatched", 3, False), ("patched", 3, False)] * 2 + [
+        ("unpatched", 3, True)]
+    # best rounds: unpatched 0.2 s per step, patched 0.1 s per step; 3 tokens per step
+    assert r["unpatched_tok_s"] == pytest.approx(15.0) and r["patched_tok_s"] == pytest.approx(30.0)
+    assert r["speedup"] == pytest.approx(2.0)
+    assert len(r["unpatched_tokens"]) == 6 and all(len(t) == 3 for t in r["unpatched_tokens"])
+    # The reference backend computes the patched ops in float32 like MLX: same tokens.
+    assert r["tokens_equal"] and r["first_mismatch"] is None
+    assert lm_bench.same_tokens_up_to_ties(r)[0]
+    assert not lm.is_patched(model)
+
+
+def test_batch_decode_benchmark_rejects_bad_batch():
+    from mlx_foundry import lm_bench
+
+    with pytest.raises(ValueError, match="'batch' must be a positive int"):
+        lm_bench.batch_decode_benchmark(object(), batch=0)
+
+
+def test_suite_has_a_batch_decode_row():
+    from mlx_foundry.bench.cases import suite
+
+    names = [c.name for c in suite(tiny=True)]
+    assert "e2e_decode_llama3_8b_q4_batch4" in names

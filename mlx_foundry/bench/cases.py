@@ -376,14 +376,16 @@ def _mlp_block_case(d, inter, bits, gs, dt):
                 candidate)
 
 
-def _e2e_case(tiny, dt, *, compiled=False):
+def _e2e_case(tiny, dt, *, compiled=False, batch=None):
     def runner(ctx):
         from .e2e import run_decode
-        return run_decode(ctx, tiny=tiny, dtype=dt,
+        return run_decode(ctx, tiny=tiny, dtype=dt, batch=batch,
                           patch_kwargs={"compile_decode": True} if compiled else None)
 
-    return Case("e2e_decode_llama3_8b_q4" + ("_compiled" if compiled else ""),
-                "decode (end-to-end, compiled step)" if compiled else "decode (end-to-end)",
+    suffix = "_compiled" if compiled else (f"_batch{batch}" if batch else "")
+    op = ("decode (end-to-end, compiled step)" if compiled else
+          f"decode (end-to-end, batch {batch})" if batch else "decode (end-to-end)")
+    return Case("e2e_decode_llama3_8b_q4" + suffix, op,
                 "tiny llama" if tiny else "llama-3-8b", f"{_dname(dt)}/q4", runner=runner,
                 tags=("e2e",))
 
@@ -415,6 +417,7 @@ def suite(*, tiny=False, dtype=None):
         _mlp_block_case(h, i, 4, gs, dt),
         _e2e_case(tiny, dt),
         _e2e_case(tiny, dt, compiled=True),
+        _e2e_case(tiny, dt, batch=4),
     ]
     heads, kv_heads, head_dim = D["heads"], D["kv_heads"], D["head_dim"]
     cases += [_decode_attention_case(heads, kv_heads, head_dim, n, dt)

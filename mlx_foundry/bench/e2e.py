@@ -25,32 +25,37 @@ def _accepted(fn, kwargs):
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None):
-    """Run the decode benchmark; returns a case-result fragment (see report.py).
+def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None):
+    """Run the decode benchmark (with ``batch``: :func:`batch_decode_benchmark`, that many
+    sequences decoded together); returns a case-result fragment (see report.py).
 
     Keys: ``status`` (``"ok"``/``"skipped"``/``"error"``), ``reason``,
     ``baseline_us``/``ours_us`` (per token), ``speedup``, ``baseline_tok_s``,
     ``ours_tok_s``, ``tokens_equal``.
     """
     try:
-        from mlx_foundry.lm_bench import decode_benchmark
+        from mlx_foundry.lm_bench import batch_decode_benchmark, decode_benchmark
     except (ImportError, AttributeError) as e:
         return {"status": "skipped", "reason": f"mlx_foundry.lm_bench.decode_benchmark "
                                                f"unavailable: {e}"}
     kwargs = {"backend": ctx.backend, "steps": 8 if tiny else (32 if ctx.quick else 128),
               "warmup": 2 if tiny else 4, "repeats": 1 if (tiny or ctx.quick) else 3}
+    bench_fn = decode_benchmark
+    if batch:
+        kwargs["batch"] = batch
+        bench_fn = batch_decode_benchmark
     if tiny:
         kwargs["config"] = TINY_LLAMA
     if dtype is not None:
         kwargs["dtype"] = dtype
     if patch_kwargs:
         kwargs["patch_kwargs"] = patch_kwargs
-    call = _accepted(decode_benchmark, kwargs)
+    call = _accepted(bench_fn, kwargs)
     if tiny and "config" not in call:
         return {"status": "skipped",
                 "reason": "decode_benchmark takes no 'config': the 8B model is not run on CPU"}
     try:
-        r = decode_benchmark(**call)
+        r = bench_fn(**call)
     except Exception as e:  # noqa: BLE001 - report as skipped, never crash the run
         return {"status": "skipped", "reason": f"decode_benchmark failed: "
                                                f"{type(e).__name__}: {e}"[:400]}
