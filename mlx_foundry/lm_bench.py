@@ -346,28 +346,31 @@ def _batch_greedy(model, prompts, steps, warmup, *, margins=False):
     """Greedy-decode the rows of ``prompts`` together through one KV cache.
 
     Each step's graph is built while the device runs the previous one (as
-    ``mlx_lm.generate.generate_step`` does). Returns the tokens ``[warmup + steps][B]``,
-    seconds per step over the last ``steps`` steps, and with ``margins`` the unpatched
-    top-2 log-probability gaps ``[warmup + steps][B]`` (computed in the same loop, so
-    that run is not timed meaningfully).
+    ``mlx_lm.generate.generate_step`` does). Returns the chosen tokens
+    ``[1 + warmup + steps][B]`` (the prompt's, then one per decode step), seconds per
+    step over the last ``steps`` steps, and with ``margins`` the top-2
+    log-probability gap of the logits that chose each of those tokens (computed in the
+    same loop, so that run is not timed meaningfully).
     """
     from mlx_lm.models.cache import make_prompt_cache
 
+    def choose(logits):
+        y = mx.argmax(logits, axis=-1)
+        toks.append(y)
+        if margins:
+            top2 = mx.topk(logits.astype(mx.float32), 2, axis=-1)
+            gaps.append(mx.max(top2, axis=-1) - mx.min(top2, axis=-1))
+        return y
+
     cache = make_prompt_cache(model)
-    logits = model(mx.array(prompts), cache=cache)[:, -1]
-    y = mx.argmax(logits, axis=-1)
     toks, gaps = [], []
+    y = choose(model(mx.array(prompts), cache=cache)[:, -1])
     t0 = None
     for i in range(warmup + steps):
         if i == warmup:
             mx.eval(y)
             t0 = time.perf_counter()
-        logits = model(y[:, None], cache=cache)[:, -1]
-        toks.append(y)
-        if margins:
-            top2 = mx.topk(logits.astype(mx.float32), 2, axis=-1)
-            gaps.append(mx.max(top2, axis=-1) - mx.min(top2, axis=-1))
-        y = mx.argmax(logits, axis=-1)
+        y = choose(model(y[:, None], cache=cache)[:, -1])
         mx.async_eval(y, *gaps[-1:])
     mx.eval(y)
     per_step = (time.perf_counter() - t0) / steps
@@ -387,7 +390,8 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
     several rows (``MBLOCK``). Unpatched and patched alternate, round by round, each
     patched round patching anew; the best round of each is reported. Greedy choices are
     compared step by step: the first step where a sequence differs must be a tie of the
-    unpatched run (top-2 log-probability gap at most :data:`FP16_TIE`).
+    unpatched run (top-2 log-probability gap at most :data:`FP16_TIE`), for every
+    sequence (they decode independently).
 
     Args:
         model (nn.Module, optional): an mlx-lm model. Default: the random
@@ -402,15 +406,18 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
     Returns:
         dict: ``batch``, ``unpatched_tok_s`` and ``patched_tok_s`` (tokens of all
         sequences per second), ``speedup``, ``unpatched_step_ms``, ``patched_step_ms``,
-        ``tokens_equal``, ``first_mismatch`` (step), ``first_mismatch_margin``,
+        ``tokens_equal``, ``first_mismatch`` (the first step where a sequence
+        differs), ``first_mismatch_margin`` (the largest unpatched top-2 gap over every
+        differing sequence's first differing step), ``sequences_differing``,
         ``unpatched_tokens``, ``patched_tokens`` (``[step][sequence]``),
         ``forced_disagreements`` (empty: no teacher-forced pass), ``device``.
     """
     from .lm import patch, unpatch
 
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"[batch_decode_benchmark] 'batch' must be a positive int but got "
-                         f"{batch!r}.")
+    for name, v in (("batch", batch), ("steps", steps)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"[batch_decode_benchmark] '{name}' must be a positive int but "
+                             f"got {v!r}.")
     if model is None:
         model = random_quantized_model(config, bits=bits, group_size=group_size, dtype=dtype)
     vocab = model.args.vocab_size
@@ -427,12 +434,16 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
         finally:
             unpatch(model)
     _, _, margins = _batch_greedy(model, prompts, steps, warmup, margins=True)
-    mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
-    margin = None
-    if mismatch is not None:
-        rows = [j for j, (a, b) in enumerate(zip(tokens[mismatch], ref_tokens[mismatch]))
-                if a != b]
-        margin = max(margins[mismatch][j] for j in rows)
+    # Each sequence's first differing step, and the unpatched top-2 gap there: the
+    # verdict takes the largest, so every sequence must part ways at a tie.
+    firsts = []
+    for j in range(batch):
+        i = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a[j] != b[j]),
+                 None)
+        if i is not None:
+            firsts.append((margins[i][j], i, j))
+    mismatch = min(i for _, i, _ in firsts) if firsts else None
+    margin = max(m for m, _, _ in firsts) if firsts else None
     try:
         device = mx.device_info().get("device_name", str(mx.default_device()))
     except Exception:  # noqa: BLE001 - a label only
@@ -451,6 +462,7 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
         "tokens_equal": mismatch is None,
         "first_mismatch": mismatch,
         "first_mismatch_margin": margin,
+        "sequences_differing": sorted(j for _, _, j in firsts),
         "forced_disagreements": [],
         "unpatched_tokens": ref_tokens,
         "patched_tokens": tokens,

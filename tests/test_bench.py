@@ -409,6 +409,13 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     assert params in cands + [default_launch(96, 256)]
     kern = linear_kernel(("affine", 4, 64))
     assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == params
+    # Every candidate ran, the untuned default (which carries MBLOCK) included.
+    import json
+
+    with open(path) as f:
+        (entry,) = json.load(f)["entries"].values()
+    assert entry["failures"] == []
+    assert default_launch(96, 256) in [c["params"] for c in entry["candidates"]]
     assert autotune.lookup_linear(kern, 96, 256, 1, "cuda", path=path) is None
 
 
@@ -488,7 +495,8 @@ def test_batch_decode_benchmark_alternates_and_compares_tokens(monkeypatch):
     # best rounds: unpatched 0.2 s per step, patched 0.1 s per step; 3 tokens per step
     assert r["unpatched_tok_s"] == pytest.approx(15.0) and r["patched_tok_s"] == pytest.approx(30.0)
     assert r["speedup"] == pytest.approx(2.0)
-    assert len(r["unpatched_tokens"]) == 6 and all(len(t) == 3 for t in r["unpatched_tokens"])
+    # the prompt's token, one warm-up step, five timed steps; three sequences each
+    assert len(r["unpatched_tokens"]) == 7 and all(len(t) == 3 for t in r["unpatched_tokens"])
     # The reference backend computes the patched ops in float32 like MLX: same tokens.
     assert r["tokens_equal"] and r["first_mismatch"] is None
     assert lm_bench.same_tokens_up_to_ties(r)[0]
@@ -507,3 +515,36 @@ def test_suite_has_a_batch_decode_row():
 
     names = [c.name for c in suite(tiny=True)]
     assert "e2e_decode_llama3_8b_q4_batch4" in names
+
+
+def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(monkeypatch):
+    """Each sequence's first differing step is judged by the unpatched top-2 gap of the
+    logits that chose that step's token: one sequence parting at a tie and another where
+    the choice was clear is a failure."""
+    from mlx_foundry import lm_bench
+
+    ref = [[1, 2], [3, 4], [5, 6], [7, 8]]
+    ours = [[1, 2], [9, 4], [5, 9], [7, 9]]  # sequence 0 from step 1, sequence 1 from step 2
+    gaps = [[0.5, 0.5], [0.001, 0.7], [0.9, 0.3], [0.2, 0.2]]
+
+    def fake(m, prompts, steps, warmup, margins=False):
+        out = ours if fake.patched else ref
+        return (ref, 0.1, gaps) if margins else (out, 0.1)
+
+    fake.patched = False
+
+    class Model:
+        class args:
+            vocab_size = 100
+
+    monkeypatch.setattr(lm_bench, "_batch_greedy", fake)
+    monkeypatch.setattr("mlx_foundry.lm.patch", lambda m, **kw: setattr(fake, "patched", True))
+    monkeypatch.setattr("mlx_foundry.lm.unpatch", lambda m: setattr(fake, "patched", False))
+    r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
+    assert r["first_mismatch"] == 1 and r["sequences_differing"] == [0, 1]
+    assert r["first_mismatch_margin"] == 0.3  # sequence 1 at step 2 (0.001: sequence 0)
+    ok, why = lm_bench.same_tokens_up_to_ties(r)
+    assert not ok and "0.3" in why
+    gaps[2][1] = 0.01
+    r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
+    assert r["first_mismatch_margin"] == 0.01 and lm_bench.same_tokens_up_to_ties(r)[0]

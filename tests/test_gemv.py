@@ -349,3 +349,12 @@ def test_dispatch_rejects_bad_mblock(rows, mblock, split, dual, match):
     with pytest.raises(ValueError, match=match):
         gemv_dispatch(lambda b: 64, dual=dual)(Bound(x=mx.zeros((4, 8)), ROWS=rows,
                                                      THREADS=128, SPLITK=split, MBLOCK=mblock))
+
+
+def test_m_is_the_rows_of_x():
+    """M (a compile-time constant) sizes the kernel's bounds: it cannot differ from x."""
+    x = mx.zeros((2, 96), mx.float16)
+    with pytest.raises(ValueError, match=r"'M' is the number of rows of x \(2\)"):
+        gemv_dispatch(lambda b: 64)(Bound(x=x, ROWS=4, THREADS=128, M=8, MBLOCK=4))
+    d = gemv_dispatch(lambda b: 64)(Bound(x=x, ROWS=4, THREADS=128, M=2, MBLOCK=4))
+    assert d.groups == (1, 4, 1)  # ceil(2 / 4) groups of x rows, 64 / (4 x 4) row blocks

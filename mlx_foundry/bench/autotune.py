@@ -27,6 +27,10 @@ DEFAULT_ROWS = (1, 2, 4, 8)
 DEFAULT_THREADS = (64, 128, 256)
 
 
+LAUNCH_CONSTANTS = ("ROWS", "THREADS", "SPLITK", "MBLOCK")
+"""The GEMV launch constants a recorded launch drops before candidates are passed (the
+untuned default carries ``MBLOCK`` too)."""
+
 def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
     """``[{"ROWS": r, "THREADS": t, "SPLITK": s}, ...]``, every combination."""
     return [{"ROWS": r, "THREADS": t, "SPLITK": s}
@@ -180,7 +184,7 @@ def _captured(make, backend):
             op(*args, backend=backend, **kwargs)
         (program, a, kw), = launches
         assert not a
-        kw = {k: v for k, v in kw.items() if k not in ("ROWS", "THREADS", "SPLITK")}
+        kw = {k: v for k, v in kw.items() if k not in LAUNCH_CONSTANTS}
         found.append(program)
         return (kw,)
 

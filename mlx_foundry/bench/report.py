@@ -21,7 +21,7 @@ import time
 
 COLUMNS = ("op", "shape", "dtype/bits", "baseline us", "ours us", "speedup", "GB/s",
            "% of copy")
-WIDTHS = (20, 22, 10, 12, 10, 8, 8, 9)
+WIDTHS = (34, 22, 10, 12, 10, 8, 8, 9)
 
 
 # ------------------------------------------------------------------------------------

@@ -219,8 +219,8 @@ def linear_kernel(signature, *, has_bias=False, activation=None, has_residual=Fa
             from its own loads of ``x`` and the scale epilogue applies it.
 
     Call it with keyword arguments: ``x``, ``w`` [, ``w_scales``, ``w_biases``],
-    [``bias``], [``residual``], [``norm_weight``, ``eps``]; constants ``ROWS`` and
-    ``THREADS`` may be overridden.
+    [``bias``], [``residual``], [``norm_weight``, ``eps``]; the launch constants
+    ``ROWS``, ``THREADS``, ``SPLITK`` and ``MBLOCK`` may be overridden.
     """
     policy = policy_for(signature, "w")
     decls = gemv_decls(norm=norm)

@@ -1,9 +1,10 @@
 """GEMV main stages over weights stored ``[N, K]`` (MLX's Linear layout).
 
-One batch row ``m`` of ``x`` per threadgroup column (grid x, fastest, so that the
+``MBLOCK`` rows of ``x`` per threadgroup column (grid x, fastest, so that the
 threadgroups of one block of weight rows run together and read it from DRAM once);
 row blocks on grid y (and z past :data:`GEMV_GRID_Y`); ``THREADS / 32``
-SIMD-groups per threadgroup, ``ROWS`` output rows per SIMD-group. The
+SIMD-groups per threadgroup, ``ROWS`` output rows per SIMD-group, for each of the
+``MBLOCK`` rows of ``x`` (the weight chunks loaded once for all of them). The
 lanes of a SIMD-group stride over ``K`` in 32-element chunks: each lane loads
 its chunk of ``x`` once (times the RMSNorm weight when fused) and dots it with
 the same chunk of its ``ROWS`` weight rows, read through a weight policy
@@ -75,8 +76,9 @@ def _split(c):
     return _simds(c) if c["SPLITK"] else "1"
 
 
-# Partial sums of split K: SIMDS x ROWS floats (twice for a dual GEMV), then SIMDS sums of
-# squares (norm GEMVs): ROWS <= 31, or <= 15 in a dual GEMV.
+# Partial sums of split K: SIMDS x ROWS x MBLOCK floats (twice for a dual GEMV), then
+# SIMDS x MBLOCK sums of squares (norm GEMVs): ROWS <= (32 - MBLOCK) / MBLOCK, halved in a
+# dual GEMV (gemv_dispatch checks it).
 GEMV_THREADGROUP = ("float gemv_partials[THREADS]",)
 
 
@@ -147,8 +149,12 @@ def gemv_dispatch(n_rows, *, dual=False):
             raise ValueError(f"[gemv] 'ROWS' must be at most {limit} with 'SPLITK'"
                              f"{' in a dual GEMV' if dual else ''}"
                              f"{f' and MBLOCK={mblock}' if mblock > 1 else ''} but got {rows}.")
+        rows_of_x = b.x.size // b.x.shape[-1]
+        if b.get("M", rows_of_x) != rows_of_x:
+            raise ValueError(f"[gemv] 'M' is the number of rows of x ({rows_of_x}) and cannot"
+                             f" be set to {b.M}.")
         per_group = rows if split else rows * (threads // 32)
-        m = -(-(b.x.size // b.x.shape[-1]) // mblock)
+        m = -(-rows_of_x // mblock)
         blocks = -(-n_rows(b) // per_group)
         # Batch rows on x (fastest), row blocks on y and z: see gemv_row_block.
         return DispatchConfig((m, min(blocks, GEMV_GRID_Y), -(-blocks // GEMV_GRID_Y)),
