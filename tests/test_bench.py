@@ -548,3 +548,37 @@ def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(mo
     gaps[2][1] = 0.01
     r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
     assert r["first_mismatch_margin"] == 0.01 and lm_bench.same_tokens_up_to_ties(r)[0]
+
+
+def test_batch_candidates_are_valid_launches():
+    from mlx_foundry.bench.autotune import batch_candidates
+    from mlx_foundry.ops.linear import valid_launch
+
+    for m, dual in ((2, False), (4, True), (6, False)):
+        cands = batch_candidates(m, dual=dual)
+        assert cands and all(valid_launch(c, dual=dual) for c in cands)
+        assert {c["MBLOCK"] for c in cands} == {mb for mb in (1, 2, 4, m) if mb <= m}
+
+
+def test_autotune_linear_tunes_rows_of_x(tmp_path):
+    """Several rows of x: its own shape class, MBLOCK among the candidates, read back."""
+    pytest.importorskip("mlx_foundry.ops.linear")
+    import json
+
+    from mlx_foundry.bench import autotune
+    from mlx_foundry.ops.linear import default_launch, linear_kernel
+
+    path = str(tmp_path / "t.json")
+    cands = [{"ROWS": 2, "THREADS": 64, "SPLITK": 0, "MBLOCK": 2}]
+    got = autotune.tune_linear("reference", shapes=[(256, 96)], bits=(4,), candidates=cands,
+                               repeats=1, path=path, pool_bytes=0, rows_of_x=(4,))
+    (key, cls), params = next(iter(got.items()))
+    assert cls == "m4_n128_k256"
+    assert params in cands + [default_launch(96, 256, m=4)]
+    kern = linear_kernel(("affine", 4, 64))
+    assert autotune.lookup_linear(kern, 96, 256, 4, "reference", path=path) == params
+    with open(path) as f:
+        (entry,) = json.load(f)["entries"].values()
+    assert entry["failures"] == []
+    with pytest.raises(ValueError, match="'rows_of_x'"):
+        autotune.tune_linear("reference", rows_of_x=(0,), path=path)

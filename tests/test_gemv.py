@@ -358,3 +358,41 @@ def test_m_is_the_rows_of_x():
         gemv_dispatch(lambda b: 64)(Bound(x=x, ROWS=4, THREADS=128, M=8, MBLOCK=4))
     d = gemv_dispatch(lambda b: 64)(Bound(x=x, ROWS=4, THREADS=128, M=2, MBLOCK=4))
     assert d.groups == (1, 4, 1)  # ceil(2 / 4) groups of x rows, 64 / (4 x 4) row blocks
+
+
+def test_valid_launch_agrees_with_the_dispatch():
+    """ops.linear.valid_launch (the tuner's filter) accepts exactly what gemv_dispatch does."""
+    import itertools
+
+    from mlx_foundry.ops.linear import valid_launch
+
+    x = mx.zeros((3, 8))
+    for rows, threads, split, mb, dual in itertools.product(
+            range(1, 33), (32, 64, 96, 128, 256, 512), (0, 1), (1, 2, 3, 4, 6, 8, 16, 32),
+            (False, True)):
+        params = {"ROWS": rows, "THREADS": threads, "SPLITK": split, "MBLOCK": mb}
+        try:
+            gemv_dispatch(lambda b: 64, dual=dual)(Bound(x=x, **params))
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert valid_launch(params, dual=dual) is accepted, (params, dual)
+
+
+def test_tuned_mblock_is_used_when_valid(monkeypatch):
+    import importlib
+
+    from mlx_foundry.bench import autotune
+
+    lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
+    kern = lin.linear_kernel(("affine", 4, 64))
+    found = {"ROWS": 4, "THREADS": 128, "SPLITK": 0, "MBLOCK": 2}
+    monkeypatch.setattr(autotune, "lookup_linear", lambda *a, **kw: dict(found))
+    assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 2
+    # A stored MBLOCK this launch cannot take (8 x 8 lanes): the default for m instead.
+    found.update(ROWS=8, MBLOCK=8)
+    got = lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)
+    assert got == {"ROWS": 8, "THREADS": 128, "SPLITK": 0, "MBLOCK": lin._mblock(4, 8, 0, False)}
+    # An entry of one row of x (no MBLOCK): the default for m.
+    found.pop("MBLOCK")
+    assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 4

@@ -1,7 +1,8 @@
 """Tune the fused GEMV's launch parameters on this device (a ready-made use of :mod:`.tuner`).
 
 :func:`tune_linear` times ``mlx_foundry.ops.linear``'s kernel for each
-``(ROWS, THREADS)`` setting (rows per SIMD-group, threads per threadgroup) at
+``(ROWS, THREADS, SPLITK)`` setting (rows per SIMD-group, threads per threadgroup,
+split K; with several rows of ``x``, ``rows_of_x=``, also ``MBLOCK``) at
 the decode shapes of the bench suite, with the bench's timing method, and stores
 the fastest per (device, MLX version, kernel source hash, shape class) in the
 tuning file, under the kernel key ``"<backend>:<kernel name>"``.  The op reads it
@@ -25,16 +26,26 @@ from .cases import FULL, TINY, _dense_w, _qweight, weight_bytes
 
 DEFAULT_ROWS = (1, 2, 4, 8)
 DEFAULT_THREADS = (64, 128, 256)
-
-
 LAUNCH_CONSTANTS = ("ROWS", "THREADS", "SPLITK", "MBLOCK")
 """The GEMV launch constants a recorded launch drops before candidates are passed (the
 untuned default carries ``MBLOCK`` too)."""
+
 
 def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
     """``[{"ROWS": r, "THREADS": t, "SPLITK": s}, ...]``, every combination."""
     return [{"ROWS": r, "THREADS": t, "SPLITK": s}
             for r, t, s in itertools.product(rows, threads, split)]
+
+
+def batch_candidates(m, *, dual=False, rows=(2, 4, 8), threads=(128,), split=(0, 1)):
+    """Candidates for ``m`` rows of ``x``: :func:`linear_candidates` times ``MBLOCK`` in
+    ``{1, 2, 4, m}``, the launches the GEMV accepts only (``ops.linear.valid_launch``)."""
+    from mlx_foundry.ops.linear import valid_launch
+
+    mblocks = sorted({mb for mb in (1, 2, 4, m) if mb <= m})
+    out = [dict(c, MBLOCK=mb) for c in linear_candidates(rows, threads, split)
+           for mb in mblocks]
+    return [c for c in out if valid_launch(c, dual=dual)]
 
 
 def kernel_key(kern, backend):
@@ -43,15 +54,15 @@ def kernel_key(kern, backend):
 
 
 def lookup_linear(kern, n, k, m=1, backend="cuda", *, path=None):
-    """The tuned ``{"ROWS", "THREADS", "SPLITK"}`` of ``kern`` for an ``[m, k] x [n, k]^T``
-    GEMV, or None."""
+    """The tuned ``{"ROWS", "THREADS", "SPLITK"[, "MBLOCK"]}`` of ``kern`` for an
+    ``[m, k] x [n, k]^T`` GEMV, or None."""
     return tuner.lookup(kernel_key(kern, backend), source_hash=tuner.source_hash(kern),
                         shape_class=tuner.shape_class(n, k, m), path=path)
 
 
 def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
                 candidates=None, dtype=mx.float16, repeats=5, force=False, path=None,
-                pool_bytes=None):
+                pool_bytes=None, rows_of_x=(1,)):
     """Tune ``linear``'s GEMV kernel for each weight format and shape.
 
     Args:
@@ -61,8 +72,11 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
         shapes (list of (k, n), optional): default: the bench suite's
             ``(4096, 14336)``, ``(14336, 4096)``, ``(4096, 4096)``.
         bits (tuple): weight formats; ``None`` = dense. Default: ``(4, 8, None)``.
-        candidates (list of dict, optional): default :func:`linear_candidates`.
+        candidates (list of dict, optional): default :func:`linear_candidates` (one row
+            of ``x``), :func:`batch_candidates` (several).
         repeats (int): timings per candidate. Default: ``5``.
+        rows_of_x (tuple of int): rows of ``x`` to tune for (each its own shape class;
+            several rows also tune ``MBLOCK``). Default: ``(1,)``.
         force (bool): re-tune stored entries. Default: ``False``.
 
     Returns:
@@ -75,17 +89,21 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
     if shapes is None:
         h, i = D["hidden"], D["inter"]
         shapes = [(h, i), (i, h), (h, h)]
+    for m in rows_of_x:
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"[tune_linear] 'rows_of_x' must hold positive ints but got {m!r}.")
     chosen = {}
-    for b, (k, n) in itertools.product(bits, shapes):
-        def make(idx, b=b, k=k, n=n):
-            x = mx.random.normal((1, k), key=mx.random.key(idx)).astype(dtype)
+    for b, (k, n), m in itertools.product(bits, shapes, rows_of_x):
+        def make(idx, b=b, k=k, n=n, m=m):
+            x = mx.random.normal((m, k), key=mx.random.key(idx)).astype(dtype)
             w = (Weight(*_qweight(idx, 1, n, k, b, group_size, dtype), group_size=group_size,
                         bits=b) if b else Weight(_dense_w(idx, 1, n, k, dtype)))
             return ops.linear, (x, w), {}
 
+        cands = candidates or (linear_candidates() if m == 1 else batch_candidates(m))
         chosen.update(_tune_op(make, n, k, weight_bytes(n, k, b, group_size, dtype.size),
-                               candidates or linear_candidates(), backend, pool_bytes,
-                               repeats=repeats, force=force, path=path))
+                               cands, backend, pool_bytes, m=m, repeats=repeats, force=force,
+                               path=path))
     return chosen
 
 
@@ -101,8 +119,8 @@ def _setup(backend, pool_bytes):
     return backend, (TINY if tiny else FULL), pool_bytes
 
 
-def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim=None,
-             **tune_kw):
+def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim=None, m=1,
+             dual=False, **tune_kw):
     """Tune the one kernel an op launches: ``make(idx) -> (op, args, kwargs)`` builds
     distinct input sets; the launch is recorded per set and replayed with each candidate
     setting, timed with the bench's method over a pool larger than the cache. The op's
@@ -114,7 +132,7 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     def build(params):
         return lambda kw: kern(backend=backend, **kw, **params)
 
-    cls = tuner.shape_class(n, k, 1)
+    cls = tuner.shape_class(n, k, m)
     key = kernel_key(kern, backend)
     lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
     # The bench's calls per timing: on CUDA the number of calls per mx.eval changes the
@@ -124,7 +142,8 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     calls = None if backend == "reference" else CALLS_PER_TIMING
     params = tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1, calls=calls),
                         source_hash=tuner.source_hash(kern), shape_class=cls,
-                        default=lin.default_launch(n, k, head_dim=head_dim), **tune_kw)
+                        default=lin.default_launch(n, k, head_dim=head_dim, m=m, dual=dual),
+                        **tune_kw)
     # The ops resolve their launch once per shape: this process must see the new choice.
     lin.forget_launches()
     return {(key, cls): params}
@@ -219,5 +238,6 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
             chosen.update(_tune_op(make, n, k, nbytes,
                                    candidates or decode_candidates(qkv=qkv),
                                    backend, pool_bytes, repeats=repeats, force=force,
-                                   path=path, head_dim=D["head_dim"] if qkv else None))
+                                   path=path, head_dim=D["head_dim"] if qkv else None,
+                                   dual=name == "norm_gate_up_swiglu"))
     return chosen

@@ -17,8 +17,9 @@ from ..compound import CompoundKernel
 from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
-from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, gemv_decls,
-                           gemv_dispatch, gemv_dual_stage, gemv_stage, qkv_rope_stage)
+from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, MAX_GEMV_THREADS,
+                           gemv_decls, gemv_dispatch, gemv_dual_stage, gemv_stage,
+                           qkv_rope_stage)
 from . import _rope
 from ._checks import check_eps, check_float_array, in_dtype_of
 from .weights import Weight, policy_for
@@ -164,6 +165,19 @@ def _mblock(m, rows, split, dual):
     return mb
 
 
+def valid_launch(params, *, dual=False):
+    """Whether the GEMV accepts these launch constants (as ``gemv_dispatch`` checks them):
+    ``THREADS`` a multiple of 32 up to the cap, ``ROWS * MBLOCK`` lanes at most 32, and
+    split K's partial sums within the threadgroup's ``THREADS`` floats."""
+    rows, threads = params.get("ROWS", DEFAULT_ROWS), params.get("THREADS", DEFAULT_THREADS)
+    split, mb = params.get("SPLITK", DEFAULT_SPLITK), params.get("MBLOCK", 1)
+    if split not in (0, 1) or threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
+        return False
+    if not (1 <= rows <= 32 and 1 <= mb <= 32 // rows):
+        return False
+    return not split or rows * mb * (2 if dual else 1) + mb <= 32
+
+
 def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
     params = default_launch(n, k, head_dim=head_dim, m=m, dual=dual)
     if backend == "reference":
@@ -176,9 +190,14 @@ def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
         found = None
     if found and (head_dim is None or head_dim % int(found["ROWS"]) == 0):
         rows, split = int(found["ROWS"]), int(found.get("SPLITK", DEFAULT_SPLITK))
-        params = {"ROWS": rows, "THREADS": int(found["THREADS"]), "SPLITK": split}
+        tuned = {"ROWS": rows, "THREADS": int(found["THREADS"]), "SPLITK": split}
         if head_dim is None:
-            params["MBLOCK"] = _mblock(m, rows, split, dual)
+            # A tuned MBLOCK (a batch shape class) if this launch takes it, else the default.
+            tuned["MBLOCK"] = int(found.get("MBLOCK", 0)) or _mblock(m, rows, split, dual)
+            if not valid_launch(tuned, dual=dual):
+                tuned["MBLOCK"] = _mblock(m, rows, split, dual)
+        if valid_launch(tuned, dual=dual):
+            params = tuned
     return params
 
 
