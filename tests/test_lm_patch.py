@@ -227,6 +227,37 @@ def test_fused_multi_token_prefill_matches():
     assert_close(out, ref, mx.float32, k=64)
 
 
+@pytest.mark.parametrize("draft_seed", [0, 1], ids=["draft_accepted", "draft_rejected"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_speculative_decoding_matches(model_type, draft_seed):
+    """mlx-lm's speculative decoding with a patched main model: every verify step (the
+    last token and 3 draft tokens, 4 rows at an offset, causal mask) runs fused, the
+    cache is trimmed back after rejected drafts, and the tokens are the unpatched ones.
+    A draft equal to the main model (seed 0) is always accepted; another one mostly not."""
+    from mlx_lm.generate import speculative_generate_step
+
+    model = tiny_model(model_type, quant=(64, 4))
+    draft = tiny_model(model_type, quant=(64, 4), seed=draft_seed)
+
+    def run():
+        gen = speculative_generate_step(mx.array(PROMPT), model, draft, num_draft_tokens=3,
+                                        max_tokens=24)
+        return [(int(tok), bool(from_draft)) for tok, _, from_draft in gen]
+
+    ref = run()
+    mf.patch(model, backend=BACKEND)
+    try:
+        got = run()
+        stats = lm.patch_stats(model)["model.layers.0"]
+    finally:
+        mf.unpatch(model)
+    assert got == ref
+    accepted = sum(f for _, f in ref)
+    assert accepted >= 12 if draft_seed == 0 else accepted < 12
+    # Every verify step after the prompt went through the fused path.
+    assert stats["fused attention"] >= 24 - accepted and "original: rows > max_rows" not in stats
+
+
 # ------------------------------------------------------------------------------------
 # Caches, batches, RoPE variants
 # ------------------------------------------------------------------------------------
