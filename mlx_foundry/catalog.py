@@ -180,6 +180,10 @@ def _entries():
                                         backend="metal"))
     add("linear_dense_bf16_rows3_splitk", "GEMV 3x4096 -> 1024 dense bf16, split K",
         lambda: ops.linear(_z((3, K), BF16), _weight(1024, K, "dense", BF16), backend="metal"))
+    add("norm_linear_q4g64_rows5_mblock4", "RMSNorm + GEMV 5x4096 -> 1024 q4g64, MBLOCK 4, "
+        "no split", _with_launch(lambda: ops.norm_linear(
+            _z((5, K), F16), _z((K,), F16), 1e-5, _weight(1024, K, (4, 64)),
+            backend="metal"), ROWS=4, SPLITK=0, MBLOCK=4))
     return out
 
 
@@ -189,16 +193,21 @@ def _attention_combine():
     return decode_attention_combine
 
 
-def _with_split_k(walk):
-    """``walk`` with every GEMV launch made with ``SPLITK=1``."""
+def _with_launch(walk, **launch):
+    """``walk`` with every GEMV launch made with these launch constants."""
 
     def run():
         with record_launches() as inner:
             walk()
         for program, args, kwargs in inner:
-            program(*args, **dict(kwargs, SPLITK=1), backend="metal")
+            program(*args, **dict(kwargs, **launch), backend="metal")
 
     return run
+
+
+def _with_split_k(walk):
+    """``walk`` with every GEMV launch made with ``SPLITK=1``."""
+    return _with_launch(walk, SPLITK=1)
 
 
 _cache = []
