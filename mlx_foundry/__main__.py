@@ -43,7 +43,7 @@ def _bench(args):
     if args.tune:
         from .bench.autotune import tune_decode, tune_linear
 
-        chosen = tune_linear(args.backend)
+        chosen = tune_linear(args.backend, rows_of_x=tuple(args.tune_rows))
         chosen.update(tune_decode(args.backend))
         for (key, shape_class), params in chosen.items():
             print(f"{key:60s} {shape_class:24s} {params}")
@@ -81,6 +81,9 @@ def main(argv=None):
     b.add_argument("--backend", choices=["metal", "cuda", "reference"], default=None)
     b.add_argument("--tune", action="store_true",
                    help="tune the GEMV launch constants for this device and store them")
+    b.add_argument("--tune-rows", nargs="+", type=int, default=[1], metavar="M",
+                   help="with --tune: rows of x to tune linear for (several rows also tune "
+                        "MBLOCK; default: 1)")
     b.set_defaults(fn=_bench)
 
     args = p.parse_args(argv)

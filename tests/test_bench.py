@@ -582,3 +582,18 @@ def test_autotune_linear_tunes_rows_of_x(tmp_path):
     assert entry["failures"] == []
     with pytest.raises(ValueError, match="'rows_of_x'"):
         autotune.tune_linear("reference", rows_of_x=(0,), path=path)
+
+
+def test_cli_tune_rows_reaches_the_tuner(monkeypatch, capsys):
+    """``bench --tune --tune-rows 1 4`` tunes linear for one and four rows of x."""
+    from mlx_foundry.bench import autotune
+
+    seen = {}
+    monkeypatch.setattr(autotune, "tune_linear",
+                        lambda backend, rows_of_x=(1,): seen.setdefault("rows", rows_of_x) and {})
+    monkeypatch.setattr(autotune, "tune_decode", lambda backend: {})
+    assert cli_main(["bench", "--tune", "--tune-rows", "1", "4", "--backend", "reference"]) == 0
+    assert seen["rows"] == (1, 4)
+    seen.clear()
+    assert cli_main(["bench", "--tune", "--backend", "reference"]) == 0
+    assert seen["rows"] == (1,)
