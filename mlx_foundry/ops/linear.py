@@ -17,7 +17,7 @@ from ..compound import CompoundKernel
 from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
-from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, MAX_GEMV_THREADS,
+from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, check_launch,
                            gemv_decls, gemv_dispatch, gemv_dual_stage, gemv_stage,
                            qkv_rope_stage)
 from . import _rope
@@ -160,22 +160,21 @@ def _mblock(m, rows, split, dual):
     else:
         mb = 8 if m % 8 == 0 else (4 if m % 4 == 0 else 2)
     mb = min(mb, m, 32 // rows)
-    while split and mb > 1 and rows * mb * (2 if dual else 1) + mb > 32:
+    while mb > 1 and not valid_launch({"ROWS": rows, "SPLITK": split, "MBLOCK": mb},
+                                      dual=dual):
         mb -= 1
     return mb
 
 
 def valid_launch(params, *, dual=False):
-    """Whether the GEMV accepts these launch constants (as ``gemv_dispatch`` checks them):
-    ``THREADS`` a multiple of 32 up to the cap, ``ROWS * MBLOCK`` lanes at most 32, and
-    split K's partial sums within the threadgroup's ``THREADS`` floats."""
-    rows, threads = params.get("ROWS", DEFAULT_ROWS), params.get("THREADS", DEFAULT_THREADS)
-    split, mb = params.get("SPLITK", DEFAULT_SPLITK), params.get("MBLOCK", 1)
-    if split not in (0, 1) or threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
+    """Whether the GEMV stages take these launch constants (``stages.gemv.check_launch``,
+    the rules ``gemv_dispatch`` applies; missing ones are the defaults)."""
+    try:
+        check_launch(params.get("ROWS", DEFAULT_ROWS), params.get("THREADS", DEFAULT_THREADS),
+                     params.get("SPLITK", DEFAULT_SPLITK), params.get("MBLOCK", 1), dual=dual)
+    except ValueError:
         return False
-    if not (1 <= rows <= 32 and 1 <= mb <= 32 // rows):
-        return False
-    return not split or rows * mb * (2 if dual else 1) + mb <= 32
+    return True
 
 
 def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
@@ -193,9 +192,9 @@ def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
         tuned = {"ROWS": rows, "THREADS": int(found["THREADS"]), "SPLITK": split}
         if head_dim is None:
             # A tuned MBLOCK (a batch shape class) if this launch takes it, else the default.
-            tuned["MBLOCK"] = int(found.get("MBLOCK", 0)) or _mblock(m, rows, split, dual)
-            if not valid_launch(tuned, dual=dual):
-                tuned["MBLOCK"] = _mblock(m, rows, split, dual)
+            mb = int(found.get("MBLOCK", 0))
+            valid = mb and valid_launch(dict(tuned, MBLOCK=mb), dual=dual)
+            tuned["MBLOCK"] = mb if valid else _mblock(m, rows, split, dual)
         if valid_launch(tuned, dual=dual):
             params = tuned
     return params

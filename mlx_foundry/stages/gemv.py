@@ -125,30 +125,35 @@ def _x_rows(b):
     return xf
 
 
+def check_launch(rows, threads, split=0, mblock=1, *, dual=False):
+    """Raise ``ValueError`` naming the constant unless the GEMV stages take this launch."""
+    if split not in (0, 1):
+        raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
+    if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
+        raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in "
+                         f"[32, {MAX_GEMV_THREADS}] but got {threads}.")
+    if not 1 <= rows <= 32:
+        raise ValueError(f"[gemv] 'ROWS' must be in [1, 32] but got {rows}.")
+    if not (isinstance(mblock, int) and 1 <= mblock <= 32 // rows):
+        raise ValueError(f"[gemv] 'MBLOCK' must be in [1, 32 // ROWS] = [1, {32 // rows}]"
+                         f" but got {mblock!r}.")
+    # Split K adds the SIMD-groups' partial sums in THREADS floats of threadgroup memory:
+    # 32 per SIMD-group, ROWS * MBLOCK sums (twice in a dual GEMV) and MBLOCK sums of
+    # squares.
+    limit = (32 - mblock) // ((2 if dual else 1) * mblock)
+    if split and rows > limit:
+        raise ValueError(f"[gemv] 'ROWS' must be at most {limit} with 'SPLITK'"
+                         f"{' in a dual GEMV' if dual else ''}"
+                         f"{f' and MBLOCK={mblock}' if mblock > 1 else ''} but got {rows}.")
+
+
 def gemv_dispatch(n_rows, *, dual=False):
     """``dispatch(bound)`` for ``n_rows(bound)`` output rows per batch row of ``x``."""
 
     def dispatch(b):
         threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", 0)
         mblock = b.get("MBLOCK", 1)
-        if split not in (0, 1):
-            raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
-        if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
-            raise ValueError(f"[gemv] 'THREADS' must be a multiple of 32 in "
-                             f"[32, {MAX_GEMV_THREADS}] but got {threads}.")
-        if not 1 <= rows <= 32:
-            raise ValueError(f"[gemv] 'ROWS' must be in [1, 32] but got {rows}.")
-        if not (isinstance(mblock, int) and 1 <= mblock <= 32 // rows):
-            raise ValueError(f"[gemv] 'MBLOCK' must be in [1, 32 // ROWS] = [1, {32 // rows}]"
-                             f" but got {mblock!r}.")
-        # Split K adds the SIMD-groups' partial sums in THREADS floats of threadgroup
-        # memory: 32 per SIMD-group, ROWS * MBLOCK sums (twice in a dual GEMV) and MBLOCK
-        # sums of squares.
-        limit = (32 - mblock) // ((2 if dual else 1) * mblock)
-        if split and rows > limit:
-            raise ValueError(f"[gemv] 'ROWS' must be at most {limit} with 'SPLITK'"
-                             f"{' in a dual GEMV' if dual else ''}"
-                             f"{f' and MBLOCK={mblock}' if mblock > 1 else ''} but got {rows}.")
+        check_launch(rows, threads, split, mblock, dual=dual)
         rows_of_x = b.x.size // b.x.shape[-1]
         if b.get("M", rows_of_x) != rows_of_x:
             raise ValueError(f"[gemv] 'M' is the number of rows of x ({rows_of_x}) and cannot"
