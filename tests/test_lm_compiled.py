@@ -16,7 +16,7 @@ from mlx_lm.models import cache as lm_cache  # noqa: E402
 import mlx_foundry as mf  # noqa: E402
 from mlx_foundry import lm  # noqa: E402
 from mlx_foundry.kv_cache import KVCache  # noqa: E402
-from test_lm_patch import BACKEND, greedy, tiny_model  # noqa: E402
+from test_lm_patch import BACKEND, check_parity, greedy, tiny_model  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 
@@ -87,14 +87,7 @@ def test_compiled_decode_with_tied_embeddings():
 
 def test_compiled_decode_float16_against_unpatched():
     model = tiny_model("llama", dtype=mx.float16, quant=(32, 4), layers=3)
-    want_toks, want = greedy(model, 48)
-    mf.patch(model, backend=BACKEND, compile_decode=True)
-    try:
-        toks, got = greedy(model, 48)
-    finally:
-        mf.unpatch(model)
-    assert toks == want_toks
-    assert_close(got, want, mx.float16, k=64, msg="log-probabilities")
+    check_parity(model, mx.float16, steps=48, patch_kwargs={"compile_decode": True})
 
 
 def test_cache_growth_and_long_contexts():

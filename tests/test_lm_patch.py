@@ -75,9 +75,10 @@ def greedy(model, steps=STEPS, prompt=PROMPT, cache=None, **kw):
     return toks, mx.stack(logps)
 
 
-def check_parity(model, dtype, *, cache_fn=None, steps=STEPS, tol_dtype=None, **gen_kw):
+def check_parity(model, dtype, *, cache_fn=None, steps=STEPS, tol_dtype=None,
+                 patch_kwargs=None, **gen_kw):
     ref_toks, ref_lp = greedy(model, steps, cache=cache_fn() if cache_fn else None, **gen_kw)
-    report = mf.patch(model, backend=BACKEND)
+    report = mf.patch(model, backend=BACKEND, **(patch_kwargs or {}))
     try:
         toks, lp = greedy(model, steps, cache=cache_fn() if cache_fn else None, **gen_kw)
         stats = lm.patch_stats(model)
@@ -141,14 +142,7 @@ def test_one_qkv_launch_per_block(monkeypatch, model_type, head_dim, rope, norms
 
     monkeypatch.setattr(lm, "_prepare", record)
     model = tiny_model(model_type, quant=(32, 4), head_dim=head_dim)
-    ref_toks, ref_lp = greedy(model, 6)
-    mf.patch(model, backend=BACKEND)
-    try:
-        toks, lp = greedy(model, 6)
-    finally:
-        mf.unpatch(model)
-    assert toks == ref_toks
-    assert_close(lp, ref_lp, mx.float32, k=64, msg="log-probabilities")
+    check_parity(model, mx.float32, steps=6)
     qkv = [r for name, r in prepared if name == "norm_qkv_rope"]
     # Prepared once per block and input shape: generate_step runs the prompt's first 6
     # rows (fused: not over max_rows), then one token at a time.
