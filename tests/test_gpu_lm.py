@@ -215,3 +215,64 @@ def test_batch_decode_matches(gpu_backend, patch_kwargs):
     assert mx.array_equal(mx.argmax(out, -1), mx.argmax(ref, -1)).item()
     err = mx.abs(out - ref).max().item()
     assert err < 0.05 * mx.abs(ref).max().item(), err
+
+
+@pytest.mark.parametrize("draft_kind", ["self", "other"])
+def test_speculative_decoding_matches(gpu_backend, draft_kind):
+    """mlx-lm's speculative decoding with a patched main model on the GPU: every verify
+    step (the last token and 3 drafts: 4 rows of x at an offset, causal mask) runs the
+    fused kernels for several rows of x, rejected drafts trim the cache, and the tokens
+    are the unpatched ones up to ties. The main model as its own draft (patched too) has every
+    draft accepted; a one-block model of another seed has most rejected. Then one verify
+    chunk teacher-forced: its 4 rows of logits within 5% of their range of MLX's."""
+    from mlx_lm.generate import speculative_generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_foundry.lm_bench import FP16_TIE, random_quantized_model
+
+    cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=2, intermediate_size=2816,
+               num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+    model = random_quantized_model(cfg)
+    draft = (model if draft_kind == "self"
+             else random_quantized_model(dict(cfg, num_hidden_layers=1), seed=1))
+    # Six tokens: the prompt, too, runs fused (at most PREFILL_ROWS rows).
+    prompt = mx.array([(13 * i + 5) % 32000 for i in range(6)])
+    max_tokens = 24
+
+    def run():
+        gen = speculative_generate_step(prompt, model, draft, num_draft_tokens=3,
+                                        max_tokens=max_tokens)
+        return [(int(tok), bool(from_draft)) for tok, _, from_draft in gen]
+
+    def verify_chunk():
+        cache = make_prompt_cache(model)
+        mx.eval(model(prompt[None], cache=cache))
+        return model(mx.array([[7, 1000, 2000, 3000]]), cache=cache)[0].astype(mx.float32)
+
+    ref, ref_logits = run(), verify_chunk()
+    lm.patch(model, backend=gpu_backend)
+    try:
+        got, logits = run(), verify_chunk()
+        stats = lm.patch_stats(model)["model.layers.0"]
+    finally:
+        lm.unpatch(model)
+    first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    if first is not None:
+        # Greedy choices may part at a tie (one fp16 step between the top two logits):
+        # the unpatched model, fed the same tokens, must see one there.
+        fed = mx.array([prompt.tolist() + [t for t, _ in ref[:first]]])
+        last = model(fed)[0, -1].astype(mx.float32)
+        gap = abs(last[ref[first][0]] - last[got[first][0]]).item()
+        assert gap <= FP16_TIE, (first, gap, got, ref)
+    assert len(got) == len(ref) == max_tokens
+    accepted = sum(f for _, f in ref)
+    if draft_kind == "self":
+        assert accepted >= max_tokens * 3 // 4 - 1, ref
+    else:
+        assert accepted < max_tokens // 2, ref
+    # One fused attention call per verify step, and the verify chunk above.
+    assert stats["fused attention"] >= max_tokens - accepted, stats
+    assert "original: rows > max_rows" not in stats, stats
+    assert mx.array_equal(mx.argmax(logits, -1), mx.argmax(ref_logits, -1)).item()
+    err = mx.abs(logits - ref_logits).max().item()
+    assert err < 0.05 * mx.abs(ref_logits).max().item(), err
