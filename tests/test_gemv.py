@@ -310,15 +310,23 @@ def test_default_launch_splits_k_only_for_tall_weights():
 
 
 @pytest.mark.parametrize("n,k,m,dual,want", [
-    # split K (k >= n): four rows, every row of x in one SIMD-group up to 6
-    (4096, 14336, 2, False, (4, 1, 2)), (4096, 14336, 6, False, (4, 1, 6)),
-    (4096, 14336, 8, False, (4, 1, 4)), (4096, 4096, 3, False, (4, 1, 3)),
-    # the gate/up GEMV: 2, or 4 from 8 rows when they divide
-    (14336, 4096, 4, True, (4, 0, 2)), (14336, 4096, 8, True, (4, 0, 4)),
-    (14336, 4096, 3, True, (4, 0, 2)),
-    # others: 8 or 4 when m is a multiple of it, else 2
-    (14336, 4096, 4, False, (4, 0, 4)), (14336, 4096, 6, False, (4, 0, 2)),
-    (14336, 4096, 16, False, (4, 0, 8)), (14336, 4096, 12, False, (4, 0, 4))])
+    # split K (k >= n): four rows, every row of x in one SIMD-group (2, 3 rows; 7 and more:
+    # 4 per SIMD-group)
+    (4096, 14336, 2, False, (4, 1, 2)), (4096, 4096, 3, False, (4, 1, 3)),
+    (4096, 14336, 8, False, (4, 1, 4)),
+    # k >= n with 4 to 6 rows of x: eight rows without split, two blocks of rows of x
+    (4096, 4096, 4, False, (8, 0, 2)), (4096, 14336, 5, False, (8, 0, 3)),
+    (4096, 14336, 6, False, (8, 0, 3)),
+    # the gate/up GEMV: 2 for even m (4 from 8 rows when they divide), odd m up to 5 whole
+    (14336, 4096, 4, True, (4, 0, 2)), (14336, 4096, 6, True, (4, 0, 2)),
+    (14336, 4096, 8, True, (4, 0, 4)), (14336, 4096, 3, True, (4, 0, 3)),
+    (14336, 4096, 5, True, (4, 0, 5)),
+    # a dual GEMV with split K: its partial sums cap MBLOCK at 3 (4 x 3 x 2 + 3 <= 32)
+    (4096, 4096, 5, True, (4, 1, 3)),
+    # others: every row of x in one SIMD-group up to 8, then 8 or 4 when m is a multiple
+    (14336, 4096, 3, False, (4, 0, 3)), (14336, 4096, 4, False, (4, 0, 4)),
+    (14336, 4096, 6, False, (4, 0, 6)), (14336, 4096, 16, False, (4, 0, 8)),
+    (14336, 4096, 12, False, (4, 0, 4)), (14336, 4096, 10, False, (4, 0, 2))])
 def test_default_launch_rows_of_x(n, k, m, dual, want):
     """Several rows of x share each SIMD-group's weight loads (MBLOCK), from the H100 sweep."""
     from mlx_foundry.ops.linear import default_launch
@@ -334,7 +342,8 @@ def test_mblock_stays_within_lanes_and_partial_sums():
     from mlx_foundry.ops.linear import _mblock
 
     assert _mblock(1, 8, 1, False) == 1
-    assert _mblock(6, 8, 0, False) == 2  # 8 x 2 lanes
+    assert _mblock(6, 8, 0, False) == 3  # two blocks of 3: 8 x 3 lanes
+    assert _mblock(8, 8, 0, False) == 4  # 8 x 4 = 32 lanes
     assert _mblock(4, 16, 0, False) == 2  # 16 x 2 = 32 lanes
     assert _mblock(6, 4, 1, True) == 3  # dual split: 4 x 3 x 2 + 3 = 27 <= 32
     assert _mblock(6, 8, 1, False) == 3  # split: 8 x 3 + 3 = 27 <= 32
@@ -393,6 +402,6 @@ def test_tuned_mblock_is_used_when_valid(monkeypatch):
     found.update(ROWS=8, MBLOCK=8)
     got = lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)
     assert got == {"ROWS": 8, "THREADS": 128, "SPLITK": 0, "MBLOCK": lin._mblock(4, 8, 0, False)}
-    # An entry of one row of x (no MBLOCK): the default for m.
+    # An entry of one row of x (no MBLOCK): the default for m (eight rows: two blocks).
     found.pop("MBLOCK")
-    assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 4
+    assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 2

@@ -124,11 +124,17 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False):
     eight rows with the threadgroup's four SIMD-groups splitting K reach 59-61%
     (16-17 us). At ``k == n`` (o_proj, 4096 -> 4096) four rows with split K take
     8.2 us against 8.7 us without. Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
-    4096 -> 14336) are as fast or faster with four rows and no split. With several rows
-    of ``x`` see :func:`_mblock`.
+    4096 -> 14336) are as fast or faster with four rows and no split. With 4 to 6 rows
+    of ``x`` the layers with ``k >= n`` have enough threadgroups without split K: eight
+    rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 / 6: 14.3 / 17.9 ->
+    12.0 / 14.1 us; 14336 -> 4096: 32.8 / 44.3 -> 30.4 / 37.4 us). ``MBLOCK``: see
+    :func:`_mblock`.
     """
     if k >= n and k >= SPLIT_MIN_K:
-        rows, split = (8 if k >= 2 * n and m == 1 else DEFAULT_ROWS), 1
+        if 4 <= m <= 6 and not dual and head_dim is None:
+            rows, split = 8, 0
+        else:
+            rows, split = (8 if k >= 2 * n and m == 1 else DEFAULT_ROWS), 1
     else:
         rows, split = DEFAULT_ROWS, DEFAULT_SPLITK
     if head_dim is not None:
@@ -142,21 +148,34 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False):
 def _mblock(m, rows, split, dual):
     """Rows of ``x`` per SIMD-group for ``m`` rows (``MBLOCK``): they share each weight load.
 
-    From an ncu sweep on an H100 (4-bit, Llama-3-8B shapes, ``m`` = 2 to 16; BENCHMARKS.md):
-    the dot products stay per row of ``x`` (the dequantization too), so the gain is in
-    loads and the cost in registers. Split K (``k >= n``, four rows): every row of ``x`` in
-    one SIMD-group up to 6 (14336 -> 4096 at ``m`` = 4: 33.0 against 38.4 us), else 4;
-    the dual gate/up GEMV: 2 (4 when ``m`` is a multiple of 4 from 8; 4096 -> 2 x 14336 at
-    ``m`` = 4: 67.9 against 78.8 us); others: 8 or 4 when ``m`` is a multiple of it, else
-    2 (4096 -> 14336 at ``m`` = 4: 29.7 against 39.2 us). Never more than the lanes
-    (``rows * MBLOCK <= 32``) or split K's partial sums allow.
+    From ncu sweeps on an H100 (4-bit, Llama-3-8B shapes, ``m`` = 2 to 16;
+    ``docs/ncu_h100_gemv.md`` sections 11 and 13): the dot products stay per row of ``x``
+    (the dequantization too), so the gain is in loads and the cost in registers, and a
+    block that is not full repeats a row of ``x`` for nothing.
+
+    - Split K: every row of ``x`` in one SIMD-group up to 6 (14336 -> 4096 at ``m`` = 4:
+      33.0 against 38.4 us), else 4.
+    - The dual gate/up GEMV: 2 when ``m`` is even (4 from 8 when 4 divides it; at
+      ``m`` = 4: 67.8 against 78.1 us with 4), an odd ``m`` up to 5 in one block (``m`` =
+      3 / 5: 69.6 / 100.2 -> 58.5 / 90.5 us).
+    - Eight rows without split (``k >= n`` from 4 rows of ``x``): two blocks, half the
+      rows each.
+    - Others: every row of ``x`` in one block up to 8 (4096 -> 14336 at ``m`` = 3 / 5 /
+      6: 34.1 / 47.3 / 43.5 -> 26.8 / 36.4 / 41.7 us against ``MBLOCK`` 2), past 8
+      ``MBLOCK`` 8 or 4 when ``m`` is a multiple of it, else 2.
+
+    Never more than the lanes (``rows * MBLOCK <= 32``) or split K's partial sums allow.
     """
     if m < 2:
         return 1
     if split:
         mb = m if m <= 6 else 4
     elif dual:
-        mb = 4 if m >= 8 and m % 4 == 0 else 2
+        mb = m if m % 2 and m <= 5 else (4 if m >= 8 and m % 4 == 0 else 2)
+    elif rows >= 8:
+        mb = -(-m // 2)
+    elif m <= 8:
+        mb = m
     else:
         mb = 8 if m % 8 == 0 else (4 if m % 4 == 0 else 2)
     mb = min(mb, m, 32 // rows)
