@@ -554,10 +554,11 @@ def test_batch_candidates_are_valid_launches():
     from mlx_foundry.bench.autotune import batch_candidates
     from mlx_foundry.ops.linear import valid_launch
 
-    for m, dual in ((2, False), (4, True), (6, False)):
+    for m, dual, want in ((2, False, {1, 2}), (4, True, {1, 2, 4}), (5, False, {1, 2, 3, 4, 5}),
+                          (6, False, {1, 2, 3, 4, 6})):
         cands = batch_candidates(m, dual=dual)
         assert cands and all(valid_launch(c, dual=dual) for c in cands)
-        assert {c["MBLOCK"] for c in cands} == {mb for mb in (1, 2, 4, m) if mb <= m}
+        assert {c["MBLOCK"] for c in cands} == want
 
 
 def test_autotune_linear_tunes_rows_of_x(tmp_path):

@@ -39,10 +39,11 @@ def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
 
 def batch_candidates(m, *, dual=False, rows=(2, 4, 8), threads=(128,), split=(0, 1)):
     """Candidates for ``m`` rows of ``x``: :func:`linear_candidates` times ``MBLOCK`` in
-    ``{1, 2, 4, m}``, the launches the GEMV accepts only (``ops.linear.valid_launch``)."""
+    ``{1, 2, 4, ceil(m / 2), m}`` (one block of rows of ``x``, or two: the defaults'
+    choices), the launches the GEMV accepts only (``ops.linear.valid_launch``)."""
     from mlx_foundry.ops.linear import valid_launch
 
-    mblocks = sorted({mb for mb in (1, 2, 4, m) if mb <= m})
+    mblocks = sorted({mb for mb in (1, 2, 4, -(-m // 2), m) if mb <= m})
     out = [dict(c, MBLOCK=mb) for c in linear_candidates(rows, threads, split)
            for mb in mblocks]
     return [c for c in out if valid_launch(c, dual=dual)]
