@@ -1,0 +1,64 @@
+"""tools/ab_trees.py: two trees benched in turn, each importing its own package."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "ab_trees.py"
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("ab_trees", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _git_checkout():
+    if shutil.which("git") is None:
+        return False
+    r = subprocess.run(["git", "-C", str(TOOL.parent), "rev-parse", "HEAD"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def test_summarize_ratio_of_medians(ab):
+    old = [{"a": {"ours_us": 10.0, "op": "x", "shape": "s"}},
+           {"a": {"ours_us": 14.0, "op": "x", "shape": "s"}}]
+    new = [{"a": {"ours_us": 6.0, "op": "x", "shape": "s"}, "b": {"ours_us": 1.0}},
+           {"a": {"ours_us": 6.0, "op": "x", "shape": "s"}, "b": {"ours_us": 1.0}}]
+    rows = ab.summarize({"old": old, "new": new}, ("old", "new"))
+    # "b" is only in the new tree's runs: left out.
+    assert [r[0] for r in rows] == ["a"]
+    name, op, shape, us, ratio = rows[0]
+    assert us == {"old": [10.0, 14.0], "new": [6.0, 6.0]}
+    assert ratio == pytest.approx(6.0 / 12.0)
+
+
+def test_a_tree_that_is_not_imported_is_refused(ab, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with pytest.raises(RuntimeError, match="imports mlx_foundry from"):
+        ab.run_bench(str(empty), str(cwd), str(tmp_path / "out"), ["--quick"])
+
+
+@pytest.mark.skipif(not _git_checkout(), reason="needs git and a checkout")
+def test_two_trees_alternate(ab, tmp_path):
+    out = tmp_path / "ab"
+    assert ab.main(["HEAD", "--quick", "--only", "rms_norm_24x", "--rounds", "2",
+                    "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ab.json", "new_1", "new_2", "old_1",
+                                                     "old_2"]
+    summary = json.loads((out / "ab.json").read_text())
+    assert summary["old"] == "HEAD" and summary["new"] == ab.WORKTREE
+    (case,) = summary["cases"]
+    assert case["name"] == "rms_norm_24x320"
+    assert len(case["ours_us"]["old HEAD"]) == len(case["ours_us"]["new WORKTREE"]) == 2
+    assert case["new_over_old"] > 0
