@@ -45,8 +45,21 @@ def test_a_tree_that_is_not_imported_is_refused(ab, tmp_path):
     empty.mkdir()
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    with pytest.raises(RuntimeError, match="imports mlx_foundry from"):
+    # Installed (CI), the run imports the installed package; else it imports none.
+    with pytest.raises(RuntimeError, match="imports mlx_foundry from|cannot import mlx_foundry"):
         ab.run_bench(str(empty), str(cwd), str(tmp_path / "out"), ["--quick"])
+
+
+@pytest.mark.skipif(not _git_checkout(), reason="needs git and a checkout")
+def test_revisions_are_checked(ab):
+    top, rel = ab.package_in_repo()
+    assert rel == "mlx_foundry"
+    assert len(ab.resolve(top, "HEAD")) == 40
+    assert ab.resolve(top, ab.WORKTREE) == ab.WORKTREE
+    with pytest.raises(RuntimeError, match="rev-parse"):
+        ab.resolve(top, "no-such-revision-here")
+    with pytest.raises(ValueError, match="cannot start with '-'"):
+        ab.resolve(top, "--output=/tmp/x")
 
 
 @pytest.mark.skipif(not _git_checkout(), reason="needs git and a checkout")

@@ -314,9 +314,11 @@ def test_default_launch_splits_k_only_for_tall_weights():
     # 4 per SIMD-group)
     (4096, 14336, 2, False, (4, 1, 2)), (4096, 4096, 3, False, (4, 1, 3)),
     (4096, 14336, 8, False, (4, 1, 4)),
-    # k >= n with 4 to 6 rows of x: eight rows without split, two blocks of rows of x
+    # k >= n with 4 to 6 rows of x: eight rows without split, two blocks of rows of x;
+    # with fewer than 4096 output rows that grid is too small: split K stays
     (4096, 4096, 4, False, (8, 0, 2)), (4096, 14336, 5, False, (8, 0, 3)),
-    (4096, 14336, 6, False, (8, 0, 3)),
+    (4096, 14336, 6, False, (8, 0, 3)), (2048, 8192, 4, False, (4, 1, 4)),
+    (2048, 2048, 6, False, (4, 1, 6)),
     # the gate/up GEMV: 2 for even m (4 from 8 rows when they divide), odd m up to 5 whole
     (14336, 4096, 4, True, (4, 0, 2)), (14336, 4096, 6, True, (4, 0, 2)),
     (14336, 4096, 8, True, (4, 0, 4)), (14336, 4096, 3, True, (4, 0, 3)),
@@ -343,6 +345,8 @@ def test_mblock_stays_within_lanes_and_partial_sums():
 
     assert _mblock(1, 8, 1, False) == 1
     assert _mblock(6, 8, 0, False) == 3  # two blocks of 3: 8 x 3 lanes
+    assert _mblock(2, 8, 0, False) == 2  # under 4 rows of x: one block
+    assert _mblock(3, 8, 0, False) == 3
     assert _mblock(8, 8, 0, False) == 4  # 8 x 4 = 32 lanes
     assert _mblock(4, 16, 0, False) == 2  # 16 x 2 = 32 lanes
     assert _mblock(6, 4, 1, True) == 3  # dual split: 4 x 3 x 2 + 3 = 27 <= 32
@@ -398,10 +402,14 @@ def test_tuned_mblock_is_used_when_valid(monkeypatch):
     found = {"ROWS": 4, "THREADS": 128, "SPLITK": 0, "MBLOCK": 2}
     monkeypatch.setattr(autotune, "lookup_linear", lambda *a, **kw: dict(found))
     assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 2
-    # A stored MBLOCK this launch cannot take (8 x 8 lanes): the default for m instead.
-    found.update(ROWS=8, MBLOCK=8)
+    # Tuned for 4 rows (the class of 3 and 4 rows): 3 rows of x get one block of 3.
+    found.update(MBLOCK=4)
+    assert lin._resolve_launch(kern, "cuda", 14336, 4096, 3, None, False)["MBLOCK"] == 3
+    found.update(MBLOCK=2)
+    # A stored MBLOCK this launch cannot take (16 x 4 lanes): the default for m instead.
+    found.update(ROWS=16, MBLOCK=4)
     got = lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)
-    assert got == {"ROWS": 8, "THREADS": 128, "SPLITK": 0, "MBLOCK": lin._mblock(4, 8, 0, False)}
-    # An entry of one row of x (no MBLOCK): the default for m (eight rows: two blocks).
+    assert got == {"ROWS": 16, "THREADS": 128, "SPLITK": 0, "MBLOCK": lin._mblock(4, 16, 0, False)}
+    # An entry of one row of x (no MBLOCK): the default for m (16 rows: two blocks).
     found.pop("MBLOCK")
     assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 2

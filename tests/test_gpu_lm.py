@@ -222,9 +222,10 @@ def test_speculative_decoding_matches(gpu_backend, draft_kind):
     """mlx-lm's speculative decoding with a patched main model on the GPU: every verify
     step (the last token and 3 drafts: 4 rows of x at an offset, causal mask) runs the
     fused kernels for several rows of x, rejected drafts trim the cache, and the tokens
-    are the unpatched ones up to ties. The main model as its own draft (patched too) has every
-    draft accepted; a one-block model of another seed has most rejected. Then one verify
-    chunk teacher-forced: its 4 rows of logits within 5% of their range of MLX's."""
+    are the unpatched ones up to ties. The main model as its own draft (patched too: its
+    one-row drafts checked by its four-row verify steps) has nearly every draft accepted;
+    a one-block model of another seed has most rejected. Then one verify chunk
+    teacher-forced: its 4 rows' choices MLX's, their logits within 5% of MLX's largest."""
     from mlx_lm.generate import speculative_generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -256,23 +257,32 @@ def test_speculative_decoding_matches(gpu_backend, draft_kind):
         stats = lm.patch_stats(model)["model.layers.0"]
     finally:
         lm.unpatch(model)
-    first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    got_toks, ref_toks = [t for t, _ in got], [t for t, _ in ref]
+    assert len(got) == len(ref) == max_tokens
+    first = next((i for i, (a, b) in enumerate(zip(got_toks, ref_toks)) if a != b), None)
     if first is not None:
         # Greedy choices may part at a tie (one fp16 step between the top two logits):
         # the unpatched model, fed the same tokens, must see one there.
-        fed = mx.array([prompt.tolist() + [t for t, _ in ref[:first]]])
+        fed = mx.array([prompt.tolist() + ref_toks[:first]])
         last = model(fed)[0, -1].astype(mx.float32)
-        gap = abs(last[ref[first][0]] - last[got[first][0]]).item()
+        gap = abs(last[ref_toks[first]] - last[got_toks[first]]).item()
         assert gap <= FP16_TIE, (first, gap, got, ref)
-    assert len(got) == len(ref) == max_tokens
-    accepted = sum(f for _, f in ref)
-    if draft_kind == "self":
-        assert accepted >= max_tokens * 3 // 4 - 1, ref
-    else:
-        assert accepted < max_tokens // 2, ref
-    # One fused attention call per verify step, and the verify chunk above.
-    assert stats["fused attention"] >= max_tokens - accepted, stats
-    assert "original: rows > max_rows" not in stats, stats
+    elif draft_kind == "other":
+        # The unpatched draft saw the same tokens, so it proposed the same drafts: the
+        # same ones must have been accepted.
+        assert got == ref, (got, ref)
+    # Judged on each run: the patched one-row drafts and four-row verify steps agree
+    # (a tie may flip one choice), and the other draft's proposals are mostly rejected.
+    for run in (ref, got):
+        accepted = sum(f for _, f in run)
+        if draft_kind == "self":
+            assert accepted >= max_tokens * 3 // 4 - 1, run
+        else:
+            assert accepted < max_tokens // 2, run
+    # Every call of the main model went through the fused path (the 6-token prompt and
+    # each verify step: one per token of the main model's own), none through the original.
+    assert not [key for key in stats if key.startswith("original")], stats
+    assert stats["fused attention"] >= sum(not f for _, f in got), stats
     assert mx.array_equal(mx.argmax(logits, -1), mx.argmax(ref_logits, -1)).item()
     err = mx.abs(logits - ref_logits).max().item()
     assert err < 0.05 * mx.abs(ref_logits).max().item(), err

@@ -33,26 +33,49 @@ WORKTREE = "WORKTREE"
 CASES = os.path.join(PACKAGE, "bench", "cases.py")
 
 
-def repo_root():
+def _git(cwd, *args, text=True):
+    """``git -C cwd args...``'s output; a ``RuntimeError`` with git's message if it fails."""
+    r = subprocess.run(["git", "-C", cwd, *args], capture_output=True, text=text)
+    if r.returncode:
+        err = r.stderr if text else r.stderr.decode(errors="replace")
+        raise RuntimeError(f"[ab_trees] git {' '.join(args)} failed: {err.strip()}")
+    return r.stdout
+
+
+def package_in_repo():
+    """``(top, rel)``: the repository's top folder and the package's path inside it (the
+    package next to this script's folder; the repository may hold more than this project)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run(["git", "-C", here, "rev-parse", "--show-toplevel"], check=True,
-                         capture_output=True, text=True)
-    return out.stdout.strip()
+    top = _git(here, "rev-parse", "--show-toplevel").strip()
+    pkg = os.path.join(os.path.dirname(here), PACKAGE)
+    return top, os.path.relpath(os.path.realpath(pkg), os.path.realpath(top))
 
 
-def export(root, rev, dest):
-    """Put the package of ``rev`` (a git revision, or ``WORKTREE``) under ``dest``."""
-    os.makedirs(dest)
+def resolve(top, rev):
+    """The commit ``rev`` names (``WORKTREE`` stays as it is)."""
     if rev == WORKTREE:
-        shutil.copytree(os.path.join(root, PACKAGE), os.path.join(dest, PACKAGE),
+        return rev
+    if rev.startswith("-"):
+        raise ValueError(f"[ab_trees] A revision cannot start with '-' but got {rev!r}.")
+    return _git(top, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+
+
+def export(top, rel, rev, dest):
+    """Put the package of ``rev`` (a commit, or ``WORKTREE``) under ``dest``; returns the
+    folder to put on ``PYTHONPATH``."""
+    os.makedirs(dest)
+    tree = os.path.join(dest, os.path.dirname(rel))
+    if rev == WORKTREE:
+        shutil.copytree(os.path.join(top, rel), os.path.join(dest, rel),
                         ignore=shutil.ignore_patterns("__pycache__"))
-        return
-    tar = subprocess.run(["git", "-C", root, "archive", "--format=tar", rev, PACKAGE],
-                         check=True, capture_output=True).stdout
+        return tree
+    tar = _git(top, "archive", "--format=tar", rev, "--", rel, text=False)
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
-        # "data" refuses links and paths out of dest (Python >= 3.12, and backports).
+        # "data": no absolute paths, nothing outside dest, no links that leave it
+        # (Python >= 3.12, and the backports).
         kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         t.extractall(dest, **kw)
+    return tree
 
 
 def _env(tree):
@@ -64,9 +87,12 @@ def _env(tree):
 def imported_from(tree, cwd):
     """The folder ``import mlx_foundry`` finds with ``tree`` on ``PYTHONPATH`` from ``cwd``."""
     code = f"import os, {PACKAGE}; print(os.path.dirname(os.path.dirname({PACKAGE}.__file__)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(tree), check=True,
-                         capture_output=True, text=True)
-    return out.stdout.strip()
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(tree),
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"[ab_trees] The run for {tree} cannot import {PACKAGE}: "
+                           f"{r.stderr.strip()}")
+    return r.stdout.strip()
 
 
 def run_bench(tree, cwd, out_dir, bench_args):
@@ -116,13 +142,13 @@ def main(argv=None):
 
     bench_args = (["--only", *args.only] if args.only else []) + (
         ["--quick"] if args.quick else []) + (["--backend", args.backend] if args.backend else [])
-    root = repo_root()
+    top, rel = package_in_repo()
+    revs = [resolve(top, rev) for rev in (args.old, args.new)]
     labels = (f"old {args.old}", f"new {args.new}")
     with tempfile.TemporaryDirectory(prefix="ab_trees_") as tmp:
         trees = {}
-        for lab, rev, sub in zip(labels, (args.old, args.new), ("old", "new")):
-            trees[lab] = os.path.join(tmp, sub)
-            export(root, rev, trees[lab])
+        for lab, rev, sub in zip(labels, revs, ("old", "new")):
+            trees[lab] = export(top, rel, rev, os.path.join(tmp, sub))
         if args.same_cases:
             shutil.copyfile(os.path.join(trees[labels[1]], CASES),
                             os.path.join(trees[labels[0]], CASES))

@@ -112,6 +112,11 @@ def forget_launches():
 SPLIT_MIN_K = 2048
 """Untuned GEMVs split K when ``K >= N`` and ``K >=`` this (see :func:`default_launch`)."""
 
+NO_SPLIT_MIN_N = 4096
+"""With 4 to 6 rows of ``x``, untuned GEMVs with ``K >= N`` drop split K for eight rows
+per SIMD-group when ``N >=`` this: enough threadgroups without it (measured at 4096; see
+:func:`default_launch`)."""
+
 
 def default_launch(n, k, *, head_dim=None, m=1, dual=False):
     """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements and ``m``
@@ -125,13 +130,15 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False):
     (16-17 us). At ``k == n`` (o_proj, 4096 -> 4096) four rows with split K take
     8.2 us against 8.7 us without. Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
     4096 -> 14336) are as fast or faster with four rows and no split. With 4 to 6 rows
-    of ``x`` the layers with ``k >= n`` have enough threadgroups without split K: eight
-    rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 / 6: 14.3 / 17.9 ->
-    12.0 / 14.1 us; 14336 -> 4096: 32.8 / 44.3 -> 30.4 / 37.4 us). ``MBLOCK``: see
+    of ``x`` the layers with ``k >= n`` and ``n >= 4096`` have enough threadgroups
+    without split K: eight rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 /
+    6: 14.3 / 17.9 -> 12.0 / 14.1 us; 14336 -> 4096: 32.8 / 44.3 -> 30.4 / 37.4 us). With
+    fewer output rows that grid is under one threadgroup per SM, which loses (measured at
+    ``n`` = 4096 with half the threadgroups), so they keep split K. ``MBLOCK``: see
     :func:`_mblock`.
     """
     if k >= n and k >= SPLIT_MIN_K:
-        if 4 <= m <= 6 and not dual and head_dim is None:
+        if 4 <= m <= 6 and n >= NO_SPLIT_MIN_N and not dual and head_dim is None:
             rows, split = 8, 0
         else:
             rows, split = (8 if k >= 2 * n and m == 1 else DEFAULT_ROWS), 1
@@ -153,16 +160,16 @@ def _mblock(m, rows, split, dual):
     (the dequantization too), so the gain is in loads and the cost in registers, and a
     block that is not full repeats a row of ``x`` for nothing.
 
-    - Split K: every row of ``x`` in one SIMD-group up to 6 (14336 -> 4096 at ``m`` = 4:
-      33.0 against 38.4 us), else 4.
+    - Split K: every row of ``x`` in one SIMD-group up to 6 (14336 -> 4096 at ``m`` = 2:
+      20.9 against 22.6 us), else 4.
     - The dual gate/up GEMV: 2 when ``m`` is even (4 from 8 when 4 divides it; at
       ``m`` = 4: 67.8 against 78.1 us with 4), an odd ``m`` up to 5 in one block (``m`` =
       3 / 5: 69.6 / 100.2 -> 58.5 / 90.5 us).
-    - Eight rows without split (``k >= n`` from 4 rows of ``x``): two blocks, half the
-      rows each.
+    - Eight or more rows without split, from 4 rows of ``x`` (``k >= n``): two blocks,
+      half the rows each.
     - Others: every row of ``x`` in one block up to 8 (4096 -> 14336 at ``m`` = 3 / 5 /
-      6: 34.1 / 47.3 / 43.5 -> 26.8 / 36.4 / 41.7 us against ``MBLOCK`` 2), past 8
-      ``MBLOCK`` 8 or 4 when ``m`` is a multiple of it, else 2.
+      6: 34.1 / 47.3 / 43.5 -> 26.8 / 36.4 / 41.7 us against ``MBLOCK`` 2; 7 was not
+      measured), past 8 ``MBLOCK`` 8 or 4 when ``m`` is a multiple of it, else 2.
 
     Never more than the lanes (``rows * MBLOCK <= 32``) or split K's partial sums allow.
     """
@@ -172,7 +179,7 @@ def _mblock(m, rows, split, dual):
         mb = m if m <= 6 else 4
     elif dual:
         mb = m if m % 2 and m <= 5 else (4 if m >= 8 and m % 4 == 0 else 2)
-    elif rows >= 8:
+    elif rows >= 8 and m >= 4:
         mb = -(-m // 2)
     elif m <= 8:
         mb = m
@@ -211,7 +218,8 @@ def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
         tuned = {"ROWS": rows, "THREADS": int(found["THREADS"]), "SPLITK": split}
         if head_dim is None:
             # A tuned MBLOCK (a batch shape class) if this launch takes it, else the default.
-            mb = int(found.get("MBLOCK", 0))
+            # The class rounds m up to a power of two: never more rows than x has.
+            mb = min(int(found.get("MBLOCK", 0)), m)
             valid = mb and valid_launch(dict(tuned, MBLOCK=mb), dual=dual)
             tuned["MBLOCK"] = mb if valid else _mblock(m, rows, split, dual)
         if valid_launch(tuned, dual=dual):
