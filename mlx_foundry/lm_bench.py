@@ -221,6 +221,17 @@ def logit_errors(model, prompt, steps, *, backend=None):
     return out
 
 
+def _device_label():
+    """The GPU's name when the default device is a GPU, else the device (a label only)."""
+    device = str(mx.default_device())
+    try:
+        if mx.default_device() == mx.gpu:
+            return str(mx.device_info().get("device_name", device))
+    except Exception:  # noqa: BLE001 - older MLX or no device info
+        pass
+    return device
+
+
 def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=4,
                      repeats=1, results_dir=None, config=None, bits=4, group_size=64,
                      dtype=mx.float16, patch_kwargs=None):
@@ -298,13 +309,7 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
     if mismatch is None and len(tokens) != len(ref_tokens):
         mismatch = min(len(tokens), len(ref_tokens))
-    try:
-        device = str(mx.default_device())
-        if mx.default_device() == mx.gpu:
-            info = mx.device_info() if hasattr(mx, "device_info") else {}
-            device = info.get("device_name", device)
-    except Exception:
-        device = str(mx.default_device())
+    device = _device_label()
     first = next(iter(stats.values()), {})
     result = {
         "device": device,
@@ -444,10 +449,7 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
             firsts.append((margins[i][j], i, j))
     mismatch = min(i for _, i, _ in firsts) if firsts else None
     margin = max(m for m, _, _ in firsts) if firsts else None
-    try:
-        device = mx.device_info().get("device_name", str(mx.default_device()))
-    except Exception:  # noqa: BLE001 - a label only
-        device = str(mx.default_device())
+    device = _device_label()
     return {
         "device": device,
         "backend": backend or "auto",

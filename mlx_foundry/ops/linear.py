@@ -17,9 +17,9 @@ from ..compound import CompoundKernel
 from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
-from ..stages.gemv import (DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS, check_launch,
-                           gemv_decls, gemv_dispatch, gemv_dual_stage, gemv_stage,
-                           qkv_rope_stage)
+from ..stages.gemv import (DEFAULT_MBLOCK, DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS,
+                           check_launch, gemv_decls, gemv_dispatch, gemv_dual_stage,
+                           gemv_stage, qkv_rope_stage)
 from . import _rope
 from ._checks import check_eps, check_float_array, in_dtype_of
 from .weights import Weight, policy_for
@@ -197,7 +197,8 @@ def valid_launch(params, *, dual=False):
     the rules ``gemv_dispatch`` applies; missing ones are the defaults)."""
     try:
         check_launch(params.get("ROWS", DEFAULT_ROWS), params.get("THREADS", DEFAULT_THREADS),
-                     params.get("SPLITK", DEFAULT_SPLITK), params.get("MBLOCK", 1), dual=dual)
+                     params.get("SPLITK", DEFAULT_SPLITK),
+                     params.get("MBLOCK", DEFAULT_MBLOCK), dual=dual)
     except ValueError:
         return False
     return True

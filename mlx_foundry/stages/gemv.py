@@ -125,7 +125,8 @@ def _x_rows(b):
     return xf
 
 
-def check_launch(rows, threads, split=0, mblock=1, *, dual=False):
+def check_launch(rows, threads, split=DEFAULT_SPLITK, mblock=DEFAULT_MBLOCK, *,
+                 dual=False):
     """Raise ``ValueError`` naming the constant unless the GEMV stages take this launch."""
     if split not in (0, 1):
         raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
@@ -151,8 +152,8 @@ def gemv_dispatch(n_rows, *, dual=False):
     """``dispatch(bound)`` for ``n_rows(bound)`` output rows per batch row of ``x``."""
 
     def dispatch(b):
-        threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", 0)
-        mblock = b.get("MBLOCK", 1)
+        threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", DEFAULT_SPLITK)
+        mblock = b.get("MBLOCK", DEFAULT_MBLOCK)
         check_launch(rows, threads, split, mblock, dual=dual)
         rows_of_x = b.x.size // b.x.shape[-1]
         if b.get("M", rows_of_x) != rows_of_x:
