@@ -312,8 +312,10 @@ def test_default_launch_splits_k_only_for_tall_weights():
 @pytest.mark.parametrize("n,k,m,dual,want", [
     # split K (k >= n): four rows, every row of x in one SIMD-group (2, 3 rows; 7 and more:
     # 4 per SIMD-group)
-    (4096, 14336, 2, False, (4, 1, 2)), (4096, 4096, 3, False, (4, 1, 3)),
-    (4096, 14336, 8, False, (4, 1, 4)),
+    (4096, 14336, 2, False, (4, 1, 2)), (4096, 14336, 8, False, (4, 1, 4)),
+    (2048, 2048, 3, False, (4, 1, 3)), (2048, 8192, 3, False, (4, 1, 3)),
+    # 3 rows of x, n >= 4096: k == n without split, k >= 2 n eight rows with split
+    (4096, 4096, 3, False, (4, 0, 3)), (4096, 14336, 3, False, (8, 1, 3)),
     # k >= n with 4 to 6 rows of x: eight rows without split, two blocks of rows of x;
     # with fewer than 4096 output rows that grid is too small: split K stays
     (4096, 4096, 4, False, (8, 0, 2)), (4096, 14336, 5, False, (8, 0, 3)),

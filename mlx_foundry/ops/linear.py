@@ -134,14 +134,20 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False):
     without split K: eight rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 /
     6: 14.3 / 17.9 -> 12.0 / 14.1 us; 14336 -> 4096: 32.8 / 44.3 -> 30.4 / 37.4 us). With
     fewer output rows that grid is under one threadgroup per SM, which loses (measured at
-    ``n`` = 4096 with half the threadgroups), so they keep split K. ``MBLOCK``: see
-    :func:`_mblock`.
+    ``n`` = 4096 with half the threadgroups), so they keep split K. At 3 rows of ``x``
+    (``n >= 4096``) the best launch measured depends on ``k / n``: 4096 -> 4096 four
+    rows without split (12.8 -> 11.6 us), 14336 -> 4096 eight rows with split (29.3 ->
+    28.4 us). ``MBLOCK``: see :func:`_mblock`.
     """
     if k >= n and k >= SPLIT_MIN_K:
-        if 4 <= m <= 6 and n >= NO_SPLIT_MIN_N and not dual and head_dim is None:
+        wide = n >= NO_SPLIT_MIN_N and not dual and head_dim is None
+        if wide and 4 <= m <= 6:
             rows, split = 8, 0
+        elif wide and m == 3 and k < 2 * n:
+            rows, split = DEFAULT_ROWS, 0
         else:
-            rows, split = (8 if k >= 2 * n and m == 1 else DEFAULT_ROWS), 1
+            tall = k >= 2 * n and (m == 1 or (wide and m == 3))
+            rows, split = (8 if tall else DEFAULT_ROWS), 1
     else:
         rows, split = DEFAULT_ROWS, DEFAULT_SPLITK
     if head_dim is not None:

@@ -42,6 +42,25 @@ constant constexpr int GEMV_NORM_NONE = 0;    // x as given
 constant constexpr int GEMV_NORM_PLAIN = 1;   // RMSNorm without weight: sum(x^2) too
 constant constexpr int GEMV_NORM_WEIGHT = 2;  // RMSNorm with weight: x * gamma, sum(x^2)
 
+// The RMSNorm part of a chunk of x in the float path: adds its squares to ss (before
+// the norm weight, which scales x only) and multiplies it by gv when NORM has a weight.
+template <int C, int NORM>
+METAL_FUNC void gemv_norm_chunk_f(thread float* xv, thread const float* gv,
+                                  thread float& ss) {
+  if (NORM != GEMV_NORM_NONE) {
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      ss = metal::fma(xv[i], xv[i], ss);
+    }
+  }
+  if (NORM == GEMV_NORM_WEIGHT) {
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      xv[i] *= gv[i];
+    }
+  }
+}
+
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with MB rows of x: the float
 // path. x row j is xr + min(j, last) * K (rows past `last` repeat it; the caller drops
 // their sums). rows[r]: the weight row of slot r (already clamped to a valid row). Every
@@ -80,18 +99,7 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, uint last,
     for (int j = 0; j < MB; ++j) {
       float xv[C];
       dense_load<T, C, XVEC>(xr + metal::min(uint(j), last) * uint(K) + uint(c * C), xv);
-      if (NORM != GEMV_NORM_NONE) {
-#pragma unroll
-        for (int i = 0; i < C; ++i) {
-          ss[j] = metal::fma(xv[i], xv[i], ss[j]);
-        }
-      }
-      if (GAMMA) {
-#pragma unroll
-        for (int i = 0; i < C; ++i) {
-          xv[i] *= gv[i];
-        }
-      }
+      gemv_norm_chunk_f<C, NORM>(xv, gv, ss[j]);
       float xs = 0.0f;
 #pragma unroll
       for (int i = 0; i < C; ++i) {
@@ -116,18 +124,7 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, uint last,
       float xv[C];
       dense_load_tail<T, C>(xr + metal::min(uint(j), last) * uint(K) + uint(FULL * C), TAIL,
                             xv);
-      if (NORM != GEMV_NORM_NONE) {
-#pragma unroll
-        for (int i = 0; i < C; ++i) {
-          ss[j] = metal::fma(xv[i], xv[i], ss[j]);
-        }
-      }
-      if (GAMMA) {
-#pragma unroll
-        for (int i = 0; i < C; ++i) {
-          xv[i] *= gv[i];
-        }
-      }
+      gemv_norm_chunk_f<C, NORM>(xv, gv, ss[j]);
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         s[j * ROWS + r] += pol.dot_tail(rows[r], FULL, xv, TAIL);
