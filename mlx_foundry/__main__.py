@@ -79,6 +79,9 @@ def main(argv=None):
     b.add_argument("--out", default=None, help="directory for results.json and chart.png")
     b.add_argument("--only", nargs="*", default=None, help="only cases containing these strings")
     b.add_argument("--backend", choices=["metal", "cuda", "reference"], default=None)
+    b.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="activation and scale dtype (default: float16; float32 at the "
+                        "reference backend's tiny shapes)")
     b.add_argument("--tune", action="store_true",
                    help="tune the GEMV launch constants for this device and store them")
     b.add_argument("--tune-rows", nargs="+", type=int, default=[1], metavar="M",
