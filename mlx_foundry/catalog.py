@@ -120,6 +120,7 @@ def _entries():
                  ("q4g64_trad", (4, 64), (4, 64), True, False, F16, True, False),
                  ("q8g64_q4g64_mixed", (8, 64), (4, 64), False, False, F16, True, False),
                  ("dense_bf16", "dense", "dense", False, False, BF16, True, False),
+                 ("q4g64_bf16", (4, 64), (4, 64), False, False, BF16, True, False),
                  ("q4g64_bias", (4, 64), (4, 64), False, True, F16, True, False),
                  ("q4g64_joint_kv", (4, 64), (4, 64), False, False, F16, True, True),
                  ("q4g64_plain_bias_joint_kv", (4, 64), (4, 64), False, True, F16, False, True)]
@@ -178,6 +179,11 @@ def _entries():
         lambda: ops.norm_gate_up_swiglu(_z((4, K), F16), _z((K,), F16), 1e-5,
                                         _weight(1024, K, (4, 64)), _weight(1024, K, (4, 64)),
                                         backend="metal"))
+    add("norm_gate_up_swiglu_q4g64_q8g64_bf16_rows3", "RMSNorm + gate q4g64 / up q8g64 + "
+        "SwiGLU, bf16 (packed-half path, converted per chunk), 3 rows of x",
+        lambda: ops.norm_gate_up_swiglu(_z((3, K), BF16), _z((K,), BF16), 1e-5,
+                                        _weight(1024, K, (4, 64), BF16),
+                                        _weight(1024, K, (8, 64), BF16), backend="metal"))
     add("linear_dense_bf16_rows3_splitk", "GEMV 3x4096 -> 1024 dense bf16, split K",
         lambda: ops.linear(_z((3, K), BF16), _weight(1024, K, "dense", BF16), backend="metal"))
     add("norm_linear_q4g64_rows5_mblock4", "RMSNorm + GEMV 5x4096 -> 1024 q4g64, MBLOCK 4, "

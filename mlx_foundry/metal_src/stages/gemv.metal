@@ -19,8 +19,9 @@
 //
 // Two paths, chosen at compile time by gemv_dot_rows_mb:
 // - float (any policy and activation type): x converted to float, policy.dot_chunk;
-// - packed half (x is half and every weight policy of the call has HALF_PAIRS > 0, i.e.
-//   MLX affine with 4 or 8 bits): the chunk of x stays 16 half2 registers, permuted once
+// - packed half (x is half or bfloat and every weight policy of the call has HALF_PAIRS >
+//   0, i.e. MLX affine with 4 or 8 bits; bfloat x converted to half per chunk, scaled by
+//   a power of two): the chunk of x stays 16 half2 registers, permuted once
 //   per chunk into each policy's pair order (shared by its ROWS rows); policy.load_h
 //   reads a row's chunk, policy.dot_h dequantizes and multiplies with HFMA2
 //   (policies/affine.metal). The loads of the next chunk are issued before the
@@ -163,6 +164,57 @@ struct gemv_is_half<half> {
   enum : int { value = 1 };
 };
 
+template <typename T>
+struct gemv_is_bf16 {
+  enum : int { value = 0 };
+};
+template <>
+struct gemv_is_bf16<bfloat16_t> {
+  enum : int { value = 1 };
+};
+
+// bfloat16 x on the packed-half path: the 16 words u[k] = (x[2k], x[2k+1]) of a lane's
+// chunk become half2 words in place, times a power of two 2^p that puts the chunk's
+// largest magnitude (after the norm weight, gw, with GEMV_NORM_WEIGHT) in [2^12, 2^13).
+// bf16 has half's 8 significant bits to spare but not its range; scaled, the values are
+// exact in half down to 2^-26 of the largest (smaller ones lose bits they cannot move the
+// sum by), and the dot products' half sums of 4 products (|q| <= 1) stay under 2^15.
+// With a norm, ss_lo / ss_hi take sum(x^2) of the raw values in float. Returns 2^-p,
+// by which the caller scales the chunk's sums back (exact).
+template <int NORM>
+METAL_FUNC float gemv_bf16_chunk_as_half(thread uint* u, thread const uint* gw,
+                                         thread float& ss_lo, thread float& ss_hi) {
+  float v[32];
+  float m = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    float a = as_type<float>(u[k] << 16u);
+    float b = as_type<float>(u[k] & 0xFFFF0000u);
+    if (NORM != GEMV_NORM_NONE) {
+      ss_lo = metal::fma(a, a, ss_lo);
+      ss_hi = metal::fma(b, b, ss_hi);
+    }
+    if (NORM == GEMV_NORM_WEIGHT) {
+      a *= as_type<float>(gw[k] << 16u);
+      b *= as_type<float>(gw[k] & 0xFFFF0000u);
+    }
+    v[2 * k] = a;
+    v[2 * k + 1] = b;
+    m = metal::max(m, metal::max(metal::abs(a), metal::abs(b)));
+  }
+  // m's biased exponent e: 2^(e - 127) <= m < 2^(e - 126) (e = 0 for zero, 255 for inf
+  // or NaN, which then stay inf or NaN). Scale 2^(139 - e), as the float of biased
+  // exponent 266 - e, at most 253 so that the inverse (254 - that) is a normal float.
+  const uint e = as_type<uint>(m) >> 23u;
+  const uint sb = metal::min(266u - e, 253u);
+  const float sc = as_type<float>(sb << 23u);
+#pragma unroll
+  for (int k = 0; k < 16; ++k) {
+    u[k] = as_type<uint>(half2(half(v[2 * k] * sc), half(v[2 * k + 1] * sc)));
+  }
+  return as_type<float>((254u - sb) << 23u);
+}
+
 template <bool H>
 struct gemv_path {};
 
@@ -180,11 +232,12 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
   }
 }
 
-// The packed-half path (T is half; K is a multiple of 32), MB rows of x as in
+// The packed-half path (T is half or bfloat; K is a multiple of 32), MB rows of x as in
 // gemv_dot_rows_f: a lane's weight chunks are loaded once and dotted with the chunk of
 // every row of x. With GAMMA (x is the un-normalised row, the RMSNorm scale comes later)
-// x * gamma is rounded to half as x * (gamma / 16), so that it overflows only past
-// 16 x 65504; the sums are scaled back by 16 (exact) in float.
+// half x * gamma is rounded to half as x * (gamma / 16), so that it overflows only past
+// 16 x 65504; the sums are scaled back by 16 (exact) in float. bfloat x is converted
+// per chunk (gemv_bf16_chunk_as_half) and each chunk's sums scaled back.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT, int MB>
 METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
@@ -192,6 +245,7 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
                                 uint part, thread float* out, thread float* out2,
                                 thread float* ss) {
   constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
+  constexpr bool BF = gemv_is_bf16<T>::value != 0;
   static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
   constexpr int FULL = K / 32;
   constexpr int S1 = gemv_half_pairs<P>::value;
@@ -262,7 +316,12 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
         u[4 * q + 2] = v.z;
         u[4 * q + 3] = v.w;
       }
-      if (NORM != GEMV_NORM_NONE) {
+      // bfloat x: the chunk's sums times cb (exact).
+      float cb = 1.0f;
+      if (BF) {
+        cb = gemv_bf16_chunk_as_half<NORM>(u, gw, ss_lo[j], ss_hi[j]);
+      }
+      if (!BF && NORM != GEMV_NORM_NONE) {
         // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
         // make anyway (two float accumulators per lane and row of x).
 #pragma unroll
@@ -272,7 +331,7 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
           ss_hi[j] = metal::fma(f.y, f.y, ss_hi[j]);
         }
       }
-      if (GAMMA) {
+      if (!BF && GAMMA) {
         const half2 sixteenth = as_type<half2>(0x2C002C00u);
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
@@ -297,9 +356,10 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
       }
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
-        s[j * ROWS + r] += pol.dot_h(ch[r], xh, xs, key);
+        s[j * ROWS + r] = metal::fma(pol.dot_h(ch[r], xh, xs, key), cb, s[j * ROWS + r]);
         if (DUAL) {
-          s2[j * ROWS + r] += pol2.dot_h(ch2[r], xh2, xs, key2);
+          s2[j * ROWS + r] = metal::fma(pol2.dot_h(ch2[r], xh2, xs, key2), cb,
+                                        s2[j * ROWS + r]);
         }
       }
     }
@@ -315,7 +375,7 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
   for (int j = 0; j < MB; ++j) {
     ss[j] = ss_lo[j] + ss_hi[j];
   }
-  const float back = GAMMA ? 16.0f : 1.0f;
+  const float back = GAMMA && !BF ? 16.0f : 1.0f;
 #pragma unroll
   for (int i = 0; i < MB * ROWS; ++i) {
     out[i] = simd_sum(s[i]) * back;
@@ -346,8 +406,8 @@ METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T
 }
 
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with MB rows of x (xr, and
-// rows of K after it up to `last`), on the packed-half path when x is half and every
-// policy has one, else on the float path. SPLIT SIMD-groups share the rows: this one
+// rows of K after it up to `last`), on the packed-half path when x is half or bfloat and
+// every policy has one, else on the float path. SPLIT SIMD-groups share the rows: this one
 // (part, 0 <= part < SPLIT) takes every SPLIT-th 32-chunk stride of K; the caller adds
 // the SPLIT partial sums. With a norm, ss[j] returns this lane's part of sum(x_j^2) over
 // the same chunks.
@@ -357,8 +417,8 @@ METAL_FUNC void gemv_dot_rows_mb(P pol, P2 pol2, const device T* xr, uint last,
                                  const device T* gr, thread const uint* rows, uint lane,
                                  uint part, thread float* out, thread float* out2,
                                  thread float* ss) {
-  constexpr bool H = gemv_is_half<T>::value != 0 && gemv_half_pairs<P>::value > 0 &&
-                     (!DUAL || gemv_half_pairs<P2>::value > 0);
+  constexpr bool H = (gemv_is_half<T>::value != 0 || gemv_is_bf16<T>::value != 0) &&
+                     gemv_half_pairs<P>::value > 0 && (!DUAL || gemv_half_pairs<P2>::value > 0);
   gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(gemv_path<H>(), pol, pol2, xr,
                                                              last, gr, rows, lane, part, out,
                                                              out2, ss);
