@@ -367,6 +367,38 @@ def test_half_path_large_activations(gpu_backend, bits):
     assert_close(got, _ref(lambda be: norm_linear(xr, g, 1e-5, w, backend=be)), dtype, k=k)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale", [1e-30, 1e6], ids=["tiny", "huge"])
+def test_bf16_path_outside_half_range(gpu_backend, fused_rows, bits, scale):
+    """bfloat16 activations with 4/8-bit weights take the packed-half path, converted to
+    half per 32-element chunk with a power-of-two scale. Rows far outside half's range
+    (1e-30 and 1e6 times unit normals; in row 1 an outlier 300 times that, in row 2 the
+    first 1024 elements zero, so whole chunks are zero) must match the reference: the
+    plain linear and the norm-fused ops alike relative to the largest output of the
+    reference (with RMSNorm's eps the normalised tiny rows stay tiny)."""
+    dtype, k, m = mx.bfloat16, 4096, 3
+    w = _w(99, k, (bits, 64), dtype)
+    col, row = mx.arange(k)[None, :], mx.arange(m)[:, None]
+    x = _x((m, k), mx.float32)
+    x = mx.where((row == 1) & (col == 7), 300.0, x)
+    x = mx.where((row == 2) & (col < 1024), 0.0, x)
+    x = (x * scale).astype(dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    gate, up = _w(99, k, (bits, 64), dtype), _w(99, k, (4, 64), dtype)
+    ops = {
+        "linear": lambda be: linear(x, w, backend=be),
+        "norm_linear": lambda be: norm_linear(x, g, 1e-5, w, backend=be),
+        "norm_linear_plain": lambda be: norm_linear(x, None, 1e-5, w, backend=be),
+        "gate_up": lambda be: norm_gate_up_swiglu(x, g, 1e-5, gate, up, backend=be),
+    }
+    for name, op in ops.items():
+        got, want = op(gpu_backend).astype(mx.float32), _ref(op).astype(mx.float32)
+        assert bool(mx.isfinite(got).all()), name
+        top = mx.abs(want).max().item()
+        assert top > 0, name
+        assert_close(got / top, want / top, dtype, k=k, msg=name)
+
+
 MBLOCK_CASES = [  # (format, K): the packed-half path (4/8-bit, f16) and the float path
     ((4, 64), 2880), ((8, 32), 4128), ((5, 32), 4128), ("dense", 1000)]
 
