@@ -391,6 +391,10 @@ def test_bf16_path_outside_half_range(gpu_backend, fused_rows, bits, scale):
         "norm_linear_plain": lambda be: norm_linear(x, None, 1e-5, w, backend=be),
         "gate_up": lambda be: norm_gate_up_swiglu(x, g, 1e-5, gate, up, backend=be),
     }
+    if scale < 1:
+        # silu(gate) * up of normalised 1e-30 rows (~3e-28 each, RMSNorm's eps dominates)
+        # is ~1e-55: zero in float32 for the reference too, nothing to compare.
+        del ops["gate_up"]
     for name, op in ops.items():
         got, want = op(gpu_backend).astype(mx.float32), _ref(op).astype(mx.float32)
         assert bool(mx.isfinite(got).all()), name
