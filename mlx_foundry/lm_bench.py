@@ -26,7 +26,7 @@ LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
                                "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192})
 
-__all__ = ["LLAMA3_8B", "FP16_TIE", "decode_benchmark", "batch_decode_benchmark",
+__all__ = ["LLAMA3_8B", "FP16_TIE", "BF16_TIE", "tie_of", "decode_benchmark", "batch_decode_benchmark",
            "random_quantized_model", "greedy_decode", "forced_argmax", "logit_errors",
            "same_tokens_up_to_ties"]
 
@@ -156,32 +156,83 @@ FP16_TIE = 2.0 ** -6
 last place at |logprob| in [8, 16)): any other summation order may break it the other
 way, and a greedy run that breaks it differently goes on with other tokens."""
 
+BF16_TIE = 2.0 ** -3
+""":data:`FP16_TIE` for bfloat16 models: two bf16 units in the last place at |logprob| in
+[8, 16) (bf16 keeps 8 significant bits to fp16's 11)."""
 
-def same_tokens_up_to_ties(result, tie=FP16_TIE):
+
+def tie_of(dtype):
+    """The log-probability gap below which a model of activation ``dtype`` has a tie."""
+    return BF16_TIE if dtype == mx.bfloat16 else FP16_TIE
+
+
+def _model_dtype(model):
+    """The dtype of the model's first floating-point parameter (its activations')."""
+    from mlx.utils import tree_flatten
+
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32
+
+
+def _float32_forced_logits(model, prompt, tokens):
+    """:func:`_forced_logits` of the model with float32 activations and scales (the
+    model is restored to its dtype afterwards: both casts are exact)."""
+    dtype = _model_dtype(model)
+    model.set_dtype(mx.float32)
+    try:
+        return _forced_logits(model, prompt, tokens)
+    finally:
+        model.set_dtype(dtype)
+
+
+def _settled(margin, f32_gap, tie):
+    """A differing choice is no error: a tie of the unpatched run, or float32 arithmetic
+    prefers the patched choice or finds the two within ``tie``."""
+    return margin is not None and (margin <= tie or (f32_gap is not None and f32_gap <= tie))
+
+
+def same_tokens_up_to_ties(result, tie=None):
     """Whether a :func:`decode_benchmark` result chose the unpatched tokens everywhere
     except at ties: every teacher-forced disagreement and the first free-running
-    mismatch (if any) fall where the unpatched top-2 gap is at most ``tie``, and
-    disagreements are rare (at most one per 32 steps).
+    mismatch (if any) fall where the unpatched top-2 gap is at most ``tie``, or where
+    the model run in float32 prefers the patched choice or puts the two within ``tie``
+    (``float32_gap``: its log-probability of the unpatched choice minus the patched
+    one's), and disagreements are rare (at
+    most one per 32 steps, not counting those where float32 prefers the patched choice).
+
+    Args:
+        tie (float, optional): Default: the result's ``tie``, else :data:`FP16_TIE`.
 
     Returns:
         (bool, str): the verdict and a one-line explanation.
     """
+    tie = result.get("tie", FP16_TIE) if tie is None else tie
     forced = result.get("forced_disagreements") or []
     steps = len(result.get("unpatched_tokens") or []) or 1
-    clear = [d for d in forced if d["unpatched_margin"] > tie]
+    clear = [d for d in forced
+             if not _settled(d["unpatched_margin"], d.get("float32_gap"), tie)]
     if clear:
         return False, (f"fed the unpatched tokens, the patched model chose another token "
                        f"where the unpatched choice was clear: {clear[:4]}")
-    if len(forced) > max(1, steps // 32):
-        return False, f"{len(forced)} teacher-forced disagreements in {steps} steps"
+    # Rare, but for the steps where float32 prefers the patched choice: the unpatched
+    # decode's own rounding chose there.
+    own = [d for d in forced if not (d.get("float32_gap") is not None and d["float32_gap"] < 0)]
+    if len(own) > max(1, steps // 32):
+        return False, f"{len(own)} teacher-forced disagreements in {steps} steps"
     if not result.get("tokens_equal"):
         m = result.get("first_mismatch_margin")
-        if m is None or m > tie:
+        g = result.get("first_mismatch_float32_gap")
+        if not _settled(m, g, tie):
             return False, (f"greedy tokens differ from step {result.get('first_mismatch')} "
-                           f"where the unpatched top-2 gap was {m}")
-        return True, (f"greedy tokens differ from step {result['first_mismatch']}, a tie "
-                      f"(unpatched top-2 gap {m:.3g}); teacher-forced, the choices differ "
-                      f"only at ties ({len(forced)} of {steps} steps)")
+                           f"where the unpatched top-2 gap was {m}"
+                           + ("" if g is None else f" and float32's gap {g:.3g}"))
+        how = (f"a tie (unpatched top-2 gap {m:.3g})" if m <= tie else
+               f"where float32 finds the patched choice as good (gap {g:.3g})")
+        return True, (f"greedy tokens differ from step {result['first_mismatch']}, {how}; "
+                      f"teacher-forced, the choices differ only at ties or where float32 "
+                      f"agrees ({len(forced)} of {steps} steps)")
     return True, "identical greedy tokens"
 
 
@@ -258,11 +309,15 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     tokens are within fp16 resolution, any other summation order may pick the other
     one, and the runs part ways. So besides the free-running comparison the result
     holds a per-step check: the patched model fed the unpatched tokens, its choice at
-    every step, and the unpatched top-2 log-probability gap where they differ.
+    every step, and the unpatched top-2 log-probability gap where they differ. Where
+    that gap is past a tie (bf16 rounds each op's output to 8 significant bits, the
+    unpatched decode included) the model run in float32 is the judge: its gap between
+    the two choices.
 
     Returns:
-        dict: ``tokens_equal``, ``first_mismatch``, ``first_mismatch_margin``,
-        ``forced_disagreements`` (``[{"step", "unpatched_margin"}]``),
+        dict: ``tokens_equal``, ``tie`` (:func:`tie_of` the model's dtype),
+        ``first_mismatch``, ``first_mismatch_margin``, ``first_mismatch_float32_gap``,
+        ``forced_disagreements`` (``[{"step", "unpatched_margin", "float32_gap"}]``),
         ``smallest_unpatched_margin``, ``unpatched_tok_s``,
         ``patched_tok_s``, ``speedup``, ``device``, ``report``, ...
     """
@@ -304,11 +359,23 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     _, _, ref_margins = greedy_decode(model, prompt, steps, margins=True)
     # Steps where the patched model, fed the unpatched tokens, chooses another token, and
     # how close the unpatched runner-up was there (log-probability gap).
-    disagree = [(i, ref_margins[i]) for i, (a, b) in enumerate(zip(forced, ref_tokens))
+    disagree = [(i, ref_margins[i], a) for i, (a, b) in enumerate(zip(forced, ref_tokens))
                 if a != b]
     mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
     if mismatch is None and len(tokens) != len(ref_tokens):
         mismatch = min(len(tokens), len(ref_tokens))
+    mismatch_margin = (None if mismatch is None or mismatch >= len(ref_margins)
+                       else ref_margins[mismatch])
+    # Float32 arithmetic judges every disagreement: its gap between the unpatched and
+    # the patched choice (the unpatched decode rounds too, bf16 most of all).
+    tie = tie_of(_model_dtype(model))
+    judge = {i: a for i, _, a in disagree}
+    if mismatch_margin is not None and mismatch_margin > tie and mismatch < len(tokens):
+        judge[mismatch] = tokens[mismatch]
+    f32_gap = {}
+    if judge:
+        lp = _float32_forced_logits(model, prompt, ref_tokens)
+        f32_gap = {i: float(lp[i, ref_tokens[i]] - lp[i, a]) for i, a in judge.items()}
     device = _device_label()
     first = next(iter(stats.values()), {})
     result = {
@@ -322,10 +389,14 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         "steps": steps,
         "prompt_tokens": len(prompt),
         "tokens_equal": mismatch is None,
+        "tie": tie,
         "first_mismatch": mismatch,
-        "first_mismatch_margin": None if mismatch is None or mismatch >= len(ref_margins)
-        else ref_margins[mismatch],
-        "forced_disagreements": [{"step": i, "unpatched_margin": m} for i, m in disagree],
+        "first_mismatch_margin": mismatch_margin,
+        "first_mismatch_float32_gap": f32_gap.get(mismatch),
+        "forced_disagreements": [
+            dict({"step": i, "unpatched_margin": m},
+                 **({"float32_gap": f32_gap[i]} if i in f32_gap else {}))
+            for i, m, _ in disagree],
         "smallest_unpatched_margin": min(ref_margins) if ref_margins else None,
         "unpatched_tokens": ref_tokens,
         "patched_tokens": tokens,
@@ -395,8 +466,9 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
     several rows (``MBLOCK``). Unpatched and patched alternate, round by round, each
     patched round patching anew; the best round of each is reported. Greedy choices are
     compared step by step: the first step where a sequence differs must be a tie of the
-    unpatched run (top-2 log-probability gap at most :data:`FP16_TIE`), for every
-    sequence (they decode independently).
+    unpatched run (top-2 log-probability gap at most :func:`tie_of` the model's dtype),
+    or float32 arithmetic must find the patched choice as good, for every sequence
+    (they decode independently).
 
     Args:
         model (nn.Module, optional): an mlx-lm model. Default: the random
@@ -413,7 +485,8 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
         sequences per second), ``speedup``, ``unpatched_step_ms``, ``patched_step_ms``,
         ``tokens_equal``, ``first_mismatch`` (the first step where a sequence
         differs), ``first_mismatch_margin`` (the largest unpatched top-2 gap over every
-        differing sequence's first differing step), ``sequences_differing``,
+        differing sequence's first differing step), ``first_mismatch_float32_gap`` (the
+        largest float32 gap over those past ``tie``), ``tie``, ``sequences_differing``,
         ``unpatched_tokens``, ``patched_tokens`` (``[step][sequence]``),
         ``forced_disagreements`` (empty: no teacher-forced pass), ``device``.
     """
@@ -449,6 +522,14 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
             firsts.append((margins[i][j], i, j))
     mismatch = min(i for _, i, _ in firsts) if firsts else None
     margin = max(m for m, _, _ in firsts) if firsts else None
+    # Past a tie, float32 arithmetic judges (as in decode_benchmark), on the sequence
+    # alone: its gap between the unpatched and the patched choice at that step.
+    tie = tie_of(_model_dtype(model))
+    gaps = []
+    for m, i, j in firsts:
+        if m > tie:
+            lp = _float32_forced_logits(model, prompts[j], [t[j] for t in ref_tokens[:i + 1]])
+            gaps.append(float(lp[i, ref_tokens[i][j]] - lp[i, tokens[i][j]]))
     device = _device_label()
     return {
         "device": device,
@@ -462,8 +543,10 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
         "patched_tok_s": batch / ours_step,
         "speedup": ref_step / ours_step,
         "tokens_equal": mismatch is None,
+        "tie": tie,
         "first_mismatch": mismatch,
         "first_mismatch_margin": margin,
+        "first_mismatch_float32_gap": max(gaps) if gaps else None,
         "sequences_differing": sorted(j for _, _, j in firsts),
         "forced_disagreements": [],
         "unpatched_tokens": ref_tokens,

@@ -433,6 +433,22 @@ def _decode_result(**kw):
     ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.5}, False),
     ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2}]}, False),
     ({"forced_disagreements": [{"step": s, "unpatched_margin": 0.0} for s in (1, 2, 3)]}, False),
+    ({"forced_disagreements": [{"step": s, "unpatched_margin": 0.5, "float32_gap": -0.1}
+                               for s in (1, 2, 3)]}, True),
+    # past the tie, float32 judges: it prefers the patched choice, or finds the two tied
+    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2, "float32_gap": -0.05}]},
+     True),
+    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2, "float32_gap": 0.01}]},
+     True),
+    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2, "float32_gap": 0.1}]},
+     False),
+    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.5,
+      "first_mismatch_float32_gap": -0.3}, True),
+    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.5,
+      "first_mismatch_float32_gap": 0.4}, False),
+    # a bf16 model's tie is wider; the result carries it
+    ({"tie": 2.0 ** -3, "forced_disagreements": [{"step": 3, "unpatched_margin": 0.1}]}, True),
+    ({"tie": 2.0 ** -3, "forced_disagreements": [{"step": 3, "unpatched_margin": 0.2}]}, False),
 ])
 def test_same_tokens_up_to_ties(kw, ok):
     from mlx_foundry.lm_bench import same_tokens_up_to_ties
@@ -537,17 +553,35 @@ def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(mo
         class args:
             vocab_size = 100
 
+    judged = []
+    f32_gap = [1.0]  # float32: log p(unpatched choice) - log p(patched choice)
+
+    def float32_logits(m, prompt, tokens):
+        judged.append((prompt, tokens))
+        lp = mx.zeros((len(tokens), 100))
+        return lp.at[len(tokens) - 1, tokens[-1]].add(f32_gap[0])
+
     monkeypatch.setattr(lm_bench, "_batch_greedy", fake)
+    monkeypatch.setattr(lm_bench, "_model_dtype", lambda m: mx.float16)
+    monkeypatch.setattr(lm_bench, "_float32_forced_logits", float32_logits)
     monkeypatch.setattr("mlx_foundry.lm.patch", lambda m, **kw: setattr(fake, "patched", True))
     monkeypatch.setattr("mlx_foundry.lm.unpatch", lambda m: setattr(fake, "patched", False))
     r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
     assert r["first_mismatch"] == 1 and r["sequences_differing"] == [0, 1]
     assert r["first_mismatch_margin"] == 0.3  # sequence 1 at step 2 (0.001: sequence 0)
+    # only sequence 1 is past the tie: float32 is fed its unpatched tokens to step 2
+    assert len(judged) == 1 and judged[0][1] == [2, 4, 6]
+    assert r["first_mismatch_float32_gap"] == 1.0
     ok, why = lm_bench.same_tokens_up_to_ties(r)
     assert not ok and "0.3" in why
+    f32_gap[0] = -0.25  # float32 prefers the patched token
+    r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
+    assert r["first_mismatch_float32_gap"] == -0.25 and lm_bench.same_tokens_up_to_ties(r)[0]
     gaps[2][1] = 0.01
+    judged.clear()
     r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
     assert r["first_mismatch_margin"] == 0.01 and lm_bench.same_tokens_up_to_ties(r)[0]
+    assert not judged and r["first_mismatch_float32_gap"] is None
 
 
 def test_batch_candidates_are_valid_launches():
@@ -598,3 +632,19 @@ def test_cli_tune_rows_reaches_the_tuner(monkeypatch, capsys):
     seen.clear()
     assert cli_main(["bench", "--tune", "--backend", "reference"]) == 0
     assert seen["rows"] == (1,)
+
+
+def test_decode_benchmark_bf16_is_judged_by_float32():
+    """A bf16 model: the tie is bf16's, and where the patched choice differs past it the
+    float32 run judges. On the CPU MLX's own bf16 quantized matmul sums in bf16, so the
+    patched (float-accumulating) reference ops may part ways with it: float32 must find
+    those choices at least as good."""
+    from mlx_foundry import lm_bench
+    from mlx_foundry.bench.e2e import TINY_LLAMA
+
+    r = lm_bench.decode_benchmark(config=TINY_LLAMA, steps=12, warmup=1, dtype=mx.bfloat16,
+                                  backend="reference", results_dir="")
+    assert r["tie"] == lm_bench.BF16_TIE
+    assert all("float32_gap" in d for d in r["forced_disagreements"])
+    ok, why = lm_bench.same_tokens_up_to_ties(r)
+    assert ok, why
