@@ -8,11 +8,12 @@ a 32-element chunk is ``bits`` words (one 16-byte load for 4 bits) inside one gr
 so ``dot(w, x) = scale * dot(q, x) + bias * sum(x)`` with ``sum(x)`` computed once
 per chunk and shared by every row.
 
-With half activations and 4 or 8 bits the GEMV takes a packed-half path
+With half or bfloat16 activations and 4 or 8 bits the GEMV takes a packed-half path
 (``HALF_PAIRS`` in the struct): two elements per 32-bit mask-and-OR with the 0x6400
 magic number (exact), one half2 FMA to ``(q - 2^(bits-1)) / 2^(bits-1)``, half2 FMAs
-against ``x`` kept as half2 pairs, flushed to float every 4 products per half lane.
-Other bit widths, bfloat16 and float32 activations use the float path.
+against ``x`` kept as half2 pairs, flushed to float every 4 products per half lane
+(bfloat16 ``x`` is converted to half per 32-element chunk, scaled by a power of two).
+Other bit widths and float32 activations use the float path.
 """
 
 import functools
