@@ -218,7 +218,8 @@ def _cuda_cases():
 
 
 def _half_cases():
-    """Kernels with half activations: (name, kernel, kwargs, packed-half path expected)."""
+    """Kernels with half or bfloat activations: (name, kernel, kwargs, packed-half path
+    expected)."""
     f16, bf16 = mx.float16, mx.bfloat16
 
     def ren(args, prefix):
@@ -229,7 +230,14 @@ def _half_cases():
         yield (f"linear_affine{bits}_f16", linear_kernel(("affine", bits, gs)),
                dict(x=x, **_affine_args(64, 256, bits, gs, f16)), bits in (4, 8))
     yield "linear_affine4_bf16", linear_kernel(("affine", 4, 64)), dict(
-        x=x.astype(bf16), **_affine_args(64, 256, 4, 64, bf16)), False
+        x=x.astype(bf16), **_affine_args(64, 256, 4, 64, bf16)), True
+    yield "norm_gate_up_affine8_affine4_bf16", gate_up_kernel(
+        ("affine", 8, 64), ("affine", 4, 64)), dict(
+        x=x.astype(bf16), eps=1e-5, norm_weight=mx.ones((256,), bf16),
+        **ren(_affine_args(64, 256, 8, 64, bf16), "wg"),
+        **ren(_affine_args(64, 256, 4, 64, bf16), "wu")), True
+    yield "linear_affine3_bf16", linear_kernel(("affine", 3, 32)), dict(
+        x=x.astype(bf16), **_affine_args(64, 256, 3, 32, bf16)), False
     yield "norm_linear_affine4_f16", linear_kernel(("affine", 4, 64), norm="weight"), dict(
         x=x, eps=1e-5, norm_weight=mx.ones((256,), f16), **_affine_args(64, 256, 4, 64, f16)), True
     norm = dict(x=x, eps=1e-5, norm_weight=mx.ones((256,), f16))
@@ -258,8 +266,8 @@ def _nvcc_or_skip():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in _half_cases()])
 def test_half_path_is_chosen_at_compile_time(case, tmp_path):
-    """x half with 4/8-bit affine weights (every policy of the call) compiles to packed
-    HFMA2 (fma.rn.f16x2); bfloat, other bit widths and dense partners keep the float path."""
+    """x half or bfloat with 4/8-bit affine weights (every policy of the call) compiles to
+    packed HFMA2 (fma.rn.f16x2); other bit widths and dense partners keep the float path."""
     nvcc, inc = _nvcc_or_skip()
     _, kern, kwargs, half = next(c for c in _half_cases() if c[0] == case)
     cu = tmp_path / "k.cu"
