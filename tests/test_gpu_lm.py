@@ -42,16 +42,20 @@ def _assert_same_tokens_up_to_ties(result):
     assert ok, f"{why}: {result['unpatched_tokens']} vs {result['patched_tokens']}"
 
 
-@pytest.mark.parametrize("model_type,bits,group_size", [
-    ("llama", 4, 64), ("llama", 8, 32), ("qwen2", 4, 128), ("qwen3", 6, 64),
-])
-def test_small_models_greedy_tokens(gpu_backend, model_type, bits, group_size):
-    """Smaller shapes, other architectures and formats (fast; no results file)."""
+@pytest.mark.parametrize("model_type,bits,group_size,dtype", [
+    ("llama", 4, 64, mx.float16), ("llama", 8, 32, mx.float16), ("qwen2", 4, 128, mx.float16),
+    ("qwen3", 6, 64, mx.float16),
+    # bf16 models (most mlx-lm checkpoints of bf16 models): the packed-half path for 4 and
+    # 8 bits, the float path for 6; greedy tokens judged with bf16's tie and float32
+    ("llama", 4, 64, mx.bfloat16), ("qwen3", 8, 64, mx.bfloat16), ("llama", 6, 64, mx.bfloat16),
+], ids=lambda v: {mx.float16: "f16", mx.bfloat16: "bf16"}.get(v, str(v)))
+def test_small_models_greedy_tokens(gpu_backend, model_type, bits, group_size, dtype):
+    """Smaller shapes, other architectures, formats and dtypes (fast; no results file)."""
     cfg = dict(LLAMA3_8B, model_type=model_type, hidden_size=1024, num_hidden_layers=4,
                intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
                vocab_size=32000, head_dim=64, rope_scaling=None)
     result = decode_benchmark(steps=32, backend=gpu_backend, config=cfg, bits=bits,
-                              group_size=group_size, results_dir="", warmup=2)
+                              group_size=group_size, dtype=dtype, results_dir="", warmup=2)
     assert result["fused_blocks"] == 4, result["report"]
     _assert_same_tokens_up_to_ties(result)
 
