@@ -41,6 +41,10 @@ def _check(args):
 
 def _bench(args):
     if args.tune:
+        if getattr(args, "dtype", None) not in (None, "float16"):
+            print("[bench] --tune tunes the float16 kernels; --dtype "
+                  f"{args.dtype} is not supported with it.", file=sys.stderr)
+            return 2
         from .bench.autotune import tune_decode, tune_linear
 
         chosen = tune_linear(args.backend, rows_of_x=tuple(args.tune_rows))

@@ -369,13 +369,16 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     # Float32 arithmetic judges every disagreement: its gap between the unpatched and
     # the patched choice (the unpatched decode rounds too, bf16 most of all).
     tie = tie_of(_model_dtype(model))
-    judge = {i: a for i, _, a in disagree}
-    if mismatch_margin is not None and mismatch_margin > tie and mismatch < len(tokens):
-        judge[mismatch] = tokens[mismatch]
-    f32_gap = {}
-    if judge:
+    # The teacher-forced choices and the free-running first mismatch are judged apart:
+    # at one step they may be different tokens.
+    judge_first = (mismatch_margin is not None and mismatch_margin > tie
+                   and mismatch < len(tokens))
+    f32_gap, first_gap = {}, None
+    if disagree or judge_first:
         lp = _float32_forced_logits(model, prompt, ref_tokens)
-        f32_gap = {i: float(lp[i, ref_tokens[i]] - lp[i, a]) for i, a in judge.items()}
+        f32_gap = {i: float(lp[i, ref_tokens[i]] - lp[i, a]) for i, _, a in disagree}
+        if judge_first:
+            first_gap = float(lp[mismatch, ref_tokens[mismatch]] - lp[mismatch, tokens[mismatch]])
     device = _device_label()
     first = next(iter(stats.values()), {})
     result = {
@@ -392,7 +395,7 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         "tie": tie,
         "first_mismatch": mismatch,
         "first_mismatch_margin": mismatch_margin,
-        "first_mismatch_float32_gap": f32_gap.get(mismatch),
+        "first_mismatch_float32_gap": first_gap,
         "forced_disagreements": [
             dict({"step": i, "unpatched_margin": m},
                  **({"float32_gap": f32_gap[i]} if i in f32_gap else {}))
