@@ -10,8 +10,9 @@ its chunk of ``x`` once (times the RMSNorm weight when fused) and dots it with
 the same chunk of its ``ROWS`` weight rows, read through a weight policy
 (dense or MLX affine) with 16-byte loads. After the SIMD reduction lane ``r``
 holds row ``r``: ``acc`` (float), ``row``, ``index = m * N + row`` and ``valid``.
-With half ``x`` and only 4/8-bit affine weights in the call (the dual and QKV stages
-included) the dot products run on packed half2 arithmetic, with the next chunk's
+With half or bfloat16 ``x`` (bf16 converted to half per chunk, scaled by a power of
+two) and only 4/8-bit affine weights in the call (the dual and QKV stages included) the
+dot products run on packed half2 arithmetic, with the next chunk's
 weights loaded ahead (``gemv.metal``, ``policies/affine.metal``); otherwise in float.
 
 With an RMSNorm (``decls`` from ``gemv_decls(norm="weight")`` or ``norm="plain"``)

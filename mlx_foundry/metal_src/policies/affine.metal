@@ -8,7 +8,8 @@
 // (GS is 32, 64 or 128), so dot(w, x) over a chunk = scale * dot(q, x) + bias * sum(x):
 // the GEMV passes sum(x) of the chunk as xs.
 //
-// Packed-half path (BITS 4 and 8 with half activations; HALF_PAIRS > 0): the GEMV reads
+// Packed-half path (BITS 4 and 8 with half or bfloat activations, bfloat converted to
+// half by the GEMV; HALF_PAIRS > 0): the GEMV reads
 // a chunk with load_h and hands dot_h the chunk of x as 16 half2 pairs in the order that
 // the extraction below produces (HALF_PAIRS = S: pair p of a block of 2S elements is
 // (x[i], x[i + S]), i = 2S * (p / S) + p % S); dot_h returns scale * dot(q, x) +

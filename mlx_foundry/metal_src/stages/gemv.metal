@@ -176,9 +176,10 @@ struct gemv_is_bf16<bfloat16_t> {
 // bfloat16 x on the packed-half path: the 16 words u[k] = (x[2k], x[2k+1]) of a lane's
 // chunk become half2 words in place, times a power of two 2^p that puts the chunk's
 // largest magnitude (after the norm weight, gw, with GEMV_NORM_WEIGHT) in [2^12, 2^13).
-// bf16 has half's 8 significant bits to spare but not its range; scaled, the values are
+// bf16 fits half's 11 significant bits but not its range; scaled, raw bf16 values are
 // exact in half down to 2^-26 of the largest (smaller ones lose bits they cannot move the
-// sum by), and the dot products' half sums of 4 products (|q| <= 1) stay under 2^15.
+// sum by; x * gamma is rounded to half once), and the dot products' half sums of 4
+// products (|q| <= 1) stay at or under 2^15.
 // With a norm, ss_lo / ss_hi take sum(x^2) of the raw values in float. Returns 2^-p,
 // by which the caller scales the chunk's sums back (exact).
 template <int NORM>
@@ -202,9 +203,10 @@ METAL_FUNC float gemv_bf16_chunk_as_half(thread uint* u, thread const uint* gw,
     v[2 * k + 1] = b;
     m = metal::max(m, metal::max(metal::abs(a), metal::abs(b)));
   }
-  // m's biased exponent e: 2^(e - 127) <= m < 2^(e - 126) (e = 0 for zero, 255 for inf
-  // or NaN, which then stay inf or NaN). Scale 2^(139 - e), as the float of biased
-  // exponent 266 - e, at most 253 so that the inverse (254 - that) is a normal float.
+  // m's biased exponent e: 2^(e - 127) <= m < 2^(e - 126) (e = 0 for zero, 255 for inf;
+  // max drops a NaN, which spreads through its own products). Scale 2^(139 - e), as the
+  // float of biased exponent 266 - e, at most 253 so that the inverse (254 - that) is a
+  // normal float.
   const uint e = as_type<uint>(m) >> 23u;
   const uint sb = metal::min(266u - e, 253u);
   const float sc = as_type<float>(sb << 23u);
