@@ -26,8 +26,8 @@ LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
                                "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192})
 
-__all__ = ["LLAMA3_8B", "FP16_TIE", "BF16_TIE", "tie_of", "decode_benchmark", "batch_decode_benchmark",
-           "random_quantized_model", "greedy_decode", "forced_argmax", "logit_errors",
+__all__ = ["LLAMA3_8B", "FP16_TIE", "BF16_TIE", "tie_of", "decode_benchmark",
+           "batch_decode_benchmark", "random_quantized_model", "greedy_decode", "forced_argmax", "logit_errors",
            "same_tokens_up_to_ties"]
 
 
@@ -177,14 +177,14 @@ def _model_dtype(model):
 
 
 def _float32_forced_logits(model, prompt, tokens):
-    """:func:`_forced_logits` of the model with float32 activations and scales (the
-    model is restored to its dtype afterwards: both casts are exact)."""
-    dtype = _model_dtype(model)
+    """:func:`_forced_logits` of the model with float32 activations and scales (its own
+    parameters are put back afterwards, whatever their dtypes)."""
+    saved = model.parameters()
     model.set_dtype(mx.float32)
     try:
         return _forced_logits(model, prompt, tokens)
     finally:
-        model.set_dtype(dtype)
+        model.update(saved)
 
 
 def _settled(margin, f32_gap, tie):
@@ -257,12 +257,7 @@ def logit_errors(model, prompt, steps, *, backend=None):
         ours16 = _forced_logits(model, prompt, tokens)
     finally:
         unpatch(model)
-    dtype = model.model.norm.weight.dtype
-    model.set_dtype(mx.float32)
-    try:
-        ref = _forced_logits(model, prompt, tokens)
-    finally:
-        model.set_dtype(dtype)
+    ref = _float32_forced_logits(model, prompt, tokens)
     out = {}
     for name, lg in (("mlx", mlx16), ("patched", ours16)):
         d = mx.abs(lg - ref)

@@ -648,3 +648,28 @@ def test_decode_benchmark_bf16_is_judged_by_float32():
     assert all("float32_gap" in d for d in r["forced_disagreements"])
     ok, why = lm_bench.same_tokens_up_to_ties(r)
     assert ok, why
+
+
+def test_bench_rejects_unknown_dtype():
+    from mlx_foundry import bench
+
+    with pytest.raises(ValueError, match="'dtype' must be one of float16, bfloat16, float32"):
+        bench.run(backend="reference", dtype="int8", only=["rms_norm"], progress=False)
+    with pytest.raises(ValueError, match="'dtype'"):
+        bench.run(backend="reference", dtype=mx.int8, only=["rms_norm"], progress=False)
+
+
+def test_float32_judge_puts_mixed_dtype_parameters_back():
+    """The float32 judge casts the model and must restore each parameter as it was (a
+    float32 parameter in a bf16 model stays float32)."""
+    from mlx_foundry import lm_bench
+    from mlx_foundry.bench.e2e import TINY_LLAMA
+    from mlx.utils import tree_flatten
+
+    model = lm_bench.random_quantized_model(TINY_LLAMA, dtype=mx.bfloat16)
+    model.model.norm.weight = model.model.norm.weight.astype(mx.float32)
+    before = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    lp = lm_bench._float32_forced_logits(model, [1, 2, 3], [4, 5])
+    assert lp.shape == (2, TINY_LLAMA["vocab_size"]) and lp.dtype == mx.float32
+    assert {k: v.dtype for k, v in tree_flatten(model.parameters())} == before
+    assert before["model.norm.weight"] == mx.float32

@@ -83,10 +83,10 @@ def max_rel_err(ours, base):
 
 
 MISMATCH_TOL = 3e-2   # fp16 activations; a wrong kernel is off by O(1)
-MISMATCH_TOL_BF16 = 1e-1
-"""bf16 activations: 8 bits of mantissa, and MLX's CPU ``quantized_matmul`` sums in bf16
-(0.03-0.1 of the largest output at K = 256-4096, where ours is within 0.006 of a
-float64 product)."""
+MISMATCH_TOL_CPU_BF16 = 1e-1
+"""bf16 on the reference backend: MLX's CPU ``quantized_matmul`` sums in bf16 (0.03-0.1 of
+the largest output at K = 256-4096, where ours is within 0.006 of a float64 product). On
+CUDA MLX's bf16 baseline agrees within 0.01 (H100), so :data:`MISMATCH_TOL` holds there."""
 
 
 def _interleaved(fns, pool, ctx):
@@ -139,7 +139,8 @@ def run_case(case, ctx, copy_gbps=None):
         res["max_rel_err"] = err
         if err is None:
             res["reason"] = "outputs not compared (layouts differ)"
-        elif not err <= (MISMATCH_TOL_BF16 if case.dtype.startswith("bf16") else MISMATCH_TOL):
+        elif not err <= (MISMATCH_TOL_CPU_BF16 if ctx.tiny and case.dtype.startswith("bf16")
+                         else MISMATCH_TOL):
             res.update(status="error", reason=f"output differs from the baseline: "
                                               f"max relative error {err:.3g}")
         fns.append(cand)
@@ -188,15 +189,11 @@ def _suite_dtype(dtype):
     """``dtype`` (a name of :data:`DTYPES` or an MLX dtype) as an MLX dtype, or ``None``."""
     if dtype is None:
         return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"[bench] 'dtype' must be one of {', '.join(DTYPES)} but got "
-                             f"{dtype!r}.")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
+    dt = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dt not in DTYPES.values():
         raise ValueError(f"[bench] 'dtype' must be one of {', '.join(DTYPES)} but got "
-                         f"{dtype}.")
-    return dtype
+                         f"{dtype!r}.")
+    return dt
 
 
 def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
