@@ -367,15 +367,30 @@ def test_half_path_large_activations(gpu_backend, bits):
     assert_close(got, _ref(lambda be: norm_linear(xr, g, 1e-5, w, backend=be)), dtype, k=k)
 
 
+def _f32(w):
+    """``w`` with float32 scales and biases (exact: they are bf16 or f16 values)."""
+    f = (lambda a: None if a is None else a.astype(mx.float32))
+    return Weight(w.weight, f(w.scales), f(w.biases), f(w.bias), group_size=w.group_size,
+                  bits=w.bits)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("scale", [1e-30, 1e6], ids=["tiny", "huge"])
 def test_bf16_path_outside_half_range(gpu_backend, fused_rows, bits, scale):
     """bfloat16 activations with 4/8-bit weights take the packed-half path, converted to
     half per 32-element chunk with a power-of-two scale. Rows far outside half's range
     (1e-30 and 1e6 times unit normals; in row 1 an outlier 300 times that, in row 2 the
-    first 1024 elements zero, so whole chunks are zero) must match the reference: the
-    plain linear and the norm-fused ops alike relative to the largest output of the
-    reference (with RMSNorm's eps the normalised tiny rows stay tiny)."""
+    first 1024 elements zero, so whole chunks are zero) and a norm weight spread over
+    2^-6 .. 2^6 (so that sum(x^2) and sum((x * gamma)^2) differ by far more than the
+    tolerance) must match the float32 reference of the same bf16 inputs.
+
+    The oracle is float32 (MLX's CPU bf16 quantized matmul sums in bf16 and errs by
+    several percent). Each row is compared relative to its own largest reference output:
+    the kernel's error is relative to the row's scale (half products, bf16 output), and
+    one global maximum would hide an error in a small row. Bound: the half rounding of x *
+    gamma (2^-11 relative), half partial sums of 4 products and the bf16 output (2^-9):
+    2e-2 of the row's largest output leaves ~4x margin at K = 4096 and still fails an
+    RMSNorm taken over x * gamma or a chunk scaled back by the wrong power of two."""
     dtype, k, m = mx.bfloat16, 4096, 3
     w = _w(99, k, (bits, 64), dtype)
     col, row = mx.arange(k)[None, :], mx.arange(m)[:, None]
@@ -383,24 +398,31 @@ def test_bf16_path_outside_half_range(gpu_backend, fused_rows, bits, scale):
     x = mx.where((row == 1) & (col == 7), 300.0, x)
     x = mx.where((row == 2) & (col < 1024), 0.0, x)
     x = (x * scale).astype(dtype)
-    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    g = mx.power(2.0, mx.random.uniform(-6, 6, (k,))).astype(dtype)
     gate, up = _w(99, k, (bits, 64), dtype), _w(99, k, (4, 64), dtype)
+    x32, g32 = x.astype(mx.float32), g.astype(mx.float32)
     ops = {
-        "linear": lambda be: linear(x, w, backend=be),
-        "norm_linear": lambda be: norm_linear(x, g, 1e-5, w, backend=be),
-        "norm_linear_plain": lambda be: norm_linear(x, None, 1e-5, w, backend=be),
-        "gate_up": lambda be: norm_gate_up_swiglu(x, g, 1e-5, gate, up, backend=be),
+        "linear": lambda be, x, g, w, gate, up: linear(x, w, backend=be),
+        "norm_linear": lambda be, x, g, w, gate, up: norm_linear(x, g, 1e-5, w, backend=be),
+        "norm_linear_plain": lambda be, x, g, w, gate, up: norm_linear(x, None, 1e-5, w,
+                                                                       backend=be),
+        "gate_up": lambda be, x, g, w, gate, up: norm_gate_up_swiglu(x, g, 1e-5, gate, up,
+                                                                     backend=be),
     }
     if scale < 1:
         # silu(gate) * up of normalised 1e-30 rows (~3e-28 each, RMSNorm's eps dominates)
         # is ~1e-55: zero in float32 for the reference too, nothing to compare.
         del ops["gate_up"]
     for name, op in ops.items():
-        got, want = op(gpu_backend).astype(mx.float32), _ref(op).astype(mx.float32)
+        got = op(gpu_backend, x, g, w, gate, up)
+        assert got.dtype == dtype, name
+        got = got.astype(mx.float32)
+        want = _ref(lambda be: op(be, x32, g32, _f32(w), _f32(gate), _f32(up)))
         assert bool(mx.isfinite(got).all()), name
-        top = mx.abs(want).max().item()
-        assert top > 0, name
-        assert_close(got / top, want / top, dtype, k=k, msg=name)
+        top = mx.abs(want).max(axis=-1, keepdims=True)
+        assert bool((top > 0).all()), name
+        err = (mx.abs(got - want) / top).max(axis=-1)
+        assert bool((err <= 2e-2).all()), f"{name}: error / row maximum {err.tolist()}"
 
 
 MBLOCK_CASES = [  # (format, K): the packed-half path (4/8-bit, f16) and the float path

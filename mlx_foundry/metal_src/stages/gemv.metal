@@ -358,10 +358,12 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
       }
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
-        s[j * ROWS + r] = metal::fma(pol.dot_h(ch[r], xh, xs, key), cb, s[j * ROWS + r]);
+        // Half x adds its chunk sums as they are (no multiply by 1 in the loop).
+        const float d = pol.dot_h(ch[r], xh, xs, key);
+        s[j * ROWS + r] = BF ? metal::fma(d, cb, s[j * ROWS + r]) : s[j * ROWS + r] + d;
         if (DUAL) {
-          s2[j * ROWS + r] = metal::fma(pol2.dot_h(ch2[r], xh2, xs, key2), cb,
-                                        s2[j * ROWS + r]);
+          const float d2 = pol2.dot_h(ch2[r], xh2, xs, key2);
+          s2[j * ROWS + r] = BF ? metal::fma(d2, cb, s2[j * ROWS + r]) : s2[j * ROWS + r] + d2;
         }
       }
     }
