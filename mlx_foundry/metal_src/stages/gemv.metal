@@ -179,9 +179,9 @@ struct gemv_is_bf16<bfloat16_t> {
 // (x * gamma may round up to 2^13 itself: tests/test_bf16_chunk_emulation.py).
 // bf16 fits half's 11 significant bits but not its range; scaled, raw bf16 values are
 // exact in half down to 2^-29 of the largest (half's subnormals keep 8 bits down to
-// 2^-17; smaller ones lose bits they cannot move the
-// sum by; x * gamma is rounded to half once), and the dot products' half sums of 4
-// products (|q| <= 1) stay at or under 2^15.
+// 2^-17; smaller ones lose bits they cannot move the sum by; x * gamma is rounded to
+// half once), and the dot products' half sums of 4 products (|q| <= 1) stay at or
+// under 2^15.
 // With a norm, ss_lo / ss_hi take sum(x^2) of the raw values in float. Returns 2^-p,
 // by which the caller scales the chunk's sums back (exact).
 template <int NORM>
