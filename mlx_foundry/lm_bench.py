@@ -130,22 +130,50 @@ def greedy_decode(model, prompt, steps, *, margins=False):
     return tokens, tok_s, gaps
 
 
-def _forced_logits(model, prompt, tokens):
+PREFILL_STEP = 2048
+"""``mlx_lm.generate.generate_step``'s default ``prefill_step_size``."""
+
+
+def _forced_logits(model, prompt, tokens, *, prefill_step_size=PREFILL_STEP):
+    """Float32 logits of the model fed ``prompt`` and then ``tokens`` through its KV cache
+    (teacher forcing): row ``i`` is the step that chooses ``tokens[i]``.
+
+    The prompt goes in as ``mlx_lm.generate.generate_step`` feeds it (which
+    :func:`greedy_decode` runs): all but its last token in chunks of
+    ``prefill_step_size`` (the cache evaluated after each), then the last token alone,
+    whose logits choose the first token. So every row, the first included, comes from a
+    one-token decode step, the path a patched model's fused decode takes, as in the
+    free-running decode compared with; the whole prompt at once would give row 0 from
+    the many-row prefill path (MLX's matmuls) instead.
+    """
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    out = [model(mx.array(prompt)[None], cache=cache)[0, -1].astype(mx.float32)]
-    for t in tokens[:-1]:
-        out.append(model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32))
+    rest = mx.array(prompt)
+    while rest.size > 1:
+        n = min(prefill_step_size, rest.size - 1)
+        model(rest[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        rest = rest[n:]
+    out = []
+    for step in [rest] + [mx.array([t]) for t in tokens[:-1]]:
+        out.append(model(step[None], cache=cache)[0, -1].astype(mx.float32))
         mx.eval(out[-1])
     return mx.stack(out)
+
+
+def _log_softmax32(logits):
+    """Log-probabilities of ``logits`` over the last axis, in float32."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def forced_argmax(model, prompt, tokens):
     """The model's greedy choice at every step when fed ``tokens`` (teacher forcing).
 
-    Decode steps run one token at a time through the model's KV cache, so a patched
-    model takes its fused decode path; a free-running comparison stops being
+    Every step, the one choosing the first token included (the prompt's last token),
+    runs one token at a time through the model's KV cache, as in ``generate_step``, so
+    a patched model takes its fused decode path; a free-running comparison stops being
     informative after the first differing token, this one compares every step.
     """
     return mx.argmax(_forced_logits(model, prompt, tokens), axis=-1).tolist()
@@ -187,20 +215,36 @@ def _float32_forced_logits(model, prompt, tokens):
         model.update(saved)
 
 
-def _settled(margin, f32_gap, tie):
-    """A differing choice is no error: a tie of the unpatched run, or float32 arithmetic
-    prefers the patched choice or finds the two within ``tie``."""
-    return margin is not None and (margin <= tie or (f32_gap is not None and f32_gap <= tie))
+def _settled(gap, f32_gap, tie):
+    """Whether a choice that differs from the unpatched one is no error.
+
+    ``gap``: the unpatched model's log-probability of its own choice minus that of the
+    patched choice, at that step (its own arithmetic); ``f32_gap``: the same with the
+    model run in float32. Settled where the unpatched model itself puts the two within
+    ``tie`` (its rounding could have chosen either), or float32 arithmetic prefers the
+    patched choice or puts the two within ``tie``. A missing gap (``None``) settles
+    nothing: a result of an older version, which kept only the unpatched top-2 gap, is
+    judged by float32 alone.
+    """
+    return ((gap is not None and gap <= tie)
+            or (f32_gap is not None and f32_gap <= tie))
 
 
 def same_tokens_up_to_ties(result, tie=None):
-    """Whether a :func:`decode_benchmark` result chose the unpatched tokens everywhere
-    except at ties: every teacher-forced disagreement and the first free-running
-    mismatch (if any) fall where the unpatched top-2 gap is at most ``tie``, or where
-    the model run in float32 prefers the patched choice or puts the two within ``tie``
+    """Whether a :func:`decode_benchmark` (or :func:`batch_decode_benchmark`) result chose
+    the unpatched tokens everywhere except at ties.
+
+    Judged are every teacher-forced disagreement (``forced_disagreements``) and the
+    first free-running mismatch (if any). Each must be a tie of the unpatched model
+    between its own choice and the patched one: its log-probability of the unpatched
+    choice minus that of the patched choice (``unpatched_gap``,
+    ``first_mismatch_unpatched_gap``) at most ``tie``. Not a tie of its two best tokens
+    (``unpatched_margin``, ``first_mismatch_margin``, reported only): where those are
+    tied, a patched choice further down is still an error. Else the model run in
+    float32 judges: it must prefer the patched choice or put the two within ``tie``
     (``float32_gap``: its log-probability of the unpatched choice minus the patched
-    one's), and disagreements are rare (at
-    most one per 32 steps, not counting those where float32 prefers the patched choice).
+    one's). And disagreements must be rare: at most one per 32 steps, not counting
+    those where float32 prefers the patched choice.
 
     Args:
         tie (float, optional): Default: the result's ``tie``, else :data:`FP16_TIE`.
@@ -212,23 +256,25 @@ def same_tokens_up_to_ties(result, tie=None):
     forced = result.get("forced_disagreements") or []
     steps = len(result.get("unpatched_tokens") or []) or 1
     clear = [d for d in forced
-             if not _settled(d["unpatched_margin"], d.get("float32_gap"), tie)]
+             if not _settled(d.get("unpatched_gap"), d.get("float32_gap"), tie)]
     if clear:
         return False, (f"fed the unpatched tokens, the patched model chose another token "
-                       f"where the unpatched choice was clear: {clear[:4]}")
+                       f"where the unpatched model clearly preferred its own: {clear[:4]}")
     # Rare, but for the steps where float32 prefers the patched choice: the unpatched
     # decode's own rounding chose there.
     own = [d for d in forced if not (d.get("float32_gap") is not None and d["float32_gap"] < 0)]
     if len(own) > max(1, steps // 32):
         return False, f"{len(own)} teacher-forced disagreements in {steps} steps"
     if not result.get("tokens_equal"):
-        m = result.get("first_mismatch_margin")
+        gap = result.get("first_mismatch_unpatched_gap")
         g = result.get("first_mismatch_float32_gap")
-        if not _settled(m, g, tie):
+        if not _settled(gap, g, tie):
             return False, (f"greedy tokens differ from step {result.get('first_mismatch')} "
-                           f"where the unpatched top-2 gap was {m}"
-                           + ("" if g is None else f" and float32's gap {g:.3g}"))
-        how = (f"a tie (unpatched top-2 gap {m:.3g})" if m <= tie else
+                           f"where the unpatched model preferred its choice to the patched "
+                           f"one by {gap} (top-2 gap {result.get('first_mismatch_margin')})"
+                           + ("" if g is None else f" and float32 by {g:.3g}"))
+        how = (f"a tie (unpatched gap to the patched choice {gap:.3g})"
+               if gap is not None and gap <= tie else
                f"where float32 finds the patched choice as good (gap {g:.3g})")
         return True, (f"greedy tokens differ from step {result['first_mismatch']}, {how}; "
                       f"teacher-forced, the choices differ only at ties or where float32 "
@@ -304,17 +350,27 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     tokens are within fp16 resolution, any other summation order may pick the other
     one, and the runs part ways. So besides the free-running comparison the result
     holds a per-step check: the patched model fed the unpatched tokens, its choice at
-    every step, and the unpatched top-2 log-probability gap where they differ. Where
-    that gap is past a tie (bf16 rounds each op's output to 8 significant bits, the
-    unpatched decode included) the model run in float32 is the judge: its gap between
-    the two choices.
+    every step. Where it differs, the unpatched model (fed the same tokens) tells how
+    much it preferred its own choice to the patched one: its log-probability gap between
+    the two (float32 log-softmax of its logits). Where that gap is past a tie (bf16
+    rounds each op's output to 8 significant bits, the unpatched decode included) the
+    model run in float32 is the judge: its gap between the two choices. Every compared
+    step, the first included, is a one-token decode step (:func:`_forced_logits`).
 
     Returns:
         dict: ``tokens_equal``, ``tie`` (:func:`tie_of` the model's dtype),
-        ``first_mismatch``, ``first_mismatch_margin``, ``first_mismatch_float32_gap``,
-        ``forced_disagreements`` (``[{"step", "unpatched_margin", "float32_gap"}]``),
-        ``smallest_unpatched_margin``, ``unpatched_tok_s``,
-        ``patched_tok_s``, ``speedup``, ``device``, ``report``, ...
+        ``first_mismatch`` (the first step where the free-running tokens differ),
+        ``first_mismatch_unpatched_gap`` (there, the unpatched model's log-probability
+        of its choice minus that of the patched choice: the judge),
+        ``first_mismatch_margin`` (there, the unpatched top-2 gap: reported only),
+        ``first_mismatch_float32_gap`` (float32's gap between the two choices, where
+        the unpatched gap is past ``tie``), ``forced_disagreements``
+        (``[{"step", "unpatched_token", "patched_token", "unpatched_gap",
+        "unpatched_margin", "float32_gap"}]``: the teacher-forced steps where the
+        choices differ, with the same gaps), ``smallest_unpatched_margin`` (the
+        smallest unpatched top-2 gap over all steps), ``unpatched_tok_s``,
+        ``patched_tok_s``, ``speedup``, ``device``, ``report``, ... All gaps are
+        log-probability differences; :func:`same_tokens_up_to_ties` gives the verdict.
     """
     from .lm import patch, patch_stats, unpatch
 
@@ -351,27 +407,41 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
                 forced = forced_argmax(model, prompt, ref_tokens)
         finally:
             unpatch(model)
-    _, _, ref_margins = greedy_decode(model, prompt, steps, margins=True)
-    # Steps where the patched model, fed the unpatched tokens, chooses another token, and
-    # how close the unpatched runner-up was there (log-probability gap).
-    disagree = [(i, ref_margins[i], a) for i, (a, b) in enumerate(zip(forced, ref_tokens))
-                if a != b]
+    # The unpatched model fed its own greedy tokens, in the same one-token steps as its
+    # free-running decode: its log-probabilities (float32) at every step. From them its
+    # top-2 gaps (reported) and, wherever a patched choice differs, the gap between its
+    # own choice and the patched one (the judge: a tie of its two best tokens says
+    # nothing about a patched choice further down).
+    ref_lp = _log_softmax32(_forced_logits(model, prompt, ref_tokens))
+    top2 = mx.topk(ref_lp, 2, axis=-1)
+    ref_margins = (mx.max(top2, axis=-1) - mx.min(top2, axis=-1)).tolist()
+
+    def unpatched_gap(i, other):
+        return float(ref_lp[i, ref_tokens[i]] - ref_lp[i, other])
+
+    # Steps where the patched model, fed the unpatched tokens, chooses another token.
+    disagree = [(i, a) for i, (a, b) in enumerate(zip(forced, ref_tokens)) if a != b]
     mismatch = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
     if mismatch is None and len(tokens) != len(ref_tokens):
         mismatch = min(len(tokens), len(ref_tokens))
     mismatch_margin = (None if mismatch is None or mismatch >= len(ref_margins)
                        else ref_margins[mismatch])
-    # Float32 arithmetic judges every disagreement: its gap between the unpatched and
-    # the patched choice (the unpatched decode rounds too, bf16 most of all).
+    # Up to the first mismatch both runs chose the same tokens: the unpatched forced pass
+    # saw the patched run's context there too.
+    first_unpatched_gap = (None if mismatch is None or mismatch >= min(len(tokens),
+                                                                       len(ref_tokens))
+                           else unpatched_gap(mismatch, tokens[mismatch]))
+    # Float32 arithmetic judges every teacher-forced disagreement: its gap between the
+    # unpatched and the patched choice (the unpatched decode rounds too, bf16 most of
+    # all); the first mismatch where the unpatched model's gap is past a tie.
     tie = tie_of(_model_dtype(model))
     # The teacher-forced choices and the free-running first mismatch are judged apart:
     # at one step they may be different tokens.
-    judge_first = (mismatch_margin is not None and mismatch_margin > tie
-                   and mismatch < len(tokens))
+    judge_first = first_unpatched_gap is not None and first_unpatched_gap > tie
     f32_gap, first_gap = {}, None
     if disagree or judge_first:
         lp = _float32_forced_logits(model, prompt, ref_tokens)
-        f32_gap = {i: float(lp[i, ref_tokens[i]] - lp[i, a]) for i, _, a in disagree}
+        f32_gap = {i: float(lp[i, ref_tokens[i]] - lp[i, a]) for i, a in disagree}
         if judge_first:
             first_gap = float(lp[mismatch, ref_tokens[mismatch]] - lp[mismatch, tokens[mismatch]])
     device = _device_label()
@@ -390,11 +460,13 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         "tie": tie,
         "first_mismatch": mismatch,
         "first_mismatch_margin": mismatch_margin,
+        "first_mismatch_unpatched_gap": first_unpatched_gap,
         "first_mismatch_float32_gap": first_gap,
         "forced_disagreements": [
-            dict({"step": i, "unpatched_margin": m},
+            dict({"step": i, "unpatched_token": ref_tokens[i], "patched_token": a,
+                  "unpatched_gap": unpatched_gap(i, a), "unpatched_margin": ref_margins[i]},
                  **({"float32_gap": f32_gap[i]} if i in f32_gap else {}))
-            for i, m, _ in disagree],
+            for i, a in disagree],
         "smallest_unpatched_margin": min(ref_margins) if ref_margins else None,
         "unpatched_tokens": ref_tokens,
         "patched_tokens": tokens,
@@ -416,7 +488,7 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     return result
 
 
-def _batch_greedy(model, prompts, steps, warmup, *, margins=False):
+def _batch_greedy(model, prompts, steps, warmup, *, margins=False, against=None):
     """Greedy-decode the rows of ``prompts`` together through one KV cache.
 
     Each step's graph is built while the device runs the previous one (as
@@ -424,7 +496,10 @@ def _batch_greedy(model, prompts, steps, warmup, *, margins=False):
     ``[1 + warmup + steps][B]`` (the prompt's, then one per decode step), seconds per
     step over the last ``steps`` steps, and with ``margins`` the top-2
     log-probability gap of the logits that chose each of those tokens (computed in the
-    same loop, so that run is not timed meaningfully).
+    same loop, so that run is not timed meaningfully). With ``margins`` and ``against``
+    (tokens ``[1 + warmup + steps][B]`` of another run, e.g. the patched one) also, per
+    step and sequence, this run's log-probability of its own choice minus that of
+    ``against``'s token at that step (float32 log-softmax).
     """
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -432,12 +507,17 @@ def _batch_greedy(model, prompts, steps, warmup, *, margins=False):
         y = mx.argmax(logits, axis=-1)
         toks.append(y)
         if margins:
-            top2 = mx.topk(logits.astype(mx.float32), 2, axis=-1)
+            lp = _log_softmax32(logits)
+            top2 = mx.topk(lp, 2, axis=-1)
             gaps.append(mx.max(top2, axis=-1) - mx.min(top2, axis=-1))
+            if against is not None:
+                other = mx.array(against[len(toks) - 1])[:, None]
+                to.append((mx.take_along_axis(lp, y[:, None], axis=-1)
+                           - mx.take_along_axis(lp, other, axis=-1))[:, 0])
         return y
 
     cache = make_prompt_cache(model)
-    toks, gaps = [], []
+    toks, gaps, to = [], [], []
     y = choose(model(mx.array(prompts), cache=cache)[:, -1])
     t0 = None
     for i in range(warmup + steps):
@@ -445,13 +525,15 @@ def _batch_greedy(model, prompts, steps, warmup, *, margins=False):
             mx.eval(y)
             t0 = time.perf_counter()
         y = choose(model(y[:, None], cache=cache)[:, -1])
-        mx.async_eval(y, *gaps[-1:])
+        mx.async_eval(y, *gaps[-1:], *to[-1:])
     mx.eval(y)
     per_step = (time.perf_counter() - t0) / steps
     tokens = [t.tolist() for t in toks]
     if not margins:
         return tokens, per_step
-    return tokens, per_step, [g.tolist() for g in gaps]
+    if against is None:
+        return tokens, per_step, [g.tolist() for g in gaps]
+    return tokens, per_step, [g.tolist() for g in gaps], [g.tolist() for g in to]
 
 
 def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3,
@@ -463,10 +545,11 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
     model runs them through its fused GEMVs, which read each block of weights once for
     several rows (``MBLOCK``). Unpatched and patched alternate, round by round, each
     patched round patching anew; the best round of each is reported. Greedy choices are
-    compared step by step: the first step where a sequence differs must be a tie of the
-    unpatched run (top-2 log-probability gap at most :func:`tie_of` the model's dtype),
-    or float32 arithmetic must find the patched choice as good, for every sequence
-    (they decode independently).
+    compared step by step: at the first step where a sequence differs, the unpatched
+    model must have put its own choice and the patched one within a tie (its
+    log-probability gap between the two at most :func:`tie_of` the model's dtype), or
+    float32 arithmetic must find the patched choice as good, for every sequence (they
+    decode independently).
 
     Args:
         model (nn.Module, optional): an mlx-lm model. Default: the random
@@ -482,9 +565,12 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
         dict: ``batch``, ``unpatched_tok_s`` and ``patched_tok_s`` (tokens of all
         sequences per second), ``speedup``, ``unpatched_step_ms``, ``patched_step_ms``,
         ``tokens_equal``, ``first_mismatch`` (the first step where a sequence
-        differs), ``first_mismatch_margin`` (the largest unpatched top-2 gap over every
-        differing sequence's first differing step), ``first_mismatch_float32_gap`` (the
-        largest float32 gap over those past ``tie``), ``tie``, ``sequences_differing``,
+        differs), ``first_mismatch_unpatched_gap`` (the largest, over every differing
+        sequence's first differing step, of the unpatched model's log-probability of its
+        choice minus that of the patched choice: the judge), ``first_mismatch_margin``
+        (the largest unpatched top-2 gap there: reported only),
+        ``first_mismatch_float32_gap`` (the largest float32 gap over the sequences whose
+        unpatched gap is past ``tie``), ``tie``, ``sequences_differing``,
         ``unpatched_tokens``, ``patched_tokens`` (``[step][sequence]``),
         ``forced_disagreements`` (empty: no teacher-forced pass), ``device``.
     """
@@ -509,25 +595,33 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
             ours_step = min(ours_step, t)
         finally:
             unpatch(model)
-    _, _, margins = _batch_greedy(model, prompts, steps, warmup, margins=True)
-    # Each sequence's first differing step, and the unpatched top-2 gap there: the
-    # verdict takes the largest, so every sequence must part ways at a tie.
+    # The unpatched run once more (its tokens are ref_tokens), now also giving at every
+    # step and sequence its top-2 gap (reported) and its log-probability gap between its
+    # own choice and the patched run's token (the judge). Computed in the same loop: no
+    # further pass. At a sequence's first differing step both runs had fed it the same
+    # tokens (and each sequence decodes independently of the others), so that gap is the
+    # unpatched model's preference at the patched run's context.
+    _, _, margins, gaps_to = _batch_greedy(model, prompts, steps, warmup, margins=True,
+                                           against=tokens)
+    # Each sequence's first differing step, and the unpatched gap there: the verdict
+    # takes the largest, so every sequence must part ways at a tie.
     firsts = []
     for j in range(batch):
         i = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a[j] != b[j]),
                  None)
         if i is not None:
-            firsts.append((margins[i][j], i, j))
-    mismatch = min(i for _, i, _ in firsts) if firsts else None
-    margin = max(m for m, _, _ in firsts) if firsts else None
+            firsts.append((gaps_to[i][j], i, j, margins[i][j]))
+    mismatch = min(f[1] for f in firsts) if firsts else None
+    gap = max(f[0] for f in firsts) if firsts else None
+    margin = max(f[3] for f in firsts) if firsts else None
     # Past a tie, float32 arithmetic judges (as in decode_benchmark), on the sequence
     # alone: its gap between the unpatched and the patched choice at that step.
     tie = tie_of(_model_dtype(model))
-    gaps = []
-    for m, i, j in firsts:
-        if m > tie:
+    f32_gaps = []
+    for g, i, j, _ in firsts:
+        if g > tie:
             lp = _float32_forced_logits(model, prompts[j], [t[j] for t in ref_tokens[:i + 1]])
-            gaps.append(float(lp[i, ref_tokens[i][j]] - lp[i, tokens[i][j]]))
+            f32_gaps.append(float(lp[i, ref_tokens[i][j]] - lp[i, tokens[i][j]]))
     device = _device_label()
     return {
         "device": device,
@@ -543,9 +637,10 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
         "tokens_equal": mismatch is None,
         "tie": tie,
         "first_mismatch": mismatch,
+        "first_mismatch_unpatched_gap": gap,
         "first_mismatch_margin": margin,
-        "first_mismatch_float32_gap": max(gaps) if gaps else None,
-        "sequences_differing": sorted(j for _, _, j in firsts),
+        "first_mismatch_float32_gap": max(f32_gaps) if f32_gaps else None,
+        "sequences_differing": sorted(f[2] for f in firsts),
         "forced_disagreements": [],
         "unpatched_tokens": ref_tokens,
         "patched_tokens": tokens,

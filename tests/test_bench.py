@@ -421,34 +421,52 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
 
 def _decode_result(**kw):
     r = {"tokens_equal": True, "first_mismatch": None, "first_mismatch_margin": None,
-         "forced_disagreements": [], "unpatched_tokens": list(range(64))}
+         "first_mismatch_unpatched_gap": None, "forced_disagreements": [],
+         "unpatched_tokens": list(range(64))}
     r.update(kw)
     return r
 
 
+def _first(step, gap, margin=0.0, **kw):
+    """A free-running first mismatch: the unpatched gap to the patched choice, top-2 gap."""
+    return dict({"tokens_equal": False, "first_mismatch": step, "first_mismatch_margin": margin,
+                 "first_mismatch_unpatched_gap": gap}, **kw)
+
+
+def _forced(step, gap, margin=0.0, **kw):
+    """A teacher-forced disagreement: the unpatched gap to the patched choice, top-2 gap."""
+    return dict({"step": step, "unpatched_gap": gap, "unpatched_margin": margin}, **kw)
+
+
 @pytest.mark.parametrize("kw,ok", [
     ({}, True),
-    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.0,
-      "forced_disagreements": [{"step": 50, "unpatched_margin": 0.0078}]}, True),
-    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.5}, False),
-    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2}]}, False),
-    ({"forced_disagreements": [{"step": s, "unpatched_margin": 0.0} for s in (1, 2, 3)]}, False),
-    ({"forced_disagreements": [{"step": s, "unpatched_margin": 0.5, "float32_gap": -0.1}
-                               for s in (1, 2, 3)]}, True),
+    (dict(_first(46, 0.0), forced_disagreements=[_forced(50, 0.0078)]), True),
+    (_first(46, 0.5, margin=0.5), False),
+    ({"forced_disagreements": [_forced(3, 0.2, margin=0.2)]}, False),
+    ({"forced_disagreements": [_forced(s, 0.0) for s in (1, 2, 3)]}, False),
+    ({"forced_disagreements": [_forced(s, 0.5, float32_gap=-0.1) for s in (1, 2, 3)]}, True),
     # past the tie, float32 judges: it prefers the patched choice, or finds the two tied
-    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2, "float32_gap": -0.05}]},
-     True),
-    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2, "float32_gap": 0.01}]},
-     True),
-    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.2, "float32_gap": 0.1}]},
-     False),
-    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.5,
-      "first_mismatch_float32_gap": -0.3}, True),
-    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.5,
-      "first_mismatch_float32_gap": 0.4}, False),
+    ({"forced_disagreements": [_forced(3, 0.2, float32_gap=-0.05)]}, True),
+    ({"forced_disagreements": [_forced(3, 0.2, float32_gap=0.01)]}, True),
+    ({"forced_disagreements": [_forced(3, 0.2, float32_gap=0.1)]}, False),
+    (_first(46, 0.5, first_mismatch_float32_gap=-0.3), True),
+    (_first(46, 0.5, first_mismatch_float32_gap=0.4), False),
     # a bf16 model's tie is wider; the result carries it
-    ({"tie": 2.0 ** -3, "forced_disagreements": [{"step": 3, "unpatched_margin": 0.1}]}, True),
-    ({"tie": 2.0 ** -3, "forced_disagreements": [{"step": 3, "unpatched_margin": 0.2}]}, False),
+    ({"tie": 2.0 ** -3, "forced_disagreements": [_forced(3, 0.1)]}, True),
+    ({"tie": 2.0 ** -3, "forced_disagreements": [_forced(3, 0.2)]}, False),
+    # The unpatched top-2 are tied (margin 0) but the patched model chose a token far
+    # down (gap to it 0.9, float32 agrees): an error, which the top-2 gap would pass.
+    ({"forced_disagreements": [_forced(3, 0.9, margin=0.0, float32_gap=0.8)]}, False),
+    (_first(46, 1.2, margin=0.0, first_mismatch_float32_gap=1.1), False),
+    # a genuine tie between the unpatched choice and the patched one
+    ({"forced_disagreements": [_forced(3, 0.01, margin=0.0)]}, True),
+    (_first(46, 0.01, margin=0.0), True),
+    # far down for the unpatched model, but float32 prefers the patched choice
+    ({"forced_disagreements": [_forced(3, 0.9, margin=0.0, float32_gap=-0.2)]}, True),
+    (_first(46, 0.9, margin=0.0, first_mismatch_float32_gap=-0.2), True),
+    # an older result with only the top-2 gap: float32 alone judges, and has no say here
+    ({"forced_disagreements": [{"step": 3, "unpatched_margin": 0.0}]}, False),
+    ({"tokens_equal": False, "first_mismatch": 46, "first_mismatch_margin": 0.0}, False),
 ])
 def test_same_tokens_up_to_ties(kw, ok):
     from mlx_foundry.lm_bench import same_tokens_up_to_ties
@@ -534,19 +552,25 @@ def test_suite_has_a_batch_decode_row():
 
 
 def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(monkeypatch):
-    """Each sequence's first differing step is judged by the unpatched top-2 gap of the
-    logits that chose that step's token: one sequence parting at a tie and another where
-    the choice was clear is a failure."""
+    """Each sequence's first differing step is judged by the unpatched model's
+    log-probability gap between its own choice and the patched token there (not its
+    top-2 gap): one sequence parting at a tie and another where the unpatched choice was
+    clearly better is a failure, and so is a patched token far below two tied ones."""
     from mlx_foundry import lm_bench
 
     ref = [[1, 2], [3, 4], [5, 6], [7, 8]]
     ours = [[1, 2], [9, 4], [5, 9], [7, 9]]  # sequence 0 from step 1, sequence 1 from step 2
-    gaps = [[0.5, 0.5], [0.001, 0.7], [0.9, 0.3], [0.2, 0.2]]
+    margins = [[0.5, 0.5], [0.001, 0.7], [0.9, 0.3], [0.2, 0.2]]  # top-2 gaps
+    gaps_to = [[0.0, 0.0], [0.002, 0.0], [0.0, 0.3], [0.0, 0.4]]  # to the patched token
+    seen_against = []
 
-    def fake(m, prompts, steps, warmup, margins=False):
-        out = ours if fake.patched else ref
-        return (ref, 0.1, gaps) if margins else (out, 0.1)
+    def fake(m, prompts, steps, warmup, margins=False, against=None):
+        if not margins:
+            return (ours if fake.patched else ref), 0.1
+        seen_against.append(against)
+        return ref, 0.1, margins_, gaps_to
 
+    margins_ = margins
     fake.patched = False
 
     class Model:
@@ -566,22 +590,32 @@ def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(mo
     monkeypatch.setattr(lm_bench, "_float32_forced_logits", float32_logits)
     monkeypatch.setattr("mlx_foundry.lm.patch", lambda m, **kw: setattr(fake, "patched", True))
     monkeypatch.setattr("mlx_foundry.lm.unpatch", lambda m: setattr(fake, "patched", False))
-    r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
+    run = lambda: lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0,
+                                                  repeats=1)
+    r = run()
+    assert seen_against == [ours]  # the unpatched rerun measures gaps to the patched tokens
     assert r["first_mismatch"] == 1 and r["sequences_differing"] == [0, 1]
-    assert r["first_mismatch_margin"] == 0.3  # sequence 1 at step 2 (0.001: sequence 0)
+    assert r["first_mismatch_unpatched_gap"] == 0.3  # sequence 1 at step 2 (0.002: seq. 0)
+    assert r["first_mismatch_margin"] == 0.3  # reported only
     # only sequence 1 is past the tie: float32 is fed its unpatched tokens to step 2
     assert len(judged) == 1 and judged[0][1] == [2, 4, 6]
     assert r["first_mismatch_float32_gap"] == 1.0
     ok, why = lm_bench.same_tokens_up_to_ties(r)
     assert not ok and "0.3" in why
     f32_gap[0] = -0.25  # float32 prefers the patched token
-    r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
+    r = run()
     assert r["first_mismatch_float32_gap"] == -0.25 and lm_bench.same_tokens_up_to_ties(r)[0]
-    gaps[2][1] = 0.01
+    gaps_to[2][1] = 0.01  # the unpatched model itself puts the two within a tie
     judged.clear()
-    r = lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0, repeats=1)
-    assert r["first_mismatch_margin"] == 0.01 and lm_bench.same_tokens_up_to_ties(r)[0]
+    r = run()
+    assert r["first_mismatch_unpatched_gap"] == 0.01 and lm_bench.same_tokens_up_to_ties(r)[0]
     assert not judged and r["first_mismatch_float32_gap"] is None
+    # Top-2 tied where sequence 1 parts (margin 0), but the patched token is 0.9 below the
+    # unpatched choice and float32 agrees: an error the top-2 gap alone would have passed.
+    margins[2][1], gaps_to[2][1], f32_gap[0] = 0.0, 0.9, 0.8
+    r = run()
+    assert r["first_mismatch_margin"] == 0.001 and r["first_mismatch_unpatched_gap"] == 0.9
+    assert not lm_bench.same_tokens_up_to_ties(r)[0]
 
 
 def test_batch_candidates_are_valid_launches():
@@ -673,3 +707,39 @@ def test_float32_judge_puts_mixed_dtype_parameters_back():
     assert lp.shape == (2, TINY_LLAMA["vocab_size"]) and lp.dtype == mx.float32
     assert {k: v.dtype for k, v in tree_flatten(model.parameters())} == before
     assert before["model.norm.weight"] == mx.float32
+
+
+def test_forced_logits_feed_every_compared_step_as_one_token():
+    """The teacher-forced check compares one-token decode steps only (the patched model's
+    fused path), the first included: the prompt but its last token is prefilled, the
+    last token alone chooses the first token, as in mlx-lm's generate_step; the logits
+    are those of that free-running greedy decode."""
+    pytest.importorskip("mlx_lm")
+    from mlx_foundry import lm_bench
+    from mlx_foundry.bench.e2e import TINY_LLAMA
+
+    model = lm_bench.random_quantized_model(TINY_LLAMA, dtype=mx.float32)
+    shapes = []
+
+    class Recorder:
+        layers = model.layers
+
+        def __call__(self, inputs, cache=None):
+            shapes.append(tuple(inputs.shape))
+            return model(inputs, cache=cache)
+
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    toks, _, margins = lm_bench.greedy_decode(model, prompt, 5, margins=True)
+    logits = lm_bench._forced_logits(Recorder(), prompt, toks)
+    assert shapes == [(1, 6)] + [(1, 1)] * 5
+    assert mx.argmax(logits, axis=-1).tolist() == toks
+    lp = lm_bench._log_softmax32(logits)
+    top2 = mx.topk(lp, 2, axis=-1)
+    assert mx.allclose(mx.max(top2, axis=-1) - mx.min(top2, axis=-1), mx.array(margins),
+                       atol=1e-5).item()
+    shapes.clear()
+    lm_bench._forced_logits(Recorder(), prompt, toks, prefill_step_size=4)
+    assert shapes == [(1, 4), (1, 2)] + [(1, 1)] * 5
+    shapes.clear()
+    lm_bench._forced_logits(Recorder(), [7], toks[:2])
+    assert shapes == [(1, 1), (1, 1)]
