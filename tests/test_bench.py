@@ -743,3 +743,55 @@ def test_forced_logits_feed_every_compared_step_as_one_token():
     shapes.clear()
     lm_bench._forced_logits(Recorder(), [7], toks[:2])
     assert shapes == [(1, 1), (1, 1)]
+
+
+def test_decode_benchmark_judges_a_far_down_patched_choice(monkeypatch):
+    """decode_benchmark measures, on a real model, the unpatched model's gap between its
+    own choice and the patched one: a patched choice made the unpatched model's least
+    likely token (teacher-forced at step 2, free-running from step 3) is reported with
+    that gap, float32 agrees, and the verdict is False."""
+    pytest.importorskip("mlx_lm")
+    from mlx_foundry import lm, lm_bench
+    from mlx_foundry.bench.e2e import TINY_LLAMA
+
+    model = lm_bench.random_quantized_model(TINY_LLAMA, dtype=mx.float32)
+    prompt = [5, 17, 2, 99]
+    real_forced, real_logits = lm_bench.forced_argmax, lm_bench._forced_logits
+    worst = {}
+
+    def forced(m, p, toks):
+        out = real_forced(m, p, toks)
+        worst[2] = mx.argmin(real_logits(m, p, toks)[2]).item()
+        out[2] = worst[2]
+        return out
+
+    real_decode = lm_bench.greedy_decode
+
+    def decode(m, p, steps, **kw):
+        out = real_decode(m, p, steps, **kw)
+        if lm.is_patched(m) and steps == 6:
+            toks = list(out[0])
+            worst[3] = mx.argmin(real_logits(m, p, toks)[3]).item()
+            toks[3] = worst[3]
+            out = (toks,) + tuple(out[1:])
+        return out
+
+    monkeypatch.setattr(lm_bench, "forced_argmax", forced)
+    monkeypatch.setattr(lm_bench, "greedy_decode", decode)
+    r = lm_bench.decode_benchmark(model, prompt=prompt, steps=6, warmup=0,
+                                  backend="reference", results_dir="")
+    ref = r["unpatched_tokens"]
+    lp = lm_bench._log_softmax32(real_logits(model, prompt, ref))
+    (d,) = r["forced_disagreements"]
+    assert d["step"] == 2 and d["unpatched_token"] == ref[2] and d["patched_token"] == worst[2]
+    want = (lp[2, ref[2]] - lp[2, worst[2]]).item()
+    assert d["unpatched_gap"] == pytest.approx(want, rel=1e-5) and want > 1.0
+    assert d["float32_gap"] == pytest.approx(want, rel=1e-3)   # a float32 model
+    assert d["unpatched_margin"] < d["unpatched_gap"]
+    assert r["first_mismatch"] == 3
+    want = (lp[3, ref[3]] - lp[3, worst[3]]).item()
+    assert r["first_mismatch_unpatched_gap"] == pytest.approx(want, rel=1e-5) and want > 1.0
+    assert r["first_mismatch_float32_gap"] == pytest.approx(want, rel=1e-3)
+    ok, why = lm_bench.same_tokens_up_to_ties(r)
+    assert not ok and "clearly preferred" in why
+    assert not lm.is_patched(model)
