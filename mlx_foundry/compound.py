@@ -169,7 +169,17 @@ class CompoundKernel(Program):
         for s in self.stages:
             if s.reference is None:
                 raise NotImplementedError(f"[{self.who}] Stage {s.name!r} has no reference.")
-            values.update(s.reference(bound, values))
+            got = s.reference(bound, values)
+            # A misspelt name would be dropped silently and the oracle skip the stage.
+            # (A subset is fine: values such as a row's index exist only in the kernel.)
+            allowed = set(s.produces) | ({o.name for o in self.outputs}
+                                         if s.writes_output else set())
+            if not isinstance(got, dict) or not set(got) <= allowed:
+                what = sorted(got) if isinstance(got, dict) else type(got).__name__
+                raise ValueError(f"[{self.who}] The reference of stage {s.name!r} must return "
+                                 f"a dict of values it produces ({sorted(allowed)}) but "
+                                 f"returned {what}.")
+            values.update(got)
         if self.manual_output:
             return [values[o.name] for o in self.outputs]
         out = self.outputs[0]

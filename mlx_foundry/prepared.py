@@ -236,6 +236,9 @@ def prepare_op(op, *args, vary, backend=None, **kwargs):
     """
     from .kernel import record_launches
 
+    if not isinstance(vary, dict):
+        raise TypeError(f"[prepare_op] 'vary' must be a dict of kernel input name -> the "
+                        f"op argument it is, but got {type(vary).__name__}.")
     with record_launches() as launches:
         op(*args, backend=backend, **kwargs)
     if len(launches) != 1:
@@ -243,6 +246,12 @@ def prepare_op(op, *args, vary, backend=None, **kwargs):
     program, a, kw = launches[0]
     if a:  # positional inputs, in the program's input order
         kw = dict(zip((i.name for i in program.inputs), a), **kw)
+    names = [i.name for i in program.inputs]
+    unknown = [n for n in vary if n not in names]
+    if unknown:
+        # A typo would otherwise read as "this op cannot be prepared" (None).
+        raise ValueError(f"[prepare_op] 'vary' names {unknown}, not inputs of kernel "
+                         f"{program.name!r} (its inputs: {', '.join(names)}).")
     for name, value in vary.items():
         got = kw.get(name)
         if isinstance(value, mx.array) or isinstance(got, mx.array):

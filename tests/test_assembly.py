@@ -283,3 +283,34 @@ def test_two_kernels_one_trace_keep_their_own_sources():
     texts = [t for _, t in found]
     assert "constexpr int K = 64;" in texts[0] and "constexpr int K = 96;" in texts[1]
     assert srcs[0].name in texts[0] and srcs[1].name in texts[1]
+
+
+def test_compound_reference_rejects_a_stage_reference_with_unknown_names():
+    """A stage reference that returns a name its stage does not produce (a typo) is an
+    error: dropped silently, the oracle would skip the stage."""
+    k = ck.center_scale_relu_kernel()
+    stage = k.stages[-1]
+    real = stage.reference
+    stage.reference = lambda b, v: {"accc": real(b, v)["acc"]}
+    try:
+        with pytest.raises(ValueError, match=r"stage '.*' must return.*\['accc'\]"):
+            k(ck.seeded((4, 37), mx.float32), scale=0.5, backend="reference")
+    finally:
+        stage.reference = real
+
+
+@pytest.mark.parametrize("bad", [lambda b: b.x[:3], lambda b: b.x.astype(mx.float32)],
+                         ids=["shape", "dtype"])
+def test_reference_must_match_the_declared_outputs(bad):
+    """A reference is the oracle of its kernel: one that returns another shape or dtype
+    than the kernel's declared output is an error, not a result."""
+    args = [mf.Tensor("x", (mx.float16, mx.bfloat16, mx.float32), buffer=0),
+            mf.Output("y", shape=lambda b: b.x.shape, dtype="x", buffer=1),
+            mf.Params("params", ck.AxpbParams, buffer=2), mf.Constant("T", "dtype", like="x")]
+    wrong = mf.Kernel("axpb_wrong_ref", source="axpb.metal", function="axpb_kernel",
+                      template=("T",), args=args, attributes=("thread_position_in_grid",),
+                      dispatch=lambda b: mf.per_element(b.x.size), reference=bad)
+    x = ck.seeded((4, 5), mx.float16)
+    with pytest.raises(ValueError, match=r"reference returned .* for output 'y', declared as "
+                                         r"shape \(4, 5\), mlx.core.float16"):
+        wrong(x, params=ck.AxpbParams(n=x.size, a=1.0, b=0.0), backend="reference")

@@ -324,6 +324,23 @@ def test_fused_ops_reject_bad_input():
         norm_qkv_rope(x3, None, 1e-5, q, kv, kv, **base, rope_freqs=mx.ones((3,)))
     with pytest.raises(ValueError, match="'x'"):
         norm_qkv_rope(mx.ones((128,), mx.float16), None, 1e-5, q, kv, kv, **base)
+    # Flags and RoPE numbers are checked, not coerced: a truthy "no" would rotate pairs.
+    for bad, exc, name in ((dict(rope_traditional="no"), TypeError, "rope_traditional"),
+                           (dict(rope=1), TypeError, "rope"),
+                           (dict(joint_kv="yes"), TypeError, "joint_kv"),
+                           (dict(rope_base="1e4"), ValueError, "rope_base"),
+                           (dict(rope_base=float("inf")), ValueError, "rope_base"),
+                           (dict(rope_scale=None), ValueError, "rope_scale"),
+                           (dict(offset=2 ** 40), ValueError, "offset")):
+        with pytest.raises(exc, match=f"'{name}'"):
+            norm_qkv_rope(x3, None, 1e-5, q, kv, kv, **dict(base, **bad), backend="reference")
+
+
+def test_weight_scales_and_biases_share_a_dtype():
+    """The kernels read scales and biases through one policy dtype."""
+    w = _qw(32, 128)
+    with pytest.raises(ValueError, match="'biases' must have the dtype of 'scales'"):
+        Weight(w.weight, w.scales.astype(mx.bfloat16), w.biases, group_size=64, bits=4)
 
 
 def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):

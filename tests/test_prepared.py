@@ -91,6 +91,18 @@ def test_prepare_errors_name_the_argument(monkeypatch):
         step(x, x)
 
 
+def test_prepare_op_rejects_a_vary_that_names_no_input():
+    """A typo in ``vary`` is an error naming it, not a silent ``None`` (which means "this
+    op does not launch one kernel here")."""
+    x = ck.seeded((2, 128), mx.float16)
+    w = _weight()
+    with pytest.raises(ValueError, match=r"\['y'\].*inputs: .*\bx\b"):
+        prepare_op(ops.linear, x, w, vary={"y": x}, backend="reference")
+    with pytest.raises(TypeError, match="'vary' must be a dict"):
+        prepare_op(ops.linear, x, w, vary=("x",), backend="reference")
+    assert prepare_op(ops.linear, x, w, vary={"x": x}, backend="reference") is not None
+
+
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 def test_reshaped_launch_declares_other_output_shapes(monkeypatch, backend):
     """One token's Q/K/V as [B, heads, 1, head_dim]: the same values, no reshape after."""

@@ -89,3 +89,11 @@ def test_bad_scalars_name_the_argument():
         qk_norm_rope(*_args(D=96), 1e-6, offset=0, rope_traditional=True, backend="reference")
     with pytest.raises(ValueError, match="backend"):
         qk_norm_rope(*a, 1e-6, offset=0, backend="vulkan")
+    with pytest.raises(TypeError, match="'rope_traditional'"):
+        qk_norm_rope(*a, 1e-6, offset=0, rope_traditional=1, backend="reference")
+    with pytest.raises(ValueError, match="'rope_scale'"):
+        qk_norm_rope(*a, 1e-6, offset=0, rope_scale="x", backend="reference")
+    with pytest.raises(ValueError, match="'rope_base'"):
+        qk_norm_rope(*a, 1e-6, offset=0, rope_base=None, backend="reference")
+    with pytest.raises(ValueError, match="'offset'"):
+        qk_norm_rope(*a, 1e-6, offset=-2 ** 31 - 1, backend="reference")

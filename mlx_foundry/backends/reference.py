@@ -27,4 +27,13 @@ def run(program, bound, constants):
     if len(out) != len(program.outputs):
         raise ValueError(f"[{program.name}] reference returned {len(out)} arrays for "
                          f"{len(program.outputs)} outputs.")
+    # The oracle must agree with the kernel's declared outputs, or a test compares a
+    # kernel with something it never computes.
+    for o, v in zip(program.outputs, out):
+        shape, dtype = o.resolve(b)
+        if not isinstance(v, mx.array) or tuple(v.shape) != tuple(shape) or v.dtype != dtype:
+            got = (f"shape {tuple(v.shape)}, {v.dtype}" if isinstance(v, mx.array)
+                   else type(v).__name__)
+            raise ValueError(f"[{program.name}] reference returned {got} for output "
+                             f"{o.name!r}, declared as shape {tuple(shape)}, {dtype}.")
     return out

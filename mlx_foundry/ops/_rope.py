@@ -3,6 +3,7 @@ checked at the boundary, turned into the kernels' float32 inverse frequencies.""
 
 import functools
 import math
+import numbers
 
 import mlx.core as mx
 
@@ -17,17 +18,33 @@ def check_offset(who, offset):
                              f"but got shape {tuple(offset.shape)}, {dtype_name(offset.dtype)}.")
     elif isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"[{who}] 'offset' must be an int but got {type(offset).__name__}.")
+    elif not -2**31 <= offset < 2**31:
+        # The kernels take the position as int32, as mx.fast.rope does.
+        raise ValueError(f"[{who}] 'offset' must fit in int32 but got {offset}.")
 
 
-def check_rope(who, head_dim, rope_base, rope_freqs):
-    """``rope_freqs`` of shape ``[head_dim / 2]``, else a positive ``rope_base``."""
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_rope(who, head_dim, rope_base, rope_freqs, rope_scale=1.0, rope_traditional=False):
+    """``rope_freqs`` of shape ``[head_dim / 2]``, else a finite positive ``rope_base``; a
+    finite ``rope_scale`` and a bool ``rope_traditional`` (any other truthy value would
+    silently pick the other rotation)."""
+    if not isinstance(rope_traditional, bool):
+        raise TypeError(f"[{who}] 'rope_traditional' must be a bool but got "
+                        f"{type(rope_traditional).__name__}.")
+    if not _is_real(rope_scale):
+        raise ValueError(f"[{who}] 'rope_scale' must be a finite number but got "
+                         f"{rope_scale!r}.")
     if rope_freqs is not None:
         if not isinstance(rope_freqs, mx.array) or tuple(rope_freqs.shape) != (head_dim // 2,):
             got = tuple(rope_freqs.shape) if isinstance(rope_freqs, mx.array) else rope_freqs
             raise ValueError(f"[{who}] 'rope_freqs' must be an array of shape "
                              f"({head_dim // 2},) but got {got!r}.")
-    elif not rope_base > 0:
-        raise ValueError(f"[{who}] 'rope_base' must be positive but got {rope_base!r}.")
+    elif not (_is_real(rope_base) and rope_base > 0):
+        raise ValueError(f"[{who}] 'rope_base' must be a finite positive number but got "
+                         f"{rope_base!r}.")
 
 
 def inv_freq(head_dim, rope_base, rope_freqs):

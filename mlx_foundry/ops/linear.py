@@ -533,6 +533,9 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
             raise ValueError(f"[{who}] '{name}' must be a positive int but got {val!r}.")
     if head_dim % 2:
         raise ValueError(f"[{who}] 'head_dim' must be even but got {head_dim}.")
+    for name, val in (("joint_kv", joint_kv), ("rope", rope)):
+        if not isinstance(val, bool):
+            raise TypeError(f"[{who}] '{name}' must be a bool but got {type(val).__name__}.")
     if n_heads % n_kv_heads:
         raise ValueError(f"[{who}] 'n_heads' ({n_heads}) must be a multiple of 'n_kv_heads' "
                          f"({n_kv_heads}).")
@@ -549,7 +552,7 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     if not rope:
         offset, rope_freqs, rope_base, rope_scale, rope_traditional = 0, None, 1.0, 1.0, False
     _rope.check_offset(who, offset)
-    _rope.check_rope(who, head_dim, rope_base, rope_freqs)
+    _rope.check_rope(who, head_dim, rope_base, rope_freqs, rope_scale, rope_traditional)
     seq = x.shape[-2]
     be, fused = _fused(backend, x.size // kdim, who)
     if not fused:

@@ -11,7 +11,7 @@ import mlx.core as mx
 from ..policies.affine import AFFINE_BITS, AFFINE_GROUP_SIZES, affine_policy, check_affine
 from ..policies.dense import dense_policy
 from ..types import FLOAT_DTYPES, dtype_name
-from ._checks import FLOAT_NAMES, check_float_array
+from ._checks import FLOAT_NAMES, check_float_array, check_same_dtype
 
 
 class Weight:
@@ -137,6 +137,8 @@ class Weight:
                 raise ValueError(f"[{who}] 'biases' is required with 'scales' (MLX affine "
                                  "quantization).")
             bi = check_float_array(who, "biases", self.biases)
+            # One policy dtype reads both (the kernels declare them alike).
+            check_same_dtype(who, "biases", bi, "scales", s)
             if w.dtype != mx.uint32:
                 raise ValueError(f"[{who}] Quantized 'weight' must have dtype uint32 but has "
                                  f"{dtype_name(w.dtype)}.")
