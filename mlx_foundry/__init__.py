@@ -52,6 +52,10 @@ def __getattr__(name):
         from .lm import PatchReport
 
         return PatchReport
+    if name == "ops":  # ``mf.ops.linear(...)`` after ``import mlx_foundry as mf``
+        import importlib
+
+        return importlib.import_module(".ops", __name__)
     raise AttributeError(f"module 'mlx_foundry' has no attribute {name!r}")
 
 

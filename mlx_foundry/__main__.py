@@ -7,7 +7,13 @@ import sys
 def _demo(args):
     from .demo import run_demo
 
-    return run_demo(backend=args.backend, show_source=not args.quiet)
+    try:
+        return run_demo(backend=args.backend, show_source=not args.quiet)
+    except ValueError as e:
+        if "is not available on this machine" not in str(e):
+            raise
+        print(e, file=sys.stderr)
+        return 2
 
 
 def _show(args):
@@ -17,7 +23,11 @@ def _show(args):
         for entry in catalog.entries():
             print(f"{entry.name:40s} {entry.description}")
         return 0
-    entry = catalog.get(args.kernel)
+    try:
+        entry = catalog.get(args.kernel)
+    except KeyError as e:
+        print(e.args[0], file=sys.stderr)
+        return 2
     program, a, kw = entry.build()
     if args.backend == "metal-full":
         print(program.metal_source(*a, **kw))

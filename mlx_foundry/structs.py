@@ -13,8 +13,9 @@ The Python equivalent of the seed's ``#[derive(MetalStruct)]``::
 
 Structs are never written by hand in a ``.metal`` file: the assembler injects
 ``metal_struct_def`` into the kernel header.  A kernel receives a struct as a
-byte buffer; the generated body copies it into a thread-local value (see
-``kernel.py``), so stage functions take structs by value.
+byte buffer; the generated body reinterprets it as ``const device S*`` (see
+``kernel.py``), and stage functions take that pointer (``stage.py``): read a field as
+``p->n``.
 """
 
 import dataclasses

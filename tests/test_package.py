@@ -38,3 +38,23 @@ def test_demo_runs_and_checks_against_its_reference():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "gemv_norm_main" in r.stdout          # the generated source was printed
     assert r.stdout.count(": OK") == 2 and "MISMATCH" not in r.stdout
+
+
+def test_command_line_errors_are_one_line():
+    """An unknown kernel name, or a GPU backend this machine lacks, is a message and exit
+    status 2, not a traceback."""
+    from mlx_foundry.__main__ import main
+    from mlx_foundry.backends import gpu_backend
+
+    r = subprocess.run([sys.executable, "-m", "mlx_foundry", "show", "no_such_kernel"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "No kernel named 'no_such_kernel'" in r.stderr
+    assert "Traceback" not in r.stderr
+    missing = next((b for b in ("cuda", "metal") if b != gpu_backend()), None)
+    assert main(["demo", "--backend", missing, "--quiet"]) == 2
+
+
+def test_ops_is_an_attribute_of_the_package():
+    import mlx_foundry as mf
+
+    assert mf.ops.linear is __import__("mlx_foundry.ops", fromlist=["linear"]).linear
