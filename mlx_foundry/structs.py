@@ -130,6 +130,13 @@ def _pack(self):
     try:
         data = _struct.pack(layout.format, *values)
     except _struct.error as e:
+        # struct.error does not say which value: find it, so the message names the field.
+        for f, v in zip(layout.fields, values):
+            try:
+                _struct.pack("=" + f.type.fmt, v)
+            except _struct.error as fe:
+                raise ValueError(f"[struct] {type(self).__name__}.{f.python_name} "
+                                 f"({f.type.name}) cannot hold {v!r}: {fe}.") from None
         raise ValueError(f"[struct] Cannot pack {type(self).__name__}: {e}.") from None
     object.__setattr__(self, "_mf_packed", data)
     return data

@@ -427,3 +427,26 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
         cls = tuner.shape_class(n, k, 1)
         assert autotune.lookup_linear(kern, n, k, 1, "reference") == chosen[
             (autotune.kernel_key(kern, "reference"), cls)], name
+
+
+def test_linear_rejects_a_format_other_than_its_weights():
+    """A Weight carries its format; a different group_size or bits next to it would be
+    ignored, so it is an error (the Weight's own values, repeated, are fine)."""
+    w = _qw(32, 128, 4, 64)
+    x = mx.ones((1, 128), mx.float16)
+    with pytest.raises(ValueError, match="'group_size'=32 differs from the Weight's "
+                                         "group_size=64"):
+        linear(x, w, group_size=32, backend="reference")
+    with pytest.raises(ValueError, match="'bits'=8"):
+        linear(x, w, bits=8, backend="reference")
+    want = linear(x, w, backend="reference")
+    assert mx.array_equal(linear(x, w, group_size=64, bits=4, backend="reference"), want).item()
+
+
+def test_struct_pack_errors_name_the_field():
+    import core_kernels as ck
+
+    with pytest.raises(ValueError, match=r"AxpbParams\.n \(u32\) cannot hold -1"):
+        ck.AxpbParams(n=-1, a=1.0, b=0.0).pack()
+    with pytest.raises(ValueError, match=r"AxpbParams\.a \(f32\) cannot hold 'x'"):
+        ck.AxpbParams(n=3, a="x", b=0.0).pack()

@@ -342,7 +342,7 @@ def qkv_kernel(q_sig, k_sig, v_sig, *, traditional=False, with_weight=True, bias
 
 
 # ---- public ops ---------------------------------------------------------------------------
-def linear(x, weight, scales=None, biases=None, *, group_size=64, bits=4, bias=None,
+def linear(x, weight, scales=None, biases=None, *, group_size=None, bits=None, bias=None,
            activation=None, residual=None, backend=None):
     """``act(x @ W.T + bias) + residual`` in one kernel.
 
@@ -355,8 +355,10 @@ def linear(x, weight, scales=None, biases=None, *, group_size=64, bits=4, bias=N
         weight (array or Weight): ``[N, K]`` dense, or uint32 ``[N, K*bits/32]``; a
             :class:`Weight` carries its own scales, biases, bias, group size and bits.
         scales, biases (array, optional): ``[N, K/group_size]`` affine scales and biases.
-        group_size (int): 32, 64 or 128. Default: ``64``.
-        bits (int): 2, 3, 4, 5, 6 or 8. Default: ``4``.
+        group_size (int, optional): 32, 64 or 128. Default: ``64`` (with a
+            :class:`Weight`: its own; another value is an error).
+        bits (int, optional): 2, 3, 4, 5, 6 or 8. Default: ``4`` (with a
+            :class:`Weight`: its own; another value is an error).
         bias (array, optional): ``[N]``. Default: ``None``.
         activation (str, optional): ``None``, ``"silu"``, ``"gelu"``, ``"gelu_approx"``
             or ``"relu"``. Default: ``None``.
@@ -378,11 +380,18 @@ def linear(x, weight, scales=None, biases=None, *, group_size=64, bits=4, bias=N
         if scales is not None or biases is not None or bias is not None:
             raise ValueError(f"[{who}] Pass 'scales', 'biases' and 'bias' inside the Weight, "
                              "not alongside it.")
+        # A Weight carries its own format: another one here would be ignored silently.
+        for name, val, own in (("group_size", group_size, weight.group_size),
+                               ("bits", bits, weight.bits)):
+            if val is not None and val != own:
+                raise ValueError(f"[{who}] '{name}'={val} differs from the Weight's "
+                                 f"{name}={own}; set it in the Weight.")
         w = weight.validate(who)
     else:
         w = Weight.__new__(Weight)
         w.weight, w.scales, w.biases, w.bias = weight, scales, biases, bias
-        w.group_size, w.bits = group_size, bits
+        w.group_size = 64 if group_size is None else group_size
+        w.bits = 4 if bits is None else bits
         w.validate(who)
     k = w.in_features
     _check_x(x, k, who)
