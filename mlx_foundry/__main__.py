@@ -107,5 +107,17 @@ def main(argv=None):
     return args.fn(args) or 0
 
 
+def _run():
+    try:
+        return main()
+    except BrokenPipeError:
+        # The reader went away (``show --list | head``): not an error of ours. Point
+        # stdout at devnull so that Python's flush at exit does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())

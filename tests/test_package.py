@@ -58,3 +58,15 @@ def test_ops_is_an_attribute_of_the_package():
     import mlx_foundry as mf
 
     assert mf.ops.linear is __import__("mlx_foundry.ops", fromlist=["linear"]).linear
+
+
+def test_command_line_output_into_a_closed_pipe_is_no_error():
+    """``show --list | head -1``: the reader goes away early. Here it closes the pipe
+    before the command (still importing) writes anything, so every write fails; that
+    is exit 0 and no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "mlx_foundry", "show", "--list"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
