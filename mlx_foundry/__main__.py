@@ -5,13 +5,12 @@ import sys
 
 
 def _demo(args):
+    from .backends import BackendUnavailableError
     from .demo import run_demo
 
     try:
         return run_demo(backend=args.backend, show_source=not args.quiet)
-    except ValueError as e:
-        if "is not available on this machine" not in str(e):
-            raise
+    except BackendUnavailableError as e:
         print(e, file=sys.stderr)
         return 2
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cache_info
-from .backends import gpu_backend, select_backend
+from .backends import require_available, select_backend
 from .ops import Weight, norm_linear
 from .ops.linear import linear_kernel
 
@@ -29,11 +29,7 @@ def _median_us(fn, repeats=20, inner=10):
 
 
 def run_demo(backend=None, show_source=True):
-    backend = select_backend(backend, "demo")
-    if backend != "reference" and backend != gpu_backend():
-        # Say so here rather than in MLX's "No ... back-end" at the first launch.
-        raise ValueError(f"[demo] Backend {backend!r} is not available on this machine "
-                         f"(available: {gpu_backend() or 'reference only'}).")
+    backend = require_available(select_backend(backend, "demo"), "demo")
     gpu = backend != "reference"
     k, n = (4096, 14336) if gpu else (1024, 2048)
     bits, group_size, eps = 4, 64, 1e-5

@@ -123,11 +123,13 @@ def greedy_decode(model, prompt, steps, *, margins=False):
     tok_s = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
     if not margins:
         return tokens, tok_s
-    gaps = []
-    for lp in logps:
-        top2 = mx.topk(lp.astype(mx.float32).reshape(-1), 2)
-        gaps.append(float(mx.max(top2) - mx.min(top2)))
-    return tokens, tok_s, gaps
+    return tokens, tok_s, [float(_top2_gap(lp.astype(mx.float32).reshape(-1))) for lp in logps]
+
+
+def _top2_gap(lp):
+    """The gap between the two largest values over the last axis."""
+    top2 = mx.topk(lp, 2, axis=-1)
+    return mx.max(top2, axis=-1) - mx.min(top2, axis=-1)
 
 
 PREFILL_STEP = 2048
@@ -413,8 +415,7 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     # own choice and the patched one (the judge: a tie of its two best tokens says
     # nothing about a patched choice further down).
     ref_lp = _log_softmax32(_forced_logits(model, prompt, ref_tokens))
-    top2 = mx.topk(ref_lp, 2, axis=-1)
-    ref_margins = (mx.max(top2, axis=-1) - mx.min(top2, axis=-1)).tolist()
+    ref_margins = _top2_gap(ref_lp).tolist()
 
     def unpatched_gap(i, other):
         return float(ref_lp[i, ref_tokens[i]] - ref_lp[i, other])
@@ -508,8 +509,7 @@ def _batch_greedy(model, prompts, steps, warmup, *, margins=False, against=None)
         toks.append(y)
         if margins:
             lp = _log_softmax32(logits)
-            top2 = mx.topk(lp, 2, axis=-1)
-            gaps.append(mx.max(top2, axis=-1) - mx.min(top2, axis=-1))
+            gaps.append(_top2_gap(lp))
             if against is not None:
                 other = mx.array(against[len(toks) - 1])[:, None]
                 to.append((mx.take_along_axis(lp, y[:, None], axis=-1)

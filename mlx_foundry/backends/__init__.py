@@ -27,6 +27,20 @@ def _probe():
     return _available
 
 
+class BackendUnavailableError(RuntimeError):
+    """A backend that cannot run on this machine was asked for."""
+
+
+def require_available(backend, who):
+    """``backend`` if it can run here, else :class:`BackendUnavailableError` naming it
+    (before MLX's own "No ... back-end" at the first launch)."""
+    if not is_available(backend):
+        raise BackendUnavailableError(
+            f"[{who}] Backend {backend!r} is not available on this machine (available: "
+            f"{', '.join(b for b in BACKENDS if is_available(b))}).")
+    return backend
+
+
 def is_available(backend):
     """Whether ``backend`` can run here."""
     if backend == "reference":

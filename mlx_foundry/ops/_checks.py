@@ -1,6 +1,7 @@
 """Input checks shared by the public ops: each error names the argument."""
 
 import math
+import numbers
 
 import mlx.core as mx
 
@@ -42,6 +43,11 @@ def in_dtype_of(a, ref):
     """``a`` in the dtype of ``ref`` (no copy when it already is): the fused kernels read
     norm weights and biases as their activation's dtype."""
     return a if a.dtype == ref.dtype else a.astype(ref.dtype)
+
+
+def is_finite_number(v):
+    """An int or float (numpy's included), not a bool, and finite."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_eps(who, eps):

@@ -3,11 +3,11 @@ checked at the boundary, turned into the kernels' float32 inverse frequencies.""
 
 import functools
 import math
-import numbers
 
 import mlx.core as mx
 
 from ..types import dtype_name
+from ._checks import is_finite_number
 
 
 def check_offset(who, offset):
@@ -23,10 +23,6 @@ def check_offset(who, offset):
         raise ValueError(f"[{who}] 'offset' must fit in int32 but got {offset}.")
 
 
-def _is_real(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_rope(who, head_dim, rope_base, rope_freqs, rope_scale=1.0, rope_traditional=False):
     """``rope_freqs`` of shape ``[head_dim / 2]``, else a finite positive ``rope_base``; a
     finite ``rope_scale`` and a bool ``rope_traditional`` (any other truthy value would
@@ -34,7 +30,7 @@ def check_rope(who, head_dim, rope_base, rope_freqs, rope_scale=1.0, rope_tradit
     if not isinstance(rope_traditional, bool):
         raise TypeError(f"[{who}] 'rope_traditional' must be a bool but got "
                         f"{type(rope_traditional).__name__}.")
-    if not _is_real(rope_scale):
+    if not is_finite_number(rope_scale):
         raise ValueError(f"[{who}] 'rope_scale' must be a finite number but got "
                          f"{rope_scale!r}.")
     if rope_freqs is not None:
@@ -42,7 +38,7 @@ def check_rope(who, head_dim, rope_base, rope_freqs, rope_scale=1.0, rope_tradit
             got = tuple(rope_freqs.shape) if isinstance(rope_freqs, mx.array) else rope_freqs
             raise ValueError(f"[{who}] 'rope_freqs' must be an array of shape "
                              f"({head_dim // 2},) but got {got!r}.")
-    elif not (_is_real(rope_base) and rope_base > 0):
+    elif not (is_finite_number(rope_base) and rope_base > 0):
         raise ValueError(f"[{who}] 'rope_base' must be a finite positive number but got "
                          f"{rope_base!r}.")
 

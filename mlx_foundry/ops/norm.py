@@ -1,7 +1,6 @@
 """Normalization, RoPE and softmax ops: validated at the boundary, one kernel each."""
 
 import functools
-import math
 
 import mlx.core as mx
 
@@ -10,7 +9,7 @@ from ..stages import norm as _norm
 from ..stages import rope as _rope
 from ..stages import softmax as _softmax
 from ..types import dtype_name
-from ._checks import check_eps, check_float_array, check_same_dtype
+from ._checks import check_eps, check_float_array, check_same_dtype, is_finite_number
 
 
 def _check_weight(who, weight, x):
@@ -161,7 +160,7 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None, backend=None)
     if not isinstance(traditional, bool):
         raise TypeError(f"[{who}] 'traditional' must be a bool but got "
                         f"{type(traditional).__name__}.")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise ValueError(f"[{who}] 'scale' must be a finite number but got {scale!r}.")
     if freqs is not None:
         if base is not None:
@@ -177,8 +176,7 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None, backend=None)
     else:
         if base is None:
             raise ValueError(f"[{who}] Neither 'base' nor 'freqs' has a value.")
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not (
-                math.isfinite(base) and base > 0):
+        if not (is_finite_number(base) and base > 0):
             raise ValueError(f"[{who}] 'base' must be a finite positive number but got "
                              f"{base!r}.")
         freqs_arr = _no_freqs()

@@ -60,14 +60,14 @@ def qk_norm_rope(q, kv, q_norm_weight, k_norm_weight, eps, *, offset, rope_base=
     if D % 32 or D > MAX_HEAD_DIM:
         raise ValueError(f"[{who}] 'head_dim' (the last dimension of 'q') must be a multiple "
                          f"of 32 up to {MAX_HEAD_DIM} but is {D}.")
-    if rope_traditional is True and D % 64:
+    _rope.check_rope(who, D, rope_base, rope_freqs, rope_scale, rope_traditional)
+    if rope_traditional and D % 64:
         raise ValueError(f"[{who}] traditional RoPE needs a 'head_dim' that is a multiple of "
                          f"64 but it is {D}.")
     check_float_array(who, "q_norm_weight", q_norm_weight, shape=(D,))
     check_float_array(who, "k_norm_weight", k_norm_weight, shape=(D,))
     check_eps(who, eps)
     _rope.check_offset(who, offset)
-    _rope.check_rope(who, D, rope_base, rope_freqs, rope_scale, rope_traditional)
     be = select_backend(backend, who)
     kern = qk_norm_rope_kernel(bool(rope_traditional))
     return kern(q, kv, in_dtype_of(q_norm_weight, q), in_dtype_of(k_norm_weight, q),
