@@ -152,6 +152,9 @@ class Output(Arg):
         self._init(name, buffer, metal_type, False)
         if not callable(shape):
             raise TypeError(f"[Output] 'shape' of {name!r} must be callable(bound) -> tuple.")
+        if not (isinstance(dtype, (str, mx.Dtype)) or callable(dtype)):
+            raise TypeError(f"[Output] 'dtype' of {name!r} must be a dtype, a Tensor's name "
+                            f"or callable(bound) -> Dtype but got {dtype!r}.")
         self.shape_rule = shape
         self.dtype_rule = dtype
 
@@ -253,6 +256,9 @@ class Constant(Arg):
         self.name = check_identifier(name, "constant name", who="Constant")
         if kind not in ("int", "bool", "dtype"):
             raise ValueError(f"[Constant] 'kind' must be one of int, bool, dtype but got {kind!r}.")
+        if like is not None and (kind != "dtype" or value is not None):
+            raise ValueError(f"[Constant] {name!r}: 'like' is for a dtype constant without "
+                             f"a 'value' (kind={kind!r}).")
         self.const_kind = kind
         self.like = like
         self.value = value

@@ -52,7 +52,7 @@ def metal_source_of(program, *args, **kwargs):
     src = program.render("metal", consts, bound)
     full = bound.with_constants(consts)
     out_specs = [o.resolve(full) for o in program.outputs]
-    grid, tg = program.dispatch_fn(full).mlx_launch("metal")
+    grid, tg = program.dispatch_config(full).mlx_launch("metal")
     kernel = mx.fast.metal_kernel(
         name=src.name, input_names=list(src.input_names),
         output_names=list(src.output_names), source=src.body, header=src.header,

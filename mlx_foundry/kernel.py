@@ -17,7 +17,8 @@ from . import cache, sources
 from ._names import METAL_ATTRIBUTES, check_identifier
 from .args import SCALAR_LANES, Bound, Constant, Output, Params, Scalar, Tensor, order_args
 from .backends import reference as reference_backend
-from .backends import select_backend
+from .backends import require_available, select_backend
+from .dispatch import DispatchConfig
 from .stage import Stage, Threadgroup
 from .structs import is_struct_type
 
@@ -168,6 +169,7 @@ class Program:
             raise ValueError(f"[{self.who}] Duplicate threadgroup array names: {names}.")
         self._by_name = {a.name: a for a in self.inputs + self.outputs + self.constants}
         self._tensors = tuple(a for a in self.inputs if isinstance(a, Tensor))
+        self._check_dtype_references()
         self._structs = self._collect_structs(structs)
         self._specs = {}
         self._plans = {}
@@ -177,6 +179,30 @@ class Program:
         _programs.add(self)
 
     # -- declarations --------------------------------------------------------------
+    def _check_dtype_references(self):
+        """Names that copy a dtype (``Output(dtype="x")``, ``Constant(like="x")``) must
+        name a Tensor input: caught here, not as a KeyError at the first launch."""
+        tensors = {a.name for a in self._tensors}
+        refs = [(f"Output {o.name!r}", "dtype", o.dtype_rule) for o in self.outputs
+                if isinstance(o.dtype_rule, str)]
+        refs += [(f"Constant {c.name!r}", "like", c.like) for c in self.constants
+                 if c.like is not None]
+        for what, field, name in refs:
+            if name not in tensors:
+                valid = ", ".join(sorted(tensors)) or "none"
+                raise ValueError(f"[{self.who}] {what} takes its dtype from {name!r} "
+                                 f"('{field}'), which is not a Tensor input of this kernel. "
+                                 f"Tensor inputs: {valid}.")
+
+    def dispatch_config(self, full):
+        """``dispatch(bound)``, checked to be a :class:`DispatchConfig`."""
+        cfg = self.dispatch_fn(full)
+        if not isinstance(cfg, DispatchConfig):
+            raise TypeError(f"[{self.who}] 'dispatch' must return a DispatchConfig (e.g. "
+                            f"DispatchConfig(groups, threads) or per_row(rows)) but "
+                            f"returned {type(cfg).__name__}.")
+        return cfg
+
     def _collect_structs(self, extra):
         found = {}
         for s in [a.struct_type for a in self.inputs if isinstance(a, Params)] + list(extra):
@@ -371,7 +397,7 @@ class Program:
             launch = self._specialize(key, backend, consts, bound, out_dtypes)
         else:
             cache.record_hit()
-        grid, threadgroup = self.dispatch_fn(full).mlx_launch(backend)
+        grid, threadgroup = self.dispatch_config(full).mlx_launch(backend)
         positions = {a.name: i for i, a in enumerate(self.inputs[:len(args)])}
         getters = [(positions.get(a.name, a.name), self._converter(a, bound[a.name]))
                    for a in self.inputs]
@@ -401,6 +427,9 @@ class Program:
             launch = self._specs.get(key)
             if launch is not None:
                 return launch
+            # Only here, on a miss: record_launches() walks GPU launches on any machine,
+            # and a cache hit stays a lookup. Before MLX's "No ... back-end".
+            require_available(backend, self.who)
             cache.record_miss()
             src = self.render(backend, consts, bound, out_dtypes)
             mod = _backend_module(backend)

@@ -100,3 +100,31 @@ def test_tiny_inputs_are_padded_to_device_memory():
     assert padded.size == 8 and padded[:3].tolist() == [1.0, 2.0, 3.0]
     big = mx.zeros((9,))
     assert mf.Tensor.to_kernel_input(big) is big
+
+
+def _kernel(args, dispatch=lambda b: mf.per_element(b.x.size)):
+    return mf.Kernel("k", source_text="template <typename T> void f() {}", function="f",
+                     args=args, dispatch=dispatch, reference=lambda b: b.x)
+
+
+def test_dtype_references_must_name_a_tensor_input():
+    """A misspelt dtype source is an error when the kernel is declared, naming it, not a
+    KeyError at the first launch."""
+    x = mf.Tensor("x", ndim=1)
+    shape = lambda b: b.x.shape  # noqa: E731
+    with pytest.raises(ValueError, match=r"Output 'y' takes its dtype from 'xx'.*Tensor "
+                                         r"inputs: x"):
+        _kernel([x, mf.Output("y", shape=shape, dtype="xx")])
+    with pytest.raises(ValueError, match=r"Constant 'T' takes its dtype from 'n'.*not a "
+                                         r"Tensor input"):
+        _kernel([x, mf.Scalar("n", mf.u32), mf.Output("y", shape=shape, dtype="x"),
+                 mf.Constant("T", "dtype", like="n")])
+    with pytest.raises(ValueError, match=r"'like' is for a dtype constant"):
+        mf.Constant("N", "int", like="x")
+    with pytest.raises(ValueError, match=r"'like' is for a dtype constant"):
+        mf.Constant("T", "dtype", like="x", value=mx.float16)
+    with pytest.raises(TypeError, match=r"'dtype' of 'y' must be a dtype"):
+        mf.Output("y", shape=shape, dtype=3)
+    k = _kernel([x, mf.Output("y", shape=shape, dtype="x"), mf.Constant("T", "dtype",
+                                                                        like="x")])
+    assert k.source(mx.zeros((4,), mx.float16)).body.count("using T = half;") == 1

@@ -177,6 +177,8 @@ class _FakeBackend:
 def fake_backend(monkeypatch):
     fake = _FakeBackend()
     monkeypatch.setattr(kernel_mod, "_backend_module", lambda name: fake)
+    # The fake is the backend here: it is available (the real check is tested below).
+    monkeypatch.setattr(kernel_mod, "require_available", lambda backend, who: backend)
     mf.clear_cache()
     yield fake
     mf.clear_cache()
@@ -314,3 +316,39 @@ def test_reference_must_match_the_declared_outputs(bad):
     with pytest.raises(ValueError, match=r"reference returned .* for output 'y', declared as "
                                          r"shape \(4, 5\), mlx.core.float16"):
         wrong(x, params=ck.AxpbParams(n=x.size, a=1.0, b=0.0), backend="reference")
+
+
+def test_dispatch_must_return_a_dispatch_config(fake_backend):
+    """A dispatch rule that returns (grid, threadgroup) instead of a DispatchConfig fails
+    at its first launch with the kernel's name, not an AttributeError inside the plan."""
+    k = mf.Kernel("scale_bad_dispatch", source="core_kernels.metal", function="row_sum_kernel",
+                  args=[mf.Tensor("x", ndim=2),
+                        mf.Output("y", shape=lambda b: (b.x.shape[0],), dtype=mx.float32)],
+                  dispatch=lambda b: ((b.x.shape[0] * 32, 1, 1), (32, 1, 1)),
+                  reference=lambda b: b.x.sum(axis=1))
+    with pytest.raises(TypeError, match=r"\[Kernel scale_bad_dispatch\] 'dispatch' must "
+                                        r"return a DispatchConfig.*returned tuple"):
+        k(mx.zeros((2, 8)), backend="metal")
+
+
+@pytest.mark.parametrize("backend", ["metal", "cuda"])
+def test_a_backend_this_machine_lacks_is_named_at_the_first_launch(backend):
+    """Asking for a GPU backend the machine lacks fails before MLX's own "No ... back-end",
+    with the op and the backends that are available; recording still walks it."""
+    from mlx_foundry import ops
+    from mlx_foundry.backends import BackendUnavailableError, is_available
+
+    if is_available(backend):
+        pytest.skip(f"{backend} is available here: nothing to refuse")
+    mf.clear_cache()
+    x = ck.seeded((2, 64), mx.float16)
+    w = ck.seeded((64,), mx.float16)
+    with pytest.raises(BackendUnavailableError,
+                       match=rf"\[Kernel rms_norm\] Backend '{backend}' is not available on "
+                             rf"this machine \(available: .*reference\)"):
+        ops.rms_norm(x, w, 1e-5, backend=backend)
+    with pytest.raises(BackendUnavailableError, match=f"'{backend}'"):
+        ck.row_sum_kernel().prepare(x, scale=1.0, vary=("x",), backend=backend)
+    with kernel_mod.record_launches() as launches:
+        ops.rms_norm(x, w, 1e-5, backend=backend)
+    assert len(launches) == 1

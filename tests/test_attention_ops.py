@@ -115,6 +115,24 @@ def test_past_len_on_the_device(shape, form):
     assert_close(fn(q, kv, past, arr), want, mx.float32)
 
 
+@pytest.mark.parametrize("cap", [5, 1100])
+def test_past_len_on_the_device_over_the_capacity_is_the_capacity(cap):
+    """A device length is not checked on the host: over the capacity (or negative, read
+    as uint32) the oracle takes the whole cache, as the kernels do."""
+    from mlx_foundry.kernel import SCALAR_LANES
+
+    q, kv, past = _inputs(1, 8, 2, 64, cap, mx.float32, seed=cap)
+    want = decode_attention(q, kv, past, past_len=cap, scale=0.125, backend="reference")
+    shorter = decode_attention(q, kv, past, past_len=cap - 1, scale=0.125,
+                               backend="reference")
+    assert not mx.allclose(shorter, want).item()  # the length matters at this shape
+    forms = [mx.full((SCALAR_LANES,), v, mx.uint32) for v in (cap + 1, 3 * cap, 2**32 - 1)]
+    forms += [mx.array([v], mx.int32) for v in (cap + 1, -1, -2**31)]
+    for arr in forms:
+        got = decode_attention(q, kv, past, past_len=arr, scale=0.125, backend="reference")
+        assert_close(got, want, mx.float32)
+
+
 @pytest.mark.parametrize("past_len, past, match", [
     (mx.array([1.0]), True, "integer array"),
     (mx.array([1, 2, 3], mx.int32), True, "1 or 4 equal values"),

@@ -105,3 +105,25 @@ def test_decode_attention_gpu_length_on_the_device(gpu_backend, dtype, shape):
     for arr in (mx.full((SCALAR_LANES,), n, mx.uint32), mx.array([n], mx.int32)):
         got = decode_attention(q, kv, past, past_len=arr, scale=D ** -0.5, backend=gpu_backend)
         assert_close(got, want, dtype, k=n + 1 if dtype == mx.float32 else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cap", [40, 2600])
+def test_decode_attention_gpu_length_on_the_device_over_the_capacity(gpu_backend, dtype, cap):
+    """A device length past the capacity (unchecked on the host; negative ones read as
+    uint32) is taken as the capacity by both kernel paths: the same attention as
+    past_len = capacity. compute-sanitizer runs this file to show that nothing past the
+    cache is read."""
+    from mlx_foundry.kernel import SCALAR_LANES
+
+    B, H, KV, D = 1, 8, 2, 64
+    mx.random.seed(cap)
+    q = mx.random.normal((B, H, 1, D)).astype(dtype)
+    kv = mx.random.normal((B, 2 * KV, 1, D)).astype(dtype)
+    past = mx.random.normal((B, 2 * KV, cap, D)).astype(dtype)
+    want = decode_attention(q, kv, past, past_len=cap, scale=0.125, backend="reference")
+    forms = [mx.full((SCALAR_LANES,), v, mx.uint32) for v in (cap + 1, 3 * cap, 2**32 - 1)]
+    forms.append(mx.array([-1], mx.int32))
+    for arr in forms:
+        got = decode_attention(q, kv, past, past_len=arr, scale=0.125, backend=gpu_backend)
+        assert_close(got, want, dtype, k=cap + 1 if dtype == mx.float32 else None)

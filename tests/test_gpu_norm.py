@@ -23,6 +23,19 @@ def test_rms_norm_gpu(gpu_backend, dtype, shape, with_weight):
     assert_close(got, rms_norm(x, w, 1e-5, backend="reference"), dtype, k=shape[-1])
 
 
+@pytest.mark.parametrize("x_dtype, w_dtype", [(mx.float16, mx.float32),
+                                              (mx.bfloat16, mx.float16)])
+def test_rms_norm_gpu_weight_of_another_dtype(gpu_backend, x_dtype, w_dtype):
+    """Promoted as in mx.fast.rms_norm (the float32 kernel runs): against MLX's op."""
+    mx.random.seed(11)
+    x = (3 * mx.random.normal((3, 4133))).astype(x_dtype)
+    w = (1 + 0.2 * mx.random.normal((4133,))).astype(w_dtype)
+    got = rms_norm(x, w, 1e-5, backend=gpu_backend)
+    want = mx.fast.rms_norm(x, w, 1e-5)
+    assert got.dtype == want.dtype == mx.float32
+    assert_close(got, want, mx.float32, k=4133)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 4096), (1, 2880), (3, 4128), (2, 3, 100), (5, 7),
                                    (4, 50000), (512, 8192)])

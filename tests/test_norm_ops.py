@@ -37,6 +37,20 @@ def test_add_rms_norm_reference_matches_mlx(dtype, with_weight):
     assert_close(y, mx.fast.rms_norm(x + r, w, 1e-6), dtype)
 
 
+@pytest.mark.parametrize("x_dtype, w_dtype, out", [(mx.float16, mx.float32, mx.float32),
+                                                   (mx.float32, mx.float16, mx.float32),
+                                                   (mx.bfloat16, mx.float16, mx.float32)])
+def test_rms_norm_weight_of_another_dtype_promotes_like_mlx(x_dtype, w_dtype, out):
+    """As mx.fast.rms_norm: both cast to the promoted dtype, which the output has."""
+    mx.random.seed(3)
+    x = mx.random.normal((3, 200)).astype(x_dtype)
+    w = (1 + 0.5 * mx.random.normal((200,))).astype(w_dtype)
+    want = mx.fast.rms_norm(x, w, 1e-5)
+    got = rms_norm(x, w, 1e-5, backend="reference")
+    assert got.dtype == want.dtype == out and got.shape == x.shape
+    assert_close(got, want, got.dtype)
+
+
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 9), k=st.integers(1, 600), eps=st.floats(0, 1e-2),
        dtype=st.sampled_from(DTYPES))
@@ -67,7 +81,8 @@ x16 = mx.zeros((2, 8), mx.float16)
     (lambda: rms_norm(mx.zeros((0, 8), mx.float16), None, 1e-5), ValueError, "'x'"),
     (lambda: rms_norm(x16, mx.zeros((7,), mx.float16), 1e-5), ValueError, "'weight'"),
     (lambda: rms_norm(x16, mx.zeros((1, 8), mx.float16), 1e-5), ValueError, "'weight'"),
-    (lambda: rms_norm(x16, mx.zeros((8,), mx.float32), 1e-5), ValueError, "'weight'"),
+    (lambda: rms_norm(x16, mx.zeros((8,), mx.int32), 1e-5), ValueError, "'weight'"),
+    (lambda: add_rms_norm(x16, x16, mx.zeros((8,), mx.float32), 1e-5), ValueError, "'weight'"),
     (lambda: rms_norm(x16, np.zeros(8), 1e-5), TypeError, "'weight'"),
     (lambda: rms_norm(x16, None, -1.0), ValueError, "'eps'"),
     (lambda: rms_norm(x16, None, float("nan")), ValueError, "'eps'"),

@@ -49,7 +49,9 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
             (``0 <= past_len <= capacity``). An integer array of one value, or of
             :data:`~mlx_foundry.kernel.SCALAR_LANES` equal ``uint32`` values (passed to
             the kernel as it is), keeps the length on the device, e.g. in a compiled
-            decode step; it is not checked against the capacity. Default: ``0``.
+            decode step. It is not checked on the host; the kernels take a value over
+            the capacity (or negative, read as ``uint32``) as the capacity, so they
+            never read past ``past``. Default: ``0``.
         scale (float): the factor on ``q K^T`` (usually ``head_dim ** -0.5``).
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
             Default: chosen automatically.

@@ -12,14 +12,15 @@ from ..types import dtype_name
 from ._checks import check_eps, check_float_array, check_same_dtype, is_finite_number
 
 
-def _check_weight(who, weight, x):
+def _check_weight(who, weight, x, same_dtype=True):
     if weight is None:
         return
     check_float_array(who, "weight", weight)
     if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"[{who}] 'weight' must have shape ({x.shape[-1]},) (the last "
                          f"dimension of 'x') but has shape {tuple(weight.shape)}.")
-    check_same_dtype(who, "weight", weight, "x", x)
+    if same_dtype:
+        check_same_dtype(who, "weight", weight, "x", x)
 
 
 def _check_backend(who, backend):
@@ -39,8 +40,9 @@ def rms_norm(x, weight, eps, *, backend=None):
 
     Args:
         x (array): input, float16/bfloat16/float32, at least 1-D.
-        weight (array or None): :math:`\gamma`, shape ``(x.shape[-1],)`` and the
-            dtype of ``x``; ``None`` for no scaling.
+        weight (array or None): :math:`\gamma`, shape ``(x.shape[-1],)``; ``None``
+            for no scaling. Of another float dtype, both are cast to the promoted
+            dtype first and the output has it, as in ``mx.fast.rms_norm``.
         eps (float): added to the mean square; finite and non-negative.
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
             Default: chosen automatically.
@@ -56,9 +58,14 @@ def rms_norm(x, weight, eps, *, backend=None):
     """
     who = "rms_norm"
     check_float_array(who, "x", x)
-    _check_weight(who, weight, x)
+    _check_weight(who, weight, x, same_dtype=False)
     check_eps(who, eps)
     _check_backend(who, backend)
+    if weight is not None and weight.dtype != x.dtype:
+        # MLX's promotion rule, read off an unevaluated product (no promote_types in
+        # the Python API).
+        dtype = (mx.zeros((), x.dtype) * mx.zeros((), weight.dtype)).dtype
+        x, weight = x.astype(dtype), weight.astype(dtype)
     rows = x.size // x.shape[-1]
     if weight is None:
         return _norm.make_rms_norm(False)(x, n_rows=rows, eps=float(eps), backend=backend)

@@ -68,7 +68,9 @@ def _scores_and_values(q, kv, past, past_len, scale):
     kv_heads = kv.shape[1] // 2
     visible = None
     if isinstance(past_len, mx.array):
-        n_past = past_len.reshape(-1)[:1].astype(mx.int32)
+        # As the kernels read it: uint32, at most the capacity (-1 is 2^32 - 1 -> capacity).
+        n_past = mx.minimum(past_len.reshape(-1)[:1].astype(mx.uint32),
+                            past.shape[2]).astype(mx.int32)
         idx = mx.arange(past.shape[2] + 1, dtype=mx.int32)
         room = mx.concatenate([past.astype(kv.dtype), mx.zeros_like(kv)], axis=2)
         kv = mx.where((idx == n_past)[:, None], kv, room)

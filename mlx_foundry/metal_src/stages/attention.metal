@@ -2,9 +2,10 @@
 //
 // q [B, H, 1, D]; kv [B, 2 KV, 1, D], this token's keys (heads 0 .. KV-1) and values
 // (heads KV .. 2 KV - 1); past [B, 2 KV, CAP, D], a joint K/V cache buffer whose first
-// past_len positions hold the earlier tokens (the rest is never read). out [B, H, 1, D]:
-// softmax(scale * q K^T) V over the past_len + 1 positions (the new token last), query
-// head h reading K/V head h / (H / KV) (grouped-query attention).
+// past_len positions hold the earlier tokens (the rest is never read; a past_len over
+// CAP is taken as CAP, so a bad length kept on the device never reads out of bounds).
+// out [B, H, 1, D]: softmax(scale * q K^T) V over the past_len + 1 positions (the new
+// token last), query head h reading K/V head h / (H / KV) (grouped-query attention).
 //
 // A threadgroup of SIMDS SIMD-groups works on one (batch, query head) (grid x) and a
 // range of positions. SIMD-group s takes positions lo + s, lo + s + SIMDS, ...; lane l
@@ -149,6 +150,8 @@ METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
                                       uint past_cap, float scale, uint3 tg_pos, uint sg,
                                       uint lane, threadgroup float* attn_state) {
   const uint bh = tg_pos.x;  // b * H + h
+  // A length kept on the device is unchecked on the host: never read past the cache.
+  past_len = metal::min(past_len, past_cap);
   float gm;
   attn_range<T, H, KV, D, 32>(q, kv, past, past_len, past_cap, scale, bh, 0u,
                               past_len + 1u, sg, lane, attn_state, gm);
@@ -169,6 +172,7 @@ METAL_FUNC void decode_attention_split(const device T* q, const device T* kv,
                                        uint splits, uint3 tg_pos, uint sg, uint lane,
                                        threadgroup float* attn_state) {
   const uint bh = tg_pos.x;
+  past_len = metal::min(past_len, past_cap);  // as in decode_attention_rows
   const uint n = past_len + 1u;
   const uint lo = metal::min(tg_pos.y * uint(CHUNK), n);
   const uint hi = metal::min(lo + uint(CHUNK), n);
