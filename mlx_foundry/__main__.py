@@ -45,6 +45,11 @@ def _check(args):
             continue
         program, a, kw = entry.build()
         sources.append((entry.name, program.metal_source(*a, **kw)))
+    if not sources:
+        # A filter that matches nothing must not pass a CI step silently.
+        print(f"[check] No catalog kernel matches {' '.join(args.kernel)!r} (see "
+              f"'show --list').", file=sys.stderr)
+        return 2
     return run_check(sources)
 
 

@@ -20,9 +20,11 @@ Adapted from the seed: scalars arrive by value (MLX passes runtime scalars as
 buffers padded so MLX always places them in ``device`` memory.
 """
 
+import numbers
+
 import mlx.core as mx
 
-from ._names import check_argument_name, check_identifier
+from ._names import check_argument_name
 from .structs import is_struct_type
 from .types import ScalarType, dtype_name, metal_type_name
 
@@ -41,6 +43,14 @@ token."""
 
 # Inputs under this many elements are placed in Metal's `constant` space by MLX.
 _MIN_DEVICE_ELEMENTS = 8
+
+
+def integer_range(t):
+    """``(lo, hi)`` of an integer :class:`ScalarType`."""
+    bits = 8 * t.size
+    if t.fmt in "BHIQ":
+        return 0, 2**bits - 1
+    return -2**(bits - 1), 2**(bits - 1) - 1
 
 
 class Arg:
@@ -89,10 +99,17 @@ class Tensor(Arg):
     def __init__(self, name, dtype=None, *, ndim=None, buffer=None, metal_type=None,
                  stage_skip=False):
         self._init(name, buffer, metal_type, stage_skip)
-        if dtype is not None and not isinstance(dtype, tuple):
-            dtype = (dtype,)
-        if ndim is not None and not isinstance(ndim, tuple):
-            ndim = (ndim,)
+        if dtype is not None:
+            dtype = tuple(dtype) if isinstance(dtype, (tuple, list)) else (dtype,)
+            if not dtype or not all(isinstance(d, mx.Dtype) for d in dtype):
+                raise TypeError(f"[Tensor] 'dtype' of {name!r} must be an mlx.core.Dtype or "
+                                f"a tuple of them but got {dtype!r}.")
+        if ndim is not None:
+            ndim = tuple(ndim) if isinstance(ndim, (tuple, list)) else (ndim,)
+            if not ndim or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                   for n in ndim):
+                raise TypeError(f"[Tensor] 'ndim' of {name!r} must be a non-negative int or "
+                                f"a tuple of them but got {ndim!r}.")
         self.dtypes = dtype
         self.ndims = ndim
 
@@ -143,13 +160,16 @@ class Output(Arg):
         shape (callable): ``shape(bound) -> tuple`` from the bound arguments.
         dtype (Dtype, str or callable): a dtype, the name of a ``Tensor`` whose
             dtype it copies, or ``dtype(bound) -> Dtype``.
+        stage_skip (bool): leave this output out of the derived stage
+            (:meth:`Kernel.as_stage`), e.g. for an epilogue that produces values
+            which the fused kernel stores.
     """
 
     kind = "output"
     is_input = False
 
-    def __init__(self, name, *, shape, dtype, buffer=None, metal_type=None):
-        self._init(name, buffer, metal_type, False)
+    def __init__(self, name, *, shape, dtype, buffer=None, metal_type=None, stage_skip=False):
+        self._init(name, buffer, metal_type, stage_skip)
         if not callable(shape):
             raise TypeError(f"[Output] 'shape' of {name!r} must be callable(bound) -> tuple.")
         if not (isinstance(dtype, (str, mx.Dtype)) or callable(dtype)):
@@ -169,7 +189,16 @@ class Output(Arg):
             dtype = rule(bound)
         else:
             dtype = rule
-        return tuple(int(s) for s in self.shape_rule(bound)), dtype
+        shape = self.shape_rule(bound)
+        if (not isinstance(shape, (tuple, list)) or
+                not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0
+                        for n in shape)):
+            raise ValueError(f"[Output] The shape rule of {self.name!r} must return a tuple of "
+                             f"non-negative ints but returned {shape!r}.")
+        if not isinstance(dtype, mx.Dtype):
+            raise TypeError(f"[Output] The dtype rule of {self.name!r} must give an "
+                            f"mlx.core.Dtype but gave {dtype!r}.")
+        return tuple(int(n) for n in shape), dtype
 
 
 class Params(Arg):
@@ -228,12 +257,25 @@ class Scalar(Arg):
                 raise ValueError(f"[{who}] '{self.name}' must hold one value but has "
                                  f"shape {tuple(value.shape)}.")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"[{who}] '{self.name}' must be a number but got "
                             f"{type(value).__name__}.")
-        if self.type.fmt in "BHIQ" and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"[{who}] '{self.name}' must be a non-negative int but got {value!r}.")
-        return value
+        if self.type.fmt in "BHIQbhiq":
+            # The body reads an integer: a float would be truncated there while the
+            # reference used it whole.
+            if not isinstance(value, numbers.Integral):
+                raise TypeError(f"[{who}] '{self.name}' is {self.type.name} and must be an "
+                                f"int but got {value!r}.")
+            value = int(value)
+            if self.type.fmt in "BHIQ" and value < 0:
+                raise ValueError(f"[{who}] '{self.name}' must be a non-negative int but got "
+                                 f"{value!r}.")
+            lo, hi = integer_range(self.type)
+            if not lo <= value <= hi:
+                raise ValueError(f"[{who}] '{self.name}' ({self.type.name}) must be in "
+                                 f"[{lo}, {hi}] but got {value}.")
+            return value
+        return float(value)
 
 
 class Constant(Arg):
@@ -253,7 +295,8 @@ class Constant(Arg):
     is_input = False
 
     def __init__(self, name, kind="int", *, like=None, value=None):
-        self.name = check_identifier(name, "constant name", who="Constant")
+        # A constant is a name in the body too: MLX's substring traps apply.
+        self.name = check_argument_name(name, "constant name", who="Constant")
         if kind not in ("int", "bool", "dtype"):
             raise ValueError(f"[Constant] 'kind' must be one of int, bool, dtype but got {kind!r}.")
         if like is not None and (kind != "dtype" or value is not None):
@@ -268,6 +311,9 @@ class Constant(Arg):
 
     def resolve(self, bound, given):
         if self.like is not None:
+            if given is not None:
+                raise ValueError(f"[Constant] '{self.name}' takes the dtype of {self.like!r}; "
+                                 f"it cannot be passed ({given!r}).")
             return bound[self.like].dtype
         if given is not None:
             v = given
@@ -277,8 +323,15 @@ class Constant(Arg):
             v = self.value
         else:
             raise ValueError(f"[Constant] Missing compile-time constant '{self.name}'.")
-        if self.const_kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
-            raise TypeError(f"[Constant] '{self.name}' must be an int but got {v!r}.")
+        if self.const_kind == "int":
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"[Constant] '{self.name}' must be an int but got {v!r}.")
+            v = int(v)
+            if not -2**31 <= v < 2**31:  # `constexpr int` in the body
+                raise ValueError(f"[Constant] '{self.name}' must fit in int32 but got {v}.")
+        if self.const_kind == "dtype" and not isinstance(v, mx.Dtype):
+            raise TypeError(f"[Constant] '{self.name}' must be an mlx.core.Dtype but got "
+                            f"{v!r}.")
         if self.const_kind == "bool" and not isinstance(v, bool):
             raise TypeError(f"[Constant] '{self.name}' must be a bool but got {v!r}.")
         return v

@@ -46,14 +46,17 @@ def cache_info():
 
 
 def clear_cache():
-    """Forget every compiled kernel and reset the counters.
+    """Forget every compiled kernel and reset the counters, and read ``.metal`` files
+    again: after editing a source file in a REPL, call this and launch again.
 
     MLX keeps its own compiled libraries; this only drops mlx_foundry's handles,
     so a later launch re-renders and re-hashes (and MLX reuses its library when
-    the text is unchanged).
+    the text is unchanged; an edited file is new text, so a new kernel name).
     """
     from . import kernel as _kernel
+    from . import sources as _sources
 
+    _sources.forget_files()
     with _lock:
         _by_content.clear()
         for k in _stats:

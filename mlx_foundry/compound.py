@@ -91,11 +91,21 @@ class CompoundKernel(Program):
         who = self.who
         produced = {}
         policy_vars = {}
+        # Every name the body declares or MLX passes in: a value may not shadow one.
+        taken = {a.input_name: "an MLX input" for a in self.inputs}  # e.g. params_bytes
+        taken.update({a.name: "an argument" for a in self.inputs + self.outputs
+                      + self.constants})
+        taken.update({t.name: "a threadgroup array" for t in self.threadgroup})
         for s in self.stages:
             for var, pol in s.policies.items():
                 if var in policy_vars and policy_vars[var] is not pol:
                     raise ChainError(f"[{who}] Policy value {var!r} is bound to two policies.")
                 policy_vars[var] = pol
+            for k in list(s.policies) + list(s.produces):
+                if k in taken:
+                    raise ChainError(
+                        f"[{who}] Stage {s.name!r} declares value {k!r}, which is already "
+                        f"the name of {taken[k]} of this kernel.")
             for k, t in s.consumes.items():
                 if k not in produced:
                     raise ChainError(
@@ -144,8 +154,14 @@ class CompoundKernel(Program):
         return files
 
     def _inline_sources(self):
-        return [(f"stage {s.name} (inline)", s.source_text) for s in self.stages
-                if s.source_text]
+        # One text shared by several stages (one snippet defining them all) is pasted
+        # once, as a file given by path is.
+        seen, out = set(), []
+        for s in self.stages:
+            if s.source_text and s.source_text not in seen:
+                seen.add(s.source_text)
+                out.append((f"stage {s.name} (inline)", s.source_text))
+        return out
 
     def _call_lines(self, constants, tg_names, out_dtypes):
         lines = []

@@ -6,6 +6,7 @@ launches ``ceil(grid / threadgroup)`` blocks.  CUDA also caps grid y and z at
 65535 blocks, so the presets put large extents on x.
 """
 
+import numbers
 from dataclasses import dataclass
 
 CUDA_MAX_GRID_YZ = 65535
@@ -13,10 +14,17 @@ MAX_THREADS_PER_GROUP = 1024
 _INT32_MAX = 2**31 - 1
 
 
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _triple(v, what):
-    if isinstance(v, int):
+    if _is_int(v):
         v = (v,)
-    v = tuple(int(x) for x in v)
+    if not isinstance(v, (tuple, list)) or not all(_is_int(x) for x in v):
+        raise TypeError(f"[DispatchConfig] '{what}' must be an int or a tuple of 1 to 3 ints "
+                        f"but got {v!r}.")
+    v = tuple(int(x) for x in v)  # NumPy's too
     if not 1 <= len(v) <= 3:
         raise ValueError(f"[DispatchConfig] '{what}' must have 1 to 3 dimensions but got {v}.")
     if any(x < 1 for x in v):

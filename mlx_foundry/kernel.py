@@ -15,11 +15,12 @@ import mlx.core as mx
 
 from . import cache, sources
 from ._names import METAL_ATTRIBUTES, check_identifier
-from .args import SCALAR_LANES, Bound, Constant, Output, Params, Scalar, Tensor, order_args
+from .args import (SCALAR_LANES, Bound, Constant, Output, Params, Scalar, Tensor, integer_range,
+                   order_args)
 from .backends import reference as reference_backend
 from .backends import require_available, select_backend
 from .dispatch import DispatchConfig
-from .stage import Stage, Threadgroup
+from .stage import Stage, Threadgroup, as_tuple
 from .structs import is_struct_type
 
 _programs = weakref.WeakSet()
@@ -163,7 +164,8 @@ class Program:
             raise TypeError(f"[{self.who}] 'dispatch' must be callable(bound) -> DispatchConfig.")
         self.dispatch_fn = dispatch
         self.reference_fn = reference
-        self.threadgroup = tuple(Threadgroup.parse(t) for t in threadgroup)
+        self.threadgroup = tuple(Threadgroup.parse(t)
+                                 for t in as_tuple(threadgroup, "threadgroup", self.who))
         names = [t.name for t in self.threadgroup]
         if len(set(names)) != len(names):
             raise ValueError(f"[{self.who}] Duplicate threadgroup array names: {names}.")
@@ -205,6 +207,7 @@ class Program:
 
     def _collect_structs(self, extra):
         found = {}
+        extra = as_tuple(extra, "structs", self.who)
         for s in [a.struct_type for a in self.inputs if isinstance(a, Params)] + list(extra):
             if not is_struct_type(s):
                 raise TypeError(f"[{self.who}] 'structs' must hold @struct classes but got {s!r}.")
@@ -405,7 +408,9 @@ class Program:
                      threadgroup)
 
     def _scalar_converter(self, a):
-        unsigned = a.type.fmt in "BHIQ"
+        integer = a.type.fmt in "BHIQbhiq"
+        exact = int if integer else float
+        lo, hi = integer_range(a.type) if integer else (-float("inf"), float("inf"))
         who = self.who
         lanes, dtype = (SCALAR_LANES,), a.type.dtype
 
@@ -416,8 +421,10 @@ class Program:
                 # Broadcast: MLX copies the non-contiguous view into a fresh device array.
                 return mx.broadcast_to(a.convert(v, who).reshape(1).astype(a.type.dtype),
                                        (SCALAR_LANES,))
-            if unsigned and v < 0:
-                a.convert(v, who)  # raises the argument's error
+            # The plan skips binding: a value that is not a plain int (float) in range
+            # goes through the argument's check, which raises or normalises it.
+            if v.__class__ is not exact or not lo <= v <= hi:
+                v = a.convert(v, who)
             return self._scalar_array(a, v)
 
         return convert
@@ -425,7 +432,8 @@ class Program:
     def _specialize(self, key, backend, consts, bound, out_dtypes):
         with self._spec_lock:
             launch = self._specs.get(key)
-            if launch is not None:
+            if launch is not None:  # another thread built it while this one waited
+                cache.record_hit()
                 return launch
             # Only here, on a miss: record_launches() walks GPU launches on any machine,
             # and a cache hit stays a lookup. Before MLX's "No ... back-end".
@@ -516,7 +524,18 @@ class Program:
 
     def signature(self, dtypes=None):
         """The seed's ``METAL_ARGS``: ``(name, index, metal type)`` per buffer."""
-        dtypes = dtypes or {}
+        dtypes = dict(dtypes or {})
+        # Without a given dtype: the only one a Tensor allows, an Output's fixed dtype or
+        # its Tensor's; float16 otherwise.
+        for a in self._tensors:
+            if a.name not in dtypes and a.dtypes and len(a.dtypes) == 1:
+                dtypes[a.name] = a.dtypes[0]
+        for o in self.outputs:
+            rule = o.dtype_rule
+            if o.name not in dtypes and isinstance(rule, mx.Dtype):
+                dtypes[o.name] = rule
+            elif o.name not in dtypes and isinstance(rule, str) and rule in dtypes:
+                dtypes[o.name] = dtypes[rule]
         rows = []
         for i, a in enumerate(self.inputs + self.outputs):
             if isinstance(a, (Tensor, Output)):

@@ -39,6 +39,12 @@ def add_source_root(path):
             _read.cache_clear()
 
 
+def forget_files():
+    """Drop the cached text of every source file (they are read again when next needed)."""
+    with _lock:
+        _read.cache_clear()
+
+
 def source_roots():
     return tuple(_roots)
 

@@ -20,7 +20,7 @@ compound assembler checks the chain before any compiler runs.
 import re
 from dataclasses import dataclass
 
-from ._names import METAL_ATTRIBUTES, check_identifier
+from ._names import METAL_ATTRIBUTES, check_argument_name, check_identifier
 from .args import Constant, Output, Params, Scalar, Tensor
 
 _TG = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_ ]*?)\s+([A-Za-z_][A-Za-z0-9_]*)\s*\[\s*([A-Za-z0-9_]+)\s*\]\s*$")
@@ -78,11 +78,20 @@ class Threadgroup:
 def _check_values(values, what, who):
     out = {}
     for k, v in dict(values).items():
-        check_identifier(k, f"{what} value name", who=who)
+        # Values are declared in the body, where MLX searches for x_shape etc.
+        check_argument_name(k, f"{what} value name", who=who)
         if not isinstance(v, str) or not _CTYPE.match(v):
             raise ValueError(f"[{who}] {what} value {k!r} needs a Metal type but got {v!r}.")
         out[k] = v.strip()
     return out
+
+
+def as_tuple(value, what, who):
+    """``value`` as a tuple; a lone string is an error, not a sequence of characters."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise TypeError(f"[{who}] {what!r} must be a tuple but got "
+                        f"{type(value).__name__} {value!r} (write ({value!r},) for one).")
+    return tuple(value)
 
 
 class Stage:
@@ -122,8 +131,8 @@ class Stage:
             raise ValueError(f"[{who}] Give 'source' or 'source_text', not both.")
         self.source = source
         self.source_text = source_text
-        self.includes = tuple(includes)
-        args = list(args)
+        self.includes = as_tuple(includes, "includes", who)
+        args = list(as_tuple(args, "args", who))
         if args and all(a.buffer is not None for a in args if not isinstance(a, Constant)):
             # Buffer order is the call order (the seed's stage convention).
             args.sort(key=lambda a: -1 if isinstance(a, Constant) else a.buffer)
@@ -140,14 +149,15 @@ class Stage:
             if self.consumes[k] != self.produces[k]:
                 raise ValueError(f"[{who}] Value {k!r} is consumed as {self.consumes[k]} "
                                  f"but produced as {self.produces[k]}.")
-        self.template = tuple(template)
-        for a in attributes:
+        self.template = as_tuple(template, "template", who)
+        for a in as_tuple(attributes, "attributes", who):
             if a not in METAL_ATTRIBUTES:
                 raise ValueError(f"[{who}] Unknown thread attribute {a!r}. Valid attributes "
                                  f"are: {', '.join(sorted(METAL_ATTRIBUTES))}.")
         self.attributes = tuple(attributes)
-        self.threadgroup = tuple(Threadgroup.parse(t) for t in threadgroup)
-        self.structs = tuple(structs)
+        self.threadgroup = tuple(Threadgroup.parse(t)
+                                 for t in as_tuple(threadgroup, "threadgroup", who))
+        self.structs = as_tuple(structs, "structs", who)
         self.reference = reference
         self.writes_output = bool(writes_output)
 

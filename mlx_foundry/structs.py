@@ -19,7 +19,9 @@ byte buffer; the generated body reinterprets it as ``const device S*`` (see
 """
 
 import dataclasses
+import numbers
 import struct as _struct
+import typing
 
 import mlx.core as mx
 
@@ -79,22 +81,28 @@ def _layout(cls, metal_name):
     alignment = 1
     fmt = "<"
     seen = set()
+    try:
+        # Annotations are strings under `from __future__ import annotations`.
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a name only the defining scope knows: keep what dataclasses saw
+        hints = {}
     for f in dataclasses.fields(cls):
         opts = f.metadata.get(_FIELD_KEY, {"name": None, "skip": False})
         if opts["skip"]:
             continue
-        if not isinstance(f.type, ScalarType):
+        ftype = hints.get(f.name, f.type)
+        if not isinstance(ftype, ScalarType):
             raise TypeError(
                 f"[struct] Field {cls.__name__}.{f.name} must be annotated with a "
                 f"scalar type (u8, u16, u32, u64, i32, f32, f16) or be marked "
-                f"field(skip=True) but got {f.type!r}."
+                f"field(skip=True) but got {ftype!r}."
             )
         mname = check_identifier(opts["name"] or f.name, f"field name of {cls.__name__}",
                                  who="struct")
         if mname in seen:
             raise ValueError(f"[struct] Duplicate Metal field name {mname!r} in {cls.__name__}.")
         seen.add(mname)
-        t = f.type
+        t = ftype
         pad = (-offset) % t.size
         if pad:
             fmt += f"{pad}x"
@@ -121,20 +129,23 @@ def _pack(self):
     values = []
     for f in layout.fields:
         v = getattr(self, f.python_name)
-        if f.type.fmt in "BHIQi" and not isinstance(v, int):
+        integer = f.type.fmt in "BHIQi"
+        wanted = numbers.Integral if integer else numbers.Real
+        if isinstance(v, bool) or not isinstance(v, wanted):
             raise TypeError(
                 f"[struct] {type(self).__name__}.{f.python_name} is {f.type.name} "
-                f"and must be an int but got {type(v).__name__}."
+                f"and must be {'an int' if integer else 'a number'} but got "
+                f"{type(v).__name__}."
             )
-        values.append(v)
+        values.append(int(v) if integer else float(v))  # NumPy scalars too
     try:
         data = _struct.pack(layout.format, *values)
-    except _struct.error as e:
-        # struct.error does not say which value: find it, so the message names the field.
+    except (_struct.error, OverflowError) as e:
+        # Neither error says which value: find it, so the message names the field.
         for f, v in zip(layout.fields, values):
             try:
                 _struct.pack("=" + f.type.fmt, v)
-            except _struct.error as fe:
+            except (_struct.error, OverflowError) as fe:
                 raise ValueError(f"[struct] {type(self).__name__}.{f.python_name} "
                                  f"({f.type.name}) cannot hold {v!r}: {fe}.") from None
         raise ValueError(f"[struct] Cannot pack {type(self).__name__}: {e}.") from None

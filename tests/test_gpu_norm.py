@@ -34,6 +34,11 @@ def test_rms_norm_gpu_weight_of_another_dtype(gpu_backend, x_dtype, w_dtype):
     want = mx.fast.rms_norm(x, w, 1e-5)
     assert got.dtype == want.dtype == mx.float32
     assert_close(got, want, mx.float32, k=4133)
+    r = mx.random.normal((3, 4133)).astype(x_dtype)
+    y, h = add_rms_norm(x, r, w, 1e-5, backend=gpu_backend)
+    assert h.dtype == x_dtype and y.dtype == mx.float32
+    assert_close(h, x + r, x_dtype)
+    assert_close(y, mx.fast.rms_norm(x + r, w, 1e-5), mx.float32, k=4133)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

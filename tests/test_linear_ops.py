@@ -5,6 +5,7 @@ import importlib
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx_foundry.ops import (Weight, linear, norm_gate_up_swiglu, norm_linear,
                              norm_qkv_rope)
@@ -448,5 +449,14 @@ def test_struct_pack_errors_name_the_field():
 
     with pytest.raises(ValueError, match=r"AxpbParams\.n \(u32\) cannot hold -1"):
         ck.AxpbParams(n=-1, a=1.0, b=0.0).pack()
-    with pytest.raises(ValueError, match=r"AxpbParams\.a \(f32\) cannot hold 'x'"):
+    with pytest.raises(TypeError, match=r"AxpbParams\.a is f32 and must be a number but "
+                                        r"got str"):
         ck.AxpbParams(n=3, a="x", b=0.0).pack()
+    with pytest.raises(TypeError, match=r"AxpbParams\.n is u32 and must be an int"):
+        ck.AxpbParams(n=3.0, a=1.0, b=0.0).pack()
+    # Overflow of a float field names it too (Python's struct raises OverflowError there).
+    with pytest.raises(ValueError, match=r"AxpbParams\.a \(f32\) cannot hold 1e\+39"):
+        ck.AxpbParams(n=3, a=1e39, b=0.0).pack()
+    # NumPy scalars pack as the Python numbers they hold.
+    assert (ck.AxpbParams(n=np.uint32(3), a=np.float32(1.5), b=np.float64(0.0)).pack()
+            == ck.AxpbParams(n=3, a=1.5, b=0.0).pack())

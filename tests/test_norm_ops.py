@@ -51,6 +51,18 @@ def test_rms_norm_weight_of_another_dtype_promotes_like_mlx(x_dtype, w_dtype, ou
     assert_close(got, want, got.dtype)
 
 
+def test_add_rms_norm_weight_of_another_dtype():
+    """The norm promotes as rms_norm (and mx.fast.rms_norm) does; h keeps the dtype of x."""
+    mx.random.seed(4)
+    x = mx.random.normal((3, 130)).astype(mx.float16)
+    r = mx.random.normal((3, 130)).astype(mx.float16)
+    w = (1 + 0.5 * mx.random.normal((130,))).astype(mx.float32)
+    y, h = add_rms_norm(x, r, w, 1e-5, backend="reference")
+    assert h.dtype == mx.float16 and y.dtype == mx.float32
+    assert_close(h, x + r, mx.float16)
+    assert_close(y, mx.fast.rms_norm(x + r, w, 1e-5), mx.float32)
+
+
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 9), k=st.integers(1, 600), eps=st.floats(0, 1e-2),
        dtype=st.sampled_from(DTYPES))
@@ -82,7 +94,7 @@ x16 = mx.zeros((2, 8), mx.float16)
     (lambda: rms_norm(x16, mx.zeros((7,), mx.float16), 1e-5), ValueError, "'weight'"),
     (lambda: rms_norm(x16, mx.zeros((1, 8), mx.float16), 1e-5), ValueError, "'weight'"),
     (lambda: rms_norm(x16, mx.zeros((8,), mx.int32), 1e-5), ValueError, "'weight'"),
-    (lambda: add_rms_norm(x16, x16, mx.zeros((8,), mx.float32), 1e-5), ValueError, "'weight'"),
+    (lambda: add_rms_norm(x16, x16, mx.zeros((8,), mx.int32), 1e-5), ValueError, "'weight'"),
     (lambda: rms_norm(x16, np.zeros(8), 1e-5), TypeError, "'weight'"),
     (lambda: rms_norm(x16, None, -1.0), ValueError, "'eps'"),
     (lambda: rms_norm(x16, None, float("nan")), ValueError, "'eps'"),

@@ -52,7 +52,7 @@ def is_finite_number(v):
 
 def check_eps(who, eps):
     """A finite, non-negative number (as ``mx.fast.rms_norm`` takes)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # NumPy's too
         raise TypeError(f"[{who}] 'eps' must be a number but got {type(eps).__name__}.")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"[{who}] 'eps' must be a finite non-negative number but got {eps}.")

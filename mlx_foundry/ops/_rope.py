@@ -3,6 +3,7 @@ checked at the boundary, turned into the kernels' float32 inverse frequencies.""
 
 import functools
 import math
+import numbers
 
 import mlx.core as mx
 
@@ -11,16 +12,20 @@ from ._checks import is_finite_number
 
 
 def check_offset(who, offset):
-    """An int, or a one-element integer array (a position known only on the device)."""
+    """An int (NumPy's too; returned as ``int``), or a one-element integer array (a
+    position known only on the device, returned as it is)."""
     if isinstance(offset, mx.array):
         if offset.size != 1 or not mx.issubdtype(offset.dtype, mx.integer):
             raise ValueError(f"[{who}] 'offset' must be an int or a one-element integer array "
                              f"but got shape {tuple(offset.shape)}, {dtype_name(offset.dtype)}.")
-    elif isinstance(offset, bool) or not isinstance(offset, int):
+        return offset
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
         raise TypeError(f"[{who}] 'offset' must be an int but got {type(offset).__name__}.")
-    elif not -2**31 <= offset < 2**31:
+    offset = int(offset)
+    if not -2**31 <= offset < 2**31:
         # The kernels take the position as int32, as mx.fast.rope does.
         raise ValueError(f"[{who}] 'offset' must fit in int32 but got {offset}.")
+    return offset
 
 
 def check_rope(who, head_dim, rope_base, rope_freqs, rope_scale=1.0, rope_traditional=False):

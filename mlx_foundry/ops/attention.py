@@ -2,6 +2,7 @@
 two for long contexts."""
 
 import math
+import numbers
 
 import mlx.core as mx
 
@@ -92,9 +93,11 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
                              f"array of 1 or {SCALAR_LANES} equal values, with 'past', but "
                              f"got shape {tuple(past_len.shape)}, "
                              f"{dtype_name(past_len.dtype)}.")
-    elif isinstance(past_len, bool) or not isinstance(past_len, int):
+    elif isinstance(past_len, bool) or not isinstance(past_len, numbers.Integral):
         raise TypeError(f"[{who}] 'past_len' must be an int but got "
                         f"{type(past_len).__name__}.")
+    else:
+        past_len = int(past_len)  # NumPy's too
     if past is None:
         if past_len != 0:
             raise ValueError(f"[{who}] 'past_len' must be 0 without 'past' but is "
@@ -111,7 +114,7 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
         if not on_device and not 0 <= past_len <= past.shape[2]:
             raise ValueError(f"[{who}] 'past_len' must be in [0, {past.shape[2]}] (the "
                              f"capacity of 'past') but is {past_len}.")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"[{who}] 'scale' must be a number but got {type(scale).__name__}.")
     if not math.isfinite(scale):
         raise ValueError(f"[{who}] 'scale' must be finite but is {scale}.")

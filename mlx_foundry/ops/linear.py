@@ -560,7 +560,7 @@ def norm_qkv_rope(x, norm_weight, eps, q, k, v, *, n_heads, n_kv_heads, head_dim
     _check_norm(norm_weight, eps, kdim, who)
     if not rope:
         offset, rope_freqs, rope_base, rope_scale, rope_traditional = 0, None, 1.0, 1.0, False
-    _rope.check_offset(who, offset)
+    offset = _rope.check_offset(who, offset)
     _rope.check_rope(who, head_dim, rope_base, rope_freqs, rope_scale, rope_traditional)
     seq = x.shape[-2]
     be, fused = _fused(backend, x.size // kdim, who)

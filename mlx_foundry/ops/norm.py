@@ -1,6 +1,7 @@
 """Normalization, RoPE and softmax ops: validated at the boundary, one kernel each."""
 
 import functools
+import numbers
 
 import mlx.core as mx
 
@@ -85,7 +86,9 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
     Args:
         x (array): input, float16/bfloat16/float32, at least 1-D.
         residual (array): same shape and dtype as ``x``.
-        weight (array or None): :math:`\gamma`, shape ``(x.shape[-1],)``.
+        weight (array or None): :math:`\gamma`, shape ``(x.shape[-1],)``. Of another
+            float dtype, the normalized output is promoted as in :func:`rms_norm`
+            (``h`` keeps the dtype of ``x``) and two kernels run instead of one.
         eps (float): added to the mean square; finite and non-negative.
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
             Default: chosen automatically.
@@ -105,9 +108,14 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
         raise ValueError(f"[{who}] 'residual' must have the shape of 'x' {tuple(x.shape)} "
                          f"but has shape {tuple(residual.shape)}.")
     check_same_dtype(who, "residual", residual, "x", x)
-    _check_weight(who, weight, x)
+    _check_weight(who, weight, x, same_dtype=False)
     check_eps(who, eps)
     _check_backend(who, backend)
+    if weight is not None and weight.dtype != x.dtype:
+        # h stays in the dtype of x while the norm promotes (as rms_norm does): two
+        # kernels, as `h = x + residual; rms_norm(h, weight)` would be.
+        h = x + residual
+        return rms_norm(h, weight, eps, backend=backend), h
     rows = x.size // x.shape[-1]
     if weight is None:
         return _norm.make_add_rms_norm(False)(x, residual, n_rows=rows, eps=float(eps),
@@ -198,7 +206,8 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None, backend=None)
                              f"but has shape {tuple(offset.shape)}.")
         stride = 0 if offset.size == 1 else 1
         off = offset.reshape(-1).astype(mx.int32)
-    elif isinstance(offset, int) and not isinstance(offset, bool):
+    elif isinstance(offset, numbers.Integral) and not isinstance(offset, bool):
+        offset = int(offset)  # NumPy's too
         if not -2**31 <= offset < 2**31:
             raise ValueError(f"[{who}] 'offset' must fit in int32 but got {offset}.")
         stride, off = 0, _offset_array(offset)

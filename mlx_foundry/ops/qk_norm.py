@@ -67,7 +67,7 @@ def qk_norm_rope(q, kv, q_norm_weight, k_norm_weight, eps, *, offset, rope_base=
     check_float_array(who, "q_norm_weight", q_norm_weight, shape=(D,))
     check_float_array(who, "k_norm_weight", k_norm_weight, shape=(D,))
     check_eps(who, eps)
-    _rope.check_offset(who, offset)
+    offset = _rope.check_offset(who, offset)
     be = select_backend(backend, who)
     kern = qk_norm_rope_kernel(bool(rope_traditional))
     return kern(q, kv, in_dtype_of(q_norm_weight, q), in_dtype_of(k_norm_weight, q),
