@@ -50,7 +50,8 @@ class Context:
                                                      quick) if pool_bytes is None
                            else pool_bytes)
         if self.tiny:
-            self.measure_kw = dict(target_s=0.002, min_calls=2, max_calls=64)
+            # A fixed count for baseline and ours alike, as on a GPU.
+            self.measure_kw = dict(calls=8)
             self.copy_kw = dict(target_s=0.002, min_calls=2)
             self.copy_bytes = 4 << 20
         else:
@@ -108,6 +109,10 @@ def _interleaved(fns, pool, ctx):
     return out
 
 
+class _NoCandidate(Exception):
+    pass
+
+
 def run_case(case, ctx, copy_gbps=None):
     """Measure one case; never raises (failures become ``status: "error"``)."""
     res = {"name": case.name, "op": case.op, "shape": case.shape, "dtype": case.dtype,
@@ -131,6 +136,12 @@ def run_case(case, ctx, copy_gbps=None):
     fns = [case.baseline]
     try:
         cand = case.candidate(ctx.backend)
+    except (ImportError, AttributeError) as e:  # the op is missing, not failing
+        cand = None
+        res.update(status="skipped", reason=f"candidate unavailable: {e}"[:400])
+    try:
+        if cand is None:
+            raise _NoCandidate
         base_out, ours_out = case.baseline(*pool[0]), cand(*pool[0])
         mx.eval(_flat(base_out), _flat(ours_out))
         if case.comparable is not None:
@@ -144,8 +155,8 @@ def run_case(case, ctx, copy_gbps=None):
             res.update(status="error", reason=f"output differs from the baseline: "
                                               f"max relative error {err:.3g}")
         fns.append(cand)
-    except (ImportError, AttributeError) as e:
-        res.update(status="skipped", reason=f"candidate unavailable: {e}"[:400])
+    except _NoCandidate:
+        pass
     except Exception as e:  # noqa: BLE001
         res.update(status="error", reason=f"candidate failed: {type(e).__name__}: {e}"[:400])
 
@@ -254,13 +265,28 @@ def main(args):
 
     Returns 0 when every selected case was measured or skipped with a reason, 1 when
     any case failed (a kernel error, or outputs that differ from MLX), 2 when
-    ``--only`` selects nothing.
+    ``--only`` selects nothing, the backend is not available here or ``--out`` cannot
+    be created.
     """
     only = getattr(args, "only", None) or None
     backend = getattr(args, "backend", None)
     quick = bool(getattr(args, "quick", False))
     out = getattr(args, "out", None)
     dtype = getattr(args, "dtype", None)
+    from mlx_foundry.backends import BackendUnavailableError, require_available
+
+    try:
+        require_available(select_backend(backend), "bench")
+        if out:
+            # Before the run, not after it: a bad path would lose every result.
+            os.makedirs(out, exist_ok=True)
+    except (ValueError, BackendUnavailableError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"[bench] Cannot write results to --out {out!r}: {e.strerror or e}.",
+              file=sys.stderr)
+        return 2
     try:
         results = run(backend=backend, quick=quick, only=only, dtype=dtype)
     except ValueError as e:

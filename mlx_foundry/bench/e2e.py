@@ -56,9 +56,11 @@ def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None):
                 "reason": "decode_benchmark takes no 'config': the 8B model is not run on CPU"}
     try:
         r = bench_fn(**call)
-    except Exception as e:  # noqa: BLE001 - report as skipped, never crash the run
-        return {"status": "skipped", "reason": f"decode_benchmark failed: "
-                                               f"{type(e).__name__}: {e}"[:400]}
+    except ImportError as e:  # mlx-lm absent: the `lm` extra is optional
+        return {"status": "skipped", "reason": f"decode_benchmark needs mlx-lm: {e}"[:400]}
+    except Exception as e:  # noqa: BLE001 - a failure of the run, never a crash
+        return {"status": "error", "reason": f"decode_benchmark failed: "
+                                             f"{type(e).__name__}: {e}"[:400]}
     base, ours = _tok_s(r, ("unpatched_tok_s", "baseline_tok_s")), _tok_s(
         r, ("patched_tok_s", "ours_tok_s"))
     if not base or not ours:

@@ -43,6 +43,7 @@ failures and skipped.
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +52,7 @@ import statistics
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from .timing import device_name, mlx_version
 
@@ -131,7 +133,7 @@ def _source_parts(obj):
     if hasattr(obj, "_source_files") and hasattr(obj, "name"):  # Program
         from mlx_foundry import sources
 
-        parts = [type(obj).__name__, obj.name]
+        parts = [type(obj).__name__, obj.name, _generator_fingerprint()]
         parts += [s.metal_struct_def for s in getattr(obj, "_structs", ())]
         parts += [f"{rel}\n{text}" for rel, text in
                   sources.resolve(obj._source_files(), requested_by="tuner")]
@@ -139,6 +141,24 @@ def _source_parts(obj):
         return parts
     raise TypeError(f"[tuner.source_hash] 'obj' must be a source str, KernelSource or "
                     f"Program but got {type(obj).__name__}.")
+
+
+_GENERATOR_MODULES = ("args.py", "kernel.py", "stage.py", "compound.py", "structs.py",
+                      "policies/base.py", "policies/affine.py", "policies/dense.py",
+                      "backends/cuda.py", "backends/cuda_compat.py", "backends/metal.py",
+                      "metal_src/compat/metal_compat.cuh")
+"""What turns a descriptor into the text MLX compiles besides its ``.metal`` files: the
+generated body and call, and the CUDA prelude. An edit to any of them is an edited
+kernel for the tuner."""
+
+
+@functools.lru_cache(maxsize=1)
+def _generator_fingerprint():
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in _GENERATOR_MODULES:
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def make_key(kernel_key, *, source_hash, shape_class, device=None, mlx_version_=None):
