@@ -271,7 +271,9 @@ def _gate_up_case(k, n, bits, gs, dt):
                 make, baseline, candidate)
 
 
-def _qkv_rope_case(d, heads, kv_heads, head_dim, bits, gs, dt):
+def _qkv_rope_case(d, heads, kv_heads, head_dim, bits, gs, dt, *, joint_kv=False):
+    """The attention's input side; ``joint_kv``: keys and values in one output, the form
+    the patched decode launches."""
     nq, nkv = heads * head_dim, kv_heads * head_dim
 
     def make(i):
@@ -293,8 +295,10 @@ def _qkv_rope_case(d, heads, kv_heads, head_dim, bits, gs, dt):
         return q, k, v
 
     def comparable(out):
-        # ops.norm_qkv_rope returns each of q, k, v as [..., L, H * head_dim].
-        return tuple(t.transpose(0, 2, 1, 3).reshape(t.shape[0], t.shape[2], -1) for t in out)
+        # ops.norm_qkv_rope returns each of q, k, v as [..., L, H * head_dim] (with
+        # joint_kv, k and v side by side in the last axis).
+        flat = tuple(t.transpose(0, 2, 1, 3).reshape(t.shape[0], t.shape[2], -1) for t in out)
+        return (flat[0], mx.concatenate(flat[1:], axis=-1)) if joint_kv else flat
 
     def candidate(backend):
         fused = _op("norm_qkv_rope")
@@ -303,15 +307,44 @@ def _qkv_rope_case(d, heads, kv_heads, head_dim, bits, gs, dt):
             return fused(x, g, EPS, _weight((qw, qs, qb), bits, gs),
                          _weight((kw, ks, kb), bits, gs), _weight((vw, vs, vb), bits, gs),
                          n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
-                         offset=OFFSET, rope_base=ROPE_BASE, backend=backend)
+                         offset=OFFSET, rope_base=ROPE_BASE, joint_kv=joint_kv,
+                         backend=backend)
         return run
 
     e = dt.size
     nbytes = (weight_bytes(nq, d, bits, gs, e) + 2 * weight_bytes(nkv, d, bits, gs, e)
               + e * (2 * d + nq + 2 * nkv))
-    return Case(f"norm_qkv_rope_q{bits}_{d}", "norm_qkv_rope",
+    return Case(f"norm_qkv_rope_q{bits}_{d}" + ("_joint_kv" if joint_kv else ""),
+                "norm_qkv_rope" + (" (joint K/V)" if joint_kv else ""),
                 f"1x{d}->{heads}/{kv_heads}x{head_dim}", f"{_dname(dt)}/q{bits}", nbytes,
                 make, baseline, candidate, comparable=comparable)
+
+
+def _qk_norm_rope_case(heads, kv_heads, head_dim, dt):
+    """Qwen3's per-head q/k norms and RoPE on one token (keys and values joint, as the
+    patched decode passes them). Baseline: mlx-lm's Qwen3 attention, norms then RoPE on
+    q and k, v untouched."""
+    def make(i):
+        return (_act(i, 0, (1, heads, 1, head_dim), dt),
+                _act(i, 1, (1, 2 * kv_heads, 1, head_dim), dt),
+                _gamma(i, 2, head_dim, dt), _gamma(i, 3, head_dim, dt))
+
+    def baseline(q, kv, qw, kw):
+        k, v = kv[:, :kv_heads], kv[:, kv_heads:]
+        rope = dict(traditional=False, base=ROPE_BASE, scale=1.0, offset=OFFSET)
+        q = mx.fast.rope(mx.fast.rms_norm(q, qw, EPS), head_dim, **rope)
+        k = mx.fast.rope(mx.fast.rms_norm(k, kw, EPS), head_dim, **rope)
+        return q, mx.concatenate([k, v], axis=1)
+
+    def candidate(backend):
+        fused = _op("qk_norm_rope")
+        return lambda q, kv, qw, kw: fused(q, kv, qw, kw, EPS, offset=OFFSET,
+                                           rope_base=ROPE_BASE, backend=backend)
+
+    nbytes = dt.size * head_dim * (2 * heads + 4 * kv_heads + 2)  # q, kv in and out; weights
+    return Case(f"qk_norm_rope_{heads}x{head_dim}", "qk_norm_rope",
+                f"{heads}/{kv_heads}x{head_dim}", _dname(dt), nbytes, make, baseline,
+                candidate)
 
 
 def _decode_attention_case(heads, kv_heads, head_dim, past_len, dt):
@@ -414,6 +447,9 @@ def suite(*, tiny=False, dtype=None):
         _norm_linear_case(h, i, 4, gs, dt),
         _gate_up_case(h, i, 4, gs, dt),
         _qkv_rope_case(h, D["heads"], D["kv_heads"], D["head_dim"], 4, gs, dt),
+        _qkv_rope_case(h, D["heads"], D["kv_heads"], D["head_dim"], 4, gs, dt,
+                       joint_kv=True),
+        _qk_norm_rope_case(D["heads"], D["kv_heads"], D["head_dim"], dt),
         _mlp_block_case(h, i, 4, gs, dt),
         _e2e_case(tiny, dt),
         _e2e_case(tiny, dt, compiled=True),
