@@ -5,7 +5,8 @@ The method, for one callable ``fn`` and a *pool* of input sets:
 1. **Pool larger than the last-level cache.**  :func:`make_pool` builds distinct
    input sets (weights and activations) until their bytes exceed ``pool_bytes``
    (by default ``max(2 x 60 MB, 2 x LLC)``: H100 L2 is 50 MB, H200 60 MB, Apple's SLC
-   up to 96 MB), and at least :data:`MIN_POOL_SETS` sets however large one set is.
+   up to 96 MB), and at least :data:`MIN_POOL_SETS` (32) sets however large one set
+   is: with fewer, calls that overlap on the GPU shared weights in L2.
    Every call takes the next set of the pool, round-robin, and the rotation goes on
    across timings, so no call finds its weights in the cache. Tiny sets (one
    activation row: the 1x4096 norms) stop at 512 sets, a pool under the cache: their
@@ -97,10 +98,17 @@ def arrays(tree):
     return [a for _, a in tree_flatten(tree) if isinstance(a, mx.array)]
 
 
-MIN_POOL_SETS = 8
-"""Sets in every pool, however large one set is. With two 112 MiB sets of fp16 weights
-(2.2x the L2 of an H100) our fp16 GEMV read 3.8 TB/s, over the HBM's 3.35: part of each
-set still came from L2. With 14 sets it read 2.8 TB/s (H100, session 14)."""
+MIN_POOL_SETS = 32
+"""Distinct input sets in every pool, however large one set is.
+
+The bytes of the pool are not enough: the count matters. On an H100 (session 14,
+`docs/pool_sweep_h100.json`), with 2, 4 or 8 sets our fp16 GEMV 14336 -> 4096 read its
+112 MiB of weights at 3.7-3.9 TB/s, over the HBM's 3.35 TB/s, even from an 896 MB
+pool; with 16 or 32 sets, 2.9 TB/s. The 4-bit GEMV took 12.0-12.4 us with 2-8 sets
+(63-252 MB) and 13.5-13.9 us with 16-32. The step follows the number of sets, not the
+pool's bytes: consistent with the independent calls of one evaluation overlapping on
+the GPU, so that calls a few sets apart read the same weights while they are in L2. A
+decode step never reads a weight twice; 32 sets put every repeat out of reach."""
 
 
 def make_pool(make, set_bytes, pool_bytes, *, min_sets=MIN_POOL_SETS, max_sets=512):
@@ -235,7 +243,7 @@ def copy_ceiling(nbytes_buffer, *, pool_bytes=0, repeats=10, dtype=mx.float32, t
     Args:
         nbytes_buffer (int): bytes of the buffer copied (each call reads and writes it).
         pool_bytes (int): rotate through buffers holding at least this many bytes
-            (at least two buffers).
+            (eight buffers).
         repeats (int): timings; the median is reported.
 
     Returns:
@@ -244,7 +252,7 @@ def copy_ceiling(nbytes_buffer, *, pool_bytes=0, repeats=10, dtype=mx.float32, t
     itemsize = mx.zeros((1,), dtype=dtype).itemsize
     n = max(1, nbytes_buffer // itemsize)
     pool = make_pool(lambda i: (mx.full((n,), float(i), dtype=dtype),),
-                     n * itemsize, pool_bytes, min_sets=2, max_sets=8)
+                     n * itemsize, pool_bytes, min_sets=8, max_sets=8)
     # Batches of at least 8 copies, so one synchronization per batch stays negligible.
     kw.setdefault("out_budget", max(1 << 30, 8 * n * itemsize))
     t = measure(lambda x: x + 0, pool, repeats=repeats, target_s=target_s, **kw)
