@@ -879,3 +879,16 @@ def test_decode_benchmark_judges_a_far_down_patched_choice(monkeypatch):
     ok, why = lm_bench.same_tokens_up_to_ties(r)
     assert not ok and "clearly preferred" in why
     assert not lm.is_patched(model)
+
+
+def test_end_to_end_rows_show_tokens_per_second(tmp_path):
+    e2e = {"name": "e2e", "op": "decode (end-to-end)", "shape": "llama-3-8b",
+           "dtype": "fp16/q4", "status": "ok", "baseline_us": 5000.0, "ours_us": 2500.0,
+           "speedup": 2.0, "baseline_tok_s": 200.0, "ours_tok_s": 400.0}
+    results = {"cases": [e2e], "copy": {}, "device": "d", "backend": "cuda",
+               "mlx_version": "0", "date": "now", "command": "python -m mlx_foundry bench"}
+    text = report.format_table(results)
+    assert "llama-3-8b, 200 -> 400 tok/s" in text and "2.00x" in text
+    md = report.write_benchmarks_md(results, str(tmp_path / "B.md"))
+    body = open(md).read()
+    assert "This run: `python -m mlx_foundry bench`" in body and "at least 32 sets" in body

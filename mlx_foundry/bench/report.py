@@ -21,7 +21,7 @@ import time
 
 COLUMNS = ("op", "shape", "dtype/bits", "baseline us", "ours us", "speedup", "GB/s",
            "% of copy")
-WIDTHS = (34, 22, 10, 12, 10, 8, 8, 9)
+WIDTHS = (34, 30, 10, 12, 10, 8, 8, 9)
 
 
 # ------------------------------------------------------------------------------------
@@ -74,7 +74,11 @@ def _big(v):
 
 def case_row(c):
     speed = c.get("speedup")
-    return (c["op"], c["shape"], c["dtype"], _num(c.get("baseline_us"), ".1f"),
+    shape = c["shape"]
+    if c.get("ours_tok_s") and c.get("baseline_tok_s"):
+        # End-to-end rows: times are per token; tokens/s is what a user reads.
+        shape = f"{shape}, {c['baseline_tok_s']:.0f} -> {c['ours_tok_s']:.0f} tok/s"
+    return (c["op"], shape, c["dtype"], _num(c.get("baseline_us"), ".1f"),
             _num(c.get("ours_us"), ".1f"), "-" if speed is None else f"{speed:.2f}x",
             _big(c.get("gbps")), _big(c.get("pct_copy")))
 
@@ -150,8 +154,11 @@ def write_chart(results, path):
     a1.set_xlabel("speedup over MLX (x)")
     a1.set_yticks(ys, labels, fontsize=8)
     a1.invert_yaxis()
-    bars = a2.barh(ys, [c.get("pct_copy") or 0 for c in cases], color="tab:green")
-    a2.bar_label(bars, fmt="%.0f%%", fontsize=7, padding=2)
+    # No bar where there is no figure (end-to-end rows), not a bar of 0%.
+    pct = [c.get("pct_copy") for c in cases]
+    bars = a2.barh(ys, [p or 0 for p in pct], color="tab:green")
+    a2.bar_label(bars, labels=["-" if p is None else f"{p:.0f}%" for p in pct], fontsize=7,
+                 padding=2)
     a2.axvline(100.0, color="k", lw=0.8)
     a2.set_xlabel("% of copy ceiling")
     if not cases:
@@ -199,7 +206,8 @@ ceiling. For the end-to-end decode the times are per token (speedup = tokens/s r
 Baseline and ours run in the same process, on the same device, in the same run, in
 alternating rounds. Each case rotates through a pool of distinct weight sets of about
 {pool_mb} MB in all (larger than the last-level cache: H100 L2 is 50 MB, H200 60 MB, Apple
-SLC up to 96 MB), warms up first (the first call pays the JIT compile), and times many
+SLC up to 96 MB), and of at least 32 sets however large one is (with fewer, calls that
+overlapped on the GPU found each other's weights in L2), warms up first (the first call pays the JIT compile), and times many
 independent calls per timing (graphs built first, then one `mx.eval`; the device time
 divided by the number of calls; {calls_text}). The reported time is the median of
 {repeats} timings.
@@ -207,6 +215,8 @@ Every candidate's output is checked once against the baseline. See
 `mlx_foundry/bench/timing.py`.
 
 ## Reproduce
+
+This run: `{results.get('command', 'python -m mlx_foundry bench')}`.
 
 ```bash
 pip install -e '.[bench]'            # plus mlx[cuda13] on NVIDIA
@@ -216,7 +226,8 @@ python -m mlx_foundry bench --only linear rms_norm   # a subset
 ```
 
 `bench_out/` then holds `results.json` (every number, with per-timing samples),
-`chart.png` and this file (`BENCHMARKS.md`), to be copied to the repository root.
+`chart.png` and this file (`BENCHMARKS.md`): a record of one run. The repository's
+BENCHMARKS.md is kept by hand from such runs (their history and the targets' status).
 """
     with open(path, "w") as f:
         f.write(text)
