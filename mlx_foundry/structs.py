@@ -24,6 +24,7 @@ import struct as _struct
 import typing
 
 import mlx.core as mx
+import numpy as np
 
 from ._names import check_identifier
 from .types import ScalarType
@@ -129,9 +130,15 @@ def _pack(self):
     values = []
     for f in layout.fields:
         v = getattr(self, f.python_name)
+        if f.type.fmt == "?":
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"[struct] {type(self).__name__}.{f.python_name} is bool "
+                                f"and must be a bool but got {type(v).__name__}.")
+            values.append(bool(v))
+            continue
         integer = f.type.fmt in "BHIQi"
         wanted = numbers.Integral if integer else numbers.Real
-        if isinstance(v, bool) or not isinstance(v, wanted):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, wanted):
             raise TypeError(
                 f"[struct] {type(self).__name__}.{f.python_name} is {f.type.name} "
                 f"and must be {'an int' if integer else 'a number'} but got "

@@ -277,3 +277,19 @@ void scale_stage(thread float& acc, uint3 gid) { acc *= 2.0f; }
     body = k.source(x, backend="metal").body
     assert "scale_stage(acc, thread_position_in_grid);" in body and "y[index] = static_cast<float>(acc);" in body
     assert k(x, backend="reference").tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
+
+
+def test_struct_bool_fields_take_bools():
+    from mlx_foundry.types import boolean
+
+    @mf.struct
+    class Flags:
+        n: mf.u32
+        on: boolean
+
+    assert Flags(n=3, on=True).pack() == b"\x03\x00\x00\x00\x01\x00\x00\x00"
+    assert Flags(n=3, on=np.bool_(False)).pack() == b"\x03\x00\x00\x00\x00\x00\x00\x00"
+    with pytest.raises(TypeError, match=r"Flags\.on is bool and must be a bool but got int"):
+        Flags(n=3, on=1).pack()
+    with pytest.raises(TypeError, match=r"Flags\.n is u32 and must be an int but got bool"):
+        Flags(n=True, on=True).pack()
