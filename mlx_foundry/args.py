@@ -45,14 +45,6 @@ token."""
 _MIN_DEVICE_ELEMENTS = 8
 
 
-def integer_range(t):
-    """``(lo, hi)`` of an integer :class:`ScalarType`."""
-    bits = 8 * t.size
-    if t.fmt in "BHIQ":
-        return 0, 2**bits - 1
-    return -2**(bits - 1), 2**(bits - 1) - 1
-
-
 class Arg:
     """Base of the argument declarations."""
 
@@ -260,17 +252,17 @@ class Scalar(Arg):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"[{who}] '{self.name}' must be a number but got "
                             f"{type(value).__name__}.")
-        if self.type.fmt in "BHIQbhiq":
+        if self.type.is_integer:
             # The body reads an integer: a float would be truncated there while the
             # reference used it whole.
             if not isinstance(value, numbers.Integral):
                 raise TypeError(f"[{who}] '{self.name}' is {self.type.name} and must be an "
                                 f"int but got {value!r}.")
             value = int(value)
-            if self.type.fmt in "BHIQ" and value < 0:
+            lo, hi = self.type.bounds
+            if lo == 0 and value < 0:
                 raise ValueError(f"[{who}] '{self.name}' must be a non-negative int but got "
                                  f"{value!r}.")
-            lo, hi = integer_range(self.type)
             if not lo <= value <= hi:
                 raise ValueError(f"[{who}] '{self.name}' ({self.type.name}) must be in "
                                  f"[{lo}, {hi}] but got {value}.")

@@ -15,8 +15,7 @@ import mlx.core as mx
 
 from . import cache, sources
 from ._names import METAL_ATTRIBUTES, check_identifier
-from .args import (SCALAR_LANES, Bound, Constant, Output, Params, Scalar, Tensor, integer_range,
-                   order_args)
+from .args import SCALAR_LANES, Bound, Constant, Output, Params, Scalar, Tensor, order_args
 from .backends import reference as reference_backend
 from .backends import require_available, select_backend
 from .dispatch import DispatchConfig
@@ -408,9 +407,8 @@ class Program:
                      threadgroup)
 
     def _scalar_converter(self, a):
-        integer = a.type.fmt in "BHIQbhiq"
-        exact = int if integer else float
-        lo, hi = integer_range(a.type) if integer else (-float("inf"), float("inf"))
+        exact = int if a.type.is_integer else float
+        lo, hi = a.type.bounds or (-float("inf"), float("inf"))
         who = self.who
         lanes, dtype = (SCALAR_LANES,), a.type.dtype
 

@@ -136,7 +136,7 @@ def _pack(self):
                                 f"and must be a bool but got {type(v).__name__}.")
             values.append(bool(v))
             continue
-        integer = f.type.fmt in "BHIQi"
+        integer = f.type.is_integer
         wanted = numbers.Integral if integer else numbers.Real
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, wanted):
             raise TypeError(

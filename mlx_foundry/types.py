@@ -26,6 +26,20 @@ class ScalarType:
     def __repr__(self):
         return self.name
 
+    @property
+    def is_integer(self):
+        return self.fmt in "BHIQbhiq"
+
+    @property
+    def bounds(self):
+        """``(lo, hi)`` of an integer type (``None`` for the others)."""
+        if not self.is_integer:
+            return None
+        bits = 8 * self.size
+        if self.fmt in "BHIQ":
+            return 0, 2**bits - 1
+        return -2**(bits - 1), 2**(bits - 1) - 1
+
 
 u8 = ScalarType("u8", "uchar", "B", 1, mx.uint8)
 u16 = ScalarType("u16", "ushort", "H", 2, mx.uint16)

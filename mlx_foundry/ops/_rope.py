@@ -20,7 +20,8 @@ def check_offset(who, offset):
                              f"but got shape {tuple(offset.shape)}, {dtype_name(offset.dtype)}.")
         return offset
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
-        raise TypeError(f"[{who}] 'offset' must be an int but got {type(offset).__name__}.")
+        raise TypeError(f"[{who}] 'offset' must be an int or an integer array but got "
+                        f"{type(offset).__name__}.")
     offset = int(offset)
     if not -2**31 <= offset < 2**31:
         # The kernels take the position as int32, as mx.fast.rope does.

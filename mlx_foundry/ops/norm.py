@@ -1,7 +1,6 @@
 """Normalization, RoPE and softmax ops: validated at the boundary, one kernel each."""
 
 import functools
-import numbers
 
 import mlx.core as mx
 
@@ -11,17 +10,18 @@ from ..stages import rope as _rope
 from ..stages import softmax as _softmax
 from ..types import dtype_name
 from ._checks import check_eps, check_float_array, check_same_dtype, is_finite_number
+from ._rope import check_offset
 
 
-def _check_weight(who, weight, x, same_dtype=True):
+def _check_weight(who, weight, x):
+    """Shape only: a weight of another float dtype is promoted, as in
+    ``mx.fast.rms_norm``."""
     if weight is None:
         return
     check_float_array(who, "weight", weight)
     if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"[{who}] 'weight' must have shape ({x.shape[-1]},) (the last "
                          f"dimension of 'x') but has shape {tuple(weight.shape)}.")
-    if same_dtype:
-        check_same_dtype(who, "weight", weight, "x", x)
 
 
 def _check_backend(who, backend):
@@ -59,7 +59,7 @@ def rms_norm(x, weight, eps, *, backend=None):
     """
     who = "rms_norm"
     check_float_array(who, "x", x)
-    _check_weight(who, weight, x, same_dtype=False)
+    _check_weight(who, weight, x)
     check_eps(who, eps)
     _check_backend(who, backend)
     if weight is not None and weight.dtype != x.dtype:
@@ -108,7 +108,7 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
         raise ValueError(f"[{who}] 'residual' must have the shape of 'x' {tuple(x.shape)} "
                          f"but has shape {tuple(residual.shape)}.")
     check_same_dtype(who, "residual", residual, "x", x)
-    _check_weight(who, weight, x, same_dtype=False)
+    _check_weight(who, weight, x)
     check_eps(who, eps)
     _check_backend(who, backend)
     if weight is not None and weight.dtype != x.dtype:
@@ -206,14 +206,8 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None, backend=None)
                              f"but has shape {tuple(offset.shape)}.")
         stride = 0 if offset.size == 1 else 1
         off = offset.reshape(-1).astype(mx.int32)
-    elif isinstance(offset, numbers.Integral) and not isinstance(offset, bool):
-        offset = int(offset)  # NumPy's too
-        if not -2**31 <= offset < 2**31:
-            raise ValueError(f"[{who}] 'offset' must fit in int32 but got {offset}.")
-        stride, off = 0, _offset_array(offset)
     else:
-        raise TypeError(f"[{who}] 'offset' must be an int or an integer array but got "
-                        f"{type(offset).__name__}.")
+        stride, off = 0, _offset_array(check_offset(who, offset))
     _check_backend(who, backend)
     L = x.shape[-2]
     rows = x.size // D
