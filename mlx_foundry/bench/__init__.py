@@ -109,8 +109,21 @@ def _interleaved(fns, pool, ctx):
     return out
 
 
-class _NoCandidate(Exception):
-    pass
+def _check_candidate(case, cand, pool, ctx, res):
+    """Compare the candidate's output with the baseline's on the first input set; a
+    mismatch marks ``res`` as an error (the case is still timed)."""
+    base_out, ours_out = case.baseline(*pool[0]), cand(*pool[0])
+    mx.eval(_flat(base_out), _flat(ours_out))
+    if case.comparable is not None:
+        base_out = case.comparable(base_out)
+    err = max_rel_err(ours_out, base_out)
+    res["max_rel_err"] = err
+    if err is None:
+        res["reason"] = "outputs not compared (layouts differ)"
+    elif not err <= (MISMATCH_TOL_CPU_BF16 if ctx.tiny and case.dtype.startswith("bf16")
+                     else MISMATCH_TOL):
+        res.update(status="error", reason=f"output differs from the baseline: "
+                                          f"max relative error {err:.3g}")
 
 
 def run_case(case, ctx, copy_gbps=None):
@@ -139,26 +152,13 @@ def run_case(case, ctx, copy_gbps=None):
     except (ImportError, AttributeError) as e:  # the op is missing, not failing
         cand = None
         res.update(status="skipped", reason=f"candidate unavailable: {e}"[:400])
-    try:
-        if cand is None:
-            raise _NoCandidate
-        base_out, ours_out = case.baseline(*pool[0]), cand(*pool[0])
-        mx.eval(_flat(base_out), _flat(ours_out))
-        if case.comparable is not None:
-            base_out = case.comparable(base_out)
-        err = max_rel_err(ours_out, base_out)
-        res["max_rel_err"] = err
-        if err is None:
-            res["reason"] = "outputs not compared (layouts differ)"
-        elif not err <= (MISMATCH_TOL_CPU_BF16 if ctx.tiny and case.dtype.startswith("bf16")
-                         else MISMATCH_TOL):
-            res.update(status="error", reason=f"output differs from the baseline: "
-                                              f"max relative error {err:.3g}")
-        fns.append(cand)
-    except _NoCandidate:
-        pass
-    except Exception as e:  # noqa: BLE001
-        res.update(status="error", reason=f"candidate failed: {type(e).__name__}: {e}"[:400])
+    if cand is not None:
+        try:
+            _check_candidate(case, cand, pool, ctx, res)
+            fns.append(cand)
+        except Exception as e:  # noqa: BLE001
+            res.update(status="error",
+                       reason=f"candidate failed: {type(e).__name__}: {e}"[:400])
 
     try:
         timings = _interleaved(fns, pool, ctx)
