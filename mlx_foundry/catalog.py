@@ -173,6 +173,13 @@ def _entries():
                  "norm_qkv_rope_q4g64"):
         base = next(e for e in out if e.name == name)
         add(f"{name}_splitk", f"{base.description}, split K", _with_split_k(base.walk))
+    # The loop over K unrolled (UNROLL, a tuner option): the packed-half path (one and two
+    # weight policies, and the Q/K/V stage) and the float path.
+    for name, unroll in (("linear_q4g64_f16", 4), ("norm_gate_up_swiglu_q4g64_q4g64", 2),
+                         ("norm_qkv_rope_q4g64", 2), ("linear_dense_bf16", 2)):
+        base = next(e for e in out if e.name == name)
+        add(f"{name}_unroll{unroll}", f"{base.description}, K loop unrolled by {unroll}",
+            _with_launch(base.walk, UNROLL=unroll))
     # Several rows of x per SIMD-group (MBLOCK): the packed-half path with a norm and the
     # dual GEMV, and the float path with split K.
     add("norm_gate_up_swiglu_q4g64_q4g64_rows4", "RMSNorm + gate/up q4g64 + SwiGLU, 4 rows of x, split K",

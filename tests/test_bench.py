@@ -359,6 +359,43 @@ def test_tuner_keeps_the_default_unless_clearly_faster(tmp_path, faster, chosen)
     assert e["params"] == got
 
 
+@pytest.mark.parametrize("unrolled,chosen", [(0.90, "unrolled"), (0.99, "grid"),
+                                              (1.20, "grid")])
+def test_tuner_refines_the_fastest_candidate(tmp_path, unrolled, chosen):
+    """The second pass merges each refinement into the first pass's fastest setting and
+    times them again with the fastest and the default, in rounds of their own; the
+    margin rule applies there."""
+    default = {"ROWS": 4, "UNROLL": 1}
+    fast = {"ROWS": 8, "UNROLL": 1}
+    times = {str(default): 10.0, str(fast): 8.0, str({"ROWS": 2, "UNROLL": 1}): 12.0,
+             str({"ROWS": 8, "UNROLL": 2}): 8.0 * unrolled,
+             str({"ROWS": 8, "UNROLL": 4}): 20.0}
+    seen = []
+
+    def run(p):
+        seen.append(p)
+        return times[str(p)]
+
+    cands = [fast, {"ROWS": 2, "UNROLL": 1}]
+    got = tuner.tune("k", cands, run, source_hash="h", shape_class="c", repeats=2, warmup=0,
+                     path=str(tmp_path / "t.json"), default=default,
+                     refine=[{"UNROLL": 1}, {"UNROLL": 2}, {"UNROLL": 4}])
+    assert got == ({"ROWS": 8, "UNROLL": 2} if chosen == "unrolled" else fast)
+    # Only the fastest setting was unrolled (ROWS 2 and the default never were).
+    assert {str(p) for p in seen} == set(times) - {str({"ROWS": 2, "UNROLL": 2})}
+    (e,) = json.load(open(tmp_path / "t.json"))["entries"].values()
+    assert [r["params"] for r in e["refined"]] == [fast, {"ROWS": 8, "UNROLL": 2},
+                                                   {"ROWS": 8, "UNROLL": 4}, default]
+    assert len(e["candidates"]) == 3 and e["params"] == got
+
+
+def test_tuner_refinement_must_be_dicts(tmp_path):
+    kw = dict(source_hash="h", shape_class="c", path=str(tmp_path / "t.json"))
+    for bad in ("UNROLL", [2], {"UNROLL": 2}):
+        with pytest.raises(TypeError, match="'refine'"):
+            tuner.tune("k", [{"ROWS": 1}], lambda p: 1.0, refine=bad, **kw)
+
+
 def test_tuner_rejects_a_bad_default_or_margin(tmp_path):
     kw = dict(source_hash="h", shape_class="c", path=str(tmp_path / "t.json"))
     with pytest.raises(TypeError, match="'default'"):
@@ -478,6 +515,11 @@ def test_timed_run_feeds_the_tuner(tmp_path):
     assert all(c["median_s"] > 0 for c in entry["candidates"])
 
 
+def _grid(params):
+    """Launch constants but the unroll count (the tuner's second pass)."""
+    return {k: v for k, v in params.items() if k != "UNROLL"}
+
+
 def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     pytest.importorskip("mlx_foundry.ops.linear")
     from mlx_foundry.bench import autotune
@@ -488,9 +530,11 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     got = autotune.tune_linear("reference", shapes=[(256, 96)], bits=(4,), candidates=cands,
                                repeats=1, path=path, pool_bytes=0)
     (key, cls), params = next(iter(got.items()))
-    # A candidate, or the op's untuned launch (kept unless a candidate is clearly faster).
+    # A candidate, one unrolled by the second pass, or the op's untuned launch (kept unless
+    # a candidate is clearly faster).
     assert key.startswith("reference:") and cls == "m1_n128_k256"
-    assert params in cands + [default_launch(96, 256)]
+    assert _grid(params) in cands + [_grid(default_launch(96, 256))]
+    assert params.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS
     kern = linear_kernel(("affine", 4, 64))
     assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == params
     # Every candidate ran, the untuned default (which carries MBLOCK) included.
@@ -500,6 +544,10 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
         (entry,) = json.load(f)["entries"].values()
     assert entry["failures"] == []
     assert default_launch(96, 256) in [c["params"] for c in entry["candidates"]]
+    # The second pass timed the unroll counts at the fastest candidate, and the default.
+    refined = [c["params"] for c in entry["refined"]]
+    assert {p.get("UNROLL", 1) for p in refined} == set(autotune.DEFAULT_UNROLLS)
+    assert default_launch(96, 256) in refined
     assert autotune.lookup_linear(kern, 96, 256, 1, "cuda", path=path) is None
 
 
@@ -727,7 +775,8 @@ def test_autotune_linear_tunes_rows_of_x(tmp_path):
                                repeats=1, path=path, pool_bytes=0, rows_of_x=(4,))
     (key, cls), params = next(iter(got.items()))
     assert cls == "m4_n128_k256"
-    assert params in cands + [default_launch(96, 256, m=4)]
+    assert _grid(params) in cands + [_grid(default_launch(96, 256, m=4))]
+    assert params.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS
     kern = linear_kernel(("affine", 4, 64))
     assert autotune.lookup_linear(kern, 96, 256, 4, "reference", path=path) == params
     with open(path) as f:

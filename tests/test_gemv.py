@@ -63,6 +63,13 @@ def test_dispatch_rejects_bad_launch(threads, rows, match):
         gemv_dispatch(lambda b: 8)(Bound(x=mx.zeros((1, 8)), ROWS=rows, THREADS=threads))
 
 
+@pytest.mark.parametrize("unroll", [0, 17, True, 2.0, "2"])
+def test_dispatch_rejects_bad_unroll(unroll):
+    with pytest.raises(ValueError, match="'UNROLL' must be an int in \\[1, 16\\]"):
+        gemv_dispatch(lambda b: 8)(Bound(x=mx.zeros((1, 8)), ROWS=4, THREADS=128,
+                                         UNROLL=unroll))
+
+
 def test_linear_source_metal():
     k = linear_kernel(("affine", 4, 64), has_bias=True, activation="silu", has_residual=True)
     args = _affine_args(64, 256)
@@ -73,8 +80,9 @@ def test_linear_source_metal():
     assert f"constexpr int ROWS = {DEFAULT_ROWS};" in body
     assert f"constexpr int THREADS = {DEFAULT_THREADS};" in body
     assert "constexpr int M = 1;" in body and "constexpr int MBLOCK = 1;" in body
+    assert "constexpr int UNROLL = 1;" in body
     assert (f"gemv_main<PolicyAffine<w_S, 4, 64, K>, T, K, N, M, ROWS, {DEFAULT_THREADS // 32},"
-            " 1, MBLOCK>(wpol, x, acc, row, index, valid,") in body
+            " 1, MBLOCK, UNROLL>(wpol, x, acc, row, index, valid,") in body
     assert "gemv_partials" in body  # split-K scratch, declared by the stage
     calls = [body.index(s) for s in ("gemv_main<", "ep_bias(", "ep_silu(", "ep_residual(")]
     assert calls == sorted(calls)
@@ -89,10 +97,12 @@ def test_launch_constants_are_overridable():
     k = linear_kernel(("dense",))
     w = mx.ones((64, 96), mx.float16)
     body = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256).body
-    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8, 1, MBLOCK>(" in body
+    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8, 1, MBLOCK, UNROLL>(" in body
     # Split K: every SIMD-group of the threadgroup shares the rows.
     split = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256, SPLITK=1).body
-    assert "constexpr int SPLITK = 1;" in split and ", ROWS, 8, 8, MBLOCK>(" in split
+    assert "constexpr int SPLITK = 1;" in split and ", ROWS, 8, 8, MBLOCK, UNROLL>(" in split
+    unrolled = k.source(x=mx.ones((1, 96), mx.float16), w=w, UNROLL=4).body
+    assert "constexpr int UNROLL = 4;" in unrolled
     # Rows of x per SIMD-group: M comes from x, MBLOCK is a launch constant.
     multi = k.source(x=mx.ones((5, 96), mx.float16), w=w, ROWS=4, MBLOCK=3).body
     assert "constexpr int M = 5;" in multi and "constexpr int MBLOCK = 3;" in multi
@@ -303,16 +313,16 @@ def test_default_launch_splits_k_only_for_tall_weights():
 
     # 14336 -> 4096 (down projection): eight rows, the threadgroup splits K.
     assert default_launch(4096, 14336) == {"ROWS": 8, "THREADS": 128, "SPLITK": 1,
-                                           "MBLOCK": 1}
+                                           "UNROLL": 1, "MBLOCK": 1}
     # Square (o_proj): four rows, split K.
     assert default_launch(4096, 4096) == {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
-                                          "SPLITK": 1, "MBLOCK": 1}
+                                          "SPLITK": 1, "UNROLL": 1, "MBLOCK": 1}
     for n, k in ((14336, 4096), (6144, 4096), (4097, 4096), (48, 512), (1024, 1024)):
         assert default_launch(n, k) == {"ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS,
-                                        "SPLITK": 0, "MBLOCK": 1}
+                                        "SPLITK": 0, "UNROLL": 1, "MBLOCK": 1}
     # Q/K/V: ROWS must divide head_dim; one row of x per threadgroup (no MBLOCK).
     assert default_launch(6144, 4096, head_dim=128) == {"ROWS": 4, "THREADS": 128,
-                                                        "SPLITK": 0}
+                                                        "SPLITK": 0, "UNROLL": 1}
     assert default_launch(6144, 4096, head_dim=6)["ROWS"] == 2
     assert default_launch(100, 14336, head_dim=100)["ROWS"] == 2
 
@@ -419,7 +429,12 @@ def test_tuned_mblock_is_used_when_valid(monkeypatch):
     # A stored MBLOCK this launch cannot take (16 x 4 lanes): the default for m instead.
     found.update(ROWS=16, MBLOCK=4)
     got = lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)
-    assert got == {"ROWS": 16, "THREADS": 128, "SPLITK": 0, "MBLOCK": lin._mblock(4, 16, 0, False)}
+    assert got == {"ROWS": 16, "THREADS": 128, "SPLITK": 0, "UNROLL": 1,
+                   "MBLOCK": lin._mblock(4, 16, 0, False)}
+    # A tuned unroll count is used; an entry without one (older) gets the default.
+    found.update(UNROLL=2)
+    assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["UNROLL"] == 2
+    found.pop("UNROLL")
     # An entry of one row of x (no MBLOCK): the default for m (16 rows: two blocks).
     found.pop("MBLOCK")
     assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 2

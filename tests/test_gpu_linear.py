@@ -251,10 +251,38 @@ def split_k(monkeypatch, tmp_path):
     monkeypatch.setattr(lin, "_TUNED", {})
 
 
+@pytest.fixture(params=[2, 3], ids=["unroll2", "unroll3"])
+def unrolled(request, monkeypatch, tmp_path):
+    """Every fused GEMV of the ops with its loop over K unrolled (``UNROLL``; 3 divides
+    none of the lanes' trip counts here); an empty tuning file, so no stored choice
+    overrides it."""
+    from mlx_foundry.bench import tuner
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "DEFAULT_UNROLL", request.param)
+    monkeypatch.setattr(lin, "_TUNED", {})
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_split_k_every_op(gpu_backend, split_k, dtype):
     """Split K over awkward shapes: N below one threadgroup, K not a multiple of the
     SIMD-group stride, one and several rows, dual (mixed formats) and Q/K/V."""
+    _check_every_gemv_op(gpu_backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_unroll_every_op(gpu_backend, unrolled, dtype):
+    """The loop over K unrolled, over the same shapes: the float and packed-half paths,
+    with and without split K (the default launch chooses it per shape), several rows of
+    x, dual and Q/K/V."""
+    assert lin.default_launch(203, 2880)["UNROLL"] == unrolled
+    _check_every_gemv_op(gpu_backend, dtype)
+
+
+def _check_every_gemv_op(gpu_backend, dtype):
+    """Every fused GEMV op against its reference at awkward shapes, with the default
+    launch of the test's fixture."""
     for fmt, n, k in (((4, 64), 203, 2880), ((8, 32), 64, 4128), ("dense", 99, 1000),
                       ((3, 128), 7, 1152), ((4, 32), 1, 4128)):
         w = _w(n, k, fmt, dtype, bias=True)

@@ -411,7 +411,12 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
                                    if name.startswith("norm_qkv_rope") else None)
                 for name, (_, n, k, _) in autotune._decode_ops(autotune.TINY, 4, 64,
                                                                mx.float16).items()]
-    assert all(p == cands[0] or p in defaults for p in chosen.values())
+    # The second pass may unroll the winner of the first (every setting times alike here).
+    def grid(p):
+        return {k: v for k, v in p.items() if k != "UNROLL"}
+
+    assert all(grid(p) == cands[0] or grid(p) in map(grid, defaults) for p in chosen.values())
+    assert all(p.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS for p in chosen.values())
     # Tuning drops the launch constants the ops resolved before it (its own warm-up
     # calls did), so this process launches with the stored choice.
     assert lin._TUNED == {}

@@ -3,13 +3,14 @@
 :func:`tune_linear` times ``mlx_foundry.ops.linear``'s kernel for each
 ``(ROWS, THREADS, SPLITK)`` setting (rows per SIMD-group, threads per threadgroup,
 split K; with several rows of ``x``, ``rows_of_x=``, also ``MBLOCK``) at
-the decode shapes of the bench suite, with the bench's timing method, and stores
+the decode shapes of the bench suite, then the unrolling of the loop over ``K``
+(``UNROLL``) at the fastest of them, with the bench's timing method, and stores
 the fastest per (device, MLX version, kernel source hash, shape class) in the
 tuning file, under the kernel key ``"<backend>:<kernel name>"``.  The op reads it
 back with :func:`lookup_linear` (cache the answer per specialization: it is not
 meant for every call)::
 
-    params = lookup_linear(kern, n, k, m, backend) or {"ROWS": 4, "THREADS": 128}
+    params = lookup_linear(kern, n, k, m, backend) or default_launch(n, k, m=m)
 
 Run on the target GPU::
 
@@ -26,15 +27,28 @@ from .cases import FULL, TINY, _dense_w, _qweight, weight_bytes
 
 DEFAULT_ROWS = (1, 2, 4, 8)
 DEFAULT_THREADS = (64, 128, 256)
-LAUNCH_CONSTANTS = ("ROWS", "THREADS", "SPLITK", "MBLOCK")
+DEFAULT_UNROLLS = (1, 2, 4)
+"""Unroll counts of the loop over ``K`` tried at the fastest setting of the grid."""
+LAUNCH_CONSTANTS = ("ROWS", "THREADS", "SPLITK", "MBLOCK", "UNROLL")
 """The GEMV launch constants a recorded launch drops before candidates are passed (the
 untuned default carries ``MBLOCK`` too)."""
 
 
 def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
-    """``[{"ROWS": r, "THREADS": t, "SPLITK": s}, ...]``, every combination."""
-    return [{"ROWS": r, "THREADS": t, "SPLITK": s}
+    """``[{"ROWS": r, "THREADS": t, "SPLITK": s, "UNROLL": 1}, ...]``, every combination
+    (unrolling is the second pass: :func:`unroll_refinements`)."""
+    from mlx_foundry.stages.gemv import DEFAULT_UNROLL
+
+    return [{"ROWS": r, "THREADS": t, "SPLITK": s, "UNROLL": DEFAULT_UNROLL}
             for r, t, s in itertools.product(rows, threads, split)]
+
+
+def unroll_refinements(unroll=DEFAULT_UNROLLS):
+    """The tuner's second pass (``tuner.tune(refine=...)``): ``[{"UNROLL": u}, ...]``."""
+    for u in unroll:
+        if isinstance(u, bool) or not isinstance(u, int) or u < 1:
+            raise ValueError(f"[autotune] 'unroll' must hold positive ints but got {u!r}.")
+    return [{"UNROLL": u} for u in unroll]
 
 
 def batch_candidates(m, *, dual=False, rows=(2, 4, 8), threads=(128,), split=(0, 1)):
@@ -63,7 +77,7 @@ def lookup_linear(kern, n, k, m=1, backend="cuda", *, path=None):
 
 def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
                 candidates=None, dtype=mx.float16, repeats=5, force=False, path=None,
-                pool_bytes=None, rows_of_x=(1,)):
+                pool_bytes=None, rows_of_x=(1,), unroll=DEFAULT_UNROLLS):
     """Tune ``linear``'s GEMV kernel for each weight format and shape.
 
     Args:
@@ -78,6 +92,8 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
         repeats (int): timings per candidate. Default: ``5``.
         rows_of_x (tuple of int): rows of ``x`` to tune for (each its own shape class;
             several rows also tune ``MBLOCK``). Default: ``(1,)``.
+        unroll (tuple of int): ``UNROLL`` counts timed at the fastest candidate (a second
+            pass; ``()`` skips it). Default: :data:`DEFAULT_UNROLLS`.
         force (bool): re-tune stored entries. Default: ``False``.
 
     Returns:
@@ -87,6 +103,7 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
     from mlx_foundry.ops.weights import Weight
 
     backend, D, pool_bytes = _setup(backend, pool_bytes)
+    refine = unroll_refinements(unroll)
     if shapes is None:
         h, i = D["hidden"], D["inter"]
         shapes = [(h, i), (i, h), (h, h)]
@@ -104,7 +121,7 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
         cands = candidates or (linear_candidates() if m == 1 else batch_candidates(m))
         chosen.update(_tune_op(make, n, k, weight_bytes(n, k, b, group_size, dtype.size),
                                cands, backend, pool_bytes, m=m, repeats=repeats, force=force,
-                               path=path))
+                               path=path, refine=refine))
     return chosen
 
 
@@ -218,7 +235,8 @@ def decode_candidates(qkv=False):
 
 
 def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candidates=None,
-                repeats=5, force=False, path=None, pool_bytes=None, only=None):
+                repeats=5, force=False, path=None, pool_bytes=None, only=None,
+                unroll=DEFAULT_UNROLLS):
     """Tune the fused kernels of a decode step (o/down projection + residual, norm +
     gate/up + SwiGLU, norm + Q/K/V + RoPE) at the suite's Llama-3-8B shapes.
 
@@ -227,11 +245,13 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
 
     Args:
         only (list of str, optional): names of the ops to tune (default: all).
+        unroll (tuple of int): as :func:`tune_linear`.
 
     Returns:
         dict: ``{(kernel key, shape class): chosen params}``.
     """
     backend, D, pool_bytes = _setup(backend, pool_bytes)
+    refine = unroll_refinements(unroll)
     chosen = {}
     for name, (make, n, k, nbytes) in _decode_ops(D, bits, group_size, dtype).items():
         if not only or name in only:
@@ -240,5 +260,5 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
                                    candidates or decode_candidates(qkv=qkv),
                                    backend, pool_bytes, repeats=repeats, force=force,
                                    path=path, head_dim=D["head_dim"] if qkv else None,
-                                   dual=name == "norm_gate_up_swiglu"))
+                                   dual=name == "norm_gate_up_swiglu", refine=refine))
     return chosen

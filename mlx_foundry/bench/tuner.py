@@ -258,7 +258,7 @@ DEFAULT_MARGIN = 0.03
 
 def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, warmup=1,
          device=None, mlx_version=None, path=None, force=False, default=None,
-         margin=DEFAULT_MARGIN):
+         margin=DEFAULT_MARGIN, refine=None):
     """Time every candidate setting, keep the fastest, persist it, return it.
 
     Args:
@@ -280,6 +280,13 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
             MLX's per-launch encoding can take as long as the kernel), and a setting
             chosen by noise is stored for good.
         margin (float): see ``default``. Default: :data:`DEFAULT_MARGIN`.
+        refine (list of dict, optional): a second pass over settings that multiply the
+            search (e.g. ``[{"UNROLL": 2}, {"UNROLL": 4}]``): each is merged into the
+            fastest candidate of the first pass, and those settings, the fastest itself
+            and ``default`` are timed again in rounds of their own; the choice is made
+            among them (a refined setting must beat the one it refines by ``margin``,
+            as any setting must beat ``default``). The grid of the first pass does not grow by a factor per refined
+            constant, at the cost of missing a setting that wins only with a refinement.
 
     Returns:
         dict: the chosen setting (a copy of one of ``candidates``).
@@ -298,6 +305,8 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
             candidates = [default] + list(candidates)
     if not 0 <= margin < 1:
         raise ValueError(f"[tuner.tune] 'margin' must be in [0, 1) but got {margin!r}.")
+    if refine is not None and not all(isinstance(r, dict) for r in refine):
+        raise TypeError("[tuner.tune] 'refine' must be a list of dicts of launch parameters.")
     path = path or cache_path()
     key = make_key(kernel_key, source_hash=source_hash, shape_class=shape_class,
                    device=device, mlx_version_=mlx_version)
@@ -307,6 +316,43 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
         if e:
             return dict(e["params"])
     failures = []
+    results = _time_rounds(candidates, run, repeats, warmup, failures)
+    if not results:
+        raise TuningError(f"[tuner.tune] every candidate of {kernel_key!r} failed: "
+                          f"{failures[:3]}")
+    refined = []
+    if refine:
+        first = min(results, key=lambda r: r["median_s"])["params"]
+        second = [first] + [dict(first, **r) for r in refine]
+        if default is not None:
+            second.append(default)
+        second = [c for i, c in enumerate(second) if c not in second[:i]]
+        refined = _time_rounds(second, run, repeats, warmup, failures)
+    final = refined or results
+    best = min(final, key=lambda r: r["median_s"])
+    if refined:
+        # A refinement replaces the setting it refines only when clearly faster too.
+        unrefined = next((r for r in refined if r["params"] == first), None)
+        if unrefined is not None and best["median_s"] > (1 - margin) * unrefined["median_s"]:
+            best = unrefined
+    base = next((r for r in final if r["params"] == default), None)
+    if base is not None and best["median_s"] > (1 - margin) * base["median_s"]:
+        best = base  # not clearly faster than the default: keep the default
+    _write_entry(path, key, {
+        "params": best["params"], "median_s": best["median_s"],
+        "default": default, "margin": margin if default is not None else None,
+        "candidates": results, "refined": refined, "failures": failures,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kernel_key": kernel_key, "source_hash": source_hash, "shape_class": shape_class,
+        "unix_time": time.time(),
+    })
+    return dict(best["params"])
+
+
+def _time_rounds(candidates, run, repeats, warmup, failures):
+    """``[{"params", "median_s"}, ...]`` of the candidates that ran (the others go to
+    ``failures``), each timed ``repeats`` times in interleaved rounds after ``warmup``
+    untimed calls."""
     times = {}  # index into candidates -> timings
 
     def attempt(i, timed):
@@ -331,24 +377,8 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
     for _ in range(max(1, repeats)):
         for i in list(times):
             attempt(i, True)
-    results = [{"params": candidates[i], "median_s": statistics.median(t)}
-               for i, t in times.items()]
-    if not results:
-        raise TuningError(f"[tuner.tune] every candidate of {kernel_key!r} failed: "
-                          f"{failures[:3]}")
-    best = min(results, key=lambda r: r["median_s"])
-    base = next((r for r in results if r["params"] == default), None)
-    if base is not None and best["median_s"] > (1 - margin) * base["median_s"]:
-        best = base  # not clearly faster than the default: keep the default
-    _write_entry(path, key, {
-        "params": best["params"], "median_s": best["median_s"],
-        "default": default, "margin": margin if default is not None else None,
-        "candidates": results, "failures": failures,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "kernel_key": kernel_key, "source_hash": source_hash, "shape_class": shape_class,
-        "unix_time": time.time(),
-    })
-    return dict(best["params"])
+    return [{"params": candidates[i], "median_s": statistics.median(t)}
+            for i, t in times.items()]
 
 
 def timed_run(build, pool, **measure_kw):

@@ -18,6 +18,7 @@ from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
 from ..stages.gemv import (DEFAULT_MBLOCK, DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS,
+                           DEFAULT_UNROLL,
                            check_launch, gemv_decls, gemv_dispatch, gemv_dual_stage,
                            gemv_stage, qkv_rope_stage)
 from . import _rope
@@ -86,8 +87,8 @@ _TUNED = {}
 
 
 def _launch(kern, w, x, backend, *, n=None, head_dim=None, dual=False):
-    """The GEMV launch constants ``ROWS``, ``THREADS``, ``SPLITK`` (and ``MBLOCK`` but for
-    the Q/K/V kernel) for this call.
+    """The GEMV launch constants ``ROWS``, ``THREADS``, ``SPLITK``, ``UNROLL`` (and
+    ``MBLOCK`` but for the Q/K/V kernel) for this call.
 
     The tuner's stored choice for this device, MLX version, kernel source and shape
     class (``python -m mlx_foundry bench --tune`` writes them), else
@@ -137,7 +138,9 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False):
     ``n`` = 4096 with half the threadgroups), so they keep split K. At 3 rows of ``x``
     (``n >= 4096``) the best launch measured depends on ``k / n``: 4096 -> 4096 four
     rows without split (12.8 -> 11.6 us), 14336 -> 4096 eight rows with split (29.3 ->
-    28.4 us). ``MBLOCK``: see :func:`_mblock`.
+    28.4 us). ``MBLOCK``: see :func:`_mblock`. ``UNROLL``: 1 everywhere (unrolling the
+    loop over ``K`` by 2 or 4 was slower at the decode shapes on an H100; the tuner may
+    choose otherwise per device).
     """
     if k >= n and k >= SPLIT_MIN_K:
         wide = n >= NO_SPLIT_MIN_N and not dual and head_dim is None
@@ -153,9 +156,10 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False):
     if head_dim is not None:
         if head_dim % rows:
             rows = 2
-        return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split}
+        return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split,
+                "UNROLL": DEFAULT_UNROLL}
     return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split,
-            "MBLOCK": _mblock(m, rows, split, dual)}
+            "UNROLL": DEFAULT_UNROLL, "MBLOCK": _mblock(m, rows, split, dual)}
 
 
 def _mblock(m, rows, split, dual):
@@ -204,7 +208,8 @@ def valid_launch(params, *, dual=False):
     try:
         check_launch(params.get("ROWS", DEFAULT_ROWS), params.get("THREADS", DEFAULT_THREADS),
                      params.get("SPLITK", DEFAULT_SPLITK),
-                     params.get("MBLOCK", DEFAULT_MBLOCK), dual=dual)
+                     params.get("MBLOCK", DEFAULT_MBLOCK), dual=dual,
+                     unroll=params.get("UNROLL", DEFAULT_UNROLL))
     except ValueError:
         return False
     return True
@@ -222,7 +227,8 @@ def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
         found = None
     if found and (head_dim is None or head_dim % int(found["ROWS"]) == 0):
         rows, split = int(found["ROWS"]), int(found.get("SPLITK", DEFAULT_SPLITK))
-        tuned = {"ROWS": rows, "THREADS": int(found["THREADS"]), "SPLITK": split}
+        tuned = {"ROWS": rows, "THREADS": int(found["THREADS"]), "SPLITK": split,
+                 "UNROLL": int(found.get("UNROLL", DEFAULT_UNROLL))}
         if head_dim is None:
             # A tuned MBLOCK (a batch shape class) if this launch takes it, else the default.
             # The class rounds m up to a power of two: never more rows than x has.
@@ -272,7 +278,7 @@ def linear_kernel(signature, *, has_bias=False, activation=None, has_residual=Fa
 
     Call it with keyword arguments: ``x``, ``w`` [, ``w_scales``, ``w_biases``],
     [``bias``], [``residual``], [``norm_weight``, ``eps``]; the launch constants
-    ``ROWS``, ``THREADS``, ``SPLITK`` and ``MBLOCK`` may be overridden.
+    ``ROWS``, ``THREADS``, ``SPLITK``, ``MBLOCK`` and ``UNROLL`` may be overridden.
     """
     policy = policy_for(signature, "w")
     decls = gemv_decls(norm=norm)

@@ -23,9 +23,10 @@ every threadgroup read all of ``x`` before its first weight load, which stalled 
 grid: 1x4096->14336 4-bit took 36 us against 16 us without it, ncu on an H100).
 
 Launch parameters are compile-time constants with defaults a tuner may override
-by keyword: ``ROWS`` (rows per SIMD-group, default :data:`DEFAULT_ROWS`) and
+by keyword: ``ROWS`` (rows per SIMD-group, default :data:`DEFAULT_ROWS`),
 ``THREADS`` (threads per threadgroup, a multiple of 32, default
-:data:`DEFAULT_THREADS`).
+:data:`DEFAULT_THREADS`), ``SPLITK``, ``MBLOCK`` and ``UNROLL`` (the unroll count
+of the loop over ``K``, default :data:`DEFAULT_UNROLL`).
 
 Stages (``decls`` holds the shared argument declarations, see :func:`gemv_decls`):
 
@@ -58,6 +59,9 @@ DEFAULT_SPLITK = 0
 """1: the SIMD-groups of a threadgroup share its rows and split K (see gemv.metal)."""
 DEFAULT_MBLOCK = 1
 """Rows of ``x`` per SIMD-group: they share each weight load (``ROWS * MBLOCK <= 32``)."""
+DEFAULT_UNROLL = 1
+"""Unroll count of a lane's loop over its chunks of ``K`` (1: not unrolled)."""
+MAX_UNROLL = 16
 GEMV_GRID_Y = 32768
 """Row blocks per step of grid z (``gemv_row_block`` in gemv.metal): grid y stays under
 CUDA's 65535."""
@@ -89,8 +93,8 @@ NORMS = (None, "plain", "weight")
 
 def gemv_decls(norm=None):
     """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS``, ``SPLITK``,
-    ``M`` (rows of ``x``) and ``MBLOCK`` (the GEMV stages; the Q/K/V stage takes one row of
-    ``x`` per threadgroup), and for a norm GEMV ``eps`` (and ``norm_weight`` when the norm
+    ``UNROLL``, ``M`` (rows of ``x``) and ``MBLOCK`` (the GEMV stages; the Q/K/V stage takes
+    one row of ``x`` per threadgroup), and for a norm GEMV ``eps`` (and ``norm_weight`` when the norm
     has a weight).
 
     Args:
@@ -108,6 +112,7 @@ def gemv_decls(norm=None):
         "ROWS": Constant("ROWS", value=DEFAULT_ROWS),
         "THREADS": Constant("THREADS", value=DEFAULT_THREADS),
         "SPLITK": Constant("SPLITK", value=DEFAULT_SPLITK),
+        "UNROLL": Constant("UNROLL", value=DEFAULT_UNROLL),
         "M": Constant("M", value=lambda b: b.x.size // b.x.shape[-1]),
         "MBLOCK": Constant("MBLOCK", value=DEFAULT_MBLOCK),
     }
@@ -127,8 +132,12 @@ def _x_rows(b):
 
 
 def check_launch(rows, threads, split=DEFAULT_SPLITK, mblock=DEFAULT_MBLOCK, *,
-                 dual=False):
+                 dual=False, unroll=DEFAULT_UNROLL):
     """Raise ``ValueError`` naming the constant unless the GEMV stages take this launch."""
+    if not (isinstance(unroll, int) and not isinstance(unroll, bool)
+            and 1 <= unroll <= MAX_UNROLL):
+        raise ValueError(f"[gemv] 'UNROLL' must be an int in [1, {MAX_UNROLL}] but got "
+                         f"{unroll!r}.")
     if split not in (0, 1):
         raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
     if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
@@ -155,7 +164,8 @@ def gemv_dispatch(n_rows, *, dual=False):
     def dispatch(b):
         threads, rows, split = b.THREADS, b.ROWS, b.get("SPLITK", DEFAULT_SPLITK)
         mblock = b.get("MBLOCK", DEFAULT_MBLOCK)
-        check_launch(rows, threads, split, mblock, dual=dual)
+        check_launch(rows, threads, split, mblock, dual=dual,
+                     unroll=b.get("UNROLL", DEFAULT_UNROLL))
         rows_of_x = b.x.size // b.x.shape[-1]
         if b.get("M", rows_of_x) != rows_of_x:
             raise ValueError(f"[gemv] 'M' is the number of rows of x ({rows_of_x}) and cannot"
@@ -203,7 +213,7 @@ def gemv_stage(policy, decls, *, n="N"):
     N = Constant(n, value=lambda b: b[policy.prefix].shape[0])
     args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
-             decls["M"], decls["MBLOCK"]]
+             decls["M"], decls["MBLOCK"], decls["UNROLL"]]
 
     def reference(b, v):
         return _with_inv_rms(b, {"acc": _x_rows(b) @ policy.dequantize(b).T})
@@ -215,7 +225,8 @@ def gemv_stage(policy, decls, *, n="N"):
         f"gemv{_FUNCTIONS[norm]}", function=f"gemv{_FUNCTIONS[norm]}_main",
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args, policies={"wpol": policy},
         produces=produces,
-        template=(policy.metal_type(), "T", "K", n, "M", "ROWS", _simds, _split, "MBLOCK"),
+        template=(policy.metal_type(), "T", "K", n, "M", "ROWS", _simds, _split, "MBLOCK",
+                  "UNROLL"),
         attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
 
 
@@ -226,7 +237,7 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
     N = Constant(n, value=lambda b: b[gate.prefix].shape[0])
     args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
-             decls["M"], decls["MBLOCK"]]
+             decls["M"], decls["MBLOCK"], decls["UNROLL"]]
 
     def reference(b, v):
         xf = _x_rows(b)
@@ -242,7 +253,7 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args,
         policies={"gpol": gate, "upol": up}, produces=produces,
         template=(gate.metal_type(), up.metal_type(), "T", "K", n, "M", "ROWS", _simds, _split,
-                  "MBLOCK"),
+                  "MBLOCK", "UNROLL"),
         attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
 
 
@@ -293,7 +304,8 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False, joint_kv
         args += [Tensor(f"{p}_bias", FLOAT_DTYPES, ndim=1) for p in "qkv"]
     args += [Tensor("rope_inv_freq", mx.float32, ndim=1), Scalar("seq_len", u32),
              Scalar("rope_offset", i32), Scalar("rope_scale", f32)] + outs
-    args += [decls["T"], decls["K"], decls["ROWS"], decls["THREADS"], decls["SPLITK"]] + consts
+    args += [decls["T"], decls["K"], decls["ROWS"], decls["THREADS"], decls["SPLITK"],
+             decls["UNROLL"]] + consts
 
     def reference(b, v):
         xf = _x_rows(b)
@@ -323,6 +335,6 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False, joint_kv
         source=QKV_SOURCE, includes=GEMV_INCLUDES + (GEMV_SOURCE,), args=args,
         policies={"qpol": pq, "kpol": pk, "vpol": pv},
         template=(pq.metal_type(), pk.metal_type(), pv.metal_type(), "T", "K", "NQ", "NKV",
-                  "HEAD_DIM", "ROWS", _simds, _split, bool(traditional)),
+                  "HEAD_DIM", "ROWS", _simds, _split, bool(traditional), "UNROLL"),
         attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference,
         writes_output=True)

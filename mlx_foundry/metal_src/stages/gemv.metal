@@ -17,6 +17,11 @@
 // flight per row, for shapes with few rows (N = 4096) that would otherwise leave most SMs
 // idle.
 //
+// UNROLL: the unroll count of the loop over a lane's chunks of K (`#pragma unroll`), a
+// launch constant the tuner chooses per device (1: no unrolling, the default; deeper
+// unrolling puts more chunks' loads in flight at the cost of registers: on an H100, 2
+// and 4 were 0-15% slower than 1 at the decode shapes, so the default is 1).
+//
 // Two paths, chosen at compile time by gemv_dot_rows_mb:
 // - float (any policy and activation type): x converted to float, policy.dot_chunk;
 // - packed half (x is half or bfloat and every weight policy of the call has HALF_PAIRS >
@@ -68,7 +73,7 @@ METAL_FUNC void gemv_norm_chunk_f(thread float* xv, thread const float* gv,
 // lane gets all sums, out[j * ROWS + r] (and out2 when DUAL); ss[j] is this lane's part of
 // sum(x_j^2) when NORM is not GEMV_NORM_NONE (the caller reduces it).
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, uint last,
                                 const device T* gr, thread const uint* rows, uint lane,
                                 uint part, thread float* out, thread float* out2,
@@ -91,6 +96,7 @@ METAL_FUNC void gemv_dot_rows_f(P pol, P2 pol2, const device T* xr, uint last,
   for (int j = 0; j < MB; ++j) {
     ss[j] = 0.0f;
   }
+#pragma unroll (UNROLL)
   for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
     float gv[C];
     if (GAMMA) {
@@ -243,7 +249,7 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
 // 16 x 65504; the sums are scaled back by 16 (exact) in float. bfloat x is converted
 // per chunk (gemv_bf16_chunk_as_half) and each chunk's sums scaled back.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
                                 const device T* gr, thread const uint* rows, uint lane,
                                 uint part, thread float* out, thread float* out2,
@@ -284,6 +290,7 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
       }
     }
   }
+#pragma unroll (UNROLL)
   for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
     typename P::HalfChunk nx[ROWS];
     typename P2::HalfChunk nx2[ROWS];
@@ -392,23 +399,23 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
 }
 
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
                                  uint last, const device T* gr, thread const uint* rows,
                                  uint lane, uint part, thread float* out, thread float* out2,
                                  thread float* ss) {
-  gemv_dot_rows_f<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(pol, pol2, xr, last, gr, rows,
-                                                            lane, part, out, out2, ss);
+  gemv_dot_rows_f<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
+      pol, pol2, xr, last, gr, rows, lane, part, out, out2, ss);
 }
 
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T* xr,
                                  uint last, const device T* gr, thread const uint* rows,
                                  uint lane, uint part, thread float* out, thread float* out2,
                                  thread float* ss) {
-  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(pol, pol2, xr, last, gr, rows,
-                                                            lane, part, out, out2, ss);
+  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
+      pol, pol2, xr, last, gr, rows, lane, part, out, out2, ss);
 }
 
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with MB rows of x (xr, and
@@ -418,27 +425,26 @@ METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T
 // the SPLIT partial sums. With a norm, ss[j] returns this lane's part of sum(x_j^2) over
 // the same chunks.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dot_rows_mb(P pol, P2 pol2, const device T* xr, uint last,
                                  const device T* gr, thread const uint* rows, uint lane,
                                  uint part, thread float* out, thread float* out2,
                                  thread float* ss) {
   constexpr bool H = (gemv_is_half<T>::value != 0 || gemv_is_bf16<T>::value != 0) &&
                      gemv_half_pairs<P>::value > 0 && (!DUAL || gemv_half_pairs<P2>::value > 0);
-  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(gemv_path<H>(), pol, pol2, xr,
-                                                             last, gr, rows, lane, part, out,
-                                                             out2, ss);
+  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
+      gemv_path<H>(), pol, pol2, xr, last, gr, rows, lane, part, out, out2, ss);
 }
 
 // One row of x (the Q/K/V stage): out[r], out2[r], and ss a scalar.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT>
+          int SPLIT, int UNROLL>
 METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
                               thread const uint* rows, uint lane, uint part,
                               thread float* out, thread float* out2, thread float& ss) {
   float ssv[1];
-  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, 1>(pol, pol2, xr, 0u, gr, rows,
-                                                            lane, part, out, out2, ssv);
+  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, 1, UNROLL>(
+      pol, pol2, xr, 0u, gr, rows, lane, part, out, out2, ssv);
   ss = ssv[0];
 }
 
@@ -524,7 +530,7 @@ METAL_FUNC float gemv_pick(thread const float* sums, uint i) {
 // MB rows of x per SIMD-group (M rows in all): their weight loads are shared, and lane
 // j * ROWS + r holds row r of x row j (ROWS * MB <= 32).
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int NORM, bool DUAL, int SPLIT, int MB>
+          int NORM, bool DUAL, int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T* gamma,
                                float eps, thread float& acc, thread float& acc2,
                                thread uint& row, thread uint& index, thread bool& valid,
@@ -557,7 +563,7 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
   float ss[MB];
   // Rows of x past the last (M not a multiple of MB) repeat it; their lanes are invalid.
   const uint last = metal::min(uint(M - 1) - m0, uint(MB - 1));
-  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB>(
+  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
       pol, pol2, x + m0 * uint(K), last, gamma, rows, lane, part, sums, sums2, ss);
   if (NORM != GEMV_NORM_NONE) {
 #pragma unroll
@@ -580,38 +586,41 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
 
 // ---- stage functions ------------------------------------------------------------------
 // acc = dot(W[row], x[m]).
-template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB>
+template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB,
+          int UNROLL>
 METAL_FUNC void gemv_main(P wpol, const device T* x, thread float& acc, thread uint& row,
                           thread uint& index, thread bool& valid, uint3 tg_pos, uint sg,
                           uint lane, threadgroup float* gemv_partials) {
   float unused, unused_rms;
-  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, false, SPLIT, MB>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, false, SPLIT, MB, UNROLL>(
       wpol, wpol, x, x, 0.0f, acc, unused, row, index, valid, unused_rms, tg_pos, sg, lane,
       gemv_partials);
 }
 
 // acc = dot(W[row], x[m] * norm_weight) and inv_rms of x[m] (the RMSNorm scale epilogue
 // applies it).
-template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB>
+template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB,
+          int UNROLL>
 METAL_FUNC void gemv_norm_main(P wpol, const device T* x, const device T* norm_weight,
                                float eps, thread float& acc, thread uint& row,
                                thread uint& index, thread bool& valid, thread float& inv_rms,
                                uint3 tg_pos, uint sg, uint lane,
                                threadgroup float* gemv_partials) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, false, SPLIT, MB>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, false, SPLIT, MB, UNROLL>(
       wpol, wpol, x, norm_weight, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg,
       lane, gemv_partials);
 }
 
 // acc = dot(W[row], x[m]) and inv_rms of x[m] (RMSNorm without weight).
-template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB>
+template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB,
+          int UNROLL>
 METAL_FUNC void gemv_rms_main(P wpol, const device T* x, float eps, thread float& acc,
                               thread uint& row, thread uint& index, thread bool& valid,
                               thread float& inv_rms, uint3 tg_pos, uint sg, uint lane,
                               threadgroup float* gemv_partials) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, false, SPLIT, MB>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, false, SPLIT, MB, UNROLL>(
       wpol, wpol, x, x, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg, lane,
       gemv_partials);
 }
@@ -619,37 +628,37 @@ METAL_FUNC void gemv_rms_main(P wpol, const device T* x, float eps, thread float
 // Gate and up projections sharing the x loads: acc = gate row, acc2 = up row
 // (produced values in declaration order: acc, row, index, valid, [inv_rms,] acc2).
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dual_main(P gpol, P2 upol, const device T* x, thread float& acc,
                                thread uint& row, thread uint& index, thread bool& valid,
                                thread float& acc2, uint3 tg_pos, uint sg, uint lane,
                                threadgroup float* gemv_partials) {
   float unused_rms;
-  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, true, SPLIT, MB>(
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, true, SPLIT, MB, UNROLL>(
       gpol, upol, x, x, 0.0f, acc, acc2, row, index, valid, unused_rms, tg_pos, sg, lane,
       gemv_partials);
 }
 
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dual_norm_main(P gpol, P2 upol, const device T* x,
                                     const device T* norm_weight, float eps, thread float& acc,
                                     thread uint& row, thread uint& index, thread bool& valid,
                                     thread float& inv_rms, thread float& acc2, uint3 tg_pos,
                                     uint sg, uint lane, threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, true, SPLIT, MB>(
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, true, SPLIT, MB, UNROLL>(
       gpol, upol, x, norm_weight, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg,
       lane, gemv_partials);
 }
 
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int SPLIT, int MB>
+          int SPLIT, int MB, int UNROLL>
 METAL_FUNC void gemv_dual_rms_main(P gpol, P2 upol, const device T* x, float eps,
                                    thread float& acc, thread uint& row, thread uint& index,
                                    thread bool& valid, thread float& inv_rms,
                                    thread float& acc2, uint3 tg_pos, uint sg, uint lane,
                                    threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, true, SPLIT, MB>(
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, true, SPLIT, MB, UNROLL>(
       gpol, upol, x, x, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg, lane,
       gemv_partials);
 }

@@ -34,36 +34,37 @@ struct qkv_same<A, A, A> : qkv_same_tag<true> {};
 // three inlined copies of it behind a branch kept the compiler from holding the
 // weight chunks in registers (ncu, H200: 27 cycles per issued instruction, 7% DRAM).
 template <typename PQ, typename PK, typename PV, typename T, int K, int ROWS, int NORM,
-          int SPLIT>
+          int SPLIT, int UNROLL>
 METAL_FUNC void qkv_dot(qkv_same_tag<true>, PQ qpol, PK kpol, PV vpol, int seg,
                         const device T* xr, const device T* gamma, thread const uint* rows,
                         uint lane, uint part, thread float* sums, thread float& ss) {
   PQ pol = seg == 0 ? qpol : (seg == 1 ? kpol : vpol);
   float unused[ROWS];
-  gemv_dot_rows<PQ, PQ, T, K, ROWS, NORM, false, SPLIT>(pol, pol, xr, gamma, rows, lane,
-                                                        part, sums, unused, ss);
+  gemv_dot_rows<PQ, PQ, T, K, ROWS, NORM, false, SPLIT, UNROLL>(
+      pol, pol, xr, gamma, rows, lane, part, sums, unused, ss);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int ROWS, int NORM,
-          int SPLIT>
+          int SPLIT, int UNROLL>
 METAL_FUNC void qkv_dot(qkv_same_tag<false>, PQ qpol, PK kpol, PV vpol, int seg,
                         const device T* xr, const device T* gamma, thread const uint* rows,
                         uint lane, uint part, thread float* sums, thread float& ss) {
   float unused[ROWS];
   if (seg == 0) {
-    gemv_dot_rows<PQ, PQ, T, K, ROWS, NORM, false, SPLIT>(qpol, qpol, xr, gamma, rows, lane,
-                                                          part, sums, unused, ss);
+    gemv_dot_rows<PQ, PQ, T, K, ROWS, NORM, false, SPLIT, UNROLL>(
+        qpol, qpol, xr, gamma, rows, lane, part, sums, unused, ss);
   } else if (seg == 1) {
-    gemv_dot_rows<PK, PK, T, K, ROWS, NORM, false, SPLIT>(kpol, kpol, xr, gamma, rows, lane,
-                                                          part, sums, unused, ss);
+    gemv_dot_rows<PK, PK, T, K, ROWS, NORM, false, SPLIT, UNROLL>(
+        kpol, kpol, xr, gamma, rows, lane, part, sums, unused, ss);
   } else {
-    gemv_dot_rows<PV, PV, T, K, ROWS, NORM, false, SPLIT>(vpol, vpol, xr, gamma, rows, lane,
-                                                          part, sums, unused, ss);
+    gemv_dot_rows<PV, PV, T, K, ROWS, NORM, false, SPLIT, UNROLL>(
+        vpol, vpol, xr, gamma, rows, lane, part, sums, unused, ss);
   }
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD, bool GAMMA, bool BIAS, bool JOINT>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, bool GAMMA, bool BIAS, bool JOINT,
+          int UNROLL>
 METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
                               const device T* gamma, const device T* q_bias,
                               const device T* k_bias, const device T* v_bias,
@@ -94,8 +95,8 @@ METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
   float sums[ROWS];
   float ss;
   const device T* xr = x + m * uint(K);
-  qkv_dot<PQ, PK, PV, T, K, ROWS, NORM, SPLIT>(qkv_same<PQ, PK, PV>(), qpol, kpol, vpol, seg,
-                                               xr, gamma, rows, lane, part, sums, ss);
+  qkv_dot<PQ, PK, PV, T, K, ROWS, NORM, SPLIT, UNROLL>(
+      qkv_same<PQ, PK, PV>(), qpol, kpol, vpol, seg, xr, gamma, rows, lane, part, sums, ss);
   ss = simd_sum(ss);
   if (SPLIT > 1) {
     gemv_split_sum<ROWS, SPLIT, false, true>(sums, sums, ss, sg, lane, partials);
@@ -137,101 +138,109 @@ METAL_FUNC void qkv_rope_impl(PQ qpol, PK kpol, PV vpol, const device T* x,
 // output kv_out (per row of x: its keys, then its values), so that one token's K/V are
 // [B, 2 * H_kv, 1, D] for a cache that holds keys and values in one buffer.
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false, false>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false, false,
+                UNROLL>(
       qpol, kpol, vpol, x, norm_weight, x, x, x, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_nw_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, float eps,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false, false>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false, false,
+                UNROLL>(
       qpol, kpol, vpol, x, x, x, x, x, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_bias_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
     const device T* q_bias, const device T* k_bias, const device T* v_bias,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true, false>(
-      qpol, kpol, vpol, x, norm_weight, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
-      rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true, false,
+                UNROLL>(
+      qpol, kpol, vpol, x, norm_weight, q_bias, k_bias, v_bias, rope_inv_freq, seq_len,
+      rope_offset, rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_nw_bias_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, float eps, const device T* q_bias,
     const device T* k_bias, const device T* v_bias,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* k_out, device T* v_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true, false>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true, false,
+                UNROLL>(
       qpol, kpol, vpol, x, x, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, k_out, v_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_kv_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false, true>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, false, true,
+                UNROLL>(
       qpol, kpol, vpol, x, norm_weight, x, x, x, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_nw_kv_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, float eps,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false, true>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, false, true,
+                UNROLL>(
       qpol, kpol, vpol, x, x, x, x, x, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_bias_kv_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, const device T* norm_weight, float eps,
     const device T* q_bias, const device T* k_bias, const device T* v_bias,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true, true>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, true, true, true,
+                UNROLL>(
       qpol, kpol, vpol, x, norm_weight, q_bias, k_bias, v_bias, rope_inv_freq, seq_len,
       rope_offset, rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
 }
 
 template <typename PQ, typename PK, typename PV, typename T, int K, int NQ, int NKV, int D,
-          int ROWS, int SIMDS, int SPLIT, bool TRAD>
+          int ROWS, int SIMDS, int SPLIT, bool TRAD, int UNROLL>
 METAL_FUNC void qkv_rope_norm_nw_bias_kv_main(
     PQ qpol, PK kpol, PV vpol, const device T* x, float eps, const device T* q_bias,
     const device T* k_bias, const device T* v_bias,
     const device float* rope_inv_freq, uint seq_len, int rope_offset, float rope_scale,
     device T* q_out, device T* kv_out, uint3 tg_pos, uint sg, uint lane,
     threadgroup float* gemv_partials) {
-  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true, true>(
+  qkv_rope_impl<PQ, PK, PV, T, K, NQ, NKV, D, ROWS, SIMDS, SPLIT, TRAD, false, true, true,
+                UNROLL>(
       qpol, kpol, vpol, x, x, q_bias, k_bias, v_bias, rope_inv_freq, seq_len, rope_offset,
       rope_scale, q_out, kv_out, kv_out, eps, tg_pos, sg, lane, gemv_partials);
 }
