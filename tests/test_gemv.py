@@ -324,6 +324,12 @@ def test_default_launch_splits_k_only_for_tall_weights():
     assert default_launch(6144, 4096, head_dim=128) == {"ROWS": 4, "THREADS": 128,
                                                         "SPLITK": 0, "UNROLL": 1}
     assert default_launch(6144, 4096, head_dim=6)["ROWS"] == 2
+    # Dense weights, one row of x, K < N: eight rows, 256 threads splitting K; otherwise
+    # the same launch as quantized weights.
+    assert default_launch(14336, 4096, dense=True) == {"ROWS": 8, "THREADS": 256,
+                                                       "SPLITK": 1, "UNROLL": 1, "MBLOCK": 1}
+    for n, k, m in ((4096, 14336, 1), (4096, 4096, 1), (14336, 4096, 2)):
+        assert default_launch(n, k, m=m, dense=True) == default_launch(n, k, m=m)
     assert default_launch(100, 14336, head_dim=100)["ROWS"] == 2
 
 

@@ -368,6 +368,24 @@ def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
     assert launched_constants() == {"ROWS": 2, "THREADS": 64}
 
 
+def test_dense_weights_get_their_own_default_launch(monkeypatch, tmp_path):
+    """One row of x through dense weights with K < N launches eight rows and 256 threads
+    splitting K; the same shape quantized keeps the quantized default."""
+    from mlx_foundry.bench import tuner
+    from mlx_foundry.kernel import record_launches
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    x = mx.ones((1, 256), mx.float16)
+    dense = Weight(mx.ones((640, 256), mx.float16))
+    for w, want in ((dense, lin.default_launch(640, 256, dense=True)),
+                    (_qw(640, 256), lin.default_launch(640, 256))):
+        with record_launches() as rec:
+            linear(x, w, backend="cuda")
+        assert {k: rec[0][2][k] for k in want} == want
+    assert lin.default_launch(640, 256, dense=True)["THREADS"] == 256
+
+
 def test_qkv_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
     """norm_qkv_rope looks its ROWS/THREADS up under all three projections' rows."""
     from mlx_foundry.bench import autotune, tuner

@@ -121,7 +121,7 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
         cands = candidates or (linear_candidates() if m == 1 else batch_candidates(m))
         chosen.update(_tune_op(make, n, k, weight_bytes(n, k, b, group_size, dtype.size),
                                cands, backend, pool_bytes, m=m, repeats=repeats, force=force,
-                               path=path, refine=refine))
+                               path=path, refine=refine, dense=b is None))
     return chosen
 
 
@@ -138,7 +138,7 @@ def _setup(backend, pool_bytes):
 
 
 def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim=None, m=1,
-             dual=False, **tune_kw):
+             dual=False, dense=False, **tune_kw):
     """Tune the one kernel an op launches: ``make(idx) -> (op, args, kwargs)`` builds
     distinct input sets; the launch is recorded per set and replayed with each candidate
     setting, timed with the bench's method over a pool larger than the cache. The op's
@@ -160,7 +160,8 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     calls = None if backend == "reference" else CALLS_PER_TIMING
     params = tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1, calls=calls),
                         source_hash=tuner.source_hash(kern), shape_class=cls,
-                        default=lin.default_launch(n, k, head_dim=head_dim, m=m, dual=dual),
+                        default=lin.default_launch(n, k, head_dim=head_dim, m=m, dual=dual,
+                                                   dense=dense),
                         **tune_kw)
     # The ops resolve their launch once per shape: this process must see the new choice.
     lin.forget_launches()

@@ -98,7 +98,8 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None, dual=False):
     dictionary lookup.
     """
     n = w.out_features if n is None else n
-    key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim, dual)
+    key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim, dual,
+           not w.quantized)
     params = _TUNED.get(key)
     if params is None:
         params = _TUNED[key] = _resolve_launch(kern, backend, *key[2:])
@@ -119,10 +120,11 @@ per SIMD-group when ``N >=`` this: enough threadgroups without it (measured at 4
 :func:`default_launch`)."""
 
 
-def default_launch(n, k, *, head_dim=None, m=1, dual=False):
+def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements and ``m``
     rows of ``x`` (``dual``: the gate/up kernel; ``head_dim``: the Q/K/V kernel, which
-    takes one row of ``x`` per threadgroup and no ``MBLOCK``).
+    takes one row of ``x`` per threadgroup and no ``MBLOCK``; ``dense``: unquantized
+    weights).
 
     From kernel durations measured with ncu on an H100 (4-bit, decode, one row of x,
     L2 flushed; ``docs/ncu_h100_gemv.md``): for ``n`` = 4096, ``k`` = 14336, four rows
@@ -138,10 +140,18 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False):
     ``n`` = 4096 with half the threadgroups), so they keep split K. At 3 rows of ``x``
     (``n >= 4096``) the best launch measured depends on ``k / n``: 4096 -> 4096 four
     rows without split (12.8 -> 11.6 us), 14336 -> 4096 eight rows with split (29.3 ->
-    28.4 us). ``MBLOCK``: see :func:`_mblock`. ``UNROLL``: 1 everywhere (unrolling the
+    28.4 us). ``MBLOCK``: see :func:`_mblock`.
+
+    Dense weights, one row of ``x``, ``k < n`` (fp16 4096 -> 14336, 117 MB): eight rows
+    and 256 threads splitting K. With the 4-bit launch (four rows, 128 threads, no split)
+    the GEMV ran at 0.97-1.00x ``x @ w.T`` in ten timings on H100s (32-set pools); the
+    tuner chose this launch, 1.00-1.02x (``docs/tune_dense_h100.json``). ``UNROLL``: 1 everywhere (unrolling the
     loop over ``K`` by 2 or 4 was slower at the decode shapes on an H100; the tuner may
     choose otherwise per device).
     """
+    if dense and m == 1 and head_dim is None and not dual and k < n:
+        return {"ROWS": 8, "THREADS": 256, "SPLITK": 1, "UNROLL": DEFAULT_UNROLL,
+                "MBLOCK": 1}
     if k >= n and k >= SPLIT_MIN_K:
         wide = n >= NO_SPLIT_MIN_N and not dual and head_dim is None
         if wide and 4 <= m <= 6:
@@ -215,8 +225,8 @@ def valid_launch(params, *, dual=False):
     return True
 
 
-def _resolve_launch(kern, backend, n, k, m, head_dim, dual):
-    params = default_launch(n, k, head_dim=head_dim, m=m, dual=dual)
+def _resolve_launch(kern, backend, n, k, m, head_dim, dual, dense=False):
+    params = default_launch(n, k, head_dim=head_dim, m=m, dual=dual, dense=dense)
     if backend == "reference":
         return params
     try:
