@@ -285,8 +285,9 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
             fastest candidate of the first pass, and those settings, the fastest itself
             and ``default`` are timed again in rounds of their own; the choice is made
             among them (a refined setting must beat the one it refines by ``margin``,
-            as any setting must beat ``default``). The grid of the first pass does not grow by a factor per refined
-            constant, at the cost of missing a setting that wins only with a refinement.
+            as any setting must beat ``default``). The grid of the first pass does not
+            grow by a factor per refined constant, at the cost of missing a setting that
+            wins only with a refinement.
 
     Returns:
         dict: the chosen setting (a copy of one of ``candidates``).

@@ -145,9 +145,11 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     Dense weights, one row of ``x``, ``k < n`` (fp16 4096 -> 14336, 117 MB): eight rows
     and 256 threads splitting K. With the 4-bit launch (four rows, 128 threads, no split)
     the GEMV ran at 0.97-1.00x ``x @ w.T`` in ten timings on H100s (32-set pools); the
-    tuner chose this launch, 1.00-1.02x (``docs/tune_dense_h100.json``). ``UNROLL``: 1 everywhere (unrolling the
-    loop over ``K`` by 2 or 4 was slower at the decode shapes on an H100; the tuner may
-    choose otherwise per device).
+    tuner chose this launch, 1.00-1.02x (``docs/tune_dense_h100.json``).
+
+    ``UNROLL``: 1 everywhere. Unrolling the loop over ``K`` by 2 / 4 took -3% to +7% /
+    0 to +14% of the time at the six 4-bit decode launches, tuned on an H100
+    (``docs/tune_unroll_h100.json``); the tuner may choose otherwise per device.
     """
     if dense and m == 1 and head_dim is None and not dual and k < n:
         return {"ROWS": 8, "THREADS": 256, "SPLITK": 1, "UNROLL": DEFAULT_UNROLL,

@@ -93,9 +93,9 @@ NORMS = (None, "plain", "weight")
 
 def gemv_decls(norm=None):
     """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS``, ``SPLITK``,
-    ``UNROLL``, ``M`` (rows of ``x``) and ``MBLOCK`` (the GEMV stages; the Q/K/V stage takes
-    one row of ``x`` per threadgroup), and for a norm GEMV ``eps`` (and ``norm_weight`` when the norm
-    has a weight).
+    ``UNROLL``, ``M`` (rows of ``x``) and ``MBLOCK`` (the GEMV stages; the Q/K/V stage
+    takes one row of ``x`` per threadgroup), and for a norm GEMV ``eps`` (and
+    ``norm_weight`` when the norm has a weight).
 
     Args:
         norm (str, optional): one of :data:`NORMS`.

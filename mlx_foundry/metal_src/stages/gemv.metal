@@ -18,9 +18,10 @@
 // idle.
 //
 // UNROLL: the unroll count of the loop over a lane's chunks of K (`#pragma unroll`), a
-// launch constant the tuner chooses per device (1: no unrolling, the default; deeper
-// unrolling puts more chunks' loads in flight at the cost of registers: on an H100, 2
-// and 4 were 0-15% slower than 1 at the decode shapes, so the default is 1).
+// launch constant the tuner chooses per device (1, the default: not unrolled). Deeper
+// unrolling puts more chunks' loads in flight at the cost of registers; at the 4-bit
+// decode launches on an H100, 2 took -3% to +7% and 4 took 0 to +14% of the time of 1
+// (docs/tune_unroll_h100.json).
 //
 // Two paths, chosen at compile time by gemv_dot_rows_mb:
 // - float (any policy and activation type): x converted to float, policy.dot_chunk;
