@@ -191,6 +191,10 @@ def _entries():
         lambda: ops.norm_gate_up_swiglu(_z((3, K), BF16), _z((K,), BF16), 1e-5,
                                         _weight(1024, K, (4, 64), BF16),
                                         _weight(1024, K, (8, 64), BF16), backend="metal"))
+    add("linear_dense_f16_wide", "GEMV 1x2048 -> 5120 dense fp16 (the dense launch for "
+        "K < N: eight rows, 256 threads, split K)",
+        lambda: ops.linear(_z((1, 2048), F16), _weight(5120, 2048, "dense", F16),
+                           backend="metal"))
     add("linear_dense_bf16_rows3_splitk", "GEMV 3x4096 -> 1024 dense bf16, split K",
         lambda: ops.linear(_z((3, K), BF16), _weight(1024, K, "dense", BF16), backend="metal"))
     add("norm_linear_q4g64_rows5_mblock4", "RMSNorm + GEMV 5x4096 -> 1024 q4g64, MBLOCK 4, "

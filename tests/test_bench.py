@@ -389,10 +389,84 @@ def test_tuner_refines_the_fastest_candidate(tmp_path, unrolled, chosen):
     assert len(e["candidates"]) == 3 and e["params"] == got
 
 
+def _timed(times, seen=None, fail=()):
+    """A fake ``run``: the time of a setting from ``times``; settings in ``fail`` raise
+    once they have been timed once (in the second pass)."""
+    counts = {}
+
+    def run(p):
+        if seen is not None:
+            seen.append(p)
+        counts[str(p)] = counts.get(str(p), 0) + 1
+        if str(p) in map(str, fail) and counts[str(p)] > 1:
+            raise RuntimeError("launch failed")
+        return times[str(p)]
+    return run
+
+
+def test_tuner_refines_the_default_when_the_first_pass_keeps_it(tmp_path):
+    """The first pass's choice is refined, not its raw fastest: another setting 1% faster
+    than the default does not replace it, so the default's unrolling is what is tried."""
+    default, near = {"ROWS": 4, "UNROLL": 1}, {"ROWS": 8, "UNROLL": 1}
+    times = {str(default): 10.0, str(near): 9.9, str({"ROWS": 4, "UNROLL": 2}): 8.0,
+             str({"ROWS": 4, "UNROLL": 4}): 11.0}
+    seen = []
+    got = tuner.tune("k", [near], _timed(times, seen), source_hash="h", shape_class="c",
+                     repeats=1, warmup=0, path=str(tmp_path / "t.json"), default=default,
+                     refine=[{"UNROLL": 2}, {"UNROLL": 4}])
+    assert got == {"ROWS": 4, "UNROLL": 2}
+    assert {"ROWS": 8, "UNROLL": 2} not in seen
+    (e,) = json.load(open(tmp_path / "t.json"))["entries"].values()
+    assert e["failures"] == []
+
+
+def test_tuner_keeps_a_refinement_clearly_faster_than_its_setting(tmp_path):
+    default, fast = {"ROWS": 4, "UNROLL": 1}, {"ROWS": 8, "UNROLL": 1}
+    times = {str(default): 10.0, str(fast): 9.0, str({"ROWS": 8, "UNROLL": 2}): 8.0}
+    # fast is 10% under the default, its refinement 11% under fast: both clearly faster.
+    got = tuner.tune("k", [fast], _timed(times), source_hash="h", shape_class="c",
+                     repeats=1, warmup=0, path=str(tmp_path / "t.json"), default=default,
+                     refine=[{"UNROLL": 2}])
+    assert got == {"ROWS": 8, "UNROLL": 2}
+    (e,) = json.load(open(tmp_path / "t.json"))["entries"].values()
+    assert e["failures"] == [] and len(e["refined"]) == 3
+
+
+@pytest.mark.parametrize("failing", ["refined setting", "default"])
+def test_tuner_second_pass_failure_leaves_the_first_pass_choice(tmp_path, failing):
+    """Without the refined setting's or the default's second-pass time there is no margin
+    to compare a refinement with: the first pass decides."""
+    default, fast = {"ROWS": 4, "UNROLL": 1}, {"ROWS": 8, "UNROLL": 1}
+    times = {str(default): 10.0, str(fast): 8.0, str({"ROWS": 8, "UNROLL": 2}): 7.96}
+    fail = [fast if failing == "refined setting" else default]
+    got = tuner.tune("k", [fast], _timed(times, fail=fail), source_hash="h",
+                     shape_class="c", repeats=1, warmup=0, path=str(tmp_path / "t.json"),
+                     default=default, refine=[{"UNROLL": 2}])
+    assert got == fast
+    (e,) = json.load(open(tmp_path / "t.json"))["entries"].values()
+    assert [f["params"] for f in e["failures"]] == fail
+
+
+def test_tuner_lookup_leaves_a_kept_default_to_the_caller(tmp_path):
+    """An entry whose choice is the default it was tuned against looks up as None, so a
+    default changed later (same kernel source) applies; a real win is returned."""
+    path = str(tmp_path / "t.json")
+    kw = dict(source_hash="h", path=path)
+    default, other = {"ROWS": 4}, {"ROWS": 8}
+    times = {str(default): 10.0, str(other): 9.9}
+    assert tuner.tune("k", [other], _timed(times), shape_class="a", default=default,
+                      repeats=1, warmup=0, **kw) == default
+    assert tuner.lookup("k", shape_class="a", **kw) is None
+    times[str(other)] = 5.0
+    assert tuner.tune("k", [other], _timed(times), shape_class="b", default=default,
+                      repeats=1, warmup=0, **kw) == other
+    assert tuner.lookup("k", shape_class="b", **kw) == other
+
+
 def test_tuner_refinement_must_be_dicts(tmp_path):
     kw = dict(source_hash="h", shape_class="c", path=str(tmp_path / "t.json"))
-    for bad in ("UNROLL", [2], {"UNROLL": 2}):
-        with pytest.raises(TypeError, match="'refine'"):
+    for bad in ("UNROLL", [2], {"UNROLL": 2}, ({"UNROLL": u} for u in (2, 4))):
+        with pytest.raises(TypeError, match="'refine' must be a list of dicts .* but got"):
             tuner.tune("k", [{"ROWS": 1}], lambda p: 1.0, refine=bad, **kw)
 
 
@@ -516,8 +590,18 @@ def test_timed_run_feeds_the_tuner(tmp_path):
 
 
 def _grid(params):
-    """Launch constants but the unroll count (the tuner's second pass)."""
-    return {k: v for k, v in params.items() if k != "UNROLL"}
+    """Launch constants but the unroll count (the tuner's second pass) and MBLOCK (1 at
+    one row of x, written out by the tuner where the default has it)."""
+    return {k: v for k, v in params.items() if k not in ("UNROLL", "MBLOCK")}
+
+
+def _looked_up(entry_path, params):
+    """What the op's lookup returns for a stored choice: None when it is the default."""
+    import json
+
+    with open(entry_path) as f:
+        (entry,) = json.load(f)["entries"].values()
+    return None if params == entry["default"] else params
 
 
 def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
@@ -536,7 +620,8 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     assert _grid(params) in cands + [_grid(default_launch(96, 256))]
     assert params.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS
     kern = linear_kernel(("affine", 4, 64))
-    assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == params
+    assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == _looked_up(
+        path, params)
     # Every candidate ran, the untuned default (which carries MBLOCK) included.
     import json
 
@@ -544,6 +629,9 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
         (entry,) = json.load(f)["entries"].values()
     assert entry["failures"] == []
     assert default_launch(96, 256) in [c["params"] for c in entry["candidates"]]
+    # Candidates were written out with the constants they left to the stage defaults.
+    assert all(c["params"]["MBLOCK"] == 1 and c["params"]["UNROLL"] == 1
+               for c in entry["candidates"])
     # The second pass timed the unroll counts at the fastest candidate, and the default.
     refined = [c["params"] for c in entry["refined"]]
     assert {p.get("UNROLL", 1) for p in refined} == set(autotune.DEFAULT_UNROLLS)
@@ -775,10 +863,12 @@ def test_autotune_linear_tunes_rows_of_x(tmp_path):
                                repeats=1, path=path, pool_bytes=0, rows_of_x=(4,))
     (key, cls), params = next(iter(got.items()))
     assert cls == "m4_n128_k256"
-    assert _grid(params) in cands + [_grid(default_launch(96, 256, m=4))]
+    assert _grid(params) in [_grid(c) for c in cands + [default_launch(96, 256, m=4)]]
+    assert params["MBLOCK"] in (2, default_launch(96, 256, m=4)["MBLOCK"])
     assert params.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS
     kern = linear_kernel(("affine", 4, 64))
-    assert autotune.lookup_linear(kern, 96, 256, 4, "reference", path=path) == params
+    assert autotune.lookup_linear(kern, 96, 256, 4, "reference", path=path) == _looked_up(
+        path, params)
     with open(path) as f:
         (entry,) = json.load(f)["entries"].values()
     assert entry["failures"] == []

@@ -253,8 +253,8 @@ def split_k(monkeypatch, tmp_path):
 
 @pytest.fixture(params=[2, 3], ids=["unroll2", "unroll3"])
 def unrolled(request, monkeypatch, tmp_path):
-    """Every fused GEMV of the ops with its loop over K unrolled (``UNROLL``; 3 divides
-    none of the lanes' trip counts here); an empty tuning file, so no stored choice
+    """Every fused GEMV of the ops with its loop over K unrolled (``UNROLL``; 3 leaves a
+    remainder on some lanes' trip counts here); an empty tuning file, so no stored choice
     overrides it."""
     from mlx_foundry.bench import tuner
 

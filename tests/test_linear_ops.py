@@ -368,22 +368,52 @@ def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
     assert launched_constants() == {"ROWS": 2, "THREADS": 64}
 
 
-def test_dense_weights_get_their_own_default_launch(monkeypatch, tmp_path):
-    """One row of x through dense weights with K < N launches eight rows and 256 threads
-    splitting K; the same shape quantized keeps the quantized default."""
-    from mlx_foundry.bench import tuner
+def _launched(op, *args, **kwargs):
+    """The launch constants of the one kernel ``op`` launches on "cuda" (recorded, nothing
+    runs)."""
+    from mlx_foundry.bench.autotune import LAUNCH_CONSTANTS
     from mlx_foundry.kernel import record_launches
+
+    with record_launches() as rec:
+        op(*args, backend="cuda", **kwargs)
+    (_, _, kw), = rec
+    return {k: v for k, v in kw.items() if k in LAUNCH_CONSTANTS}
+
+
+def test_dense_weights_get_their_own_default_launch(monkeypatch, tmp_path):
+    """One row of x through dense weights with 2048 <= K < N <= 4K launches eight rows and
+    256 threads splitting K; quantized weights, short rows and vocabulary-wide heads keep
+    the other rule."""
+    from mlx_foundry.bench import tuner
 
     monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
     monkeypatch.setattr(lin, "_TUNED", {})
+    x = mx.ones((1, 2048), mx.float16)
+    wide = {"ROWS": 8, "THREADS": 256, "SPLITK": 1, "UNROLL": 1, "MBLOCK": 1}
+    assert _launched(linear, x, Weight(mx.ones((5120, 2048), mx.float16))) == wide
+    quantized = {"ROWS": 4, "THREADS": 128, "SPLITK": 0, "UNROLL": 1, "MBLOCK": 1}
+    assert _launched(linear, x, _qw(5120, 2048)) == quantized
+    for n, k in ((640, 256), (9000, 2048)):  # K under 2048; N past 4K
+        assert _launched(linear, mx.ones((1, k), mx.float16),
+                         Weight(mx.ones((n, k), mx.float16))) == quantized
+
+
+def test_every_fused_gemv_op_launches_the_default_unroll(monkeypatch, tmp_path):
+    """``UNROLL`` reaches each fused GEMV kernel from the default launch."""
+    from mlx_foundry.bench import tuner
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    monkeypatch.setattr(lin, "DEFAULT_UNROLL", 3)
+    w, g = _qw(64, 256), mx.ones((256,), mx.float16)
     x = mx.ones((1, 256), mx.float16)
-    dense = Weight(mx.ones((640, 256), mx.float16))
-    for w, want in ((dense, lin.default_launch(640, 256, dense=True)),
-                    (_qw(640, 256), lin.default_launch(640, 256))):
-        with record_launches() as rec:
-            linear(x, w, backend="cuda")
-        assert {k: rec[0][2][k] for k in want} == want
-    assert lin.default_launch(640, 256, dense=True)["THREADS"] == 256
+    qkv = dict(n_heads=4, n_kv_heads=2, head_dim=16, offset=0)
+    for name, op, args, kwargs in (
+            ("linear", linear, (x, w), {}),
+            ("norm_linear", norm_linear, (x, g, 1e-5, w), {}),
+            ("gate_up", norm_gate_up_swiglu, (x, g, 1e-5, w, w), {}),
+            ("qkv", norm_qkv_rope, (x[None], g, 1e-5, w, _qw(32, 256), _qw(32, 256)), qkv)):
+        assert _launched(op, *args, **kwargs)["UNROLL"] == 3, name
 
 
 def test_qkv_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
@@ -429,11 +459,9 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
                                    if name.startswith("norm_qkv_rope") else None)
                 for name, (_, n, k, _) in autotune._decode_ops(autotune.TINY, 4, 64,
                                                                mx.float16).items()]
-    # The second pass may unroll the winner of the first (every setting times alike here).
-    def grid(p):
-        return {k: v for k, v in p.items() if k != "UNROLL"}
-
-    assert all(grid(p) == cands[0] or grid(p) in map(grid, defaults) for p in chosen.values())
+    # The second pass may unroll the choice of the first (every setting times alike here).
+    assert all(_grid(p) == cands[0] or _grid(p) in map(_grid, defaults)
+               for p in chosen.values())
     assert all(p.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS for p in chosen.values())
     # Tuning drops the launch constants the ops resolved before it (its own warm-up
     # calls did), so this process launches with the stored choice.
@@ -449,8 +477,19 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
         kern = rec[0][0]
         assert autotune.kernel_key(kern, "reference") in stored, name
         cls = tuner.shape_class(n, k, 1)
-        assert autotune.lookup_linear(kern, n, k, 1, "reference") == chosen[
-            (autotune.kernel_key(kern, "reference"), cls)], name
+        key = autotune.kernel_key(kern, "reference")
+        entry, = [e for e in tuner.entries().values()
+                  if e["kernel_key"] == key and e["shape_class"] == cls]
+        assert entry["params"] == chosen[(key, cls)], name
+        # A kept default looks up as None (the op's own default applies).
+        want = None if entry["params"] == entry["default"] else entry["params"]
+        assert autotune.lookup_linear(kern, n, k, 1, "reference") == want, name
+
+
+def _grid(params):
+    """Launch constants but those the tuner's candidates may leave to the stage defaults
+    (MBLOCK, UNROLL) or refine (UNROLL)."""
+    return {k: v for k, v in params.items() if k not in ("UNROLL", "MBLOCK")}
 
 
 def test_linear_rejects_a_format_other_than_its_weights():

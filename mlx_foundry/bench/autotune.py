@@ -45,9 +45,12 @@ def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
 
 def unroll_refinements(unroll=DEFAULT_UNROLLS):
     """The tuner's second pass (``tuner.tune(refine=...)``): ``[{"UNROLL": u}, ...]``."""
+    from mlx_foundry.stages.gemv import MAX_UNROLL
+
     for u in unroll:
-        if isinstance(u, bool) or not isinstance(u, int) or u < 1:
-            raise ValueError(f"[autotune] 'unroll' must hold positive ints but got {u!r}.")
+        if isinstance(u, bool) or not isinstance(u, int) or not 1 <= u <= MAX_UNROLL:
+            raise ValueError(f"[autotune] 'unroll' must hold ints in [1, {MAX_UNROLL}] but "
+                             f"got {u!r}.")
     return [{"UNROLL": u} for u in unroll]
 
 
@@ -69,8 +72,9 @@ def kernel_key(kern, backend):
 
 
 def lookup_linear(kern, n, k, m=1, backend="cuda", *, path=None):
-    """The tuned ``{"ROWS", "THREADS", "SPLITK"[, "MBLOCK"]}`` of ``kern`` for an
-    ``[m, k] x [n, k]^T`` GEMV, or None."""
+    """The tuned ``{"ROWS", "THREADS", "SPLITK", "UNROLL"[, "MBLOCK"]}`` of ``kern`` for
+    an ``[m, k] x [n, k]^T`` GEMV, or None (nothing tuned, or the tuner kept the default
+    launch: see ``tuner.lookup``)."""
     return tuner.lookup(kernel_key(kern, backend), source_hash=tuner.source_hash(kern),
                         shape_class=tuner.shape_class(n, k, m), path=path)
 
@@ -150,9 +154,15 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     def build(params):
         return lambda kw: kern(backend=backend, **kw, **params)
 
+    lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
+    # A launch constant a candidate leaves out takes its stage default (MBLOCK 1, UNROLL
+    # 1): written out, so that the same launch is one setting, not two.
+    default = lin.default_launch(n, k, head_dim=head_dim, m=m, dual=dual, dense=dense)
+    implied = {"MBLOCK": lin.DEFAULT_MBLOCK, "UNROLL": lin.DEFAULT_UNROLL}
+    candidates = [dict({c: v for c, v in implied.items() if c in default}, **cand)
+                  for cand in candidates]
     cls = tuner.shape_class(n, k, m)
     key = kernel_key(kern, backend)
-    lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
     # The bench's calls per timing: on CUDA the number of calls per mx.eval changes the
     # time per call (more calls, slower and noisier), so the tuner times what the bench
     # times. (Before, ~1000-2000 calls per timing put a Q/K/V launch that ncu times 14%
@@ -160,9 +170,7 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     calls = None if backend == "reference" else CALLS_PER_TIMING
     params = tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1, calls=calls),
                         source_hash=tuner.source_hash(kern), shape_class=cls,
-                        default=lin.default_launch(n, k, head_dim=head_dim, m=m, dual=dual,
-                                                   dense=dense),
-                        **tune_kw)
+                        default=default, **tune_kw)
     # The ops resolve their launch once per shape: this process must see the new choice.
     lin.forget_launches()
     return {(key, cls): params}

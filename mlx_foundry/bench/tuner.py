@@ -243,13 +243,17 @@ def lookup(kernel_key, *, source_hash, shape_class, device=None, mlx_version=Non
 
     Returns:
         dict or None: the chosen parameters, or ``None`` when nothing was tuned
-        under exactly this key (e.g. the kernel source changed since).
+        under exactly this key (e.g. the kernel source changed since) or when the
+        tuner kept the caller's untuned ``default``: the caller's default applies then,
+        also after it changed without a change of the kernel source.
     """
     key = make_key(kernel_key, source_hash=source_hash, shape_class=shape_class,
                    device=device, mlx_version_=mlx_version)
     with _lock:
         e = _read(path or cache_path()).get(key)
-    return dict(e["params"]) if e else None
+    if not e or (e.get("default") is not None and e["params"] == e["default"]):
+        return None
+    return dict(e["params"])
 
 
 DEFAULT_MARGIN = 0.03
@@ -285,12 +289,15 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
             fastest candidate of the first pass, and those settings, the fastest itself
             and ``default`` are timed again in rounds of their own; the choice is made
             among them (a refined setting must beat the one it refines by ``margin``,
-            as any setting must beat ``default``). The grid of the first pass does not
-            grow by a factor per refined constant, at the cost of missing a setting that
-            wins only with a refinement.
+            as any setting must beat ``default``). The setting refined is the first
+            pass's choice (the default unless another is clearly faster). The grid of
+            the first pass does not grow by a factor per refined constant, at the cost
+            of missing a setting that wins only with a refinement. When the refined
+            setting or the default fails in the second pass, the first pass decides.
 
     Returns:
-        dict: the chosen setting (a copy of one of ``candidates``).
+        dict: the chosen setting (a copy of one of ``candidates`` or ``default``, or of
+        the refinement of one of them).
 
     Raises:
         TuningError: when every candidate raised.
@@ -306,8 +313,11 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
             candidates = [default] + list(candidates)
     if not 0 <= margin < 1:
         raise ValueError(f"[tuner.tune] 'margin' must be in [0, 1) but got {margin!r}.")
-    if refine is not None and not all(isinstance(r, dict) for r in refine):
-        raise TypeError("[tuner.tune] 'refine' must be a list of dicts of launch parameters.")
+    if refine is not None:
+        if not isinstance(refine, (list, tuple)) or not all(isinstance(r, dict)
+                                                            for r in refine):
+            raise TypeError(f"[tuner.tune] 'refine' must be a list of dicts of launch "
+                            f"parameters but got {refine!r}.")
     path = path or cache_path()
     key = make_key(kernel_key, source_hash=source_hash, shape_class=shape_class,
                    device=device, mlx_version_=mlx_version)
@@ -321,24 +331,18 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
     if not results:
         raise TuningError(f"[tuner.tune] every candidate of {kernel_key!r} failed: "
                           f"{failures[:3]}")
+    best = _choose(results, None, default, margin)
     refined = []
     if refine:
-        first = min(results, key=lambda r: r["median_s"])["params"]
+        first = best["params"]
         second = [first] + [dict(first, **r) for r in refine]
         if default is not None:
             second.append(default)
         second = [c for i, c in enumerate(second) if c not in second[:i]]
         refined = _time_rounds(second, run, repeats, warmup, failures)
-    final = refined or results
-    best = min(final, key=lambda r: r["median_s"])
-    if refined:
-        # A refinement replaces the setting it refines only when clearly faster too.
-        unrefined = next((r for r in refined if r["params"] == first), None)
-        if unrefined is not None and best["median_s"] > (1 - margin) * unrefined["median_s"]:
-            best = unrefined
-    base = next((r for r in final if r["params"] == default), None)
-    if base is not None and best["median_s"] > (1 - margin) * base["median_s"]:
-        best = base  # not clearly faster than the default: keep the default
+        timed = [r["params"] for r in refined]
+        if first in timed and (default is None or default in timed):
+            best = _choose(refined, first, default, margin)
     _write_entry(path, key, {
         "params": best["params"], "median_s": best["median_s"],
         "default": default, "margin": margin if default is not None else None,
@@ -348,6 +352,18 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
         "unix_time": time.time(),
     })
     return dict(best["params"])
+
+
+def _choose(results, unrefined, default, margin):
+    """The fastest of ``results``, unless it is not ``margin`` faster than the setting
+    it refines (``unrefined``) or than ``default``: then that one (timings of short
+    kernels carry host noise, and a choice is stored for good)."""
+    best = min(results, key=lambda r: r["median_s"])
+    for keep in (unrefined, default):
+        base = next((r for r in results if keep is not None and r["params"] == keep), None)
+        if base is not None and best["median_s"] > (1 - margin) * base["median_s"]:
+            best = base
+    return best
 
 
 def _time_rounds(candidates, run, repeats, warmup, failures):

@@ -120,6 +120,11 @@ per SIMD-group when ``N >=`` this: enough threadgroups without it (measured at 4
 :func:`default_launch`)."""
 
 
+DENSE_WIDE_MAX_RATIO = 4
+"""Dense weights get their own untuned launch up to ``n = 4 k`` (see
+:func:`default_launch`; measured at ``n = 3.5 k``)."""
+
+
 def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements and ``m``
     rows of ``x`` (``dual``: the gate/up kernel; ``head_dim``: the Q/K/V kernel, which
@@ -142,16 +147,20 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     rows without split (12.8 -> 11.6 us), 14336 -> 4096 eight rows with split (29.3 ->
     28.4 us). ``MBLOCK``: see :func:`_mblock`.
 
-    Dense weights, one row of ``x``, ``k < n`` (fp16 4096 -> 14336, 117 MB): eight rows
-    and 256 threads splitting K. With the 4-bit launch (four rows, 128 threads, no split)
-    the GEMV ran at 0.97-1.00x ``x @ w.T`` in every 32-set timing on H100s; the
-    tuner chose this launch, 1.00-1.02x (``docs/tune_dense_h100.json``).
+    Dense weights, one row of ``x``, ``SPLIT_MIN_K <= k < n <= 4 k``: eight rows and 256
+    threads splitting K. At fp16 4096 -> 14336 (117 MB) the 4-bit launch (four rows, 128
+    threads, no split) ran at 0.97-1.00x ``x @ w.T`` in every 32-set timing on H100s;
+    the tuner chose this launch, 1.00-1.02x (``docs/tune_dense_h100.json``); an A/B run
+    1.03x / 1.00x against 0.98x / 1.00x (``docs/dense_launch_ab_h100.txt``). Not
+    measured at other shapes, so a vocabulary head (``n`` far past ``4 k``) and short
+    rows keep the rule above.
 
     ``UNROLL``: 1 everywhere. Unrolling the loop over ``K`` by 2 / 4 took -3% to +7% /
     0 to +14% of the time at the six 4-bit decode launches, tuned on an H100
     (``docs/tune_unroll_h100.json``); the tuner may choose otherwise per device.
     """
-    if dense and m == 1 and head_dim is None and not dual and k < n:
+    if (dense and m == 1 and head_dim is None and not dual and SPLIT_MIN_K <= k < n
+            and n <= DENSE_WIDE_MAX_RATIO * k):
         return {"ROWS": 8, "THREADS": 256, "SPLITK": 1, "UNROLL": DEFAULT_UNROLL,
                 "MBLOCK": 1}
     if k >= n and k >= SPLIT_MIN_K:

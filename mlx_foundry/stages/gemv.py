@@ -62,6 +62,7 @@ DEFAULT_MBLOCK = 1
 DEFAULT_UNROLL = 1
 """Unroll count of a lane's loop over its chunks of ``K`` (1: not unrolled)."""
 MAX_UNROLL = 16
+"""The largest ``UNROLL`` the stages take (past it the loop body only grows)."""
 GEMV_GRID_Y = 32768
 """Row blocks per step of grid z (``gemv_row_block`` in gemv.metal): grid y stays under
 CUDA's 65535."""

@@ -21,7 +21,11 @@
 // launch constant the tuner chooses per device (1, the default: not unrolled). Deeper
 // unrolling puts more chunks' loads in flight at the cost of registers; at the 4-bit
 // decode launches on an H100, 2 took -3% to +7% and 4 took 0 to +14% of the time of 1
-// (docs/tune_unroll_h100.json).
+// (docs/tune_unroll_h100.json). Before the constant the loop had no pragma (the
+// compiler's choice); on CUDA that and 1 took the same times within the noise
+// (docs/unroll_pragma_h100.txt). A body of several hundred instructions with a trip
+// count known only at run time is unlikely to be unrolled by Apple's compiler either,
+// but that is not measured.
 //
 // Two paths, chosen at compile time by gemv_dot_rows_mb:
 // - float (any policy and activation type): x converted to float, policy.dot_chunk;
