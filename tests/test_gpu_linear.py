@@ -76,6 +76,20 @@ def test_linear_dense(gpu_backend, k, dtype):
                      dtype, k=k, msg=f"m={m}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,k", [(5003, 2080), (2049, 2048), (8200, 2050)])
+def test_linear_dense_wide_launch(gpu_backend, n, k, dtype):
+    """Dense weights with 2048 <= K < N <= 4K at one row of x: the launch of eight rows and
+    256 threads splitting K (N not a multiple of the rows per threadgroup, K not of the
+    SIMD-group stride), with and without a bias."""
+    assert lin.default_launch(n, k, dense=True)["THREADS"] == 256
+    for bias in (False, True):
+        w = _w(n, k, "dense", dtype, bias=bias)
+        x = _x((1, k), dtype)
+        assert_close(linear(x, w, backend=gpu_backend), _ref(lambda be: linear(x, w, backend=be)),
+                     dtype, k=k, msg=f"bias={bias}")
+
+
 @pytest.mark.parametrize("fmt,dtype", [("dense", mx.float16), ((4, 64), mx.bfloat16),
                                        ((8, 32), mx.float16)])
 def test_linear_vocabulary_sized_n(gpu_backend, fmt, dtype):
