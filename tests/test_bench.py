@@ -271,6 +271,16 @@ def test_copy_ceiling_counts_read_and_write():
     c = timing.copy_ceiling(1 << 20, repeats=2, target_s=0.001)
     assert c["bytes"] == 2 * c["buffer_bytes"] == 2 << 20
     assert c["gbps"] > 0 and c["us"] > 0
+    assert c["timing"]["pool_size"] == timing.COPY_BUFFERS == 8
+
+
+@pytest.mark.parametrize("unroll", [(0,), (2, 17), (True,), (2.0,)])
+def test_unroll_refinements_check_counts_as_the_stages_do(unroll):
+    from mlx_foundry.bench import autotune
+
+    with pytest.raises(ValueError, match="'UNROLL' must be an int in \\[1, 16\\]"):
+        autotune.unroll_refinements(unroll)
+    assert autotune.unroll_refinements((1, 4)) == [{"UNROLL": 1}, {"UNROLL": 4}]
 
 
 def test_default_pool_exceeds_gpu_caches():

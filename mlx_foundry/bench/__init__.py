@@ -235,8 +235,7 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
     prog = report.Progress(len(selected) + 1, enabled=progress)
     prog.update(0, "copy ceiling")
     try:
-        copy = timing.copy_ceiling(ctx.copy_bytes, pool_bytes=ctx.pool_bytes,
-                                   repeats=ctx.repeats, **ctx.copy_kw)
+        copy = timing.copy_ceiling(ctx.copy_bytes, repeats=ctx.repeats, **ctx.copy_kw)
     except Exception as e:  # noqa: BLE001
         copy = {"gbps": None, "error": f"{type(e).__name__}: {e}"}
     results_cases = []

@@ -44,13 +44,12 @@ def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
 
 
 def unroll_refinements(unroll=DEFAULT_UNROLLS):
-    """The tuner's second pass (``tuner.tune(refine=...)``): ``[{"UNROLL": u}, ...]``."""
-    from mlx_foundry.stages.gemv import MAX_UNROLL
+    """The tuner's second pass (``tuner.tune(refine=...)``): ``[{"UNROLL": u}, ...]``,
+    each count checked as the stages check it."""
+    from mlx_foundry.stages.gemv import check_unroll
 
     for u in unroll:
-        if isinstance(u, bool) or not isinstance(u, int) or not 1 <= u <= MAX_UNROLL:
-            raise ValueError(f"[autotune] 'unroll' must hold ints in [1, {MAX_UNROLL}] but "
-                             f"got {u!r}.")
+        check_unroll(u)
     return [{"UNROLL": u} for u in unroll]
 
 

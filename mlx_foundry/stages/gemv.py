@@ -132,13 +132,18 @@ def _x_rows(b):
     return xf
 
 
-def check_launch(rows, threads, split=DEFAULT_SPLITK, mblock=DEFAULT_MBLOCK, *,
-                 dual=False, unroll=DEFAULT_UNROLL):
-    """Raise ``ValueError`` naming the constant unless the GEMV stages take this launch."""
+def check_unroll(unroll):
+    """Raise ``ValueError`` unless ``unroll`` is an ``UNROLL`` the stages take."""
     if not (isinstance(unroll, int) and not isinstance(unroll, bool)
             and 1 <= unroll <= MAX_UNROLL):
         raise ValueError(f"[gemv] 'UNROLL' must be an int in [1, {MAX_UNROLL}] but got "
                          f"{unroll!r}.")
+
+
+def check_launch(rows, threads, split=DEFAULT_SPLITK, mblock=DEFAULT_MBLOCK, *,
+                 dual=False, unroll=DEFAULT_UNROLL):
+    """Raise ``ValueError`` naming the constant unless the GEMV stages take this launch."""
+    check_unroll(unroll)
     if split not in (0, 1):
         raise ValueError(f"[gemv] 'SPLITK' must be 0 or 1 but got {split!r}.")
     if threads % 32 or not 32 <= threads <= MAX_GEMV_THREADS:
