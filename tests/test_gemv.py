@@ -13,8 +13,8 @@ from mlx_foundry import ChainError, CompoundKernel, Output
 from mlx_foundry.args import Bound
 from mlx_foundry.ops.linear import gate_up_kernel, linear_kernel, qkv_kernel
 from mlx_foundry.stages.epilogues import activation_epilogue, swiglu_epilogue
-from mlx_foundry.stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, gemv_decls,
-                                     gemv_dispatch, gemv_stage, rope_rotate)
+from mlx_foundry.stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, XSTAGE_MAX_BYTES, gemv_decls,
+                                     gemv_dispatch, gemv_stage, rope_rotate, xstage_units)
 from mlx_foundry.policies.affine import affine_policy
 from mlx_foundry.policies.dense import dense_policy
 
@@ -82,8 +82,12 @@ def test_linear_source_metal():
     assert "constexpr int M = 1;" in body and "constexpr int MBLOCK = 1;" in body
     assert "constexpr int UNROLL = 1;" in body
     assert (f"gemv_main<PolicyAffine<w_S, 4, 64, K>, T, K, N, M, ROWS, {DEFAULT_THREADS // 32},"
-            " 1, MBLOCK, UNROLL>(wpol, x, acc, row, index, valid,") in body
+            " 1, MBLOCK, UNROLL, XSTAGE>(wpol, x, acc, row, index, valid,") in body
     assert "gemv_partials" in body  # split-K scratch, declared by the stage
+    # One row of half x, 4-bit: staged in 8 chunks x 4 planes of 16 bytes, then 8 sums of
+    # chunks and 8 sums of squares (4 units of four floats).
+    assert "constexpr int XSTAGE = 36;" in body
+    assert "gemv_xstage" in body
     calls = [body.index(s) for s in ("gemv_main<", "ep_bias(", "ep_silu(", "ep_residual(")]
     assert calls == sorted(calls)
     assert "if (valid) { out[index] = static_cast<half>(acc); }" in body
@@ -93,14 +97,35 @@ def test_linear_source_metal():
     assert src.input_names == ("w", "w_scales", "w_biases", "x", "bias", "residual")
 
 
+@pytest.mark.parametrize("k, dtype, rows, sigs, units", [
+    # One row of half x: K / 32 chunks x 4 planes, then K / 32 + 8 floats in 16-byte units.
+    (4096, mx.float16, 1, [(4, 64)], 128 * 4 + (128 + 8) // 4),
+    (14336, mx.float16, 1, [(4, 64)], 448 * 4 + (448 + 8) // 4),  # 30496 bytes: fits
+    (4096, mx.bfloat16, 1, [(8, 128)], 128 * 4 + (256 + 8) // 4),  # bf16: two floats a chunk
+    (256, mx.float16, 1, [(4, 64), (4, 32)], 8 * 4 + (8 + 8) // 4),  # one pair order
+    (14336, mx.bfloat16, 1, [(4, 64)], 1),  # 32288 bytes: over the budget
+    (4096, mx.float16, 2, [(4, 64)], 1),  # more than one row of x
+    (4096, mx.float32, 1, [(4, 64)], 1),  # the float path
+    (4096, mx.float16, 1, [(3, 64)], 1),  # no packed-half form of 3 bits
+    (4096, mx.float16, 1, [(4, 64), (8, 64)], 1),  # two pair orders
+    (4096, mx.float16, 1, [None], 1),  # dense weights
+])
+def test_xstage_units(k, dtype, rows, sigs, units):
+    pols = [dense_policy() if s is None else affine_policy(*s) for s in sigs]
+    assert xstage_units(Bound(x=mx.zeros((rows, k), dtype)), pols) == units
+    assert 16 * units <= XSTAGE_MAX_BYTES
+
+
 def test_launch_constants_are_overridable():
     k = linear_kernel(("dense",))
     w = mx.ones((64, 96), mx.float16)
     body = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256).body
-    assert "constexpr int ROWS = 2;" in body and ", ROWS, 8, 1, MBLOCK, UNROLL>(" in body
+    assert ("constexpr int ROWS = 2;" in body
+            and ", ROWS, 8, 1, MBLOCK, UNROLL, XSTAGE>(" in body)
     # Split K: every SIMD-group of the threadgroup shares the rows.
     split = k.source(x=mx.ones((1, 96), mx.float16), w=w, ROWS=2, THREADS=256, SPLITK=1).body
-    assert "constexpr int SPLITK = 1;" in split and ", ROWS, 8, 8, MBLOCK, UNROLL>(" in split
+    assert ("constexpr int SPLITK = 1;" in split
+            and ", ROWS, 8, 8, MBLOCK, UNROLL, XSTAGE>(" in split)
     unrolled = k.source(x=mx.ones((1, 96), mx.float16), w=w, UNROLL=4).body
     assert "constexpr int UNROLL = 4;" in unrolled
     # Rows of x per SIMD-group: M comes from x, MBLOCK is a launch constant.

@@ -10,9 +10,11 @@ import importlib
 import mlx.core as mx
 import pytest
 
+from mlx_foundry.args import Bound
 from mlx_foundry.ops import Weight, linear, norm_gate_up_swiglu, norm_linear, norm_qkv_rope
 from mlx_foundry.ops.linear import linear_kernel
-from mlx_foundry.policies.affine import AFFINE_BITS
+from mlx_foundry.policies.affine import AFFINE_BITS, affine_policy
+from mlx_foundry.stages.gemv import xstage_units
 
 from tolerances import assert_close
 
@@ -292,6 +294,36 @@ def test_unroll_every_op(gpu_backend, unrolled, dtype):
     x, dual and Q/K/V."""
     assert lin.default_launch(203, 2880)["UNROLL"] == unrolled
     _check_every_gemv_op(gpu_backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "splitk"])
+def test_staged_x_at_the_largest_row(gpu_backend, monkeypatch, tmp_path, split, dtype):
+    """One row of x at K = 14336, the longest row a GEMV stages in threadgroup memory in
+    half (30 KB; in bfloat16 it is over the budget and the lanes load x themselves):
+    plain, normed and dual GEMVs with and without split K, N = 83 leaving SIMD-groups of
+    the last threadgroup past the last row."""
+    from mlx_foundry.bench import tuner
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    if not split:
+        monkeypatch.setattr(lin, "SPLIT_MIN_K", 1 << 30)
+    k, n = 14336, 83
+    assert lin.default_launch(n, k)["SPLITK"] == int(split)
+    units = xstage_units(Bound(x=mx.zeros((1, k), dtype)), [affine_policy(4, 64)])
+    assert (units > 1) == (dtype == mx.float16)
+    w, up = _w(n, k, (4, 64), dtype), _w(n, k, (4, 64), dtype)
+    g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    x, r = _x((1, k), dtype), _x((1, n), dtype)
+    cases = {
+        "linear+residual": lambda be: linear(x, w, residual=r, backend=be),
+        "norm_linear": lambda be: norm_linear(x, g, 1e-5, w, backend=be),
+        "rms_linear": lambda be: norm_linear(x, None, 1e-5, w, backend=be),
+        "gate_up": lambda be: norm_gate_up_swiglu(x, g, 1e-5, w, up, backend=be),
+    }
+    for name, fn in cases.items():
+        assert_close(fn(gpu_backend), _ref(fn), dtype, k=k, msg=name)
 
 
 def _check_every_gemv_op(gpu_backend, dtype):

@@ -86,6 +86,41 @@ def _split(c):
 # SIMDS x MBLOCK sums of squares (norm GEMVs): ROWS <= (32 - MBLOCK) / MBLOCK, halved in a
 # dual GEMV (gemv_dispatch checks it).
 GEMV_THREADGROUP = ("float gemv_partials[THREADS]",)
+# The GEMV and dual GEMV stages also stage one row of x (see xstage_units).
+GEMV_STAGED_THREADGROUP = GEMV_THREADGROUP + ("uint4 gemv_xstage[XSTAGE]",)
+
+XSTAGE_MAX_BYTES = 30 * 1024
+"""The most threadgroup memory the staged row of ``x`` takes (see :func:`xstage_units`):
+with the split-K partial sums it stays under the 32 KB a Metal threadgroup may have."""
+
+
+def _half_pairs(policy):
+    """The policy's packed-half pair order (``HALF_PAIRS`` in its Metal header; 0: none)."""
+    from ..policies.affine import AffinePolicy
+
+    return {4: 4, 8: 2}.get(policy.bits, 0) if isinstance(policy, AffinePolicy) else 0
+
+
+def xstage_units(b, policies):
+    """``XSTAGE``: the length, in 16-byte units, of the threadgroup array into which a GEMV
+    stages its row of ``x``, or 1 when it does not stage (``gemv.metal``, gemv_stage_x).
+
+    A threadgroup stages ``x`` when its SIMD-groups would each load the same row and redo
+    the same per-chunk work: one row of half or bfloat16 ``x`` on the packed-half path
+    (every policy 4- or 8-bit affine, one pair order), within :data:`XSTAGE_MAX_BYTES`:
+    ``K / 32`` chunks of 64 bytes, a float per chunk (two for bfloat16) and eight sums
+    of squares.
+    """
+    x = b.x
+    k = x.shape[-1]
+    pairs = {_half_pairs(p) for p in policies}
+    if (x.dtype not in (mx.float16, mx.bfloat16) or x.size != k or k % 32
+            or len(pairs) != 1 or 0 in pairs):
+        return 1
+    chunks = k // 32
+    floats = chunks * (2 if x.dtype == mx.bfloat16 else 1) + MAX_GEMV_THREADS // 32
+    units = 4 * chunks + -(-floats // 4)
+    return units if 16 * units <= XSTAGE_MAX_BYTES else 1
 
 
 NORMS = (None, "plain", "weight")
@@ -219,7 +254,8 @@ def gemv_stage(policy, decls, *, n="N"):
     N = Constant(n, value=lambda b: b[policy.prefix].shape[0])
     args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
-             decls["M"], decls["MBLOCK"], decls["UNROLL"]]
+             decls["M"], decls["MBLOCK"], decls["UNROLL"],
+             Constant("XSTAGE", value=lambda b: xstage_units(b, (policy,)))]
 
     def reference(b, v):
         return _with_inv_rms(b, {"acc": _x_rows(b) @ policy.dequantize(b).T})
@@ -232,8 +268,8 @@ def gemv_stage(policy, decls, *, n="N"):
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args, policies={"wpol": policy},
         produces=produces,
         template=(policy.metal_type(), "T", "K", n, "M", "ROWS", _simds, _split, "MBLOCK",
-                  "UNROLL"),
-        attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
+                  "UNROLL", "XSTAGE"),
+        attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_STAGED_THREADGROUP, reference=reference)
 
 
 def gemv_dual_stage(gate, up, decls, *, n="N"):
@@ -243,7 +279,8 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
     N = Constant(n, value=lambda b: b[gate.prefix].shape[0])
     args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
-             decls["M"], decls["MBLOCK"], decls["UNROLL"]]
+             decls["M"], decls["MBLOCK"], decls["UNROLL"],
+             Constant("XSTAGE", value=lambda b: xstage_units(b, (gate, up)))]
 
     def reference(b, v):
         xf = _x_rows(b)
@@ -259,8 +296,8 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
         source=GEMV_SOURCE, includes=GEMV_INCLUDES, args=args,
         policies={"gpol": gate, "upol": up}, produces=produces,
         template=(gate.metal_type(), up.metal_type(), "T", "K", n, "M", "ROWS", _simds, _split,
-                  "MBLOCK", "UNROLL"),
-        attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_THREADGROUP, reference=reference)
+                  "MBLOCK", "UNROLL", "XSTAGE"),
+        attributes=GEMV_ATTRIBUTES, threadgroup=GEMV_STAGED_THREADGROUP, reference=reference)
 
 
 def rope_rotate(t, positions, inv_freq, traditional):

@@ -247,24 +247,175 @@ METAL_FUNC void gemv_half_pairs_of(thread const uint* u, thread half2* xh) {
   }
 }
 
+// The 16 words u[k] = (x[2k], x[2k+1]) of the 32-element chunk at p (16-byte loads).
+template <typename T>
+METAL_FUNC void gemv_load_chunk_words(const device T* p, thread uint* u) {
+  const device uint4* q = reinterpret_cast<const device uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 v = q[i];
+    u[4 * i + 0] = v.x;
+    u[4 * i + 1] = v.y;
+    u[4 * i + 2] = v.z;
+    u[4 * i + 3] = v.w;
+  }
+}
+
+// One chunk of x on the packed-half path, in place: u (the chunk's words, see
+// gemv_load_chunk_words) becomes the half2 words the dot products take, gw being the norm
+// weight's words (read with GEMV_NORM_WEIGHT only). Adds the raw chunk's x^2 to ss_lo /
+// ss_hi with a norm; xs = sum(x) of the result; returns the factor by which the chunk's
+// sums are scaled back (2^-p for bfloat x, else 1).
+template <typename T, int NORM>
+METAL_FUNC float gemv_half_chunk(thread uint* u, thread const uint* gw, thread float& ss_lo,
+                                 thread float& ss_hi, thread float& xs) {
+  constexpr bool BF = gemv_is_bf16<T>::value != 0;
+  float cb = 1.0f;
+  if (BF) {
+    cb = gemv_bf16_chunk_as_half<NORM>(u, gw, ss_lo, ss_hi);
+  }
+  if (!BF && NORM != GEMV_NORM_NONE) {
+    // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
+    // make anyway (two float accumulators per lane and row of x).
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const float2 f = float2(as_type<half2>(u[k]));
+      ss_lo = metal::fma(f.x, f.x, ss_lo);
+      ss_hi = metal::fma(f.y, f.y, ss_hi);
+    }
+  }
+  if (!BF && NORM == GEMV_NORM_WEIGHT) {
+    const half2 sixteenth = as_type<half2>(0x2C002C00u);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      u[k] = as_type<uint>(as_type<half2>(u[k]) * (as_type<half2>(gw[k]) * sixteenth));
+    }
+  }
+  // sum(x) in float, from pair sums (one half rounding per pair).
+  float xs0 = 0.0f;
+  float xs1 = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
+    xs0 += float(p.x);
+    xs1 += float(p.y);
+  }
+  xs = xs0 + xs1;
+  return cb;
+}
+
+// ---- x staged in threadgroup memory (XS > 1) -------------------------------------------
+// With one row of x per threadgroup, every SIMD-group of a threadgroup would load the
+// same chunks of x (and the norm weight) and redo the same per-chunk work: the norm's
+// squares, the norm weight, the bfloat conversion, sum(x) and the pair permutation
+// (about a quarter of the loop's instructions in the fused gate/up GEMV, and the loop's
+// first wait on memory). Staged, the threadgroup does that work once per chunk, right
+// after the first weight loads are issued, and the loop reads each chunk back with four
+// 16-byte threadgroup loads. Layout of xst (16-byte units), FULL = K / 32 chunks:
+// plane q (0..3) of chunk c, its half2 pairs 4q..4q+3 in the policy's order, at
+// q * FULL + c (the lanes of a SIMD-group read consecutive chunks: consecutive 16 bytes,
+// no bank conflicts); then FULL floats xs, with bfloat x FULL floats cb; then one sum of
+// squares per SIMD-group. XS (the array's length) is chosen on the host
+// (stages/gemv.py, xstage_units); 1 means not staged.
+
+// Writes chunk c's pairs, xs and cb to xst.
+template <int FULL, bool BF>
+METAL_FUNC void gemv_stage_put(threadgroup uint4* xst, int c, thread const half2* xh,
+                               float xs, float cb) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    xst[q * FULL + c] = uint4(as_type<uint>(xh[4 * q]), as_type<uint>(xh[4 * q + 1]),
+                              as_type<uint>(xh[4 * q + 2]), as_type<uint>(xh[4 * q + 3]));
+  }
+  threadgroup float* f = reinterpret_cast<threadgroup float*>(xst + 4 * FULL);
+  f[c] = xs;
+  if (BF) {
+    f[FULL + c] = cb;
+  }
+}
+
+// Reads chunk c back: its pairs, xs; returns cb.
+template <int FULL, bool BF>
+METAL_FUNC float gemv_stage_get(threadgroup const uint4* xst, int c, thread half2* xh,
+                                thread float& xs) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint4 v = xst[q * FULL + c];
+    xh[4 * q + 0] = as_type<half2>(v.x);
+    xh[4 * q + 1] = as_type<half2>(v.y);
+    xh[4 * q + 2] = as_type<half2>(v.z);
+    xh[4 * q + 3] = as_type<half2>(v.w);
+  }
+  threadgroup const float* f = reinterpret_cast<threadgroup const float*>(xst + 4 * FULL);
+  xs = f[c];
+  return BF ? f[FULL + c] : 1.0f;
+}
+
+// Every thread of the threadgroup (SIMDS SIMD-groups) stages its chunks of the row xr
+// (norm weight gr), then waits for the others. Returns sum(x^2) of the whole row with a
+// norm (every thread gets it), else 0.
+template <typename T, int K, int NORM, int S, int SIMDS>
+METAL_FUNC float gemv_stage_x(const device T* xr, const device T* gr, uint sg, uint lane,
+                              threadgroup uint4* xst) {
+  constexpr int FULL = K / 32;
+  constexpr bool BF = gemv_is_bf16<T>::value != 0;
+  float ss_lo = 0.0f;
+  float ss_hi = 0.0f;
+  for (int c = int(sg * 32u + lane); c < FULL; c += 32 * SIMDS) {
+    uint u[16];
+    uint gw[16];
+    gemv_load_chunk_words<T>(xr + c * 32, u);
+    if (NORM == GEMV_NORM_WEIGHT) {
+      gemv_load_chunk_words<T>(gr + c * 32, gw);
+    }
+    float xs;
+    const float cb = gemv_half_chunk<T, NORM>(u, gw, ss_lo, ss_hi, xs);
+    half2 xh[16];
+    gemv_half_pairs_of<S>(u, xh);
+    gemv_stage_put<FULL, BF>(xst, c, xh, xs, cb);
+  }
+  threadgroup float* ssf =
+      reinterpret_cast<threadgroup float*>(xst + 4 * FULL) + (BF ? 2 : 1) * FULL;
+  if (NORM != GEMV_NORM_NONE) {
+    const float ss = simd_sum(ss_lo + ss_hi);
+    if (lane == 0) {
+      ssf[sg] = ss;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float total = 0.0f;
+  if (NORM != GEMV_NORM_NONE) {
+#pragma unroll
+    for (int i = 0; i < SIMDS; ++i) {
+      total += ssf[i];
+    }
+  }
+  return total;
+}
+
 // The packed-half path (T is half or bfloat; K is a multiple of 32), MB rows of x as in
 // gemv_dot_rows_f: a lane's weight chunks are loaded once and dotted with the chunk of
 // every row of x. With GAMMA (x is the un-normalised row, the RMSNorm scale comes later)
 // half x * gamma is rounded to half as x * (gamma / 16), so that it overflows only past
 // 16 x 65504; the sums are scaled back by 16 (exact) in float. bfloat x is converted
-// per chunk (gemv_bf16_chunk_as_half) and each chunk's sums scaled back.
+// per chunk (gemv_bf16_chunk_as_half) and each chunk's sums scaled back. With XS > 1 (and
+// MB 1) x is staged in threadgroup memory first (gemv_stage_x; every thread of the
+// threadgroup must call it then, SIMDS SIMD-groups of them) and ss returns the whole
+// row's sum of squares.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL>
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
 METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
                                 const device T* gr, thread const uint* rows, uint lane,
-                                uint part, thread float* out, thread float* out2,
-                                thread float* ss) {
+                                uint part, uint sg, threadgroup uint4* xst, thread float* out,
+                                thread float* out2, thread float* ss) {
   constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
   constexpr bool BF = gemv_is_bf16<T>::value != 0;
   static_assert(int(P::CHUNK) == 32 && K % 32 == 0, "packed-half GEMV: 32-element chunks");
   constexpr int FULL = K / 32;
   constexpr int S1 = gemv_half_pairs<P>::value;
   constexpr int S2 = DUAL ? int(gemv_half_pairs<P2>::value) : S1;
+  constexpr bool STAGED = XS > 1 && MB == 1;
+  static_assert(!STAGED || S1 == S2, "staged x: one pair order for both policies");
   const uint key = pol.half_key(lane);
   const uint key2 = DUAL ? pol2.half_key(lane) : key;
   float s[MB * ROWS];
@@ -295,6 +446,10 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
       }
     }
   }
+  if (STAGED) {
+    // The first weight loads are in flight while the threadgroup stages x.
+    ss_lo[0] = gemv_stage_x<T, K, NORM, S1, SIMDS>(xr, gr, sg, lane, xst);
+  }
 #pragma unroll (UNROLL)
   for (int c = int(lane) + 32 * int(part); c < FULL; c += 32 * SPLIT) {
     typename P::HalfChunk nx[ROWS];
@@ -308,75 +463,36 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
       }
     }
     uint gw[16];
-    if (GAMMA) {
-      const device uint4* gq = reinterpret_cast<const device uint4*>(gr + c * 32);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint4 v = gq[q];
-        gw[4 * q + 0] = v.x;
-        gw[4 * q + 1] = v.y;
-        gw[4 * q + 2] = v.z;
-        gw[4 * q + 3] = v.w;
-      }
+    if (GAMMA && !STAGED) {
+      gemv_load_chunk_words<T>(gr + c * 32, gw);
     }
 #pragma unroll
     for (int j = 0; j < MB; ++j) {
-      uint u[16];
-      const device uint4* xq = reinterpret_cast<const device uint4*>(
-          xr + metal::min(uint(j), last) * uint(K) + uint(c * 32));
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint4 v = xq[q];
-        u[4 * q + 0] = v.x;
-        u[4 * q + 1] = v.y;
-        u[4 * q + 2] = v.z;
-        u[4 * q + 3] = v.w;
-      }
-      // bfloat x: the chunk's sums times cb (exact).
-      float cb = 1.0f;
-      if (BF) {
-        cb = gemv_bf16_chunk_as_half<NORM>(u, gw, ss_lo[j], ss_hi[j]);
-      }
-      if (!BF && NORM != GEMV_NORM_NONE) {
-        // sum(x^2) of the raw row for the RMSNorm scale, from the loads the dot products
-        // make anyway (two float accumulators per lane and row of x).
-#pragma unroll
-        for (int k = 0; k < 16; ++k) {
-          const float2 f = float2(as_type<half2>(u[k]));
-          ss_lo[j] = metal::fma(f.x, f.x, ss_lo[j]);
-          ss_hi[j] = metal::fma(f.y, f.y, ss_hi[j]);
-        }
-      }
-      if (!BF && GAMMA) {
-        const half2 sixteenth = as_type<half2>(0x2C002C00u);
-#pragma unroll
-        for (int k = 0; k < 16; ++k) {
-          u[k] = as_type<uint>(as_type<half2>(u[k]) * (as_type<half2>(gw[k]) * sixteenth));
-        }
-      }
-      // sum(x) in float, from pair sums (one half rounding per pair).
-      float xs0 = 0.0f;
-      float xs1 = 0.0f;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const half2 p = as_type<half2>(u[k]) + as_type<half2>(u[k + 8]);
-        xs0 += float(p.x);
-        xs1 += float(p.y);
-      }
-      const float xs = xs0 + xs1;
+      // The chunk of x as 16 half2 pairs in each policy's order (xh2: the second
+      // policy's, when it differs), its sum xs and the factor cb of its sums.
       half2 xh[16];
       half2 xh2[16];
-      gemv_half_pairs_of<S1>(u, xh);
-      if (DUAL) {
-        gemv_half_pairs_of<S2>(u, xh2);
+      float xs;
+      float cb;
+      if (STAGED) {
+        cb = gemv_stage_get<FULL, BF>(xst, c, xh, xs);
+      } else {
+        uint u[16];
+        gemv_load_chunk_words<T>(xr + metal::min(uint(j), last) * uint(K) + uint(c * 32), u);
+        cb = gemv_half_chunk<T, NORM>(u, gw, ss_lo[j], ss_hi[j], xs);
+        gemv_half_pairs_of<S1>(u, xh);
+        if (DUAL && S2 != S1) {
+          gemv_half_pairs_of<S2>(u, xh2);
+        }
       }
+      thread const half2* xq2 = DUAL && S2 != S1 ? xh2 : xh;
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         // Half x adds its chunk sums as they are (no multiply by 1 in the loop).
         const float d = pol.dot_h(ch[r], xh, xs, key);
         s[j * ROWS + r] = BF ? metal::fma(d, cb, s[j * ROWS + r]) : s[j * ROWS + r] + d;
         if (DUAL) {
-          const float d2 = pol2.dot_h(ch2[r], xh2, xs, key2);
+          const float d2 = pol2.dot_h(ch2[r], xq2, xs, key2);
           s2[j * ROWS + r] = BF ? metal::fma(d2, cb, s2[j * ROWS + r]) : s2[j * ROWS + r] + d2;
         }
       }
@@ -404,52 +520,61 @@ METAL_FUNC void gemv_dot_rows_h(P pol, P2 pol2, const device T* xr, uint last,
 }
 
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL>
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<false>, P pol, P2 pol2, const device T* xr,
                                  uint last, const device T* gr, thread const uint* rows,
-                                 uint lane, uint part, thread float* out, thread float* out2,
-                                 thread float* ss) {
+                                 uint lane, uint part, uint sg, threadgroup uint4* xst,
+                                 thread float* out, thread float* out2, thread float* ss) {
   gemv_dot_rows_f<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
       pol, pol2, xr, last, gr, rows, lane, part, out, out2, ss);
 }
 
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL>
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
 METAL_FUNC void gemv_dot_rows_on(gemv_path<true>, P pol, P2 pol2, const device T* xr,
                                  uint last, const device T* gr, thread const uint* rows,
-                                 uint lane, uint part, thread float* out, thread float* out2,
-                                 thread float* ss) {
-  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
-      pol, pol2, xr, last, gr, rows, lane, part, out, out2, ss);
+                                 uint lane, uint part, uint sg, threadgroup uint4* xst,
+                                 thread float* out, thread float* out2, thread float* ss) {
+  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL, SIMDS, XS>(
+      pol, pol2, xr, last, gr, rows, lane, part, sg, xst, out, out2, ss);
 }
+
+// Whether a GEMV of these policies and x type takes the packed-half path.
+template <typename P, typename P2, typename T, bool DUAL>
+struct gemv_takes_half {
+  enum : bool {
+    value = (gemv_is_half<T>::value != 0 || gemv_is_bf16<T>::value != 0) &&
+            gemv_half_pairs<P>::value > 0 && (!DUAL || gemv_half_pairs<P2>::value > 0)
+  };
+};
 
 // Dot products of ROWS (or 2 x ROWS when DUAL) weight rows with MB rows of x (xr, and
 // rows of K after it up to `last`), on the packed-half path when x is half or bfloat and
 // every policy has one, else on the float path. SPLIT SIMD-groups share the rows: this one
 // (part, 0 <= part < SPLIT) takes every SPLIT-th 32-chunk stride of K; the caller adds
 // the SPLIT partial sums. With a norm, ss[j] returns this lane's part of sum(x_j^2) over
-// the same chunks.
+// the same chunks, or with x staged (XS > 1 on the packed-half path with MB 1: see
+// gemv_stage_x; sg is the SIMD-group, xst the staging array) the whole sum.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL>
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
 METAL_FUNC void gemv_dot_rows_mb(P pol, P2 pol2, const device T* xr, uint last,
                                  const device T* gr, thread const uint* rows, uint lane,
-                                 uint part, thread float* out, thread float* out2,
-                                 thread float* ss) {
-  constexpr bool H = (gemv_is_half<T>::value != 0 || gemv_is_bf16<T>::value != 0) &&
-                     gemv_half_pairs<P>::value > 0 && (!DUAL || gemv_half_pairs<P2>::value > 0);
-  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
-      gemv_path<H>(), pol, pol2, xr, last, gr, rows, lane, part, out, out2, ss);
+                                 uint part, uint sg, threadgroup uint4* xst, thread float* out,
+                                 thread float* out2, thread float* ss) {
+  constexpr bool H = gemv_takes_half<P, P2, T, DUAL>::value;
+  gemv_dot_rows_on<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL, SIMDS, XS>(
+      gemv_path<H>(), pol, pol2, xr, last, gr, rows, lane, part, sg, xst, out, out2, ss);
 }
 
-// One row of x (the Q/K/V stage): out[r], out2[r], and ss a scalar.
+// One row of x, not staged (the Q/K/V stage): out[r], out2[r], and ss a scalar.
 template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
           int SPLIT, int UNROLL>
 METAL_FUNC void gemv_dot_rows(P pol, P2 pol2, const device T* xr, const device T* gr,
                               thread const uint* rows, uint lane, uint part,
                               thread float* out, thread float* out2, thread float& ss) {
   float ssv[1];
-  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, 1, UNROLL>(
-      pol, pol2, xr, 0u, gr, rows, lane, part, out, out2, ssv);
+  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, 1, UNROLL, SPLIT, 1>(
+      pol, pol2, xr, 0u, gr, rows, lane, part, part, nullptr, out, out2, ssv);
   ss = ssv[0];
 }
 
@@ -534,13 +659,17 @@ METAL_FUNC float gemv_pick(thread const float* sums, uint i) {
 // stalled the whole grid: ncu, H100, 1x4096 -> 14336 q4: 36 us against 16 us without it).
 // MB rows of x per SIMD-group (M rows in all): their weight loads are shared, and lane
 // j * ROWS + r holds row r of x row j (ROWS * MB <= 32).
+// XS > 1 (one row of x on the packed-half path): x staged in xst (see gemv_stage_x); then
+// every SIMD-group of the threadgroup runs to the end, those past the last row on
+// clamped rows with invalid lanes, as the staging needs all of them.
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int NORM, bool DUAL, int SPLIT, int MB, int UNROLL>
+          int NORM, bool DUAL, int SPLIT, int MB, int UNROLL, int XS>
 METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T* gamma,
                                float eps, thread float& acc, thread float& acc2,
                                thread uint& row, thread uint& index, thread bool& valid,
                                thread float& inv_rms, uint3 tg_pos, uint sg, uint lane,
-                               threadgroup float* partials) {
+                               threadgroup float* partials, threadgroup uint4* xst) {
+  constexpr bool STAGED = XS > 1 && MB == 1 && gemv_takes_half<P, P2, T, DUAL>::value;
   static_assert(SPLIT == 1 || SPLIT == SIMDS, "split K: 1 or every SIMD-group");
   static_assert(ROWS * MB <= 32, "one lane per output: ROWS * MB <= 32");
   const uint m0 = tg_pos.x * uint(MB);
@@ -555,7 +684,7 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
   row = row0 + lane % uint(ROWS);
   index = (m0 + xj) * uint(N) + row;
   valid = lane < uint(ROWS * MB) && row < uint(N) && m0 + xj < uint(M) && part == 0u;
-  if (row0 >= uint(N)) {
+  if (!STAGED && row0 >= uint(N)) {
     return;  // the whole SIMD-group (threadgroup when split) is past the last row
   }
   uint rows[ROWS];
@@ -568,17 +697,18 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
   float ss[MB];
   // Rows of x past the last (M not a multiple of MB) repeat it; their lanes are invalid.
   const uint last = metal::min(uint(M - 1) - m0, uint(MB - 1));
-  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL>(
-      pol, pol2, x + m0 * uint(K), last, gamma, rows, lane, part, sums, sums2, ss);
-  if (NORM != GEMV_NORM_NONE) {
+  gemv_dot_rows_mb<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL, SIMDS, STAGED ? XS : 1>(
+      pol, pol2, x + m0 * uint(K), last, gamma, rows, lane, part, sg, xst, sums, sums2, ss);
+  // Staged, ss is already the whole row's.
+  constexpr int NSS = NORM != GEMV_NORM_NONE && !STAGED ? MB : 0;
+  if (NSS > 0) {
 #pragma unroll
     for (int j = 0; j < MB; ++j) {
       ss[j] = simd_sum(ss[j]);
     }
   }
   if (SPLIT > 1) {
-    gemv_split_sums<MB * ROWS, SPLIT, DUAL, NORM != GEMV_NORM_NONE ? MB : 0>(
-        sums, sums2, ss, sg, lane, partials);
+    gemv_split_sums<MB * ROWS, SPLIT, DUAL, NSS>(sums, sums2, ss, sg, lane, partials);
   }
   if (NORM != GEMV_NORM_NONE) {
     inv_rms = gemv_inv_rms<K>(gemv_pick<MB>(ss, xj), eps);
@@ -592,78 +722,84 @@ METAL_FUNC void gemv_rows_impl(P pol, P2 pol2, const device T* x, const device T
 // ---- stage functions ------------------------------------------------------------------
 // acc = dot(W[row], x[m]).
 template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB,
-          int UNROLL>
+          int UNROLL, int XS>
 METAL_FUNC void gemv_main(P wpol, const device T* x, thread float& acc, thread uint& row,
                           thread uint& index, thread bool& valid, uint3 tg_pos, uint sg,
-                          uint lane, threadgroup float* gemv_partials) {
+                          uint lane, threadgroup float* gemv_partials,
+                          threadgroup uint4* gemv_xstage) {
   float unused, unused_rms;
-  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, false, SPLIT, MB, UNROLL>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, false, SPLIT, MB, UNROLL, XS>(
       wpol, wpol, x, x, 0.0f, acc, unused, row, index, valid, unused_rms, tg_pos, sg, lane,
-      gemv_partials);
+      gemv_partials, gemv_xstage);
 }
 
 // acc = dot(W[row], x[m] * norm_weight) and inv_rms of x[m] (the RMSNorm scale epilogue
 // applies it).
 template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB,
-          int UNROLL>
+          int UNROLL, int XS>
 METAL_FUNC void gemv_norm_main(P wpol, const device T* x, const device T* norm_weight,
                                float eps, thread float& acc, thread uint& row,
                                thread uint& index, thread bool& valid, thread float& inv_rms,
                                uint3 tg_pos, uint sg, uint lane,
-                               threadgroup float* gemv_partials) {
+                               threadgroup float* gemv_partials,
+                               threadgroup uint4* gemv_xstage) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, false, SPLIT, MB, UNROLL>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, false, SPLIT, MB, UNROLL, XS>(
       wpol, wpol, x, norm_weight, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg,
-      lane, gemv_partials);
+      lane, gemv_partials, gemv_xstage);
 }
 
 // acc = dot(W[row], x[m]) and inv_rms of x[m] (RMSNorm without weight).
 template <typename P, typename T, int K, int N, int M, int ROWS, int SIMDS, int SPLIT, int MB,
-          int UNROLL>
+          int UNROLL, int XS>
 METAL_FUNC void gemv_rms_main(P wpol, const device T* x, float eps, thread float& acc,
                               thread uint& row, thread uint& index, thread bool& valid,
                               thread float& inv_rms, uint3 tg_pos, uint sg, uint lane,
-                              threadgroup float* gemv_partials) {
+                              threadgroup float* gemv_partials,
+                              threadgroup uint4* gemv_xstage) {
   float unused;
-  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, false, SPLIT, MB, UNROLL>(
+  gemv_rows_impl<P, P, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, false, SPLIT, MB, UNROLL, XS>(
       wpol, wpol, x, x, eps, acc, unused, row, index, valid, inv_rms, tg_pos, sg, lane,
-      gemv_partials);
+      gemv_partials, gemv_xstage);
 }
 
 // Gate and up projections sharing the x loads: acc = gate row, acc2 = up row
 // (produced values in declaration order: acc, row, index, valid, [inv_rms,] acc2).
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int SPLIT, int MB, int UNROLL>
+          int SPLIT, int MB, int UNROLL, int XS>
 METAL_FUNC void gemv_dual_main(P gpol, P2 upol, const device T* x, thread float& acc,
                                thread uint& row, thread uint& index, thread bool& valid,
                                thread float& acc2, uint3 tg_pos, uint sg, uint lane,
-                               threadgroup float* gemv_partials) {
+                               threadgroup float* gemv_partials,
+                               threadgroup uint4* gemv_xstage) {
   float unused_rms;
-  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, true, SPLIT, MB, UNROLL>(
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_NONE, true, SPLIT, MB, UNROLL, XS>(
       gpol, upol, x, x, 0.0f, acc, acc2, row, index, valid, unused_rms, tg_pos, sg, lane,
-      gemv_partials);
+      gemv_partials, gemv_xstage);
 }
 
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int SPLIT, int MB, int UNROLL>
+          int SPLIT, int MB, int UNROLL, int XS>
 METAL_FUNC void gemv_dual_norm_main(P gpol, P2 upol, const device T* x,
                                     const device T* norm_weight, float eps, thread float& acc,
                                     thread uint& row, thread uint& index, thread bool& valid,
                                     thread float& inv_rms, thread float& acc2, uint3 tg_pos,
-                                    uint sg, uint lane, threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, true, SPLIT, MB, UNROLL>(
+                                    uint sg, uint lane, threadgroup float* gemv_partials,
+                                    threadgroup uint4* gemv_xstage) {
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_WEIGHT, true, SPLIT, MB, UNROLL, XS>(
       gpol, upol, x, norm_weight, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg,
-      lane, gemv_partials);
+      lane, gemv_partials, gemv_xstage);
 }
 
 template <typename P, typename P2, typename T, int K, int N, int M, int ROWS, int SIMDS,
-          int SPLIT, int MB, int UNROLL>
+          int SPLIT, int MB, int UNROLL, int XS>
 METAL_FUNC void gemv_dual_rms_main(P gpol, P2 upol, const device T* x, float eps,
                                    thread float& acc, thread uint& row, thread uint& index,
                                    thread bool& valid, thread float& inv_rms,
                                    thread float& acc2, uint3 tg_pos, uint sg, uint lane,
-                                   threadgroup float* gemv_partials) {
-  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, true, SPLIT, MB, UNROLL>(
+                                   threadgroup float* gemv_partials,
+                                   threadgroup uint4* gemv_xstage) {
+  gemv_rows_impl<P, P2, T, K, N, M, ROWS, SIMDS, GEMV_NORM_PLAIN, true, SPLIT, MB, UNROLL, XS>(
       gpol, upol, x, x, eps, acc, acc2, row, index, valid, inv_rms, tg_pos, sg, lane,
-      gemv_partials);
+      gemv_partials, gemv_xstage);
 }
