@@ -42,3 +42,24 @@ def test_full_metal_source_of_every_kernel_passes_the_check():
 def test_unknown_name_is_a_clear_error():
     with pytest.raises(KeyError, match="No kernel named 'nope'"):
         catalog.get("nope")
+
+
+METAL_THREADGROUP_BYTES = 32 * 1024
+"""The threadgroup memory a Metal threadgroup may have on Apple GPUs
+(``maxThreadgroupMemoryLength``)."""
+_ELEMENT_BYTES = {"float": 4, "uint4": 16}
+
+
+def test_threadgroup_memory_of_every_kernel_fits_metal():
+    """Every catalog kernel declares at most 32 KB of threadgroup memory (the GEMV's
+    staged row of x is the largest: 1x14336 f16, 30 KB plus the split-K sums)."""
+    largest = 0
+    for e in catalog.entries():
+        for program, args, kwargs in e.launches():
+            bound, given = program.bind(*args, **kwargs)
+            consts = program._constants(bound, given)
+            total = sum(t.resolved_count(consts) * _ELEMENT_BYTES[t.type]
+                        for t in program.threadgroup)
+            assert total <= METAL_THREADGROUP_BYTES, (e.name, total)
+            largest = max(largest, total)
+    assert largest == 1906 * 16 + 128 * 4  # linear_q4g64_f16_k14336_residual

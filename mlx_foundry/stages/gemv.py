@@ -14,19 +14,24 @@ With half or bfloat16 ``x`` (bf16 converted to half per chunk, scaled by a power
 two) and only 4/8-bit affine weights in the call (the dual and QKV stages included) the
 dot products run on packed half2 arithmetic, with the next chunk's
 weights loaded ahead (``gemv.metal``, ``policies/affine.metal``); otherwise in float.
+On that path with one row of ``x`` the threadgroup stages the row in threadgroup memory
+(``XSTAGE``, see :func:`xstage_units`): each chunk of ``x`` (and of the norm weight) is
+loaded and prepared once per threadgroup instead of once per SIMD-group.
 
 With an RMSNorm (``decls`` from ``gemv_decls(norm="weight")`` or ``norm="plain"``)
 the stage also takes ``Scalar "eps"`` and produces ``inv_rms`` for the scale
 epilogue: the sum of squares of ``x`` comes from the same ``x`` loads as the dot
-products, so there is no separate pass over ``x`` (an RMSNorm prologue stage made
-every threadgroup read all of ``x`` before its first weight load, which stalled the
-grid: 1x4096->14336 4-bit took 36 us against 16 us without it, ncu on an H100).
+products (or, staged, from the staging), so no pass over ``x`` comes before the first
+weight loads (an RMSNorm prologue stage made every threadgroup read all of ``x``
+before its first weight load, which stalled the grid: 1x4096->14336 4-bit took 36 us
+against 16 us without it, ncu on an H100; the staging starts after them).
 
 Launch parameters are compile-time constants with defaults a tuner may override
 by keyword: ``ROWS`` (rows per SIMD-group, default :data:`DEFAULT_ROWS`),
 ``THREADS`` (threads per threadgroup, a multiple of 32, default
 :data:`DEFAULT_THREADS`), ``SPLITK``, ``MBLOCK`` and ``UNROLL`` (the unroll count
-of the loop over ``K``, default :data:`DEFAULT_UNROLL`).
+of the loop over ``K``, default :data:`DEFAULT_UNROLL`). ``XSTAGE`` follows from the
+arguments (not a launch constant).
 
 Stages (``decls`` holds the shared argument declarations, see :func:`gemv_decls`):
 
