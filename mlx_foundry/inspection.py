@@ -68,3 +68,29 @@ def metal_source_of(program, *args, **kwargs):
     if not found:
         raise RuntimeError(f"[{program.who}] MLX printed no Metal source while tracing.")
     return found[-1][1]
+
+
+# The CUDA types MLX 0.32 writes in a custom kernel's signature (dtype_to_cuda_type).
+_CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
+               mx.uint32: "uint32_t", mx.int32: "int32_t"}
+
+
+def cuda_source_of(program, *args, **kwargs):
+    """The CUDA translation unit MLX's ``cuda_kernel`` would compile for ``program`` with
+    these example arguments, as MLX 0.32 writes it (``custom_kernel.cpp``,
+    ``build_kernel``), for compiling and inspecting a kernel without a GPU (``nvcc
+    -arch=sm_90``; ``tools/gemv_regs.py``). The kernel is named ``custom_kernel_k``.
+
+    It needs MLX's CUDA device headers and the installed prelude on the include path:
+    ``MLX_FOUNDRY_CUDA_INCLUDE`` (see ``tests/test_cuda_compat.py``) and MLX's
+    ``include`` folder.
+    """
+    bound, given = program.bind(*args, **kwargs)
+    full = bound.with_constants(program._constants(bound, given))
+    src = program.source(*args, backend="cuda", **kwargs)
+    params = [f"const {_CUDA_TYPES[a.dtype]}* {d.input_name}"
+              for d, a in zip(program.inputs, program._kernel_inputs(bound))]
+    params += [f"{_CUDA_TYPES[o.resolve(full)[1]]}* {o.name}" for o in program.outputs]
+    return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
+            + src.header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            + f"__global__ void custom_kernel_k({', '.join(params)}) {{\n{src.body}\n}}\n}}\n")

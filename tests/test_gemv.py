@@ -11,6 +11,7 @@ import pytest
 
 from mlx_foundry import ChainError, CompoundKernel, Output
 from mlx_foundry.args import Bound
+from mlx_foundry.inspection import cuda_source_of
 from mlx_foundry.ops.linear import gate_up_kernel, linear_kernel, qkv_kernel
 from mlx_foundry.stages.epilogues import activation_epilogue, swiglu_epilogue
 from mlx_foundry.stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, XSTAGE_MAX_BYTES, gemv_decls,
@@ -210,23 +211,6 @@ def test_rope_rotate_matches_fast_rope(traditional):
 
 
 # ---- CUDA compile check (nvcc, no GPU needed) ---------------------------------------------
-_CT = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
-       mx.uint32: "uint32_t", mx.int32: "int32_t"}
-
-
-def _cuda_unit(kern, kwargs):
-    """The translation unit MLX 0.32's cuda_kernel builds (custom_kernel.cpp)."""
-    bound, given = kern.bind(**kwargs)
-    full = bound.with_constants(kern._constants(bound, given))
-    src = kern.source(backend="cuda", **kwargs)
-    params = [f"const {_CT[a.dtype]}* {d.input_name}"
-              for d, a in zip(kern.inputs, kern._kernel_inputs(bound))]
-    params += [f"{_CT[o.resolve(full)[1]]}* {o.name}" for o in kern.outputs]
-    return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
-            + src.header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-            + f"__global__ void custom_kernel_k({', '.join(params)}) {{\n{src.body}\n}}\n}}\n")
-
-
 def _cuda_cases():
     w4 = _affine_args(64, 256, 4, 64, mx.bfloat16)
     w3 = _affine_args(64, 256, 3, 32, mx.bfloat16)
@@ -306,7 +290,7 @@ def test_half_path_is_chosen_at_compile_time(case, tmp_path):
     nvcc, inc = _nvcc_or_skip()
     _, kern, kwargs, half = next(c for c in _half_cases() if c[0] == case)
     cu = tmp_path / "k.cu"
-    cu.write_text(_cuda_unit(kern, kwargs))
+    cu.write_text(cuda_source_of(kern, **kwargs))
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o",
                         str(tmp_path / "k.ptx"), f"-I{inc}",
                         f"-I{Path(mx.__file__).resolve().parent / 'include'}"], capture_output=True,
@@ -325,7 +309,7 @@ def test_kernels_compile_with_nvcc(case, tmp_path):
         pytest.skip("nvcc or MLX's CUDA headers (MLX_FOUNDRY_CUDA_INCLUDE) not available")
     _, kern, kwargs = next(c for c in _cuda_cases() if c[0] == case)
     cu = tmp_path / "k.cu"
-    cu.write_text(_cuda_unit(kern, kwargs))
+    cu.write_text(cuda_source_of(kern, **kwargs))
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o",
                         str(tmp_path / "k.o"), f"-I{inc}",
                         f"-I{Path(mx.__file__).resolve().parent / 'include'}"], capture_output=True, text=True,
@@ -469,3 +453,27 @@ def test_tuned_mblock_is_used_when_valid(monkeypatch):
     # An entry of one row of x (no MBLOCK): the default for m (16 rows: two blocks).
     found.pop("MBLOCK")
     assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 2
+
+
+@pytest.mark.slow
+def test_gemv_regs_tool_compiles_the_staged_decode_gemvs(monkeypatch, tmp_path):
+    """tools/gemv_regs.py compiles the Llama-3-8B decode GEMVs for sm_90: every case
+    fits the register file without spilling, and staging x leaves the split-K down
+    projection under 128 registers (four threadgroups of 128 threads per SM or more)."""
+    import importlib.util
+
+    _, inc = _nvcc_or_skip()
+    monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    monkeypatch.syspath_prepend(str(tools))
+    spec = importlib.util.spec_from_file_location("gemv_regs", tools / "gemv_regs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seen = {}
+    for label, kernel, kwargs in mod._cases(mx.float16):
+        folder = tmp_path / str(len(seen))
+        folder.mkdir()
+        seen[label] = mod.compile_case(kernel, kwargs, str(folder))
+    assert set(seen) >= {"down_proj+residual", "gate/up", "o_proj+residual"}
+    assert all(0 < regs <= 255 and spill == 0 for regs, spill in seen.values()), seen
+    assert seen["down_proj+residual"][0] < 128, seen

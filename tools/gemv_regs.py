@@ -1,0 +1,136 @@
+"""Registers and SASS of the decode GEMVs, compiled here for sm_90 (no GPU needed).
+
+Diagnostics, not the bench: a kernel's registers per thread set its occupancy on an
+H100 (65536 per SM), and its SASS shows what the loop does per chunk. Both come from
+compiling the same CUDA text MLX would compile (``inspection.cuda_source_of``) with
+``nvcc -arch=sm_90 -cubin`` (``ptxas -v`` for registers; ``nvdisasm`` for SASS)::
+
+    python tools/gemv_regs.py                       # every case, default launches
+    python tools/gemv_regs.py gate/up --rows 2      # cases whose label contains 'gate/up'
+    python tools/gemv_regs.py gate/up --sass gu.sass
+
+Needs ``nvcc`` and MLX's CUDA device headers in ``MLX_FOUNDRY_CUDA_INCLUDE`` (see
+``tests/test_cuda_compat.py`` for how to extract them); ``--sass`` also needs
+``nvdisasm`` (on PATH, or the ``nvidia-cuda-nvdisasm`` wheel). Registers match what
+ncu reports for MLX's NVRTC build on an H100 (72 / 128 / 96 / 128 for the first four
+cases at 65b5490).
+"""
+
+import argparse
+import glob
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import mlx.core as mx
+
+from decode_shapes import decode_block
+
+
+def _cases(dtype):
+    """``(label, kernel, kwargs)`` of the Llama-3-8B decode GEMVs, default launches."""
+    # The module (mlx_foundry.ops exports the function of the same name).
+    lin = importlib.import_module("mlx_foundry.ops.linear")
+    b = decode_block()
+
+    def w(prefix, weight):
+        return {prefix: weight.weight, f"{prefix}_scales": weight.scales.astype(dtype),
+                f"{prefix}_biases": weight.biases.astype(dtype)}
+
+    def launch(n, k, **kw):
+        return lin.default_launch(n, k, **kw)
+
+    x4, x14, r4 = (a.astype(dtype) for a in (b.x4, b.x14, b.r4))
+    g = b.g.astype(dtype)
+    aff = ("affine", 4, 64)
+    yield ("linear 4096->14336", lin.linear_kernel(aff),
+           dict(x=x4, **w("w", b.wu), **launch(14336, 4096)))
+    yield ("linear 14336->4096", lin.linear_kernel(aff),
+           dict(x=x14, **w("w", b.wd), **launch(4096, 14336)))
+    yield ("o_proj+residual", lin.linear_kernel(aff, has_residual=True),
+           dict(x=x4, residual=r4, **w("w", b.wo), **launch(4096, 4096)))
+    yield ("down_proj+residual", lin.linear_kernel(aff, has_residual=True),
+           dict(x=x14, residual=r4, **w("w", b.wd), **launch(4096, 14336)))
+    yield ("norm_linear 4096->14336", lin.linear_kernel(aff, norm="weight"),
+           dict(x=x4, norm_weight=g, eps=1e-5, **w("w", b.wu), **launch(14336, 4096)))
+    yield ("gate/up", lin.gate_up_kernel(aff, aff),
+           dict(x=x4, norm_weight=g, eps=1e-5, **w("wg", b.wg), **w("wu", b.wu),
+                **launch(14336, 4096, dual=True)))
+
+
+def _include_dirs():
+    inc = os.environ.get("MLX_FOUNDRY_CUDA_INCLUDE")
+    if not inc or not os.path.isfile(os.path.join(inc, "mlx/backend/cuda/device/utils.cuh")):
+        sys.exit("gemv_regs: set MLX_FOUNDRY_CUDA_INCLUDE to MLX's CUDA device headers "
+                 "(see tests/test_cuda_compat.py)")
+    return [inc, os.path.join(os.path.dirname(mx.__file__), "include")]
+
+
+def _nvdisasm():
+    found = shutil.which("nvdisasm")
+    if found is None:
+        purelib = sysconfig.get_paths()["purelib"]
+        found = next(iter(glob.glob(os.path.join(purelib, "nvidia", "*", "bin", "nvdisasm"))),
+                     None)
+    if found is None:
+        sys.exit("gemv_regs: nvdisasm not found (pip install nvidia-cuda-nvdisasm)")
+    return found
+
+
+def compile_case(kernel, kwargs, folder):
+    """Compile one case to ``folder/k.cubin``; returns ``(registers, spill bytes)``."""
+    cu = os.path.join(folder, "k.cu")
+    with open(cu, "w") as f:
+        f.write(kernel_source(kernel, kwargs))
+    cmd = ["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-Xptxas", "-v", cu,
+           "-o", os.path.join(folder, "k.cubin")]
+    cmd += [f"-I{d}" for d in _include_dirs()]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(r.stderr[-4000:])
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return int(regs.group(1)), int(spill.group(1)) if spill else 0
+
+
+def kernel_source(kernel, kwargs):
+    from mlx_foundry.inspection import cuda_source_of
+
+    return cuda_source_of(kernel, **kwargs)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("only", nargs="*", help="cases whose label contains one of these")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument("--rows", type=int, help="override ROWS")
+    p.add_argument("--splitk", type=int, choices=[0, 1], help="override SPLITK")
+    p.add_argument("--sass", metavar="FILE", help="write the first case's SASS to FILE")
+    args = p.parse_args()
+    for label, kernel, kwargs in _cases(getattr(mx, args.dtype)):
+        if args.only and not any(o in label for o in args.only):
+            continue
+        if args.rows is not None:
+            kwargs["ROWS"] = args.rows
+        if args.splitk is not None:
+            kwargs["SPLITK"] = args.splitk
+        with tempfile.TemporaryDirectory() as d:
+            regs, spill = compile_case(kernel, kwargs, d)
+            launch = " ".join(f"{k}={kwargs[k]}" for k in ("ROWS", "THREADS", "SPLITK"))
+            print(f"{label:26s} {launch:30s} registers {regs:4d}  spill {spill} bytes")
+            if args.sass:
+                r = subprocess.run([_nvdisasm(), "-c", "-g", os.path.join(d, "k.cubin")],
+                                   capture_output=True, text=True, check=True)
+                with open(args.sass, "w") as f:
+                    f.write(r.stdout)
+                return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
