@@ -96,7 +96,9 @@ GEMV_STAGED_THREADGROUP = GEMV_THREADGROUP + ("uint4 gemv_xstage[XSTAGE]",)
 
 XSTAGE_MAX_BYTES = 30 * 1024
 """The most threadgroup memory the staged row of ``x`` takes (see :func:`xstage_units`):
-with the split-K partial sums it stays under the 32 KB a Metal threadgroup may have."""
+with the split-K partial sums it stays under the 32 KB a Metal threadgroup may have.
+On an H100 (228 KB per SM) registers, not this, bound the GEMVs' occupancy; on Apple
+GPUs threadgroup memory may bound it too, which is not measured (no Apple hardware)."""
 
 
 def _half_pairs(policy):
