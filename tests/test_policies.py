@@ -29,6 +29,19 @@ def test_affine_policy_text():
     assert [a.name for a in p.args] == ["wq", "wq_scales", "wq_biases", "wq_S"]
 
 
+def test_half_pairs_match_the_metal_structs():
+    """The host's ``half_pairs`` (which sizes the GEMV's staged x) is the Metal structs'
+    HALF_PAIRS: 4 for 4 bits, 2 for 8 bits, 0 otherwise and for dense weights."""
+    from mlx_foundry.sources import load
+
+    affine = load("policies/affine.metal")
+    assert "HALF_PAIRS = BITS == 4 ? 4 : (BITS == 8 ? 2 : 0)" in affine
+    assert [affine_policy(b, 64).half_pairs for b in AFFINE_BITS] == [
+        4 if b == 4 else 2 if b == 8 else 0 for b in AFFINE_BITS]
+    assert "HALF_PAIRS = 0" in load("policies/dense.metal")
+    assert dense_policy("w").half_pairs == 0
+
+
 @pytest.mark.parametrize("bits", [1, 7, 16, "4", True])
 def test_affine_rejects_bits(bits):
     with pytest.raises(ValueError, match="'bits'"):

@@ -30,6 +30,7 @@ import tempfile
 import mlx.core as mx
 
 from decode_shapes import decode_block
+from mlx_foundry.inspection import cuda_source_of
 
 
 def _cases(dtype):
@@ -42,9 +43,7 @@ def _cases(dtype):
         return {prefix: weight.weight, f"{prefix}_scales": weight.scales.astype(dtype),
                 f"{prefix}_biases": weight.biases.astype(dtype)}
 
-    def launch(n, k, **kw):
-        return lin.default_launch(n, k, **kw)
-
+    launch = lin.default_launch
     x4, x14, r4 = (a.astype(dtype) for a in (b.x4, b.x14, b.r4))
     g = b.g.astype(dtype)
     aff = ("affine", 4, 64)
@@ -86,7 +85,7 @@ def compile_case(kernel, kwargs, folder):
     """Compile one case to ``folder/k.cubin``; returns ``(registers, spill bytes)``."""
     cu = os.path.join(folder, "k.cu")
     with open(cu, "w") as f:
-        f.write(kernel_source(kernel, kwargs))
+        f.write(cuda_source_of(kernel, **kwargs))
     cmd = ["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-Xptxas", "-v", cu,
            "-o", os.path.join(folder, "k.cubin")]
     cmd += [f"-I{d}" for d in _include_dirs()]
@@ -96,12 +95,6 @@ def compile_case(kernel, kwargs, folder):
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spill = re.search(r"(\d+) bytes spill stores", r.stderr)
     return int(regs.group(1)), int(spill.group(1)) if spill else 0
-
-
-def kernel_source(kernel, kwargs):
-    from mlx_foundry.inspection import cuda_source_of
-
-    return cuda_source_of(kernel, **kwargs)
 
 
 def main():

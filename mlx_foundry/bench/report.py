@@ -208,9 +208,9 @@ alternating rounds. Each case rotates through a pool of distinct weight sets of 
 {pool_mb} MB in all (larger than the last-level cache: H100 L2 is 50 MB, H200 60 MB, Apple
 SLC up to 96 MB), and of at least 32 sets however large one is (with fewer, calls that
 overlapped on the GPU found each other's weights in L2), warms up first (the first call
-pays the JIT compile), and times many independent calls per timing (graphs built first, then one `mx.eval`; the device time
-divided by the number of calls; {calls_text}). The reported time is the median of
-{repeats} timings.
+pays the JIT compile), and times many independent calls per timing (graphs built first,
+then one `mx.eval`; the device time divided by the number of calls; {calls_text}). The
+reported time is the median of {repeats} timings.
 Every candidate's output is checked once against the baseline. See
 `mlx_foundry/bench/timing.py`.
 

@@ -286,11 +286,11 @@ def tune(kernel_key, candidates, run, *, source_hash, shape_class, repeats=5, wa
         margin (float): see ``default``. Default: :data:`DEFAULT_MARGIN`.
         refine (list of dict, optional): a second pass over settings that multiply the
             search (e.g. ``[{"UNROLL": 2}, {"UNROLL": 4}]``): each is merged into the
-            fastest candidate of the first pass, and those settings, the fastest itself
-            and ``default`` are timed again in rounds of their own; the choice is made
-            among them (a refined setting must beat the one it refines by ``margin``,
-            as any setting must beat ``default``). The setting refined is the first
-            pass's choice (the default unless another is clearly faster). The grid of
+            first pass's choice (the default unless another is clearly faster), and
+            those settings, that choice itself and ``default`` are timed again in
+            rounds of their own; the choice is made among them (a refined setting must
+            beat the one it refines by ``margin``, as any setting must beat
+            ``default``). The grid of
             the first pass does not grow by a factor per refined constant, at the cost
             of missing a setting that wins only with a refinement. When the refined
             setting or the default fails in the second pass, the first pass decides.

@@ -18,9 +18,8 @@ from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
 from ..stages.gemv import (DEFAULT_MBLOCK, DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS,
-                           DEFAULT_UNROLL,
-                           check_launch, gemv_decls, gemv_dispatch, gemv_dual_stage,
-                           gemv_stage, qkv_rope_stage)
+                           DEFAULT_UNROLL, check_launch, gemv_decls, gemv_dispatch,
+                           gemv_dual_stage, gemv_stage, qkv_rope_stage)
 from . import _rope
 from ._checks import check_eps, check_float_array, in_dtype_of
 from .weights import Weight, policy_for
@@ -162,7 +161,7 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     if (dense and m == 1 and head_dim is None and not dual and SPLIT_MIN_K <= k < n
             and n <= DENSE_WIDE_MAX_RATIO * k):
         return {"ROWS": 8, "THREADS": 256, "SPLITK": 1, "UNROLL": DEFAULT_UNROLL,
-                "MBLOCK": 1}
+                "MBLOCK": DEFAULT_MBLOCK}
     if k >= n and k >= SPLIT_MIN_K:
         wide = n >= NO_SPLIT_MIN_N and not dual and head_dim is None
         if wide and 4 <= m <= 6:

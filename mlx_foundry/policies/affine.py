@@ -75,6 +75,11 @@ class AffinePolicy(Policy):
             struct_name="PolicyAffine", template=(f"{prefix}_S", str(bits), str(group_size), k),
             params={"w": prefix, "scales": sc, "biases": bi}, args=args, dequantize=dequantize)
 
+    @property
+    def half_pairs(self):
+        """``HALF_PAIRS`` of ``PolicyAffine`` (affine.metal): 4 and 8 bits only."""
+        return {4: 4, 8: 2}.get(self.bits, 0)
+
     def signature(self):
         return ("affine", self.bits, self.group_size, self.prefix)
 

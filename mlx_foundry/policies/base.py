@@ -30,6 +30,10 @@ class Policy:
         dequantize (callable): ``dequantize(bound) -> mx.array``, the dense weight.
     """
 
+    half_pairs = 0
+    """The pair order of the GEMV's packed-half path (``HALF_PAIRS`` of the Metal struct;
+    0: the policy has no such path)."""
+
     def __init__(self, name, *, header, struct_name, params, args, template=(),
                  dequantize=None):
         self.name = name

@@ -101,13 +101,6 @@ On an H100 (228 KB per SM) registers, not this, bound the GEMVs' occupancy; on A
 GPUs threadgroup memory may bound it too, which is not measured (no Apple hardware)."""
 
 
-def _half_pairs(policy):
-    """The policy's packed-half pair order (``HALF_PAIRS`` in its Metal header; 0: none)."""
-    from ..policies.affine import AffinePolicy
-
-    return {4: 4, 8: 2}.get(policy.bits, 0) if isinstance(policy, AffinePolicy) else 0
-
-
 def xstage_units(b, policies):
     """``XSTAGE``: the length, in 16-byte units, of the threadgroup array into which a GEMV
     stages its row of ``x``, or 1 when it does not stage (``gemv.metal``, gemv_stage_x).
@@ -120,7 +113,7 @@ def xstage_units(b, policies):
     """
     x = b.x
     k = x.shape[-1]
-    pairs = {_half_pairs(p) for p in policies}
+    pairs = {p.half_pairs for p in policies}
     if (x.dtype not in (mx.float16, mx.bfloat16) or x.size != k or k % 32
             or len(pairs) != 1 or 0 in pairs):
         return 1
