@@ -137,6 +137,21 @@ def test_linear_epilogues(gpu_backend, activation, bias, residual):
     assert_close(got, want, dtype, k=k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("fmt,n,k", [((4, 64), 2001, 2880), ((8, 32), 2065, 4128),
+                                     ((4, 32), 4128, 4128)])
+def test_square_weights_default_launch(gpu_backend, fmt, n, k, dtype):
+    """One row of x through ``n <= k < 2 n`` quantized weights (o_proj): the untuned launch
+    is two rows per SIMD-group without split K (``SQUARE_ROWS``), x staged for half and
+    bfloat16; N not a multiple of a threadgroup's rows; with a residual."""
+    assert lin.default_launch(n, k)["ROWS"] == lin.SQUARE_ROWS
+    assert lin.default_launch(n, k)["SPLITK"] == 0
+    w = _w(n, k, fmt, dtype)
+    x, r = _x((1, 1, k), dtype), _x((1, 1, n), dtype)
+    got = linear(x, w, residual=r, backend=gpu_backend)
+    assert_close(got, _ref(lambda be: linear(x, w, residual=r, backend=be)), dtype, k=k)
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("rows,threads", [(1, 32), (2, 64), (8, 256), (3, 96), (4, 256)])
 def test_linear_launch_parameters(gpu_backend, rows, threads, dtype):

@@ -9,8 +9,10 @@ against the reference backend first; the checked ones then run once each between
         python tools/gemv_sweep.py --profile labels.txt > sweep.csv
     python tools/gemv_sweep.py --table sweep.csv labels.txt
 
-``--rows``, ``--threads``, ``--split`` (comma-separated) and ``--only`` narrow the sweep;
-``--table`` also prints ``launch__registers_per_thread``, ``smsp__inst_executed.sum`` and
+``--rows``, ``--threads``, ``--split`` (comma-separated) and ``--only`` narrow the sweep.
+``--repeat N`` launches the whole list N times, round-robin, and ``--table`` prints each
+configuration's median and range (one launch of a ~8 us kernel under ncu moves by
+10-15% from one launch to the next). ``--table`` also prints ``launch__registers_per_thread``, ``smsp__inst_executed.sum`` and
 ``sm__warps_active.avg.pct_of_peak_sustained_active`` when they were collected.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import csv
 import ctypes
 import itertools
+import statistics
 import sys
 
 ROWS, THREADS, SPLITK = (2, 4, 8, 16), (64, 128, 256), (0, 1)
@@ -38,7 +41,7 @@ def _ops():
     }
 
 
-def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
+def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None, repeat=1):
     import mlx.core as mx
     from mlx_foundry.bench.autotune import _captured
 
@@ -79,9 +82,10 @@ def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None):
     mx.synchronize()
     driver = ctypes.CDLL("libcuda.so.1")
     driver.cuProfilerStart()
-    for _, kern, kwargs, cfg in jobs:
-        mx.eval(run(kern, kwargs, cfg))
-        mx.synchronize()
+    for _ in range(repeat):
+        for _, kern, kwargs, cfg in jobs:
+            mx.eval(run(kern, kwargs, cfg))
+            mx.synchronize()
     driver.cuProfilerStop()
 
 
@@ -97,13 +101,21 @@ def table(csv_path, labels_path):
                 kernels.setdefault(d["ID"], {})[d["Metric Name"]] = (d["Metric Value"],
                                                                     d["Metric Unit"])
     scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0}
-    for label, k in zip(labels, kernels.values()):
-        v, unit = k["gpu__time_duration.sum"]
+    launches = list(kernels.values())
+    if not labels or len(launches) % len(labels):
+        sys.exit(f"gemv_sweep: {len(launches)} kernels for {len(labels)} labels")
+    # Launch i of the profile is configuration i % len(labels) (round-robin repeats).
+    for i, label in enumerate(labels):
+        runs = launches[i::len(labels)]
+        us = sorted(float(k["gpu__time_duration.sum"][0].replace(",", ""))
+                    * scale[k["gpu__time_duration.sum"][1]] for k in runs)
+        k = runs[0]
         dram = k.get("dram__throughput.avg.pct_of_peak_sustained_elapsed", ("?", ""))[0]
         regs = k.get("launch__registers_per_thread", ("?", ""))[0]
         inst = k.get("smsp__inst_executed.sum", ("?", ""))[0]
         warps = k.get("sm__warps_active.avg.pct_of_peak_sustained_active", ("?", ""))[0]
-        print(f"{label:28s} {float(v.replace(',', '')) * scale[unit]:7.2f} us  dram {dram}%"
+        spread = f" ({us[0]:.2f}-{us[-1]:.2f}, {len(us)} launches)" if len(us) > 1 else ""
+        print(f"{label:28s} {statistics.median(us):7.2f} us{spread}  dram {dram}%"
               f"  regs {regs}  inst {inst}  warps {warps}%")
 
 
@@ -116,11 +128,12 @@ def main():
     p.add_argument("--threads", type=ints, default=THREADS, help="THREADS values")
     p.add_argument("--split", type=ints, default=SPLITK, help="SPLITK values")
     p.add_argument("--only", nargs="*", help="only these GEMVs (o+res qkv gate_up down+res)")
+    p.add_argument("--repeat", type=int, default=1, help="launches of each configuration")
     args = p.parse_args()
     if args.table:
         table(*args.table)
     elif args.profile:
-        profile(args.profile, args.rows, args.threads, args.split, args.only)
+        profile(args.profile, args.rows, args.threads, args.split, args.only, args.repeat)
     else:
         p.error("give --profile LABELS or --table CSV LABELS")
     return 0

@@ -119,6 +119,10 @@ per SIMD-group when ``N >=`` this: enough threadgroups without it (measured at 4
 :func:`default_launch`)."""
 
 
+SQUARE_ROWS = 2
+"""Rows per SIMD-group of the untuned launch of quantized weights with ``n <= k < 2 n`` at
+one row of ``x`` (o_proj), without split K (see :func:`default_launch`)."""
+
 DENSE_WIDE_MAX_RATIO = 4
 """Dense weights get their own untuned launch up to ``n = 4 k`` (see
 :func:`default_launch`; measured at ``n = 3.5 k``)."""
@@ -134,8 +138,11 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     L2 flushed; ``docs/ncu_h100_gemv.md``): for ``n`` = 4096, ``k`` = 14336, four rows
     per SIMD-group leave the SMs ~8 SIMD-groups each (47% of DRAM bandwidth, 21 us);
     eight rows with the threadgroup's four SIMD-groups splitting K reach 59-61%
-    (16-17 us). At ``k == n`` (o_proj, 4096 -> 4096) four rows with split K take
-    8.2 us against 8.7 us without. Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
+    (16-17 us). At ``k == n`` (o_proj, 4096 -> 4096) four rows with split K took
+    8.2 us against 8.7 us without; since one row of ``x`` is staged in threadgroup
+    memory (0843fe5), two rows without split K take 7.6 us against 8.7 us for four
+    with split (56 against 64 registers, median of five launches each; ``SQUARE_ROWS``,
+    quantized weights with ``n <= k < 2 n``; measured at 4-bit ``k == n`` only). Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
     4096 -> 14336) are as fast or faster with four rows and no split. With 4 to 6 rows
     of ``x`` the layers with ``k >= n`` and ``n >= 4096`` have enough threadgroups
     without split K: eight rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 /
@@ -168,6 +175,8 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
             rows, split = 8, 0
         elif wide and m == 3 and k < 2 * n:
             rows, split = DEFAULT_ROWS, 0
+        elif m == 1 and k < 2 * n and not (dual or dense) and head_dim is None:
+            rows, split = SQUARE_ROWS, 0
         else:
             tall = k >= 2 * n and (m == 1 or (wide and m == 3))
             rows, split = (8 if tall else DEFAULT_ROWS), 1
