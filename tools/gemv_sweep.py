@@ -12,7 +12,8 @@ against the reference backend first; the checked ones then run once each between
 ``--rows``, ``--threads``, ``--split`` (comma-separated) and ``--only`` narrow the sweep.
 ``--repeat N`` launches the whole list N times, round-robin, and ``--table`` prints each
 configuration's median and range (one launch of a ~8 us kernel under ncu moves by
-10-15% from one launch to the next). ``--table`` also prints ``launch__registers_per_thread``, ``smsp__inst_executed.sum`` and
+10-15% from one launch to the next). ``--table`` also prints
+``launch__registers_per_thread``, ``smsp__inst_executed.sum`` and
 ``sm__warps_active.avg.pct_of_peak_sustained_active`` when they were collected.
 """
 

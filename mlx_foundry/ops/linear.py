@@ -140,9 +140,10 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     eight rows with the threadgroup's four SIMD-groups splitting K reach 59-61%
     (16-17 us). At ``k == n`` (o_proj, 4096 -> 4096) four rows with split K took
     8.2 us against 8.7 us without; since one row of ``x`` is staged in threadgroup
-    memory (0843fe5), two rows without split K take 7.6 us against 8.7 us for four
-    with split (56 against 64 registers, median of five launches each; ``SQUARE_ROWS``,
-    quantized weights with ``n <= k < 2 n``; measured at 4-bit ``k == n`` only). Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
+    memory (0843fe5), two rows without split K take 7.6 us against 8.2-8.7 us for four
+    with split (56 against 64 registers, medians of five launches; ``SQUARE_ROWS``:
+    quantized weights with ``n <= k < 2 n``, measured at 4-bit ``k == n`` only; section
+    15 of ``docs/ncu_h100_gemv.md``). Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
     4096 -> 14336) are as fast or faster with four rows and no split. With 4 to 6 rows
     of ``x`` the layers with ``k >= n`` and ``n >= 4096`` have enough threadgroups
     without split K: eight rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 /
