@@ -12,6 +12,8 @@ from mlx_foundry.__main__ import main as cli_main
 from mlx_foundry.bench import cases, report, run_case, timing, tuner
 from mlx_foundry.bench import Context
 
+from tuned import grid, looked_up
+
 
 # ------------------------------------------------------------------------------------
 # The command
@@ -599,21 +601,6 @@ def test_timed_run_feeds_the_tuner(tmp_path):
     assert all(c["median_s"] > 0 for c in entry["candidates"])
 
 
-def _grid(params):
-    """Launch constants but the unroll count (the tuner's second pass) and MBLOCK (1 at
-    one row of x, written out by the tuner where the default has it)."""
-    return {k: v for k, v in params.items() if k not in ("UNROLL", "MBLOCK")}
-
-
-def _looked_up(entry_path, params):
-    """What the op's lookup returns for a stored choice: None when it is the default."""
-    import json
-
-    with open(entry_path) as f:
-        (entry,) = json.load(f)["entries"].values()
-    return None if params == entry["default"] else params
-
-
 def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     pytest.importorskip("mlx_foundry.ops.linear")
     from mlx_foundry.bench import autotune
@@ -627,16 +614,14 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     # A candidate, one unrolled by the second pass, or the op's untuned launch (kept unless
     # a candidate is clearly faster).
     assert key.startswith("reference:") and cls == "m1_n128_k256"
-    assert _grid(params) in cands + [_grid(default_launch(96, 256))]
+    assert grid(params) in cands + [grid(default_launch(96, 256))]
     assert params.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS
-    kern = linear_kernel(("affine", 4, 64))
-    assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == _looked_up(
-        path, params)
-    # Every candidate ran, the untuned default (which carries MBLOCK) included.
-    import json
-
     with open(path) as f:
         (entry,) = json.load(f)["entries"].values()
+    assert entry["params"] == params
+    kern = linear_kernel(("affine", 4, 64))
+    assert autotune.lookup_linear(kern, 96, 256, 1, "reference", path=path) == looked_up(entry)
+    # Every candidate ran, the untuned default (which carries MBLOCK) included.
     assert entry["failures"] == []
     assert default_launch(96, 256) in [c["params"] for c in entry["candidates"]]
     # Candidates were written out with the constants they left to the stage defaults.
@@ -873,15 +858,14 @@ def test_autotune_linear_tunes_rows_of_x(tmp_path):
                                repeats=1, path=path, pool_bytes=0, rows_of_x=(4,))
     (key, cls), params = next(iter(got.items()))
     assert cls == "m4_n128_k256"
-    assert _grid(params) in [_grid(c) for c in cands + [default_launch(96, 256, m=4)]]
+    assert grid(params) in [grid(c) for c in cands + [default_launch(96, 256, m=4)]]
     assert params["MBLOCK"] in (2, default_launch(96, 256, m=4)["MBLOCK"])
     assert params.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS
-    kern = linear_kernel(("affine", 4, 64))
-    assert autotune.lookup_linear(kern, 96, 256, 4, "reference", path=path) == _looked_up(
-        path, params)
     with open(path) as f:
         (entry,) = json.load(f)["entries"].values()
-    assert entry["failures"] == []
+    assert entry["params"] == params and entry["failures"] == []
+    kern = linear_kernel(("affine", 4, 64))
+    assert autotune.lookup_linear(kern, 96, 256, 4, "reference", path=path) == looked_up(entry)
     with pytest.raises(ValueError, match="'rows_of_x'"):
         autotune.tune_linear("reference", rows_of_x=(0,), path=path)
 

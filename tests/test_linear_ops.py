@@ -12,6 +12,7 @@ from mlx_foundry.ops import (Weight, linear, norm_gate_up_swiglu, norm_linear,
 from mlx_foundry.policies.affine import AFFINE_BITS, AFFINE_GROUP_SIZES
 
 from tolerances import assert_close
+from tuned import grid, looked_up
 
 # The module (mlx_foundry.ops.linear is the function once the package is imported).
 lin = importlib.import_module("mlx_foundry.ops.linear")
@@ -347,7 +348,6 @@ def test_weight_scales_and_biases_share_a_dtype():
 def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
     """A stored tuning for this kernel, source and shape class sets ROWS/THREADS."""
     from mlx_foundry.bench import autotune, tuner
-    from mlx_foundry.kernel import record_launches
 
     monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
     monkeypatch.setattr(lin, "_TUNED", {})
@@ -355,9 +355,8 @@ def test_launch_constants_come_from_the_tuner(monkeypatch, tmp_path):
     x = mx.ones((1, 256), mx.float16)
 
     def launched_constants():
-        with record_launches() as rec:
-            linear(x, w, backend="cuda")
-        return {k: rec[0][2][k] for k in ("ROWS", "THREADS")}
+        got = _launched(linear, x, w)
+        return {k: got[k] for k in ("ROWS", "THREADS")}
 
     assert launched_constants() == {"ROWS": lin.DEFAULT_ROWS, "THREADS": lin.DEFAULT_THREADS}
     kern = lin.linear_kernel(w.signature())
@@ -460,7 +459,7 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
                 for name, (_, n, k, _) in autotune._decode_ops(autotune.TINY, 4, 64,
                                                                mx.float16).items()]
     # The second pass may unroll the choice of the first (every setting times alike here).
-    assert all(_grid(p) == cands[0] or _grid(p) in map(_grid, defaults)
+    assert all(grid(p) == cands[0] or grid(p) in map(grid, defaults)
                for p in chosen.values())
     assert all(p.get("UNROLL", 1) in autotune.DEFAULT_UNROLLS for p in chosen.values())
     # Tuning drops the launch constants the ops resolved before it (its own warm-up
@@ -482,14 +481,7 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
                   if e["kernel_key"] == key and e["shape_class"] == cls]
         assert entry["params"] == chosen[(key, cls)], name
         # A kept default looks up as None (the op's own default applies).
-        want = None if entry["params"] == entry["default"] else entry["params"]
-        assert autotune.lookup_linear(kern, n, k, 1, "reference") == want, name
-
-
-def _grid(params):
-    """Launch constants but those the tuner's candidates may leave to the stage defaults
-    (MBLOCK, UNROLL) or refine (UNROLL)."""
-    return {k: v for k, v in params.items() if k not in ("UNROLL", "MBLOCK")}
+        assert autotune.lookup_linear(kern, n, k, 1, "reference") == looked_up(entry), name
 
 
 def test_linear_rejects_a_format_other_than_its_weights():
