@@ -279,7 +279,8 @@ class Constant(Arg):
         name (str): the constant's name in the generated body.
         kind (str): ``"int"``, ``"bool"`` or ``"dtype"``.
         like (str, optional): for ``"dtype"``, the ``Tensor`` whose dtype it takes.
-        value (callable or value, optional): a fixed value or ``value(bound)``;
+        value (callable or value, optional): a fixed value or ``value(bound)``, where
+            ``bound`` holds the arguments and the constants declared before this one;
             otherwise the caller passes it by keyword.
     """
 

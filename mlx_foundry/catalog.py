@@ -196,9 +196,10 @@ def _entries():
         lambda: ops.linear(_z((1, 2048), F16), _weight(5120, 2048, "dense", F16),
                            backend="metal"))
     add("linear_q4g64_f16_k14336_residual", "GEMV 1x14336 -> 1024 q4g64 f16 + residual: x "
-        "staged in 30 KB of threadgroup memory (near the budget), split K",
-        lambda: ops.linear(_z((1, 14336), F16), _weight(1024, 14336, (4, 64)),
-                           residual=_z((1, 1024), F16), backend="metal"))
+        "staged in 30 KB of threadgroup memory (near the budget), no split K",
+        _with_launch(lambda: ops.linear(_z((1, 14336), F16), _weight(1024, 14336, (4, 64)),
+                                        residual=_z((1, 1024), F16), backend="metal"),
+                     ROWS=4, SPLITK=0))
     add("linear_dense_bf16_rows3_splitk", "GEMV 3x4096 -> 1024 dense bf16, split K",
         lambda: ops.linear(_z((3, K), BF16), _weight(1024, K, "dense", BF16), backend="metal"))
     add("norm_linear_q4g64_rows5_mblock4", "RMSNorm + GEMV 5x4096 -> 1024 q4g64, MBLOCK 4, "

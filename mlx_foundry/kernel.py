@@ -261,7 +261,12 @@ class Program:
         return bound, given
 
     def _constants(self, bound, given):
-        return {c.name: c.resolve(bound, given.get(c.name)) for c in self.constants}
+        # A derived constant sees the arguments and the constants declared before it
+        # (the GEMV's XSTAGE depends on its SPLITK).
+        seen = Bound(bound)
+        for c in self.constants:
+            seen[c.name] = c.resolve(seen, given.get(c.name))
+        return {c.name: seen[c.name] for c in self.constants}
 
     def _kernel_inputs(self, bound):
         out = []

@@ -201,6 +201,22 @@ def test_cache_hit_renders_and_hashes_nothing(fake_backend, monkeypatch):
     assert info.hits == 5 and info.misses == 1 and info.compiles == 1
 
 
+def test_a_derived_constant_sees_the_constants_declared_before_it():
+    """``Constant(value=fn)``: ``fn`` gets the arguments and the constants before it,
+    given or derived (the GEMV's XSTAGE follows its SPLITK)."""
+    k = mf.Kernel("derived", source_text="template <int A, int B> void f() {}", function="f",
+                  template=("A", "B"),
+                  args=[mf.Tensor("x", (mx.float32,)),
+                        mf.Output("y", shape=lambda b: b.x.shape, dtype="x"),
+                        mf.Constant("A", value=lambda b: b.x.shape[0]),
+                        mf.Constant("B", value=lambda b: 10 * b.A + b.x.shape[0])],
+                  dispatch=lambda b: mf.per_element(b.x.size), reference=lambda b: b.x)
+    x = mx.zeros((3,))
+    assert "constexpr int B = 33;" in k.source(x).body
+    assert "constexpr int B = 73;" in k.source(x, A=7).body
+    assert "constexpr int B = 5;" in k.source(x, B=5).body
+
+
 def test_same_name_different_constant_gives_different_kernels(fake_backend):
     k = ck.row_sum_kernel()
     a = k.source(ck.seeded((2, 64), mx.float32), scale=1.0)

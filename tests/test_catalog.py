@@ -52,7 +52,7 @@ _ELEMENT_BYTES = {"float": 4, "uint4": 16}
 
 def test_threadgroup_memory_of_every_kernel_fits_metal():
     """Every catalog kernel declares at most 32 KB of threadgroup memory (the GEMV's
-    staged row of x is the largest: 1x14336 f16, 30 KB plus the split-K sums)."""
+    staged row of x is the largest: 1x14336 f16, 30 KB plus the partial sums)."""
     largest = 0
     for e in catalog.entries():
         for program, args, kwargs in e.launches():

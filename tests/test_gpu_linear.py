@@ -315,8 +315,9 @@ def test_unroll_every_op(gpu_backend, unrolled, dtype):
 @pytest.mark.parametrize("split", [False, True], ids=["rows", "splitk"])
 def test_staged_x_at_the_largest_row(gpu_backend, monkeypatch, tmp_path, split, dtype):
     """One row of x at K = 14336 (Llama-3-8B's down projection), staged in threadgroup
-    memory in half (30 KB, near the budget; in bfloat16 it is over the budget and the
-    lanes load x themselves):
+    memory in half without split K (30 KB, near the budget; in bfloat16 it is over the
+    budget, and with split K each SIMD-group reads its slice: the lanes load x
+    themselves):
     plain, normed and dual GEMVs with and without split K, N = 83 leaving SIMD-groups of
     the last threadgroup past the last row."""
     from mlx_foundry.bench import tuner
@@ -327,8 +328,9 @@ def test_staged_x_at_the_largest_row(gpu_backend, monkeypatch, tmp_path, split, 
         monkeypatch.setattr(lin, "SPLIT_MIN_K", 1 << 30)
     k, n = 14336, 83
     assert lin.default_launch(n, k)["SPLITK"] == int(split)
-    units = xstage_units(Bound(x=mx.zeros((1, k), dtype)), [affine_policy(4, 64)])
-    assert (units > 1) == (dtype == mx.float16)
+    units = xstage_units(Bound(x=mx.zeros((1, k), dtype), SPLITK=int(split)),
+                         [affine_policy(4, 64)])
+    assert (units > 1) == (dtype == mx.float16 and not split)
     w, up = _w(n, k, (4, 64), dtype), _w(n, k, (4, 64), dtype)
     g = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
     x, r = _x((1, k), dtype), _x((1, n), dtype)

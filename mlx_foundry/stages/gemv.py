@@ -107,15 +107,21 @@ def xstage_units(b, policies):
 
     A threadgroup stages ``x`` when its SIMD-groups would each load the same row and redo
     the same per-chunk work: one row of half or bfloat16 ``x`` on the packed-half path
-    (every policy 4- or 8-bit affine, one pair order), within :data:`XSTAGE_MAX_BYTES`:
-    ``K / 32`` chunks of 64 bytes, a float per chunk (two for bfloat16) and eight sums
-    of squares.
+    (every policy 4- or 8-bit affine, one pair order), without split K, within
+    :data:`XSTAGE_MAX_BYTES`: ``K / 32`` chunks of 64 bytes, a float per chunk (two for
+    bfloat16) and eight sums of squares.
+
+    With split K each SIMD-group reads its own slice of ``x``, so staging the whole row
+    is work no SIMD-group shares: under ncu on one H100 (``docs/ncu_h100_gemv.md``
+    section 15) the down projection (14336 -> 4096, eight rows, split K) took 18.8-18.9
+    us staged against 16.4-16.5 us unstaged, while the launches without split K gained
+    (gate/up 28.3-28.4 against 30.6 us).
     """
     x = b.x
     k = x.shape[-1]
     pairs = {p.half_pairs for p in policies}
     if (x.dtype not in (mx.float16, mx.bfloat16) or x.size != k or k % 32
-            or len(pairs) != 1 or 0 in pairs):
+            or len(pairs) != 1 or 0 in pairs or b.get("SPLITK", DEFAULT_SPLITK)):
         return 1
     chunks = k // 32
     floats = chunks * (2 if x.dtype == mx.bfloat16 else 1) + MAX_GEMV_THREADS // 32
