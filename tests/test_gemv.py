@@ -465,20 +465,26 @@ def test_tuned_mblock_is_used_when_valid(monkeypatch):
     assert lin._resolve_launch(kern, "cuda", 14336, 4096, 4, None, False)["MBLOCK"] == 2
 
 
-@pytest.mark.slow
-def test_gemv_regs_tool_compiles_the_staged_decode_gemvs(monkeypatch, tmp_path):
-    """tools/gemv_regs.py compiles the Llama-3-8B decode GEMVs for sm_90: every case
-    fits the register file without spilling, and o_proj (x staged, two rows per
-    SIMD-group) stays under the 96 registers of its launch before the staging."""
+def _gemv_regs_tool(monkeypatch):
+    """tools/gemv_regs.py as a module (its folder on sys.path for decode_shapes)."""
     import importlib.util
 
-    _, inc = _nvcc_or_skip()
-    monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
     tools = Path(__file__).resolve().parents[1] / "tools"
     monkeypatch.syspath_prepend(str(tools))
     spec = importlib.util.spec_from_file_location("gemv_regs", tools / "gemv_regs.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_gemv_regs_tool_compiles_the_staged_decode_gemvs(monkeypatch, tmp_path):
+    """tools/gemv_regs.py compiles the Llama-3-8B decode GEMVs for sm_90: every case
+    fits the register file without spilling, and o_proj (x staged, two rows per
+    SIMD-group) stays under the 96 registers of its launch before the staging."""
+    _, inc = _nvcc_or_skip()
+    monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
+    mod = _gemv_regs_tool(monkeypatch)
     seen = {}
     for label, kernel, kwargs in mod._cases(mx.float16):
         folder = tmp_path / str(len(seen))
@@ -487,3 +493,32 @@ def test_gemv_regs_tool_compiles_the_staged_decode_gemvs(monkeypatch, tmp_path):
     assert set(seen) >= {"down_proj+residual", "gate/up", "o_proj+residual"}
     assert all(0 < regs <= 255 and spill == 0 for regs, spill in seen.values()), seen
     assert seen["o_proj+residual"][0] < 96, seen
+
+
+def test_gemv_regs_launch_bounds_go_between_the_headers_and_the_kernel(monkeypatch):
+    """--min-blocks: the bound redefines __global__ after every include and before MLX's
+    namespace, the one place a kernel MLX declares itself can get it."""
+    mod = _gemv_regs_tool(monkeypatch)
+    src = ('#include "mlx/backend/cuda/device/utils.cuh"\nnamespace mlx::core::cu {\n'
+           "__global__ void custom_kernel_k(const float* x) {}\n}\n")
+    got = mod.with_launch_bounds(src, 128, 5)
+    head, tail = got.split("namespace mlx::core::cu", 1)
+    assert head.startswith('#include "mlx/backend/cuda/device/utils.cuh"\n')
+    assert head.endswith("#undef __global__\n#define __global__ __location__(global) "
+                         "__launch_bounds__(128, 5)\n")
+    assert tail == src.split("namespace mlx::core::cu", 1)[1]
+
+
+@pytest.mark.slow
+def test_gemv_regs_launch_bounds_hold_gate_up_to_five_threadgroups(monkeypatch, tmp_path):
+    """Under __launch_bounds__(128, 5) the gate/up GEMV (128 registers unbounded, four
+    threadgroups of 128 threads per SM) compiles to at most 65536 / (5 * 128) registers."""
+    _, inc = _nvcc_or_skip()
+    monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
+    mod = _gemv_regs_tool(monkeypatch)
+    label, kernel, kwargs = next(c for c in mod._cases(mx.float16) if c[0] == "gate/up")
+    assert kwargs["THREADS"] == 128
+    free = mod.compile_case(kernel, kwargs, str(tmp_path))
+    (tmp_path / "b").mkdir()
+    bound = mod.compile_case(kernel, kwargs, str(tmp_path / "b"), min_blocks=5)
+    assert free[0] > 65536 // (5 * 128) >= bound[0], (free, bound)
