@@ -263,10 +263,10 @@ class Program:
     def _constants(self, bound, given):
         # A derived constant sees the arguments and the constants declared before it
         # (the GEMV's XSTAGE depends on its SPLITK).
-        seen = Bound(bound)
+        seen, consts = Bound(bound), {}
         for c in self.constants:
-            seen[c.name] = c.resolve(seen, given.get(c.name))
-        return {c.name: seen[c.name] for c in self.constants}
+            seen[c.name] = consts[c.name] = c.resolve(seen, given.get(c.name))
+        return consts
 
     def _kernel_inputs(self, bound):
         out = []

@@ -285,20 +285,25 @@ def _nvcc_or_skip():
     return nvcc, inc
 
 
+def _nvcc_compile(kern, kwargs, out, mode):
+    """Compile the CUDA unit MLX would build for ``kern`` to ``out`` (``mode``: ``-ptx`` or
+    ``-c``) for sm_90; skips without nvcc or MLX's CUDA headers."""
+    nvcc, inc = _nvcc_or_skip()
+    cu = out.with_suffix(".cu")
+    cu.write_text(cuda_source_of(kern, **kwargs))
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", mode, str(cu), "-o", str(out),
+                        f"-I{inc}", f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-6000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in _half_cases()])
 def test_half_path_is_chosen_at_compile_time(case, tmp_path):
     """x half or bfloat with 4/8-bit affine weights (every policy of the call) compiles to
     packed HFMA2 (fma.rn.f16x2); other bit widths and dense partners keep the float path."""
-    nvcc, inc = _nvcc_or_skip()
     _, kern, kwargs, half = next(c for c in _half_cases() if c[0] == case)
-    cu = tmp_path / "k.cu"
-    cu.write_text(cuda_source_of(kern, **kwargs))
-    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o",
-                        str(tmp_path / "k.ptx"), f"-I{inc}",
-                        f"-I{Path(mx.__file__).resolve().parent / 'include'}"], capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-6000:]
+    _nvcc_compile(kern, kwargs, tmp_path / "k.ptx", "-ptx")
     n = (tmp_path / "k.ptx").read_text().count("fma.rn.f16x2")
     assert (n > 0) == half, n
 
@@ -306,18 +311,8 @@ def test_half_path_is_chosen_at_compile_time(case, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in _cuda_cases()])
 def test_kernels_compile_with_nvcc(case, tmp_path):
-    nvcc = shutil.which("nvcc")
-    inc = os.environ.get("MLX_FOUNDRY_CUDA_INCLUDE", "/tmp/mlxinc")
-    if nvcc is None or not (Path(inc) / "mlx/backend/cuda/device/utils.cuh").is_file():
-        pytest.skip("nvcc or MLX's CUDA headers (MLX_FOUNDRY_CUDA_INCLUDE) not available")
     _, kern, kwargs = next(c for c in _cuda_cases() if c[0] == case)
-    cu = tmp_path / "k.cu"
-    cu.write_text(cuda_source_of(kern, **kwargs))
-    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o",
-                        str(tmp_path / "k.o"), f"-I{inc}",
-                        f"-I{Path(mx.__file__).resolve().parent / 'include'}"], capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-6000:]
+    _nvcc_compile(kern, kwargs, tmp_path / "k.o", "-c")
 
 
 def test_default_launch_splits_k_only_for_tall_weights():

@@ -18,6 +18,7 @@ lin = importlib.import_module("mlx_foundry.ops.linear")
 
 @pytest.fixture
 def host_cost(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOL.parent))  # its sibling decode_breakdown
     spec = importlib.util.spec_from_file_location("host_cost", TOOL)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

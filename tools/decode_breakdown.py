@@ -35,7 +35,8 @@ def _model():
     return random_quantized_model()
 
 
-def _primed(model):
+def primed(model):
+    """``(cache, token)``: a fresh cache holding a 16-token prompt, and the next token."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -47,7 +48,7 @@ def _primed(model):
 def breakdown(model, tokens=30, skip=5, pipelined=64):
     import mlx.core as mx
 
-    cache, y = _primed(model)
+    cache, y = primed(model)
     b, a, w = [], [], []
     for i in range(tokens):
         t0 = time.perf_counter()
@@ -61,7 +62,7 @@ def breakdown(model, tokens=30, skip=5, pipelined=64):
             b.append(t1 - t0)
             a.append(t2 - t1)
             w.append(t3 - t2)
-    cache, y = _primed(model)
+    cache, y = primed(model)
     out = model(y, cache=cache)
     mx.async_eval(out)
     t0 = time.perf_counter()
@@ -79,7 +80,7 @@ def breakdown(model, tokens=30, skip=5, pipelined=64):
 def one_token(model):
     import mlx.core as mx
 
-    cache, y = _primed(model)
+    cache, y = primed(model)
     for _ in range(4):
         mx.eval(model(y, cache=cache))
     driver = ctypes.CDLL("libcuda.so.1")

@@ -96,8 +96,8 @@ def decode_model(layers=32, patched=True):
     """A small random 4-bit Llama with ``layers`` blocks, primed with a 16-token prompt:
     ``(model, cache, token)``; patched for the CUDA backend when ``patched``."""
     import mlx_foundry
+    from decode_breakdown import primed
     from mlx_foundry.lm_bench import random_quantized_model
-    from mlx_lm.models.cache import make_prompt_cache
 
     config = dict(model_type="llama", hidden_size=256, num_hidden_layers=layers,
                   intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
@@ -106,9 +106,7 @@ def decode_model(layers=32, patched=True):
     model = random_quantized_model(config=config)
     if patched:
         mlx_foundry.patch(model, backend="cuda")
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([[1] * 16]), cache=cache))
-    return model, cache, mx.array([[3]])
+    return (model, *primed(model))
 
 
 def time_tokens(model, cache, token, tokens=100, warmup=5):
