@@ -282,12 +282,16 @@ class Constant(Arg):
         value (callable or value, optional): a fixed value or ``value(bound)``, where
             ``bound`` holds the arguments and the constants declared before this one;
             otherwise the caller passes it by keyword.
+        in_body (bool, optional): declare it at the top of the generated body. ``False``
+            for a constant that only a backend reads when it builds the kernel (a launch
+            attribute such as the GEMVs' ``MINBLOCKS``): it still selects the
+            specialization, and adds no line to the source. Default: ``True``.
     """
 
     kind = "constant"
     is_input = False
 
-    def __init__(self, name, kind="int", *, like=None, value=None):
+    def __init__(self, name, kind="int", *, like=None, value=None, in_body=True):
         # A constant is a name in the body too: MLX's substring traps apply.
         self.name = check_argument_name(name, "constant name", who="Constant")
         if kind not in ("int", "bool", "dtype"):
@@ -298,6 +302,7 @@ class Constant(Arg):
         self.const_kind = kind
         self.like = like
         self.value = value
+        self.in_body = bool(in_body)
         self.buffer = None
         self.stage_skip = False
         self.metal_type_override = None

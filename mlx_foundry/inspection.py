@@ -79,7 +79,8 @@ def cuda_source_of(program, *args, **kwargs):
     """The CUDA translation unit MLX's ``cuda_kernel`` would compile for ``program`` with
     these example arguments, as MLX 0.32 writes it (``custom_kernel.cpp``,
     ``build_kernel``), for compiling and inspecting a kernel without a GPU (``nvcc
-    -arch=sm_90``; ``tools/gemv_regs.py``). The kernel is named ``custom_kernel_k``.
+    -arch=sm_90``; ``tools/gemv_regs.py``). The kernel has MLX's name for it,
+    ``custom_kernel_<name>`` (the name launch attributes such as ``MINBLOCKS`` refer to).
 
     It needs MLX's CUDA device headers and the installed prelude on the include path:
     ``MLX_FOUNDRY_CUDA_INCLUDE`` (see ``tests/test_cuda_compat.py``) and MLX's
@@ -93,4 +94,5 @@ def cuda_source_of(program, *args, **kwargs):
     params += [f"{_CUDA_TYPES[o.resolve(full)[1]]}* {o.name}" for o in program.outputs]
     return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + src.header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-            + f"__global__ void custom_kernel_k({', '.join(params)}) {{\n{src.body}\n}}\n}}\n")
+            + f"__global__ void custom_kernel_{src.name}({', '.join(params)}) {{\n{src.body}"
+            + "\n}\n}\n")

@@ -122,6 +122,11 @@ def _key_part(v):
     return v
 
 
+def _no_attributes(constants):
+    """A backend module without ``launch_attributes`` takes none."""
+    return ()
+
+
 def _params_array(v):
     return v.to_array()
 
@@ -471,7 +476,8 @@ class Program:
         mod = _backend_module(backend)
         lines = []
         for c in self.constants:
-            lines.append(c.declaration(constants[c.name]))
+            if c.in_body:
+                lines.append(c.declaration(constants[c.name]))
         tg_names = {}
         for t in self.threadgroup:
             lines.append(mod.threadgroup_declaration(t.type, t.name,
@@ -505,10 +511,18 @@ class Program:
             in_types = tuple(str(bound[a.name].dtype) for a in self._tensors)
         input_names = tuple(a.input_name for a in self.inputs)
         output_names = tuple(a.name for a in self.outputs)
-        h = cache.content_hash(backend, header, body, input_names, output_names, in_types,
-                               tuple(str(d) for d in out_dtypes))
-        return KernelSource(f"{self.name}_{h}", header, body, input_names, output_names,
-                            backend)
+        key = [backend, header, body, input_names, output_names, in_types,
+               tuple(str(d) for d in out_dtypes)]
+        # Launch attributes name the kernel, so they join the source after its name is
+        # hashed; the hash sees what they are (and nothing when there are none, so that
+        # a kernel without any keeps its name).
+        attrs = getattr(mod, "launch_attributes", _no_attributes)(constants)
+        if attrs:
+            key.append(attrs)
+        name = f"{self.name}_{cache.content_hash(*key)}"
+        if attrs:
+            header += mod.launch_attribute_lines(name, attrs)
+        return KernelSource(name, header, body, input_names, output_names, backend)
 
     def source(self, *args, backend="metal", **kwargs):
         """The generated :class:`KernelSource` for these example arguments."""

@@ -217,6 +217,26 @@ def test_a_derived_constant_sees_the_constants_declared_before_it():
     assert "constexpr int B = 5;" in k.source(x, B=5).body
 
 
+def test_a_constant_outside_the_body_adds_no_line(fake_backend):
+    """``Constant(in_body=False)``: a value only a backend reads (a launch attribute); the
+    body declares it nowhere, and on Metal, which takes no such attribute, every value
+    is the one kernel."""
+    k = mf.Kernel("attr", source_text="template <int A> void f() {}", function="f",
+                  template=("A",),
+                  args=[mf.Tensor("x", (mx.float32,)),
+                        mf.Output("y", shape=lambda b: b.x.shape, dtype="x"),
+                        mf.Constant("A", value=1),
+                        mf.Constant("HINT", value=0, in_body=False)],
+                  dispatch=lambda b: mf.per_element(b.x.size), reference=lambda b: b.x)
+    x = mx.zeros((3,))
+    plain, hinted = k.source(x), k.source(x, HINT=4)
+    assert "HINT" not in plain.body and "constexpr int A = 1;" in plain.body
+    assert (hinted.name, hinted.header, hinted.body) == (plain.name, plain.header, plain.body)
+    k(x, backend="metal")
+    k(x, HINT=4, backend="metal")
+    assert len(set(fake_backend.built)) == 1
+
+
 def test_same_name_different_constant_gives_different_kernels(fake_backend):
     k = ck.row_sum_kernel()
     a = k.source(ck.seeded((2, 64), mx.float32), scale=1.0)

@@ -490,23 +490,51 @@ def test_gemv_regs_tool_compiles_the_staged_decode_gemvs(monkeypatch, tmp_path):
     assert seen["o_proj+residual"][0] < 96, seen
 
 
-def test_gemv_regs_launch_bounds_go_between_the_headers_and_the_kernel(monkeypatch):
-    """--min-blocks: the bound redefines __global__ after every include and before MLX's
-    namespace, the one place a kernel MLX declares itself can get it."""
-    mod = _gemv_regs_tool(monkeypatch)
-    src = ('#include "mlx/backend/cuda/device/utils.cuh"\nnamespace mlx::core::cu {\n'
-           "__global__ void custom_kernel_k(const float* x) {}\n}\n")
-    got = mod.with_launch_bounds(src, 128, 5)
-    head, tail = got.split("namespace mlx::core::cu", 1)
-    assert head.startswith('#include "mlx/backend/cuda/device/utils.cuh"\n')
-    assert head.endswith("#undef __global__\n#define __global__ __location__(global) "
-                         "__launch_bounds__(128, 5)\n")
-    assert tail == src.split("namespace mlx::core::cu", 1)[1]
+def _small_linear():
+    x = mx.random.normal((1, 512), key=mx.random.key(1)).astype(mx.float16)
+    return linear_kernel(("affine", 4, 64)), dict(x=x, **_affine_args(256, 512))
+
+
+def test_min_blocks_zero_leaves_every_source_as_it_was():
+    """MINBLOCKS is not a line of the body: 0 (the default) gives the same sources, names
+    included, as not passing it, so the default launches keep their kernels."""
+    kern, args = _small_linear()
+    for backend in ("metal", "cuda"):
+        plain = kern.source(**args, backend=backend)
+        zero = kern.source(**args, MINBLOCKS=0, backend=backend)
+        assert (zero.name, zero.header, zero.body) == (plain.name, plain.header, plain.body)
+        assert "MINBLOCKS" not in plain.body and "__launch_bounds__" not in plain.header
+
+
+def test_min_blocks_bounds_the_cuda_kernel_mlx_declares():
+    """MINBLOCKS=5 adds one line after the CUDA header that gives MLX's declaration of the
+    kernel (custom_kernel_<name>) __launch_bounds__(THREADS, 5); the body and the Metal
+    source do not change."""
+    kern, args = _small_linear()
+    plain = kern.source(**args, backend="cuda")
+    bound = kern.source(**args, MINBLOCKS=5, THREADS=128, backend="cuda")
+    assert bound.name != plain.name and bound.body == plain.body
+    line = (f"#define custom_kernel_{bound.name} __launch_bounds__(128, 5) "
+            f"custom_kernel_{bound.name}\n")
+    assert bound.header == plain.header + line
+    assert kern.source(**args, MINBLOCKS=5, backend="metal").header == \
+        kern.source(**args, backend="metal").header
+
+
+@pytest.mark.parametrize("blocks", [-1, 17, 3.0, True])
+def test_min_blocks_out_of_range_is_an_error_naming_it(blocks):
+    """A bound no SM can hold (more than 2048 threads), a negative one, or not an int."""
+    from mlx_foundry.stages.gemv import check_min_blocks
+
+    with pytest.raises(ValueError, match="MINBLOCKS"):
+        check_min_blocks(blocks, 128)
+    check_min_blocks(16, 128)
+    check_min_blocks(0, 256)
 
 
 @pytest.mark.slow
-def test_gemv_regs_launch_bounds_hold_gate_up_to_five_threadgroups(monkeypatch, tmp_path):
-    """Under __launch_bounds__(128, 5) the gate/up GEMV (128 registers unbounded, four
+def test_min_blocks_hold_gate_up_to_five_threadgroups(monkeypatch, tmp_path):
+    """With MINBLOCKS=5 (__launch_bounds__(128, 5)) the gate/up GEMV (128 registers unbounded, four
     threadgroups of 128 threads per SM) compiles to at most 65536 / (5 * 128) registers."""
     _, inc = _nvcc_or_skip()
     monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
@@ -515,5 +543,5 @@ def test_gemv_regs_launch_bounds_hold_gate_up_to_five_threadgroups(monkeypatch, 
     assert kwargs["THREADS"] == 128
     free = mod.compile_case(kernel, kwargs, str(tmp_path))
     (tmp_path / "b").mkdir()
-    bound = mod.compile_case(kernel, kwargs, str(tmp_path / "b"), min_blocks=5)
+    bound = mod.compile_case(kernel, dict(kwargs, MINBLOCKS=5), str(tmp_path / "b"))
     assert free[0] > 65536 // (5 * 128) >= bound[0], (free, bound)

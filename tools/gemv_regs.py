@@ -8,7 +8,7 @@ compiling the same CUDA text MLX would compile (``inspection.cuda_source_of``) w
     python tools/gemv_regs.py                       # every case, default launches
     python tools/gemv_regs.py gate/up --rows 2      # cases whose label contains 'gate/up'
     python tools/gemv_regs.py gate/up --sass gu.sass
-    python tools/gemv_regs.py gate/up --min-blocks 5   # as if __launch_bounds__(THREADS, 5)
+    python tools/gemv_regs.py gate/up --min-blocks 5   # MINBLOCKS=5
 
 Needs ``nvcc`` and MLX's CUDA device headers in ``MLX_FOUNDRY_CUDA_INCLUDE`` (see
 ``tests/test_cuda_compat.py`` for how to extract them); ``--sass`` also needs
@@ -16,12 +16,10 @@ Needs ``nvcc`` and MLX's CUDA device headers in ``MLX_FOUNDRY_CUDA_INCLUDE`` (se
 ncu reports for MLX's NVRTC build on an H100 (72 / 128 / 96 / 128 for the first four
 cases at 65b5490).
 
-``--min-blocks N`` compiles each kernel as if it were declared
-``__launch_bounds__(THREADS, N)``: ptxas then holds it to the registers that let ``N``
-threadgroups share an SM (65536 / (N * THREADS)), spilling if it must. MLX declares the
-kernel itself, after the header, so the header redefining ``__global__`` is how a kernel
-would get the bound; this tool does the same to the source it compiles. An experiment,
-not a launch the library makes (``docs/ncu_h100_gemv.md`` section 17).
+``--min-blocks N`` compiles each kernel with the launch constant ``MINBLOCKS=N``
+(``__launch_bounds__(THREADS, N)``, ``stages.gemv.check_min_blocks``): ptxas then holds
+it to the registers that let ``N`` threadgroups share an SM (65536 / (N * THREADS)),
+spilling if it must (``docs/ncu_h100_gemv.md`` section 17).
 """
 
 import argparse
@@ -89,28 +87,11 @@ def _nvdisasm():
     return found
 
 
-KERNELS_NAMESPACE = "namespace mlx::core::cu"  # MLX opens it just before the kernel
-
-
-def with_launch_bounds(source, threads, min_blocks):
-    """``source`` (MLX's CUDA text of a custom kernel) with the kernel declared
-    ``__launch_bounds__(threads, min_blocks)``: ``__global__`` redefined between the
-    headers and MLX's declaration (see the module doc)."""
-    at = source.index(KERNELS_NAMESPACE)
-    bound = (f"#undef __global__\n#define __global__ __location__(global) "
-             f"__launch_bounds__({threads}, {min_blocks})\n")
-    return source[:at] + bound + source[at:]
-
-
-def compile_case(kernel, kwargs, folder, min_blocks=None):
-    """Compile one case to ``folder/k.cubin``; returns ``(registers, spill bytes)``.
-    ``min_blocks``: compile it under ``__launch_bounds__(THREADS, min_blocks)``."""
+def compile_case(kernel, kwargs, folder):
+    """Compile one case to ``folder/k.cubin``; returns ``(registers, spill bytes)``."""
     cu = os.path.join(folder, "k.cu")
-    source = cuda_source_of(kernel, **kwargs)
-    if min_blocks:
-        source = with_launch_bounds(source, kwargs["THREADS"], min_blocks)
     with open(cu, "w") as f:
-        f.write(source)
+        f.write(cuda_source_of(kernel, **kwargs))
     cmd = ["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-Xptxas", "-v", cu,
            "-o", os.path.join(folder, "k.cubin")]
     cmd += [f"-I{d}" for d in _include_dirs()]
@@ -130,7 +111,7 @@ def main():
     p.add_argument("--splitk", type=int, choices=[0, 1], help="override SPLITK")
     p.add_argument("--sass", metavar="FILE", help="write the first case's SASS to FILE")
     p.add_argument("--min-blocks", type=int, metavar="N",
-                   help="compile under __launch_bounds__(THREADS, N)")
+                   help="MINBLOCKS=N: compile under __launch_bounds__(THREADS, N)")
     args = p.parse_args()
     for label, kernel, kwargs in _cases(getattr(mx, args.dtype)):
         if args.only and not any(o in label for o in args.only):
@@ -139,8 +120,10 @@ def main():
             kwargs["ROWS"] = args.rows
         if args.splitk is not None:
             kwargs["SPLITK"] = args.splitk
+        if args.min_blocks:
+            kwargs["MINBLOCKS"] = args.min_blocks
         with tempfile.TemporaryDirectory() as d:
-            regs, spill = compile_case(kernel, kwargs, d, args.min_blocks)
+            regs, spill = compile_case(kernel, kwargs, d)
             launch = " ".join(f"{k}={kwargs[k]}" for k in ("ROWS", "THREADS", "SPLITK"))
             if args.min_blocks:
                 launch += f" bound {args.min_blocks}"

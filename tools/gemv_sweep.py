@@ -9,7 +9,9 @@ against the reference backend first; the checked ones then run once each between
         python tools/gemv_sweep.py --profile labels.txt > sweep.csv
     python tools/gemv_sweep.py --table sweep.csv labels.txt
 
-``--rows``, ``--threads``, ``--split`` (comma-separated) and ``--only`` narrow the sweep.
+``--rows``, ``--threads``, ``--split``, ``--min-blocks`` (comma-separated; ``MINBLOCKS``
+0 is no register bound, see ``stages.gemv.check_min_blocks``) and ``--only`` narrow the
+sweep; ``--dtype bfloat16`` sweeps the bf16 block (activations, scales and biases).
 ``--repeat N`` launches the whole list N times, round-robin, and ``--table`` prints each
 configuration's median and range (one launch of a ~8 us kernel under ncu moves by
 10-15% from one launch to the next). ``--table`` also prints
@@ -27,11 +29,11 @@ import sys
 ROWS, THREADS, SPLITK = (2, 4, 8, 16), (64, 128, 256), (0, 1)
 
 
-def _ops():
+def _ops(dtype=None):
     from decode_shapes import decode_block
     from mlx_foundry import ops
 
-    b = decode_block()
+    b = decode_block(dtype)
     g, x4, x14, r4 = b.g, b.x4, b.x14, b.r4
     wu, wg, wd, wo, wq, wk, wv, qkv = b.wu, b.wg, b.wd, b.wo, b.wq, b.wk, b.wv, b.qkv
     return {
@@ -42,7 +44,8 @@ def _ops():
     }
 
 
-def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None, repeat=1):
+def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None, repeat=1,
+            min_blocks=(0,), dtype=None):
     import mlx.core as mx
     from mlx_foundry.bench.autotune import _captured
 
@@ -58,14 +61,16 @@ def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None, r
         return out if isinstance(out, tuple) else (out,)
 
     jobs = []
-    for name, (op, args, kw) in _ops().items():
+    for name, (op, args, kw) in _ops(dtype).items():
         if only and name not in only:
             continue
         want = op(*args, backend="reference", **kw)
         want = want if isinstance(want, tuple) else (want,)
         kern, kwargs = launch_of(op, args, kw)
-        for r, t, split in itertools.product(rows, threads, splits):
+        for r, t, split, bound in itertools.product(rows, threads, splits, min_blocks):
             cfg = {"ROWS": r, "THREADS": t, "SPLITK": split}
+            if bound:
+                cfg["MINBLOCKS"] = bound
             try:
                 got = run(kern, kwargs, cfg)
             except ValueError as e:  # a launch the kernel rejects (split-K row limits)
@@ -77,7 +82,8 @@ def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None, r
             if not ok:
                 print(f"WRONG {name} {cfg}", file=sys.stderr)
                 continue
-            jobs.append((f"{name} R{r} T{t} S{split}", kern, kwargs, cfg))
+            jobs.append((f"{name} R{r} T{t} S{split}" + (f" B{bound}" if bound else ""),
+                         kern, kwargs, cfg))
     with open(labels_path, "w") as f:
         f.write("\n".join(j[0] for j in jobs))
     mx.synchronize()
@@ -128,13 +134,20 @@ def main():
     p.add_argument("--rows", type=ints, default=ROWS, help="ROWS values, comma separated")
     p.add_argument("--threads", type=ints, default=THREADS, help="THREADS values")
     p.add_argument("--split", type=ints, default=SPLITK, help="SPLITK values")
+    p.add_argument("--min-blocks", type=ints, default=(0,),
+                   help="MINBLOCKS values (0: no register bound; CUDA only)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                   help="activations, scales and biases")
     p.add_argument("--only", nargs="*", help="only these GEMVs (o+res qkv gate_up down+res)")
     p.add_argument("--repeat", type=int, default=1, help="launches of each configuration")
     args = p.parse_args()
     if args.table:
         table(*args.table)
     elif args.profile:
-        profile(args.profile, args.rows, args.threads, args.split, args.only, args.repeat)
+        import mlx.core as mx
+
+        profile(args.profile, args.rows, args.threads, args.split, args.only, args.repeat,
+                args.min_blocks, getattr(mx, args.dtype))
     else:
         p.error("give --profile LABELS or --table CSV LABELS")
     return 0

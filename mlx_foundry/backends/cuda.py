@@ -77,3 +77,32 @@ def wrap_header(header):
 
 def body_preamble(body):
     return cuda_compat.attribute_preamble(body)
+
+
+def launch_attributes(constants):
+    """``("launch_bounds", THREADS, MINBLOCKS)`` when the ``MINBLOCKS`` constant asks
+    for a bound, else ``()``.
+
+    ``__launch_bounds__(THREADS, MINBLOCKS)`` holds the kernel to the registers that let
+    ``MINBLOCKS`` threadgroups of ``THREADS`` share an SM (the compiler spills past
+    them): a decode GEMV's occupancy is set by its registers
+    (``docs/ncu_h100_gemv.md`` sections 14 and 17).
+    """
+    blocks = constants.get("MINBLOCKS")
+    if not blocks or blocks < 0:  # 0: no bound; a negative one fails at dispatch
+        return ()
+    return ("launch_bounds", constants["THREADS"], blocks)
+
+
+def launch_attribute_lines(name, attrs):
+    """Header lines that give the kernel MLX declares for ``name`` its attributes.
+
+    MLX writes the declaration itself, after the header
+    (``__global__ void custom_kernel_<name>(...)``, ``custom_kernel.cpp``), so the
+    header defines the kernel's name as the attribute followed by the name (a macro is
+    not expanded again inside its own expansion). Were MLX to name kernels otherwise,
+    the line would do nothing: ncu's registers per thread show whether it took.
+    """
+    _, threads, blocks = attrs
+    kernel = f"custom_kernel_{name}"
+    return f"#define {kernel} __launch_bounds__({threads}, {blocks}) {kernel}\n"

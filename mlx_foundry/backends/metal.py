@@ -20,3 +20,13 @@ def wrap_header(header):
 
 def body_preamble(body):
     return ""
+
+
+def launch_attributes(constants):
+    """Launch attributes taken from the constants: none on Metal, where MLX's dispatch
+    sets the threadgroup size and the compiler has no occupancy bound to take."""
+    return ()
+
+
+def launch_attribute_lines(name, attrs):
+    return ""

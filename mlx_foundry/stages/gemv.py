@@ -30,7 +30,9 @@ Launch parameters are compile-time constants with defaults a tuner may override
 by keyword: ``ROWS`` (rows per SIMD-group, default :data:`DEFAULT_ROWS`),
 ``THREADS`` (threads per threadgroup, a multiple of 32, default
 :data:`DEFAULT_THREADS`), ``SPLITK``, ``MBLOCK`` and ``UNROLL`` (the unroll count
-of the loop over ``K``, default :data:`DEFAULT_UNROLL`). ``XSTAGE`` follows from the
+of the loop over ``K``, default :data:`DEFAULT_UNROLL`) and ``MINBLOCKS`` (CUDA only:
+compile under ``__launch_bounds__(THREADS, MINBLOCKS)``; 0, the default, for no bound;
+not a line of the source, see :func:`check_min_blocks`). ``XSTAGE`` follows from the
 arguments (not a launch constant).
 
 Stages (``decls`` holds the shared argument declarations, see :func:`gemv_decls`):
@@ -66,6 +68,11 @@ DEFAULT_MBLOCK = 1
 """Rows of ``x`` per SIMD-group: they share each weight load (``ROWS * MBLOCK <= 32``)."""
 DEFAULT_UNROLL = 1
 """Unroll count of a lane's loop over its chunks of ``K`` (1: not unrolled)."""
+DEFAULT_MINBLOCKS = 0
+"""No register bound (the compiler's choice; see :func:`check_min_blocks`)."""
+MAX_THREADS_PER_SM = 2048
+"""Resident threads per SM of the NVIDIA GPUs MLX's CUDA build targets (sm_80-sm_90):
+``MINBLOCKS`` threadgroups of ``THREADS`` must fit it."""
 MAX_UNROLL = 16
 """The largest ``UNROLL`` the stages take (past it the loop body only grows)."""
 GEMV_GRID_Y = 32768
@@ -135,8 +142,8 @@ NORMS = (None, "plain", "weight")
 
 def gemv_decls(norm=None):
     """Fresh shared declarations: ``x``, ``T``, ``K``, ``ROWS``, ``THREADS``, ``SPLITK``,
-    ``UNROLL``, ``M`` (rows of ``x``) and ``MBLOCK`` (the GEMV stages; the Q/K/V stage
-    takes one row of ``x`` per threadgroup), and for a norm GEMV ``eps`` (and
+    ``UNROLL``, ``MINBLOCKS``, ``M`` (rows of ``x``) and ``MBLOCK`` (the GEMV stages; the
+    Q/K/V stage takes one row of ``x`` per threadgroup), and for a norm GEMV ``eps`` (and
     ``norm_weight`` when the norm has a weight).
 
     Args:
@@ -155,6 +162,8 @@ def gemv_decls(norm=None):
         "THREADS": Constant("THREADS", value=DEFAULT_THREADS),
         "SPLITK": Constant("SPLITK", value=DEFAULT_SPLITK),
         "UNROLL": Constant("UNROLL", value=DEFAULT_UNROLL),
+        # CUDA's register bound: read by the backend when it builds the kernel.
+        "MINBLOCKS": Constant("MINBLOCKS", value=DEFAULT_MINBLOCKS, in_body=False),
         "M": Constant("M", value=lambda b: b.x.size // b.x.shape[-1]),
         "MBLOCK": Constant("MBLOCK", value=DEFAULT_MBLOCK),
     }
@@ -179,6 +188,22 @@ def check_unroll(unroll):
             and 1 <= unroll <= MAX_UNROLL):
         raise ValueError(f"[gemv] 'UNROLL' must be an int in [1, {MAX_UNROLL}] but got "
                          f"{unroll!r}.")
+
+
+def check_min_blocks(min_blocks, threads):
+    """Raise ``ValueError`` unless ``MINBLOCKS`` threadgroups of ``threads`` can share an
+    SM (``min_blocks * threads <=`` :data:`MAX_THREADS_PER_SM`; 0: no bound).
+
+    A bound asks the CUDA compiler to fit the kernel in ``65536 / (min_blocks *
+    threads)`` registers per thread, spilling to local memory where it cannot. It never
+    changes what the kernel computes, only how many threadgroups an SM holds at once.
+    Metal kernels ignore it.
+    """
+    if (isinstance(min_blocks, bool) or not isinstance(min_blocks, int)
+            or not 0 <= min_blocks * threads <= MAX_THREADS_PER_SM):
+        raise ValueError(f"[gemv] 'MINBLOCKS' must be an int in [0, "
+                         f"{MAX_THREADS_PER_SM // threads}] (threadgroups of THREADS={threads} "
+                         f"per SM) but got {min_blocks!r}.")
 
 
 def check_launch(rows, threads, split=DEFAULT_SPLITK, mblock=DEFAULT_MBLOCK, *,
@@ -213,6 +238,7 @@ def gemv_dispatch(n_rows, *, dual=False):
         mblock = b.get("MBLOCK", DEFAULT_MBLOCK)
         check_launch(rows, threads, split, mblock, dual=dual,
                      unroll=b.get("UNROLL", DEFAULT_UNROLL))
+        check_min_blocks(b.get("MINBLOCKS", DEFAULT_MINBLOCKS), threads)
         rows_of_x = b.x.size // b.x.shape[-1]
         if b.get("M", rows_of_x) != rows_of_x:
             raise ValueError(f"[gemv] 'M' is the number of rows of x ({rows_of_x}) and cannot"
@@ -260,7 +286,7 @@ def gemv_stage(policy, decls, *, n="N"):
     N = Constant(n, value=lambda b: b[policy.prefix].shape[0])
     args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
-             decls["M"], decls["MBLOCK"], decls["UNROLL"],
+             decls["M"], decls["MBLOCK"], decls["UNROLL"], decls["MINBLOCKS"],
              Constant("XSTAGE", value=lambda b: xstage_units(b, (policy,)))]
 
     def reference(b, v):
@@ -285,7 +311,7 @@ def gemv_dual_stage(gate, up, decls, *, n="N"):
     N = Constant(n, value=lambda b: b[gate.prefix].shape[0])
     args = _norm_args(decls)
     args += [decls["T"], decls["K"], N, decls["ROWS"], decls["THREADS"], decls["SPLITK"],
-             decls["M"], decls["MBLOCK"], decls["UNROLL"],
+             decls["M"], decls["MBLOCK"], decls["UNROLL"], decls["MINBLOCKS"],
              Constant("XSTAGE", value=lambda b: xstage_units(b, (gate, up)))]
 
     def reference(b, v):
@@ -354,7 +380,7 @@ def qkv_rope_stage(pq, pk, pv, decls, *, traditional=False, bias=False, joint_kv
     args += [Tensor("rope_inv_freq", mx.float32, ndim=1), Scalar("seq_len", u32),
              Scalar("rope_offset", i32), Scalar("rope_scale", f32)] + outs
     args += [decls["T"], decls["K"], decls["ROWS"], decls["THREADS"], decls["SPLITK"],
-             decls["UNROLL"]] + consts
+             decls["UNROLL"], decls["MINBLOCKS"]] + consts
 
     def reference(b, v):
         xf = _x_rows(b)
