@@ -122,7 +122,7 @@ def _key_part(v):
     return v
 
 
-def _no_attributes(constants):
+def _no_attributes(outside, constants):
     """A backend module without ``launch_attributes`` takes none."""
     return ()
 
@@ -516,7 +516,9 @@ class Program:
         # Launch attributes name the kernel, so they join the source after its name is
         # hashed; the hash sees what they are (and nothing when there are none, so that
         # a kernel without any keeps its name).
-        attrs = getattr(mod, "launch_attributes", _no_attributes)(constants)
+        outside = {c.name: constants[c.name] for c in self.constants if not c.in_body}
+        attrs = (getattr(mod, "launch_attributes", _no_attributes)(outside, constants)
+                 if outside else ())
         if attrs:
             key.append(attrs)
         name = f"{self.name}_{cache.content_hash(*key)}"

@@ -237,6 +237,32 @@ def test_a_constant_outside_the_body_adds_no_line(fake_backend):
     assert len(set(fake_backend.built)) == 1
 
 
+def _bounded_kernel(*constants):
+    return mf.Kernel("bounded", source_text="template <int A> void f() {}", function="f",
+                     template=("A",),
+                     args=[mf.Tensor("x", (mx.float32,)),
+                           mf.Output("y", shape=lambda b: b.x.shape, dtype="x"),
+                           mf.Constant("A", value=1), *constants],
+                     dispatch=lambda b: mf.per_element(b.x.size), reference=lambda b: b.x)
+
+
+def test_only_an_outside_minblocks_bounds_a_cuda_kernel():
+    """The CUDA register bound is an out-of-body constant named MINBLOCKS, with the
+    program's THREADS: a constant of that name in the body is the program's own, and an
+    outside one without THREADS is an error naming both."""
+    x = mx.zeros((3,))
+    own = _bounded_kernel(mf.Constant("MINBLOCKS", value=4), mf.Constant("THREADS", value=64))
+    assert "__launch_bounds__" not in own.source(x, backend="cuda").header
+    bounded = _bounded_kernel(mf.Constant("MINBLOCKS", value=4, in_body=False),
+                              mf.Constant("THREADS", value=64))
+    src = bounded.source(x, backend="cuda")
+    assert src.header.endswith(f"#define custom_kernel_{src.name} __launch_bounds__(64, 4) "
+                               f"custom_kernel_{src.name}\n")
+    alone = _bounded_kernel(mf.Constant("MINBLOCKS", value=4, in_body=False))
+    with pytest.raises(ValueError, match="MINBLOCKS.*THREADS"):
+        alone.source(x, backend="cuda")
+
+
 def test_same_name_different_constant_gives_different_kernels(fake_backend):
     k = ck.row_sum_kernel()
     a = k.source(ck.seeded((2, 64), mx.float32), scale=1.0)

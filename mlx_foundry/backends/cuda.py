@@ -79,19 +79,24 @@ def body_preamble(body):
     return cuda_compat.attribute_preamble(body)
 
 
-def launch_attributes(constants):
-    """``("launch_bounds", THREADS, MINBLOCKS)`` when the ``MINBLOCKS`` constant asks
-    for a bound, else ``()``.
+def launch_attributes(outside, constants):
+    """``("launch_bounds", THREADS, MINBLOCKS)`` when the program's out-of-body constants
+    (``Constant(in_body=False)``, ``outside``) ask for a register bound, else ``()``.
 
     ``__launch_bounds__(THREADS, MINBLOCKS)`` holds the kernel to the registers that let
     ``MINBLOCKS`` threadgroups of ``THREADS`` share an SM (the compiler spills past
     them): a decode GEMV's occupancy is set by its registers
-    (``docs/ncu_h100_gemv.md`` sections 14 and 17).
+    (``docs/ncu_h100_gemv.md`` sections 14 and 17). ``constants``: all of them (the
+    bound needs the program's ``THREADS``).
     """
-    blocks = constants.get("MINBLOCKS")
+    blocks = outside.get("MINBLOCKS")
     if not blocks or blocks < 0:  # 0: no bound; a negative one fails at dispatch
         return ()
-    return ("launch_bounds", constants["THREADS"], blocks)
+    threads = constants.get("THREADS")
+    if threads is None:
+        raise ValueError("[cuda] A 'MINBLOCKS' bound needs the program's 'THREADS' "
+                         "constant (its threads per threadgroup).")
+    return ("launch_bounds", threads, blocks)
 
 
 def launch_attribute_lines(name, attrs):

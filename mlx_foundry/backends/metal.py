@@ -22,7 +22,7 @@ def body_preamble(body):
     return ""
 
 
-def launch_attributes(constants):
+def launch_attributes(outside, constants):
     """Launch attributes taken from the constants: none on Metal, where MLX's dispatch
     sets the threadgroup size and the compiler has no occupancy bound to take."""
     return ()

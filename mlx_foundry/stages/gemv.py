@@ -71,8 +71,9 @@ DEFAULT_UNROLL = 1
 DEFAULT_MINBLOCKS = 0
 """No register bound (the compiler's choice; see :func:`check_min_blocks`)."""
 MAX_THREADS_PER_SM = 2048
-"""Resident threads per SM of the NVIDIA GPUs MLX's CUDA build targets (sm_80-sm_90):
-``MINBLOCKS`` threadgroups of ``THREADS`` must fit it."""
+"""Resident threads per SM of an A100 or H100 (sm_80, sm_90; 1536 on sm_86 and sm_89,
+where a larger bound only makes the compiler spill more): ``MINBLOCKS`` threadgroups of
+``THREADS`` must fit it."""
 MAX_UNROLL = 16
 """The largest ``UNROLL`` the stages take (past it the loop body only grows)."""
 GEMV_GRID_Y = 32768
