@@ -545,3 +545,26 @@ def test_min_blocks_hold_gate_up_to_five_threadgroups(monkeypatch, tmp_path):
     (tmp_path / "b").mkdir()
     bound = mod.compile_case(kernel, dict(kwargs, MINBLOCKS=5), str(tmp_path / "b"))
     assert free[0] > 65536 // (5 * 128) >= bound[0], (free, bound)
+
+
+def test_min_blocks_reaches_the_launch_of_an_op(monkeypatch, tmp_path):
+    """A MINBLOCKS in the launch constants (a tuner's or a default's) is passed to the
+    kernel the op launches, as ROWS and the others are."""
+    import importlib
+
+    from mlx_foundry.bench import tuner
+    from mlx_foundry.kernel import record_launches
+    from mlx_foundry.ops.weights import Weight
+
+    lin = importlib.import_module("mlx_foundry.ops.linear")
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    default = lin.default_launch
+    monkeypatch.setattr(lin, "default_launch",
+                        lambda *a, **kw: dict(default(*a, **kw), MINBLOCKS=5))
+    args = _affine_args(256, 512)
+    w = Weight(args["w"], args["w_scales"], args["w_biases"], group_size=64, bits=4)
+    with record_launches() as launches:
+        lin.linear(mx.zeros((1, 512), mx.float16), w, backend="cuda")
+    (_, _, kwargs), = launches
+    assert kwargs["MINBLOCKS"] == 5 and kwargs["THREADS"] == 128

@@ -295,6 +295,31 @@ def unrolled(request, monkeypatch, tmp_path):
     return request.param
 
 
+@pytest.fixture
+def bounded(monkeypatch, tmp_path):
+    """Every fused GEMV of the ops under a register bound (``MINBLOCKS``: five
+    threadgroups per SM, as many as fit for wider ones); an empty tuning file, so no
+    stored choice overrides it. The bound changes registers and spills, never results."""
+    from mlx_foundry.bench import tuner
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    default = lin.default_launch
+
+    def launch(*args, **kwargs):
+        params = default(*args, **kwargs)
+        return dict(params, MINBLOCKS=min(5, 2048 // params["THREADS"]))
+
+    monkeypatch.setattr(lin, "default_launch", launch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_register_bound_every_op(gpu_backend, bounded, dtype):
+    """MINBLOCKS over the awkward shapes of every GEMV op (the CUDA compiler spills where
+    the bound asks for fewer registers than a kernel holds; Metal ignores it)."""
+    _check_every_gemv_op(gpu_backend, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_split_k_every_op(gpu_backend, split_k, dtype):
     """Split K over awkward shapes: N below one threadgroup, K not a multiple of the
