@@ -256,8 +256,8 @@ def test_only_an_outside_minblocks_bounds_a_cuda_kernel():
     bounded = _bounded_kernel(mf.Constant("MINBLOCKS", value=4, in_body=False),
                               mf.Constant("THREADS", value=64))
     src = bounded.source(x, backend="cuda")
-    assert src.header.endswith(f"#define custom_kernel_{src.name} __launch_bounds__(64, 4) "
-                               f"custom_kernel_{src.name}\n")
+    assert src.header.endswith(f"#define custom_kernel_{src.name}(...) __launch_bounds__(64, 4) "
+                               f"custom_kernel_{src.name}(__VA_ARGS__)\n")
     alone = _bounded_kernel(mf.Constant("MINBLOCKS", value=4, in_body=False))
     with pytest.raises(ValueError, match="MINBLOCKS.*THREADS"):
         alone.source(x, backend="cuda")

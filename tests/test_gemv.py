@@ -514,8 +514,8 @@ def test_min_blocks_bounds_the_cuda_kernel_mlx_declares():
     plain = kern.source(**args, backend="cuda")
     bound = kern.source(**args, MINBLOCKS=5, THREADS=128, backend="cuda")
     assert bound.name != plain.name and bound.body == plain.body
-    line = (f"#define custom_kernel_{bound.name} __launch_bounds__(128, 5) "
-            f"custom_kernel_{bound.name}\n")
+    line = (f"#define custom_kernel_{bound.name}(...) __launch_bounds__(128, 5) "
+            f"custom_kernel_{bound.name}(__VA_ARGS__)\n")
     assert bound.header == plain.header + line
     assert kern.source(**args, MINBLOCKS=5, backend="metal").header == \
         kern.source(**args, backend="metal").header
@@ -545,6 +545,30 @@ def test_min_blocks_hold_gate_up_to_five_threadgroups(monkeypatch, tmp_path):
     (tmp_path / "b").mkdir()
     bound = mod.compile_case(kernel, dict(kwargs, MINBLOCKS=5), str(tmp_path / "b"))
     assert free[0] > 65536 // (5 * 128) >= bound[0], (free, bound)
+
+
+@pytest.mark.slow
+def test_min_blocks_kernel_compiles_and_is_found_as_mlx_builds_it():
+    """MLX compiles with NVRTC and looks the kernel up by its name, which NVRTC
+    preprocesses with the source: the bound must leave that name alone (an object-like
+    macro broke exactly this on the GPU while nvcc compiled it) and still hold gate/up
+    to 65536 / (5 * 128) registers, as ptxas reports through NVRTC."""
+    import re
+
+    from nvrtc_like_mlx import compile_like_mlx
+
+    kernel, kwargs = gate_up_kernel(("affine", 4, 64), ("affine", 4, 64)), dict(
+        x=mx.ones((1, 4096), mx.float16), norm_weight=mx.ones((4096,), mx.float16), eps=1e-5,
+        **_affine_args(14336, 4096, prefix="wg"), **_affine_args(14336, 4096, prefix="wu"),
+        ROWS=4, THREADS=128, SPLITK=0)
+    regs = {}
+    for blocks in (0, 5):
+        src = cuda_source_of(kernel, **kwargs, MINBLOCKS=blocks)
+        name = re.search(r"__global__ void (custom_kernel_\w+)\(", src).group(1)
+        lowered, log = compile_like_mlx(src, name, ["--ptxas-options=-v"])
+        assert name in lowered, lowered
+        regs[blocks] = int(re.search(r"Used (\d+) registers", log).group(1))
+    assert regs[0] > 65536 // (5 * 128) >= regs[5], regs
 
 
 def test_min_blocks_reaches_the_launch_of_an_op(monkeypatch, tmp_path):

@@ -104,10 +104,15 @@ def launch_attribute_lines(name, attrs):
 
     MLX writes the declaration itself, after the header
     (``__global__ void custom_kernel_<name>(...)``, ``custom_kernel.cpp``), so the
-    header defines the kernel's name as the attribute followed by the name (a macro is
-    not expanded again inside its own expansion). Were MLX to name kernels otherwise,
-    the line would do nothing: ncu's registers per thread show whether it took.
+    header defines the kernel's name as a function-like macro that puts the attribute
+    before the name (a macro is not expanded again inside its own expansion). It has to
+    be function-like: MLX also hands NVRTC the bare name
+    (``nvrtcAddNameExpression("mlx::core::cu::custom_kernel_<name>")``), which NVRTC
+    preprocesses with the source, and only a name followed by ``(`` expands. Were MLX
+    to name kernels otherwise, the line would do nothing: ncu's registers per thread
+    show whether it took.
     """
     _, threads, blocks = attrs
     kernel = f"custom_kernel_{name}"
-    return f"#define {kernel} __launch_bounds__({threads}, {blocks}) {kernel}\n"
+    return (f"#define {kernel}(...) __launch_bounds__({threads}, {blocks}) "
+            f"{kernel}(__VA_ARGS__)\n")
