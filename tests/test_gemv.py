@@ -592,3 +592,39 @@ def test_min_blocks_reaches_the_launch_of_an_op(monkeypatch, tmp_path):
         lin.linear(mx.zeros((1, 512), mx.float16), w, backend="cuda")
     (_, _, kwargs), = launches
     assert kwargs["MINBLOCKS"] == 5 and kwargs["THREADS"] == 128
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_untuned_register_bound_follows_the_measured_launches(monkeypatch, tmp_path, dtype):
+    """The untuned launch bounds the quantized gate/up kernel at one row of x (both
+    dtypes; four rows per SIMD-group, no split K) and the tall split-K linear with
+    bfloat16 x only (fp16 is slower bounded); not the dense, multi-row or tall gate/up
+    launches (measured slower bounded or not measured)."""
+    import importlib
+
+    from mlx_foundry import ops
+    from mlx_foundry.bench import tuner
+    from mlx_foundry.kernel import record_launches
+    from mlx_foundry.ops.weights import Weight
+
+    lin = importlib.import_module("mlx_foundry.ops.linear")
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+    bf16 = dtype == mx.bfloat16
+    assert lin.default_launch(14336, 4096, dual=True, dtype=dtype)["MINBLOCKS"] == 4
+    assert "MINBLOCKS" not in lin.default_launch(14336, 4096, dual=True, m=2, dtype=dtype)
+    assert "MINBLOCKS" not in lin.default_launch(14336, 4096, dense=True, dual=True,
+                                                 dtype=dtype)
+    assert ("MINBLOCKS" in lin.default_launch(4096, 14336, dtype=dtype)) == bf16
+    assert "MINBLOCKS" not in lin.default_launch(4096, 4096, dtype=dtype)  # o_proj
+    assert "MINBLOCKS" not in lin.default_launch(256, 4096, dual=True, dtype=dtype)  # R8 S1
+    tall, gate, up = (_affine_args(n, k, dtype=dtype)
+                      for n, k in ((256, 4096), (512, 256), (512, 256)))
+    weight = lambda a: Weight(a["w"], a["w_scales"], a["w_biases"], group_size=64, bits=4)  # noqa: E731
+    with record_launches() as launches:
+        lin.linear(mx.zeros((1, 4096), dtype), weight(tall), backend="cuda")
+        ops.norm_gate_up_swiglu(mx.zeros((1, 256), dtype), mx.ones((256,), dtype), 1e-5,
+                                weight(gate), weight(up), backend="cuda")
+    (_, _, down_kw), (_, _, gate_up_kw) = launches
+    assert down_kw.get("MINBLOCKS") == (4 if bf16 else None)
+    assert gate_up_kw["MINBLOCKS"] == 4

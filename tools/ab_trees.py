@@ -133,6 +133,8 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", default=[], help="passed to bench --only")
     p.add_argument("--quick", action="store_true", help="passed to bench")
     p.add_argument("--backend", choices=["metal", "cuda", "reference"], help="passed to bench")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="passed to bench")
     p.add_argument("--same-cases", action="store_true",
                    help=f"give the old tree the new tree's {CASES}")
     p.add_argument("--out", help="folder for every run's results.json and ab.json")
@@ -141,7 +143,8 @@ def main(argv=None):
         p.error("--rounds must be at least 1")
 
     bench_args = (["--only", *args.only] if args.only else []) + (
-        ["--quick"] if args.quick else []) + (["--backend", args.backend] if args.backend else [])
+        ["--quick"] if args.quick else []) + (["--backend", args.backend] if args.backend else []) + (
+        ["--dtype", args.dtype] if args.dtype else [])
     top, rel = package_in_repo()
     revs = [resolve(top, rev) for rev in (args.old, args.new)]
     labels = (f"old {args.old}", f"new {args.new}")

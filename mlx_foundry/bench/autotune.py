@@ -124,7 +124,7 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
         cands = candidates or (linear_candidates() if m == 1 else batch_candidates(m))
         chosen.update(_tune_op(make, n, k, weight_bytes(n, k, b, group_size, dtype.size),
                                cands, backend, pool_bytes, m=m, repeats=repeats, force=force,
-                               path=path, refine=refine, dense=b is None))
+                               path=path, refine=refine, dense=b is None, dtype=dtype))
     return chosen
 
 
@@ -141,7 +141,7 @@ def _setup(backend, pool_bytes):
 
 
 def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim=None, m=1,
-             dual=False, dense=False, **tune_kw):
+             dual=False, dense=False, dtype=None, **tune_kw):
     """Tune the one kernel an op launches: ``make(idx) -> (op, args, kwargs)`` builds
     distinct input sets; the launch is recorded per set and replayed with each candidate
     setting, timed with the bench's method over a pool larger than the cache. The op's
@@ -156,7 +156,8 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
     # A launch constant a candidate leaves out takes its stage default (MBLOCK 1, UNROLL
     # 1): written out, so that the same launch is one setting, not two.
-    default = lin.default_launch(n, k, head_dim=head_dim, m=m, dual=dual, dense=dense)
+    default = lin.default_launch(n, k, head_dim=head_dim, m=m, dual=dual, dense=dense,
+                                 dtype=dtype)
     implied = {"MBLOCK": lin.DEFAULT_MBLOCK, "UNROLL": lin.DEFAULT_UNROLL}
     candidates = [dict({c: v for c, v in implied.items() if c in default}, **cand)
                   for cand in candidates]
@@ -268,5 +269,6 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
                                    candidates or decode_candidates(qkv=qkv),
                                    backend, pool_bytes, repeats=repeats, force=force,
                                    path=path, head_dim=D["head_dim"] if qkv else None,
-                                   dual=name == "norm_gate_up_swiglu", refine=refine))
+                                   dual=name == "norm_gate_up_swiglu", refine=refine,
+                                   dtype=dtype))
     return chosen

@@ -98,7 +98,7 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None, dual=False):
     """
     n = w.out_features if n is None else n
     key = (kern.name, backend, n, w.in_features, x.size // x.shape[-1], head_dim, dual,
-           not w.quantized)
+           not w.quantized, x.dtype)
     params = _TUNED.get(key)
     if params is None:
         params = _TUNED[key] = _resolve_launch(kern, backend, *key[2:])
@@ -119,6 +119,10 @@ per SIMD-group when ``N >=`` this: enough threadgroups without it (measured at 4
 :func:`default_launch`)."""
 
 
+BOUNDED_MIN_BLOCKS = 4
+"""``MINBLOCKS`` of the untuned launches that take a register bound (see
+:func:`default_launch`)."""
+
 SQUARE_ROWS = 2
 """Rows per SIMD-group of the untuned launch of quantized weights with ``n <= k < 2 n`` at
 one row of ``x`` (o_proj), without split K (see :func:`default_launch`)."""
@@ -128,11 +132,11 @@ DENSE_WIDE_MAX_RATIO = 4
 :func:`default_launch`; measured at ``n = 3.5 k``)."""
 
 
-def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
+def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=None):
     """The untuned GEMV launch constants for ``n`` output rows of ``k`` elements and ``m``
     rows of ``x`` (``dual``: the gate/up kernel; ``head_dim``: the Q/K/V kernel, which
     takes one row of ``x`` per threadgroup and no ``MBLOCK``; ``dense``: unquantized
-    weights).
+    weights; ``dtype``: ``x``'s, for the register bound below).
 
     From kernel durations measured with ncu on an H100 (4-bit, decode, one row of x,
     L2 flushed; ``docs/ncu_h100_gemv.md``): for ``n`` = 4096, ``k`` = 14336, four rows
@@ -165,6 +169,17 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
     ``UNROLL``: 1 everywhere. Unrolling the loop over ``K`` by 2 / 4 took -3% to +7% /
     0 to +14% of the time at the six 4-bit decode launches, tuned on an H100
     (``docs/tune_unroll_h100.json``); the tuner may choose otherwise per device.
+
+    ``MINBLOCKS`` (a register bound for the CUDA build, ``__launch_bounds__(THREADS, 4)``:
+    at most 128 registers; no effect on Metal), measured with ncu on an H100 at 4-bit
+    (``docs/ncu_h100_gemv.md`` section 18): the quantized gate/up kernel at one row of
+    ``x`` (fp16 28.8-29.1 -> 27.8-27.9 us, bf16 29.3-29.5 -> 28.0-28.8 us, same 128
+    registers: ptxas schedules for the bound) and, with ``bfloat16`` ``x`` only, the
+    tall split-K launch (14336 -> 4096: 135 registers, three threadgroups per SM ->
+    128, four; 21.4 -> 17.3 us). The fp16 tall launch is 128 registers already and
+    slower bounded (16.3 -> 17.1 us), as is gate/up at eight rows (the tall gate/up
+    launch: 37 -> 60-67 us); a bound of 5 (96 registers) spilled and lost everywhere.
+    Not measured at 8-bit.
     """
     if (dense and m == 1 and head_dim is None and not dual and SPLIT_MIN_K <= k < n
             and n <= DENSE_WIDE_MAX_RATIO * k):
@@ -188,8 +203,14 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False):
             rows = 2
         return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split,
                 "UNROLL": DEFAULT_UNROLL}
-    return {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split,
-            "UNROLL": DEFAULT_UNROLL, "MBLOCK": _mblock(m, rows, split, dual)}
+    launch = {"ROWS": rows, "THREADS": DEFAULT_THREADS, "SPLITK": split,
+              "UNROLL": DEFAULT_UNROLL, "MBLOCK": _mblock(m, rows, split, dual)}
+    bf16 = dtype is not None and dtype == mx.bfloat16  # (Dtype == None raises)
+    if m == 1 and not dense and (
+            (dual and (rows, split) == (DEFAULT_ROWS, 0))  # measured; R8 S1 lost 1.6-1.8x
+            or (bf16 and not dual and rows == 8 and split and k >= 2 * n)):
+        launch["MINBLOCKS"] = BOUNDED_MIN_BLOCKS
+    return launch
 
 
 def _mblock(m, rows, split, dual):
@@ -245,8 +266,9 @@ def valid_launch(params, *, dual=False):
     return True
 
 
-def _resolve_launch(kern, backend, n, k, m, head_dim, dual, dense=False):
-    params = default_launch(n, k, head_dim=head_dim, m=m, dual=dual, dense=dense)
+def _resolve_launch(kern, backend, n, k, m, head_dim, dual, dense=False, dtype=None):
+    params = default_launch(n, k, head_dim=head_dim, m=m, dual=dual, dense=dense,
+                            dtype=dtype)
     if backend == "reference":
         return params
     try:
@@ -265,6 +287,8 @@ def _resolve_launch(kern, backend, n, k, m, head_dim, dual, dense=False):
             mb = min(int(found.get("MBLOCK", 0)), m)
             valid = mb and valid_launch(dict(tuned, MBLOCK=mb), dual=dual)
             tuned["MBLOCK"] = mb if valid else _mblock(m, rows, split, dual)
+        if found.get("MINBLOCKS"):  # a tuned launch is what was timed: bounded only if it was
+            tuned["MINBLOCKS"] = int(found["MINBLOCKS"])
         if valid_launch(tuned, dual=dual):
             params = tuned
     return params
