@@ -285,6 +285,45 @@ def test_unroll_refinements_check_counts_as_the_stages_do(unroll):
     assert autotune.unroll_refinements((1, 4)) == [{"UNROLL": 1}, {"UNROLL": 4}]
 
 
+def test_bound_refinements_are_cuda_only_and_checked():
+    from mlx_foundry.bench import autotune
+
+    assert autotune.bound_refinements("cuda", (0, 4)) == [{"MINBLOCKS": 0}, {"MINBLOCKS": 4}]
+    assert autotune.bound_refinements("metal") == autotune.bound_refinements("reference") == []
+    for bad in ((-1,), (65,), (True,), (4.0,)):
+        with pytest.raises(ValueError, match="'min_blocks'"):
+            autotune.bound_refinements("cuda", bad)
+
+
+def test_a_recorded_launch_leaves_its_bound_to_the_candidates(monkeypatch, tmp_path):
+    """The untuned gate/up launch carries MINBLOCKS; the tuner's record of it must not, or
+    every candidate would be timed under that bound (and the bounded default would pass
+    MINBLOCKS twice)."""
+    import importlib
+
+    from mlx_foundry import ops
+    from mlx_foundry.bench import autotune, tuner
+    from mlx_foundry.ops.weights import Weight
+
+    lin = importlib.import_module("mlx_foundry.ops.linear")
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(lin, "_TUNED", {})
+
+    def make(idx):
+        def w(j):
+            q = mx.quantize(mx.random.normal((512, 256), key=mx.random.key(10 * idx + j))
+                            .astype(mx.float16), group_size=64, bits=4)
+            return Weight(*q, group_size=64, bits=4)
+        x = mx.random.normal((1, 256), key=mx.random.key(idx)).astype(mx.float16)
+        return ops.norm_gate_up_swiglu, (x, mx.ones((256,), mx.float16), 1e-5, w(1), w(2)), {}
+
+    assert lin.default_launch(512, 256, dual=True)["MINBLOCKS"] == 4
+    sets, found = autotune._captured(make, "cuda")
+    (kw,) = sets(0)
+    launch = {"ROWS", "THREADS", "SPLITK", "MBLOCK", "UNROLL", "MINBLOCKS"}
+    assert found and not set(kw) & launch, sorted(kw)
+
+
 def test_default_pool_exceeds_gpu_caches():
     assert timing.default_pool_bytes("cuda") >= 2 * 60 * timing.MB
     assert timing.default_pool_bytes("cuda") > max(timing.LLC_BYTES.values())

@@ -455,7 +455,8 @@ def test_tune_decode_stores_what_the_decode_ops_look_up(monkeypatch, tmp_path):
     # Each kernel keeps its untuned launch unless the candidate was clearly faster.
     assert len(chosen) == 5
     defaults = [lin.default_launch(n, k, head_dim=autotune.TINY["head_dim"]
-                                   if name.startswith("norm_qkv_rope") else None)
+                                   if name.startswith("norm_qkv_rope") else None,
+                                   dual=name == "norm_gate_up_swiglu", dtype=mx.float16)
                 for name, (_, n, k, _) in autotune._decode_ops(autotune.TINY, 4, 64,
                                                                mx.float16).items()]
     # The second pass may unroll the choice of the first (every setting times alike here).

@@ -29,9 +29,12 @@ DEFAULT_ROWS = (1, 2, 4, 8)
 DEFAULT_THREADS = (64, 128, 256)
 DEFAULT_UNROLLS = (1, 2, 4)
 """Unroll counts of the loop over ``K`` tried at the fastest setting of the grid."""
-LAUNCH_CONSTANTS = ("ROWS", "THREADS", "SPLITK", "MBLOCK", "UNROLL")
+DEFAULT_MIN_BLOCKS = (0, 4)
+"""Register bounds (``MINBLOCKS``) timed at the fastest setting of the grid, on CUDA."""
+LAUNCH_CONSTANTS = ("ROWS", "THREADS", "SPLITK", "MBLOCK", "UNROLL", "MINBLOCKS")
 """The GEMV launch constants a recorded launch drops before candidates are passed (the
-untuned default carries ``MBLOCK`` too)."""
+untuned default carries ``MBLOCK``, and for some launches ``MINBLOCKS``, too: left in,
+they would apply to every candidate)."""
 
 
 def linear_candidates(rows=DEFAULT_ROWS, threads=DEFAULT_THREADS, split=(0, 1)):
@@ -51,6 +54,19 @@ def unroll_refinements(unroll=DEFAULT_UNROLLS):
     for u in unroll:
         check_unroll(u)
     return [{"UNROLL": u} for u in unroll]
+
+
+def bound_refinements(backend, min_blocks=DEFAULT_MIN_BLOCKS):
+    """More of the second pass: ``[{"MINBLOCKS": b}, ...]`` on CUDA, the register bounds
+    (``stages.gemv.check_min_blocks``) timed at the fastest setting; nothing on other
+    backends, where the bound does not change the kernel."""
+    from mlx_foundry.stages.gemv import MAX_THREADS_PER_SM
+
+    for b in min_blocks:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_THREADS_PER_SM // 32:
+            raise ValueError(f"[autotune] 'min_blocks' must hold ints in [0, "
+                             f"{MAX_THREADS_PER_SM // 32}] but got {b!r}.")
+    return [{"MINBLOCKS": b} for b in min_blocks] if backend == "cuda" else []
 
 
 def batch_candidates(m, *, dual=False, rows=(2, 4, 8), threads=(128,), split=(0, 1)):
@@ -80,7 +96,8 @@ def lookup_linear(kern, n, k, m=1, backend="cuda", *, path=None):
 
 def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
                 candidates=None, dtype=mx.float16, repeats=5, force=False, path=None,
-                pool_bytes=None, rows_of_x=(1,), unroll=DEFAULT_UNROLLS):
+                pool_bytes=None, rows_of_x=(1,), unroll=DEFAULT_UNROLLS,
+                min_blocks=DEFAULT_MIN_BLOCKS):
     """Tune ``linear``'s GEMV kernel for each weight format and shape.
 
     Args:
@@ -97,6 +114,9 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
             several rows also tune ``MBLOCK``). Default: ``(1,)``.
         unroll (tuple of int): ``UNROLL`` counts timed at the fastest candidate (a second
             pass; ``()`` skips it). Default: :data:`DEFAULT_UNROLLS`.
+        min_blocks (tuple of int): register bounds (``MINBLOCKS``; 0 for none) timed at
+            the fastest candidate in the same pass, on CUDA only. Default:
+            :data:`DEFAULT_MIN_BLOCKS`.
         force (bool): re-tune stored entries. Default: ``False``.
 
     Returns:
@@ -106,7 +126,7 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
     from mlx_foundry.ops.weights import Weight
 
     backend, D, pool_bytes = _setup(backend, pool_bytes)
-    refine = unroll_refinements(unroll)
+    refine = unroll_refinements(unroll) + bound_refinements(backend, min_blocks)
     if shapes is None:
         h, i = D["hidden"], D["inter"]
         shapes = [(h, i), (i, h), (h, h)]
@@ -245,7 +265,7 @@ def decode_candidates(qkv=False):
 
 def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candidates=None,
                 repeats=5, force=False, path=None, pool_bytes=None, only=None,
-                unroll=DEFAULT_UNROLLS):
+                unroll=DEFAULT_UNROLLS, min_blocks=DEFAULT_MIN_BLOCKS):
     """Tune the fused kernels of a decode step (o/down projection + residual, norm +
     gate/up + SwiGLU, norm + Q/K/V + RoPE) at the suite's Llama-3-8B shapes.
 
@@ -254,13 +274,13 @@ def tune_decode(backend=None, *, bits=4, group_size=64, dtype=mx.float16, candid
 
     Args:
         only (list of str, optional): names of the ops to tune (default: all).
-        unroll (tuple of int): as :func:`tune_linear`.
+        unroll, min_blocks (tuple of int): as :func:`tune_linear`.
 
     Returns:
         dict: ``{(kernel key, shape class): chosen params}``.
     """
     backend, D, pool_bytes = _setup(backend, pool_bytes)
-    refine = unroll_refinements(unroll)
+    refine = unroll_refinements(unroll) + bound_refinements(backend, min_blocks)
     chosen = {}
     for name, (make, n, k, nbytes) in _decode_ops(D, bits, group_size, dtype).items():
         if not only or name in only:
