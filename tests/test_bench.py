@@ -288,7 +288,8 @@ def test_unroll_refinements_check_counts_as_the_stages_do(unroll):
 def test_bound_refinements_are_cuda_only_and_checked():
     from mlx_foundry.bench import autotune
 
-    assert autotune.bound_refinements("cuda", (0, 4)) == [{"MINBLOCKS": 0}, {"MINBLOCKS": 4}]
+    assert autotune.bound_refinements("cuda", (0, 4, 5)) == [{"MINBLOCKS": 4}, {"MINBLOCKS": 5}]
+    assert autotune.bound_refinements("cuda") == [{"MINBLOCKS": 4}]
     assert autotune.bound_refinements("metal") == autotune.bound_refinements("reference") == []
     for bad in ((-1,), (65,), (True,), (4.0,)):
         with pytest.raises(ValueError, match="'min_blocks'"):

@@ -29,8 +29,9 @@ DEFAULT_ROWS = (1, 2, 4, 8)
 DEFAULT_THREADS = (64, 128, 256)
 DEFAULT_UNROLLS = (1, 2, 4)
 """Unroll counts of the loop over ``K`` tried at the fastest setting of the grid."""
-DEFAULT_MIN_BLOCKS = (0, 4)
-"""Register bounds (``MINBLOCKS``) timed at the fastest setting of the grid, on CUDA."""
+DEFAULT_MIN_BLOCKS = (4,)
+"""Register bounds (``MINBLOCKS``) timed at the fastest setting of the grid, on CUDA (the
+grid itself is unbounded; a bounded untuned default meets its unbounded twin there)."""
 LAUNCH_CONSTANTS = ("ROWS", "THREADS", "SPLITK", "MBLOCK", "UNROLL", "MINBLOCKS")
 """The GEMV launch constants a recorded launch drops before candidates are passed (the
 untuned default carries ``MBLOCK``, and for some launches ``MINBLOCKS``, too: left in,
@@ -59,14 +60,16 @@ def unroll_refinements(unroll=DEFAULT_UNROLLS):
 def bound_refinements(backend, min_blocks=DEFAULT_MIN_BLOCKS):
     """More of the second pass: ``[{"MINBLOCKS": b}, ...]`` on CUDA, the register bounds
     (``stages.gemv.check_min_blocks``) timed at the fastest setting; nothing on other
-    backends, where the bound does not change the kernel."""
+    backends, where the bound does not change the kernel. 0 (no bound) is left out: the
+    grid's settings are unbounded, and a refinement of 0 would time the fastest one
+    twice under two names."""
     from mlx_foundry.stages.gemv import MAX_THREADS_PER_SM
 
     for b in min_blocks:
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_THREADS_PER_SM // 32:
             raise ValueError(f"[autotune] 'min_blocks' must hold ints in [0, "
                              f"{MAX_THREADS_PER_SM // 32}] but got {b!r}.")
-    return [{"MINBLOCKS": b} for b in min_blocks] if backend == "cuda" else []
+    return [{"MINBLOCKS": b} for b in min_blocks if b] if backend == "cuda" else []
 
 
 def batch_candidates(m, *, dual=False, rows=(2, 4, 8), threads=(128,), split=(0, 1)):
