@@ -117,9 +117,9 @@ def tune_linear(backend=None, *, shapes=None, bits=(4, 8, None), group_size=64,
             several rows also tune ``MBLOCK``). Default: ``(1,)``.
         unroll (tuple of int): ``UNROLL`` counts timed at the fastest candidate (a second
             pass; ``()`` skips it). Default: :data:`DEFAULT_UNROLLS`.
-        min_blocks (tuple of int): register bounds (``MINBLOCKS``; 0 for none) timed at
-            the fastest candidate in the same pass, on CUDA only. Default:
-            :data:`DEFAULT_MIN_BLOCKS`.
+        min_blocks (tuple of int): register bounds (``MINBLOCKS``) timed at the fastest
+            candidate in the same pass, on CUDA only (the grid is unbounded; ``()``
+            skips them). Default: :data:`DEFAULT_MIN_BLOCKS`.
         force (bool): re-tune stored entries. Default: ``False``.
 
     Returns:
