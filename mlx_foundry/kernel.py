@@ -122,11 +122,6 @@ def _key_part(v):
     return v
 
 
-def _no_attributes(outside, constants):
-    """A backend module without ``launch_attributes`` takes none."""
-    return ()
-
-
 def _params_array(v):
     return v.to_array()
 
@@ -517,8 +512,7 @@ class Program:
         # hashed; the hash sees what they are (and nothing when there are none, so that
         # a kernel without any keeps its name).
         outside = {c.name: constants[c.name] for c in self.constants if not c.in_body}
-        attrs = (getattr(mod, "launch_attributes", _no_attributes)(outside, constants)
-                 if outside else ())
+        attrs = mod.launch_attributes(outside, constants) if outside else ()
         if attrs:
             key.append(attrs)
         name = f"{self.name}_{cache.content_hash(*key)}"

@@ -41,13 +41,19 @@ def _library():
     return lib
 
 
-def include_dirs():
-    """MLX's device headers, MLX's ``include`` and the CUDA toolkit's (with CCCL)."""
+def nvcc_and_mlx_headers():
+    """``(nvcc, folder of MLX's CUDA device headers)``; skips the test without either
+    (``MLX_FOUNDRY_CUDA_INCLUDE``, see ``test_cuda_compat.py``; default /tmp/mlxinc)."""
     inc = os.environ.get("MLX_FOUNDRY_CUDA_INCLUDE", "/tmp/mlxinc")
     nvcc = shutil.which("nvcc")
     if nvcc is None or not (Path(inc) / "mlx/backend/cuda/device/utils.cuh").is_file():
-        pytest.skip("nvcc (for the toolkit headers) or MLX's CUDA headers "
-                    "(MLX_FOUNDRY_CUDA_INCLUDE) not available")
+        pytest.skip("nvcc or MLX's CUDA headers (MLX_FOUNDRY_CUDA_INCLUDE) not available")
+    return nvcc, inc
+
+
+def include_dirs():
+    """MLX's device headers, MLX's ``include`` and the CUDA toolkit's (with CCCL)."""
+    nvcc, inc = nvcc_and_mlx_headers()
     toolkit = Path(os.path.realpath(nvcc)).parent.parent / "include"
     if not (toolkit / "cuda_fp16.h").is_file():  # a wrapper script: ask it
         import subprocess

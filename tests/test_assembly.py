@@ -160,6 +160,8 @@ class _FakeBackend:
     threadgroup_declaration = staticmethod(metal_backend.threadgroup_declaration)
     wrap_header = staticmethod(metal_backend.wrap_header)
     body_preamble = staticmethod(metal_backend.body_preamble)
+    launch_attributes = staticmethod(metal_backend.launch_attributes)
+    launch_attribute_lines = staticmethod(metal_backend.launch_attribute_lines)
 
     def __init__(self):
         self.built = []

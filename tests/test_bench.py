@@ -292,7 +292,7 @@ def test_bound_refinements_are_cuda_only_and_checked():
     assert autotune.bound_refinements("cuda") == [{"MINBLOCKS": 4}]
     assert autotune.bound_refinements("metal") == autotune.bound_refinements("reference") == []
     for bad in ((-1,), (65,), (True,), (4.0,)):
-        with pytest.raises(ValueError, match="'min_blocks'"):
+        with pytest.raises(ValueError, match="'MINBLOCKS' must be an int in \\[0, 64\\]"):
             autotune.bound_refinements("cuda", bad)
 
 

@@ -1,7 +1,5 @@
 """GEMV stages and epilogues: references, dispatch, assembled source, CUDA compile check."""
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from mlx_foundry.stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, XSTAGE_MAX_B
 from mlx_foundry.policies.affine import affine_policy
 from mlx_foundry.policies.dense import dense_policy
 
+from nvrtc_like_mlx import compile_like_mlx, nvcc_and_mlx_headers
 from tolerances import assert_close
 
 
@@ -277,18 +276,12 @@ def _half_cases():
         rope_offset=0, rope_scale=1.0, HEAD_DIM=32), True
 
 
-def _nvcc_or_skip():
-    nvcc = shutil.which("nvcc")
-    inc = os.environ.get("MLX_FOUNDRY_CUDA_INCLUDE", "/tmp/mlxinc")
-    if nvcc is None or not (Path(inc) / "mlx/backend/cuda/device/utils.cuh").is_file():
-        pytest.skip("nvcc or MLX's CUDA headers (MLX_FOUNDRY_CUDA_INCLUDE) not available")
-    return nvcc, inc
 
 
 def _nvcc_compile(kern, kwargs, out, mode):
     """Compile the CUDA unit MLX would build for ``kern`` to ``out`` (``mode``: ``-ptx`` or
     ``-c``) for sm_90; skips without nvcc or MLX's CUDA headers."""
-    nvcc, inc = _nvcc_or_skip()
+    nvcc, inc = nvcc_and_mlx_headers()
     cu = out.with_suffix(".cu")
     cu.write_text(cuda_source_of(kern, **kwargs))
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", mode, str(cu), "-o", str(out),
@@ -477,7 +470,7 @@ def test_gemv_regs_tool_compiles_the_staged_decode_gemvs(monkeypatch, tmp_path):
     """tools/gemv_regs.py compiles the Llama-3-8B decode GEMVs for sm_90: every case
     fits the register file without spilling, and o_proj (x staged, two rows per
     SIMD-group) stays under the 96 registers of its launch before the staging."""
-    _, inc = _nvcc_or_skip()
+    _, inc = nvcc_and_mlx_headers()
     monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
     mod = _gemv_regs_tool(monkeypatch)
     seen = {}
@@ -536,7 +529,7 @@ def test_min_blocks_out_of_range_is_an_error_naming_it(blocks):
 def test_min_blocks_hold_gate_up_to_five_threadgroups(monkeypatch, tmp_path):
     """With MINBLOCKS=5 (__launch_bounds__(128, 5)) the gate/up GEMV (128 registers unbounded, four
     threadgroups of 128 threads per SM) compiles to at most 65536 / (5 * 128) registers."""
-    _, inc = _nvcc_or_skip()
+    _, inc = nvcc_and_mlx_headers()
     monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
     mod = _gemv_regs_tool(monkeypatch)
     label, kernel, kwargs = next(c for c in mod._cases(mx.float16) if c[0] == "gate/up")
@@ -554,8 +547,6 @@ def test_min_blocks_kernel_compiles_and_is_found_as_mlx_builds_it():
     macro broke exactly this on the GPU while nvcc compiled it) and still hold gate/up
     to 65536 / (5 * 128) registers, as ptxas reports through NVRTC."""
     import re
-
-    from nvrtc_like_mlx import compile_like_mlx
 
     kernel, kwargs = gate_up_kernel(("affine", 4, 64), ("affine", 4, 64)), dict(
         x=mx.ones((1, 4096), mx.float16), norm_weight=mx.ones((4096,), mx.float16), eps=1e-5,

@@ -63,12 +63,10 @@ def bound_refinements(backend, min_blocks=DEFAULT_MIN_BLOCKS):
     backends, where the bound does not change the kernel. 0 (no bound) is left out: the
     grid's settings are unbounded, and a refinement of 0 would time the fastest one
     twice under two names."""
-    from mlx_foundry.stages.gemv import MAX_THREADS_PER_SM
+    from mlx_foundry.stages.gemv import check_min_blocks
 
     for b in min_blocks:
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_THREADS_PER_SM // 32:
-            raise ValueError(f"[autotune] 'min_blocks' must hold ints in [0, "
-                             f"{MAX_THREADS_PER_SM // 32}] but got {b!r}.")
+        check_min_blocks(b, 32)  # one SIMD-group per threadgroup: the widest range
     return [{"MINBLOCKS": b} for b in min_blocks if b] if backend == "cuda" else []
 
 
