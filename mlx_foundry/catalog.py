@@ -206,7 +206,15 @@ def _entries():
         "no split", _with_launch(lambda: ops.norm_linear(
             _z((5, K), F16), _z((K,), F16), 1e-5, _weight(1024, K, (4, 64)),
             backend="metal"), ROWS=4, SPLITK=0, MBLOCK=4))
+    add("read_probe", "the bench's read floor: a streaming read of 33 MB (a decode GEMV's "
+        "bytes), 16-byte loads, one sum per SIMD-group", _read_probe)
     return out
+
+
+def _read_probe():
+    from .bench.read_probe import read_probe
+
+    read_probe(_z((4 * 2_064_388,), mx.uint32), backend="metal")
 
 
 def _attention_combine():

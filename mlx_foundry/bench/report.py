@@ -11,7 +11,8 @@ and each case::
 
     {"name", "op", "shape", "dtype", "bytes", "status": "ok" | "skipped" | "error",
      "reason", "baseline_us", "ours_us", "speedup", "gbps", "baseline_gbps",
-     "pct_copy", "baseline": Timing dict, "ours": Timing dict, "max_rel_err", ...}
+     "pct_copy", "read_us", "read_gbps", "baseline": Timing dict, "ours": Timing dict,
+     "max_rel_err", ...}
 """
 
 import json
@@ -20,8 +21,8 @@ import sys
 import time
 
 COLUMNS = ("op", "shape", "dtype/bits", "baseline us", "ours us", "speedup", "GB/s",
-           "% of copy")
-WIDTHS = (34, 30, 10, 12, 10, 8, 8, 9)
+           "% of copy", "read us")
+WIDTHS = (34, 30, 10, 12, 10, 8, 8, 9, 8)
 
 
 # ------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def case_row(c):
         shape = f"{shape}, {c['baseline_tok_s']:.0f} -> {c['ours_tok_s']:.0f} tok/s"
     return (c["op"], shape, c["dtype"], _num(c.get("baseline_us"), ".1f"),
             _num(c.get("ours_us"), ".1f"), "-" if speed is None else f"{speed:.2f}x",
-            _big(c.get("gbps")), _big(c.get("pct_copy")))
+            _big(c.get("gbps")), _big(c.get("pct_copy")), _num(c.get("read_us"), ".1f"))
 
 
 def format_table(results):
@@ -174,7 +175,7 @@ def write_benchmarks_md(results, path):
     """Render BENCHMARKS.md: the table, device, MLX version, date and how to reproduce."""
     copy = results.get("copy") or {}
     rows = ["| " + " | ".join(COLUMNS) + " |",
-            "|" + "|".join(["---"] * 3 + ["---:"] * 5) + "|"]
+            "|" + "|".join(["---"] * 3 + ["---:"] * (len(COLUMNS) - 3)) + "|"]
     for c in results["cases"]:
         rows.append("| " + " | ".join(case_row(c)) + " |")
     notes = [f"- {c['name']}: {c['status']}: {c.get('reason', '')}"
@@ -199,7 +200,10 @@ Fused mlx_foundry ops against MLX's own ops, measured by `python -m mlx_foundry 
 sequence of MLX ops that the fused op replaces); "ours" is the `mlx_foundry.ops` op.
 Times are per call in microseconds; GB/s counts the bytes one call must move (weights +
 activations read + outputs written) over our time; "% of copy" relates that to the copy
-ceiling. For the end-to-end decode the times are per token (speedup = tokens/s ratio).
+ceiling. "read us" is the time of a kernel that only reads as many bytes, measured in
+the same run exactly as the case was (the read floor, `mlx_foundry/bench/read_probe.py`):
+no kernel that must read those bytes can be much faster. For the end-to-end decode the
+times are per token (speedup = tokens/s ratio).
 {(chr(10) + "Notes:" + chr(10) + chr(10).join(notes) + chr(10)) if notes else ""}
 ## Method
 

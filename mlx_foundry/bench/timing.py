@@ -32,7 +32,9 @@ The method, for one callable ``fn`` and a *pool* of input sets:
 4. **Median of many timings** (>= 10 by default, fewer with ``--quick``).
 
 The copy ceiling (:func:`copy_ceiling`) is measured the same way on a plain
-elementwise copy (``x + 0``) of a large buffer, counting bytes read + written.
+elementwise copy (``x + 0``) of a large buffer, counting bytes read + written. The
+read floor of a case (:func:`read_floor`) is the time of a kernel that only reads as
+many bytes as the case moves (:mod:`.read_probe`), measured exactly as the case is.
 """
 
 import math
@@ -262,3 +264,30 @@ def copy_ceiling(nbytes_buffer, *, repeats=10, dtype=mx.float32, target_s=0.05, 
     moved = 2 * n * itemsize
     return {"gbps": moved / t.median_s / 1e9, "us": t.us, "bytes": moved,
             "buffer_bytes": n * itemsize, "timing": t.as_dict()}
+
+
+def read_floor(nbytes, *, backend, pool_bytes, repeats=10, **kw):
+    """The time of a plain streaming read of ``nbytes`` bytes, measured as a case is.
+
+    The buffers (``nbytes`` rounded up to 16 bytes, distinct contents) rotate through a
+    pool built by :func:`make_pool` with ``pool_bytes``, as a case's input sets do, and
+    each call runs :func:`~mlx_foundry.bench.read_probe.read_probe` on one of them.
+
+    Args:
+        nbytes (int): bytes one call reads.
+        backend (str): the backend the probe runs on.
+        pool_bytes (int): bytes of the rotated pool.
+        repeats (int): timings; the median is reported.
+        **kw: passed to :func:`measure` (``calls``, ...).
+
+    Returns:
+        dict: ``{"us", "gbps", "bytes", "timing"}``.
+    """
+    from .read_probe import probe_words, read_probe
+
+    words = probe_words(nbytes)
+    pool = make_pool(lambda i: (mx.full((words,), i, dtype=mx.uint32),), 4 * words,
+                     pool_bytes)
+    t = measure(lambda x: read_probe(x, backend=backend), pool, repeats=repeats, **kw)
+    return {"us": t.us, "gbps": 4 * words / t.median_s / 1e9, "bytes": 4 * words,
+            "timing": t.as_dict()}

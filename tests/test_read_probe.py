@@ -1,0 +1,131 @@
+"""The bench's read floor: the read-probe kernel, its reference and its place in a run."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_foundry.bench import Context, cases, run_case, timing
+from mlx_foundry.bench.read_probe import (WORDS_PER_GROUP, groups_for, probe_words,
+                                          read_probe, reference_sums)
+from mlx_foundry.inspection import cuda_source_of
+
+# Awkward sizes: one 16-byte word, one short of a SIMD-group's chunk, a chunk and a
+# word, not a multiple of a threadgroup's eight chunks, and ~33 MB (a decode GEMV).
+WORD_COUNTS = [4, WORDS_PER_GROUP - 4, WORDS_PER_GROUP + 4, 8 * WORDS_PER_GROUP * 3 + 132,
+               4 * 2_064_388]
+
+
+def _words(n, seed):
+    """``n`` random 32-bit words, large enough that their sums wrap around 2**32."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2**32, size=n, dtype=np.uint64).astype(np.uint32)
+
+
+def _numpy_sums(words):
+    """The expected output, from NumPy alone: each chunk's sum modulo 2**32."""
+    n = groups_for(words.size)
+    padded = np.zeros(n * WORDS_PER_GROUP, dtype=np.uint64)
+    padded[:words.size] = words
+    return (padded.reshape(n, WORDS_PER_GROUP).sum(axis=1) % 2**32).astype(np.uint32)
+
+
+@pytest.mark.parametrize("n", WORD_COUNTS[:4])
+def test_reference_sums_match_numpy(n):
+    words = _words(n, n)
+    want = _numpy_sums(words)
+    np.testing.assert_array_equal(np.array(reference_sums(mx.array(words))), want)
+    got = read_probe(mx.array(words), backend="reference")
+    assert got.dtype == mx.uint32 and got.shape == (groups_for(n),)
+    np.testing.assert_array_equal(np.array(got), want)
+
+
+def test_groups_fill_whole_threadgroups():
+    assert groups_for(4) == 8
+    assert groups_for(8 * WORDS_PER_GROUP) == 8
+    assert groups_for(8 * WORDS_PER_GROUP + 4) == 16
+    assert probe_words(1) == 4 and probe_words(16) == 4 and probe_words(17) == 8
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (np.arange(8, dtype=np.float32), ValueError, "'x' must have dtype uint32"),
+    (np.zeros((2, 4), dtype=np.uint32), ValueError, "'x' must be 1-D"),
+    (np.zeros(6, dtype=np.uint32), ValueError, "multiple of 4 words"),
+    (np.zeros(0, dtype=np.uint32), ValueError, "multiple of 4 words"),
+])
+def test_bad_input_names_the_argument(bad, err, match):
+    with pytest.raises(err, match=re.escape(match)):
+        read_probe(mx.array(bad), backend="reference")
+
+
+def test_not_an_array_is_a_type_error():
+    with pytest.raises(TypeError, match="'x' must be an mlx.core.array"):
+        read_probe([1, 2, 3, 4], backend="reference")
+
+
+def test_cuda_unit_reads_sixteen_bytes_per_load(tmp_path):
+    """The CUDA unit MLX would build keeps every load of the probe 16 bytes wide
+    (``ld.global.v4``, eight per lane: the unrolled loop), with no scalar global load."""
+    from nvrtc_like_mlx import nvcc_and_mlx_headers
+
+    nvcc, inc = nvcc_and_mlx_headers()
+    from mlx_foundry.bench.read_probe import _kernel
+
+    x = mx.zeros((4 * 4096,), mx.uint32)
+    cu = tmp_path / "probe.cu"
+    cu.write_text(cuda_source_of(_kernel(), x, n_vec=4096))
+    ptx = tmp_path / "probe.ptx"
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx),
+                        f"-I{inc}", f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    text = ptx.read_text()
+    wide = re.findall(r"ld\.global(?:\.nc)?\.v4\.(?:u32|b32)", text)
+    # The scalar argument n_vec is one 4-byte global load; everything else is wide.
+    narrow = re.findall(r"ld\.global(?:\.nc)?\.(?:u32|b32)\b", text)
+    assert len(wide) == 8 and len(narrow) <= 1, (wide, narrow)
+
+
+def test_read_floor_in_a_bench_case():
+    """Each measured case carries the time of a plain read of its bytes, once per size."""
+    ctx = Context("reference", quick=True, tiny=True)
+    case = next(c for c in cases.suite(tiny=True) if c.name.startswith("linear_q4"))
+    res = run_case(case, ctx, copy_gbps=1.0)
+    assert res["status"] == "ok", res
+    floor = ctx.read_floor(case.nbytes)
+    assert res["read_us"] == floor["us"] > 0
+    assert floor["bytes"] == probe_words(case.nbytes) * 4 >= case.nbytes
+    assert ctx.read_floor(case.nbytes) is floor            # measured once per size
+
+
+def test_read_floor_failure_is_noted_not_fatal(monkeypatch):
+    ctx = Context("reference", quick=True, tiny=True)
+    case = next(c for c in cases.suite(tiny=True) if c.name.startswith("rms_norm"))
+
+    def broken(*a, **k):
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(timing, "read_floor", broken)
+    res = run_case(case, ctx, copy_gbps=1.0)
+    assert res["status"] == "ok" and res["ours_us"] > 0
+    assert "read_us" not in res and "probe failed" in res["read_error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", WORD_COUNTS)
+def test_read_probe_gpu(gpu_backend, n):
+    words = _words(n, n + 1)
+    got = read_probe(mx.array(words), backend=gpu_backend)
+    np.testing.assert_array_equal(np.array(got), _numpy_sums(words))
+
+
+@pytest.mark.gpu
+def test_read_probe_gpu_view_is_read_as_its_values(gpu_backend):
+    """A strided view is made contiguous first (MLX copies it), then summed."""
+    words = _words(2 * 4100, 7)
+    view = mx.array(words)[::2]
+    got = read_probe(view, backend=gpu_backend)
+    np.testing.assert_array_equal(np.array(got), _numpy_sums(words[::2]))
