@@ -46,6 +46,15 @@ def _jobs():
         "norm_qkv_rope": (ops.norm_qkv_rope, (x4[None], g, 1e-5, wq, wk, wv), qkv),
         "rms_norm 8192x8192": (ops.rms_norm, (xn, gn, 1e-5), {}),
     }
+    # The read floor of the bench (bench/read_probe.py) at the bytes of the 4-bit GEMV
+    # 4096 -> 14336, of gate/up and of the whole MLP block (gate/up + down).
+    from mlx_foundry.bench.cases import weight_bytes
+    from mlx_foundry.bench.read_probe import probe_words, read_probe
+
+    q4 = weight_bytes(14336, 4096, bits=4)
+    for label, nbytes in (("33 MB", q4), ("66 MB", 2 * q4), ("99 MB", 3 * q4)):
+        buf = mx.arange(probe_words(nbytes), dtype=mx.uint32)
+        ours[f"read probe {label}"] = (read_probe, (buf,), {})
     mlx = {
         "mlx quantized_matmul 4096->14336": lambda: mx.quantized_matmul(
             x4, wu.weight, wu.scales, wu.biases, transpose=True, group_size=64, bits=4),
