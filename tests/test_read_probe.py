@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 
 from mlx_foundry.bench import Context, cases, run_case, timing
-from mlx_foundry.bench.read_probe import (WORDS_PER_GROUP, groups_for, probe_words,
-                                          read_probe, reference_sums)
+from mlx_foundry.bench.read_probe import (chunk_words, groups_for, probe_words, read_probe,
+                                          reference_sums)
 from mlx_foundry.inspection import cuda_source_of
 
 # Awkward sizes: one 16-byte word, one short of a SIMD-group's chunk, a chunk and a
 # word, not a multiple of a threadgroup's eight chunks, and ~33 MB (a decode GEMV).
-WORD_COUNTS = [4, WORDS_PER_GROUP - 4, WORDS_PER_GROUP + 4, 8 * WORDS_PER_GROUP * 3 + 132,
-               4 * 2_064_388]
+CHUNK = chunk_words()
+WORD_COUNTS = [4, CHUNK - 4, CHUNK + 4, 8 * CHUNK * 3 + 132, 4 * 2_064_388]
+# (iters, simdgroups, groups): other chunks, threadgroups of 4 and 16, and persistent
+# grids where each SIMD-group loops over several chunks (the last round partial).
+LAUNCHES = [(1, 8, None), (16, 4, None), (4, 16, 32), (8, 8, 64), (32, 2, 6)]
 
 
 def _words(n, seed):
@@ -25,12 +28,16 @@ def _words(n, seed):
     return rng.integers(0, 2**32, size=n, dtype=np.uint64).astype(np.uint32)
 
 
-def _numpy_sums(words):
-    """The expected output, from NumPy alone: each chunk's sum modulo 2**32."""
-    n = groups_for(words.size)
-    padded = np.zeros(n * WORDS_PER_GROUP, dtype=np.uint64)
-    padded[:words.size] = words
-    return (padded.reshape(n, WORDS_PER_GROUP).sum(axis=1) % 2**32).astype(np.uint32)
+def _numpy_sums(words, iters=8, groups=None):
+    """The expected output, from NumPy alone: SIMD-group g sums chunks g, g + groups, ...
+    (of iters x 128 words), modulo 2**32."""
+    size = iters * 128
+    chunks = -(-words.size // size)
+    groups = groups or 8 * -(-chunks // 8)
+    sums = np.zeros(groups, dtype=np.uint64)
+    for c in range(chunks):
+        sums[c % groups] += words[c * size:(c + 1) * size].astype(np.uint64).sum()
+    return (sums % 2**32).astype(np.uint32)
 
 
 @pytest.mark.parametrize("n", WORD_COUNTS[:4])
@@ -43,10 +50,22 @@ def test_reference_sums_match_numpy(n):
     np.testing.assert_array_equal(np.array(got), want)
 
 
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_launch_shapes_match_numpy(launch):
+    iters, simdgroups, groups = launch
+    words = _words(3 * chunk_words(iters) * 8 + 36, iters)
+    got = read_probe(mx.array(words), iters=iters, simdgroups=simdgroups, groups=groups,
+                     backend="reference")
+    np.testing.assert_array_equal(np.array(got), _numpy_sums(words, iters, groups or
+                                                             groups_for(words.size, iters,
+                                                                        simdgroups)))
+
+
 def test_groups_fill_whole_threadgroups():
     assert groups_for(4) == 8
-    assert groups_for(8 * WORDS_PER_GROUP) == 8
-    assert groups_for(8 * WORDS_PER_GROUP + 4) == 16
+    assert groups_for(8 * CHUNK) == 8
+    assert groups_for(8 * CHUNK + 4) == 16
+    assert groups_for(8 * CHUNK + 4, iters=16, simdgroups=4) == 8
     assert probe_words(1) == 4 and probe_words(16) == 4 and probe_words(17) == 8
 
 
@@ -59,6 +78,18 @@ def test_groups_fill_whole_threadgroups():
 def test_bad_input_names_the_argument(bad, err, match):
     with pytest.raises(err, match=re.escape(match)):
         read_probe(mx.array(bad), backend="reference")
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"iters": 0}, ValueError, "'iters' must be in [1, 64]"),
+    ({"iters": 2.0}, TypeError, "'iters' must be an int"),
+    ({"simdgroups": 33}, ValueError, "'simdgroups' must be in [1, 32]"),
+    ({"groups": 12}, ValueError, "'groups' (12) must be a multiple of 'simdgroups' (8)"),
+    ({"groups": 0}, ValueError, "'groups' must be in"),
+])
+def test_bad_launch_names_the_argument(kw, err, match):
+    with pytest.raises(err, match=re.escape(match)):
+        read_probe(mx.zeros((64,), mx.uint32), backend="reference", **kw)
 
 
 def test_not_an_array_is_a_type_error():
@@ -76,7 +107,7 @@ def test_cuda_unit_reads_sixteen_bytes_per_load(tmp_path):
 
     x = mx.zeros((4 * 4096,), mx.uint32)
     cu = tmp_path / "probe.cu"
-    cu.write_text(cuda_source_of(_kernel(), x, n_vec=4096))
+    cu.write_text(cuda_source_of(_kernel(), x, n_vec=4096, n_groups=128))
     ptx = tmp_path / "probe.ptx"
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx),
                         f"-I{inc}", f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
@@ -84,9 +115,9 @@ def test_cuda_unit_reads_sixteen_bytes_per_load(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     text = ptx.read_text()
     wide = re.findall(r"ld\.global(?:\.nc)?\.v4\.(?:u32|b32)", text)
-    # The scalar argument n_vec is one 4-byte global load; everything else is wide.
+    # The scalars n_vec and n_groups are 4-byte global loads; everything else is wide.
     narrow = re.findall(r"ld\.global(?:\.nc)?\.(?:u32|b32)\b", text)
-    assert len(wide) == 8 and len(narrow) <= 1, (wide, narrow)
+    assert len(wide) == 8 and len(narrow) <= 2, (wide, narrow)
 
 
 def test_read_floor_in_a_bench_case():
@@ -120,6 +151,17 @@ def test_read_probe_gpu(gpu_backend, n):
     words = _words(n, n + 1)
     got = read_probe(mx.array(words), backend=gpu_backend)
     np.testing.assert_array_equal(np.array(got), _numpy_sums(words))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_read_probe_gpu_launch_shapes(gpu_backend, launch):
+    iters, simdgroups, groups = launch
+    words = _words(5 * chunk_words(iters) * 8 + 20, 3 * iters)
+    got = read_probe(mx.array(words), iters=iters, simdgroups=simdgroups, groups=groups,
+                     backend=gpu_backend)
+    want = _numpy_sums(words, iters, groups or groups_for(words.size, iters, simdgroups))
+    np.testing.assert_array_equal(np.array(got), want)
 
 
 @pytest.mark.gpu

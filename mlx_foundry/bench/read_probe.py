@@ -10,15 +10,19 @@ below the read floor of the same run asks for more than any kernel of this launc
 shape can give (``docs/ncu_h100_gemv.md`` section 10 measured the same under ncu).
 
 The kernel (``read_probe``) is written in the Metal dialect like every other
-mlx_foundry kernel, so it runs on Metal and, through the compat prelude, on CUDA. Each
-32-lane SIMD-group reads one contiguous chunk of :data:`ITERS` x 32 16-byte words,
-lane ``l`` taking words ``l, l + 32, ...`` (every load of the SIMD-group is 512
-contiguous bytes), adds the 32-bit words up (wrapping) and writes one sum; the sums
-are its output, so no load can be optimized away and the reference can check them.
+mlx_foundry kernel, so it runs on Metal and, through the compat prelude, on CUDA. The
+buffer is cut into chunks of ``iters`` x 32 16-byte words; a 32-lane SIMD-group reads
+a chunk with lane ``l`` taking words ``l, l + 32, ...`` (every load of the SIMD-group
+is 512 contiguous bytes, ``iters`` of them in flight per lane), then the chunk
+``groups`` further on, and so on; it adds the 32-bit words up (wrapping) and writes
+one sum. The sums are the output, so no load can be optimized away and the reference
+can check them. By default every SIMD-group reads one chunk (as many SIMD-groups as
+chunks); ``groups`` fewer than that makes them loop (a persistent grid).
 """
 
 import functools
 import math
+import numbers
 
 import mlx.core as mx
 
@@ -28,29 +32,29 @@ from ..kernel import Kernel
 from ..types import u32
 
 ITERS = 8
-"""16-byte loads per lane (the loop is unrolled: all of them in flight at once)."""
+"""Default 16-byte loads per lane and chunk (the loop is unrolled: all in flight)."""
 
 SIMDGROUPS = 8
-"""SIMD-groups per threadgroup (256 threads)."""
-
-WORDS_PER_GROUP = ITERS * 32 * 4
-"""32-bit words one SIMD-group reads (and sums)."""
+"""Default SIMD-groups per threadgroup (256 threads)."""
 
 _SOURCE = """
 template <int ITERS>
 METAL_FUNC void read_probe_sum(const device uint* x, device uint* sums, uint n_vec,
-                               uint3 tg, uint sg, uint lane, uint sgs) {
+                               uint n_groups, uint3 tg, uint sg, uint lane, uint sgs) {
   // 16-byte loads: MLX allocates every buffer 16-byte aligned.
   const device uint4* v = reinterpret_cast<const device uint4*>(x);
   const uint group = tg.x * sgs + sg;
-  const uint first = group * (32u * uint(ITERS)) + lane;
+  const uint chunk = 32u * uint(ITERS);
   uint acc = 0u;
+  // n_vec + n_groups * chunk < 2**32 (checked on the host): no index wraps.
+  for (uint first = group * chunk + lane; first < n_vec + lane; first += n_groups * chunk) {
 #pragma unroll
-  for (int it = 0; it < ITERS; ++it) {
-    const uint i = first + uint(it) * 32u;
-    if (i < n_vec) {
-      const uint4 w = v[i];
-      acc += w.x + w.y + w.z + w.w;
+    for (int it = 0; it < ITERS; ++it) {
+      const uint i = first + uint(it) * 32u;
+      if (i < n_vec) {
+        const uint4 w = v[i];
+        acc += w.x + w.y + w.z + w.w;
+      }
     }
   }
   acc = simd_sum(acc);
@@ -61,17 +65,25 @@ METAL_FUNC void read_probe_sum(const device uint* x, device uint* sums, uint n_v
 """
 
 
-def groups_for(words):
-    """SIMD-groups (and sums) for a buffer of ``words`` 32-bit words."""
-    return SIMDGROUPS * math.ceil(math.ceil(words / WORDS_PER_GROUP) / SIMDGROUPS)
+def chunk_words(iters=ITERS):
+    """32-bit words in one chunk (one SIMD-group's ``iters`` loads per lane)."""
+    return iters * 32 * 4
 
 
-def reference_sums(x):
-    """The probe's output from plain MLX ops: per chunk of :data:`WORDS_PER_GROUP`
-    words, their sum modulo 2**32."""
-    n = groups_for(x.size)
-    padded = mx.pad(x.astype(mx.uint64), (0, n * WORDS_PER_GROUP - x.size))
-    sums = mx.sum(padded.reshape(n, WORDS_PER_GROUP), axis=1)
+def groups_for(words, iters=ITERS, simdgroups=SIMDGROUPS):
+    """SIMD-groups (and sums) of the default grid for ``words`` 32-bit words: one per
+    chunk, rounded up to whole threadgroups."""
+    return simdgroups * math.ceil(math.ceil(words / chunk_words(iters)) / simdgroups)
+
+
+def reference_sums(x, iters=ITERS, groups=None):
+    """The probe's output from plain MLX ops: SIMD-group ``g`` sums the chunks ``g, g +
+    groups, ...`` of ``chunk_words(iters)`` words, modulo 2**32."""
+    size = chunk_words(iters)
+    groups = groups or groups_for(x.size, iters)
+    rounds = max(1, math.ceil(x.size / (size * groups)))
+    padded = mx.pad(x.astype(mx.uint64), (0, rounds * groups * size - x.size))
+    sums = mx.sum(padded.reshape(rounds, groups, size), axis=(0, 2))
     return (sums & 0xFFFFFFFF).astype(mx.uint32)
 
 
@@ -80,28 +92,41 @@ def _kernel():
     return Kernel(
         "read_probe", source_text=_SOURCE, function="read_probe_sum", template=("ITERS",),
         args=[Tensor("x", (mx.uint32,), ndim=1),
-              Output("sums", shape=lambda b: (groups_for(b.x.size),), dtype=mx.uint32),
+              Output("sums", shape=lambda b: (b.n_groups,), dtype=mx.uint32),
               Scalar("n_vec", u32),
-              Constant("ITERS", value=ITERS)],
+              Scalar("n_groups", u32),
+              Constant("ITERS", value=ITERS),
+              Constant("SIMDGROUPS", value=SIMDGROUPS)],
         attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
                     "thread_index_in_simdgroup", "simdgroups_per_threadgroup"),
-        dispatch=lambda b: DispatchConfig((groups_for(b.x.size) // SIMDGROUPS,),
-                                          (32 * SIMDGROUPS,)),
-        reference=lambda b: reference_sums(b.x))
+        dispatch=lambda b: DispatchConfig((b.n_groups // b.SIMDGROUPS,),
+                                          (32 * b.SIMDGROUPS,)),
+        reference=lambda b: reference_sums(b.x, b.ITERS, b.n_groups))
 
 
-def read_probe(x, *, backend=None):
-    """Read every byte of ``x`` once; return one wrapping 32-bit sum per chunk.
+def _check_count(who, name, v, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"[{who}] '{name}' must be an int but got {type(v).__name__}.")
+    if not lo <= v <= hi:
+        raise ValueError(f"[{who}] '{name}' must be in [{lo}, {hi}] but got {v}.")
+    return int(v)
+
+
+def read_probe(x, *, iters=ITERS, simdgroups=SIMDGROUPS, groups=None, backend=None):
+    """Read every byte of ``x`` once; return one wrapping 32-bit sum per SIMD-group.
 
     Args:
-        x (array): ``uint32``, 1-D, row-contiguous, a non-zero multiple of 4 words
-            (whole 16-byte loads).
+        x (array): ``uint32``, 1-D, a non-zero multiple of 4 words (whole 16-byte
+            loads). A strided view is copied first by MLX, as for every kernel.
+        iters (int): 16-byte loads per lane and chunk, 1 to 64. Default: 8.
+        simdgroups (int): SIMD-groups per threadgroup, 1 to 32. Default: 8.
+        groups (int, optional): SIMD-groups in all, a multiple of ``simdgroups``.
+            Default: one per chunk (:func:`groups_for`).
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
             Default: chosen automatically.
 
     Returns:
-        array: ``uint32`` of shape ``(groups_for(x.size),)``, equal to
-        :func:`reference_sums` of ``x``.
+        array: ``uint32`` of shape ``(groups,)``, equal to :func:`reference_sums`.
 
     Example:
         >>> sums = read_probe(mx.arange(4096, dtype=mx.uint32))
@@ -116,10 +141,19 @@ def read_probe(x, *, backend=None):
     if x.size == 0 or x.size % 4:
         raise ValueError(f"[{who}] 'x' must hold a non-zero multiple of 4 words (whole "
                          f"16-byte loads) but holds {x.size}.")
-    if x.size // 4 >= 2**32 - WORDS_PER_GROUP:
-        raise ValueError(f"[{who}] 'x' holds {x.size} words; the probe indexes 16-byte "
-                         f"words with 32 bits.")
-    return _kernel()(x, n_vec=x.size // 4, backend=backend)
+    iters = _check_count(who, "iters", iters, 1, 64)
+    simdgroups = _check_count(who, "simdgroups", simdgroups, 1, 32)
+    if groups is None:
+        groups = groups_for(x.size, iters, simdgroups)
+    groups = _check_count(who, "groups", groups, 1, 2**31)
+    if groups % simdgroups:
+        raise ValueError(f"[{who}] 'groups' ({groups}) must be a multiple of 'simdgroups' "
+                         f"({simdgroups}): whole threadgroups.")
+    if x.size // 4 + groups * 32 * iters >= 2**32:
+        raise ValueError(f"[{who}] 'x' ({x.size} words) is too large for 32-bit indices "
+                         f"of 16-byte words.")
+    return _kernel()(x, n_vec=x.size // 4, n_groups=groups, ITERS=iters,
+                     SIMDGROUPS=simdgroups, backend=backend)
 
 
 def probe_words(nbytes):

@@ -266,7 +266,7 @@ def copy_ceiling(nbytes_buffer, *, repeats=10, dtype=mx.float32, target_s=0.05, 
             "buffer_bytes": n * itemsize, "timing": t.as_dict()}
 
 
-def read_floor(nbytes, *, backend, pool_bytes, repeats=10, **kw):
+def read_floor(nbytes, *, backend, pool_bytes, repeats=10, probe=None, **kw):
     """The time of a plain streaming read of ``nbytes`` bytes, measured as a case is.
 
     The buffers (``nbytes`` rounded up to 16 bytes, distinct contents) rotate through a
@@ -278,6 +278,8 @@ def read_floor(nbytes, *, backend, pool_bytes, repeats=10, **kw):
         backend (str): the backend the probe runs on.
         pool_bytes (int): bytes of the rotated pool.
         repeats (int): timings; the median is reported.
+        probe (dict, optional): launch keywords of the probe (``iters``,
+            ``simdgroups``, ``groups``). Default: its defaults.
         **kw: passed to :func:`measure` (``calls``, ...).
 
     Returns:
@@ -288,6 +290,7 @@ def read_floor(nbytes, *, backend, pool_bytes, repeats=10, **kw):
     words = probe_words(nbytes)
     pool = make_pool(lambda i: (mx.full((words,), i, dtype=mx.uint32),), 4 * words,
                      pool_bytes)
-    t = measure(lambda x: read_probe(x, backend=backend), pool, repeats=repeats, **kw)
+    probe = probe or {}
+    t = measure(lambda x: read_probe(x, backend=backend, **probe), pool, repeats=repeats, **kw)
     return {"us": t.us, "gbps": 4 * words / t.median_s / 1e9, "bytes": 4 * words,
             "timing": t.as_dict()}
