@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mlx_foundry.bench import Context, cases, run_case, timing
-from mlx_foundry.bench.read_probe import (chunk_words, groups_for, probe_words, read_probe,
-                                          reference_sums)
+from mlx_foundry.bench.read_probe import (SIMDGROUPS, chunk_words, groups_for, probe_words,
+                                          read_probe, reference_sums)
 from mlx_foundry.inspection import cuda_source_of
 
 # Awkward sizes: one 16-byte word, one short of a SIMD-group's chunk, a chunk and a
@@ -33,7 +33,7 @@ def _numpy_sums(words, iters=8, groups=None):
     (of iters x 128 words), modulo 2**32."""
     size = iters * 128
     chunks = -(-words.size // size)
-    groups = groups or 8 * -(-chunks // 8)
+    groups = groups or SIMDGROUPS * -(-chunks // SIMDGROUPS)
     sums = np.zeros(groups, dtype=np.uint64)
     for c in range(chunks):
         sums[c % groups] += words[c * size:(c + 1) * size].astype(np.uint64).sum()
@@ -62,10 +62,11 @@ def test_launch_shapes_match_numpy(launch):
 
 
 def test_groups_fill_whole_threadgroups():
-    assert groups_for(4) == 8
-    assert groups_for(8 * CHUNK) == 8
-    assert groups_for(8 * CHUNK + 4) == 16
+    assert groups_for(4, simdgroups=8) == 8
+    assert groups_for(8 * CHUNK, simdgroups=8) == 8
+    assert groups_for(8 * CHUNK + 4, simdgroups=8) == 16
     assert groups_for(8 * CHUNK + 4, iters=16, simdgroups=4) == 8
+    assert groups_for(4) == SIMDGROUPS
     assert probe_words(1) == 4 and probe_words(16) == 4 and probe_words(17) == 8
 
 
@@ -84,7 +85,8 @@ def test_bad_input_names_the_argument(bad, err, match):
     ({"iters": 0}, ValueError, "'iters' must be in [1, 64]"),
     ({"iters": 2.0}, TypeError, "'iters' must be an int"),
     ({"simdgroups": 33}, ValueError, "'simdgroups' must be in [1, 32]"),
-    ({"groups": 12}, ValueError, "'groups' (12) must be a multiple of 'simdgroups' (8)"),
+    ({"groups": 12, "simdgroups": 8}, ValueError,
+     "'groups' (12) must be a multiple of 'simdgroups' (8)"),
     ({"groups": 0}, ValueError, "'groups' must be in"),
 ])
 def test_bad_launch_names_the_argument(kw, err, match):

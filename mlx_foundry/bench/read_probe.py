@@ -34,8 +34,10 @@ from ..types import u32
 ITERS = 8
 """Default 16-byte loads per lane and chunk (the loop is unrolled: all in flight)."""
 
-SIMDGROUPS = 8
-"""Default SIMD-groups per threadgroup (256 threads)."""
+SIMDGROUPS = 4
+"""Default SIMD-groups per threadgroup (128 threads). With :data:`ITERS` 8 it was among
+the fastest launches at 33, 66, 99 and 117 MB on an H100 (``tools/read_sweep.py``,
+``docs/read_sweep_h100.json``); persistent grids lost from 66 MB on."""
 
 _SOURCE = """
 template <int ITERS>
@@ -119,7 +121,7 @@ def read_probe(x, *, iters=ITERS, simdgroups=SIMDGROUPS, groups=None, backend=No
         x (array): ``uint32``, 1-D, a non-zero multiple of 4 words (whole 16-byte
             loads). A strided view is copied first by MLX, as for every kernel.
         iters (int): 16-byte loads per lane and chunk, 1 to 64. Default: 8.
-        simdgroups (int): SIMD-groups per threadgroup, 1 to 32. Default: 8.
+        simdgroups (int): SIMD-groups per threadgroup, 1 to 32. Default: 4.
         groups (int, optional): SIMD-groups in all, a multiple of ``simdgroups``.
             Default: one per chunk (:func:`groups_for`).
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
