@@ -206,7 +206,7 @@ def _entries():
         "no split", _with_launch(lambda: ops.norm_linear(
             _z((5, K), F16), _z((K,), F16), 1e-5, _weight(1024, K, (4, 64)),
             backend="metal"), ROWS=4, SPLITK=0, MBLOCK=4))
-    add("read_probe", "the bench's read floor: a streaming read of 33 MB (a decode GEMV's "
+    add("read_probe", "the bench's plain read: a streaming read of 33 MB (a decode GEMV's "
         "bytes), 16-byte loads, one sum per SIMD-group", _read_probe)
     return out
 

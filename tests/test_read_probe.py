@@ -1,4 +1,4 @@
-"""The bench's read floor: the read-probe kernel, its reference and its place in a run."""
+"""The bench's plain read: the read-probe kernel, its reference and its place in a run."""
 
 import re
 import subprocess
@@ -122,26 +122,26 @@ def test_cuda_unit_reads_sixteen_bytes_per_load(tmp_path):
     assert len(wide) == 8 and len(narrow) <= 2, (wide, narrow)
 
 
-def test_read_floor_in_a_bench_case():
+def test_plain_read_in_a_bench_case():
     """Each measured case carries the time of a plain read of its bytes, once per size."""
     ctx = Context("reference", quick=True, tiny=True)
     case = next(c for c in cases.suite(tiny=True) if c.name.startswith("linear_q4"))
     res = run_case(case, ctx, copy_gbps=1.0)
     assert res["status"] == "ok", res
-    floor = ctx.read_floor(case.nbytes)
-    assert res["read_us"] == floor["us"] > 0
-    assert floor["bytes"] == probe_words(case.nbytes) * 4 >= case.nbytes
-    assert ctx.read_floor(case.nbytes) is floor            # measured once per size
+    read = ctx.plain_read(case.nbytes)
+    assert res["read_us"] == read["us"] > 0
+    assert read["bytes"] == probe_words(case.nbytes) * 4 >= case.nbytes
+    assert ctx.plain_read(case.nbytes) is read             # measured once per size
 
 
-def test_read_floor_failure_is_noted_not_fatal(monkeypatch):
+def test_plain_read_failure_is_noted_not_fatal(monkeypatch):
     ctx = Context("reference", quick=True, tiny=True)
     case = next(c for c in cases.suite(tiny=True) if c.name.startswith("rms_norm"))
 
     def broken(*a, **k):
         raise RuntimeError("probe failed")
 
-    monkeypatch.setattr(timing, "read_floor", broken)
+    monkeypatch.setattr(timing, "plain_read", broken)
     res = run_case(case, ctx, copy_gbps=1.0)
     assert res["status"] == "ok" and res["ours_us"] > 0
     assert "read_us" not in res and "probe failed" in res["read_error"]

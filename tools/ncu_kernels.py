@@ -46,7 +46,7 @@ def _jobs():
         "norm_qkv_rope": (ops.norm_qkv_rope, (x4[None], g, 1e-5, wq, wk, wv), qkv),
         "rms_norm 8192x8192": (ops.rms_norm, (xn, gn, 1e-5), {}),
     }
-    # The read floor of the bench (bench/read_probe.py) at the bytes of the 4-bit GEMV
+    # The bench's plain read (bench/read_probe.py) at the bytes of the 4-bit GEMV
     # 4096 -> 14336, of gate/up and of the whole MLP block (gate/up + down).
     from mlx_foundry.bench.cases import weight_bytes
     from mlx_foundry.bench.read_probe import probe_words, read_probe

@@ -1,6 +1,6 @@
 """The bench's read probe over launch shapes and sizes (diagnostics for its defaults).
 
-Times :func:`mlx_foundry.bench.timing.read_floor` (the bench's method: rotated pool,
+Times :func:`mlx_foundry.bench.timing.plain_read` (the bench's method: rotated pool,
 200 calls per timing, medians) for each launch of the probe at each size, and prints
 microseconds and GB/s::
 
@@ -49,7 +49,7 @@ def main():
     for mb in args.mb:
         nbytes = int(mb * 1e6)
         for kw in launches(sms):
-            r = timing.read_floor(nbytes, backend=backend, pool_bytes=timing.DEFAULT_POOL_BYTES,
+            r = timing.plain_read(nbytes, backend=backend, pool_bytes=timing.DEFAULT_POOL_BYTES,
                                   repeats=args.repeats, probe=kw, calls=CALLS_PER_TIMING)
             rows.append({"mb": mb, "launch": label(kw), **kw, "us": r["us"],
                          "gbps": r["gbps"]})

@@ -3,7 +3,7 @@
 Runs the suite of :mod:`.cases` with the method of :mod:`.timing` (baseline and
 candidate in the same process; weights rotated through a pool larger than the
 last-level cache; many calls per timing; medians), times beside each case a plain
-read of its bytes (the read floor, :mod:`.read_probe`), shows progress on stderr,
+read of its bytes (:mod:`.read_probe`), shows progress on stderr,
 prints the table and, with ``--out DIR``, writes ``results.json``, ``chart.png``
 and ``BENCHMARKS.md`` there.
 
@@ -65,16 +65,16 @@ class Context:
             self.measure_kw = dict(calls=CALLS_PER_TIMING)
             self.copy_kw = dict(target_s=0.01 if quick else 0.025, min_calls=16)
             self.copy_bytes = 256 << 20
-        self._read_floors = {}
+        self._plain_reads = {}
 
-    def read_floor(self, nbytes):
-        """:func:`.timing.read_floor` of ``nbytes`` on this run's backend (once per size)."""
-        floor = self._read_floors.get(nbytes)
-        if floor is None:
-            floor = self._read_floors[nbytes] = timing.read_floor(
+    def plain_read(self, nbytes):
+        """:func:`.timing.plain_read` of ``nbytes`` on this run's backend (once per size)."""
+        read = self._plain_reads.get(nbytes)
+        if read is None:
+            read = self._plain_reads[nbytes] = timing.plain_read(
                 nbytes, backend=self.backend, pool_bytes=self.pool_bytes,
                 repeats=self.repeats, **self.measure_kw)
-        return floor
+        return read
 
 
 def _flat(out):
@@ -188,20 +188,20 @@ def run_case(case, ctx, copy_gbps=None):
         res["gbps"] = case.nbytes / ours.median_s / 1e9
         if copy_gbps:
             res["pct_copy"] = 100.0 * res["gbps"] / copy_gbps
-        _add_read_floor(case, ctx, res)
+        _add_plain_read(case, ctx, res)
     return res
 
 
-def _add_read_floor(case, ctx, res):
+def _add_plain_read(case, ctx, res):
     """``read_us``: a plain read of the case's bytes, timed as the case was (its failure
     is noted, never fatal: the case's own figures stand)."""
     try:
-        floor = ctx.read_floor(case.nbytes)
+        read = ctx.plain_read(case.nbytes)
     except Exception as e:  # noqa: BLE001
         res["read_error"] = f"{type(e).__name__}: {e}"[:400]
         return
-    res["read_us"] = floor["us"]
-    res["read_gbps"] = floor["gbps"]
+    res["read_us"] = read["us"]
+    res["read_gbps"] = read["gbps"]
 
 
 def select_backend(name=None):

@@ -1,13 +1,14 @@
-"""The read floor: how long a plain streaming read of a case's bytes takes.
+"""The bench's plain read: how long a streaming read of a case's bytes takes.
 
 The copy ceiling (:func:`.timing.copy_ceiling`) answers "how fast can MLX move
-memory"; it does not say how long a kernel that must *read* ``B`` bytes needs at
-least, and at decode sizes (8-100 MB) that time has a fixed part (the ramp-up and the
-tail of one launch) that a bandwidth leaves out. The bench therefore times, beside
-every case, a kernel that does nothing but read the same number of bytes, with the
-case's method (rotated pool, the same calls per timing, medians). A target time
-below the read floor of the same run asks for more than any kernel of this launch
-shape can give (``docs/ncu_h100_gemv.md`` section 10 measured the same under ncu).
+memory"; it does not say how long a kernel that reads ``B`` bytes takes, and at decode
+sizes (8-100 MB) that time has a fixed part (the ramp-up and the tail of one launch)
+that a bandwidth leaves out. The bench therefore times, beside every case, a kernel
+that does nothing but read the same number of bytes, with the case's method (rotated
+pool, the same calls per timing, medians). It is a yardstick, not a bound: it is a
+plain kernel, a GEMV that keeps as many bytes in flight can match it, and it carries
+the run's noise (``tools/read_sweep.py`` times its launch shapes;
+``docs/ncu_h100_gemv.md`` section 10 has the same comparison under ncu).
 
 The kernel (``read_probe``) is written in the Metal dialect like every other
 mlx_foundry kernel, so it runs on Metal and, through the compat prelude, on CUDA. The

@@ -200,10 +200,11 @@ Fused mlx_foundry ops against MLX's own ops, measured by `python -m mlx_foundry 
 sequence of MLX ops that the fused op replaces); "ours" is the `mlx_foundry.ops` op.
 Times are per call in microseconds; GB/s counts the bytes one call must move (weights +
 activations read + outputs written) over our time; "% of copy" relates that to the copy
-ceiling. "read us" is the time of a kernel that only reads as many bytes, measured in
-the same run exactly as the case was (the read floor, `mlx_foundry/bench/read_probe.py`):
-no kernel that must read those bytes can be much faster. For the end-to-end decode the
-times are per token (speedup = tokens/s ratio).
+ceiling. "read us" is the time of a plain streaming read of as many bytes
+(`mlx_foundry/bench/read_probe.py`), timed in the same run exactly as the case was: what
+a kernel that only reads costs at that size, launch ramp-up and tail included. It is a
+yardstick, not a bound (a well-fed GEMV can match it), and it carries the run's noise.
+For the end-to-end decode the times are per token (speedup = tokens/s ratio).
 {(chr(10) + "Notes:" + chr(10) + chr(10).join(notes) + chr(10)) if notes else ""}
 ## Method
 

@@ -33,7 +33,7 @@ The method, for one callable ``fn`` and a *pool* of input sets:
 
 The copy ceiling (:func:`copy_ceiling`) is measured the same way on a plain
 elementwise copy (``x + 0``) of a large buffer, counting bytes read + written. The
-read floor of a case (:func:`read_floor`) is the time of a kernel that only reads as
+plain read of a case (:func:`plain_read`) is the time of a kernel that only reads as
 many bytes as the case moves (:mod:`.read_probe`), measured exactly as the case is.
 """
 
@@ -266,7 +266,7 @@ def copy_ceiling(nbytes_buffer, *, repeats=10, dtype=mx.float32, target_s=0.05, 
             "buffer_bytes": n * itemsize, "timing": t.as_dict()}
 
 
-def read_floor(nbytes, *, backend, pool_bytes, repeats=10, probe=None, **kw):
+def plain_read(nbytes, *, backend, pool_bytes, repeats=10, probe=None, **kw):
     """The time of a plain streaming read of ``nbytes`` bytes, measured as a case is.
 
     The buffers (``nbytes`` rounded up to 16 bytes, distinct contents) rotate through a
