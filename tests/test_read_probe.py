@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_foundry.bench import Context, cases, run_case, timing
+from mlx_foundry.bench import Context, cases, report, run_case, timing
 from mlx_foundry.bench.read_probe import (SIMDGROUPS, chunk_words, groups_for, probe_words,
                                           read_probe, reference_sums)
 from mlx_foundry.inspection import cuda_source_of
@@ -71,7 +71,7 @@ def test_groups_fill_whole_threadgroups():
 
 
 @pytest.mark.parametrize("bad, err, match", [
-    (np.arange(8, dtype=np.float32), ValueError, "'x' must have dtype uint32"),
+    (np.arange(8, dtype=np.float32), ValueError, "'x' must have dtype uint32 but got float32."),
     (np.zeros((2, 4), dtype=np.uint32), ValueError, "'x' must be 1-D"),
     (np.zeros(6, dtype=np.uint32), ValueError, "multiple of 4 words"),
     (np.zeros(0, dtype=np.uint32), ValueError, "multiple of 4 words"),
@@ -88,10 +88,35 @@ def test_bad_input_names_the_argument(bad, err, match):
     ({"groups": 12, "simdgroups": 8}, ValueError,
      "'groups' (12) must be a multiple of 'simdgroups' (8)"),
     ({"groups": 0}, ValueError, "'groups' must be in"),
+    ({"groups": 8.0}, TypeError, "'groups' must be an int"),
 ])
 def test_bad_launch_names_the_argument(kw, err, match):
     with pytest.raises(err, match=re.escape(match)):
         read_probe(mx.zeros((64,), mx.uint32), backend="reference", **kw)
+
+
+def test_launches_of_one_shape_differ_by_groups(monkeypatch):
+    """The grid and the output's size follow ``groups`` from call to call with the same
+    ``x``, ``iters`` and ``simdgroups`` (the GPU path's launch plans, on the CPU: the
+    fake backend runs the reference with the plan's output shapes)."""
+    from fake_gpu import fake_gpu
+
+    record = fake_gpu(monkeypatch)
+    words = _words(6 * CHUNK + 8, 5)
+    x = mx.array(words)
+    for groups in (None, 4, 12, 64, 4):
+        got = read_probe(x, groups=groups, backend="cuda")
+        want = _numpy_sums(words, 8, groups)
+        np.testing.assert_array_equal(np.array(got), want)
+    assert record.total() == 5
+
+
+def test_too_many_groups_names_them():
+    with pytest.raises(ValueError, match=re.escape("'groups' must be in [1, 16777216]")):
+        read_probe(mx.zeros((8,), mx.uint32), groups=1 << 25, backend="reference")
+    with pytest.raises(ValueError, match="use fewer 'groups'"):
+        read_probe(mx.zeros((8,), mx.uint32), iters=64, groups=1 << 24, simdgroups=1,
+                   backend="reference")
 
 
 def test_not_an_array_is_a_type_error():
@@ -109,7 +134,7 @@ def test_cuda_unit_reads_sixteen_bytes_per_load(tmp_path):
 
     x = mx.zeros((4 * 4096,), mx.uint32)
     cu = tmp_path / "probe.cu"
-    cu.write_text(cuda_source_of(_kernel(), x, n_vec=4096, n_groups=128))
+    cu.write_text(cuda_source_of(_kernel(), x, n_vec=4096, SIMDGROUPS=4, GROUPS=128))
     ptx = tmp_path / "probe.ptx"
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx),
                         f"-I{inc}", f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
@@ -117,9 +142,9 @@ def test_cuda_unit_reads_sixteen_bytes_per_load(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     text = ptx.read_text()
     wide = re.findall(r"ld\.global(?:\.nc)?\.v4\.(?:u32|b32)", text)
-    # The scalars n_vec and n_groups are 4-byte global loads; everything else is wide.
+    # The scalar n_vec is one 4-byte global load; everything else is wide.
     narrow = re.findall(r"ld\.global(?:\.nc)?\.(?:u32|b32)\b", text)
-    assert len(wide) == 8 and len(narrow) <= 2, (wide, narrow)
+    assert len(wide) == 8 and len(narrow) <= 1, (wide, narrow)
 
 
 def test_plain_read_in_a_bench_case():
@@ -145,6 +170,12 @@ def test_plain_read_failure_is_noted_not_fatal(monkeypatch):
     res = run_case(case, ctx, copy_gbps=1.0)
     assert res["status"] == "ok" and res["ours_us"] > 0
     assert "read_us" not in res and "probe failed" in res["read_error"]
+    assert "plain read failed: RuntimeError: probe failed" in report.format_table(
+        {"cases": [res]})
+    # Once per size: the next case of that size gets the same failure, not a new try.
+    calls = []
+    monkeypatch.setattr(timing, "plain_read", lambda *a, **k: calls.append(1))
+    assert "probe failed" in run_case(case, ctx, copy_gbps=1.0)["read_error"] and not calls
 
 
 @pytest.mark.gpu
@@ -164,6 +195,16 @@ def test_read_probe_gpu_launch_shapes(gpu_backend, launch):
                      backend=gpu_backend)
     want = _numpy_sums(words, iters, groups or groups_for(words.size, iters, simdgroups))
     np.testing.assert_array_equal(np.array(got), want)
+
+
+@pytest.mark.gpu
+def test_read_probe_gpu_groups_from_call_to_call(gpu_backend):
+    """One x, iters and simdgroups, several grids in turn: each launch has its own."""
+    words = _words(100 * CHUNK + 12, 11)
+    x = mx.array(words)
+    for groups in (None, 32, 64, 8, None, 32):
+        got = read_probe(x, groups=groups, backend=gpu_backend)
+        np.testing.assert_array_equal(np.array(got), _numpy_sums(words, 8, groups))
 
 
 @pytest.mark.gpu

@@ -33,9 +33,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=float, nargs="+", default=[33.0, 66.1, 99.1, 117.4])
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--sms", type=int, default=132,
+                   help="SMs of the GPU, for the persistent grids (H100 SXM: 132)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    import mlx.core as mx
 
     from mlx_foundry.backends import gpu_backend
     from mlx_foundry.bench import CALLS_PER_TIMING, timing
@@ -44,7 +45,8 @@ def main():
     if backend is None:
         print("read_sweep: needs a GPU backend", file=sys.stderr)
         return 2
-    sms = int(mx.device_info().get("num_sms", 132) or 132)
+    sms = args.sms
+    print(f"{timing.device_name()}, persistent grids for {sms} SMs", flush=True)
     rows = []
     for mb in args.mb:
         nbytes = int(mb * 1e6)
@@ -61,7 +63,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": timing.device_name(), "mlx": timing.mlx_version(),
-                       "rows": rows}, f, indent=1)
+                       "sms": sms, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -68,12 +68,19 @@ class Context:
         self._plain_reads = {}
 
     def plain_read(self, nbytes):
-        """:func:`.timing.plain_read` of ``nbytes`` on this run's backend (once per size)."""
+        """:func:`.timing.plain_read` of ``nbytes`` on this run's backend, measured once
+        per size (a failure too: it is raised again for the next case of that size)."""
         read = self._plain_reads.get(nbytes)
         if read is None:
-            read = self._plain_reads[nbytes] = timing.plain_read(
-                nbytes, backend=self.backend, pool_bytes=self.pool_bytes,
-                repeats=self.repeats, **self.measure_kw)
+            try:
+                read = timing.plain_read(nbytes, backend=self.backend,
+                                         pool_bytes=self.pool_bytes, repeats=self.repeats,
+                                         **self.measure_kw)
+            except Exception as e:  # noqa: BLE001
+                read = e
+            self._plain_reads[nbytes] = read
+        if isinstance(read, Exception):
+            raise read
         return read
 
 

@@ -30,7 +30,7 @@ import mlx.core as mx
 from ..args import Constant, Output, Scalar, Tensor
 from ..dispatch import DispatchConfig
 from ..kernel import Kernel
-from ..types import u32
+from ..types import dtype_name, u32
 
 ITERS = 8
 """Default 16-byte loads per lane and chunk (the loop is unrolled: all in flight)."""
@@ -43,9 +43,10 @@ the fastest launches at 33, 66, 99 and 117 MB on an H100 (``tools/read_sweep.py`
 _SOURCE = """
 template <int ITERS>
 METAL_FUNC void read_probe_sum(const device uint* x, device uint* sums, uint n_vec,
-                               uint n_groups, uint3 tg, uint sg, uint lane, uint sgs) {
+                               uint3 tg, uint3 tgs, uint sg, uint lane, uint sgs) {
   // 16-byte loads: MLX allocates every buffer 16-byte aligned.
   const device uint4* v = reinterpret_cast<const device uint4*>(x);
+  const uint n_groups = tgs.x * sgs;
   const uint group = tg.x * sgs + sg;
   const uint chunk = 32u * uint(ITERS);
   uint acc = 0u;
@@ -84,9 +85,12 @@ def reference_sums(x, iters=ITERS, groups=None):
     groups, ...`` of ``chunk_words(iters)`` words, modulo 2**32."""
     size = chunk_words(iters)
     groups = groups or groups_for(x.size, iters)
-    rounds = max(1, math.ceil(x.size / (size * groups)))
-    padded = mx.pad(x.astype(mx.uint64), (0, rounds * groups * size - x.size))
-    sums = mx.sum(padded.reshape(rounds, groups, size), axis=(0, 2))
+    chunks = math.ceil(x.size / size)
+    padded = mx.pad(x.astype(mx.uint64), (0, chunks * size - x.size))
+    per_chunk = mx.sum(padded.reshape(chunks, size), axis=1)
+    rounds = math.ceil(chunks / groups)  # groups past the last chunk sum nothing: 0
+    per_chunk = mx.pad(per_chunk, (0, rounds * groups - chunks))
+    sums = mx.sum(per_chunk.reshape(rounds, groups), axis=0)
     return (sums & 0xFFFFFFFF).astype(mx.uint32)
 
 
@@ -95,16 +99,23 @@ def _kernel():
     return Kernel(
         "read_probe", source_text=_SOURCE, function="read_probe_sum", template=("ITERS",),
         args=[Tensor("x", (mx.uint32,), ndim=1),
-              Output("sums", shape=lambda b: (b.n_groups,), dtype=mx.uint32),
+              Output("sums", shape=lambda b: (b.GROUPS,), dtype=mx.uint32),
               Scalar("n_vec", u32),
-              Scalar("n_groups", u32),
               Constant("ITERS", value=ITERS),
-              Constant("SIMDGROUPS", value=SIMDGROUPS)],
-        attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
-                    "thread_index_in_simdgroup", "simdgroups_per_threadgroup"),
-        dispatch=lambda b: DispatchConfig((b.n_groups // b.SIMDGROUPS,),
-                                          (32 * b.SIMDGROUPS,)),
-        reference=lambda b: reference_sums(b.x, b.ITERS, b.n_groups))
+              # The grid and the output's shape: launch constants, so that they key the
+              # launch (a runtime scalar does not); the kernel reads the grid's size.
+              Constant("SIMDGROUPS", in_body=False),
+              Constant("GROUPS", in_body=False)],
+        attributes=("threadgroup_position_in_grid", "threadgroups_per_grid",
+                    "simdgroup_index_in_threadgroup", "thread_index_in_simdgroup",
+                    "simdgroups_per_threadgroup"),
+        dispatch=lambda b: DispatchConfig((b.GROUPS // b.SIMDGROUPS,), (32 * b.SIMDGROUPS,)),
+        reference=lambda b: reference_sums(b.x, b.ITERS, b.GROUPS))
+
+
+MAX_GROUPS = 1 << 24
+"""The most SIMD-groups a launch may have (a grid of at most 2**24 threadgroups of one
+SIMD-group, within CUDA's and Metal's limits, and 2**29 threads)."""
 
 
 def _check_count(who, name, v, lo, hi):
@@ -138,7 +149,8 @@ def read_probe(x, *, iters=ITERS, simdgroups=SIMDGROUPS, groups=None, backend=No
     if not isinstance(x, mx.array):
         raise TypeError(f"[{who}] 'x' must be an mlx.core.array but got {type(x).__name__}.")
     if x.dtype != mx.uint32:
-        raise ValueError(f"[{who}] 'x' must have dtype uint32 but got {x.dtype}.")
+        raise ValueError(f"[{who}] 'x' must have dtype uint32 but got "
+                         f"{dtype_name(x.dtype)}.")
     if x.ndim != 1:
         raise ValueError(f"[{who}] 'x' must be 1-D but has shape {tuple(x.shape)}.")
     if x.size == 0 or x.size % 4:
@@ -148,15 +160,20 @@ def read_probe(x, *, iters=ITERS, simdgroups=SIMDGROUPS, groups=None, backend=No
     simdgroups = _check_count(who, "simdgroups", simdgroups, 1, 32)
     if groups is None:
         groups = groups_for(x.size, iters, simdgroups)
-    groups = _check_count(who, "groups", groups, 1, 2**31)
+    else:
+        groups = _check_count(who, "groups", groups, 1, MAX_GROUPS)
     if groups % simdgroups:
         raise ValueError(f"[{who}] 'groups' ({groups}) must be a multiple of 'simdgroups' "
                          f"({simdgroups}): whole threadgroups.")
+    if groups > MAX_GROUPS:
+        raise ValueError(f"[{who}] 'x' ({x.size} words) needs {groups} SIMD-groups at "
+                         f"iters={iters}, more than {MAX_GROUPS}; raise 'iters'.")
     if x.size // 4 + groups * 32 * iters >= 2**32:
-        raise ValueError(f"[{who}] 'x' ({x.size} words) is too large for 32-bit indices "
-                         f"of 16-byte words.")
-    return _kernel()(x, n_vec=x.size // 4, n_groups=groups, ITERS=iters,
-                     SIMDGROUPS=simdgroups, backend=backend)
+        raise ValueError(f"[{who}] 'x' ({x.size} words) with groups={groups} and "
+                         f"iters={iters} would index past 2**32 16-byte words; use fewer "
+                         f"'groups' or a smaller 'x'.")
+    return _kernel()(x, n_vec=x.size // 4, ITERS=iters, SIMDGROUPS=simdgroups,
+                     GROUPS=groups, backend=backend)
 
 
 def probe_words(nbytes):

@@ -84,6 +84,14 @@ def case_row(c):
             _big(c.get("gbps")), _big(c.get("pct_copy")), _num(c.get("read_us"), ".1f"))
 
 
+def _note(c):
+    """What the table's notes say of a case: its reason, and a failed plain read."""
+    parts = [c.get("reason") or ""]
+    if c.get("read_error"):
+        parts.append(f"plain read failed: {c['read_error']}")
+    return "; ".join(p for p in parts if p)
+
+
 def format_table(results):
     """The fixed-width text table, then a note per skipped or failed case."""
     lines = []
@@ -96,9 +104,9 @@ def format_table(results):
     if copy.get("gbps"):
         lines.append(f"copy ceiling: {copy['gbps']:.0f} GB/s "
                      f"({copy['buffer_bytes'] / 2**20:.0f} MiB read + written)")
-    notes = [c for c in results["cases"] if c.get("status") != "ok" or c.get("reason")]
+    notes = [c for c in results["cases"] if c.get("status") != "ok" or _note(c)]
     for c in notes:
-        lines.append(f"{c['status']}: {c['name']}: {c.get('reason', '')}")
+        lines.append(f"{c['status']}: {c['name']}: {_note(c)}")
     return "\n".join(lines)
 
 
@@ -178,8 +186,8 @@ def write_benchmarks_md(results, path):
             "|" + "|".join(["---"] * 3 + ["---:"] * (len(COLUMNS) - 3)) + "|"]
     for c in results["cases"]:
         rows.append("| " + " | ".join(case_row(c)) + " |")
-    notes = [f"- {c['name']}: {c['status']}: {c.get('reason', '')}"
-             for c in results["cases"] if c.get("status") != "ok" or c.get("reason")]
+    notes = [f"- {c['name']}: {c['status']}: {_note(c)}"
+             for c in results["cases"] if c.get("status") != "ok" or _note(c)]
     pool_mb = f"{results.get('pool_bytes', 0) / 2**20:.0f}"
     repeats = results.get("repeats", "?")
     calls = results.get("calls_per_timing")
