@@ -36,9 +36,11 @@ ITERS = 8
 """Default 16-byte loads per lane and chunk (the loop is unrolled: all in flight)."""
 
 SIMDGROUPS = 4
-"""Default SIMD-groups per threadgroup (128 threads). With :data:`ITERS` 8 it was among
-the fastest launches at 33, 66, 99 and 117 MB on an H100 (``tools/read_sweep.py``,
-``docs/read_sweep_h100.json``); persistent grids lost from 66 MB on."""
+"""Default SIMD-groups per threadgroup (128 threads). On an H100 no launch of the probe
+(2-32 loads per lane, 128 or 256 threads, one chunk per SIMD-group or a persistent
+grid) was the fastest in two sweeps running (``tools/read_sweep.py``,
+``docs/read_sweep_h100.json``): at 33 MB they spread over 13.5-16.5 us, the stream's
+noise, and from 66 MB over 2-5%. This one was among the fastest in the first."""
 
 _SOURCE = """
 template <int ITERS>
