@@ -284,8 +284,10 @@ class Constant(Arg):
             otherwise the caller passes it by keyword.
         in_body (bool, optional): declare it at the top of the generated body. ``False``
             for a constant that only a backend reads when it builds the kernel (a launch
-            attribute such as the GEMVs' ``MINBLOCKS``): it still selects the
-            specialization, and adds no line to the source. Default: ``True``.
+            attribute such as the GEMVs' ``MINBLOCKS``) or only the dispatch and output
+            rules read (the bench read probe's grid): it still selects the
+            specialization (so it keys the launch, which a runtime scalar does not), and
+            adds no line to the source. Default: ``True``.
     """
 
     kind = "constant"
