@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_foundry.__main__ import main as cli_main
-from mlx_foundry.bench import cases, report, run_case, timing, tuner
+from mlx_foundry.bench import cases, report, run_case, targets, timing, tuner
 from mlx_foundry.bench import Context
 
 from tuned import grid, looked_up
@@ -55,6 +55,9 @@ def test_bench_command_writes_results(bench_run):
             assert c["baseline_us"] > 0 and c["ours_us"] > 0 and c["speedup"] > 0, c
         if c["status"] == "ok" and c.get("bytes"):
             assert c["gbps"] > 0 and c["pct_copy"] > 0, c
+    # Every target is judged (tiny CPU figures: met or not, but measured).
+    assert [t["target"] for t in res["targets"]] == [t for t, _ in targets.TARGETS]
+    assert all(t["met"] in (True, False) for t in res["targets"]), res["targets"]
     # The kernel cases rotate through their pool.
     measured = [c for c in res["cases"] if "baseline" in c]
     assert measured and all(c["baseline"]["sets_used"] >= 2 for c in measured)
@@ -68,6 +71,7 @@ def test_bench_command_prints_table_and_progress(bench_run):
     for col in report.COLUMNS:
         assert col in stdout
     assert "copy ceiling" in stdout
+    assert "Targets (issue 5) in this run:" in stdout
     n = len(cases.suite(tiny=True))
     assert f"/{n + 1}]" in stderr          # progress: case i/n on stderr
 
@@ -83,6 +87,7 @@ def test_bench_command_chart_and_benchmarks_md(bench_run):
     md = (out / "BENCHMARKS.md").read_text()
     assert "## Reproduce" in md and "python -m mlx_foundry bench" in md
     assert mx.__version__ in md and "| op | shape |" in md
+    assert "## Targets in this run" in md and "| target | this run | met |" in md
 
 
 def test_bench_only_selects_cases_or_fails(capsys):

@@ -27,7 +27,7 @@ import sys
 import mlx.core as mx
 
 from . import cases as _cases
-from . import report, timing
+from . import report, targets, timing
 from .timing import Timing
 
 __all__ = ["main", "run", "run_case", "Context"]
@@ -281,13 +281,16 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
         argv.append(f"--dtype {next(k for k, v in DTYPES.items() if v == dt)}")
     if only:
         argv.append("--only " + " ".join(only))
-    return {"device": timing.device_name(), "device_info": timing.device_info(),
-            "mlx_version": timing.mlx_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "backend": backend, "quick": bool(quick), "tiny_shapes": bool(ctx.tiny),
-            "repeats": ctx.repeats, "calls_per_timing": ctx.measure_kw.get("calls"),
-            "pool_bytes": ctx.pool_bytes, "copy": copy,
-            "command": " ".join(argv), "cases": results_cases}
+    results = {"device": timing.device_name(), "device_info": timing.device_info(),
+               "mlx_version": timing.mlx_version(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                   timespec="seconds"),
+               "backend": backend, "quick": bool(quick), "tiny_shapes": bool(ctx.tiny),
+               "repeats": ctx.repeats, "calls_per_timing": ctx.measure_kw.get("calls"),
+               "pool_bytes": ctx.pool_bytes, "copy": copy,
+               "command": " ".join(argv), "cases": results_cases}
+    results["targets"] = targets.evaluate(results)
+    return results
 
 
 def main(args):
@@ -324,6 +327,7 @@ def main(args):
         return 2
     print(report.format_header(results))
     print(report.format_table(results))
+    print("\nTargets (issue 5) in this run:\n" + targets.format_targets(results["targets"]))
     if out:
         os.makedirs(out, exist_ok=True)
         written = [report.write_json(results, os.path.join(out, "results.json"))]
