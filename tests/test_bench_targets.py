@@ -42,13 +42,13 @@ def test_each_target_is_judged_on_its_own_cases():
     q4, copy, q8, fp16, mlp, norm, e2e = got
     # 36 / 12 = 3x holds, 34.9 / 15.9 does not: all of a target's cases must hold. The
     # fused-rows and residual linears are other targets' cases (not 4-bit decode linears).
-    assert q4["figure"].startswith("3.00x / 2.19x; 3x asks 12.0 us (plain read 15.1 us), "
+    assert q4["figure"].startswith("3.000x / 2.19x; 3x asks 12.0 us (plain read 15.1 us), "
                                    "11.6 us (plain read 15.1 us)")
     assert copy["figure"] == "91% / 78%"
-    assert fp16["figure"] == "1.00x"             # 41.1 / 41.2 = 0.998: shown 1.00x, missed
+    assert fp16["figure"] == "0.998x"            # 41.1 / 41.2: three decimals near 1x
     assert mlp["figure"] == "2.69x; 3x asks 34.4 us (plain read 34.7 us)"
     assert norm["figure"] == "95%"               # the large matrix, not the 1x4096 row
-    assert e2e["figure"] == "2.50x, identical greedy tokens"   # the single sequence
+    assert e2e["figure"] == "2.500x, identical greedy tokens"  # the single sequence
 
 
 def test_other_greedy_tokens_miss_the_end_to_end_target():
