@@ -88,6 +88,7 @@ def test_bench_command_chart_and_benchmarks_md(bench_run):
     assert "## Reproduce" in md and "python -m mlx_foundry bench" in md
     assert mx.__version__ in md and "| op | shape |" in md
     assert "## Targets in this run" in md and "| target | this run | met |" in md
+    assert md.count("| 4-bit linear >= 3x mx.quantized_matmul |") == 1
 
 
 def test_bench_only_selects_cases_or_fails(capsys):

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from .targets import markdown_targets
+
 COLUMNS = ("op", "shape", "dtype/bits", "baseline us", "ours us", "speedup", "GB/s",
            "% of copy", "read us")
 WIDTHS = (34, 30, 10, 12, 10, 8, 8, 9, 8)
@@ -188,10 +190,11 @@ def write_benchmarks_md(results, path):
         rows.append("| " + " | ".join(case_row(c)) + " |")
     notes = [f"- {c['name']}: {c['status']}: {_note(c)}"
              for c in results["cases"] if c.get("status") != "ok" or _note(c)]
-    goals = results.get("targets") or []
-    goal_rows = "\n".join(["| target | this run | met |", "|---|---|---|"] + [
-        f"| {t['target']} | {t['figure']} | "
-        f"{ {True: 'yes', False: 'no', None: '-'}[t['met']]} |" for t in goals])
+    goals = ""
+    if results.get("targets"):
+        goals = ("\n## Targets in this run\n\n" + markdown_targets(results["targets"])
+                 + "\n\nA missed speedup target says what it asks per case, beside the "
+                 "plain read of the same bytes (`mlx_foundry/bench/targets.py`).\n")
     pool_mb = f"{results.get('pool_bytes', 0) / 2**20:.0f}"
     repeats = results.get("repeats", "?")
     calls = results.get("calls_per_timing")
@@ -218,7 +221,7 @@ a kernel that only reads costs at that size, launch ramp-up and tail included. I
 yardstick, not a bound (a well-fed GEMV can match it), and it carries the run's noise.
 For the end-to-end decode the times are per token (speedup = tokens/s ratio).
 {(chr(10) + "Notes:" + chr(10) + chr(10).join(notes) + chr(10)) if notes else ""}
-{(chr(10) + "## Targets in this run" + chr(10) + chr(10) + goal_rows + chr(10) + chr(10) + "A speedup target that is missed says what it asks per case, beside the plain read of the same bytes (`mlx_foundry/bench/targets.py`)." + chr(10)) if goals else ""}
+{goals}
 ## Method
 
 Baseline and ours run in the same process, on the same device, in the same run, in

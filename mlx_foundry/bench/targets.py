@@ -10,7 +10,10 @@ A run that lacks a case (``--only``, a skipped or failed case) reports the targe
 not measured rather than as missed.
 """
 
-__all__ = ["evaluate", "format_targets"]
+__all__ = ["evaluate", "format_targets", "markdown_targets"]
+
+VERDICT = {True: "met", False: "missed", None: "-"}
+"""How a target's ``met`` reads (``None``: not measured in this run)."""
 
 
 def _ok(c):
@@ -118,5 +121,11 @@ def evaluate(results):
 
 def format_targets(targets):
     """One line per target: ``[met] title: figure``."""
-    mark = {True: "met", False: "missed", None: "-"}
-    return "\n".join(f"[{mark[t['met']]:>6}] {t['target']}: {t['figure']}" for t in targets)
+    return "\n".join(f"[{VERDICT[t['met']]:>6}] {t['target']}: {t['figure']}"
+                     for t in targets)
+
+
+def markdown_targets(targets):
+    """The targets as a Markdown table: target, this run's figure, verdict."""
+    return "\n".join(["| target | this run | met |", "|---|---|---|"] + [
+        f"| {t['target']} | {t['figure']} | {VERDICT[t['met']]} |" for t in targets])
