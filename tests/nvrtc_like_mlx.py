@@ -51,6 +51,23 @@ def nvcc_and_mlx_headers():
     return nvcc, inc
 
 
+def nvcc_compile(program, out, mode, *args, **kwargs):
+    """Compile the CUDA unit MLX would build for ``program`` with these example arguments
+    (``inspection.cuda_source_of``) to ``out`` with ``nvcc`` for sm_90 (``mode``:
+    ``-ptx`` or ``-c``); skips without nvcc or MLX's CUDA headers."""
+    import subprocess
+
+    from mlx_foundry.inspection import cuda_source_of
+
+    nvcc, inc = nvcc_and_mlx_headers()
+    cu = out.with_suffix(".cu")
+    cu.write_text(cuda_source_of(program, *args, **kwargs))
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", mode, str(cu), "-o", str(out),
+                        f"-I{inc}", f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-6000:]
+
+
 def include_dirs():
     """MLX's device headers, MLX's ``include`` and the CUDA toolkit's (with CCCL)."""
     nvcc, inc = nvcc_and_mlx_headers()

@@ -1,6 +1,5 @@
 """GEMV stages and epilogues: references, dispatch, assembled source, CUDA compile check."""
 
-import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +16,7 @@ from mlx_foundry.stages.gemv import (DEFAULT_ROWS, DEFAULT_THREADS, XSTAGE_MAX_B
 from mlx_foundry.policies.affine import affine_policy
 from mlx_foundry.policies.dense import dense_policy
 
-from nvrtc_like_mlx import compile_like_mlx, nvcc_and_mlx_headers
+from nvrtc_like_mlx import compile_like_mlx, nvcc_and_mlx_headers, nvcc_compile
 from tolerances import assert_close
 
 
@@ -278,25 +277,13 @@ def _half_cases():
 
 
 
-def _nvcc_compile(kern, kwargs, out, mode):
-    """Compile the CUDA unit MLX would build for ``kern`` to ``out`` (``mode``: ``-ptx`` or
-    ``-c``) for sm_90; skips without nvcc or MLX's CUDA headers."""
-    nvcc, inc = nvcc_and_mlx_headers()
-    cu = out.with_suffix(".cu")
-    cu.write_text(cuda_source_of(kern, **kwargs))
-    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", mode, str(cu), "-o", str(out),
-                        f"-I{inc}", f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-6000:]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in _half_cases()])
 def test_half_path_is_chosen_at_compile_time(case, tmp_path):
     """x half or bfloat with 4/8-bit affine weights (every policy of the call) compiles to
     packed HFMA2 (fma.rn.f16x2); other bit widths and dense partners keep the float path."""
     _, kern, kwargs, half = next(c for c in _half_cases() if c[0] == case)
-    _nvcc_compile(kern, kwargs, tmp_path / "k.ptx", "-ptx")
+    nvcc_compile(kern, tmp_path / "k.ptx", "-ptx", **kwargs)
     n = (tmp_path / "k.ptx").read_text().count("fma.rn.f16x2")
     assert (n > 0) == half, n
 
@@ -305,7 +292,7 @@ def test_half_path_is_chosen_at_compile_time(case, tmp_path):
 @pytest.mark.parametrize("case", [c[0] for c in _cuda_cases()])
 def test_kernels_compile_with_nvcc(case, tmp_path):
     _, kern, kwargs = next(c for c in _cuda_cases() if c[0] == case)
-    _nvcc_compile(kern, kwargs, tmp_path / "k.o", "-c")
+    nvcc_compile(kern, tmp_path / "k.o", "-c", **kwargs)
 
 
 def test_default_launch_splits_k_only_for_tall_weights():

@@ -1,8 +1,6 @@
 """The bench's plain read: the read-probe kernel, its reference and its place in a run."""
 
 import re
-import subprocess
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +9,6 @@ import pytest
 from mlx_foundry.bench import Context, cases, report, run_case, timing
 from mlx_foundry.bench.read_probe import (SIMDGROUPS, chunk_words, groups_for, probe_words,
                                           read_probe, reference_sums)
-from mlx_foundry.inspection import cuda_source_of
 
 # Awkward sizes: one 16-byte word, one short of a SIMD-group's chunk, a chunk and a
 # word, not a multiple of a threadgroup's eight chunks, and ~33 MB (a decode GEMV).
@@ -127,19 +124,12 @@ def test_not_an_array_is_a_type_error():
 def test_cuda_unit_reads_sixteen_bytes_per_load(tmp_path):
     """The CUDA unit MLX would build keeps every load of the probe 16 bytes wide
     (``ld.global.v4``, eight per lane: the unrolled loop), with no scalar global load."""
-    from nvrtc_like_mlx import nvcc_and_mlx_headers
-
-    nvcc, inc = nvcc_and_mlx_headers()
     from mlx_foundry.bench.read_probe import _kernel
+    from nvrtc_like_mlx import nvcc_compile
 
-    x = mx.zeros((4 * 4096,), mx.uint32)
-    cu = tmp_path / "probe.cu"
-    cu.write_text(cuda_source_of(_kernel(), x, n_vec=4096, SIMDGROUPS=4, GROUPS=128))
     ptx = tmp_path / "probe.ptx"
-    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx),
-                        f"-I{inc}", f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    nvcc_compile(_kernel(), ptx, "-ptx", mx.zeros((4 * 4096,), mx.uint32), n_vec=4096,
+                 SIMDGROUPS=4, GROUPS=128)
     text = ptx.read_text()
     wide = re.findall(r"ld\.global(?:\.nc)?\.v4\.(?:u32|b32)", text)
     # The scalar n_vec is one 4-byte global load; everything else is wide.
