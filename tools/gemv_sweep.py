@@ -1,4 +1,4 @@
-"""Launch sweep (ROWS x THREADS x SPLITK) of the four decode GEMVs of a Llama-3-8B block.
+"""Launch sweep (ROWS x THREADS x SPLITK) of the decode GEMVs and the bench's linears.
 
 Diagnostics for ``docs/ncu_h100_gemv.md``. Every configuration's output is checked
 against the reference backend first; the checked ones then run once each between
@@ -41,7 +41,18 @@ def _ops(dtype=None):
         "qkv": (ops.norm_qkv_rope, (x4[None], g, 1e-5, wq, wk, wv), qkv),
         "gate_up": (ops.norm_gate_up_swiglu, (x4, g, 1e-5, wg, wu), {}),
         "down+res": (ops.linear, (x14, wd), {"residual": r4}),
+        # The bench's single linears (issue 5's targets): 4-bit, and fp16 (dense) weights.
+        "q4 4096->14336": (ops.linear, (x4, wu), {}),
+        "q4 14336->4096": (ops.linear, (x14, wd), {}),
+        "dense 4096->14336": (ops.linear, (x4, _dense(14336, 4096, x4.dtype, 21)), {}),
+        "dense 14336->4096": (ops.linear, (x14, _dense(4096, 14336, x4.dtype, 22)), {}),
     }
+
+
+def _dense(n, k, dtype, seed):
+    import mlx.core as mx
+
+    return (0.02 * mx.random.normal((n, k), key=mx.random.key(seed))).astype(dtype)
 
 
 def profile(labels_path, rows=ROWS, threads=THREADS, splits=SPLITK, only=None, repeat=1,
@@ -138,7 +149,8 @@ def main():
                    help="MINBLOCKS values (0: no register bound; CUDA only)")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
                    help="activations, scales and biases")
-    p.add_argument("--only", nargs="*", help="only these GEMVs (o+res qkv gate_up down+res)")
+    p.add_argument("--only", nargs="*", help="only these GEMVs (o+res qkv gate_up down+res "
+                   "'q4 4096->14336' 'q4 14336->4096' 'dense 4096->14336' 'dense 14336->4096')")
     p.add_argument("--repeat", type=int, default=1, help="launches of each configuration")
     args = p.parse_args()
     if args.table:
