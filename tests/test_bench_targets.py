@@ -28,7 +28,7 @@ def _run(**changes):
               read_us=34.7),
         _case("e2e_decode_llama3_8b_q4", "decode (end-to-end)", "fp16/q4", 5747.5, 2299.0,
               tokens_equal=True),
-        _case("e2e_decode_llama3_8b_q4_compiled", "decode (end-to-end, compiled step)",
+        _case("e2e_decode_llama3_8b_q4_ordinary_step", "decode (end-to-end, ordinary step)",
               "fp16/q4", 5958.6, 1000.0, tokens_equal=True),
     ]
     for name, fields in changes.items():

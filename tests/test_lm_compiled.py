@@ -1,4 +1,5 @@
-"""patch(model, compile_decode=True): the whole decode step as one mx.compile'd function.
+"""patch(model, compile_decode=True) (the default on GPU backends): the whole decode step
+as one mx.compile'd function.
 
 On the reference backend (the CPU): the compiled step traces the same blocks, so its
 tokens and log-probabilities must match the ordinary patched path (and the unpatched
@@ -213,6 +214,30 @@ def test_reported_off_when_the_model_cannot_be_traced(model_type, kwargs, why):
         assert not report.compiled_decode
         assert any(p == "model" and why in r for p, r in report.skipped), str(report)
         assert "model" not in lm.patch_stats(model)
+    finally:
+        mf.unpatch(model)
+
+
+@pytest.mark.parametrize("chosen, compiled", [("reference", False), ("cuda", True),
+                                               ("metal", True)])
+def test_compile_decode_default_follows_the_backend(monkeypatch, chosen, compiled):
+    """compile_decode=None (the default): on where the backend chosen at patch time is a
+    GPU backend, off on the reference backend; an explicit value wins either way."""
+    from mlx_foundry import backends
+
+    seen = []
+
+    def choose(backend=None, who="mlx_foundry"):
+        seen.append(backend)
+        return chosen
+
+    monkeypatch.setattr(backends, "select_backend", choose)
+    model = tiny_model("llama", layers=1)
+    try:
+        assert mf.patch(model).compiled_decode is compiled
+        assert seen == [None]
+        assert mf.patch(model, compile_decode=not compiled).compiled_decode is (not compiled)
+        assert seen == [None]  # not consulted when compile_decode is given
     finally:
         mf.unpatch(model)
 

@@ -5,9 +5,9 @@ Per token, unpatched and patched: *build* (Python: ``model(y, cache=cache)``),
 per kernel), *wait* (the rest until the token is done) and *pipelined* (a loop that
 builds token t+1 while the GPU runs token t, as ``mlx_lm.generate_step`` does); for the
 unpatched model, the patched model with mlx-lm's two-buffer KV cache
-(``joint_kv=False``), the patched model as patched by default, and with
-``ops.decode_attention`` over the joint cache (``decode_attention=True``), and with the
-decode step compiled (``compile_decode=True``)::
+(``joint_kv=False``), the patched model on its ordinary step (``compile_decode=False``),
+and with ``ops.decode_attention`` over the joint cache (``decode_attention=True``), and
+with the decode step compiled (``compile_decode=True``, the default on a GPU)::
 
     python tools/decode_breakdown.py breakdown --json out.json
 
@@ -139,9 +139,11 @@ def main():
         return 0
     # Each variant --rounds times, interleaved (host speed drifts over a run); the best.
     res = {}
+    # "patched": the ordinary step (compile_decode=False; the compiled step is the default).
+    off = {"compile_decode": False}
     variants = (("unpatched", None), ("patched, joint_kv=False", {"joint_kv": False}),
-                ("patched", {}),
-                ("patched, decode_attention=True", {"decode_attention": True}),
+                ("patched", off),
+                ("patched, decode_attention=True", {"decode_attention": True, **off}),
                 ("patched, compile_decode=True", {"compile_decode": True}))
     if args.only:
         variants = [v for v in variants if v[0] in args.only]

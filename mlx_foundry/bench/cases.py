@@ -409,14 +409,17 @@ def _mlp_block_case(d, inter, bits, gs, dt):
                 candidate)
 
 
-def _e2e_case(tiny, dt, *, compiled=False, batch=None):
+def _e2e_case(tiny, dt, *, ordinary_step=False, batch=None):
+    """The end-to-end decode as ``patch`` does it by default (on a GPU backend the
+    compiled step), or with ``ordinary_step`` its ordinary path (``compile_decode=False``:
+    Python builds each token's graph)."""
     def runner(ctx):
         from .e2e import run_decode
         return run_decode(ctx, tiny=tiny, dtype=dt, batch=batch,
-                          patch_kwargs={"compile_decode": True} if compiled else None)
+                          patch_kwargs={"compile_decode": False} if ordinary_step else None)
 
-    suffix = "_compiled" if compiled else (f"_batch{batch}" if batch else "")
-    op = ("decode (end-to-end, compiled step)" if compiled else
+    suffix = "_ordinary_step" if ordinary_step else (f"_batch{batch}" if batch else "")
+    op = ("decode (end-to-end, ordinary step)" if ordinary_step else
           f"decode (end-to-end, batch {batch})" if batch else "decode (end-to-end)")
     return Case("e2e_decode_llama3_8b_q4" + suffix, op,
                 "tiny llama" if tiny else "llama-3-8b", f"{_dname(dt)}/q4", runner=runner,
@@ -452,7 +455,7 @@ def suite(*, tiny=False, dtype=None):
         _qk_norm_rope_case(D["heads"], D["kv_heads"], D["head_dim"], dt),
         _mlp_block_case(h, i, 4, gs, dt),
         _e2e_case(tiny, dt),
-        _e2e_case(tiny, dt, compiled=True),
+        _e2e_case(tiny, dt, ordinary_step=True),
         _e2e_case(tiny, dt, batch=4),
     ]
     heads, kv_heads, head_dim = D["heads"], D["kv_heads"], D["head_dim"]

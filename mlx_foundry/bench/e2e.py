@@ -1,8 +1,8 @@
 """End-to-end decode: an mlx-lm Llama-3-8B-shaped 4-bit model, patched vs unpatched.
 
 Calls :func:`mlx_foundry.lm_bench.decode_benchmark` (both variants in the same
-process), once as :func:`mlx_foundry.patch` patches by default and once with
-``compile_decode=True``.  On the reference backend the model is a tiny llama, so the command
+process), once as :func:`mlx_foundry.patch` patches by default (on a GPU backend: the
+compiled decode step) and once with ``compile_decode=False`` (the ordinary path).  On the reference backend the model is a tiny llama, so the command
 runs on a CPU in seconds.  A missing or failing ``decode_benchmark`` turns
 into a skipped case with its reason, never an exception.
 """
