@@ -301,14 +301,10 @@ def test_default_launch_splits_k_only_for_tall_weights():
     # 14336 -> 4096 (down projection): eight rows, the threadgroup splits K.
     assert default_launch(4096, 14336) == {"ROWS": 8, "THREADS": 128, "SPLITK": 1,
                                            "UNROLL": 1, "MBLOCK": 1}
-    # Square (o_proj), quantized: two rows without split K (x staged); dense: four rows
-    # with split K, as before the staging (not measured since).
+    # Square (o_proj), quantized: two rows without split K (x staged).
     assert default_launch(4096, 4096) == {"ROWS": 2, "THREADS": DEFAULT_THREADS,
                                           "SPLITK": 0, "UNROLL": 1, "MBLOCK": 1}
     assert default_launch(5120, 8192) == default_launch(4096, 4096)
-    assert default_launch(4096, 4096, dense=True) == {
-        "ROWS": DEFAULT_ROWS, "THREADS": DEFAULT_THREADS, "SPLITK": 1, "UNROLL": 1,
-        "MBLOCK": 1}
     # A dual (gate/up) square GEMV keeps split K.
     assert default_launch(4096, 4096, dual=True)["SPLITK"] == 1
     for n, k in ((14336, 4096), (6144, 4096), (4097, 4096), (48, 512), (1024, 1024)):
@@ -318,12 +314,14 @@ def test_default_launch_splits_k_only_for_tall_weights():
     assert default_launch(6144, 4096, head_dim=128) == {"ROWS": 4, "THREADS": 128,
                                                         "SPLITK": 0, "UNROLL": 1}
     assert default_launch(6144, 4096, head_dim=6)["ROWS"] == 2
-    # Dense weights, one row of x, K < N: eight rows, 256 threads splitting K; otherwise
-    # the same launch as quantized weights.
-    assert default_launch(14336, 4096, dense=True) == {"ROWS": 8, "THREADS": 256,
-                                                       "SPLITK": 1, "UNROLL": 1, "MBLOCK": 1}
-    for n, k, m in ((4096, 14336, 1), (4096, 4096, 2), (14336, 4096, 2)):
-        assert default_launch(n, k, m=m, dense=True) == default_launch(n, k, m=m)
+    # Dense weights, one row of x, K >= 2048 and N within 4x of K either way: two rows,
+    # 256 threads splitting K; otherwise the same launch as quantized weights.
+    dense_row = {"ROWS": 2, "THREADS": 256, "SPLITK": 1, "UNROLL": 1, "MBLOCK": 1}
+    for n, k in ((14336, 4096), (4096, 14336), (4096, 4096), (8192, 2048), (1024, 4096)):
+        assert default_launch(n, k, dense=True) == dense_row, (n, k)
+    for n, k, m in ((4096, 4096, 2), (14336, 4096, 2), (8193, 2048, 1), (1023, 4096, 1),
+                    (4096, 2047, 1), (128256, 4096, 1)):
+        assert default_launch(n, k, m=m, dense=True) == default_launch(n, k, m=m), (n, k, m)
     assert default_launch(100, 14336, head_dim=100)["ROWS"] == 2
 
 

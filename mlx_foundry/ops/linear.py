@@ -127,9 +127,9 @@ SQUARE_ROWS = 2
 """Rows per SIMD-group of the untuned launch of quantized weights with ``n <= k < 2 n`` at
 one row of ``x`` (o_proj), without split K (see :func:`default_launch`)."""
 
-DENSE_WIDE_MAX_RATIO = 4
-"""Dense weights get their own untuned launch up to ``n = 4 k`` (see
-:func:`default_launch`; measured at ``n = 3.5 k``)."""
+DENSE_MAX_RATIO = 4
+"""Dense weights get their own untuned launch while ``k / 4 <= n <= 4 k`` (see
+:func:`default_launch`; measured at ``n = 3.5 k`` and ``k = 3.5 n``)."""
 
 
 def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=None):
@@ -158,13 +158,18 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=N
     rows without split (12.8 -> 11.6 us), 14336 -> 4096 eight rows with split (29.3 ->
     28.4 us). ``MBLOCK``: see :func:`_mblock`.
 
-    Dense weights, one row of ``x``, ``SPLIT_MIN_K <= k < n <= 4 k``: eight rows and 256
-    threads splitting K. At fp16 4096 -> 14336 (117 MB) the 4-bit launch (four rows, 128
-    threads, no split) ran at 0.97-1.00x ``x @ w.T`` in every 32-set timing on H100s;
-    the tuner chose this launch, 1.00-1.02x (``docs/tune_dense_h100.json``); an A/B run
-    1.03x / 1.00x against 0.98x / 1.00x (``docs/dense_launch_ab_h100.txt``). Not
-    measured at other shapes, so a vocabulary head (``n`` far past ``4 k``) and short
-    rows keep the rule above.
+    Dense weights, one row of ``x``, ``k >= SPLIT_MIN_K`` and ``k / 4 <= n <= 4 k``: two
+    rows and 256 threads splitting K (eight SIMD-groups, one threadgroup per two output
+    rows: 93% of the warp slots busy at 32 registers). On an H200 (ncu, one launch, L2
+    flushed; fp16 4096 -> 14336 / 14336 -> 4096, 117 MB): 28.5 / 28.6 us against 31.7 /
+    33.0 us for the launches it replaced (eight rows; 256 threads with split K for
+    ``k < n``, 128 threads for ``k >= 2 n``) and 30.9 us for MLX's ``gemv_single``
+    (14336 -> 4096); in the bench, two alternating rounds each, 1.003x / 1.006x and
+    1.012x / 1.014x ``x @ w.T`` against 0.983x / 0.997x and 0.975x / 1.016x
+    (``docs/dense_launch_ab_h200.txt``). On H100s every dense launch measured read at
+    the limit of a plain read (0.97-1.02x MLX; ``docs/tune_dense_h100.json``). Not
+    measured at other shapes: square weights take it by interpolation, while a vocabulary
+    head (``n`` far past ``4 k``) and short rows keep the rules above.
 
     ``UNROLL``: 1 everywhere. Unrolling the loop over ``K`` by 2 / 4 took -3% to +7% /
     0 to +14% of the time at the six 4-bit decode launches, tuned on an H100
@@ -181,9 +186,9 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=N
     launch: 37 -> 60-67 us); a bound of 5 (96 registers) spilled and lost everywhere.
     Not measured at 8-bit.
     """
-    if (dense and m == 1 and head_dim is None and not dual and SPLIT_MIN_K <= k < n
-            and n <= DENSE_WIDE_MAX_RATIO * k):
-        return {"ROWS": 8, "THREADS": 256, "SPLITK": 1, "UNROLL": DEFAULT_UNROLL,
+    if (dense and m == 1 and head_dim is None and not dual and k >= SPLIT_MIN_K
+            and k <= DENSE_MAX_RATIO * n and n <= DENSE_MAX_RATIO * k):
+        return {"ROWS": 2, "THREADS": 256, "SPLITK": 1, "UNROLL": DEFAULT_UNROLL,
                 "MBLOCK": DEFAULT_MBLOCK}
     if k >= n and k >= SPLIT_MIN_K:
         wide = n >= NO_SPLIT_MIN_N and not dual and head_dim is None
