@@ -380,16 +380,18 @@ def _launched(op, *args, **kwargs):
 
 
 def test_dense_weights_get_their_own_default_launch(monkeypatch, tmp_path):
-    """One row of x through dense weights with 2048 <= K < N <= 4K launches eight rows and
-    256 threads splitting K; quantized weights, short rows and vocabulary-wide heads keep
-    the other rule."""
+    """One row of x through dense weights with K >= 2048 and N within 4x of K launches two
+    rows and 256 threads splitting K; quantized weights, short rows and vocabulary-wide
+    heads keep the other rule."""
     from mlx_foundry.bench import tuner
 
     monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
     monkeypatch.setattr(lin, "_TUNED", {})
     x = mx.ones((1, 2048), mx.float16)
-    wide = {"ROWS": 8, "THREADS": 256, "SPLITK": 1, "UNROLL": 1, "MBLOCK": 1}
-    assert _launched(linear, x, Weight(mx.ones((5120, 2048), mx.float16))) == wide
+    dense_row = {"ROWS": 2, "THREADS": 256, "SPLITK": 1, "UNROLL": 1, "MBLOCK": 1}
+    assert _launched(linear, x, Weight(mx.ones((5120, 2048), mx.float16))) == dense_row
+    assert _launched(linear, mx.ones((1, 8192), mx.float16),
+                     Weight(mx.ones((2048, 8192), mx.float16))) == dense_row
     quantized = {"ROWS": 4, "THREADS": 128, "SPLITK": 0, "UNROLL": 1, "MBLOCK": 1}
     assert _launched(linear, x, _qw(5120, 2048)) == quantized
     for n, k in ((640, 256), (9000, 2048)):  # K under 2048; N past 4K

@@ -94,7 +94,8 @@ def time_calls(fn, calls=2000, repeats=5):
 
 def decode_model(layers=32, patched=True):
     """A small random 4-bit Llama with ``layers`` blocks, primed with a 16-token prompt:
-    ``(model, cache, token)``; patched for the CUDA backend when ``patched``."""
+    ``(model, cache, token)``; patched for the CUDA backend when ``patched``, on the ordinary
+    step (``compile_decode=False``: the compiled step builds no graph in Python)."""
     import mlx_foundry
     from decode_breakdown import primed
     from mlx_foundry.lm_bench import random_quantized_model
@@ -105,7 +106,7 @@ def decode_model(layers=32, patched=True):
                   max_position_embeddings=4096, tie_word_embeddings=False)
     model = random_quantized_model(config=config)
     if patched:
-        mlx_foundry.patch(model, backend="cuda")
+        mlx_foundry.patch(model, backend="cuda", compile_decode=False)
     return (model, *primed(model))
 
 
