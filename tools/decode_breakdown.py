@@ -35,6 +35,20 @@ def _model():
     return random_quantized_model()
 
 
+def under_patch(model, patch_kwargs, fn):
+    """``fn(model)`` with ``model`` patched with ``patch_kwargs`` (``None``: unpatched),
+    unpatched again afterwards."""
+    from mlx_foundry.lm import patch, unpatch
+
+    if patch_kwargs is not None:
+        patch(model, **patch_kwargs)
+    try:
+        return fn(model)
+    finally:
+        if patch_kwargs is not None:
+            unpatch(model)
+
+
 def primed(model):
     """``(cache, token)``: a fresh cache holding a 16-token prompt, and the next token."""
     import mlx.core as mx
@@ -128,7 +142,7 @@ def main():
     if args.cmd == "sum":
         kernel_sum(args.csv)
         return 0
-    from mlx_foundry.lm import patch, unpatch
+    from mlx_foundry.lm import patch
 
     model = _model()
     if args.cmd == "one-token":
@@ -149,13 +163,7 @@ def main():
         variants = [v for v in variants if v[0] in args.only]
     for _ in range(args.rounds):
         for name, kw in variants:
-            if kw is not None:
-                patch(model, **kw)
-            try:
-                r = breakdown(model)
-            finally:
-                if kw is not None:
-                    unpatch(model)
+            r = under_patch(model, kw, breakdown)
             best = res.get(name)
             if best is None or r["pipelined_ms"] < best["pipelined_ms"]:
                 res[name] = r

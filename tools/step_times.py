@@ -58,7 +58,7 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true", help="the bench's tiny Llama (a CPU check)")
     args = p.parse_args()
-    from mlx_foundry.lm import patch, unpatch
+    from decode_breakdown import under_patch
     from mlx_foundry.lm_bench import random_quantized_model
 
     if args.tiny:
@@ -70,13 +70,8 @@ def main():
           "compiled": {"compile_decode": True}}
     res = {}
     for name in args.variants:
-        if kw[name] is not None:
-            patch(model, **kw[name])
-        try:
-            res[name] = summary(decode_times(model, args.tokens))
-        finally:
-            if kw[name] is not None:
-                unpatch(model)
+        res[name] = summary(under_patch(model, kw[name],
+                                        lambda m: decode_times(m, args.tokens)))
         print(name, json.dumps(res[name]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
