@@ -41,8 +41,9 @@ def main(argv=None):
                    "decoding faster.")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--compile-decode", choices=["auto", "on", "off"], default="auto",
-                   help="the compiled decode step (patch(..., compile_decode=...)); "
-                   "auto: on for a GPU backend")
+                   nargs="?", const="on",
+                   help="the compiled decode step (patch(..., compile_decode=...)); auto "
+                   "(the default): on for the CUDA backend; the bare flag: on")
     p.add_argument("--backend", default=None, choices=["metal", "cuda", "reference"],
                    help="backend of the fused ops (default: automatic)")
     p.add_argument("--no-chat-template", action="store_true",
@@ -64,8 +65,8 @@ def main(argv=None):
     stream(model, tokenizer, prompt, 4, "warm-up")
     ref_tokens, ref_tps = stream(model, tokenizer, prompt, args.max_tokens, "mlx-lm")
 
-    report = mf.patch(model, backend=args.backend, compile_decode={"auto": None, "on": True,
-                                                     "off": False}[args.compile_decode])
+    compile_decode = {"auto": None, "on": True, "off": False}[args.compile_decode]
+    report = mf.patch(model, backend=args.backend, compile_decode=compile_decode)
     print(f"\n{report}")
     try:
         stream(model, tokenizer, prompt, 4, "warm-up (compiles the fused kernels)")

@@ -191,8 +191,8 @@ def _entries():
         lambda: ops.norm_gate_up_swiglu(_z((3, K), BF16), _z((K,), BF16), 1e-5,
                                         _weight(1024, K, (4, 64), BF16),
                                         _weight(1024, K, (8, 64), BF16), backend="metal"))
-    add("linear_dense_f16_wide", "GEMV 1x2048 -> 5120 dense fp16 (the dense launch for "
-        "K < N: eight rows, 256 threads, split K)",
+    add("linear_dense_f16_wide", "GEMV 1x2048 -> 5120 dense fp16 (the dense one-row launch "
+        "for N within 4x of K: two rows, 256 threads, split K)",
         lambda: ops.linear(_z((1, 2048), F16), _weight(5120, 2048, "dense", F16),
                            backend="metal"))
     add("linear_q4g64_f16_k14336_residual", "GEMV 1x14336 -> 1024 q4g64 f16 + residual: x "

@@ -26,13 +26,14 @@ With ``patch(model, decode_attention=True)`` the attention of a decoded token
 runs through :func:`mlx_foundry.ops.decode_attention` over the cache buffer
 itself (no key/value views), for contexts up to :data:`DECODE_ATTENTION_MAX_LEN`
 and no mask; it is off by default because on MLX's CUDA backend it measured no
-faster (see :data:`DECODE_ATTENTION_MAX_LEN`).
+faster (see :data:`DECODE_ATTENTION_MAX_LEN`). It concerns the ordinary step: the
+compiled step below always attends with it.
 
-On a GPU backend every decoded token after the first runs through one
+On the CUDA backend every decoded token after the first runs through one
 ``mx.compile``'d function of the whole model instead (:mod:`mlx_foundry.lm_compiled`;
-``patch(model, compile_decode=False)`` keeps the ordinary path): the blocks are traced
-through this same ``__call__`` with a :class:`~mlx_foundry.lm_compiled.TracedCache`, so
-Python builds no graph per token.
+``patch(model, compile_decode=False)`` keeps the ordinary step, ``True`` asks for the
+compiled one on any backend): the blocks are traced through this same ``__call__`` with
+a :class:`~mlx_foundry.lm_compiled.TracedCache`, so Python builds no graph per token.
 
 The output projection runs through the fused GEMV for decode-sized inputs too:
 ``lm_head``, or with tied embeddings the embedding's ``as_linear`` (named
@@ -985,11 +986,12 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
             decode with to :class:`mlx_foundry.kv_cache.KVCache` (the same cache, keys
             and values in one buffer: one write per token instead of two). Default:
             ``True``.
-        decode_attention (bool): with ``joint_kv``, attend a decoded token with
-            :func:`mlx_foundry.ops.decode_attention` over the cache buffer (contexts up
-            to :data:`DECODE_ATTENTION_MAX_LEN` positions, no mask) instead of key and
-            value views and MLX's attention. Default: ``False`` (not faster on MLX's
-            CUDA backend; see :data:`DECODE_ATTENTION_MAX_LEN`).
+        decode_attention (bool): with ``joint_kv``, attend a decoded token of the
+            ordinary step with :func:`mlx_foundry.ops.decode_attention` over the cache
+            buffer (contexts up to :data:`DECODE_ATTENTION_MAX_LEN` positions, no mask)
+            instead of key and value views and MLX's attention (the compiled step always
+            attends with it). Default: ``False`` (not faster on MLX's CUDA backend; see
+            :data:`DECODE_ATTENTION_MAX_LEN`).
         compile_decode (bool, optional): with ``joint_kv``, run each decoded token after
             the first through one ``mx.compile``'d function of the whole model (the
             blocks' fused launches, the cache writes and
@@ -997,10 +999,10 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
             per batch size and cache capacity (:mod:`mlx_foundry.lm_compiled`). It needs
             every block fused as a whole (Q/K/V with RoPE, and the MLP); otherwise the
             report says why it is off. Default: ``None``: on where the fused ops run on
-            a GPU backend (``backend``, or the one chosen when ``patch`` is called),
-            off on the reference backend, where tracing the reference ops costs more
-            than it saves. In every full ``bench`` run since 2c96b61 (seven, H100 and
-            H200) the compiled step decoded faster than the ordinary path.
+            the CUDA backend (``backend``, or the one chosen when ``patch`` is called),
+            where in every full ``bench`` run since 2c96b61 (seven, H100 and H200) it
+            decoded faster than the ordinary step; off on the reference backend (tracing
+            the reference ops costs more than it saves) and on Metal (not measured).
 
     Returns:
         PatchReport: what was fused and what was left as it was, and why.
@@ -1023,6 +1025,12 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
         max_rows = _default_max_rows()
     elif isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"{who} 'max_rows' must be a positive int but got {max_rows!r}.")
+    default_compile = compile_decode is None
+    if default_compile:
+        # Resolved before the model changes: a bad MLX_FOUNDRY_BACKEND raises here.
+        from .backends import select_backend
+
+        compile_decode = select_backend(backend, "mlx_foundry.patch") == "cuda"
     if is_patched(model):
         unpatch(model)
     mt = _model_type(model)
@@ -1073,17 +1081,14 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
         block.__class__ = _patched_class(type(block))
     if lm_head:
         _patch_head(model, report, backend, max_rows)
-    if compile_decode is None:
-        from .backends import select_backend
-
-        compile_decode = select_backend(backend, "mlx_foundry.patch") != "reference"
     if compile_decode:
-        _patch_compiled(model, report, blocks, bool(joint_kv))
+        _patch_compiled(model, report, blocks, bool(joint_kv),
+                        "the default on cuda" if default_compile else None)
     object.__setattr__(model, _REPORT_ATTR, report)
     return report
 
 
-def _patch_compiled(model, report, blocks, joint_kv):
+def _patch_compiled(model, report, blocks, joint_kv, default=None):
     """Attach the compiled decode step (:mod:`mlx_foundry.lm_compiled`) when the whole
     model can be traced: every block fused as a whole, the joint K/V cache, a known
     model class without sliding-window layers or pipeline stages."""
@@ -1104,7 +1109,8 @@ def _patch_compiled(model, report, blocks, joint_kv):
     elif not plans or not all(p is not None and p.attn in _WHOLE_QKV and p.mlp for p in plans):
         why = "not every block is fused as a whole (Q/K/V with RoPE, and the MLP)"
     if why:
-        report.skipped.append(("model", f"compiled decode off: {why}"))
+        which = f" ({default})" if default else ""
+        report.skipped.append(("model", f"compiled decode{which} off: {why}"))
         return
     object.__setattr__(model, _RUNNER_ATTR, DecodeRunner(model, plans))
     model.__class__ = compiled_model_class(cls)
@@ -1156,8 +1162,9 @@ def patch_stats(model):
     ``"original: rows > max_rows"`` (prefill), ...; with the compiled decode step, the
     counter under ``"model"`` has ``"compiled decode steps"``, ``"decode steps on the
     ordinary path"`` (one-token calls the compiled step did not take) and ``"traces"``,
-    and each block's ``"fused attention"`` and ``"fused mlp"`` count the compiled steps
-    too (every block of a compiled step runs both fused).
+    and each block's ``"fused attention"`` and ``"fused mlp"`` and the output head's
+    ``"fused"`` (or ``"original"``) count the compiled steps too, as the traced step
+    runs them.
     """
     _, blocks = _blocks(model)
     out = {}
@@ -1178,6 +1185,9 @@ def patch_stats(model):
             if c is not None:
                 c["fused attention"] += runner.steps
                 c["fused mlp"] += runner.steps
+        head = _head_plan(model)
+        if head is not None and runner.head_in_trace:
+            out[head.path][runner.head_in_trace] += runner.steps
         out["model"] = Counter({"compiled decode steps": runner.steps,
                                 "decode steps on the ordinary path": runner.fallbacks,
                                 "traces": runner.traces})

@@ -4,9 +4,10 @@ Once the blocks of a model patched by :func:`mlx_foundry.patch` have fused their
 decode path, building one token's graph in Python (the model's and the blocks'
 ``__call__``, ~6 prepared launches per block) costs the host about 1 ms per token of
 a 32-block model: on MLX's CUDA backend that is as long as the device needs for the
-token, so the decode is host-bound wherever the host is slow.  With
-``patch(model, compile_decode=True)`` a decoded token (one position, the joint K/V
-caches of :mod:`mlx_foundry.kv_cache`) runs instead through a function that
+token, so the decode is host-bound wherever the host is slow.  On the CUDA backend
+(``patch``'s default there), or with ``patch(model, compile_decode=True)``, a decoded
+token (one position, the joint K/V caches of :mod:`mlx_foundry.kv_cache`) runs instead
+through a function that
 ``mx.compile`` traced once per batch size and cache capacity: MLX replays the traced
 graph in C++, and Python only hands over the token, the position and the cache
 buffers.
@@ -29,6 +30,7 @@ whose weights changed) takes the patched model's ordinary path.
 """
 
 import weakref
+from collections import Counter
 
 import mlx.core as mx
 
@@ -82,7 +84,7 @@ def traced_block(block, plan, x, cache):
 class DecodeRunner:
     """Runs one decoded token of a patched model through its compiled step.
 
-    Attached to the model by :func:`mlx_foundry.patch` with ``compile_decode=True``;
+    Attached to the model by :func:`mlx_foundry.patch` (by default on the CUDA backend);
     :meth:`step` returns the logits, or ``None`` when this call must take the
     ordinary path.
     """
@@ -94,6 +96,8 @@ class DecodeRunner:
         self.fallbacks = 0        # decode-shaped calls that took the ordinary path
         self.traces = 0           # compiled functions built (MLX traces each again per
         #                           cache capacity, by the shapes of the buffers)
+        self.head_in_trace = None  # how the traced step ran the output head: "fused" or
+        #                            "original" (its counter in patch_stats), or None
         self._fn = None           # the compiled function
         self._key = None          # (batch, dtype) of the compiled function
         self._top = None          # the model-level arrays the trace captured
@@ -169,14 +173,22 @@ class DecodeRunner:
         original = type(model)._mlx_foundry_original
         # MLX keeps the compiled function (and what it captured) until the function
         # object goes; the model holds it, so the traced function must not hold the model.
-        model_ref = weakref.ref(model)
+        model_ref, runner_ref = weakref.ref(model), weakref.ref(self)
 
         def forward(inputs, pos_i, pos_u, *buffers):
             index = mx.broadcast_to(pos_i[:1].reshape(1, 1, 1, 1),
                                     (buffers[0].shape[0], buffers[0].shape[1], 1,
                                      buffers[0].shape[3]))
             caches = [TracedCache(b, pos_i, pos_u, index) for b in buffers]
-            logits = original.__call__(model_ref(), inputs, caches)
+            m = model_ref()
+            head = lm._head_plan(m)
+            counted = None if head is None else Counter(head.stats)
+            logits = original.__call__(m, inputs, caches)
+            if head is not None:
+                # A trace is not a decoded token: patch_stats counts the compiled steps.
+                ran = head.stats - counted
+                runner_ref().head_in_trace = next(iter(ran), None)
+                head.stats = counted
             return (logits, *(c.buffer for c in caches))
 
         self._fn = mx.compile(forward)

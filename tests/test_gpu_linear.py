@@ -81,11 +81,15 @@ def test_linear_dense(gpu_backend, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n,k", [(5003, 2080), (2049, 2048), (8200, 2050), (2051, 2048),
                                  (1031, 4124), (2047, 6150), (3, 8)])
-def test_linear_dense_one_row_launch(gpu_backend, n, k, dtype):
+def test_linear_dense_one_row_launch(gpu_backend, n, k, dtype, monkeypatch, tmp_path):
     """Dense weights with K >= 2048 and N within 4x of K at one row of x: the launch of two
     rows and 256 threads splitting K (N odd: a threadgroup's second row past the end; K
     not a multiple of the SIMD-group stride), with and without a bias; and a short row,
     which keeps the quantized weights' launch."""
+    from mlx_foundry.bench import tuner
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))  # no tuned launch: the default runs
+    monkeypatch.setattr(lin, "_TUNED", {})
     launch = lin.default_launch(n, k, dense=True)
     short = (lin.DEFAULT_ROWS, lin.DEFAULT_THREADS, lin.DEFAULT_SPLITK)
     assert (launch["ROWS"], launch["THREADS"], launch["SPLITK"]) == (

@@ -30,9 +30,9 @@ def test_llama3_8b_shape_4bit_greedy_tokens(gpu_backend):
           f"{result['patched_tok_s']:.1f} tok/s ({result['speedup']:.2f}x) on "
           f"{result['device']}")
     assert result["fused_blocks"] == 32, result["report"]
-    # The default patch on a GPU backend: decoded tokens run through the compiled step
-    # (each of its steps runs every block's attention and MLP fused).
-    assert "decode step compiled" in result["report"], result["report"]
+    # The default patch on CUDA: decoded tokens run through the compiled step (each of
+    # its steps runs every block's attention and MLP fused).
+    assert ("decode step compiled" in result["report"]) is (gpu_backend == "cuda")
     assert result["fused_calls_first_block"].get("fused attention", 0) >= 64
     _assert_same_tokens_up_to_ties(result)
 
@@ -52,14 +52,20 @@ def _assert_same_tokens_up_to_ties(result):
     # 8 bits, the float path for 6; greedy tokens judged with bf16's tie and float32
     ("llama", 4, 64, mx.bfloat16), ("qwen3", 8, 64, mx.bfloat16), ("llama", 6, 64, mx.bfloat16),
 ], ids=lambda v: {mx.float16: "f16", mx.bfloat16: "bf16"}.get(v, str(v)))
-def test_small_models_greedy_tokens(gpu_backend, model_type, bits, group_size, dtype):
-    """Smaller shapes, other architectures, formats and dtypes (fast; no results file)."""
+@pytest.mark.parametrize("compile_decode", [None, False], ids=["default", "ordinary"])
+def test_small_models_greedy_tokens(gpu_backend, model_type, bits, group_size, dtype,
+                                    compile_decode):
+    """Smaller shapes, other architectures, formats and dtypes (fast; no results file), on
+    the default (the compiled step on CUDA) and on the ordinary step."""
     cfg = dict(LLAMA3_8B, model_type=model_type, hidden_size=1024, num_hidden_layers=4,
                intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
                vocab_size=32000, head_dim=64, rope_scaling=None)
     result = decode_benchmark(steps=32, backend=gpu_backend, config=cfg, bits=bits,
-                              group_size=group_size, dtype=dtype, results_dir="", warmup=2)
+                              group_size=group_size, dtype=dtype, results_dir="", warmup=2,
+                              patch_kwargs={"compile_decode": compile_decode})
     assert result["fused_blocks"] == 4, result["report"]
+    assert ("decode step compiled" in result["report"]) is (gpu_backend == "cuda"
+                                                            and compile_decode is None)
     _assert_same_tokens_up_to_ties(result)
 
 
@@ -83,8 +89,9 @@ def test_decode_attention_greedy_tokens(gpu_backend):
     cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
                num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, head_dim=64,
                rope_scaling=None)
+    ordinary = {"decode_attention": True, "compile_decode": False}  # the ordinary step's
     result = decode_benchmark(steps=48, backend=gpu_backend, config=cfg, results_dir="",
-                              warmup=2, patch_kwargs={"decode_attention": True})
+                              warmup=2, patch_kwargs=ordinary)
     assert result["fused_blocks"] == 4, result["report"]
     _assert_same_tokens_up_to_ties(result)
     # The decoded tokens took the decode attention launch in every block.
@@ -92,7 +99,7 @@ def test_decode_attention_greedy_tokens(gpu_backend):
     from mlx_lm.models.cache import make_prompt_cache
 
     model = random_quantized_model(config=cfg, bits=4, group_size=64)
-    lm.patch(model, backend=gpu_backend, decode_attention=True)
+    lm.patch(model, backend=gpu_backend, **ordinary)
     try:
         cache = make_prompt_cache(model)
         mx.eval(model(mx.array([[1] * 16]), cache=cache))
@@ -134,7 +141,8 @@ def test_compile_decode_greedy_tokens(gpu_backend, model_type, bits, group_size)
     # decode_attention=True in both: the tokens the compiled step leaves to the ordinary
     # path (the first decoded token, the growth of the buffer) attend with the same
     # kernel as the compiled ones, not MLX's attention.
-    for kw in ({"decode_attention": True}, {"decode_attention": True, "compile_decode": True}):
+    for kw in ({"decode_attention": True, "compile_decode": False},
+               {"decode_attention": True, "compile_decode": True}):
         lm.patch(model, backend=gpu_backend, **kw)
         try:
             toks, lps = zip(*generate_step(prompt, model, max_tokens=300))
@@ -213,7 +221,7 @@ def test_batch_decode_matches(gpu_backend, patch_kwargs):
         stats = lm.patch_stats(model)
     finally:
         lm.unpatch(model)
-    if not patch_kwargs:  # the default: compiled on a GPU backend
+    if not patch_kwargs and gpu_backend == "cuda":  # the default: compiled on CUDA
         assert stats["model"]["compiled decode steps"] == 7, stats["model"]
         assert stats["model"]["traces"] == 1, stats["model"]
     else:

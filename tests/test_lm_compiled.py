@@ -1,4 +1,4 @@
-"""patch(model, compile_decode=True) (the default on GPU backends): the whole decode step
+"""patch(model, compile_decode=True) (the default on the CUDA backend): the whole decode step
 as one mx.compile'd function.
 
 On the reference backend (the CPU): the compiled step traces the same blocks, so its
@@ -43,7 +43,7 @@ def _decode(model, prompt, steps):
     ("qwen3", (32, 4), 32), ("qwen3", None, 64)])
 def test_compiled_decode_matches_the_ordinary_patched_path(model_type, quant, head_dim):
     model = tiny_model(model_type, dtype=mx.float32, quant=quant, head_dim=head_dim)
-    mf.patch(model, backend=BACKEND)
+    mf.patch(model, backend=BACKEND, compile_decode=False)
     try:
         want_toks, want = greedy(model, 40)
     finally:
@@ -98,7 +98,7 @@ def test_cache_growth_and_long_contexts():
 
     model = tiny_model("llama", layers=2, max_position_embeddings=4096)
     prompt = [(5 * i + 1) % 128 for i in range(ONE_PASS_MAX_LEN - 40)]
-    mf.patch(model, backend=BACKEND)
+    mf.patch(model, backend=BACKEND, compile_decode=False)
     try:
         want_toks, want, _ = _decode(model, prompt, 300)
     finally:
@@ -130,7 +130,7 @@ def test_the_cache_stays_a_working_mlx_lm_cache():
         assert cache[0].offset == 15 and cache[0].keys.shape[2] >= 15
         # The keys and values written by the compiled steps are the ordinary path's.
         mf.unpatch(model)
-        mf.patch(model, backend=BACKEND)
+        mf.patch(model, backend=BACKEND, compile_decode=False)
         _, _, ordinary = _decode(model, [3, 9, 27], 12)
         for a, b in zip(cache, ordinary):
             assert a.offset == b.offset == 15
@@ -219,10 +219,11 @@ def test_reported_off_when_the_model_cannot_be_traced(model_type, kwargs, why):
 
 
 @pytest.mark.parametrize("chosen, compiled", [("reference", False), ("cuda", True),
-                                               ("metal", True)])
+                                               ("metal", False)])
 def test_compile_decode_default_follows_the_backend(monkeypatch, chosen, compiled):
-    """compile_decode=None (the default): on where the backend chosen at patch time is a
-    GPU backend, off on the reference backend; an explicit value wins either way."""
+    """compile_decode=None (the default): on where the backend chosen at patch time is
+    CUDA (the report lists the compiled step among what was fused), off on the reference
+    backend and on Metal (not measured there); an explicit value wins either way."""
     from mlx_foundry import backends
 
     seen = []
@@ -234,12 +235,55 @@ def test_compile_decode_default_follows_the_backend(monkeypatch, chosen, compile
     monkeypatch.setattr(backends, "select_backend", choose)
     model = tiny_model("llama", layers=1)
     try:
-        assert mf.patch(model).compiled_decode is compiled
+        report = mf.patch(model)
+        assert report.compiled_decode is compiled
+        assert ("decode step compiled" in str(report)) is compiled
+        assert not [r for p, r in report.skipped if p == "model"]
         assert seen == [None]
         assert mf.patch(model, compile_decode=not compiled).compiled_decode is (not compiled)
         assert seen == [None]  # not consulted when compile_decode is given
     finally:
         mf.unpatch(model)
+
+
+@pytest.mark.parametrize("backend, compiled", [("reference", False), ("cuda", True)])
+def test_compile_decode_default_takes_the_given_backend(backend, compiled):
+    model = tiny_model("llama", layers=1)
+    try:
+        assert mf.patch(model, backend=backend).compiled_decode is compiled
+    finally:
+        mf.unpatch(model)
+
+
+def test_a_bad_backend_variable_leaves_the_model_unpatched(monkeypatch):
+    """The default resolves the backend before the model changes."""
+    from mlx_foundry.backends import ENV_VAR
+
+    model = tiny_model("llama", layers=1)
+    cls = type(model)
+    monkeypatch.setenv(ENV_VAR, "vulkan")
+    with pytest.raises(ValueError, match="vulkan"):
+        mf.patch(model)
+    assert type(model) is cls and not lm.is_patched(model)
+
+
+def test_patch_stats_count_the_compiled_steps_as_the_ordinary_path_does():
+    """Per block and for the output head, the counters of a compiled decode equal those of
+    the same decode on the ordinary step (a trace is not a decoded token)."""
+    model = tiny_model("llama", layers=2)
+    stats = []
+    for compiled in (False, True):
+        mf.patch(model, backend=BACKEND, compile_decode=compiled)
+        try:
+            _decode(model, [3, 9, 27], 12)
+            stats.append(lm.patch_stats(model))
+        finally:
+            mf.unpatch(model)
+    ordinary, traced = stats
+    assert traced["model"]["compiled decode steps"] == 11, traced["model"]
+    for path, counts in ordinary.items():
+        assert traced[path] == counts, path
+    assert ordinary["lm_head"]["fused"] == 13, ordinary["lm_head"]
 
 
 def test_unpatch_restores_the_model_class():
@@ -278,7 +322,7 @@ def test_a_block_that_cannot_be_traced_falls_back(monkeypatch):
     from mlx_foundry import lm_compiled
 
     model = tiny_model("llama", layers=2)
-    mf.patch(model, backend=BACKEND)
+    mf.patch(model, backend=BACKEND, compile_decode=False)
     want = [model(mx.array([[t]]), cache=c) for c in [lm_cache.make_prompt_cache(model)]
             for t in (1, 2, 3)][-1]
     mf.unpatch(model)

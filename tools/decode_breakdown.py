@@ -7,7 +7,7 @@ builds token t+1 while the GPU runs token t, as ``mlx_lm.generate_step`` does); 
 unpatched model, the patched model with mlx-lm's two-buffer KV cache
 (``joint_kv=False``), the patched model on its ordinary step (``compile_decode=False``),
 and with ``ops.decode_attention`` over the joint cache (``decode_attention=True``), and
-with the decode step compiled (``compile_decode=True``, the default on a GPU)::
+with the decode step compiled (``compile_decode=True``, the default on CUDA)::
 
     python tools/decode_breakdown.py breakdown --json out.json
 
@@ -133,7 +133,8 @@ def main():
                    help="variant names to run (unpatched, patched, ...); default: all")
     s.add_argument("--rounds", type=int, default=2)
     s = sub.add_parser("one-token")
-    s.add_argument("--patched", action="store_true")
+    s.add_argument("--patched", action="store_true",
+                   help="patched, on the ordinary step unless --compile-decode")
     s.add_argument("--decode-attention", action="store_true")
     s.add_argument("--compile-decode", action="store_true")
     s = sub.add_parser("sum")

@@ -410,8 +410,8 @@ def _mlp_block_case(d, inter, bits, gs, dt):
 
 
 def _e2e_case(tiny, dt, *, ordinary_step=False, batch=None):
-    """The end-to-end decode as ``patch`` does it by default (on a GPU backend the
-    compiled step), or with ``ordinary_step`` its ordinary path (``compile_decode=False``:
+    """The end-to-end decode as ``patch`` does it by default (on the CUDA backend the
+    compiled step), or with ``ordinary_step`` its ordinary step (``compile_decode=False``:
     Python builds each token's graph)."""
     def runner(ctx):
         from .e2e import run_decode

@@ -1,10 +1,12 @@
 """End-to-end decode: an mlx-lm Llama-3-8B-shaped 4-bit model, patched vs unpatched.
 
 Calls :func:`mlx_foundry.lm_bench.decode_benchmark` (both variants in the same
-process), once as :func:`mlx_foundry.patch` patches by default (on a GPU backend: the
-compiled decode step) and once with ``compile_decode=False`` (the ordinary path).  On the reference backend the model is a tiny llama, so the command
-runs on a CPU in seconds.  A missing or failing ``decode_benchmark`` turns
-into a skipped case with its reason, never an exception.
+process), once as :func:`mlx_foundry.patch` patches by default (on the CUDA backend: the
+compiled decode step) and once with ``compile_decode=False`` (the ordinary step); each
+result says which step the patched model ran (``compiled_step``).  On the reference
+backend the model is a tiny llama, so the command runs on a CPU in seconds.  A missing
+or failing ``decode_benchmark`` turns into a skipped case with its reason, never an
+exception.
 """
 
 import inspect
@@ -70,7 +72,8 @@ def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None):
            "speedup": ours / base, "baseline_tok_s": base, "ours_tok_s": ours,
            "tokens_equal": r.get("tokens_equal"),
            "forced_disagreements": r.get("forced_disagreements"),
-           "smallest_unpatched_margin": r.get("smallest_unpatched_margin")}
+           "smallest_unpatched_margin": r.get("smallest_unpatched_margin"),
+           "compiled_step": "decode step compiled" in str(r.get("report", ""))}
     from mlx_foundry.lm_bench import same_tokens_up_to_ties
 
     ok, why = same_tokens_up_to_ties(r)
