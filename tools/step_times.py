@@ -16,6 +16,7 @@ and the tokens that took over five medians (the traces) with their times.
 
 import argparse
 import json
+import pathlib
 import statistics
 import sys
 import time
@@ -74,8 +75,7 @@ def main():
                                         lambda m: decode_times(m, args.tokens)))
         print(name, json.dumps(res[name]), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
 
 
