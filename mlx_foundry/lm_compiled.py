@@ -7,10 +7,9 @@ a 32-block model: on MLX's CUDA backend that is as long as the device needs for 
 token, so the decode is host-bound wherever the host is slow.  On the CUDA backend
 (``patch``'s default there), or with ``patch(model, compile_decode=True)``, a decoded
 token (one position, the joint K/V caches of :mod:`mlx_foundry.kv_cache`) runs instead
-through a function that
-``mx.compile`` traced once per batch size and cache capacity: MLX replays the traced
-graph in C++, and Python only hands over the token, the position and the cache
-buffers.
+through a function that ``mx.compile`` traced once per batch size and cache capacity:
+MLX replays the traced graph in C++, and Python only hands over the token, the position
+and the cache buffers.
 
 A traced function cannot depend on Python values that change per token, so the
 position reaches the graph as arrays made on the device (the
@@ -183,12 +182,15 @@ class DecodeRunner:
             m = model_ref()
             head = lm._head_plan(m)
             counted = None if head is None else Counter(head.stats)
-            logits = original.__call__(m, inputs, caches)
-            if head is not None:
-                # A trace is not a decoded token: patch_stats counts the compiled steps.
-                ran = head.stats - counted
-                runner_ref().head_in_trace = next(iter(ran), None)
-                head.stats = counted
+            try:
+                logits = original.__call__(m, inputs, caches)
+            finally:
+                if head is not None:
+                    # A trace is not a decoded token: patch_stats counts compiled steps.
+                    ran = head.stats - counted
+                    if ran:
+                        runner_ref().head_in_trace = next(iter(ran))
+                    head.stats = counted
             return (logits, *(c.buffer for c in caches))
 
         self._fn = mx.compile(forward)
