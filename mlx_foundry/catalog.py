@@ -212,9 +212,11 @@ def _entries():
 
 
 def _read_probe():
-    from .bench.read_probe import read_probe
+    from .bench.cases import weight_bytes
+    from .bench.read_probe import probe_words, read_probe
 
-    read_probe(_z((4 * 2_064_388,), mx.uint32), backend="metal")
+    nbytes = weight_bytes(14336, 4096, bits=4)  # the 4-bit GEMV 4096 -> 14336
+    read_probe(_z((probe_words(nbytes),), mx.uint32), backend="metal")
 
 
 def _attention_combine():

@@ -1082,13 +1082,12 @@ def patch(model, *, backend=None, max_rows=None, attention=True, mlp=True, lm_he
     if lm_head:
         _patch_head(model, report, backend, max_rows)
     if compile_decode:
-        _patch_compiled(model, report, blocks, bool(joint_kv),
-                        "the default on cuda" if default_compile else None)
+        _patch_compiled(model, report, blocks, bool(joint_kv), default_compile)
     object.__setattr__(model, _REPORT_ATTR, report)
     return report
 
 
-def _patch_compiled(model, report, blocks, joint_kv, default=None):
+def _patch_compiled(model, report, blocks, joint_kv, by_default=False):
     """Attach the compiled decode step (:mod:`mlx_foundry.lm_compiled`) when the whole
     model can be traced: every block fused as a whole, the joint K/V cache, a known
     model class without sliding-window layers or pipeline stages."""
@@ -1109,7 +1108,7 @@ def _patch_compiled(model, report, blocks, joint_kv, default=None):
     elif not plans or not all(p is not None and p.attn in _WHOLE_QKV and p.mlp for p in plans):
         why = "not every block is fused as a whole (Q/K/V with RoPE, and the MLP)"
     if why:
-        which = f" ({default})" if default else ""
+        which = " (the default on CUDA)" if by_default else ""
         report.skipped.append(("model", f"compiled decode{which} off: {why}"))
         return
     object.__setattr__(model, _RUNNER_ATTR, DecodeRunner(model, plans))

@@ -371,7 +371,8 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         "unpatched_margin", "float32_gap"}]``: the teacher-forced steps where the
         choices differ, with the same gaps), ``smallest_unpatched_margin`` (the
         smallest unpatched top-2 gap over all steps), ``unpatched_tok_s``,
-        ``patched_tok_s``, ``speedup``, ``device``, ``report``, ... All gaps are
+        ``patched_tok_s``, ``speedup``, ``device``, ``report``, ``compiled_decode``
+        (whether the patched model ran the compiled decode step), ... All gaps are
         log-probability differences; :func:`same_tokens_up_to_ties` gives the verdict.
     """
     from .lm import patch, patch_stats, unpatch
@@ -477,6 +478,7 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         "fused_blocks": len(report.patched_blocks),
         "fused_calls_first_block": first,
         "report": str(report),
+        "compiled_decode": report.compiled_decode,
         "build_s": build_s,
     }
     if results_dir is None and random_model and config is None:
@@ -589,7 +591,7 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
     for _ in range(max(1, repeats)):
         ref_tokens, t = _batch_greedy(model, prompts, steps, warmup)
         ref_step = min(ref_step, t)
-        patch(model, backend=backend, **(patch_kwargs or {}))
+        compiled = patch(model, backend=backend, **(patch_kwargs or {})).compiled_decode
         try:
             tokens, t = _batch_greedy(model, prompts, steps, warmup)
             ours_step = min(ours_step, t)
@@ -644,4 +646,5 @@ def batch_decode_benchmark(model=None, *, batch=4, steps=48, warmup=4, repeats=3
         "forced_disagreements": [],
         "unpatched_tokens": ref_tokens,
         "patched_tokens": tokens,
+        "compiled_decode": compiled,
     }

@@ -795,6 +795,7 @@ def test_batch_decode_benchmark_alternates_and_compares_tokens(monkeypatch):
     # The reference backend computes the patched ops in float32 like MLX: same tokens.
     assert r["tokens_equal"] and r["first_mismatch"] is None
     assert lm_bench.same_tokens_up_to_ties(r)[0]
+    assert r["compiled_decode"] is False  # patch's default on the reference backend
     assert not lm.is_patched(model)
 
 
@@ -817,7 +818,7 @@ def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(mo
     log-probability gap between its own choice and the patched token there (not its
     top-2 gap): one sequence parting at a tie and another where the unpatched choice was
     clearly better is a failure, and so is a patched token far below two tied ones."""
-    from mlx_foundry import lm_bench
+    from mlx_foundry import lm, lm_bench
 
     ref = [[1, 2], [3, 4], [5, 6], [7, 8]]
     ours = [[1, 2], [9, 4], [5, 9], [7, 9]]  # sequence 0 from step 1, sequence 1 from step 2
@@ -849,7 +850,11 @@ def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(mo
     monkeypatch.setattr(lm_bench, "_batch_greedy", fake)
     monkeypatch.setattr(lm_bench, "_model_dtype", lambda m: mx.float16)
     monkeypatch.setattr(lm_bench, "_float32_forced_logits", float32_logits)
-    monkeypatch.setattr("mlx_foundry.lm.patch", lambda m, **kw: setattr(fake, "patched", True))
+    def patch(m, **kw):  # as lm.patch: patches, returns the report
+        fake.patched = True
+        return lm.PatchReport()
+
+    monkeypatch.setattr("mlx_foundry.lm.patch", patch)
     monkeypatch.setattr("mlx_foundry.lm.unpatch", lambda m: setattr(fake, "patched", False))
     run = lambda: lm_bench.batch_decode_benchmark(Model(), batch=2, steps=3, warmup=0,
                                                   repeats=1)
@@ -945,6 +950,18 @@ def test_decode_benchmark_bf16_is_judged_by_float32():
     assert all("float32_gap" in d for d in r["forced_disagreements"])
     ok, why = lm_bench.same_tokens_up_to_ties(r)
     assert ok, why
+
+
+@pytest.mark.parametrize("patch_kwargs, compiled", [(None, False),
+                                                     ({"compile_decode": True}, True)])
+def test_e2e_result_says_which_step_ran(patch_kwargs, compiled):
+    pytest.importorskip("mlx_lm")
+    from mlx_foundry.bench import e2e
+
+    res = e2e.run_decode(Context("reference", tiny=True), tiny=True,
+                         patch_kwargs=patch_kwargs)
+    assert res["status"] == "ok", res
+    assert res["compiled_step"] is compiled
 
 
 def test_bench_rejects_unknown_dtype():

@@ -73,7 +73,7 @@ def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None):
            "tokens_equal": r.get("tokens_equal"),
            "forced_disagreements": r.get("forced_disagreements"),
            "smallest_unpatched_margin": r.get("smallest_unpatched_margin"),
-           "compiled_step": "decode step compiled" in str(r.get("report", ""))}
+           "compiled_step": r.get("compiled_decode")}
     from mlx_foundry.lm_bench import same_tokens_up_to_ties
 
     ok, why = same_tokens_up_to_ties(r)
