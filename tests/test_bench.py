@@ -521,6 +521,42 @@ def test_tuner_lookup_leaves_a_kept_default_to_the_caller(tmp_path):
     assert tuner.lookup("k", shape_class="b", **kw) == other
 
 
+def test_bench_records_the_tuned_launches_it_may_take(tmp_path, monkeypatch):
+    """results.json, the header and BENCHMARKS.md of a run say which tuned launches the
+    tuning file holds for this device and MLX version; entries of another device or MLX
+    version, and choices that kept their default, are left out."""
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    assert tuner.stored_launches() == []
+    default, win = {"ROWS": 4}, {"ROWS": 8}
+    fast = {str(default): 10.0, str(win): 5.0}
+    slow = {str(default): 10.0, str(win): 20.0}
+    kw = dict(default=default, repeats=1, warmup=0)
+    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="a", **kw)
+    tuner.tune("cuda:linear_q8", [win], _timed(slow), source_hash="h2", shape_class="a", **kw)
+    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="b",
+               device="Another GPU", **kw)
+    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="c",
+               mlx_version="0.0.1", **kw)
+    want = [{"kernel": "cuda:linear_q4", "source_hash": "h1", "shape_class": "a",
+             "params": win}]
+    assert tuner.stored_launches() == want
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)        # tiny shapes, also on a GPU machine
+    try:
+        from mlx_foundry.bench import run
+        res = run(backend="reference", quick=True, only=["rms_norm"], progress=False)
+    finally:
+        mx.set_default_device(device)
+    assert res["tuning"] == {"path": str(tmp_path / "tuning.json"), "stored": want}
+    header = report.format_header(res)
+    assert "1 tuned launch(es)" in header and "cuda:linear_q4 a" in header, header
+    assert "cuda:linear_q4" not in report.format_header(res, tuned_names=False)
+    report.write_benchmarks_md(res, str(tmp_path / "B.md"))
+    assert "`cuda:linear_q4` a: {'ROWS': 8}" in (tmp_path / "B.md").read_text()
+    res["tuning"] = {"path": None, "stored": []}
+    assert "untuned defaults" in report.format_header(res)
+
+
 def test_tuner_refinement_must_be_dicts(tmp_path):
     kw = dict(source_hash="h", shape_class="c", path=str(tmp_path / "t.json"))
     for bad in ("UNROLL", [2], {"UNROLL": 2}, ({"UNROLL": u} for u in (2, 4))):

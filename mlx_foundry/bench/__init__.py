@@ -27,7 +27,7 @@ import sys
 import mlx.core as mx
 
 from . import cases as _cases
-from . import report, targets, timing
+from . import report, targets, timing, tuner
 from .timing import Timing
 
 __all__ = ["main", "run", "run_case", "Context"]
@@ -288,9 +288,19 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
                "backend": backend, "quick": bool(quick), "tiny_shapes": bool(ctx.tiny),
                "repeats": ctx.repeats, "calls_per_timing": ctx.measure_kw.get("calls"),
                "pool_bytes": ctx.pool_bytes, "copy": copy,
+               "tuning": _tuning_record(),
                "command": " ".join(argv), "cases": results_cases}
     results["targets"] = targets.evaluate(results)
     return results
+
+
+def _tuning_record():
+    """The tuning file and its stored launches for this device and MLX version: the
+    launches the run may have taken instead of the untuned defaults."""
+    try:
+        return {"path": tuner.cache_path(), "stored": tuner.stored_launches()}
+    except (OSError, ValueError) as e:
+        return {"path": None, "stored": [], "error": f"{type(e).__name__}: {e}"}
 
 
 def main(args):

@@ -116,11 +116,28 @@ TINY_NOTE = ("reference backend at tiny shapes on a CPU: a smoke test of the com
              "these numbers mean nothing")
 
 
-def format_header(results):
+def format_header(results, *, tuned_names=True):
     return (f"mlx_foundry bench - device: {results['device']}, backend: {results['backend']}, "
             f"MLX {results['mlx_version']}, {results['date']}"
             + (" (quick)" if results.get("quick") else "")
-            + (f"\n({TINY_NOTE})" if results.get("tiny_shapes") else ""))
+            + (f"\n({TINY_NOTE})" if results.get("tiny_shapes") else "")
+            + _tuning_line(results.get("tuning"), tuned_names))
+
+
+def _tuning_line(tuning, names=True):
+    """Whether the run could take tuned launches (a results file without the record,
+    from before it existed, says nothing)."""
+    if not tuning:
+        return ""
+    stored = tuning.get("stored") or []
+    if not stored:
+        return "\nlaunches: untuned defaults (no tuned launch stored for this device)"
+    line = f"\nlaunches: {len(stored)} tuned launch(es) stored for this device"
+    if not names:
+        return line
+    listed = ", ".join(f"{s['kernel']} {s['shape_class']}" for s in stored)
+    return (f"{line} ({tuning.get('path')}), used where the kernel source still matches: "
+            f"{listed}")
 
 
 # ------------------------------------------------------------------------------------
@@ -174,11 +191,22 @@ def write_chart(results, path):
     a2.set_xlabel("% of copy ceiling")
     if not cases:
         a1.text(0.5, 0.5, "no measured cases", ha="center", transform=a1.transAxes)
-    fig.suptitle(format_header(results), fontsize=9)
+    fig.suptitle(format_header(results, tuned_names=False), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _tuning_md(tuning):
+    if not tuning:
+        return "not recorded"
+    stored = tuning.get("stored") or []
+    if not stored:
+        return "untuned defaults (no tuned launch stored for this device)"
+    listed = "; ".join(f"`{s['kernel']}` {s['shape_class']}: {s['params']}" for s in stored)
+    return (f"{len(stored)} tuned launch(es) stored for this device (`{tuning.get('path')}`), "
+            f"used where the kernel source still matches: {listed}")
 
 
 def write_benchmarks_md(results, path):
@@ -208,6 +236,7 @@ Fused mlx_foundry ops against MLX's own ops, measured by `python -m mlx_foundry 
 - MLX: {results['mlx_version']}
 - Date: {results['date']}{' (quick run)' if results.get('quick') else ''}
 - Copy ceiling: {_big(copy.get('gbps'))} GB/s (plain copy measured in the same run)
+- Launches: {_tuning_md(results.get('tuning'))}
 {(chr(10) + "> " + TINY_NOTE + "." + chr(10)) if results.get("tiny_shapes") else ""}
 {chr(10).join(rows)}
 

@@ -64,7 +64,7 @@ _lock = threading.RLock()
 # path -> (mtime_ns, size, entries): avoid re-reading an unchanged file on lookup.
 _memo = {}
 
-__all__ = ["tune", "lookup", "make_key", "shape_class", "source_hash", "cache_path",
+__all__ = ["tune", "lookup", "stored_launches", "make_key", "shape_class", "source_hash", "cache_path",
            "entries", "timed_run", "TuningError"]
 
 
@@ -235,6 +235,30 @@ def entries(path=None):
     """All stored entries (key -> entry dict) of the tuning file."""
     with _lock:
         return dict(_read(path or cache_path()))
+
+
+def stored_launches(*, device=None, mlx_version_=None, path=None):
+    """The stored choices that replace a default on this device and MLX version.
+
+    What a run here may pick up from the tuning file: an entry applies only where its
+    kernel's source hash still matches, which only the op that looks it up knows, so
+    this lists every candidate entry (for the record of a benchmark run).
+
+    Returns:
+        list of dict: ``{"kernel", "source_hash", "shape_class", "params"}``, sorted.
+    """
+    dev = (device if device is not None else device_name()).replace("|", "/")
+    ver = f"mlx-{mlx_version_ if mlx_version_ is not None else mlx_version()}"
+    out = []
+    for key, e in entries(path).items():
+        parts = key.split("|")
+        if len(parts) != 5 or parts[0] != dev or parts[1] != ver or not isinstance(e, dict):
+            continue
+        if "params" not in e or (e.get("default") is not None and e["params"] == e["default"]):
+            continue
+        out.append({"kernel": parts[2], "source_hash": parts[3], "shape_class": parts[4],
+                    "params": dict(e["params"])})
+    return sorted(out, key=lambda d: (d["kernel"], d["shape_class"], d["source_hash"]))
 
 
 def lookup(kernel_key, *, source_hash, shape_class, device=None, mlx_version=None,
