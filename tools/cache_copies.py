@@ -69,17 +69,10 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true", help="the bench's tiny Llama (a CPU check)")
     args = p.parse_args()
-    from decode_breakdown import under_patch
-    from mlx_foundry.lm_bench import random_quantized_model
+    from decode_breakdown import PATCH_KWARGS, bench_model, under_patch
 
-    if args.tiny:
-        from mlx_foundry.bench.e2e import TINY_LLAMA
-        model = random_quantized_model(TINY_LLAMA)
-    else:
-        model = random_quantized_model()
+    model = bench_model(args.tiny)
     vocab = model.args.vocab_size
-    kw = {"unpatched": None, "ordinary": {"compile_decode": False},
-          "compiled": {"compile_decode": True}}
     res = {}
     for n in args.prompts:
         prompt = ([t % vocab for t in BENCH_PROMPT] if n == len(BENCH_PROMPT)
@@ -90,7 +83,7 @@ def main():
                     decode_peaks(m, prompt, SKIP)  # warm-up: compiles, traces
                     return summary(*decode_peaks(m, prompt, args.tokens))
                 key = f"prompt {n} {name} round {r}"
-                res[key] = under_patch(model, kw[name], run)
+                res[key] = under_patch(model, PATCH_KWARGS[name], run)
                 print(key, json.dumps(res[key]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1))

@@ -30,9 +30,20 @@ import sys
 import time
 
 
-def _model():
+def bench_model(tiny=False):
+    """The bench's Llama-3-8B-shaped random 4-bit model, or (``tiny``) its tiny Llama, a
+    CPU check of a tool."""
     from mlx_foundry.lm_bench import random_quantized_model
+
+    if tiny:
+        from mlx_foundry.bench.e2e import TINY_LLAMA
+        return random_quantized_model(TINY_LLAMA)
     return random_quantized_model()
+
+
+PATCH_KWARGS = {"unpatched": None, "ordinary": {"compile_decode": False},
+                "compiled": {"compile_decode": True}}
+"""The decode variants of the tools: ``patch`` arguments (``None``: unpatched)."""
 
 
 def under_patch(model, patch_kwargs, fn):
@@ -145,7 +156,7 @@ def main():
         return 0
     from mlx_foundry.lm import patch
 
-    model = _model()
+    model = bench_model()
     if args.cmd == "one-token":
         if args.patched:
             patch(model, decode_attention=args.decode_attention,

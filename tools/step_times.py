@@ -59,16 +59,10 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true", help="the bench's tiny Llama (a CPU check)")
     args = p.parse_args()
-    from decode_breakdown import under_patch
-    from mlx_foundry.lm_bench import random_quantized_model
+    from decode_breakdown import PATCH_KWARGS, bench_model, under_patch
 
-    if args.tiny:
-        from mlx_foundry.bench.e2e import TINY_LLAMA
-        model = random_quantized_model(TINY_LLAMA)
-    else:
-        model = random_quantized_model()
-    kw = {"unpatched": None, "patched": {"compile_decode": False},
-          "compiled": {"compile_decode": True}}
+    model = bench_model(args.tiny)
+    kw = dict(PATCH_KWARGS, patched=PATCH_KWARGS["ordinary"])
     res = {}
     for name in args.variants:
         res[name] = summary(under_patch(model, kw[name],
