@@ -522,39 +522,83 @@ def test_tuner_lookup_leaves_a_kept_default_to_the_caller(tmp_path):
 
 
 def test_bench_records_the_tuned_launches_it_may_take(tmp_path, monkeypatch):
-    """results.json, the header and BENCHMARKS.md of a run say which tuned launches the
-    tuning file holds for this device and MLX version; entries of another device or MLX
-    version, and choices that kept their default, are left out."""
+    """A run's record of the tuning file (results.json, the header, BENCHMARKS.md) lists
+    the tuned launches stored for this device and MLX version; entries of another device
+    or MLX version, choices that kept their default and malformed entries are left out."""
+    from mlx_foundry import bench
+
     monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
-    assert tuner.stored_launches() == []
-    default, win = {"ROWS": 4}, {"ROWS": 8}
-    fast = {str(default): 10.0, str(win): 5.0}
-    slow = {str(default): 10.0, str(win): 20.0}
-    kw = dict(default=default, repeats=1, warmup=0)
-    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="a", **kw)
-    tuner.tune("cuda:linear_q8", [win], _timed(slow), source_hash="h2", shape_class="a", **kw)
-    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="b",
-               device="Another GPU", **kw)
-    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="c",
-               mlx_version="0.0.1", **kw)
-    want = [{"kernel": "cuda:linear_q4", "source_hash": "h1", "shape_class": "a",
-             "params": win}]
-    assert tuner.stored_launches() == want
+    path = str(tmp_path / "tuning.json")
     device = mx.default_device()
-    mx.set_default_device(mx.cpu)        # tiny shapes, also on a GPU machine
+    mx.set_default_device(mx.cpu)  # one device name throughout, also on a GPU machine
     try:
-        from mlx_foundry.bench import run
-        res = run(backend="reference", quick=True, only=["rms_norm"], progress=False)
+        assert tuner.stored_launches() == []
+        default, win = {"ROWS": 4}, {"ROWS": 8}
+        fast = {str(default): 10.0, str(win): 5.0}
+        slow = {str(default): 10.0, str(win): 20.0}
+        kw = dict(default=default, repeats=1, warmup=0)
+        tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="a",
+                   **kw)
+        tuner.tune("cuda:linear_q8", [win], _timed(slow), source_hash="h2", shape_class="a",
+                   **kw)
+        tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="b",
+                   device="Another GPU", **kw)
+        tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="c",
+                   mlx_version="0.0.1", **kw)
+        data = json.loads((tmp_path / "tuning.json").read_text())
+        bad = tuner.make_key("cuda:linear_q4", source_hash="h1", shape_class="bad")
+        data["entries"][bad] = {"params": None}
+        (tmp_path / "tuning.json").write_text(json.dumps(data))
+        tuner._memo.clear()
+        want = [{"kernel": "cuda:linear_q4", "source_hash": "h1", "shape_class": "a",
+                 "params": win}]
+        assert tuner.stored_launches() == want
+        record = bench._tuning_record("cuda")
+        # The reference backend takes no launches: its runs say so.
+        res = bench.run(backend="reference", quick=True, only=["rms_norm"], progress=False)
     finally:
         mx.set_default_device(device)
-    assert res["tuning"] == {"path": str(tmp_path / "tuning.json"), "stored": want}
+    assert record == {"path": path, "stored": want}
+    assert res["tuning"]["stored"] == [] and res["tuning"]["path"] == path
+    assert "no launch parameters" in report.format_header(res)
+    res["tuning"] = record
     header = report.format_header(res)
     assert "1 tuned launch(es)" in header and "cuda:linear_q4 a" in header, header
     assert "cuda:linear_q4" not in report.format_header(res, tuned_names=False)
     report.write_benchmarks_md(res, str(tmp_path / "B.md"))
     assert "`cuda:linear_q4` a: {'ROWS': 8}" in (tmp_path / "B.md").read_text()
-    res["tuning"] = {"path": None, "stored": []}
-    assert "untuned defaults" in report.format_header(res)
+    res["tuning"] = {"path": path, "stored": []}
+    assert "untuned defaults (no tuned launch" in report.format_header(res)
+    res.pop("tuning")  # a results file from before the record
+    assert "launches" not in report.format_header(res)
+
+
+@pytest.mark.parametrize("content", ['{"format": 1, "entries": [1, 2]}',
+                                     '{"format": 1, "entries": {"x": {"params": 5}}}',
+                                     "not json"])
+def test_a_bad_tuning_file_does_not_cost_a_run(tmp_path, monkeypatch, content):
+    """A malformed tuning file reads as no tuned launches: the bench's record neither
+    raises nor lists anything."""
+    from mlx_foundry import bench
+
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    (tmp_path / "tuning.json").write_text(content)
+    tuner._memo.clear()
+    assert tuner.stored_launches() == []
+    assert bench._tuning_record("cuda")["stored"] == []
+
+
+def test_an_unreadable_tuning_record_is_reported(monkeypatch):
+    from mlx_foundry import bench
+
+    def broken(**kw):
+        raise TypeError("boom")
+
+    monkeypatch.setattr(tuner, "stored_launches", broken)
+    record = bench._tuning_record("cuda")
+    assert record["stored"] == [] and record["path"] and "TypeError: boom" in record["error"]
+    res = {"device": "d", "backend": "cuda", "mlx_version": "v", "date": "t", "tuning": record}
+    assert "could not be read (TypeError: boom)" in report.format_header(res)
 
 
 def test_tuner_refinement_must_be_dicts(tmp_path):

@@ -1,47 +1,63 @@
-"""tools/cache_copies.py: its per-token summary, and one tiny decode on the CPU."""
+"""tools/cache_copies.py: its per-token summary, and a tiny decode on the CPU."""
 
 import importlib.util
 import pathlib
-import sys
 
+import mlx.core as mx
 import pytest
 
 TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
 
 
-def _tool():
-    sys.path.insert(0, str(TOOLS))  # the tool imports decode_breakdown beside it
-    try:
-        spec = importlib.util.spec_from_file_location("cache_copies", TOOLS / "cache_copies.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(TOOLS))
+@pytest.fixture
+def tool(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))  # main() imports decode_breakdown beside it
+    spec = importlib.util.spec_from_file_location("cache_copies", TOOLS / "cache_copies.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     return mod
 
 
-def test_summary_drops_the_first_tokens_and_counts_copies():
-    tool = _tool()
+def test_summary_drops_the_first_tokens_and_counts_block_sized_peaks(tool):
     skip = tool.SKIP
-    # 8 dropped tokens (huge peaks, slow), then 5 tokens 2 ms apart, two of which copied a
-    # 1 MB buffer.
-    times = [0.5 * i for i in range(skip)] + [10.0 + 0.002 * i for i in range(5)]
-    peaks = [1e9] * skip + [0, 1_000_000, 0, 2_000_000, 100_000]
-    s = tool.summary(times, peaks)
-    assert s["tokens"] == 5 and s["tokens_with_peak_over_0.5mb"] == 2
-    assert s["peak_mb_max"] == 2.0 and s["peak_mb_median"] == 0.1
+    # SKIP dropped tokens (huge peaks, slow), then 5 tokens 2 ms apart; blocks of 1 MB,
+    # two tokens peaked at a block or more.
+    stamps = [0.5 * i for i in range(skip)] + [10.0 + 0.002 * i for i in range(5)]
+    peaks = [10**9] * skip + [0, 1_000_000, 300_000, 2_000_000, 100_000]
+    s = tool.summary(stamps, peaks, 1_000_000)
+    assert s["tokens"] == 5 and s["tokens_with_peak_of_a_block"] == 2
+    assert s["block_mb"] == 1.0 and s["peak_mb_max"] == 2.0 and s["peak_mb_median"] == 0.3
     assert s["median_ms"] == pytest.approx(2.0) and s["tok_s"] == pytest.approx(500.0)
-    with pytest.raises(ValueError, match="need more than"):
-        tool.summary(times[:skip + 1], peaks[:skip + 1])
+    with pytest.raises(ValueError, match="'stamps' must hold more than"):
+        tool.summary(stamps[:skip + 1], peaks[:skip + 1], 1)
+    with pytest.raises(ValueError, match="one entry per token"):
+        tool.summary(stamps, peaks[:-1], 1)
 
 
-def test_decode_peaks_sees_every_token():
-    pytest.importorskip("mlx_lm")
-    tool = _tool()
+def test_main_runs_a_tiny_decode(tool, capsys):
     from mlx_foundry.bench.e2e import TINY_LLAMA
-    from mlx_foundry.lm_bench import random_quantized_model
 
-    model = random_quantized_model(TINY_LLAMA)
-    times, peaks = tool.decode_peaks(model, [1, 2, 3], 12)
-    assert len(times) == len(peaks) == 12
-    assert times == sorted(times) and all(p >= 0 for p in peaks)
+    assert TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"] == 32
+    pytest.importorskip("mlx_lm")
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)  # the tiny check, also on a GPU machine
+    try:
+        res = tool.main(["--tiny", "--prompts", "16", "40", "--tokens", "12", "--rounds", "1",
+                         "--variants", "unpatched", "compiled"])
+    finally:
+        mx.set_default_device(device)
+    assert sorted(res) == sorted(f"prompt {n} {v} round 0" for n in (16, 40)
+                                 for v in ("unpatched", "compiled"))
+    for key, r in res.items():
+        assert r["tokens"] == 12 - tool.SKIP and r["tok_s"] > 0, (key, r)
+        assert r["block_mb"] > 0 and r["peak_mb_max"] >= r["peak_mb_median"], (key, r)
+    out = capsys.readouterr().out
+    assert all(key in out for key in res)
+    # mlx-lm's cache at 16 + 12 positions: keys and values of 2 KV heads x 32 dims in one
+    # 256-position step, float16.
+    assert res["prompt 16 unpatched round 0"]["block_mb"] == round(2 * 2 * 256 * 32 * 2 / 1e6, 2)
+
+
+def test_main_refuses_too_few_tokens(tool):
+    with pytest.raises(SystemExit):
+        tool.main(["--tiny", "--tokens", "3"])

@@ -11,8 +11,9 @@ the previous token's yield: a copied buffer shows there as its size::
     python tools/cache_copies.py --prompts 16 2000 --tokens 136 --rounds 2 --json out.json
 
 Per variant (unpatched, the patched ordinary step, the compiled step) and prompt length
-it prints the median token time, tokens/s, the median and largest per-token peak, and
-how many tokens had a peak over 0.5 MB. ``--tiny`` runs the bench's tiny Llama (a CPU
+it prints the median token time, tokens/s, one block's cache buffer, the median and
+largest per-token peak, and how many tokens peaked at one block's buffer or more (a
+token's own temporaries count there too). ``--tiny`` runs the bench's tiny Llama (a CPU
 check of the tool; the CPU backend holds buffers the same way).
 """
 
@@ -27,49 +28,78 @@ BENCH_PROMPT = [128000, 791, 6864, 315, 9822, 374, 12366, 13, 578, 6864, 315, 96
 SKIP = 8  # tokens dropped at the start (the compiled step traces on its first token)
 
 
+def block_buffer_bytes(cache):
+    """Bytes of the first block's cache buffer(s): what one block's copy allocates."""
+    c = cache[0]
+    kv = c.__dict__.get("_kv")  # mlx_foundry's joint K/V buffer
+    if kv is not None:
+        return kv.nbytes
+    return c.keys.nbytes + c.values.nbytes
+
+
 def decode_peaks(model, prompt, tokens):
-    """Per-token wall times (s) and peaks (bytes over the active memory at the previous
-    token's yield) of a greedy ``generate_step`` decode."""
+    """A greedy ``generate_step`` decode: per token, its time stamp (``perf_counter``, s)
+    and its peak (bytes over the active memory at the previous token's yield); and the
+    bytes of one block's cache buffer at the end."""
     import time
 
     import mlx.core as mx
     from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
 
-    peaks, times = [], []
+    cache = make_prompt_cache(model)
+    peaks, stamps = [], []
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    for _ in generate_step(mx.array(prompt), model, max_tokens=tokens):
-        times.append(time.perf_counter())
+    for _ in generate_step(mx.array(prompt), model, max_tokens=tokens, prompt_cache=cache):
+        stamps.append(time.perf_counter())
         peaks.append(mx.get_peak_memory() - base)
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-    return times, peaks
+    return stamps, peaks, block_buffer_bytes(cache)
 
 
-def summary(times, peaks):
-    if len(times) < SKIP + 2:
-        raise ValueError(f"[cache_copies] need more than {SKIP + 1} tokens, got {len(times)}.")
-    t, p = times[SKIP:], [b / 1e6 for b in peaks[SKIP:]]
+def summary(stamps, peaks, block_bytes):
+    """Median token time, tokens/s and the peaks past the first :data:`SKIP` tokens.
+
+    A peak of one block's buffer or more is what a copy would show, but a token's
+    temporaries count too (unpatched mlx-lm's attention at long contexts): read the
+    count of such tokens beside the median peak and ``block_mb``.
+    """
+    if len(stamps) != len(peaks):
+        raise ValueError(f"[cache_copies.summary] 'stamps' and 'peaks' must have one entry "
+                         f"per token but have {len(stamps)} and {len(peaks)}.")
+    if len(stamps) < SKIP + 2:
+        raise ValueError(f"[cache_copies.summary] 'stamps' must hold more than {SKIP + 1} "
+                         f"tokens but holds {len(stamps)}.")
+    t, p = stamps[SKIP:], peaks[SKIP:]
     gaps = [b - a for a, b in zip(t, t[1:])]
     return {"median_ms": round(statistics.median(gaps) * 1e3, 3),
             "tok_s": round((len(t) - 1) / (t[-1] - t[0]), 1),
-            "peak_mb_median": round(statistics.median(p), 2),
-            "peak_mb_max": round(max(p), 2),
-            "tokens_with_peak_over_0.5mb": sum(x > 0.5 for x in p), "tokens": len(p)}
+            "block_mb": round(block_bytes / 1e6, 2),
+            "peak_mb_median": round(statistics.median(p) / 1e6, 2),
+            "peak_mb_max": round(max(p) / 1e6, 2),
+            "tokens_with_peak_of_a_block": sum(x >= block_bytes for x in p),
+            "tokens": len(p)}
 
 
-def main():
+def main(argv=None):
+    from decode_breakdown import PATCH_KWARGS, bench_model, under_patch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", nargs="+", type=int, default=[16, 2000],
                    help="prompt lengths (16: the bench's prompt)")
     p.add_argument("--tokens", type=int, default=136)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--variants", nargs="*", default=["unpatched", "ordinary", "compiled"],
-                   choices=["unpatched", "ordinary", "compiled"])
+    p.add_argument("--variants", nargs="*", default=list(PATCH_KWARGS),
+                   choices=list(PATCH_KWARGS))
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true", help="the bench's tiny Llama (a CPU check)")
-    args = p.parse_args()
-    from decode_breakdown import PATCH_KWARGS, bench_model, under_patch
+    args = p.parse_args(argv)
+    if args.tokens < SKIP + 2:
+        p.error(f"--tokens must be at least {SKIP + 2} (the first {SKIP} are dropped)")
+    if any(n < 1 for n in args.prompts):
+        p.error("--prompts must be positive lengths")
 
     model = bench_model(args.tiny)
     vocab = model.args.vocab_size
@@ -87,8 +117,9 @@ def main():
                 print(key, json.dumps(res[key]), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
-    return 0
+    return res
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit(0)

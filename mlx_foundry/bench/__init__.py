@@ -263,6 +263,8 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
     if not selected:
         raise ValueError(f"[bench] 'only' ({' '.join(only)}) selects no case. Cases: "
                          f"{', '.join(c.name for c in all_cases)}.")
+    # Read before the cases run, as the ops read the file when they first launch.
+    tuning = _tuning_record(backend)
     prog = report.Progress(len(selected) + 1, enabled=progress)
     prog.update(0, "copy ceiling")
     try:
@@ -288,19 +290,23 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
                "backend": backend, "quick": bool(quick), "tiny_shapes": bool(ctx.tiny),
                "repeats": ctx.repeats, "calls_per_timing": ctx.measure_kw.get("calls"),
                "pool_bytes": ctx.pool_bytes, "copy": copy,
-               "tuning": _tuning_record(),
+               "tuning": tuning,
                "command": " ".join(argv), "cases": results_cases}
     results["targets"] = targets.evaluate(results)
     return results
 
 
-def _tuning_record():
+def _tuning_record(backend):
     """The tuning file and its stored launches for this device and MLX version: the
-    launches the run may have taken instead of the untuned defaults."""
+    launches the run may take instead of the untuned defaults (none on the reference
+    backend, which has no launch parameters)."""
+    path = tuner.cache_path()
+    if backend == "reference":
+        return {"path": path, "stored": [], "note": "the reference backend has no launches"}
     try:
-        return {"path": tuner.cache_path(), "stored": tuner.stored_launches()}
-    except (OSError, ValueError) as e:
-        return {"path": None, "stored": [], "error": f"{type(e).__name__}: {e}"}
+        return {"path": path, "stored": tuner.stored_launches(path=path)}
+    except Exception as e:  # noqa: BLE001 - a bad tuning file must not cost the run
+        return {"path": path, "stored": [], "error": f"{type(e).__name__}: {e}"}
 
 
 def main(args):

@@ -124,20 +124,31 @@ def format_header(results, *, tuned_names=True):
             + _tuning_line(results.get("tuning"), tuned_names))
 
 
-def _tuning_line(tuning, names=True):
-    """Whether the run could take tuned launches (a results file without the record,
-    from before it existed, says nothing)."""
+def _tuning_state(tuning):
+    """``(summary, stored)`` of a run's tuning record (see ``bench._tuning_record``);
+    ``(None, [])`` for a results file from before the record existed."""
     if not tuning:
-        return ""
+        return None, []
+    if tuning.get("note"):
+        return f"no launch parameters ({tuning['note']})", []
+    if tuning.get("error"):
+        return f"untuned defaults: the tuning file could not be read ({tuning['error']})", []
     stored = tuning.get("stored") or []
     if not stored:
-        return "\nlaunches: untuned defaults (no tuned launch stored for this device)"
-    line = f"\nlaunches: {len(stored)} tuned launch(es) stored for this device"
-    if not names:
-        return line
+        return "untuned defaults (no tuned launch stored for this device)", []
+    return f"{len(stored)} tuned launch(es) stored for this device", stored
+
+
+def _tuning_line(tuning, names=True):
+    """The header's line on the launches a run could take from the tuning file."""
+    summary, stored = _tuning_state(tuning)
+    if summary is None:
+        return ""
+    if not stored or not names:
+        return f"\nlaunches: {summary}"
     listed = ", ".join(f"{s['kernel']} {s['shape_class']}" for s in stored)
-    return (f"{line} ({tuning.get('path')}), used where the kernel source still matches: "
-            f"{listed}")
+    return (f"\nlaunches: {summary} ({tuning.get('path')}), used where the kernel source "
+            f"still matches: {listed}")
 
 
 # ------------------------------------------------------------------------------------
@@ -199,14 +210,15 @@ def write_chart(results, path):
 
 
 def _tuning_md(tuning):
-    if not tuning:
+    """BENCHMARKS.md's line on the launches a run could take from the tuning file."""
+    summary, stored = _tuning_state(tuning)
+    if summary is None:
         return "not recorded"
-    stored = tuning.get("stored") or []
     if not stored:
-        return "untuned defaults (no tuned launch stored for this device)"
+        return summary
     listed = "; ".join(f"`{s['kernel']}` {s['shape_class']}: {s['params']}" for s in stored)
-    return (f"{len(stored)} tuned launch(es) stored for this device (`{tuning.get('path')}`), "
-            f"used where the kernel source still matches: {listed}")
+    return (f"{summary} (`{tuning.get('path')}`), used where the kernel source still "
+            f"matches: {listed}")
 
 
 def write_benchmarks_md(results, path):

@@ -56,6 +56,8 @@ from pathlib import Path
 
 from .timing import device_name, mlx_version
 
+_installed_mlx_version = mlx_version  # parameters named mlx_version shadow it
+
 ENV_DIR = "MLX_FOUNDRY_CACHE_DIR"
 FILE_NAME = "tuning.json"
 FORMAT = 1
@@ -64,8 +66,8 @@ _lock = threading.RLock()
 # path -> (mtime_ns, size, entries): avoid re-reading an unchanged file on lookup.
 _memo = {}
 
-__all__ = ["tune", "lookup", "stored_launches", "make_key", "shape_class", "source_hash", "cache_path",
-           "entries", "timed_run", "TuningError"]
+__all__ = ["tune", "lookup", "stored_launches", "make_key", "shape_class", "source_hash",
+           "cache_path", "entries", "timed_run", "TuningError"]
 
 
 class TuningError(RuntimeError):
@@ -205,6 +207,8 @@ def _read(path):
         with open(path) as f:
             data = json.load(f)
         entries = data.get("entries", {}) if data.get("format") == FORMAT else {}
+        if not isinstance(entries, dict):
+            entries = {}
     except (OSError, ValueError, AttributeError):
         entries = {}      # a corrupt file is treated as empty and rewritten on next tune
     _memo[path] = ((st.st_mtime_ns, st.st_size), entries)
@@ -237,27 +241,34 @@ def entries(path=None):
         return dict(_read(path or cache_path()))
 
 
-def stored_launches(*, device=None, mlx_version_=None, path=None):
+def stored_launches(*, device=None, mlx_version=None, path=None):
     """The stored choices that replace a default on this device and MLX version.
 
     What a run here may pick up from the tuning file: an entry applies only where its
     kernel's source hash still matches, which only the op that looks it up knows, so
-    this lists every candidate entry (for the record of a benchmark run).
+    this lists every candidate entry (for the record of a benchmark run). Malformed
+    entries are left out, as :func:`lookup` would not use them either.
+
+    Args:
+        device (str, optional): the device name. Default: this process's device.
+        mlx_version (str, optional): the MLX version. Default: the installed one.
+        path (str, optional): the tuning file. Default: :func:`cache_path`.
 
     Returns:
         list of dict: ``{"kernel", "source_hash", "shape_class", "params"}``, sorted.
     """
     dev = (device if device is not None else device_name()).replace("|", "/")
-    ver = f"mlx-{mlx_version_ if mlx_version_ is not None else mlx_version()}"
+    ver = f"mlx-{mlx_version if mlx_version is not None else _installed_mlx_version()}"
     out = []
     for key, e in entries(path).items():
-        parts = key.split("|")
+        parts = key.split("|") if isinstance(key, str) else ()
         if len(parts) != 5 or parts[0] != dev or parts[1] != ver or not isinstance(e, dict):
             continue
-        if "params" not in e or (e.get("default") is not None and e["params"] == e["default"]):
+        params = e.get("params")
+        if not isinstance(params, dict) or params == e.get("default"):
             continue
         out.append({"kernel": parts[2], "source_hash": parts[3], "shape_class": parts[4],
-                    "params": dict(e["params"])})
+                    "params": dict(params)})
     return sorted(out, key=lambda d: (d["kernel"], d["shape_class"], d["source_hash"]))
 
 
