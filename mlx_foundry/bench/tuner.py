@@ -56,8 +56,6 @@ from pathlib import Path
 
 from .timing import device_name, mlx_version
 
-_installed_mlx_version = mlx_version  # parameters named mlx_version shadow it
-
 ENV_DIR = "MLX_FOUNDRY_CACHE_DIR"
 FILE_NAME = "tuning.json"
 FORMAT = 1
@@ -170,9 +168,23 @@ def make_key(kernel_key, *, source_hash, shape_class, device=None, mlx_version_=
         if not isinstance(v, str) or not v or "|" in v:
             raise ValueError(f"[tuner] {name!r} must be a non-empty str without '|' "
                              f"but got {v!r}.")
+    return f"{_key_prefix(device, mlx_version_)}{kernel_key}|{source_hash}|{shape_class}"
+
+
+def _key_prefix(device=None, version=None):
+    """``device|mlx-<version>|``: where the keys of one device and MLX version start."""
     dev = device if device is not None else device_name()
-    ver = mlx_version_ if mlx_version_ is not None else mlx_version()
-    return f"{dev.replace('|', '/')}|mlx-{ver}|{kernel_key}|{source_hash}|{shape_class}"
+    ver = version if version is not None else mlx_version()
+    return f"{dev.replace('|', '/')}|mlx-{ver}|"
+
+
+def _choice(entry):
+    """The parameters a stored entry puts in place of the caller's default: ``None`` when
+    its tuning kept that default, or for a malformed entry."""
+    params = entry.get("params") if isinstance(entry, dict) else None
+    if not isinstance(params, dict) or params == entry.get("default"):
+        return None
+    return dict(params)
 
 
 # ------------------------------------------------------------------------------------
@@ -257,18 +269,14 @@ def stored_launches(*, device=None, mlx_version=None, path=None):
     Returns:
         list of dict: ``{"kernel", "source_hash", "shape_class", "params"}``, sorted.
     """
-    dev = (device if device is not None else device_name()).replace("|", "/")
-    ver = f"mlx-{mlx_version if mlx_version is not None else _installed_mlx_version()}"
+    prefix = _key_prefix(device, mlx_version)
     out = []
     for key, e in entries(path).items():
-        parts = key.split("|") if isinstance(key, str) else ()
-        if len(parts) != 5 or parts[0] != dev or parts[1] != ver or not isinstance(e, dict):
-            continue
-        params = e.get("params")
-        if not isinstance(params, dict) or params == e.get("default"):
-            continue
-        out.append({"kernel": parts[2], "source_hash": parts[3], "shape_class": parts[4],
-                    "params": dict(params)})
+        parts = key[len(prefix):].split("|") if key.startswith(prefix) else ()
+        params = _choice(e) if len(parts) == 3 else None
+        if params is not None:
+            out.append({"kernel": parts[0], "source_hash": parts[1], "shape_class": parts[2],
+                        "params": params})
     return sorted(out, key=lambda d: (d["kernel"], d["shape_class"], d["source_hash"]))
 
 
@@ -286,9 +294,7 @@ def lookup(kernel_key, *, source_hash, shape_class, device=None, mlx_version=Non
                    device=device, mlx_version_=mlx_version)
     with _lock:
         e = _read(path or cache_path()).get(key)
-    if not e or (e.get("default") is not None and e["params"] == e["default"]):
-        return None
-    return dict(e["params"])
+    return _choice(e)
 
 
 DEFAULT_MARGIN = 0.03
