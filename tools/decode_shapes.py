@@ -12,12 +12,14 @@ def decode_block(dtype=None):
 
     Returns:
         SimpleNamespace: ``x4``/``x14`` (rows of 4096 / 14336), ``r4`` (a residual),
-        ``g`` (RMSNorm weight), ``wq wk wv wo wg wu wd`` (``ops.Weight``), and ``qkv``
-        (the keyword arguments of ``ops.norm_qkv_rope``).
+        ``g`` (RMSNorm weight), ``wq wk wv wo wg wu wd`` (``ops.Weight``), ``du``/``dd``
+        (dense weights of the up and down shapes, 4096 -> 14336 and 14336 -> 4096, as
+        the bench's fp16 linears), and ``qkv`` (the keyword arguments of
+        ``ops.norm_qkv_rope``). The arrays are lazy: a tool pays only for those it uses.
     """
     import mlx.core as mx
 
-    from mlx_foundry.bench.cases import _qweight
+    from mlx_foundry.bench.cases import _dense_w, _qweight
     from mlx_foundry.ops.weights import Weight
 
     dt = mx.float16 if dtype is None else dtype
@@ -34,4 +36,5 @@ def decode_block(dtype=None):
         wu=qw(1, 14336, 4096), wg=qw(2, 14336, 4096), wd=qw(3, 4096, 14336),
         wo=qw(4, 4096, 4096), wq=qw(6, 4096, 4096), wk=qw(7, 1024, 4096),
         wv=qw(8, 1024, 4096),
+        du=_dense_w(0, 21, 14336, 4096, dt), dd=_dense_w(0, 22, 4096, 14336, dt),
         qkv=dict(n_heads=32, n_kv_heads=8, head_dim=128, offset=7, rope_base=500000.0))

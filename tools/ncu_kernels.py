@@ -29,6 +29,9 @@ def _jobs():
 
     from decode_shapes import decode_block
     from mlx_foundry import ops
+    from mlx_foundry.bench.cases import _qweight, _silu, weight_bytes
+    from mlx_foundry.bench.read_probe import probe_words, read_probe
+    from mlx_foundry.ops.weights import Weight
 
     b = decode_block()
     g, x4, x14, r4 = b.g, b.x4, b.x14, b.r4
@@ -46,19 +49,14 @@ def _jobs():
         "norm_qkv_rope": (ops.norm_qkv_rope, (x4[None], g, 1e-5, wq, wk, wv), qkv),
         "rms_norm 8192x8192": (ops.rms_norm, (xn, gn, 1e-5), {}),
     }
-    # The bench's plain read (bench/read_probe.py) at the bytes of the 4-bit GEMV
-    # 4096 -> 14336, of gate/up and of the whole MLP block (gate/up + down).
-    from mlx_foundry.bench.cases import weight_bytes
-    from mlx_foundry.bench.read_probe import probe_words, read_probe
-
     # The targets' other weight formats: 8-bit and fp16 (dense) 14336 -> 4096.
-    from mlx_foundry.bench.cases import _qweight, _silu
-    from mlx_foundry.ops.weights import Weight
-
     w8 = Weight(*_qweight(0, 11, 4096, 14336, 8, 64, mx.float16), group_size=64, bits=8)
-    wf = (0.02 * mx.random.normal((4096, 14336), key=mx.random.key(12))).astype(mx.float16)
+    wf = b.dd
     ours["linear q8 14336->4096"] = (ops.linear, (x14, w8), {})
     ours["linear fp16 14336->4096"] = (ops.linear, (x14, wf), {})
+    # The bench's plain read (bench/read_probe.py) at the bytes of the 4-bit GEMV
+    # 4096 -> 14336, of gate/up and of the whole MLP block (gate/up + down), and of the
+    # 8-bit and fp16 weights.
     q4 = weight_bytes(14336, 4096, bits=4)
     for label, nbytes in (("33 MB", q4), ("66 MB", 2 * q4), ("99 MB", 3 * q4),
                           ("62 MB (q8)", weight_bytes(4096, 14336, bits=8)),
