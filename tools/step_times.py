@@ -8,7 +8,7 @@ buffers (mlx-lm grows them 256 positions at a time), pays a trace. This tool dec
 next token before waiting on this one), and records each token's wall time, for the
 variants asked for::
 
-    python tools/step_times.py --tokens 600 --variants unpatched patched compiled
+    python tools/step_times.py --tokens 600 --variants unpatched ordinary compiled
 
 Per variant it prints the median token, the mean over all tokens (traces included),
 and the tokens that took over five medians (the traces) with their times.
@@ -20,6 +20,8 @@ import pathlib
 import statistics
 import sys
 import time
+
+from decode_breakdown import PATCH_KWARGS, bench_model, under_patch
 
 
 def decode_times(model, tokens):
@@ -54,18 +56,18 @@ def summary(times):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=600)
-    p.add_argument("--variants", nargs="*", default=["unpatched", "patched", "compiled"],
-                   choices=["unpatched", "patched", "compiled"])
+    p.add_argument("--variants", nargs="*", default=list(PATCH_KWARGS),
+                   choices=list(PATCH_KWARGS),
+                   help="the patched model's ordinary step is 'ordinary' (called 'patched' "
+                   "in docs/step_times_h200.json)")
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true", help="the bench's tiny Llama (a CPU check)")
     args = p.parse_args()
-    from decode_breakdown import PATCH_KWARGS, bench_model, under_patch
 
     model = bench_model(args.tiny)
-    kw = dict(PATCH_KWARGS, patched=PATCH_KWARGS["ordinary"])
     res = {}
     for name in args.variants:
-        res[name] = summary(under_patch(model, kw[name],
+        res[name] = summary(under_patch(model, PATCH_KWARGS[name],
                                         lambda m: decode_times(m, args.tokens)))
         print(name, json.dumps(res[name]), flush=True)
     if args.json:
