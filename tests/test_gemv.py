@@ -275,8 +275,6 @@ def _half_cases():
         rope_offset=0, rope_scale=1.0, HEAD_DIM=32), True
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in _half_cases()])
 def test_half_path_is_chosen_at_compile_time(case, tmp_path):
