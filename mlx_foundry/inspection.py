@@ -72,7 +72,9 @@ def metal_source_of(program, *args, **kwargs):
 
 # The CUDA types MLX 0.32 writes in a custom kernel's signature (dtype_to_cuda_type).
 _CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
-               mx.uint32: "uint32_t", mx.int32: "int32_t"}
+               mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
+               mx.int64: "int64_t", mx.uint8: "uint8_t", mx.uint16: "uint16_t",
+               mx.uint32: "uint32_t", mx.uint64: "uint64_t"}
 
 
 def cuda_source_of(program, *args, **kwargs):

@@ -1,0 +1,157 @@
+"""tools/gemv_ab.py: its variants' parsing, its source edits against the kernel as it is
+now, the launches it records (CPU), and the CUDA units it builds (nvcc, where present)."""
+
+import importlib.util
+import pathlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("gemv_ab", TOOLS / "gemv_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def recorded(tool):
+    """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
+    variants = ["read", "mlx", "op", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
+                "xpf:r8t128s1b4", "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
+    return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
+
+
+def test_launches_and_variants_parse(tool):
+    assert tool.parse_launch("r8t128s1b4") == {"ROWS": 8, "THREADS": 128, "SPLITK": 1,
+                                               "MINBLOCKS": 4}
+    assert tool.parse_launch("r4t224s0") == {"ROWS": 4, "THREADS": 224, "SPLITK": 0}
+    assert tool.parse_variant("op") == ("op", None)
+    assert tool.parse_variant("xpf:r8t64s1") == ("xpf", {"ROWS": 8, "THREADS": 64,
+                                                         "SPLITK": 1})
+    assert tool.parse_variant("pattern:wsbi") == ("pattern", ("wsbi", tool.parse_launch(
+        tool.DEFAULT_PATTERN_LAUNCH)))
+    assert tool.parse_variant("pattern:w@r2t64s1")[1] == ("w", {"ROWS": 2, "THREADS": 64,
+                                                               "SPLITK": 1})
+
+
+@pytest.mark.parametrize("text,match", [
+    ("r8t128", "rRtTsS"), ("r8t100s1", "'THREADS' must be a multiple of 32"),
+    ("r40t128s0", "'ROWS' must be in"), ("r8t256s1b16", "'MINBLOCKS' must be"),
+    ("pattern:ws", "'pattern:' takes one of"), ("fast:r8t128s1", "unknown variant"),
+    ("sbi:", "rRtTsS"),
+])
+def test_bad_variants_are_named(tool, text, match):
+    with pytest.raises(ValueError, match=match):
+        tool.parse_variant(text)
+
+
+def test_edits_find_their_text_once(tool):
+    """The x-prefetch edits apply to gemv.metal as it is now (a changed kernel fails
+    here, not on the device); an edit whose text is missing or repeated is refused."""
+    from mlx_foundry import sources
+    from mlx_foundry.stages.gemv import GEMV_SOURCE
+
+    text = (sources._PACKAGE_ROOT / GEMV_SOURCE).read_text()
+    edited = tool.apply_edits(text, tool.XPF_EDITS)
+    assert edited.count("nux") == 3 and "constexpr bool XPF" in edited
+    with pytest.raises(RuntimeError, match="finds its text 0 times"):
+        tool.apply_edits(text, [("no such line", "x")])
+    with pytest.raises(RuntimeError, match="finds its text 2 times"):
+        tool.apply_edits("a\na\n", [("a", "b")])
+
+
+def test_dry_run_records_every_variant(recorded):
+    launch = {name: (r[0].name, r[2]) if r else None for name, r in recorded.items()}
+    assert launch["mlx"] is None  # MLX's own op: nothing of ours to record
+    assert launch["read"][0] == "read_probe"
+    name, kw = launch["op"]
+    assert name == "linear_affine_4_64" and kw["ROWS"] == 4 and kw["SPLITK"] == 0
+    name, kw = launch["r8t224s1b2"]
+    assert name == "linear_affine_4_64" and (kw["THREADS"], kw["MINBLOCKS"]) == (224, 2)
+    assert launch["sbi:r8t128s1"][0] == "linear_affine_4_64_sbi"
+    assert launch["sbi:r8t128s1"][1]["w_scales"].shape == (256, 2 * 1024 // 64)
+    assert launch["xpf:r8t128s1b4"][0] == "linear_affine_4_64_xpf"
+    assert launch["xpf:r8t128s1b4"][1]["MINBLOCKS"] == 4
+    kw = launch["pattern:w@r4t256s0"][1]
+    assert (kw["ROWS"], kw["SIMDS"], kw["SB"], kw["SPLIT"]) == (4, 8, 0, False)
+    assert launch["pattern:wsbi"][1]["SB"] == 2
+
+
+def test_variant_sources_hold_their_change(recorded):
+    sbi = recorded["sbi:r8t128s1"]
+    src = sbi[0].source(*sbi[1], **sbi[2])
+    assert "struct PolicyAffineSBI" in src.header and "PolicyAffineSBI<" in src.body
+    xpf = recorded["xpf:r8t128s1b4"]
+    assert "constexpr bool XPF" in xpf[0].source(*xpf[1], **xpf[2]).header
+    op = recorded["op"]
+    header = op[0].source(*op[1], **op[2]).header
+    assert "XPF" not in header and "PolicyAffineSBI" not in header  # the package untouched
+
+
+def _emulated_pattern_sums(w, s, b, rows, simds, split):
+    """The pattern kernel's outputs, one lane at a time, from its text's loop."""
+    n, full = w.shape[0], w.shape[1] // 4
+    w4 = w.reshape(n, full, 4).astype(np.uint64)
+    groups = n // rows // (1 if split else simds)
+    out = np.zeros(groups * simds, np.uint64)
+    for tg in range(groups):
+        for sg in range(simds):
+            row0 = (tg if split else tg * simds + sg) * rows
+            acc = 0
+            for lane in range(32):
+                c = lane + (32 * sg if split else 0)
+                while c < full:
+                    for r in range(rows):
+                        v = w4[row0 + r, c]
+                        acc += int(v[0]) ^ int(v[1]) ^ int(v[2]) ^ int(v[3])
+                        g = (row0 + r) * (full // 2) + c // 2
+                        acc += int(s.flat[g]) * 3 + int(b.flat[g])
+                    c += 32 * (simds if split else 1)
+            out[tg * simds + sg] += acc
+    return out
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
+    """pattern_sum, the check every pattern read passes on the device, adds what the
+    kernel's loop adds (emulated lane by lane here), whatever the split of the rows."""
+    rng = np.random.default_rng(3)
+    n, k = 16, 256  # 8 chunks per row, 4 groups
+    w = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint64).astype(np.uint32)
+    s = rng.integers(0, 2**16, size=(n, k // 64), dtype=np.uint16)
+    b = rng.integers(0, 2**16, size=(n, k // 64), dtype=np.uint16)
+    sbi = np.stack([s, b], axis=-1).reshape(n, -1)
+    sums = _emulated_pattern_sums(w, s, b, rows=2 if split else 1, simds=4, split=split)
+    want = tool.pattern_sum(mx.array(w), mx.array(s), mx.array(b), mx.array(sbi), 1)
+    assert int(sums.sum()) % 2**32 == want
+    # Interleaved: the same scale and bias, read as one little-endian word.
+    words = s.astype(np.uint64) + (b.astype(np.uint64) << 16)
+    wx = tool.pattern_sum(mx.array(w), mx.array(s), mx.array(b), mx.array(sbi), 2)
+    w_only = tool.pattern_sum(mx.array(w), mx.array(s), mx.array(b), mx.array(sbi), 0)
+    assert wx == (w_only + 2 * int(words.sum())) % 2**32
+
+
+@pytest.mark.parametrize("name", ["sbi:r8t128s1", "xpf:r8t128s1b4", "pattern:wsb",
+                                  "pattern:wsbi"])
+def test_variants_compile_for_cuda(recorded, name, tmp_path):
+    """Each variant's CUDA unit, as MLX would build it, compiles for sm_90 (nvcc)."""
+    from nvrtc_like_mlx import nvcc_compile
+
+    prog, args, kw = recorded[name]
+    nvcc_compile(prog, tmp_path / "k.o", "-c", *args, **kw)
+
+
+def test_cuda_signature_names_uint16_as_mlx_does(recorded):
+    """inspection.cuda_source_of writes MLX's CUDA type for every input dtype (the
+    pattern read takes uint16 scales): ``dtype_to_cuda_type`` of MLX 0.32."""
+    from mlx_foundry.inspection import cuda_source_of
+
+    prog, args, kw = recorded["pattern:wsb"]
+    src = cuda_source_of(prog, *args, **kw)
+    assert "const uint32_t* w, const uint16_t* s, const uint16_t* b, uint32_t* out" in src

@@ -1,0 +1,461 @@
+"""The 4-bit decode GEMV against other launches, source variants and plain reads (diagnostics).
+
+Where does the time of a bandwidth-bound GEMV go that a plain read of its bytes does not
+spend? This tool times, in one process, the bench's linear case (4-bit, group 64, fp16,
+one row of ``x``) as the op runs it against variants of it, round by round so that a
+drift of the machine hits every variant alike::
+
+    python tools/gemv_ab.py --shape 14336x4096 --rounds 7 --json ab.json \\
+        --variants read mlx op r8t128s1 r8t64s1 sbi:r8t128s1 xpf:r8t128s1b4 pattern:wsb
+
+Variants:
+
+- ``read``: the bench's plain read of the case's bytes; ``mlx``: ``mx.quantized_matmul``;
+  ``op``: ``ops.linear`` as the bench calls it (its own launch).
+- ``rRtTsS[bB]``: the op's kernel at a launch of its own (``ROWS`` R, ``THREADS`` T,
+  ``SPLITK`` S, ``MINBLOCKS`` B), any the stages take, also those outside the tuner's
+  grid (``THREADS`` 96 or 224).
+- ``sbi:<launch>``: the GEMV reading each group's scale and bias as one 4-byte word of
+  one interleaved array, a layout MLX does not store (the pool holds a repacked copy).
+- ``xpf:<launch>``: the GEMV loading the next chunk of ``x`` together with the next
+  weights (the split-K path with one row of ``x``), where the kernel loads a chunk of
+  ``x`` in the iteration that uses it.
+- ``pattern:w|wsb|wsbi``: a read of the weights, and the scales and biases (separate or
+  interleaved), in the GEMV's access pattern (``pattern:...@rRtTsS``, default the op's
+  split-K launch of 14336 -> 4096, R8 T128 S1), summing words: no dequantization.
+
+The source variants are edits of the package's ``stages/gemv.metal`` and
+``policies/affine.metal``, applied as text to a copy in a source root of their own;
+each edit names the text it replaces and must find it once, so a changed kernel fails
+here rather than timing something else. Every variant is checked before it is timed:
+the GEMVs against ``mx.quantized_matmul``, the pattern reads against NumPy.
+
+``--ncu LABELS`` launches each variant but ``mlx`` once per round between
+``cuProfilerStart``/``cuProfilerStop`` (``ncu --profile-from-start off``, L2 flushed
+by ncu's default) and writes the labels; ``tools/gemv_sweep.py --table CSV LABELS``
+prints the medians. On a machine without CUDA the tool builds every variant, records
+its launch and returns them without running anything (``--dry``, the CPU test).
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+BITS, GROUP = 4, 64
+CALLS = 200  # calls per timing: the bench's (mlx_foundry.bench.CALLS_PER_TIMING)
+
+PATTERN_SOURCE = """
+// Reads what the split-K GEMV reads, in its order, and sums words (no arithmetic on
+// them): SB 0 weights only, 1 weights + scales + biases, 2 weights + interleaved
+// (scale, bias) words. One sum per SIMD-group.
+template <int ROWS, int SIMDS, int FULL, int SB, bool SPLIT>
+METAL_FUNC void gemv_pattern_read(const device uint* w, const device ushort* s,
+                                  const device ushort* b, device uint* out, uint3 tg,
+                                  uint sg, uint lane) {
+  const uint row0 = (SPLIT ? tg.x : tg.x * uint(SIMDS) + sg) * uint(ROWS);
+  const device uint4* w4 = reinterpret_cast<const device uint4*>(w);
+  uint acc = 0u;
+  for (int c = int(lane) + (SPLIT ? 32 * int(sg) : 0); c < FULL;
+       c += 32 * (SPLIT ? SIMDS : 1)) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const uint4 v = w4[(row0 + uint(r)) * uint(FULL) + uint(c)];
+      acc += v.x ^ v.y ^ v.z ^ v.w;
+      const uint g = (row0 + uint(r)) * uint(FULL / 2) + uint(c / 2);
+      if (SB == 1) {
+        acc += uint(s[g]) * 3u + uint(b[g]);
+      } else if (SB == 2) {
+        acc += reinterpret_cast<const device uint*>(s)[g];
+      }
+    }
+  }
+  acc = simd_sum(acc);
+  if (lane == 0u) {
+    out[tg.x * uint(SIMDS) + sg] = acc;
+  }
+}
+"""
+PATTERN_SB = {"w": 0, "wsb": 1, "wsbi": 2}
+
+# sbi: the policy reads (scale, bias) of group g as word g of `scales` (biases unused).
+SBI_POLICY = """
+template <typename S, int BITS, int GS, int K>
+struct PolicyAffineSBI : PolicyAffine<S, BITS, GS, K> {
+  using Base = PolicyAffine<S, BITS, GS, K>;
+  METAL_FUNC typename Base::HalfChunk load_h(uint n, int c) const {
+    typename Base::HalfChunk ch;
+    affine_load_words<BITS>(this->w + n * uint(Base::WORDS_PER_ROW) + uint(c * BITS), ch.wd);
+    const uint g = n * uint(Base::GROUPS_PER_ROW) + uint(c * 32 / GS);
+    const uint v = reinterpret_cast<const device uint*>(this->scales)[g];
+    ch.scale = as_type<S>(ushort(v & 0xFFFFu));
+    ch.bias = as_type<S>(ushort(v >> 16u));
+    return ch;
+  }
+};
+"""
+
+# xpf: (text of gemv.metal, replacement) pairs.
+XPF_EDITS = [
+    ("""  if (STAGED) {
+    // The first weight loads are in flight while the threadgroup stages x.""",
+     """  constexpr bool XPF = !STAGED && MB == 1;
+  uint ux[16];
+  if (XPF) {
+    gemv_load_chunk_words<T>(
+        xr + uint(metal::min(int(lane) + 32 * int(part), FULL - 1) * 32), ux);
+  }
+  if (STAGED) {
+    // The first weight loads are in flight while the threadgroup stages x."""),
+    ("""    uint gw[16];
+    if (GAMMA && !STAGED) {""",
+     """    uint nux[16];
+    if (XPF) {
+      gemv_load_chunk_words<T>(xr + uint(cn * 32), nux);
+    }
+    uint gw[16];
+    if (GAMMA && !STAGED) {"""),
+    ("""        uint u[16];
+        gemv_load_chunk_words<T>(xr + metal::min(uint(j), last) * uint(K) + uint(c * 32), u);""",
+     """        uint u[16];
+        if (XPF) {
+#pragma unroll
+          for (int q = 0; q < 16; ++q) {
+            u[q] = ux[q];
+          }
+        } else {
+          gemv_load_chunk_words<T>(xr + metal::min(uint(j), last) * uint(K) + uint(c * 32), u);
+        }"""),
+    ("""      ch[r] = nx[r];
+      if (DUAL) {
+        ch2[r] = nx2[r];
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < MB; ++j) {
+    ss[j] = ss_lo[j] + ss_hi[j];""",
+     """      ch[r] = nx[r];
+      if (DUAL) {
+        ch2[r] = nx2[r];
+      }
+    }
+    if (XPF) {
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        ux[q] = nux[q];
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < MB; ++j) {
+    ss[j] = ss_lo[j] + ss_hi[j];"""),
+]
+
+LAUNCH = re.compile(r"r(\d+)t(\d+)s([01])(?:b(\d+))?$")
+DEFAULT_PATTERN_LAUNCH = "r8t128s1"
+
+
+def parse_launch(text):
+    """``"r8t128s1b4"`` -> ``{"ROWS": 8, "THREADS": 128, "SPLITK": 1, "MINBLOCKS": 4}``,
+    checked as the GEMV stages check a launch."""
+    from mlx_foundry.stages.gemv import check_launch, check_min_blocks
+
+    m = LAUNCH.match(text)
+    if m is None:
+        raise ValueError(f"[gemv_ab] a launch is written rRtTsS[bB] (e.g. r8t128s1b4) but "
+                         f"got {text!r}.")
+    rows, threads, split = int(m[1]), int(m[2]), int(m[3])
+    check_launch(rows, threads, split)
+    launch = {"ROWS": rows, "THREADS": threads, "SPLITK": split}
+    if m[4] is not None:
+        check_min_blocks(int(m[4]), threads)
+        launch["MINBLOCKS"] = int(m[4])
+    return launch
+
+
+def parse_variant(text):
+    """``(kind, launch or pattern)``: kind is read, mlx, op, launch, sbi, xpf or pattern."""
+    if text in ("read", "mlx", "op"):
+        return text, None
+    kind, _, rest = text.partition(":")
+    if kind == "pattern":
+        what, _, launch = rest.partition("@")
+        if what not in PATTERN_SB:
+            raise ValueError(f"[gemv_ab] 'pattern:' takes one of {', '.join(PATTERN_SB)} but "
+                             f"got {what!r}.")
+        return kind, (what, parse_launch(launch or DEFAULT_PATTERN_LAUNCH))
+    if kind in ("sbi", "xpf"):
+        return kind, parse_launch(rest)
+    if not rest:
+        return "launch", parse_launch(text)
+    raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, a launch "
+                     f"(r8t128s1), sbi:<launch>, xpf:<launch> or pattern:w|wsb|wsbi.")
+
+
+def _source_root(files):
+    """A fresh source root holding ``{relpath: text}``, added to the package's roots."""
+    from mlx_foundry import sources
+
+    root = tempfile.mkdtemp(prefix="gemv_ab_")
+    for rel, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(text)
+    sources.add_source_root(root)
+
+
+def apply_edits(text, edits):
+    """``text`` with every ``(old, new)`` of ``edits`` replaced; each old text must occur
+    exactly once."""
+    for old, new in edits:
+        if text.count(old) != 1:
+            raise RuntimeError(f"[gemv_ab] the edit of {old.splitlines()[0].strip()!r}... "
+                               f"finds its text {text.count(old)} times, not once: the kernel "
+                               f"changed, update the variant.")
+        text = text.replace(old, new)
+    return text
+
+
+def variant_kernel(kind):
+    """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi`` or
+    ``xpf``."""
+    from mlx_foundry import sources
+    from mlx_foundry.args import Output
+    from mlx_foundry.compound import CompoundKernel
+    from mlx_foundry.policies.affine import AFFINE_HEADER, AffinePolicy
+    import mlx_foundry.stages.gemv as G
+
+    read = lambda rel: (sources._PACKAGE_ROOT / rel).read_text()  # noqa: E731
+    policy = AffinePolicy(BITS, GROUP, "w")
+    gemv_source = G.GEMV_SOURCE
+    if kind == "sbi":
+        rel = f"gemv_ab/{kind}/affine_sbi.metal"
+        _source_root({rel: read(AFFINE_HEADER) + SBI_POLICY})
+        policy.header, policy.struct_name = rel, "PolicyAffineSBI"
+    else:
+        gemv_source = f"gemv_ab/{kind}/gemv.metal"
+        _source_root({gemv_source: apply_edits(read(G.GEMV_SOURCE), XPF_EDITS)})
+    saved, G.GEMV_SOURCE = G.GEMV_SOURCE, gemv_source
+    try:
+        main = G.gemv_stage(policy, G.gemv_decls())
+    finally:
+        G.GEMV_SOURCE = saved
+    out = Output("out", shape=lambda b: tuple(b.x.shape[:-1]) + (b.w.shape[0],), dtype="x")
+    return CompoundKernel(f"linear_affine_{BITS}_{GROUP}_{kind}", main=main, outputs=[out],
+                          dispatch=G.gemv_dispatch(lambda b: b.w.shape[0]))
+
+
+def pattern_kernel():
+    import mlx.core as mx
+
+    from mlx_foundry import Kernel
+    from mlx_foundry.args import Constant, Output, Tensor
+    from mlx_foundry.dispatch import DispatchConfig
+
+    def groups(b):  # threadgroups
+        return b.w.shape[0] // b.ROWS // (1 if b.SPLIT else b.SIMDS)
+
+    return Kernel(
+        "gemv_pattern_read", source_text=PATTERN_SOURCE, function="gemv_pattern_read",
+        template=("ROWS", "SIMDS", "FULL", "SB", "SPLIT"),
+        args=[Tensor("w", (mx.uint32,), ndim=2), Tensor("s", (mx.uint16,), ndim=2),
+              Tensor("b", (mx.uint16,), ndim=2),
+              Output("out", shape=lambda b: (groups(b) * b.SIMDS,),
+                     dtype=mx.uint32),
+              Constant("ROWS"), Constant("SIMDS"),
+              Constant("FULL", value=lambda b: b.w.shape[1] // 4),
+              Constant("SB"), Constant("SPLIT", "bool")],
+        attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
+                    "thread_index_in_simdgroup"),
+        dispatch=lambda b: DispatchConfig((groups(b),), (32 * b.SIMDS,)))
+
+
+def pattern_sum(w, s, b, sbi, sb):
+    """What the pattern read returns, summed (mod 2**32), from NumPy: every chunk (four
+    words) XOR-ed, and per chunk its group's scale and bias (two chunks per group)."""
+    import numpy as np
+
+    wn = np.array(w).reshape(w.shape[0], -1, 4)
+    v = int((wn[..., 0] ^ wn[..., 1] ^ wn[..., 2] ^ wn[..., 3]).astype(np.uint64).sum())
+    if sb == 1:
+        v += 2 * int((np.array(s).astype(np.uint64) * 3 + np.array(b)).sum())
+    elif sb == 2:
+        pairs = np.array(sbi).astype(np.uint64)
+        v += 2 * int((pairs[:, 0::2] + (pairs[:, 1::2] << 16)).sum())
+    return v % 2**32
+
+
+def _runs(names, case, pool, n):
+    """``{name: (fn(*set) -> array, check)}`` over the tool's pool sets ``(x, w, scales,
+    biases, interleaved, launch kwargs)``; check: ``"gemv"``, ``("pattern", SB)`` or
+    ``None``."""
+    import mlx.core as mx
+
+    from mlx_foundry.bench.read_probe import probe_words, read_probe
+    from mlx_foundry.kernel import record_launches
+
+    be = "cuda"
+    with record_launches() as launches:
+        case.candidate(be)(*pool[0][:4])
+    (gemv, _, _), = launches
+    op = case.candidate(be)
+    kernels, pattern, runs = {}, None, {}
+    for name in names:
+        kind, spec = parse_variant(name)
+        if kind == "read":
+            # Timed by the bench's plain_read; this one buffer serves --ncu (which flushes
+            # L2 before every launch).
+            buf = mx.zeros((probe_words(case.nbytes),), mx.uint32)
+            runs[name] = (lambda *st, buf=buf: read_probe(buf, backend=be), None)
+        elif kind == "mlx":
+            runs[name] = (lambda x, w, s, b, sbi, kw: case.baseline(x, w, s, b), None)
+        elif kind == "op":
+            runs[name] = (lambda x, w, s, b, sbi, kw: op(x, w, s, b), "gemv")
+        elif kind == "pattern":
+            pattern = pattern or pattern_kernel()
+            what, launch = spec
+            rows = launch["ROWS"] * (1 if launch["SPLITK"] else launch["THREADS"] // 32)
+            if n % rows:
+                raise ValueError(f"[gemv_ab] {name}: N must be a multiple of the {rows} rows "
+                                 f"of one threadgroup.")
+            p = {"ROWS": launch["ROWS"], "SIMDS": launch["THREADS"] // 32,
+                 "SB": PATTERN_SB[what], "SPLIT": bool(launch["SPLITK"])}
+
+            def run(x, w, s, b, sbi, kw, p=p):
+                if p["SB"] == 2:
+                    s = b = sbi
+                return pattern(w, s.view(mx.uint16), b.view(mx.uint16), backend=be, **p)
+            runs[name] = (run, ("pattern", p["SB"]))
+        else:
+            kern = gemv if kind == "launch" else kernels.setdefault(kind, None)
+            if kern is None:
+                kern = kernels[kind] = variant_kernel(kind)
+
+            def run(x, w, s, b, sbi, kw, kern=kern, launch=spec, kind=kind):
+                extra = {"w_scales": sbi} if kind == "sbi" else {}
+                return kern(backend=be, **dict(kw, **extra), **launch)
+            runs[name] = (run, "gemv")
+    return runs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="14336x4096", help="KxN: x has K, the output N")
+    p.add_argument("--variants", nargs="+",
+                   default=["read", "mlx", "op", "pattern:wsb", "sbi:r8t128s1",
+                            "xpf:r8t128s1b4"])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", help="write the rounds and medians here")
+    p.add_argument("--ncu", metavar="LABELS", help="one launch per variant and round, for "
+                   "ncu --profile-from-start off (mlx left out); write the labels here")
+    p.add_argument("--dry", action="store_true",
+                   help="build and record every variant, run nothing (also without CUDA)")
+    args = p.parse_args(argv)
+    import mlx.core as mx
+
+    from mlx_foundry.bench import cases, timing
+    from mlx_foundry.bench.autotune import LAUNCH_CONSTANTS
+    from mlx_foundry.kernel import record_launches
+
+    k, n = (int(v) for v in args.shape.lower().split("x"))
+    for name in args.variants:
+        parse_variant(name)  # every error before any work
+    dry = args.dry or not mx.cuda.is_available()
+    be = "cuda"
+    case = cases._linear_case(k, n, BITS, GROUP, mx.float16)
+
+    def make(i):
+        x, w, s, b = case.make(i)
+        return x, w, s, b, mx.stack([s, b], axis=-1).reshape(s.shape[0], -1)
+
+    pool_bytes = timing.default_pool_bytes("reference" if dry else be)
+    pool = []
+    for st in timing.make_pool(make, case.nbytes, pool_bytes):
+        with record_launches() as launches:
+            case.candidate(be)(*st[:4])
+        (_, _, kw), = launches
+        pool.append(st + ({c: v for c, v in kw.items() if c not in LAUNCH_CONSTANTS},))
+    runs = _runs(args.variants, case, pool, n)
+    print(f"device: {timing.device_name()}, mlx {mx.__version__}, {k} -> {n}, 4-bit, "
+          f"{len(pool)} sets", flush=True)
+    if dry:
+        recorded = {}
+        for name, (fn, _) in runs.items():
+            with record_launches() as launches:
+                fn(*pool[0])
+            recorded[name] = launches[0] if launches else None  # mlx: none of ours
+            if launches:
+                prog, _, kw = launches[0]
+                print(name, prog.name, {c: kw[c] for c in kw if c in LAUNCH_CONSTANTS
+                                        or c in ("SIMDS", "SB", "SPLIT")})
+        return recorded
+    # Each variant checked on one set before anything is timed.
+    ref = case.baseline(*pool[0][:4]).astype(mx.float32)
+    scale = mx.abs(ref).max().item()
+    for name, (fn, check) in runs.items():
+        got = fn(*pool[0])
+        mx.eval(got)
+        if check == "gemv":
+            err = mx.abs(got.astype(mx.float32) - ref).max().item() / scale
+            if not err < 1e-2:
+                raise RuntimeError(f"[gemv_ab] {name}: max |ours - mlx| / max |mlx| = {err}")
+        elif check is not None:
+            x, w, s, b, sbi, _ = pool[0]
+            want = pattern_sum(w, s.view(mx.uint16), b.view(mx.uint16), sbi.view(mx.uint16),
+                               check[1])
+            if int(got.astype(mx.uint64).sum().item()) % 2**32 != want:
+                raise RuntimeError(f"[gemv_ab] {name}: the sums differ from NumPy's")
+    if args.ncu:
+        return _profile(runs, pool, args.rounds, args.ncu)
+    rounds = []
+    for rnd in range(args.rounds):
+        row = {}
+        for name in args.variants:
+            if name == "read":
+                row[name] = timing.plain_read(case.nbytes, backend=be, pool_bytes=pool_bytes,
+                                              calls=CALLS)["us"]
+            else:
+                row[name] = timing.measure(runs[name][0], pool, calls=CALLS).us
+        rounds.append(row)
+        print(f"round {rnd}: " + " ".join(f"{a}={v:.2f}" for a, v in row.items()), flush=True)
+    med = {name: statistics.median(r[name] for r in rounds) for name in args.variants}
+    for name, v in med.items():
+        extra = f"  mlx / this {med['mlx'] / v:5.2f}x" if "mlx" in med else ""
+        extra += f"  this / read {v / med['read']:5.3f}" if "read" in med else ""
+        print(f"median {name:18s} {v:7.2f} us{extra}")
+    res = {"device": timing.device_name(), "mlx": mx.__version__, "shape": f"{k}->{n}",
+           "calls": CALLS, "pool_sets": len(pool), "rounds": rounds, "median_us": med}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def _profile(runs, pool, rounds, labels_path):
+    """Each variant but ``mlx`` once per round, round-robin, between
+    cuProfilerStart/Stop; the labels in the launch order of one round."""
+    import ctypes
+
+    import mlx.core as mx
+
+    names = [name for name in runs if name != "mlx"]
+    with open(labels_path, "w") as f:
+        f.write("\n".join(names))
+    driver = ctypes.CDLL("libcuda.so.1")
+    mx.synchronize()
+    driver.cuProfilerStart()
+    for rnd in range(rounds):
+        for i, name in enumerate(names):
+            mx.eval(runs[name][0](*pool[(rnd + i) % len(pool)]))
+            mx.synchronize()
+    driver.cuProfilerStop()
+    return names
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
