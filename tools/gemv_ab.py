@@ -331,9 +331,9 @@ def _runs(names, case, pool, n):
                 return pattern(w, s.view(mx.uint16), b.view(mx.uint16), backend=be, **p)
             runs[name] = (run, ("pattern", p["SB"]))
         else:
-            kern = gemv if kind == "launch" else kernels.setdefault(kind, None)
-            if kern is None:
-                kern = kernels[kind] = variant_kernel(kind)
+            if kind != "launch" and kind not in kernels:
+                kernels[kind] = variant_kernel(kind)  # one per kind: one source root each
+            kern = gemv if kind == "launch" else kernels[kind]
 
             def run(x, w, s, b, sbi, kw, kern=kern, launch=spec, kind=kind):
                 extra = {"w_scales": sbi} if kind == "sbi" else {}
@@ -361,7 +361,12 @@ def main(argv=None):
     from mlx_foundry.bench.autotune import LAUNCH_CONSTANTS
     from mlx_foundry.kernel import record_launches
 
-    k, n = (int(v) for v in args.shape.lower().split("x"))
+    try:
+        k, n = (int(v) for v in args.shape.lower().split("x"))
+    except ValueError:
+        p.error(f"--shape must be KxN (e.g. 14336x4096) but got {args.shape!r}")
+    if k % GROUP or k < 1 or n < 1:
+        p.error(f"--shape: K must be a positive multiple of the group size {GROUP}")
     for name in args.variants:
         parse_variant(name)  # every error before any work
     dry = args.dry or not mx.cuda.is_available()
