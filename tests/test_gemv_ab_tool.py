@@ -157,7 +157,8 @@ def test_cuda_signature_names_uint16_as_mlx_does(recorded):
     assert "const uint32_t* w, const uint16_t* s, const uint16_t* b, uint32_t* out" in src
 
 
-@pytest.mark.parametrize("shape,match", [("12x", "must be KxN"), ("100x64", "multiple of the group")])
+@pytest.mark.parametrize("shape,match", [("12x", "must be KxN"),
+                                         ("100x64", "multiple of the group")])
 def test_bad_shapes_are_refused(tool, shape, match, capsys):
     with pytest.raises(SystemExit):
         tool.main(["--dry", "--shape", shape, "--variants", "op"])
