@@ -27,7 +27,29 @@ _programs = weakref.WeakSet()
 DEFAULT_ATTRIBUTES = ("threadgroup_position_in_grid", "thread_position_in_threadgroup")
 
 
+_epoch = 0
+
+
+def launch_epoch():
+    """A counter that grows whenever compiled kernels or chosen launches are dropped
+    (:func:`~mlx_foundry.clear_cache`, ``ops.linear.forget_launches``): launches prepared
+    and kept outside a program (the ops' cached calls) are stale once it has moved."""
+    return _epoch
+
+
+def drop_prepared():
+    """Make every launch prepared before now stale (see :func:`launch_epoch`)."""
+    global _epoch
+    _epoch += 1
+
+
+def recording():
+    """Whether :func:`record_launches` is active in this thread."""
+    return _recording.launches is not None
+
+
 def _clear_specializations():
+    drop_prepared()
     for p in list(_programs):
         p._specs.clear()
         p._plans.clear()

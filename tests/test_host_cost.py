@@ -44,9 +44,13 @@ def test_ops_take_the_cuda_launch_path(host_cost):
     assert y.shape == (1, 256) and y.dtype == mx.float16 and not mx.any(y).item()
     q, k, v = calls["qkv"]()
     assert q.shape == (1, 1, 4 * 32) and not mx.any(q).item()
-    before = mf.cache_info().hits
+    before = mf.cache_info()
     assert host_cost.time_calls(calls["linear"], calls=10, repeats=2) > 0
-    assert mf.cache_info().hits >= before + 70  # 50 warm-up calls, then 2 x 10
+    after = mf.cache_info()
+    # 50 warm-up calls, then 2 x 10: the launch prepared by the first call (a Weight's
+    # repeat calls, ops/_calls.py), so no plan lookup, render or compile.
+    assert (after.hits, after.misses, after.compiles) == (before.hits, before.misses,
+                                                         before.compiles)
 
 
 def test_patched_decode_takes_the_prepared_launches(host_cost):

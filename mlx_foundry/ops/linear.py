@@ -12,15 +12,16 @@ import functools
 import mlx.core as mx
 
 from ..args import Output
-from ..backends import select_backend
+from ..backends import BACKENDS, select_backend
 from ..compound import CompoundKernel
+from ..kernel import drop_prepared, recording
 from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
 from ..stages.gemv import (DEFAULT_MBLOCK, DEFAULT_ROWS, DEFAULT_SPLITK, DEFAULT_THREADS,
                            DEFAULT_UNROLL, check_launch, gemv_decls, gemv_dispatch,
                            gemv_dual_stage, gemv_stage, qkv_rope_stage)
-from . import _rope
+from . import _calls, _rope
 from ._checks import check_eps, check_float_array, in_dtype_of
 from .weights import Weight, policy_for
 
@@ -106,8 +107,10 @@ def _launch(kern, w, x, backend, *, n=None, head_dim=None, dual=False):
 
 
 def forget_launches():
-    """Drop the launch constants resolved so far (a tuning run stored new ones)."""
+    """Drop the launch constants resolved so far (a tuning run stored new ones), and the
+    launches the ops prepared with them."""
     _TUNED.clear()
+    drop_prepared()
 
 
 SPLIT_MIN_K = 2048
@@ -442,6 +445,14 @@ def linear(x, weight, scales=None, biases=None, *, group_size=None, bits=None, b
         (1, 256)
     """
     who = "linear"
+    # A repeat call with a Weight takes the launch its first call prepared (_calls).
+    key = None
+    if (weight.__class__ is Weight and scales is None and biases is None and bias is None
+            and group_size is None and bits is None):
+        key = _repeat_key(x, weight, activation, residual, backend, who)
+        step = None if key is None else _calls.lookup(weight, key)
+        if step is not None:
+            return step(x) if residual is None else step(x, residual)
     if isinstance(weight, Weight):
         if scales is not None or biases is not None or bias is not None:
             raise ValueError(f"[{who}] Pass 'scales', 'biases' and 'bias' inside the Weight, "
@@ -476,7 +487,35 @@ def linear(x, weight, scales=None, biases=None, *, group_size=None, bits=None, b
         args["bias"] = w.bias
     if residual is not None:
         args["residual"] = residual
-    return kern(backend=be, **args, **_launch(kern, w, x, be))
+    launch = _launch(kern, w, x, be)
+    if key is not None:
+        step = kern.prepare(backend=be, vary=("x",) if residual is None else ("x", "residual"),
+                            **args, **launch)
+        _calls.store(weight, key, step)
+        return step(x) if residual is None else step(x, residual)
+    return kern(backend=be, **args, **launch)
+
+
+def _repeat_key(x, w, activation, residual, backend, who):
+    """What a call of ``linear`` with the Weight ``w`` launches, as a key of the launches
+    kept on ``w`` (``ops/_calls.py``): the backend, ``x``'s and ``residual``'s shapes and
+    dtypes, the activation, the weight's format and :data:`PREFILL_ROWS`. ``None`` when
+    the call is not one to keep: the reference backend, arguments the full checks must
+    see first (not arrays, an unknown backend), or launches being recorded."""
+    if (x.__class__ is not mx.array
+            or (residual is not None and residual.__class__ is not mx.array)
+            or not (activation is None or activation.__class__ is str)
+            or (backend is not None and backend not in BACKENDS) or recording()):
+        return None
+    try:
+        be = select_backend(backend, who)  # the environment or the default device may change
+    except ValueError:
+        return None  # a bad MLX_FOUNDRY_BACKEND: the full path raises it in its order
+    if be == "reference":
+        return None
+    return (be, x.shape, x.dtype, activation,
+            None if residual is None else (residual.shape, residual.dtype),
+            w.group_size, w.bits, PREFILL_ROWS)
 
 
 def norm_linear(x, norm_weight, eps, weight, *, activation=None, residual=None, backend=None):
