@@ -75,6 +75,16 @@ class PreparedLaunch:
                             for n in vary)
         return self
 
+    def passes_as_given(self, *arrays):
+        """Whether each of ``arrays`` (``None`` skipped) is a fixed input this launch
+        passes to the kernel as it is, not a converted copy (a tiny array is padded into
+        one when the launch is prepared). A kept launch is valid only as long as such
+        arrays are (see ``ops/_calls.py``). ``False`` on the reference backend."""
+        inputs = self._inputs
+        if inputs is None:
+            return False
+        return all(any(a is v for v in inputs) for a in arrays if a is not None)
+
     def _bad_input(self, name, v, shape, dtype):
         """Raise the error for a varying input that does not match the prepared one."""
         who = self.program.who

@@ -122,7 +122,7 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
     """pattern_sum, the check every pattern read passes on the device, adds what the
     kernel's loop adds (emulated lane by lane here), whatever the split of the rows."""
     rng = np.random.default_rng(3)
-    n, k = 16, 256  # 8 chunks per row, 4 groups
+    n, k = 4, 4352  # 136 chunks per row: every lane of every SIMD-group, some twice
     w = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint64).astype(np.uint32)
     s = rng.integers(0, 2**16, size=(n, k // 64), dtype=np.uint16)
     b = rng.integers(0, 2**16, size=(n, k // 64), dtype=np.uint16)
@@ -157,9 +157,10 @@ def test_cuda_signature_names_uint16_as_mlx_does(recorded):
     assert "const uint32_t* w, const uint16_t* s, const uint16_t* b, uint32_t* out" in src
 
 
-@pytest.mark.parametrize("shape,match", [("12x", "must be KxN"),
-                                         ("100x64", "multiple of the group")])
-def test_bad_shapes_are_refused(tool, shape, match, capsys):
+@pytest.mark.parametrize("args,match", [
+    (["--shape", "12x"], "must be KxN"), (["--shape", "100x64"], "multiple of the group"),
+    (["--shape", "64x0"], "N must be positive"), (["--rounds", "0"], "--rounds must be")])
+def test_bad_arguments_are_refused(tool, args, match, capsys):
     with pytest.raises(SystemExit):
-        tool.main(["--dry", "--shape", shape, "--variants", "op"])
+        tool.main(["--dry", *args, "--variants", "op"])
     assert match in capsys.readouterr().err

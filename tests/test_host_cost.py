@@ -37,20 +37,34 @@ def host_cost(monkeypatch):
     cuda.installed_prelude_include.cache_clear()  # it was resolved with INSTALL_PRELUDE off
 
 
-def test_ops_take_the_cuda_launch_path(host_cost):
+def test_ops_take_the_cuda_launch_path(host_cost, monkeypatch):
+    launched = []
+    stand_in = mx.fast.cuda_kernel
+
+    def counting(**kw):  # every kernel object built from here on counts its calls
+        call = stand_in(**kw)
+
+        def counted(**a):
+            launched.append(kw["name"])
+            return call(**a)
+        return counted
+    monkeypatch.setattr(mx.fast, "cuda_kernel", counting)
     calls = host_cost.op_calls(hidden=128, inter=256, head_dim=32)
     y = calls["linear"]()
     # The stand-in's zeros, not the reference's products: the CUDA path ran.
     assert y.shape == (1, 256) and y.dtype == mx.float16 and not mx.any(y).item()
     q, k, v = calls["qkv"]()
     assert q.shape == (1, 1, 4 * 32) and not mx.any(q).item()
-    before = mf.cache_info()
+    ops_before, before = len(launched), mf.cache_info()
     assert host_cost.time_calls(calls["linear"], calls=10, repeats=2) > 0
     after = mf.cache_info()
-    # 50 warm-up calls, then 2 x 10: the launch prepared by the first call (a Weight's
-    # repeat calls, ops/_calls.py), so no plan lookup, render or compile.
-    assert (after.hits, after.misses, after.compiles) == (before.hits, before.misses,
-                                                         before.compiles)
+    # 50 warm-up calls, then 2 x 10, each a launch of the stand-in kernel. From the
+    # second call on, the launch kept for the Weight (ops/_calls.py): after it, no plan
+    # lookup, render or compile.
+    assert len(launched) - ops_before == 70
+    assert set(launched[ops_before:]) == {launched[0]}
+    assert (after.misses, after.compiles) == (before.misses, before.compiles)
+    assert after.hits <= before.hits + 1  # the second call's prepare
 
 
 def test_patched_decode_takes_the_prepared_launches(host_cost):

@@ -25,8 +25,13 @@ def _weight(n=48, k=128, bits=4, group_size=32, seed=0, bias=False):
                       group_size=group_size, bits=bits)
 
 
-def _entries(w):
-    return len(w.__dict__.get("_calls", {}))
+def _kept(w):
+    """{key: what}: the launches (or states) kept for ``w``."""
+    return {k: v[1] for k, v in calls._kept.get(w, {}).items()}
+
+
+def _prepared(w):
+    return [v for v in _kept(w).values() if v not in (calls.SEEN, calls.NEVER)]
 
 
 def _hits():
@@ -34,18 +39,38 @@ def _hits():
 
 
 def test_repeat_call_takes_the_prepared_launch(monkeypatch):
+    """The first call only marks its key, the second prepares, the later ones run the
+    prepared launch without a plan lookup."""
     record = fake_gpu(monkeypatch)
     w = _weight(seed=1)
     x = ck.seeded((1, 128), mx.float32, seed=2)
     y0 = ops.linear(x, w, backend="cuda")
-    assert _entries(w) == 1
+    assert list(_kept(w).values()) == [calls.SEEN]
+    y1 = ops.linear(x, w, backend="cuda")
+    assert len(_prepared(w)) == 1
     hits = _hits()
     for seed in (3, 4):
         xs = ck.seeded((1, 128), mx.float32, seed=seed)
         assert_close(ops.linear(xs, w, backend="cuda"), ops.linear(xs, w, backend="reference"))
     assert _hits() == hits  # no plan lookup: the prepared launch ran
-    assert record.calls["linear_affine_4_32"] == 3
+    assert record.calls["linear_affine_4_32"] == 4
     assert_close(y0, ops.linear(x, w, backend="reference"))
+    assert mx.array_equal(y0, y1).item()
+
+
+def _repeat(monkeypatch, w, make, calls_=4, **kw):
+    """Call linear ``calls_`` times with ``make(i) -> (x, residual)``; from the third call
+    on no plan lookup may happen. Returns [(got, want)]."""
+    out = []
+    for i in range(calls_):
+        x, r = make(i)
+        if i == 2:
+            hits = _hits()
+        got = ops.linear(x, w, residual=r, backend="cuda", **kw)
+        if i >= 2:
+            assert _hits() == hits, f"call {i} looked its plan up"
+        out.append((got, ops.linear(x, w, residual=r, backend="reference", **kw)))
+    return out
 
 
 @pytest.mark.parametrize("opts", [{"activation": "silu"}, {"residual": True}, {"bias": True}])
@@ -53,15 +78,15 @@ def test_repeat_call_with_options(monkeypatch, opts):
     """Activation, residual (a varying input) and bias (a fixed one) on the repeat path."""
     fake_gpu(monkeypatch)
     w = _weight(seed=5, bias=opts.get("bias", False))
-    act = opts.get("activation")
-    for seed in (6, 7, 8):
-        x = ck.seeded((1, 128), mx.float16, seed=seed)
-        r = ck.seeded((1, 48), mx.float16, seed=seed + 10) if opts.get("residual") else None
-        got = ops.linear(x, w, activation=act, residual=r, backend="cuda")
-        want = ops.linear(x, w, activation=act, residual=r, backend="reference")
+
+    def make(i):
+        x = ck.seeded((1, 128), mx.float16, seed=6 + i)
+        r = ck.seeded((1, 48), mx.float16, seed=16 + i) if opts.get("residual") else None
+        return x, r
+    for got, want in _repeat(monkeypatch, w, make, activation=opts.get("activation")):
         assert got.shape == want.shape == (1, 48) and got.dtype == mx.float16
         assert_close(got, want)
-    assert _entries(w) == 1
+    assert len(_prepared(w)) == 1
 
 
 def test_new_shapes_dtypes_and_options_prepare_their_own(monkeypatch):
@@ -71,30 +96,69 @@ def test_new_shapes_dtypes_and_options_prepare_their_own(monkeypatch):
              ((2, 128), mx.float16, None), ((1, 1, 128), mx.float16, None),
              ((1, 128), mx.float16, "relu")]
     for i, (shape, dtype, act) in enumerate(cases):
-        x = ck.seeded(shape, dtype, seed=20 + i)
-        got = ops.linear(x, w, activation=act, backend="cuda")
-        assert got.shape == shape[:-1] + (48,) and got.dtype == dtype
-        assert_close(got, ops.linear(x, w, activation=act, backend="reference"))
-    assert _entries(w) == len(cases)
+        make = lambda j: (ck.seeded(shape, dtype, seed=20 + 10 * i + j), None)  # noqa: E731
+        for got, want in _repeat(monkeypatch, w, make, calls_=3, activation=act):
+            assert got.shape == shape[:-1] + (48,) and got.dtype == dtype
+            assert_close(got, want)
+    assert len(_prepared(w)) == len(cases)
+
+
+def test_a_weight_made_for_one_call_prepares_nothing(monkeypatch):
+    """linear(x, Weight(w, s, b)) once: the key is marked, nothing is prepared."""
+    fake_gpu(monkeypatch)
+    w = _weight(seed=27)
+    ops.linear(ck.seeded((1, 128), mx.float16, seed=28), w, backend="cuda")
+    assert _prepared(w) == [] and list(_kept(w).values()) == [calls.SEEN]
+
+
+def test_a_weight_stays_a_plain_object(monkeypatch):
+    """Copying and pickling a Weight work after its calls (nothing is kept on it)."""
+    import copy
+    import pickle
+
+    fake_gpu(monkeypatch)
+    w = _weight(seed=29, bias=True)
+    x = ck.seeded((1, 128), mx.float32, seed=30)
+    for _ in range(3):
+        ops.linear(x, w, backend="cuda")
+    assert len(_prepared(w)) == 1 and "_calls" not in w.__dict__
+    c = copy.deepcopy(w)
+    assert mx.array_equal(c.weight, w.weight).item() and c.bias is not w.bias
+    assert_close(ops.linear(x, c, backend="cuda"), ops.linear(x, w, backend="reference"))
+    p = pickle.loads(pickle.dumps(w))
+    assert mx.array_equal(p.scales, w.scales).item()
 
 
 def test_a_replaced_array_is_never_served_stale(monkeypatch):
-    """A Weight whose arrays are replaced gets a launch of its new arrays."""
+    """A Weight whose arrays are replaced gets a launch of its new arrays, and what its
+    old arrays were kept for goes (the kept entries hold them no more)."""
     fake_gpu(monkeypatch)
     w = _weight(seed=11)
     x = ck.seeded((1, 128), mx.float32, seed=12)
-    ops.linear(x, w, backend="cuda")
+    for rows in (1, 2):  # two kept launches
+        for _ in range(2):
+            ops.linear(mx.zeros((rows, 128)), w, backend="cuda")
+    assert len(_prepared(w)) == 2
+    old = w.weight
     other = _weight(seed=13)
     w.weight, w.scales, w.biases = other.weight, other.scales, other.biases
-    assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, other, backend="reference"))
-    w.bias = mx.ones((48,))
-    assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
+    for _ in range(3):
+        assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, other, backend="reference"))
+    held = [a for arrays, what in calls._kept[w].values() for a in arrays]
+    held += [v for _, what in calls._kept[w].values() if what not in (calls.SEEN, calls.NEVER)
+             for v in what._inputs]
+    assert len(_prepared(w)) == 1 and not any(a is old for a in held)
+    for bias in (mx.ones((48,)), None):  # a bias added, then removed
+        w.bias = bias
+        for _ in range(3):
+            assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
 
 
 def test_format_change_on_the_weight_is_checked_again(monkeypatch):
     fake_gpu(monkeypatch)
     w = _weight(seed=14)
     x = ck.seeded((1, 128), mx.float32, seed=15)
+    ops.linear(x, w, backend="cuda")
     ops.linear(x, w, backend="cuda")
     w.group_size = 100  # not a group size: the repeat path must not skip the checks
     with pytest.raises(ValueError, match="'group_size' must be one of"):
@@ -126,14 +190,50 @@ def test_cleared_caches_and_new_launches_prepare_again(monkeypatch):
     w = _weight(seed=18)
     x = ck.seeded((1, 128), mx.float32, seed=19)
     ops.linear(x, w, backend="cuda")
-    (_, first), = [(k, v[2]) for k, v in w._calls.items()]
+    ops.linear(x, w, backend="cuda")
+    key = next(iter(_kept(w)))
     for drop in (mf.clear_cache, lin.forget_launches):
-        before = calls.lookup(w, next(iter(w._calls)))
-        assert before is not None
+        assert calls.lookup(w, key) not in (None, calls.SEEN, calls.NEVER)
         drop()
-        assert calls.lookup(w, next(iter(w._calls))) is None
-        assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
-        assert calls.lookup(w, next(iter(w._calls))) is not None
+        assert calls.lookup(w, key) is None and _kept(w) == {}
+        for _ in range(2):
+            assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
+        assert len(_prepared(w)) == 1
+
+
+def test_a_launch_dropped_during_the_call_is_not_kept(monkeypatch):
+    """A tuning (forget_launches) that lands while a call resolves its launch: what the
+    call prepared is not kept, so the next call prepares the new launch."""
+    fake_gpu(monkeypatch)
+    w = _weight(seed=32)
+    x = ck.seeded((1, 128), mx.float32, seed=33)
+    ops.linear(x, w, backend="cuda")  # marks the key
+    real = lin._launch
+
+    def racing(*a, **kw):
+        out = real(*a, **kw)
+        lin.forget_launches()  # another thread's tuning, mid-call
+        return out
+    monkeypatch.setattr(lin, "_launch", racing)
+    assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
+    assert _prepared(w) == []
+    monkeypatch.setattr(lin, "_launch", real)
+    for _ in range(2):
+        ops.linear(x, w, backend="cuda")
+    assert len(_prepared(w)) == 1
+
+
+def test_a_padded_fixed_input_is_never_kept(monkeypatch):
+    """A bias of under 8 elements is padded into a copy when a launch is prepared, which
+    would miss an in-place update of the bias: such calls take the full path."""
+    fake_gpu(monkeypatch)
+    w = _weight(n=4, seed=34, bias=True)
+    x = ck.seeded((1, 128), mx.float32, seed=35)
+    for _ in range(3):
+        ops.linear(x, w, backend="cuda")
+    assert _prepared(w) == [] and list(_kept(w).values()) == [calls.NEVER]
+    w.bias[0] = 100.0  # in place: the same array object
+    assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
 
 
 def test_recorded_and_reference_calls_are_not_kept(monkeypatch):
@@ -141,7 +241,8 @@ def test_recorded_and_reference_calls_are_not_kept(monkeypatch):
     w = _weight(seed=21)
     x = ck.seeded((1, 128), mx.float32, seed=22)
     ops.linear(x, w, backend="reference")
-    assert _entries(w) == 0
+    assert _kept(w) == {}
+    ops.linear(x, w, backend="cuda")
     ops.linear(x, w, backend="cuda")
     with record_launches() as launches:
         ops.linear(x, w, backend="cuda")  # kept, but a recording must see the launch
@@ -155,11 +256,18 @@ def test_prefill_threshold_is_read_on_every_call(monkeypatch):
     w = _weight(seed=23)
     x = ck.seeded((4, 128), mx.float32, seed=24)
     monkeypatch.setattr(lin, "PREFILL_ROWS", 8)
-    ops.linear(x, w, backend="cuda")
+    for _ in range(3):
+        ops.linear(x, w, backend="cuda")
+    assert len(_prepared(w)) == 1
     n = record.calls["linear_affine_4_32"]
     monkeypatch.setattr(lin, "PREFILL_ROWS", 2)
     got = ops.linear(x, w, backend="cuda")
     assert record.calls["linear_affine_4_32"] == n  # MLX's op, not the kernel
+    assert mx.array_equal(got, w.matmul(x)).item()
+    monkeypatch.setattr(lin, "PREFILL_ROWS", 8)
+    monkeypatch.setattr(lin, "MAX_FUSED_ROWS", 2)  # also read on every call
+    got = ops.linear(x, w, backend="cuda")
+    assert record.calls["linear_affine_4_32"] == n
     assert mx.array_equal(got, w.matmul(x)).item()
 
 
@@ -169,7 +277,7 @@ def test_entries_per_weight_are_bounded(monkeypatch):
     for rows in range(1, lin.PREFILL_ROWS + 1):
         for dtype in (mx.float16, mx.float32, mx.bfloat16):
             ops.linear(mx.zeros((rows, 128), dtype), w, backend="cuda")
-            assert 1 <= _entries(w) <= calls.MAX_ENTRIES
+            assert 1 <= len(_kept(w)) <= calls.MAX_ENTRIES
 
 
 @pytest.mark.gpu
@@ -197,7 +305,7 @@ def test_repeat_calls_on_the_gpu(gpu_backend, dtype, rows, k, n):
             want = ops.linear(x, weight, residual=r, backend="reference")
             mx.eval(want)
         outs.append((got, full, want))
-    assert _entries(weight) == 1
+    assert len(_prepared(weight)) == 1
     for got, full, want in outs:
         assert mx.array_equal(got, full).item()
         assert_close(got, want, dtype, k=k)

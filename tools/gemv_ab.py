@@ -365,11 +365,18 @@ def main(argv=None):
         k, n = (int(v) for v in args.shape.lower().split("x"))
     except ValueError:
         p.error(f"--shape must be KxN (e.g. 14336x4096) but got {args.shape!r}")
-    if k % GROUP or k < 1 or n < 1:
+    if k % GROUP or k < 1:
         p.error(f"--shape: K must be a positive multiple of the group size {GROUP}")
+    if n < 1:
+        p.error("--shape: N must be positive")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1 but got {args.rounds}")
     for name in args.variants:
         parse_variant(name)  # every error before any work
     dry = args.dry or not mx.cuda.is_available()
+    if dry and not args.dry:
+        print("gemv_ab: no CUDA here: a dry run (every variant built and recorded, nothing "
+              "timed)", file=sys.stderr)
     be = "cuda"
     case = cases._linear_case(k, n, BITS, GROUP, mx.float16)
 

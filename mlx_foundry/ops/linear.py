@@ -14,7 +14,7 @@ import mlx.core as mx
 from ..args import Output
 from ..backends import BACKENDS, select_backend
 from ..compound import CompoundKernel
-from ..kernel import drop_prepared, recording
+from ..kernel import drop_prepared, launch_epoch, recording
 from ..stages.activations import ACTIVATIONS
 from ..stages.epilogues import (activation_epilogue, bias_epilogue, residual_epilogue,
                                 scale_epilogue, swiglu_epilogue)
@@ -445,14 +445,17 @@ def linear(x, weight, scales=None, biases=None, *, group_size=None, bits=None, b
         (1, 256)
     """
     who = "linear"
-    # A repeat call with a Weight takes the launch its first call prepared (_calls).
-    key = None
+    # A repeat call with a Weight takes the launch kept for it (ops/_calls.py).
+    key = kept = None
     if (weight.__class__ is Weight and scales is None and biases is None and bias is None
             and group_size is None and bits is None):
         key = _repeat_key(x, weight, activation, residual, backend, who)
-        step = None if key is None else _calls.lookup(weight, key)
-        if step is not None:
-            return step(x) if residual is None else step(x, residual)
+        if key is not None:
+            kept = _calls.lookup(weight, key)
+            if kept is not None and kept is not _calls.SEEN and kept is not _calls.NEVER:
+                return kept(x) if residual is None else kept(x, residual)
+            # What this call's launch is made from, taken before anything is resolved.
+            arrays, epoch = _calls.arrays_of(weight), launch_epoch()
     if isinstance(weight, Weight):
         if scales is not None or biases is not None or bias is not None:
             raise ValueError(f"[{who}] Pass 'scales', 'biases' and 'bias' inside the Weight, "
@@ -488,10 +491,12 @@ def linear(x, weight, scales=None, biases=None, *, group_size=None, bits=None, b
     if residual is not None:
         args["residual"] = residual
     launch = _launch(kern, w, x, be)
-    if key is not None:
+    if key is not None and kept is None:
+        _calls.keep(weight, key, arrays, epoch, _calls.SEEN)  # prepared if called again
+    elif kept is _calls.SEEN:
         step = kern.prepare(backend=be, vary=("x",) if residual is None else ("x", "residual"),
                             **args, **launch)
-        _calls.store(weight, key, step)
+        _calls.keep(weight, key, arrays, epoch, step)
         return step(x) if residual is None else step(x, residual)
     return kern(backend=be, **args, **launch)
 
@@ -499,9 +504,10 @@ def linear(x, weight, scales=None, biases=None, *, group_size=None, bits=None, b
 def _repeat_key(x, w, activation, residual, backend, who):
     """What a call of ``linear`` with the Weight ``w`` launches, as a key of the launches
     kept on ``w`` (``ops/_calls.py``): the backend, ``x``'s and ``residual``'s shapes and
-    dtypes, the activation, the weight's format and :data:`PREFILL_ROWS`. ``None`` when
-    the call is not one to keep: the reference backend, arguments the full checks must
-    see first (not arrays, an unknown backend), or launches being recorded."""
+    dtypes, the activation, the weight's format, :data:`PREFILL_ROWS` and
+    :data:`MAX_FUSED_ROWS`. ``None`` when the call is not one to keep: the reference
+    backend, arguments the full checks must see first (not arrays, an unknown backend),
+    or launches being recorded."""
     if (x.__class__ is not mx.array
             or (residual is not None and residual.__class__ is not mx.array)
             or not (activation is None or activation.__class__ is str)
@@ -515,7 +521,7 @@ def _repeat_key(x, w, activation, residual, backend, who):
         return None
     return (be, x.shape, x.dtype, activation,
             None if residual is None else (residual.shape, residual.dtype),
-            w.group_size, w.bits, PREFILL_ROWS)
+            w.group_size, w.bits, PREFILL_ROWS, MAX_FUSED_ROWS)
 
 
 def norm_linear(x, norm_weight, eps, weight, *, activation=None, residual=None, backend=None):
