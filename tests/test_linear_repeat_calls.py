@@ -38,6 +38,17 @@ def _hits():
     return mf.cache_info().hits
 
 
+def _called(monkeypatch, seed, times=2, **weight_kw):
+    """A stand-in GPU, a weight (``_weight(seed=seed, **weight_kw)``) and a row of ``x``,
+    after ``times`` calls of linear (two: the launch is kept)."""
+    fake_gpu(monkeypatch)
+    w = _weight(seed=seed, **weight_kw)
+    x = ck.seeded((1, 128), mx.float32, seed=seed + 1)
+    for _ in range(times):
+        ops.linear(x, w, backend="cuda")
+    return w, x
+
+
 def test_repeat_call_takes_the_prepared_launch(monkeypatch):
     """The first call only marks its key, the second prepares, the later ones run the
     prepared launch without a plan lookup."""
@@ -116,11 +127,7 @@ def test_a_weight_stays_a_plain_object(monkeypatch):
     import copy
     import pickle
 
-    fake_gpu(monkeypatch)
-    w = _weight(seed=29, bias=True)
-    x = ck.seeded((1, 128), mx.float32, seed=30)
-    for _ in range(3):
-        ops.linear(x, w, backend="cuda")
+    w, x = _called(monkeypatch, 29, times=3, bias=True)
     assert len(_prepared(w)) == 1 and "_calls" not in w.__dict__
     c = copy.deepcopy(w)
     assert mx.array_equal(c.weight, w.weight).item() and c.bias is not w.bias
@@ -155,11 +162,7 @@ def test_a_replaced_array_is_never_served_stale(monkeypatch):
 
 
 def test_format_change_on_the_weight_is_checked_again(monkeypatch):
-    fake_gpu(monkeypatch)
-    w = _weight(seed=14)
-    x = ck.seeded((1, 128), mx.float32, seed=15)
-    ops.linear(x, w, backend="cuda")
-    ops.linear(x, w, backend="cuda")
+    w, x = _called(monkeypatch, 14)
     w.group_size = 100  # not a group size: the repeat path must not skip the checks
     with pytest.raises(ValueError, match="'group_size' must be one of"):
         ops.linear(x, w, backend="cuda")
@@ -186,11 +189,7 @@ def test_bad_inputs_after_a_prepared_call_are_named(monkeypatch):
 def test_cleared_caches_and_new_launches_prepare_again(monkeypatch):
     """clear_cache() (an edited source) and forget_launches() (a new tuning) make the
     kept launches stale."""
-    fake_gpu(monkeypatch)
-    w = _weight(seed=18)
-    x = ck.seeded((1, 128), mx.float32, seed=19)
-    ops.linear(x, w, backend="cuda")
-    ops.linear(x, w, backend="cuda")
+    w, x = _called(monkeypatch, 18)
     key = next(iter(_kept(w)))
     for drop in (mf.clear_cache, lin.forget_launches):
         assert calls.lookup(w, key) not in (None, calls.SEEN, calls.NEVER)
@@ -226,11 +225,7 @@ def test_a_launch_dropped_during_the_call_is_not_kept(monkeypatch):
 def test_a_padded_fixed_input_is_never_kept(monkeypatch):
     """A bias of under 8 elements is padded into a copy when a launch is prepared, which
     would miss an in-place update of the bias: such calls take the full path."""
-    fake_gpu(monkeypatch)
-    w = _weight(n=4, seed=34, bias=True)
-    x = ck.seeded((1, 128), mx.float32, seed=35)
-    for _ in range(3):
-        ops.linear(x, w, backend="cuda")
+    w, x = _called(monkeypatch, 34, times=3, n=4, bias=True)
     assert _prepared(w) == [] and list(_kept(w).values()) == [calls.NEVER]
     w.bias[0] = 100.0  # in place: the same array object
     assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
