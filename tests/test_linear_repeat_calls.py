@@ -1,6 +1,6 @@
-"""ops.linear's repeat calls with a Weight (ops/_calls.py): the launch prepared by the first
-call is taken again only while it is the launch the full path would make, through a
-stand-in GPU backend (tests/fake_gpu.py) that runs the reference on the exact inputs."""
+"""ops.linear's repeat calls with a Weight (ops/_calls.py): the launch prepared by the
+second call is taken again only while it is the launch the full path would make, through
+a stand-in GPU backend (tests/fake_gpu.py) that runs the reference on the exact inputs."""
 
 import importlib
 
@@ -27,7 +27,7 @@ def _weight(n=48, k=128, bits=4, group_size=32, seed=0, bias=False):
 
 def _kept(w):
     """{key: what}: the launches (or states) kept for ``w``."""
-    return {k: v[1] for k, v in calls._kept.get(w, {}).items()}
+    return {k: v[3] for k, v in calls._kept.get(w, {}).items()}  # (epoch, arrays, metas, what)
 
 
 def _prepared(w):
@@ -149,12 +149,16 @@ def test_a_replaced_array_is_never_served_stale(monkeypatch):
     old = w.weight
     other = _weight(seed=13)
     w.weight, w.scales, w.biases = other.weight, other.scales, other.biases
+
+    def held():
+        arrays = [a for e in calls._kept[w].values() for a in e[1]]
+        return arrays + [v for what in _prepared(w) for v in what._inputs]
+    for _ in range(2):  # first a shape not called before: a new key, the old ones unread
+        ops.linear(mx.zeros((3, 128)), w, backend="cuda")
+    assert len(_prepared(w)) == 1 and not any(a is old for a in held())
     for _ in range(3):
         assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, other, backend="reference"))
-    held = [a for arrays, what in calls._kept[w].values() for a in arrays]
-    held += [v for _, what in calls._kept[w].values() if what not in (calls.SEEN, calls.NEVER)
-             for v in what._inputs]
-    assert len(_prepared(w)) == 1 and not any(a is old for a in held)
+    assert len(_prepared(w)) == 2 and not any(a is old for a in held())
     for bias in (mx.ones((48,)), None):  # a bias added, then removed
         w.bias = bias
         for _ in range(3):
@@ -169,9 +173,8 @@ def test_format_change_on_the_weight_is_checked_again(monkeypatch):
 
 
 def test_bad_inputs_after_a_prepared_call_are_named(monkeypatch):
-    fake_gpu(monkeypatch)
-    w = _weight(seed=16)
-    ops.linear(ck.seeded((1, 128), mx.float32, seed=17), w, backend="cuda")
+    w, _ = _called(monkeypatch, 16)
+    assert len(_prepared(w)) == 1
     with pytest.raises(ValueError, match="The last dimension of 'x' must equal"):
         ops.linear(mx.zeros((1, 64)), w, backend="cuda")
     with pytest.raises(ValueError, match="'x' must have a floating dtype"):
@@ -222,6 +225,20 @@ def test_a_launch_dropped_during_the_call_is_not_kept(monkeypatch):
     assert len(_prepared(w)) == 1
 
 
+def test_an_entry_of_an_older_epoch_is_never_taken(monkeypatch):
+    """Another thread's tuning and lookup landing between keep()'s epoch check and its
+    write leave an entry of the old epoch in a table already cleared for the new one:
+    lookup checks every entry's epoch."""
+    w, x = _called(monkeypatch, 46)
+    key = next(iter(_kept(w)))
+    entry = calls._kept[w][key]
+    assert calls.lookup(w, key) is entry[3]
+    lin.forget_launches()
+    assert calls.lookup(w, key) is None  # clears the table for the new epoch
+    calls._kept[w] = {key: entry}  # the late write of the old epoch's launch
+    assert calls.lookup(w, key) is None
+
+
 def test_a_padded_fixed_input_is_never_kept(monkeypatch):
     """A bias of under 8 elements is padded into a copy when a launch is prepared, which
     would miss an in-place update of the bias: such calls take the full path."""
@@ -267,32 +284,126 @@ def test_prefill_threshold_is_read_on_every_call(monkeypatch):
 
 
 def test_entries_per_weight_are_bounded(monkeypatch):
+    """Past MAX_ENTRIES the oldest entry goes; keys within the bound all stay kept."""
     fake_gpu(monkeypatch)
+    monkeypatch.setattr(calls, "MAX_ENTRIES", 3)
     w = _weight(seed=25)
-    for rows in range(1, lin.PREFILL_ROWS + 1):
-        for dtype in (mx.float16, mx.float32, mx.bfloat16):
-            ops.linear(mx.zeros((rows, 128), dtype), w, backend="cuda")
-            assert 1 <= len(_kept(w)) <= calls.MAX_ENTRIES
+    shapes = [(rows, 128) for rows in (1, 2, 3)]
+    for _ in range(3):  # three keys in turn: prepared once each, then taken
+        for shape in shapes:
+            ops.linear(mx.zeros(shape), w, backend="cuda")
+    first = _prepared(w)
+    assert len(first) == 3
+    for shape in shapes:
+        ops.linear(mx.zeros(shape), w, backend="cuda")
+    assert _prepared(w) == first  # the same launches: none prepared again
+    ops.linear(mx.zeros((4, 128)), w, backend="cuda")  # a fourth key: the oldest goes
+    assert len(_kept(w)) == 3 and _prepared(w) == first[1:]
+
+
+def test_an_in_place_dtype_promotion_is_not_served_stale(monkeypatch):
+    """``bias += float32`` keeps the array object but makes it float32: the launch
+    kept for a float16 bias (a kernel built for it) is not taken."""
+    w, x = _called(monkeypatch, 36, bias=True)
+    w.bias = w.bias.astype(mx.float16)
+    for _ in range(2):
+        ops.linear(x, w, backend="cuda")
+    before = _prepared(w)
+    assert len(before) == 1
+    bias = w.bias
+    bias += mx.ones((48,), mx.float32)
+    assert w.bias is bias and w.bias.dtype == mx.float32
+    key = next(iter(_kept(w)))
+    assert calls.lookup(w, key) is None
+    for _ in range(2):
+        assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
+    after = _prepared(w)
+    assert len(after) == 1 and after[0] is not before[0]
+
+
+def test_the_backend_is_chosen_on_every_call(monkeypatch):
+    """With backend=None the environment picks it on every call: a launch kept for the
+    GPU is not taken once MLX_FOUNDRY_BACKEND says reference."""
+    record = fake_gpu(monkeypatch)
+    w = _weight(seed=38)
+    x = ck.seeded((1, 128), mx.float32, seed=39)
+    monkeypatch.setenv("MLX_FOUNDRY_BACKEND", "cuda")
+    for _ in range(3):
+        ops.linear(x, w)
+    n = record.calls["linear_affine_4_32"]
+    assert len(_prepared(w)) == 1  # kept for the GPU (launch counts: earlier tests share plans)
+    monkeypatch.setenv("MLX_FOUNDRY_BACKEND", "reference")
+    assert_close(ops.linear(x, w), ops.linear(x, w, backend="reference"))
+    assert record.calls["linear_affine_4_32"] == n
+
+
+def test_a_residual_of_another_dtype_is_its_own_call(monkeypatch):
+    w, x = _called(monkeypatch, 40, times=0)
+    for dtype in (mx.float16, mx.float32):
+        r = ck.seeded((1, 48), dtype, seed=41)
+        for _ in range(3):
+            assert_close(ops.linear(x, w, residual=r, backend="cuda"),
+                         ops.linear(x, w, residual=r, backend="reference"))
+    assert len(_prepared(w)) == 2
+
+
+def test_an_array_replaced_during_a_call(monkeypatch):
+    """A weight given new arrays while a call resolves its launch: that call computes
+    with the arrays it began with, later calls with the new ones."""
+    w, x = _called(monkeypatch, 42, times=1)
+    other = _weight(seed=43)
+    real = lin._launch
+
+    def replacing(*a, **kw):
+        w.weight, w.scales, w.biases = other.weight, other.scales, other.biases
+        return real(*a, **kw)
+    before = ops.linear(x, w, backend="reference")
+    monkeypatch.setattr(lin, "_launch", replacing)
+    assert_close(ops.linear(x, w, backend="cuda"), before)
+    monkeypatch.setattr(lin, "_launch", real)
+    for _ in range(3):
+        assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, other, backend="reference"))
+    assert len(_prepared(w)) == 1
+
+
+def test_a_weight_subclass_takes_the_full_path(monkeypatch):
+    class Tagged(ops.Weight):
+        pass
+
+    fake_gpu(monkeypatch)
+    base = _weight(seed=44)
+    w = Tagged(base.weight, base.scales, base.biases, group_size=32, bits=4)
+    x = ck.seeded((1, 128), mx.float32, seed=45)
+    for _ in range(3):
+        assert_close(ops.linear(x, w, backend="cuda"), ops.linear(x, w, backend="reference"))
+    assert _kept(w) == {}
+
+
+def test_weights_hash_by_identity():
+    """The kept launches are keyed by the Weight object (a WeakKeyDictionary): equal
+    weights must stay distinct keys."""
+    assert ops.Weight.__hash__ is object.__hash__ and ops.Weight.__eq__ is object.__eq__
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("rows,k,n", [(1, 4096, 4096), (1, 576, 1000), (3, 4096, 14336)])
 def test_repeat_calls_on_the_gpu(gpu_backend, dtype, rows, k, n):
-    """On the GPU every repeat call runs the kept launch (no plan lookup) and gives the
-    very values of the same op called with the weight's arrays (the full path, the same
-    kernel and launch), and the reference's within tolerance; a residual varies per call."""
+    """On the GPU the calls after the second run the kept launch (no plan lookup); every
+    call gives the very values of the same op called with the weight's arrays (the full
+    path, the same kernel and launch), and the reference's within tolerance; a residual
+    varies per call."""
     w = (mx.random.normal((n, k), key=mx.random.key(31)) / k ** 0.5).astype(dtype)
     wq, s, b = mx.quantize(w, group_size=64, bits=4)
     weight = ops.Weight(wq, s, b, group_size=64, bits=4)
     outs = []
-    for seed in range(3):
+    for seed in range(4):  # the first call marks the key, the second prepares
         x = mx.random.normal((rows, k), key=mx.random.key(40 + seed)).astype(dtype)
         r = mx.random.normal((rows, n), key=mx.random.key(50 + seed)).astype(dtype)
-        if seed == 1:
+        if seed == 2:
             hits = _hits()
         got = ops.linear(x, weight, residual=r, backend=gpu_backend)
-        if seed >= 1:
+        if seed >= 2:
             assert _hits() == hits
         full = ops.linear(x, wq, s, b, group_size=64, bits=4, residual=r, backend=gpu_backend)
         hits = _hits()

@@ -39,6 +39,9 @@ class Weight:
         256
     """
 
+    # Identity hashing and equality, and a __dict__ (weak references): ops/_calls.py keeps
+    # the ops' prepared launches per Weight object in a WeakKeyDictionary.
+
     def __init__(self, weight, scales=None, biases=None, bias=None, group_size=64, bits=4):
         self.weight, self.scales, self.biases, self.bias = weight, scales, biases, bias
         self.group_size, self.bits = group_size, bits
