@@ -22,7 +22,7 @@ def tool():
 @pytest.fixture(scope="module")
 def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
-    variants = ["read", "mlx", "op", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
+    variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
                 "xpf:r8t128s1b4", "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
     return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
 
@@ -32,6 +32,7 @@ def test_launches_and_variants_parse(tool):
                                                "MINBLOCKS": 4}
     assert tool.parse_launch("r4t224s0") == {"ROWS": 4, "THREADS": 224, "SPLITK": 0}
     assert tool.parse_variant("op") == ("op", None)
+    assert tool.parse_variant("weight") == ("weight", None)
     assert tool.parse_variant("xpf:r8t64s1") == ("xpf", {"ROWS": 8, "THREADS": 64,
                                                          "SPLITK": 1})
     assert tool.parse_variant("pattern:wsbi") == ("pattern", ("wsbi", tool.parse_launch(
@@ -72,6 +73,8 @@ def test_dry_run_records_every_variant(recorded):
     assert launch["read"][0] == "read_probe"
     name, kw = launch["op"]
     assert name == "linear_affine_4_64" and kw["ROWS"] == 4 and kw["SPLITK"] == 0
+    name, kw = launch["weight"]  # recorded through the full path, the same launch
+    assert name == "linear_affine_4_64" and kw["ROWS"] == 4 and kw["w"].shape == (256, 128)
     name, kw = launch["r8t224s1b2"]
     assert name == "linear_affine_4_64" and (kw["THREADS"], kw["MINBLOCKS"]) == (224, 2)
     assert launch["sbi:r8t128s1"][0] == "linear_affine_4_64_sbi"

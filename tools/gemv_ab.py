@@ -11,7 +11,9 @@ drift of the machine hits every variant alike::
 Variants:
 
 - ``read``: the bench's plain read of the case's bytes; ``mlx``: ``mx.quantized_matmul``;
-  ``op``: ``ops.linear`` as the bench calls it (its own launch).
+  ``op``: ``ops.linear`` as the bench calls it (bare arrays: checks and plan lookup on
+  every call); ``weight``: ``ops.linear`` with a ``Weight`` per input set (from the
+  second call on, the launch kept for it: ``ops/_calls.py``).
 - ``rRtTsS[bB]``: the op's kernel at a launch of its own (``ROWS`` R, ``THREADS`` T,
   ``SPLITK`` S, ``MINBLOCKS`` B), any the stages take, also those outside the tuner's
   grid (``THREADS`` 96 or 224).
@@ -178,8 +180,9 @@ def parse_launch(text):
 
 
 def parse_variant(text):
-    """``(kind, launch or pattern)``: kind is read, mlx, op, launch, sbi, xpf or pattern."""
-    if text in ("read", "mlx", "op"):
+    """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, xpf or
+    pattern."""
+    if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
     if kind == "pattern":
@@ -192,7 +195,7 @@ def parse_variant(text):
         return kind, parse_launch(rest)
     if not rest:
         return "launch", parse_launch(text)
-    raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, a launch "
+    raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
                      f"(r8t128s1), sbi:<launch>, xpf:<launch> or pattern:w|wsb|wsbi.")
 
 
@@ -315,6 +318,12 @@ def _runs(names, case, pool, n):
             runs[name] = (lambda x, w, s, b, sbi, kw: case.baseline(x, w, s, b), None)
         elif kind == "op":
             runs[name] = (lambda x, w, s, b, sbi, kw: op(x, w, s, b), "gemv")
+        elif kind == "weight":
+            from mlx_foundry.ops import Weight, linear
+
+            weights = {id(st[1]): Weight(*st[1:4], group_size=GROUP, bits=BITS) for st in pool}
+            runs[name] = (lambda x, w, s, b, sbi, kw: linear(x, weights[id(w)], backend=be),
+                          "gemv")
         elif kind == "pattern":
             pattern = pattern or pattern_kernel()
             what, launch = spec
