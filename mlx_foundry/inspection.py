@@ -14,6 +14,8 @@ import threading
 
 import mlx.core as mx
 
+from .types import _METAL_DTYPE_NAMES
+
 _lock = threading.Lock()
 _FENCE = re.compile(r"Generated source code for `([^`]*)`:\n```\n(.*?)\n```", re.S)
 
@@ -70,11 +72,10 @@ def metal_source_of(program, *args, **kwargs):
     return found[-1][1]
 
 
-# The CUDA types MLX 0.32 writes in a custom kernel's signature (dtype_to_cuda_type).
-_CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
-               mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
-               mx.int64: "int64_t", mx.uint8: "uint8_t", mx.uint16: "uint16_t",
-               mx.uint32: "uint32_t", mx.uint64: "uint64_t"}
+# The CUDA types MLX 0.32 writes in a custom kernel's signature (dtype_to_cuda_type):
+# the names of its Metal signatures (float, bool and the <cstdint> integers), but CUDA's
+# own half types.
+_CUDA_TYPES = {**_METAL_DTYPE_NAMES, mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
 
 
 def cuda_source_of(program, *args, **kwargs):

@@ -35,6 +35,9 @@ SEEN = "seen"
 NEVER = "never"
 """:func:`lookup`'s answer for a key whose launch cannot be kept: take the full path."""
 
+STATES = (SEEN, NEVER)
+"""What :func:`lookup` answers besides a kept launch or ``None``."""
+
 _kept = weakref.WeakKeyDictionary()  # Weight -> {key: (epoch, arrays, metas, what)}
 _epoch = [launch_epoch()]            # the epoch _kept was last cleared for
 
@@ -77,7 +80,7 @@ def keep(weight, key, arrays, epoch, what):
     the epoch moved since (the launch may be of dropped kernels or launch choices)."""
     if epoch != launch_epoch():
         return
-    if what not in (SEEN, NEVER) and not what.passes_as_given(*arrays):
+    if what not in STATES and not what.passes_as_given(*arrays):
         what = NEVER  # prepared from other arrays (a concurrent change) or padded copies
     entries = _kept.get(weight)
     if entries is None:

@@ -452,7 +452,7 @@ def linear(x, weight, scales=None, biases=None, *, group_size=None, bits=None, b
         key = _repeat_key(x, weight, activation, residual, backend, who)
         if key is not None:
             kept = _calls.lookup(weight, key)
-            if kept is not None and kept is not _calls.SEEN and kept is not _calls.NEVER:
+            if kept is not None and kept not in _calls.STATES:
                 return kept(x) if residual is None else kept(x, residual)
             # What this call's launch is made from, taken before anything is resolved.
             arrays, epoch = _calls.arrays_of(weight), launch_epoch()
