@@ -6,6 +6,7 @@ import sys
 import threading
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_foundry.__main__ import main as cli_main
@@ -758,6 +759,41 @@ def test_autotune_linear_stores_a_choice_the_op_can_look_up(tmp_path):
     assert {p.get("UNROLL", 1) for p in refined} == set(autotune.DEFAULT_UNROLLS)
     assert default_launch(96, 256) in refined
     assert autotune.lookup_linear(kern, 96, 256, 1, "cuda", path=path) is None
+
+
+def test_depending_on_keeps_x_and_waits_for_the_output():
+    from mlx_foundry.bench.autotune import depending_on
+
+    x = mx.arange(6, dtype=mx.float16).reshape(1, 2, 3)
+    out = mx.ones((4, 5), mx.float32)
+    got = depending_on(x, out)
+    assert got.dtype == mx.float16 and got.shape == x.shape
+    assert np.array_equal(np.array(got), np.array(x))
+    # The first of several outputs is the one waited for: 0 * inf makes the dependency
+    # visible.
+    inf = mx.full((2,), float("inf"))
+    assert np.isnan(np.array(depending_on(x, (inf, out)))).all()
+    assert not np.isnan(np.array(depending_on(x, (out, inf)))).any()
+
+
+def test_tuner_times_each_call_after_the_one_before(tmp_path, monkeypatch):
+    """The tuner's candidates are timed in a dependency chain (autotune.depending_on):
+    from the second call of a candidate on, x waits for the previous call's output."""
+    from mlx_foundry.bench import autotune
+
+    waits = []
+    real = autotune.depending_on
+
+    def spy(x, out):
+        waits.append((x.shape, out.shape))
+        return real(x, out)
+
+    monkeypatch.setattr(autotune, "depending_on", spy)
+    cands = [{"ROWS": 2, "THREADS": 64}, {"ROWS": 4, "THREADS": 128}]
+    autotune.tune_linear("reference", shapes=[(256, 96)], bits=(4,), candidates=cands,
+                         repeats=1, path=str(tmp_path / "t.json"), pool_bytes=0, unroll=(),
+                         min_blocks=())
+    assert waits and set(waits) == {((1, 256), (1, 96))}
 
 
 def _decode_result(**kw):

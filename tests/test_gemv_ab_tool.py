@@ -162,8 +162,36 @@ def test_cuda_signature_names_uint16_as_mlx_does(recorded):
 
 @pytest.mark.parametrize("args,match", [
     (["--shape", "12x"], "must be KxN"), (["--shape", "100x64"], "multiple of the group"),
-    (["--shape", "64x0"], "N must be positive"), (["--rounds", "0"], "--rounds must be")])
+    (["--shape", "64x0"], "N must be positive"), (["--rounds", "0"], "--rounds must be"),
+    (["--chain", "--variants", "read"], "--chain times GEMVs only"),
+    (["--chain", "--ncu", "labels.txt"], "--chain times GEMVs only")])
 def test_bad_arguments_are_refused(tool, args, match, capsys):
     with pytest.raises(SystemExit):
-        tool.main(["--dry", *args, "--variants", "op"])
+        tool.main(["--dry", "--variants", "op", *args])
     assert match in capsys.readouterr().err
+
+
+def test_chained_calls_depend_on_the_call_before(tool):
+    """--chain: from the second call on, x (also the x of the launch kwargs) is a new
+    array computed from the previous output, equal to the set's x."""
+    seen = []
+
+    def fn(x, w, s, b, sbi, kw):
+        seen.append((x, kw["x"]))
+        return mx.full((1, 3), float(len(seen)), mx.float16)
+
+    run = tool.chained(fn)
+    x = mx.arange(5, dtype=mx.float16).reshape(1, 5)
+    for _ in range(3):
+        run(x, None, None, None, None, {"x": x})
+    assert seen[0][0] is x and seen[0][1] is x
+    for got, in_kw in seen[1:]:
+        assert got is not x and in_kw is got
+        assert got.dtype == mx.float16 and np.array_equal(np.array(got), np.array(x))
+    # The dependency is real: an infinite first output makes the next x NaN (0 * inf).
+    nxt = []
+    run2 = tool.chained(lambda x, *rest: nxt.append(x) or mx.full((1, 3), float("inf"),
+                                                                   mx.float16))
+    run2(x, None, None, None, None, {})
+    run2(x, None, None, None, None, {})
+    assert not np.isnan(np.array(nxt[0])).any() and np.isnan(np.array(nxt[1])).all()

@@ -32,6 +32,14 @@ each edit names the text it replaces and must find it once, so a changed kernel 
 here rather than timing something else. Every variant is checked before it is timed:
 the GEMVs against ``mx.quantized_matmul``, the pattern reads against NumPy.
 
+``--chain`` makes every call depend on the one before it: its ``x`` is the set's ``x``
+plus zero times the previous call's first output (``autotune.depending_on``, as the tuner
+times; two small elementwise kernels per call, the same for every variant; ``read`` is
+not chained and is refused). The bench's calls
+are independent, so the GPU may run one call's kernel beside the next one's; in a decode
+step each GEMV waits for the kernel before it. A launch that wins only unchained wins by
+that overlap.
+
 ``--ncu LABELS`` launches each variant but ``mlx`` once per round between
 ``cuProfilerStart``/``cuProfilerStop`` (``ncu --profile-from-start off``, L2 flushed
 by ncu's default) and writes the labels; ``tools/gemv_sweep.py --table CSV LABELS``
@@ -351,6 +359,25 @@ def _runs(names, case, pool, n):
     return runs
 
 
+def chained(fn):
+    """``fn`` with each call's ``x`` made to wait for the previous call's output
+    (``autotune.depending_on``, as the tuner times its candidates). The kernel variants
+    take ``x`` from their launch kwargs, so it is replaced there too."""
+    from mlx_foundry.bench.autotune import depending_on
+
+    prev = []
+
+    def run(x, w, s, b, sbi, kw):
+        if prev:
+            x = depending_on(x, prev[0])
+            if "x" in kw:
+                kw = dict(kw, x=x)
+        out = fn(x, w, s, b, sbi, kw)
+        prev[:] = [out]
+        return out
+    return run
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="14336x4096", help="KxN: x has K, the output N")
@@ -361,6 +388,8 @@ def main(argv=None):
     p.add_argument("--json", help="write the rounds and medians here")
     p.add_argument("--ncu", metavar="LABELS", help="one launch per variant and round, for "
                    "ncu --profile-from-start off (mlx left out); write the labels here")
+    p.add_argument("--chain", action="store_true",
+                   help="each call's x depends on the previous call's output (no overlap)")
     p.add_argument("--dry", action="store_true",
                    help="build and record every variant, run nothing (also without CUDA)")
     args = p.parse_args(argv)
@@ -382,6 +411,8 @@ def main(argv=None):
         p.error(f"--rounds must be at least 1 but got {args.rounds}")
     for name in args.variants:
         parse_variant(name)  # every error before any work
+    if args.chain and ("read" in args.variants or args.ncu):
+        p.error("--chain times GEMVs only: leave out 'read' and --ncu")
     dry = args.dry or not mx.cuda.is_available()
     if dry and not args.dry:
         print("gemv_ab: no CUDA here: a dry run (every variant built and recorded, nothing "
@@ -401,6 +432,8 @@ def main(argv=None):
         (_, _, kw), = launches
         pool.append(st + ({c: v for c, v in kw.items() if c not in LAUNCH_CONSTANTS},))
     runs = _runs(args.variants, case, pool, n)
+    if args.chain:
+        runs = {name: (chained(fn), check) for name, (fn, check) in runs.items()}
     print(f"device: {timing.device_name()}, mlx {mx.__version__}, {k} -> {n}, 4-bit, "
           f"{len(pool)} sets", flush=True)
     if dry:
@@ -449,7 +482,7 @@ def main(argv=None):
         extra += f"  this / read {v / med['read']:5.3f}" if "read" in med else ""
         print(f"median {name:18s} {v:7.2f} us{extra}")
     res = {"device": timing.device_name(), "mlx": mx.__version__, "shape": f"{k}->{n}",
-           "calls": CALLS, "pool_sets": len(pool), "rounds": rounds, "median_us": med}
+           "chain": args.chain, "calls": CALLS, "pool_sets": len(pool), "rounds": rounds, "median_us": med}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
