@@ -796,6 +796,25 @@ def test_tuner_times_each_call_after_the_one_before(tmp_path, monkeypatch):
     assert waits and set(waits) == {((1, 256), (1, 96))}
 
 
+def test_tuner_chains_the_fused_decode_kernels_too(tmp_path, monkeypatch):
+    """tune_decode goes through the same timing: Q/K/V (x of rank 3, several outputs)
+    waits for the first output of the call before."""
+    from mlx_foundry.bench import autotune
+
+    waits = []
+    real = autotune.depending_on
+
+    def spy(x, out):
+        waits.append((x.ndim, isinstance(out, (list, tuple))))
+        return real(x, out)
+
+    monkeypatch.setattr(autotune, "depending_on", spy)
+    autotune.tune_decode("reference", candidates=[{"ROWS": 2, "THREADS": 64}], repeats=1,
+                         path=str(tmp_path / "t.json"), pool_bytes=0, unroll=(),
+                         min_blocks=(), only=["norm_qkv_rope"])
+    assert waits and set(waits) == {(3, True)}
+
+
 def _decode_result(**kw):
     r = {"tokens_equal": True, "first_mismatch": None, "first_mismatch_margin": None,
          "first_mismatch_unpatched_gap": None, "forced_disagreements": [],
