@@ -164,6 +164,7 @@ def test_cuda_signature_names_uint16_as_mlx_does(recorded):
     (["--shape", "12x"], "must be KxN"), (["--shape", "100x64"], "multiple of the group"),
     (["--shape", "64x0"], "N must be positive"), (["--rounds", "0"], "--rounds must be"),
     (["--chain", "--variants", "read"], "--chain times GEMVs only"),
+    (["--chain", "--variants", "op", "pattern:wsb"], "--chain times GEMVs only"),
     (["--chain", "--ncu", "labels.txt"], "--chain times GEMVs only")])
 def test_bad_arguments_are_refused(tool, args, match, capsys):
     with pytest.raises(SystemExit):

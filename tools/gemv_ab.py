@@ -34,11 +34,10 @@ the GEMVs against ``mx.quantized_matmul``, the pattern reads against NumPy.
 
 ``--chain`` makes every call depend on the one before it: its ``x`` is the set's ``x``
 plus zero times the previous call's first output (``autotune.depending_on``, as the tuner
-times; two small elementwise kernels per call, the same for every variant; ``read`` is
-not chained and is refused). The bench's calls
-are independent, so the GPU may run one call's kernel beside the next one's; in a decode
-step each GEMV waits for the kernel before it. A launch that wins only unchained wins by
-that overlap.
+times; two small elementwise kernels per call, the same for every variant; ``read`` and
+the pattern reads take no ``x`` and are refused). The bench's calls are independent, so
+the GPU may run one call's kernel beside the next one's; in a decode step each GEMV
+waits for the kernel before it. A launch that wins only unchained wins by that overlap.
 
 ``--ncu LABELS`` launches each variant but ``mlx`` once per round between
 ``cuProfilerStart``/``cuProfilerStop`` (``ncu --profile-from-start off``, L2 flushed
@@ -411,8 +410,9 @@ def main(argv=None):
         p.error(f"--rounds must be at least 1 but got {args.rounds}")
     for name in args.variants:
         parse_variant(name)  # every error before any work
-    if args.chain and ("read" in args.variants or args.ncu):
-        p.error("--chain times GEMVs only: leave out 'read' and --ncu")
+    if args.chain and (args.ncu or any(parse_variant(name)[0] in ("read", "pattern")
+                                       for name in args.variants)):
+        p.error("--chain times GEMVs only: leave out 'read', the pattern reads and --ncu")
     dry = args.dry or not mx.cuda.is_available()
     if dry and not args.dry:
         print("gemv_ab: no CUDA here: a dry run (every variant built and recorded, nothing "
@@ -482,7 +482,8 @@ def main(argv=None):
         extra += f"  this / read {v / med['read']:5.3f}" if "read" in med else ""
         print(f"median {name:18s} {v:7.2f} us{extra}")
     res = {"device": timing.device_name(), "mlx": mx.__version__, "shape": f"{k}->{n}",
-           "chain": args.chain, "calls": CALLS, "pool_sets": len(pool), "rounds": rounds, "median_us": med}
+           "chain": args.chain, "calls": CALLS, "pool_sets": len(pool), "rounds": rounds,
+           "median_us": med}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
