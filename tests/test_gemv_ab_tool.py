@@ -23,6 +23,7 @@ def tool():
 def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
+                "hsum:r8t128s1",
                 "xpf:r8t128s1b4", "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
     return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
 
@@ -53,7 +54,7 @@ def test_bad_variants_are_named(tool, text, match):
 
 
 def test_edits_find_their_text_once(tool):
-    """The x-prefetch edits apply to gemv.metal as it is now (a changed kernel fails
+    """The x-prefetch and half-sum edits apply to the kernel as it is now (a changed one fails
     here, not on the device); an edit whose text is missing or repeated is refused."""
     from mlx_foundry import sources
     from mlx_foundry.stages.gemv import GEMV_SOURCE
@@ -61,6 +62,10 @@ def test_edits_find_their_text_once(tool):
     text = (sources._PACKAGE_ROOT / GEMV_SOURCE).read_text()
     edited = tool.apply_edits(text, tool.XPF_EDITS)
     assert edited.count("nux") == 3 and "constexpr bool XPF" in edited
+    from mlx_foundry.policies.affine import AFFINE_HEADER
+
+    affine = (sources._PACKAGE_ROOT / AFFINE_HEADER).read_text()
+    assert "const half2 hs" in tool.apply_edits(affine, tool.HSUM_EDITS)
     with pytest.raises(RuntimeError, match="finds its text 0 times"):
         tool.apply_edits(text, [("no such line", "x")])
     with pytest.raises(RuntimeError, match="finds its text 2 times"):
@@ -90,11 +95,14 @@ def test_variant_sources_hold_their_change(recorded):
     sbi = recorded["sbi:r8t128s1"]
     src = sbi[0].source(*sbi[1], **sbi[2])
     assert "struct PolicyAffineSBI" in src.header and "PolicyAffineSBI<" in src.body
+    hsum = recorded["hsum:r8t128s1"]
+    assert "const half2 hs = (h[0] + h[1])" in hsum[0].source(*hsum[1], **hsum[2]).header
     xpf = recorded["xpf:r8t128s1b4"]
     assert "constexpr bool XPF" in xpf[0].source(*xpf[1], **xpf[2]).header
     op = recorded["op"]
     header = op[0].source(*op[1], **op[2]).header
     assert "XPF" not in header and "PolicyAffineSBI" not in header  # the package untouched
+    assert "const half2 hs" not in header
 
 
 def _emulated_pattern_sums(w, s, b, rows, simds, split):
@@ -140,8 +148,8 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
     assert wx == (w_only + 2 * int(words.sum())) % 2**32
 
 
-@pytest.mark.parametrize("name", ["sbi:r8t128s1", "xpf:r8t128s1b4", "pattern:wsb",
-                                  "pattern:wsbi"])
+@pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "xpf:r8t128s1b4",
+                                  "pattern:wsb", "pattern:wsbi"])
 def test_variants_compile_for_cuda(recorded, name, tmp_path):
     """Each variant's CUDA unit, as MLX would build it, compiles for sm_90 (nvcc)."""
     from nvrtc_like_mlx import nvcc_compile

@@ -19,6 +19,11 @@ Variants:
   grid (``THREADS`` 96 or 224).
 - ``sbi:<launch>``: the GEMV reading each group's scale and bias as one 4-byte word of
   one interleaved array, a layout MLX does not store (the pool holds a repacked copy).
+- ``hsum:<launch>``: the four half2 sums of a chunk and row added in half before one
+  conversion to float (2 conversions and 1 add instead of 8 and 7: about 8 of the
+  loop's ~97 instructions per row and chunk), a measure of what fewer instructions buy
+  where the GEMV is issue-bound. Not a candidate: 16 products per half lane exceed the
+  packed-half path's error budget (``policies/affine.metal``).
 - ``xpf:<launch>``: the GEMV loading the next chunk of ``x`` together with the next
   weights (the split-K path with one row of ``x``), where the kernel loads a chunk of
   ``x`` in the iteration that uses it.
@@ -107,6 +112,14 @@ struct PolicyAffineSBI : PolicyAffine<S, BITS, GS, K> {
 };
 """
 
+# hsum: (text of affine.metal, replacement) pairs.
+HSUM_EDITS = [
+    ("""    const float d = ((float(h[0].x) + float(h[0].y)) + (float(h[1].x) + float(h[1].y))) +
+                    ((float(h[2].x) + float(h[2].y)) + (float(h[3].x) + float(h[3].y)));""",
+     """    const half2 hs = (h[0] + h[1]) + (h[2] + h[3]);
+    const float d = float(hs.x) + float(hs.y);"""),
+]
+
 # xpf: (text of gemv.metal, replacement) pairs.
 XPF_EDITS = [
     ("""  if (STAGED) {
@@ -187,8 +200,8 @@ def parse_launch(text):
 
 
 def parse_variant(text):
-    """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, xpf or
-    pattern."""
+    """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, hsum,
+    xpf or pattern."""
     if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
@@ -198,12 +211,13 @@ def parse_variant(text):
             raise ValueError(f"[gemv_ab] 'pattern:' takes one of {', '.join(PATTERN_SB)} but "
                              f"got {what!r}.")
         return kind, (what, parse_launch(launch or DEFAULT_PATTERN_LAUNCH))
-    if kind in ("sbi", "xpf"):
+    if kind in ("sbi", "hsum", "xpf"):
         return kind, parse_launch(rest)
     if not rest:
         return "launch", parse_launch(text)
     raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
-                     f"(r8t128s1), sbi:<launch>, xpf:<launch> or pattern:w|wsb|wsbi.")
+                     f"(r8t128s1), sbi:<launch>, hsum:<launch>, xpf:<launch> or "
+                     f"pattern:w|wsb|wsbi.")
 
 
 def _source_root(files):
@@ -231,8 +245,8 @@ def apply_edits(text, edits):
 
 
 def variant_kernel(kind):
-    """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi`` or
-    ``xpf``."""
+    """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi``,
+    ``hsum`` or ``xpf``."""
     from mlx_foundry import sources
     from mlx_foundry.args import Output
     from mlx_foundry.compound import CompoundKernel
@@ -246,6 +260,10 @@ def variant_kernel(kind):
         rel = f"gemv_ab/{kind}/affine_sbi.metal"
         _source_root({rel: read(AFFINE_HEADER) + SBI_POLICY})
         policy.header, policy.struct_name = rel, "PolicyAffineSBI"
+    elif kind == "hsum":
+        rel = f"gemv_ab/{kind}/affine.metal"
+        _source_root({rel: apply_edits(read(AFFINE_HEADER), HSUM_EDITS)})
+        policy.header = rel
     else:
         gemv_source = f"gemv_ab/{kind}/gemv.metal"
         _source_root({gemv_source: apply_edits(read(G.GEMV_SOURCE), XPF_EDITS)})
