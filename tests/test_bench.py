@@ -574,8 +574,8 @@ def test_bench_records_the_tuned_launches_it_may_take(tmp_path, monkeypatch):
     assert "launches" not in report.format_header(res)
 
 
-@pytest.mark.parametrize("content", ['{"format": 1, "entries": [1, 2]}',
-                                     '{"format": 1, "entries": {"x": {"params": 5}}}',
+@pytest.mark.parametrize("content", ['{"format": 2, "entries": [1, 2]}',
+                                     '{"format": 2, "entries": {"x": {"params": 5}}}',
                                      "not json"])
 def test_a_bad_tuning_file_does_not_cost_a_run(tmp_path, monkeypatch, content):
     """A malformed tuning file reads as no tuned launches: the bench's record neither
@@ -587,6 +587,22 @@ def test_a_bad_tuning_file_does_not_cost_a_run(tmp_path, monkeypatch, content):
     tuner._memo.clear()
     assert tuner.stored_launches() == []
     assert bench._tuning_record("cuda")["stored"] == []
+
+
+def test_a_tuning_file_of_the_old_format_is_not_reused(tmp_path, monkeypatch):
+    """Format 1 choices were timed with independent calls (see tuner.FORMAT): a lookup
+    misses them, and the next tune rewrites the file in the current format."""
+    key = tuner.make_key("k", source_hash="s", shape_class="c")
+    monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
+    path = tmp_path / "tuning.json"
+    old = {"params": {"ROWS": 4}, "default": {"ROWS": 8}}
+    path.write_text(json.dumps({"format": 1, "entries": {key: old}}))
+    tuner._memo.clear()
+    assert tuner.FORMAT == 2
+    assert tuner.lookup("k", source_hash="s", shape_class="c") is None
+    path.write_text(json.dumps({"format": tuner.FORMAT, "entries": {key: old}}))
+    tuner._memo.clear()  # the same size, and maybe the same mtime, as the old file
+    assert tuner.lookup("k", source_hash="s", shape_class="c") == {"ROWS": 4}
 
 
 def test_an_unreadable_tuning_record_is_reported(monkeypatch):

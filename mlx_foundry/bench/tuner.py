@@ -58,7 +58,11 @@ from .timing import device_name, mlx_version
 
 ENV_DIR = "MLX_FOUNDRY_CACHE_DIR"
 FILE_NAME = "tuning.json"
-FORMAT = 1
+FORMAT = 2
+"""The tuning file's format; a file of another format reads as empty (and is rewritten by
+the next tune). 2: ``autotune`` times each call after the one before
+(``autotune.depending_on``); the choices of format 1 came from independent calls, which
+overlap on the GPU and favoured launches that are slower in a decode step."""
 
 _lock = threading.RLock()
 # path -> (mtime_ns, size, entries): avoid re-reading an unchanged file on lookup.
