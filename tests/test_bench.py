@@ -574,9 +574,9 @@ def test_bench_records_the_tuned_launches_it_may_take(tmp_path, monkeypatch):
     assert "launches" not in report.format_header(res)
 
 
-@pytest.mark.parametrize("content", ['{"format": 2, "entries": [1, 2]}',
-                                     '{"format": 2, "entries": {"x": {"params": 5}}}',
-                                     "not json"])
+@pytest.mark.parametrize("content", [
+    json.dumps({"format": tuner.FORMAT, "entries": [1, 2]}),
+    json.dumps({"format": tuner.FORMAT, "entries": {"x": {"params": 5}}}), "not json"])
 def test_a_bad_tuning_file_does_not_cost_a_run(tmp_path, monkeypatch, content):
     """A malformed tuning file reads as no tuned launches: the bench's record neither
     raises nor lists anything."""
@@ -600,8 +600,12 @@ def test_a_tuning_file_of_the_old_format_is_not_reused(tmp_path, monkeypatch):
     tuner._memo.clear()
     assert tuner.FORMAT == 2
     assert tuner.lookup("k", source_hash="s", shape_class="c") is None
+    tuner.tune("k2", [{"ROWS": 2}], lambda p: 1e-4, source_hash="s", shape_class="c")
+    data = json.loads(path.read_text())
+    assert data["format"] == tuner.FORMAT and list(data["entries"]) == [
+        tuner.make_key("k2", source_hash="s", shape_class="c")]
     path.write_text(json.dumps({"format": tuner.FORMAT, "entries": {key: old}}))
-    tuner._memo.clear()  # the same size, and maybe the same mtime, as the old file
+    tuner._memo.clear()  # the same size, and maybe the same mtime, as the file before
     assert tuner.lookup("k", source_hash="s", shape_class="c") == {"ROWS": 4}
 
 
@@ -797,19 +801,44 @@ def test_tuner_times_each_call_after_the_one_before(tmp_path, monkeypatch):
     from the second call of a candidate on, x waits for the previous call's output."""
     from mlx_foundry.bench import autotune
 
-    waits = []
-    real = autotune.depending_on
+    waits, made, received = [], [], []
+    real_depending_on, real_captured = autotune.depending_on, autotune._captured
 
     def spy(x, out):
         waits.append((x.shape, out.shape))
-        return real(x, out)
+        made.append(real_depending_on(x, out))
+        return made[-1]
+
+    class Recorded:  # the tuned kernel, noting the x of each call
+        def __init__(self, kern):
+            self.kern = kern
+
+        def __getattr__(self, name):
+            return getattr(self.kern, name)
+
+        def __call__(self, **kw):
+            received.append(kw["x"])
+            return self.kern(**kw)
+
+    def captured(make, backend):
+        sets, found = real_captured(make, backend)
+
+        def sets_recorded(idx):
+            out = sets(idx)
+            found[:] = [k if isinstance(k, Recorded) else Recorded(k) for k in found]
+            return out
+        return sets_recorded, found
 
     monkeypatch.setattr(autotune, "depending_on", spy)
+    monkeypatch.setattr(autotune, "_captured", captured)
     cands = [{"ROWS": 2, "THREADS": 64}, {"ROWS": 4, "THREADS": 128}]
     autotune.tune_linear("reference", shapes=[(256, 96)], bits=(4,), candidates=cands,
                          repeats=1, path=str(tmp_path / "t.json"), pool_bytes=0, unroll=(),
                          min_blocks=())
     assert waits and set(waits) == {((1, 256), (1, 96))}
+    # Every x made to wait is the x the kernel was called with.
+    ids = {id(x) for x in received}
+    assert all(id(x) in ids for x in made)
 
 
 def test_tuner_chains_the_fused_decode_kernels_too(tmp_path, monkeypatch):

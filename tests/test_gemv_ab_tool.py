@@ -180,6 +180,20 @@ def test_bad_arguments_are_refused(tool, args, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_chain_wraps_every_variant(tool, monkeypatch):
+    """--chain puts every variant's calls through chained() (the dry run, which calls
+    each variant once, cannot show the chain itself)."""
+    wrapped = []
+    real = tool.chained
+    monkeypatch.setattr(tool, "chained", lambda fn: wrapped.append(fn) or real(fn))
+    got = tool.main(["--dry", "--chain", "--shape", "1024x256", "--variants", "mlx", "op",
+                     "r8t128s1", "hsum:r8t128s1"])
+    assert len(wrapped) == 4 and set(got) == {"mlx", "op", "r8t128s1", "hsum:r8t128s1"}
+    assert got["r8t128s1"] is not None and got["mlx"] is None
+    tool.main(["--dry", "--shape", "1024x256", "--variants", "op"])
+    assert len(wrapped) == 4  # not without --chain
+
+
 def test_chained_calls_depend_on_the_call_before(tool):
     """--chain: from the second call on, x (also the x of the launch kwargs) is a new
     array computed from the previous output, equal to the set's x."""

@@ -20,10 +20,11 @@ Variants:
 - ``sbi:<launch>``: the GEMV reading each group's scale and bias as one 4-byte word of
   one interleaved array, a layout MLX does not store (the pool holds a repacked copy).
 - ``hsum:<launch>``: the four half2 sums of a chunk and row added in half before one
-  conversion to float (2 conversions and 1 add instead of 8 and 7: about 8 of the
-  loop's ~97 instructions per row and chunk), a measure of what fewer instructions buy
-  where the GEMV is issue-bound. Not a candidate: 16 products per half lane exceed the
-  packed-half path's error budget (``policies/affine.metal``).
+  conversion to float (3 half2 adds, 2 conversions and 1 add instead of 8 conversions
+  and 7 adds: 9 of the loop's ~97 instructions per row and chunk), a measure of what
+  fewer instructions buy where the GEMV is issue-bound. Not a candidate: 16 products
+  per half lane exceed the packed-half path's error budget
+  (``metal_src/policies/affine.metal``).
 - ``xpf:<launch>``: the GEMV loading the next chunk of ``x`` together with the next
   weights (the split-K path with one row of ``x``), where the kernel loads a chunk of
   ``x`` in the iteration that uses it.

@@ -93,6 +93,11 @@ def depending_on(x, out):
     for the kernel before it. On an H200 (docs/gemv_chain_h200_*.json) R4 T256 without
     split K took 0.94 of the default's time with independent calls and 1.06 chained,
     and ncu times it 1.25x the default alone; tuned on independent calls, it was chosen.
+
+    The chain costs about as much again as a 4-bit decode GEMV (two small elementwise
+    kernels and the waits between kernels: 13.8 -> 30.3 us per call there), the same for
+    every candidate. The tuner's 3% margin applies to that total, so a candidate must
+    take about 6% less GEMV time to replace the default.
     """
     first = out[0] if isinstance(out, (list, tuple)) else out
     return x + (first.reshape(-1)[:1] * 0).astype(x.dtype)
@@ -210,8 +215,8 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     cls = tuner.shape_class(n, k, m)
     key = kernel_key(kern, backend)
     # The bench's calls per timing: on CUDA the number of calls per mx.eval changes the
-    # time per call (more calls, slower and noisier), so the tuner times what the bench
-    # times. (Before, ~1000-2000 calls per timing put a Q/K/V launch that ncu times 14%
+    # time per call (more calls, slower and noisier), so the tuner takes the bench's
+    # count. (Before, ~1000-2000 calls per timing put a Q/K/V launch that ncu times 14%
     # slower ahead of the default.)
     calls = None if backend == "reference" else CALLS_PER_TIMING
     params = tuner.tune(key, candidates, tuner.timed_run(build, pool, repeats=1, calls=calls),

@@ -25,8 +25,12 @@ The method, for one callable ``fn`` and a *pool* of input sets:
    (graph building: argument checks, kernel-cache lookups) is reported
    separately as ``host_us``: it must stay small, but it is not device time.
    ``mx.eval`` returns only when the work is done, so the clock is honest.
-   On CUDA, MLX runs the calls in order on one stream; on Metal, MLX may overlap
-   independent kernels; either way baseline and candidate get the same treatment.
+   The calls are independent, and the GPU may run one call's kernels beside the
+   next one's (measured on an H200 in session 24: a GEMV launch that leaves SMs free
+   took 0.94x the default's time with independent calls and 1.06x with each call
+   waiting for the one before, BENCHMARKS.md); baseline and candidate get the same
+   treatment. The tuner times
+   dependent calls instead (``autotune.depending_on``).
    When the outputs of all calls would not fit ``out_budget`` bytes, a timing
    is split into batches, each evaluated (and timed) separately, and summed.
 4. **Median of many timings** (>= 10 by default, fewer with ``--quick``).
