@@ -1,4 +1,7 @@
-"""Shared fixtures: the GPU backend (skips cleanly without one) and seeding."""
+"""Shared fixtures: the GPU backend (skips cleanly without one), where tests run, and
+seeding."""
+
+import importlib
 
 import mlx.core as mx
 import pytest
@@ -16,15 +19,28 @@ def gpu_backend():
 
 
 @pytest.fixture(autouse=True)
-def _reference_on_cpu(request, monkeypatch):
-    """In GPU tests, evaluate the reference oracle on the CPU stream.
+def _devices(request, monkeypatch):
+    """Pin where each kind of test runs, so that a GPU machine runs what CI runs.
 
-    The oracle must not share a failure mode with the code under test, and on
-    MLX's CUDA backend float32 matmuls use TF32 by default, which is less
-    precise than the float32 tolerances assume.
+    Tests not marked ``gpu`` check the reference backend and the assembly; they were
+    written for (and CI runs them on) a machine whose default device is the CPU. On a
+    GPU machine the default device is the GPU, and backend selection would pick the
+    fused kernels and MLX's GPU ops instead, against tolerances and token-parity checks
+    that assume the CPU. So they run with the CPU as the default device; the GPU tests
+    cover the kernels.
+
+    In GPU tests the reference oracle is evaluated on the CPU stream: it must not share
+    a failure mode with the code under test, and on MLX's CUDA backend float32 matmuls
+    use TF32 by default, which is less precise than the float32 tolerances assume.
     """
     if request.node.get_closest_marker("gpu") is None:
-        yield
+        _generation_on_cpu(monkeypatch)
+        previous = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        try:
+            yield
+        finally:
+            mx.set_default_device(previous)
         return
     from mlx_foundry.backends import reference
 
@@ -38,6 +54,34 @@ def _reference_on_cpu(request, monkeypatch):
 
     monkeypatch.setattr(reference, "run", run_on_cpu)
     yield
+
+
+_cpu_generation_stream = []
+
+
+def _generation_on_cpu(monkeypatch):
+    """Point mlx-lm's generation functions at a CPU stream for this test.
+
+    ``mlx_lm.generate`` makes its ``generation_stream`` on the default device when it is
+    imported (the GPU, on a GPU machine) and binds it as the default ``stream`` argument
+    of ``generate_step`` and ``speculative_generate_step``; setting the default device
+    later does not move them.
+    """
+    try:
+        # (``import mlx_lm.generate as gen`` would give the function mlx_lm exports.)
+        gen = importlib.import_module("mlx_lm.generate")
+    except ImportError:
+        return
+    if gen.generation_stream.device == mx.cpu:
+        return
+    if not _cpu_generation_stream:
+        _cpu_generation_stream.append(mx.new_thread_local_stream(mx.cpu))
+    cpu = _cpu_generation_stream[0]
+    for fn in (gen.generate_step, gen.speculative_generate_step):
+        defaults = fn.__defaults__ or ()
+        if any(d is gen.generation_stream for d in defaults):
+            monkeypatch.setattr(fn, "__defaults__", tuple(
+                cpu if d is gen.generation_stream else d for d in defaults))
 
 
 @pytest.fixture(autouse=True)
