@@ -528,37 +528,34 @@ def test_bench_records_the_tuned_launches_it_may_take(tmp_path, monkeypatch):
     or MLX version, choices that kept their default and malformed entries are left out."""
     from mlx_foundry import bench
 
+    # The tuner keys on the default device's name: the CPU's here, on a GPU machine too
+    # (tests/conftest.py), so one name holds throughout.
     monkeypatch.setenv(tuner.ENV_DIR, str(tmp_path))
     path = str(tmp_path / "tuning.json")
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)  # one device name throughout, also on a GPU machine
-    try:
-        assert tuner.stored_launches() == []
-        default, win = {"ROWS": 4}, {"ROWS": 8}
-        fast = {str(default): 10.0, str(win): 5.0}
-        slow = {str(default): 10.0, str(win): 20.0}
-        kw = dict(default=default, repeats=1, warmup=0)
-        tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="a",
-                   **kw)
-        tuner.tune("cuda:linear_q8", [win], _timed(slow), source_hash="h2", shape_class="a",
-                   **kw)
-        tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="b",
-                   device="Another GPU", **kw)
-        tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="c",
-                   mlx_version="0.0.1", **kw)
-        data = json.loads((tmp_path / "tuning.json").read_text())
-        bad = tuner.make_key("cuda:linear_q4", source_hash="h1", shape_class="bad")
-        data["entries"][bad] = {"params": None}
-        (tmp_path / "tuning.json").write_text(json.dumps(data))
-        tuner._memo.clear()
-        want = [{"kernel": "cuda:linear_q4", "source_hash": "h1", "shape_class": "a",
-                 "params": win}]
-        assert tuner.stored_launches() == want
-        record = bench._tuning_record("cuda")
-        # The reference backend takes no launches: its runs say so.
-        res = bench.run(backend="reference", quick=True, only=["rms_norm"], progress=False)
-    finally:
-        mx.set_default_device(device)
+    assert tuner.stored_launches() == []
+    default, win = {"ROWS": 4}, {"ROWS": 8}
+    fast = {str(default): 10.0, str(win): 5.0}
+    slow = {str(default): 10.0, str(win): 20.0}
+    kw = dict(default=default, repeats=1, warmup=0)
+    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="a",
+               **kw)
+    tuner.tune("cuda:linear_q8", [win], _timed(slow), source_hash="h2", shape_class="a",
+               **kw)
+    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="b",
+               device="Another GPU", **kw)
+    tuner.tune("cuda:linear_q4", [win], _timed(fast), source_hash="h1", shape_class="c",
+               mlx_version="0.0.1", **kw)
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    bad = tuner.make_key("cuda:linear_q4", source_hash="h1", shape_class="bad")
+    data["entries"][bad] = {"params": None}
+    (tmp_path / "tuning.json").write_text(json.dumps(data))
+    tuner._memo.clear()
+    want = [{"kernel": "cuda:linear_q4", "source_hash": "h1", "shape_class": "a",
+             "params": win}]
+    assert tuner.stored_launches() == want
+    record = bench._tuning_record("cuda")
+    # The reference backend takes no launches: its runs say so.
+    res = bench.run(backend="reference", quick=True, only=["rms_norm"], progress=False)
     assert record == {"path": path, "stored": want}
     assert res["tuning"]["stored"] == [] and res["tuning"]["path"] == path
     assert "no launch parameters" in report.format_header(res)

@@ -3,7 +3,6 @@
 import importlib.util
 import pathlib
 
-import mlx.core as mx
 import pytest
 
 TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
@@ -39,13 +38,9 @@ def test_main_runs_a_tiny_decode(tool, capsys):
 
     assert TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"] == 32
     pytest.importorskip("mlx_lm")
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)  # the tiny check, also on a GPU machine
-    try:
-        res = tool.main(["--tiny", "--prompts", "16", "40", "--tokens", "12", "--rounds", "1",
-                         "--variants", "unpatched", "compiled"])
-    finally:
-        mx.set_default_device(device)
+    # (On a GPU machine too this runs on the CPU device: tests/conftest.py.)
+    res = tool.main(["--tiny", "--prompts", "16", "40", "--tokens", "12", "--rounds", "1",
+                     "--variants", "unpatched", "compiled"])
     assert sorted(res) == sorted(f"prompt {n} {v} round 0" for n in (16, 40)
                                  for v in ("unpatched", "compiled"))
     for key, r in res.items():
