@@ -23,8 +23,7 @@ def tool():
 def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
-                "hsum:r8t128s1",
-                "xpf:r8t128s1b4", "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
+                "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
     return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
 
 
@@ -36,6 +35,8 @@ def test_launches_and_variants_parse(tool):
     assert tool.parse_variant("weight") == ("weight", None)
     assert tool.parse_variant("xpf:r8t64s1") == ("xpf", {"ROWS": 8, "THREADS": 64,
                                                          "SPLITK": 1})
+    assert tool.parse_variant("fence:r4t128s0") == ("fence", {"ROWS": 4, "THREADS": 128,
+                                                             "SPLITK": 0})
     assert tool.parse_variant("pattern:wsbi") == ("pattern", ("wsbi", tool.parse_launch(
         tool.DEFAULT_PATTERN_LAUNCH)))
     assert tool.parse_variant("pattern:w@r2t64s1")[1] == ("w", {"ROWS": 2, "THREADS": 64,
@@ -62,6 +63,12 @@ def test_edits_find_their_text_once(tool):
     text = (sources._PACKAGE_ROOT / GEMV_SOURCE).read_text()
     edited = tool.apply_edits(text, tool.XPF_EDITS)
     assert edited.count("nux") == 3 and "constexpr bool XPF" in edited
+    fenced = tool.apply_edits(text, tool.FENCE_EDITS)
+    # One fence, after the next chunk's loads and before this chunk's x and arithmetic.
+    assert fenced.count("simdgroup_barrier(mem_flags::mem_none)") == 1
+    assert (fenced.index("nx[r] = pol.load_h(rows[r], cn)")
+            < fenced.index("simdgroup_barrier(mem_flags::mem_none)")
+            < fenced.index("pol.dot_h(ch[r], xh, xs, key)"))
     from mlx_foundry.policies.affine import AFFINE_HEADER
 
     affine = (sources._PACKAGE_ROOT / AFFINE_HEADER).read_text()
@@ -86,6 +93,8 @@ def test_dry_run_records_every_variant(recorded):
     assert launch["sbi:r8t128s1"][1]["w_scales"].shape == (256, 2 * 1024 // 64)
     assert launch["xpf:r8t128s1b4"][0] == "linear_affine_4_64_xpf"
     assert launch["xpf:r8t128s1b4"][1]["MINBLOCKS"] == 4
+    assert launch["fence:r4t128s1"][0] == "linear_affine_4_64_fence"
+    assert (launch["fence:r4t128s1"][1]["ROWS"], launch["fence:r4t128s1"][1]["SPLITK"]) == (4, 1)
     kw = launch["pattern:w@r4t256s0"][1]
     assert (kw["ROWS"], kw["SIMDS"], kw["SB"], kw["SPLIT"]) == (4, 8, 0, False)
     assert launch["pattern:wsbi"][1]["SB"] == 2
@@ -99,9 +108,14 @@ def test_variant_sources_hold_their_change(recorded):
     assert "const half2 hs = (h[0] + h[1])" in hsum[0].source(*hsum[1], **hsum[2]).header
     xpf = recorded["xpf:r8t128s1b4"]
     assert "constexpr bool XPF" in xpf[0].source(*xpf[1], **xpf[2]).header
+    fence = recorded["fence:r4t128s1"]
+    fence_header = fence[0].source(*fence[1], **fence[2]).header
+    assert "simdgroup_barrier(mem_flags::mem_none)" in fence_header
+    assert "constexpr bool XPF" not in fence_header  # each variant its own source
     op = recorded["op"]
     header = op[0].source(*op[1], **op[2]).header
     assert "XPF" not in header and "PolicyAffineSBI" not in header  # the package untouched
+    assert "simdgroup_barrier(mem_flags::mem_none)" not in header
     assert "const half2 hs" not in header
 
 
@@ -149,7 +163,7 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
 
 
 @pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "xpf:r8t128s1b4",
-                                  "pattern:wsb", "pattern:wsbi"])
+                                  "fence:r4t128s1", "pattern:wsb", "pattern:wsbi"])
 def test_variants_compile_for_cuda(recorded, name, tmp_path):
     """Each variant's CUDA unit, as MLX would build it, compiles for sm_90 (nvcc)."""
     from nvrtc_like_mlx import nvcc_compile

@@ -28,6 +28,15 @@ Variants:
 - ``xpf:<launch>``: the GEMV loading the next chunk of ``x`` together with the next
   weights (the split-K path with one row of ``x``), where the kernel loads a chunk of
   ``x`` in the iteration that uses it.
+- ``fence:<launch>``: the GEMV with ``simdgroup_barrier(mem_none)`` right after the loads
+  of the next chunk's weights, so that they stay at the top of the iteration. As
+  compiled for sm_90, ptxas moves them down to 48-88% of the way through the loop (it
+  works on the rows side by side, so every row's weights stay live until the end):
+  they then have little more than the next chunk of ``x`` to hide behind. The fence keeps
+  the two chunks' registers live together: 128 -> 242 registers at R8 split K, 96 -> 122
+  at R4, 64 -> 70 at R2, 72 -> 104 at 4096 -> 14336's R4 (``tools/gemv_regs.py``-style
+  compile, no spills). A measure of what a real one-chunk-ahead pipeline buys against
+  the occupancy it costs.
 - ``pattern:w|wsb|wsbi``: a read of the weights, and the scales and biases (separate or
   interleaved), in the GEMV's access pattern (``pattern:...@rRtTsS``, default the op's
   split-K launch of 14336 -> 4096, R8 T128 S1), summing words: no dequantization.
@@ -178,6 +187,31 @@ XPF_EDITS = [
     ss[j] = ss_lo[j] + ss_hi[j];"""),
 ]
 
+# fence: (text of gemv.metal, replacement) pairs.
+FENCE_EDITS = [
+    ("""#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      nx[r] = pol.load_h(rows[r], cn);
+      if (DUAL) {
+        nx2[r] = pol2.load_h(rows[r], cn);
+      }
+    }
+""",
+     """#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      nx[r] = pol.load_h(rows[r], cn);
+      if (DUAL) {
+        nx2[r] = pol2.load_h(rows[r], cn);
+      }
+    }
+    // fence: the next chunk's loads stay issued before this chunk's arithmetic.
+    simdgroup_barrier(mem_flags::mem_none);
+"""),
+]
+
+# The variants that edit gemv.metal, and their edits.
+GEMV_EDITS = {"xpf": XPF_EDITS, "fence": FENCE_EDITS}
+
 LAUNCH = re.compile(r"r(\d+)t(\d+)s([01])(?:b(\d+))?$")
 DEFAULT_PATTERN_LAUNCH = "r8t128s1"
 
@@ -202,7 +236,7 @@ def parse_launch(text):
 
 def parse_variant(text):
     """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, hsum,
-    xpf or pattern."""
+    xpf, fence or pattern."""
     if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
@@ -212,13 +246,13 @@ def parse_variant(text):
             raise ValueError(f"[gemv_ab] 'pattern:' takes one of {', '.join(PATTERN_SB)} but "
                              f"got {what!r}.")
         return kind, (what, parse_launch(launch or DEFAULT_PATTERN_LAUNCH))
-    if kind in ("sbi", "hsum", "xpf"):
+    if kind in ("sbi", "hsum") or kind in GEMV_EDITS:
         return kind, parse_launch(rest)
     if not rest:
         return "launch", parse_launch(text)
     raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
-                     f"(r8t128s1), sbi:<launch>, hsum:<launch>, xpf:<launch> or "
-                     f"pattern:w|wsb|wsbi.")
+                     f"(r8t128s1), sbi:<launch>, hsum:<launch>, xpf:<launch>, "
+                     f"fence:<launch> or pattern:w|wsb|wsbi.")
 
 
 def _source_root(files):
@@ -247,7 +281,7 @@ def apply_edits(text, edits):
 
 def variant_kernel(kind):
     """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi``,
-    ``hsum`` or ``xpf``."""
+    ``hsum``, ``xpf`` or ``fence``."""
     from mlx_foundry import sources
     from mlx_foundry.args import Output
     from mlx_foundry.compound import CompoundKernel
@@ -267,7 +301,7 @@ def variant_kernel(kind):
         policy.header = rel
     else:
         gemv_source = f"gemv_ab/{kind}/gemv.metal"
-        _source_root({gemv_source: apply_edits(read(G.GEMV_SOURCE), XPF_EDITS)})
+        _source_root({gemv_source: apply_edits(read(G.GEMV_SOURCE), GEMV_EDITS[kind])})
     saved, G.GEMV_SOURCE = G.GEMV_SOURCE, gemv_source
     try:
         main = G.gemv_stage(policy, G.gemv_decls())
