@@ -1,6 +1,7 @@
 """Shared fixtures: the GPU backend (skips cleanly without one), where tests run, and
 seeding."""
 
+import functools
 import importlib
 
 import mlx.core as mx
@@ -27,16 +28,20 @@ def _devices(request, monkeypatch):
     GPU machine the default device is the GPU, and backend selection would pick the
     fused kernels and MLX's GPU ops instead, against tolerances and token-parity checks
     that assume the CPU. So they run with the CPU as the default device; the GPU tests
-    cover the kernels.
+    cover the kernels. (Subprocesses a test starts, such as ``bench`` runs, choose their
+    own device: see ``test_ab_trees.py``.)
 
     In GPU tests the reference oracle is evaluated on the CPU stream: it must not share
     a failure mode with the code under test, and on MLX's CUDA backend float32 matmuls
     use TF32 by default, which is less precise than the float32 tolerances assume.
     """
     if request.node.get_closest_marker("gpu") is None:
-        _generation_on_cpu(monkeypatch)
         previous = mx.default_device()
-        mx.set_default_device(mx.cpu)
+        if previous != mx.cpu:
+            # Before the switch: a first import of mlx_lm.generate here must make its
+            # stream on the machine's own default device, which the GPU tests use.
+            _generation_on_cpu(monkeypatch)
+            mx.set_default_device(mx.cpu)
         try:
             yield
         finally:
@@ -56,32 +61,36 @@ def _devices(request, monkeypatch):
     yield
 
 
-_cpu_generation_stream = []
+@functools.cache
+def _cpu_generation_stream():
+    return mx.new_thread_local_stream(mx.cpu)
 
 
 def _generation_on_cpu(monkeypatch):
-    """Point mlx-lm's generation functions at a CPU stream for this test.
+    """Point mlx-lm's generation at a CPU stream for this test (monkeypatch undoes it).
 
     ``mlx_lm.generate`` makes its ``generation_stream`` on the default device when it is
-    imported (the GPU, on a GPU machine) and binds it as the default ``stream`` argument
-    of ``generate_step`` and ``speculative_generate_step``; setting the default device
-    later does not move them.
+    imported (the GPU, on a GPU machine): the module global (``BatchGenerator`` reads
+    it) and the default ``stream`` argument of ``generate_step``,
+    ``speculative_generate_step`` and ``stream_generate``. Setting the default device
+    later moves none of them.
     """
     try:
         # (``import mlx_lm.generate as gen`` would give the function mlx_lm exports.)
         gen = importlib.import_module("mlx_lm.generate")
     except ImportError:
         return
-    if gen.generation_stream.device == mx.cpu:
+    gpu_stream = gen.generation_stream
+    if gpu_stream.device == mx.cpu:
         return
-    if not _cpu_generation_stream:
-        _cpu_generation_stream.append(mx.new_thread_local_stream(mx.cpu))
-    cpu = _cpu_generation_stream[0]
-    for fn in (gen.generate_step, gen.speculative_generate_step):
-        defaults = fn.__defaults__ or ()
-        if any(d is gen.generation_stream for d in defaults):
+    cpu = _cpu_generation_stream()
+    monkeypatch.setattr(gen, "generation_stream", cpu)
+    for name in ("generate_step", "speculative_generate_step", "stream_generate"):
+        fn = getattr(gen, name, None)
+        defaults = getattr(fn, "__defaults__", None) or ()
+        if any(d is gpu_stream for d in defaults):
             monkeypatch.setattr(fn, "__defaults__", tuple(
-                cpu if d is gen.generation_stream else d for d in defaults))
+                cpu if d is gpu_stream else d for d in defaults))
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from mlx_foundry.backends import gpu_backend
+from mlx_foundry.backends import gpu_backend as _gpu_backend
 
 TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "ab_trees.py"
 
@@ -68,7 +68,7 @@ def test_revisions_are_checked(ab):
 def test_two_trees_alternate(ab, tmp_path):
     # The bench runs in subprocesses: on a GPU machine they bench the GPU backend at the
     # full shapes, elsewhere the reference backend at the tiny ones.
-    name = "rms_norm_24x320" if gpu_backend() is None else "rms_norm_8192x8192"
+    name = "rms_norm_24x320" if _gpu_backend() is None else "rms_norm_8192x8192"
     out = tmp_path / "ab"
     assert ab.main(["HEAD", "--quick", "--only", name, "--rounds", "2",
                     "--out", str(out)]) == 0
