@@ -29,14 +29,14 @@ Variants:
   weights (the split-K path with one row of ``x``), where the kernel loads a chunk of
   ``x`` in the iteration that uses it.
 - ``fence:<launch>``: the GEMV with ``simdgroup_barrier(mem_none)`` right after the loads
-  of the next chunk's weights, so that they stay at the top of the iteration. As
-  compiled for sm_90, ptxas moves them down to 48-88% of the way through the loop (it
-  works on the rows side by side, so every row's weights stay live until the end):
-  they then have little more than the next chunk of ``x`` to hide behind. The fence keeps
-  the two chunks' registers live together: 128 -> 242 registers at R8 split K, 96 -> 122
-  at R4, 64 -> 70 at R2, 72 -> 104 at 4096 -> 14336's R4 (``tools/gemv_regs.py``-style
-  compile, no spills). A measure of what a real one-chunk-ahead pipeline buys against
-  the occupancy it costs.
+  of the next chunk's weights, so that ptxas keeps them a whole iteration ahead of their
+  use. As compiled for sm_90 without it, ptxas works on the rows side by side (every
+  row's weights live to the end of the iteration) and issues those loads only 95-170
+  instructions before their first use, in loops of 277-783. The fence keeps the two
+  chunks' registers live together: 128 -> 242 registers at R8 split K, 96 -> 122 at R4,
+  80 -> 98 at R3, 64 -> 70 at R2, 72 -> 104 at 4096 -> 14336's R4 (the CUDA text MLX
+  would compile, nvcc; no spills). A measure of what a real one-chunk-ahead pipeline
+  buys against the occupancy it costs.
 - ``pattern:w|wsb|wsbi``: a read of the weights, and the scales and biases (separate or
   interleaved), in the GEMV's access pattern (``pattern:...@rRtTsS``, default the op's
   split-K launch of 14336 -> 4096, R8 T128 S1), summing words: no dequantization.
