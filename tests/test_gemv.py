@@ -602,3 +602,62 @@ def test_untuned_register_bound_follows_the_measured_launches(monkeypatch, tmp_p
     (_, _, down_kw), (_, _, gate_up_kw) = launches
     assert down_kw.get("MINBLOCKS") == (4 if bf16 else None)
     assert gate_up_kw["MINBLOCKS"] == 4
+
+
+def test_load_use_distances_go_round_the_main_loop(monkeypatch):
+    """tools/gemv_regs.py's load-to-use count on nvdisasm-shaped text: the longest
+    backward branch is the loop; a load's distance is counted to the first instruction
+    that reads one of its four registers (not one that only writes it), round the loop
+    if need be; predicated instructions and 64-bit address pairs count as reads."""
+    mod = _gemv_regs_tool(monkeypatch)
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_1:",
+        "        /*0010*/                   LDG.E.128 R20, desc[UR4][R2.64] ;",
+        "        /*0020*/                   HFMA2 R9, R4, R5, R9 ;",
+        "        /*0030*/                   MOV R23, RZ ;",          # writes R23: no read
+        "        /*0040*/              @P0  LOP3.LUT R8, R22, 0xf, RZ, 0xc0, !PT ;",
+        "        /*0050*/                   LDG.E.128 R4, desc[UR4][R10.64] ;",
+        "        /*0060*/                   STG.E desc[UR4][R12.64], R9 ;",
+        "        /*0070*/              @!P1 BRA `(.L_x_1) ;",
+        ".L_x_2:",
+        "        /*0080*/                   LDG.E.128 R20, desc[UR4][R20.64] ;",
+        "        /*0090*/                   BRA `(.L_x_2) ;",
+    ])
+    assert len(mod.main_loop(sass)) == 7
+    # R20-R23: read by the predicated LOP3 (R22) 3 instructions on; R4-R7: by the HFMA2,
+    # round the loop (past the store and the branch, then the first load): 4 on.
+    assert mod.load_use_distances(sass) == (7, [3, 4])
+    assert mod._reads("STG.E desc[UR4][R12.64], R9") == {12, 13, 9}
+    assert mod._reads("LDG.E.128 R20, desc[UR4][R20.64]") == {20, 21}
+    assert mod.load_use_distances("no loop here") == (0, [])
+
+
+@pytest.mark.slow
+def test_fence_keeps_the_next_weights_an_iteration_ahead(monkeypatch, tmp_path):
+    """As compiled for sm_90, the tall 4-bit GEMV's next weights are requested a small
+    part of an iteration before their use (ptxas moves the loop's prefetch down); with
+    gemv_ab's fence most of an iteration ahead (BENCHMARKS.md, session 25). If ptxas or
+    the loop changes this, the finding and the fence need another look."""
+    import subprocess
+
+    _, inc = nvcc_and_mlx_headers()
+    monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
+    mod = _gemv_regs_tool(monkeypatch)
+    label, kernel, kwargs = next(c for c in mod._cases(mx.float16)
+                                 if c[0] == "linear 14336->4096")
+    assert (kwargs["ROWS"], kwargs["SPLITK"]) == (8, 1)
+
+    def distances(kern, folder):
+        folder.mkdir()
+        mod.compile_case(kern, kwargs, str(folder))
+        r = subprocess.run([mod._nvdisasm(), "-c", str(folder / "k.cubin")],
+                           capture_output=True, text=True, check=True)
+        return mod.load_use_distances(r.stdout)
+
+    n, as_is = distances(kernel, tmp_path / "as_is")
+    # Four loads of x's chunk, then the eight rows' weights (the last eight).
+    assert len(as_is) == 12 and max(as_is[-8:]) < n / 4, (n, as_is)
+    n, fenced = distances(mod._fence_kernel(), tmp_path / "fence")
+    weights = fenced[:8]  # the fenced loads come first in the loop
+    assert len(fenced) == 12 and min(weights) > 3 * n / 4, (n, fenced)

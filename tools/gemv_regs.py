@@ -20,6 +20,16 @@ cases at 65b5490).
 (``__launch_bounds__(THREADS, N)``, ``stages.gemv.check_min_blocks``): ptxas then holds
 it to the registers that let ``N`` threadgroups share an SM (65536 / (N * THREADS)),
 spilling if it must (``docs/ncu_h100_gemv.md`` section 17).
+
+``--distance`` reports, for the kernel's main loop (its longest backward branch), how
+many instructions separate each 16-byte load from the first instruction that reads its
+registers, going round the loop: how far ahead of its use a load is issued. The loop's
+text loads the next chunk's weights an iteration ahead; as compiled, ptxas issues them
+95-170 instructions before use in loops of 277-783 (BENCHMARKS.md, "Where the tall 4-bit
+GEMV waits on an H200"). ``--fence`` compiles the linear cases as
+``tools/gemv_ab.py``'s ``fence`` variant, which keeps those loads an iteration ahead::
+
+    python tools/gemv_regs.py "linear 14336" --distance --fence --rows 4
 """
 
 import argparse
@@ -103,6 +113,68 @@ def compile_case(kernel, kwargs, folder):
     return int(regs.group(1)), int(spill.group(1)) if spill else 0
 
 
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+_INSTR = re.compile(r"/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+_WIDE_LOAD = re.compile(r"LDG\.E\.128\S*\s+R(\d+),")
+
+
+def main_loop(sass):
+    """The instructions of the longest loop in ``nvdisasm -c`` text (from the label a
+    backward branch returns to, to that branch), predicates included."""
+    lines = sass.splitlines()
+    labels, best = {}, None
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = i
+        m = _BRANCH.search(line)
+        if m and m.group(1) in labels and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
+            best = (labels[m.group(1)], i)
+    if best is None:
+        return []
+    return [m.group(1) for m in map(_INSTR.search, lines[best[0]:best[1] + 1]) if m]
+
+
+def _reads(instr):
+    """Registers an instruction reads: every ``R<n>`` but its first operand (the
+    destination), whose predicate guard is dropped; stores read all of theirs."""
+    op = instr.split(None, 1)[1] if instr.startswith("@") else instr
+    name, _, args = op.partition(" ")
+    operands = args.split(",")
+    if not name.startswith(("ST", "RED", "ATOM")):
+        operands = operands[1:]
+    regs = set()
+    for text in operands:
+        for r in re.findall(r"\bR(\d+)\b", text):
+            base = int(r)
+            # 64-bit addresses [R20.64] name a register pair.
+            regs.update((base, base + 1) if f"R{r}.64" in text else (base,))
+    return regs
+
+
+def load_use_distances(sass):
+    """``(loop length, [instructions from each 16-byte load to its first use])`` of
+    the main loop; ``None`` for a load no instruction of the loop reads."""
+    loop = main_loop(sass)
+    out = []
+    for i, instr in enumerate(loop):
+        m = _WIDE_LOAD.search(instr)
+        if not m:
+            continue
+        dest = set(range(int(m.group(1)), int(m.group(1)) + 4))
+        out.append(next((k for k in range(1, len(loop) + 1)
+                         if _reads(loop[(i + k) % len(loop)]) & dest), None))
+    return len(loop), out
+
+
+def _fence_kernel():
+    """The linear kernel of ``tools/gemv_ab.py``'s ``fence`` variant."""
+    import gemv_ab
+
+    return gemv_ab.variant_kernel("fence")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("only", nargs="*", help="cases whose label contains one of these")
@@ -112,10 +184,19 @@ def main():
     p.add_argument("--sass", metavar="FILE", help="write the first case's SASS to FILE")
     p.add_argument("--min-blocks", type=int, metavar="N",
                    help="MINBLOCKS=N: compile under __launch_bounds__(THREADS, N)")
+    p.add_argument("--distance", action="store_true",
+                   help="instructions from each 16-byte load of the main loop to its use")
+    p.add_argument("--fence", action="store_true",
+                   help="the linear cases as gemv_ab's fence variant (others are skipped)")
     args = p.parse_args()
+    fence = _fence_kernel() if args.fence else None
     for label, kernel, kwargs in _cases(getattr(mx, args.dtype)):
         if args.only and not any(o in label for o in args.only):
             continue
+        if fence is not None:
+            if not label.startswith("linear "):
+                continue
+            kernel, label = fence, label + " (fence)"
         if args.rows is not None:
             kwargs["ROWS"] = args.rows
         if args.splitk is not None:
@@ -128,6 +209,12 @@ def main():
             if args.min_blocks:
                 launch += f" bound {args.min_blocks}"
             print(f"{label:26s} {launch:30s} registers {regs:4d}  spill {spill} bytes")
+            if args.distance:
+                r = subprocess.run([_nvdisasm(), "-c", os.path.join(d, "k.cubin")],
+                                   capture_output=True, text=True, check=True)
+                n, dist = load_use_distances(r.stdout)
+                print(f"{'':26s} main loop {n} instructions; 16-byte loads to first use: "
+                      f"{dist}")
             if args.sass:
                 r = subprocess.run([_nvdisasm(), "-c", "-g", os.path.join(d, "k.cubin")],
                                    capture_output=True, text=True, check=True)
