@@ -647,11 +647,15 @@ def test_fence_keeps_the_next_weights_an_iteration_ahead(monkeypatch, tmp_path):
     label, kernel, kwargs = next(c for c in mod._cases(mx.float16)
                                  if c[0] == "linear 14336->4096")
     assert (kwargs["ROWS"], kwargs["SPLITK"]) == (8, 1)
+    try:
+        nvdisasm = mod._nvdisasm()
+    except SystemExit as e:
+        pytest.skip(str(e))
 
     def distances(kern, folder):
         folder.mkdir()
         mod.compile_case(kern, kwargs, str(folder))
-        r = subprocess.run([mod._nvdisasm(), "-c", str(folder / "k.cubin")],
+        r = subprocess.run([nvdisasm, "-c", str(folder / "k.cubin")],
                            capture_output=True, text=True, check=True)
         return mod.load_use_distances(r.stdout)
 
