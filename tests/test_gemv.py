@@ -639,8 +639,6 @@ def test_fence_keeps_the_next_weights_an_iteration_ahead(monkeypatch, tmp_path):
     part of an iteration before their use (ptxas moves the loop's prefetch down); with
     gemv_ab's fence most of an iteration ahead (BENCHMARKS.md, session 25). If ptxas or
     the loop changes this, the finding and the fence need another look."""
-    import subprocess
-
     _, inc = nvcc_and_mlx_headers()
     monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)
     mod = _gemv_regs_tool(monkeypatch)
@@ -648,16 +646,14 @@ def test_fence_keeps_the_next_weights_an_iteration_ahead(monkeypatch, tmp_path):
                                  if c[0] == "linear 14336->4096")
     assert (kwargs["ROWS"], kwargs["SPLITK"]) == (8, 1)
     try:
-        nvdisasm = mod._nvdisasm()
+        mod._nvdisasm()
     except SystemExit as e:
         pytest.skip(str(e))
 
     def distances(kern, folder):
         folder.mkdir()
         mod.compile_case(kern, kwargs, str(folder))
-        r = subprocess.run([nvdisasm, "-c", str(folder / "k.cubin")],
-                           capture_output=True, text=True, check=True)
-        return mod.load_use_distances(r.stdout)
+        return mod.load_use_distances(mod.sass_of(str(folder)))
 
     n, as_is = distances(kernel, tmp_path / "as_is")
     # Four loads of x's chunk, then the eight rows' weights (the last eight).

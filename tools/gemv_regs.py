@@ -113,6 +113,12 @@ def compile_case(kernel, kwargs, folder):
     return int(regs.group(1)), int(spill.group(1)) if spill else 0
 
 
+def sass_of(folder, *, line_info=False):
+    """The SASS of ``folder/k.cubin`` (:func:`compile_case`), by nvdisasm."""
+    cmd = [_nvdisasm(), "-c", *(["-g"] if line_info else []), os.path.join(folder, "k.cubin")]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 _INSTR = re.compile(r"/\*[0-9a-f]+\*/\s+(.*?)\s*;")
@@ -129,8 +135,9 @@ def main_loop(sass):
         if m:
             labels[m.group(1)] = i
         m = _BRANCH.search(line)
-        if m and m.group(1) in labels and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
-            best = (labels[m.group(1)], i)
+        start = labels.get(m.group(1)) if m else None
+        if start is not None and (best is None or i - start > best[1] - best[0]):
+            best = (start, i)
     if best is None:
         return []
     return [m.group(1) for m in map(_INSTR.search, lines[best[0]:best[1] + 1]) if m]
@@ -210,16 +217,12 @@ def main():
                 launch += f" bound {args.min_blocks}"
             print(f"{label:26s} {launch:30s} registers {regs:4d}  spill {spill} bytes")
             if args.distance:
-                r = subprocess.run([_nvdisasm(), "-c", os.path.join(d, "k.cubin")],
-                                   capture_output=True, text=True, check=True)
-                n, dist = load_use_distances(r.stdout)
+                n, dist = load_use_distances(sass_of(d))
                 print(f"{'':26s} main loop {n} instructions; 16-byte loads to first use: "
                       f"{dist}")
             if args.sass:
-                r = subprocess.run([_nvdisasm(), "-c", "-g", os.path.join(d, "k.cubin")],
-                                   capture_output=True, text=True, check=True)
                 with open(args.sass, "w") as f:
-                    f.write(r.stdout)
+                    f.write(sass_of(d, line_info=True))
                 return 0
     return 0
 
