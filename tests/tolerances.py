@@ -26,13 +26,10 @@ def tolerance(dtype, k=None):
     return rtol, atol
 
 
-def assert_close(actual, expected, dtype=None, *, k=None, msg="", extra_atol=0.0):
-    """Assert two arrays agree within the tolerance of ``dtype`` (default: actual's);
-    ``extra_atol``: an absolute error the caller can bound that the dtype's does not
-    cover (added to it)."""
+def assert_close(actual, expected, dtype=None, *, k=None, msg=""):
+    """Assert two arrays agree within the tolerance of ``dtype`` (default: actual's)."""
     dtype = dtype or actual.dtype
     rtol, atol = tolerance(dtype, k)
-    atol += extra_atol
     a = np.array(actual.astype(mx.float32))
     e = np.array(expected.astype(mx.float32))
     assert a.shape == e.shape, f"shape {a.shape} != {e.shape} {msg}"
