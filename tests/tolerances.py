@@ -26,10 +26,24 @@ def tolerance(dtype, k=None):
     return rtol, atol
 
 
-def assert_close(actual, expected, dtype=None, *, k=None, msg=""):
-    """Assert two arrays agree within the tolerance of ``dtype`` (default: actual's)."""
+def rope_frequency_atol(position, magnitude):
+    """The most a RoPE-rotated component can move when the two sides computed the float32
+    inverse frequencies on different devices (a GPU op against its reference on the CPU:
+    ``ops/_rope.py`` computes them on the call's device, as ``mx.fast.rope`` does, and
+    the devices' ``exp`` may differ in the last bit or two). Two ulps of an inverse
+    frequency (<= 1) are at most 2^-23, which moves the angle at ``position`` by up to
+    ``position * 2^-23`` and a component of a pair whose parts are at most ``magnitude``
+    by ``sqrt(2) * magnitude`` times that."""
+    return math.sqrt(2) * abs(position) * 2.0 ** -23 * magnitude
+
+
+def assert_close(actual, expected, dtype=None, *, k=None, msg="", extra_atol=0.0):
+    """Assert two arrays agree within the tolerance of ``dtype`` (default: actual's);
+    ``extra_atol``: an absolute error the caller bounds that the dtype's tolerance does
+    not cover (added to its ``atol``)."""
     dtype = dtype or actual.dtype
     rtol, atol = tolerance(dtype, k)
+    atol += extra_atol
     a = np.array(actual.astype(mx.float32))
     e = np.array(expected.astype(mx.float32))
     assert a.shape == e.shape, f"shape {a.shape} != {e.shape} {msg}"

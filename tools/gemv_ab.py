@@ -36,7 +36,9 @@ Variants:
   chunks' registers live together: 128 -> 242 registers at R8 split K, 96 -> 122 at R4,
   80 -> 98 at R3, 64 -> 70 at R2, 72 -> 104 at 4096 -> 14336's R4 (the CUDA text MLX
   would compile, nvcc; no spills). A measure of what a real one-chunk-ahead pipeline
-  buys against the occupancy it costs.
+  buys against the occupancy it costs: on an H200 (session 26,
+  ``docs/gemv_fence_h200_s26.json``) every fenced launch was 9-23% slower than the
+  default in independent calls and 16-44% under ncu; not a candidate.
 - ``pattern:w|wsb|wsbi``: a read of the weights, and the scales and biases (separate or
   interleaved), in the GEMV's access pattern (``pattern:...@rRtTsS``, default the op's
   split-K launch of 14336 -> 4096, R8 T128 S1), summing words: no dequantization.
