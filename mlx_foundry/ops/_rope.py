@@ -53,16 +53,19 @@ def inv_freq(head_dim, rope_base, rope_freqs):
     """The float32 ``[head_dim / 2]`` inverse frequencies, as ``mx.fast.rope`` uses them."""
     if rope_freqs is not None:
         return mx.reciprocal(rope_freqs.astype(mx.float32))
-    return default_inv_freq(head_dim, float(rope_base), mx.default_device())
+    # The device's type, not the mx.Device: Device objects compare equal but hash by
+    # identity, so with them as keys every call missed (and recomputed the frequencies:
+    # three more kernels per call).
+    return default_inv_freq(head_dim, float(rope_base), mx.default_device().type)
 
 
 @functools.lru_cache(maxsize=64)
-def default_inv_freq(head_dim, base, device):
-    # mx.fast.rope's fallback: exp(-i * log(base) / (D/2)), in float32, computed on
-    # `device`, the default device of the call. Keyed by it because MLX's CPU and GPU exp
-    # may differ in the last bit, which moves the angle at position p by up to p * 2^-23:
-    # an op on one device must not reuse frequencies computed on the other (in the tests
-    # the reference runs on the CPU beside the GPU kernels).
+def default_inv_freq(head_dim, base, device_type):
+    # mx.fast.rope's fallback: exp(-i * log(base) / (D/2)), in float32, computed on the
+    # default device of the call. Keyed by its type because MLX's CPU and GPU exp may
+    # differ in the last bit, which moves the angle at position p by up to p * 2^-23: an
+    # op on one device must not reuse frequencies computed on the other (in the tests the
+    # reference runs on the CPU beside the GPU kernels).
     half = head_dim // 2
     return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32)
                   * mx.array(math.log(base) / half, dtype=mx.float32))
