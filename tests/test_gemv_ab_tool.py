@@ -23,7 +23,8 @@ def tool():
 def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
-                "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
+                "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "pattern:wsb",
+                "pattern:w@r4t256s0", "pattern:wsbi"]
     return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
 
 

@@ -417,18 +417,15 @@ def chained(fn):
     """``fn`` with each call's ``x`` made to wait for the previous call's output
     (``autotune.depending_on``, as the tuner times its candidates). The kernel variants
     take ``x`` from their launch kwargs, so it is replaced there too."""
-    from mlx_foundry.bench.autotune import depending_on
+    from mlx_foundry.bench.autotune import Chain
 
-    prev = []
+    chain = Chain()
 
     def run(x, w, s, b, sbi, kw):
-        if prev:
-            x = depending_on(x, prev[0])
-            if "x" in kw:
-                kw = dict(kw, x=x)
-        out = fn(x, w, s, b, sbi, kw)
-        prev[:] = [out]
-        return out
+        x = chain.wait(x)
+        if "x" in kw:
+            kw = dict(kw, x=x)
+        return chain.done(fn(x, w, s, b, sbi, kw))
     return run
 
 

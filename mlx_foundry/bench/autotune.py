@@ -103,6 +103,24 @@ def depending_on(x, out):
     return x + (first.reshape(-1)[:1] * 0).astype(x.dtype)
 
 
+class Chain:
+    """A sequence of calls in which each waits for the one before (:func:`depending_on`):
+    ``x = chain.wait(x)`` before a call (the first call's ``x`` is returned as it is),
+    ``return chain.done(out)`` after it."""
+
+    __slots__ = ("_prev",)
+
+    def __init__(self):
+        self._prev = None
+
+    def wait(self, x):
+        return x if self._prev is None else depending_on(x, self._prev)
+
+    def done(self, out):
+        self._prev = out
+        return out
+
+
 def kernel_key(kern, backend):
     """The tuning key of one kernel on one backend: ``"<backend>:<kernel name>"``."""
     return f"{backend}:{kern.name}"
@@ -194,14 +212,11 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     kern = found[0]
 
     def build(params):
-        prev = []  # the previous call's output: each call waits for it (depending_on)
+        chain = Chain()
 
         def run(kw):
-            if prev:
-                kw = dict(kw, x=depending_on(kw["x"], prev[0]))
-            out = kern(backend=backend, **kw, **params)
-            prev[:] = [out]
-            return out
+            kw = dict(kw, x=chain.wait(kw["x"]))
+            return chain.done(kern(backend=backend, **kw, **params))
         return run
 
     lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
