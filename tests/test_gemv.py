@@ -658,6 +658,6 @@ def test_fence_keeps_the_next_weights_an_iteration_ahead(monkeypatch, tmp_path):
     n, as_is = distances(kernel, tmp_path / "as_is")
     # Four loads of x's chunk, then the eight rows' weights (the last eight).
     assert len(as_is) == 12 and max(as_is[-8:]) < n / 4, (n, as_is)
-    n, fenced = distances(mod._fence_kernel(), tmp_path / "fence")
+    n, fenced = distances(mod._variant_kernel("fence"), tmp_path / "fence")
     weights = fenced[:8]  # the fenced loads come first in the loop
     assert len(fenced) == 12 and min(weights) > 3 * n / 4, (n, fenced)

@@ -23,8 +23,9 @@ def tool():
 def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
-                "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "pattern:wsb",
-                "pattern:w@r4t256s0", "pattern:wsbi"]
+                "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "acp:r4t128s1",
+                "acq:r8t128s1", "acp:r4t128s0", "pattern:wsb", "pattern:w@r4t256s0",
+                "pattern:wsbi"]
     return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
 
 
@@ -64,6 +65,11 @@ def test_edits_find_their_text_once(tool):
     text = (sources._PACKAGE_ROOT / GEMV_SOURCE).read_text()
     edited = tool.apply_edits(text, tool.XPF_EDITS)
     assert edited.count("nux") == 3 and "constexpr bool XPF" in edited
+    for edits in (tool.ACP_EDITS, tool.ACQ_EDITS):
+        ring = tool.apply_edits(text, edits)
+        # The dispatcher takes the ring for one policy and one row of x, else the old path.
+        assert ring.count("gemv_dot_rows_acp<P, T, K, ROWS") == 1
+        assert ring.count("gemv_dot_rows_h<P, P2, T, K, ROWS") == 1
     fenced = tool.apply_edits(text, tool.FENCE_EDITS)
     # One fence, after the next chunk's loads and before this chunk's x and arithmetic.
     assert fenced.count("simdgroup_barrier(mem_flags::mem_none)") == 1
@@ -95,6 +101,9 @@ def test_dry_run_records_every_variant(recorded):
     assert launch["xpf:r8t128s1b4"][0] == "linear_affine_4_64_xpf"
     assert launch["xpf:r8t128s1b4"][1]["MINBLOCKS"] == 4
     assert launch["fence:r4t128s1"][0] == "linear_affine_4_64_fence"
+    assert launch["acp:r4t128s1"][0] == "linear_affine_4_64_acp"
+    assert launch["acq:r8t128s1"][0] == "linear_affine_4_64_acq"
+    assert (launch["acq:r8t128s1"][1]["ROWS"], launch["acq:r8t128s1"][1]["SPLITK"]) == (8, 1)
     assert (launch["fence:r4t128s1"][1]["ROWS"], launch["fence:r4t128s1"][1]["SPLITK"]) == (4, 1)
     kw = launch["pattern:w@r4t256s0"][1]
     assert (kw["ROWS"], kw["SIMDS"], kw["SB"], kw["SPLIT"]) == (4, 8, 0, False)
@@ -113,8 +122,17 @@ def test_variant_sources_hold_their_change(recorded):
     fence_header = fence[0].source(*fence[1], **fence[2]).header
     assert "simdgroup_barrier(mem_flags::mem_none)" in fence_header
     assert "constexpr bool XPF" not in fence_header  # each variant its own source
+    acp = recorded["acp:r4t128s1"]
+    acp_header = acp[0].source(*acp[1], **acp[2]).header
+    acq = recorded["acq:r8t128s1"]
+    acq_header = acq[0].source(*acq[1], **acq[2]).header
+    for h in (acp_header, acq_header):
+        assert "cp.async.cg.shared.global" in h and "gemv_dot_rows_acp<" in h
+    # x rides in the ring by default; acq loads it in the loop instead.
+    assert "#define ACP_X_IN_RING 0" in acq_header and "#define ACP_X_IN_RING 0" not in acp_header
     op = recorded["op"]
     header = op[0].source(*op[1], **op[2]).header
+    assert "cp.async" not in header
     assert "XPF" not in header and "PolicyAffineSBI" not in header  # the package untouched
     assert "simdgroup_barrier(mem_flags::mem_none)" not in header
     assert "const half2 hs" not in header
@@ -164,7 +182,8 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
 
 
 @pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "xpf:r8t128s1b4",
-                                  "fence:r4t128s1", "pattern:wsb", "pattern:wsbi"])
+                                  "fence:r4t128s1", "acp:r4t128s1", "acq:r8t128s1",
+                                  "acp:r4t128s0", "pattern:wsb", "pattern:wsbi"])
 def test_variants_compile_for_cuda(recorded, name, tmp_path):
     """Each variant's CUDA unit, as MLX would build it, compiles for sm_90 (nvcc)."""
     from nvrtc_like_mlx import nvcc_compile

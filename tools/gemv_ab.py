@@ -39,6 +39,18 @@ Variants:
   buys against the occupancy it costs: on an H200 (session 26,
   ``docs/gemv_fence_h200_s26.json``) every fenced launch was 9-23% slower than the
   default in independent calls and 16-44% under ncu; not a candidate.
+- ``acp:<launch>`` / ``acq:<launch>``: the GEMV with one policy and one row of ``x``
+  copying each lane's weight chunks into a two-stage ring in shared memory with
+  ``cp.async`` (one chunk ahead, no registers held while the copy is in flight), scales
+  and biases loaded one chunk ahead as before; where ``x`` is not staged (split K) its
+  chunk rides in the ring too (``acp``) or is loaded in the iteration that uses it
+  (``acq``). CUDA-only text (inline PTX and a function-scope ``__shared__`` array, 48 KB
+  of static shared memory at most: ``acp`` at R8 with split K does not fit): a measure of
+  what decoupling the loads in flight from the registers buys. On an H200 (session 27,
+  BENCHMARKS.md "Weights through a cp.async ring") it tied at best (4096 -> 14336, R8:
+  13.09 against 12.91 us) and lost on 14336 -> 4096 (``acq`` R8: 13.60 against 13.37
+  us, under ncu 16.4-16.9 against 13.8 us; ``acp`` R4 2.8x slower, throttled on shared
+  memory); not a candidate.
 - ``pattern:w|wsb|wsbi``: a read of the weights, and the scales and biases (separate or
   interleaved), in the GEMV's access pattern (``pattern:...@rRtTsS``, default the op's
   split-K launch of 14336 -> 4096, R8 T128 S1), summing words: no dequantization.
@@ -211,8 +223,190 @@ FENCE_EDITS = [
 """),
 ]
 
+# acp: (text of gemv.metal, replacement) pairs. CUDA-only text (inline PTX, a function-
+# scope __shared__ array): the packed-half path with one policy and one row of x copies
+# each lane's weight chunks (and, where x is not staged, its chunk of x) into a two-stage
+# ring in shared memory with cp.async, one chunk ahead, instead of loading them into
+# registers; scales and biases stay ordinary loads one chunk ahead.
+ACP_FUNCTION = """
+// acp (gemv_ab): weights streamed global -> shared by cp.async, two stages per thread.
+// ACP_X_IN_RING: where x is not staged, its chunk rides in the ring (1, acp) or each
+// lane loads it from global memory in the iteration that uses it (0, acq).
+#ifndef ACP_X_IN_RING
+#define ACP_X_IN_RING 1
+#endif
+METAL_FUNC void acp_copy16(uint4* dst, const uint* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\\n" ::"r"(s), "l"(src));
+}
+METAL_FUNC void acp_commit() { asm volatile("cp.async.commit_group;\\n" ::); }
+template <int N>
+METAL_FUNC void acp_wait() { asm volatile("cp.async.wait_group %0;\\n" ::"n"(N)); }
+
+// Chunk c of the lane's rows (and, XU 4, of x) into its ring slot; one group per call
+// (empty past the last chunk).
+template <typename P, typename T, int K, int ROWS, int CW, int XU, int LS>
+METAL_FUNC void acp_issue(P pol, const device T* xr, thread const uint* rows, int c,
+                          uint4* slot) {
+  constexpr int FULL = K / 32;
+  if (c < FULL) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const uint* src = pol.w + rows[r] * uint(P::WORDS_PER_ROW) + uint(c * 4 * CW);
+#pragma unroll
+      for (int j = 0; j < CW; ++j) {
+        acp_copy16(slot + (r * CW + j) * LS, src + 4 * j);
+      }
+    }
+    const uint* xs = reinterpret_cast<const uint*>(xr + c * 32);
+#pragma unroll
+    for (int q = 0; q < XU; ++q) {
+      acp_copy16(slot + (ROWS * CW + q) * LS, xs + 4 * q);
+    }
+  }
+  acp_commit();
+}
+
+template <typename P, typename T, int K, int ROWS, int NORM, int SPLIT, int SIMDS,
+          bool STAGED>
+METAL_FUNC void gemv_dot_rows_acp(P pol, const device T* xr, const device T* gr,
+                                  thread const uint* rows, uint lane, uint part, uint sg,
+                                  threadgroup uint4* xst, thread float* out,
+                                  thread float* ss) {
+  constexpr bool GAMMA = NORM == GEMV_NORM_WEIGHT;
+  constexpr bool BF = gemv_is_bf16<T>::value != 0;
+  constexpr int FULL = K / 32;
+  constexpr int S1 = gemv_half_pairs<P>::value;
+  constexpr int STRIDE = 32 * SPLIT;
+  constexpr int CWORDS = int(P::WORDS_PER_ROW) / FULL;
+  static_assert(CWORDS % 4 == 0, "acp: 16-byte chunks");
+  constexpr int CW = CWORDS / 4;
+  constexpr int GS = K / int(P::GROUPS_PER_ROW);
+  // Not staged: the lane's chunk of x (64 bytes) rides in the ring after the weights.
+  constexpr int XU = STAGED || !ACP_X_IN_RING ? 0 : 4;
+  constexpr int UNITS = ROWS * CW + XU;
+  // Unit-major: the lanes' 16-byte units of one unit index are consecutive (no bank
+  // conflicts).
+  constexpr int LS = SIMDS * 32;
+  __shared__ uint4 ring[2][UNITS][LS];
+  const uint tid = sg * 32u + lane;
+  const uint key = pol.half_key(lane);
+  float s[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    s[r] = 0.0f;
+  }
+  const int c0 = int(lane) + 32 * int(part);
+  acp_issue<P, T, K, ROWS, CW, XU, LS>(pol, xr, rows, c0, &ring[0][0][tid]);
+  acp_issue<P, T, K, ROWS, CW, XU, LS>(pol, xr, rows, c0 + STRIDE, &ring[1][0][tid]);
+  typename P::HalfChunk ch[ROWS];
+  {
+    const int cc = metal::min(c0, FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const uint g = rows[r] * uint(P::GROUPS_PER_ROW) + uint(cc * 32 / GS);
+      ch[r].scale = pol.scales[g];
+      ch[r].bias = pol.biases[g];
+    }
+  }
+  float ss_lo = 0.0f;
+  float ss_hi = 0.0f;
+  if (STAGED) {
+    ss_lo = gemv_stage_x<T, K, NORM, S1, SIMDS>(xr, gr, sg, lane, xst);
+  }
+  int stage = 0;
+  for (int c = c0; c < FULL; c += STRIDE) {
+    typename P::HalfChunk nx[ROWS];
+    const int cn = metal::min(c + STRIDE, FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const uint g = rows[r] * uint(P::GROUPS_PER_ROW) + uint(cn * 32 / GS);
+      nx[r].scale = pol.scales[g];
+      nx[r].bias = pol.biases[g];
+    }
+    uint gw[16];
+    if (GAMMA && !STAGED) {
+      gemv_load_chunk_words<T>(gr + c * 32, gw);
+    }
+    acp_wait<1>();
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+      for (int j = 0; j < CW; ++j) {
+        const uint4 v = ring[stage][r * CW + j][tid];
+        ch[r].wd[4 * j + 0] = v.x;
+        ch[r].wd[4 * j + 1] = v.y;
+        ch[r].wd[4 * j + 2] = v.z;
+        ch[r].wd[4 * j + 3] = v.w;
+      }
+    }
+    half2 xh[16];
+    float xs;
+    float cb;
+    if (STAGED) {
+      cb = gemv_stage_get<FULL, BF>(xst, c, xh, xs);
+    } else {
+      uint u[16];
+      if (XU == 0) {
+        gemv_load_chunk_words<T>(xr + c * 32, u);
+      }
+#pragma unroll
+      for (int q = 0; q < XU; ++q) {
+        const uint4 v = ring[stage][ROWS * CW + q][tid];
+        u[4 * q + 0] = v.x;
+        u[4 * q + 1] = v.y;
+        u[4 * q + 2] = v.z;
+        u[4 * q + 3] = v.w;
+      }
+      cb = gemv_half_chunk<T, NORM>(u, gw, ss_lo, ss_hi, xs);
+      gemv_half_pairs_of<S1>(u, xh);
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float d = pol.dot_h(ch[r], xh, xs, key);
+      s[r] = BF ? metal::fma(d, cb, s[r]) : s[r] + d;
+    }
+    acp_issue<P, T, K, ROWS, CW, XU, LS>(pol, xr, rows, c + 2 * STRIDE, &ring[stage][0][tid]);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      ch[r].scale = nx[r].scale;
+      ch[r].bias = nx[r].bias;
+    }
+    stage ^= 1;
+  }
+  acp_wait<0>();
+  ss[0] = ss_lo + ss_hi;
+  const float back = GAMMA && !BF ? 16.0f : 1.0f;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    out[r] = simd_sum(s[r]) * back;
+  }
+}
+
+"""
+
+ACP_EDITS = [
+    ("""template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
+METAL_FUNC void gemv_dot_rows_on(gemv_path<false>,""",
+     ACP_FUNCTION + """template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
+METAL_FUNC void gemv_dot_rows_on(gemv_path<false>,"""),
+    ("""  gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL, SIMDS, XS>(
+      pol, pol2, xr, last, gr, rows, lane, part, sg, xst, out, out2, ss);""",
+     """  if constexpr (MB == 1 && !DUAL) {
+    gemv_dot_rows_acp<P, T, K, ROWS, NORM, SPLIT, SIMDS, (XS > 1)>(pol, xr, gr, rows, lane,
+                                                                   part, sg, xst, out, ss);
+  } else {
+    gemv_dot_rows_h<P, P2, T, K, ROWS, NORM, DUAL, SPLIT, MB, UNROLL, SIMDS, XS>(
+        pol, pol2, xr, last, gr, rows, lane, part, sg, xst, out, out2, ss);
+  }"""),
+]
+
 # The variants that edit gemv.metal, and their edits.
-GEMV_EDITS = {"xpf": XPF_EDITS, "fence": FENCE_EDITS}
+ACQ_EDITS = [(ACP_EDITS[0][0], "#define ACP_X_IN_RING 0\n" + ACP_EDITS[0][1]), ACP_EDITS[1]]
+
+GEMV_EDITS = {"xpf": XPF_EDITS, "fence": FENCE_EDITS, "acp": ACP_EDITS, "acq": ACQ_EDITS}
 
 LAUNCH = re.compile(r"r(\d+)t(\d+)s([01])(?:b(\d+))?$")
 DEFAULT_PATTERN_LAUNCH = "r8t128s1"
@@ -238,7 +432,7 @@ def parse_launch(text):
 
 def parse_variant(text):
     """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, hsum,
-    xpf, fence or pattern."""
+    xpf, fence, acp, acq or pattern."""
     if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
@@ -254,7 +448,7 @@ def parse_variant(text):
         return "launch", parse_launch(text)
     raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
                      f"(r8t128s1), sbi:<launch>, hsum:<launch>, xpf:<launch>, "
-                     f"fence:<launch> or pattern:w|wsb|wsbi.")
+                     f"fence:<launch>, acp:<launch>, acq:<launch> or pattern:w|wsb|wsbi.")
 
 
 def _source_root(files):
@@ -283,7 +477,7 @@ def apply_edits(text, edits):
 
 def variant_kernel(kind):
     """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi``,
-    ``hsum``, ``xpf`` or ``fence``."""
+    ``hsum``, ``xpf``, ``fence``, ``acp`` or ``acq``."""
     from mlx_foundry import sources
     from mlx_foundry.args import Output
     from mlx_foundry.compound import CompoundKernel

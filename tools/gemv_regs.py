@@ -30,6 +30,10 @@ GEMV waits on an H200"). ``--fence`` compiles the linear cases as
 ``tools/gemv_ab.py``'s ``fence`` variant, which keeps those loads an iteration ahead::
 
     python tools/gemv_regs.py "linear 14336" --distance --fence --rows 4
+
+``--variant acp`` / ``--variant acq`` compile them as the ``cp.async`` ring variants
+instead (``--fence`` is ``--variant fence``); ptxas then reports the ring's shared
+memory, which must stay within the 48 KB of static shared memory.
 """
 
 import argparse
@@ -175,11 +179,12 @@ def load_use_distances(sass):
     return len(loop), out
 
 
-def _fence_kernel():
-    """The linear kernel of ``tools/gemv_ab.py``'s ``fence`` variant."""
+def _variant_kernel(kind):
+    """The linear kernel of one of ``tools/gemv_ab.py``'s source variants (``fence``,
+    ``acp``)."""
     import gemv_ab
 
-    return gemv_ab.variant_kernel("fence")
+    return gemv_ab.variant_kernel(kind)
 
 
 def main():
@@ -193,17 +198,19 @@ def main():
                    help="MINBLOCKS=N: compile under __launch_bounds__(THREADS, N)")
     p.add_argument("--distance", action="store_true",
                    help="instructions from each 16-byte load of the main loop to its use")
-    p.add_argument("--fence", action="store_true",
-                   help="the linear cases as gemv_ab's fence variant (others are skipped)")
+    p.add_argument("--fence", action="store_true", help="--variant fence")
+    p.add_argument("--variant", choices=["fence", "acp", "acq"],
+                   help="the linear cases as this gemv_ab variant (others are skipped)")
     args = p.parse_args()
-    fence = _fence_kernel() if args.fence else None
+    kind = "fence" if args.fence else args.variant
+    fence = _variant_kernel(kind) if kind else None
     for label, kernel, kwargs in _cases(getattr(mx, args.dtype)):
         if args.only and not any(o in label for o in args.only):
             continue
         if fence is not None:
             if not label.startswith("linear "):
                 continue
-            kernel, label = fence, label + " (fence)"
+            kernel, label = fence, f"{label} ({kind})"
         if args.rows is not None:
             kwargs["ROWS"] = args.rows
         if args.splitk is not None:
