@@ -1,0 +1,72 @@
+"""tools/decode_launch_ab.py and tools/node_cost.py on the reference backend (CPU): the
+commands run, check their launches against each other, and time what they say."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def launch_ab():
+    return _load("decode_launch_ab")
+
+
+def test_decode_launch_ab_times_every_launch_both_ways(launch_ab, capsys):
+    res = launch_ab.main(["norm_gate_up_swiglu", "--launches", "r4t128s0b4", "r3t128s0",
+                          "--rounds", "1", "--calls", "2", "--backend", "reference"])
+    assert set(res) == {"chained", "independent"}
+    for mode in res.values():
+        assert set(mode) == {"r4t128s0b4", "r3t128s0"} and all(t > 0 for t in mode.values())
+    out = capsys.readouterr().out
+    # The reference ignores launch constants: every launch agrees with the first exactly.
+    assert "check r3t128s0: max |diff| against r4t128s0b4 0\n" in out
+
+
+def test_decode_launch_ab_chain_waits_for_the_previous_call(launch_ab):
+    """Chained, each call gets a new x made from the previous call's output (so the graph
+    orders them), equal in value to its own; independent, its own x as it is."""
+    import mlx.core as mx
+
+    seen = []
+
+    def kern(backend, x, **kw):
+        seen.append(x)
+        return x * 2
+
+    xs = [mx.arange(4, dtype=mx.float16) + i for i in range(3)]
+    for chained in (True, False):
+        seen.clear()
+        run = launch_ab.runner(kern, "reference", {"ROWS": 4}, chained)
+        for x in xs:
+            run({"x": x})
+        assert seen[0] is xs[0]
+        for x, got in zip(xs[1:], seen[1:]):
+            assert (got is x) is not chained
+            assert mx.array_equal(got, x).item()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["no_such_op", "--launches", "r4t128s0"], "unknown op"),
+    (["o_proj+residual", "--launches", "r4t128"], "rRtTsS"),
+])
+def test_decode_launch_ab_refuses_bad_arguments(launch_ab, argv, match):
+    with pytest.raises((SystemExit, ValueError), match=match):
+        launch_ab.main(argv + ["--backend", "reference", "--rounds", "1"])
+
+
+def test_node_cost_measures_every_case(capsys):
+    tool = _load("node_cost")
+    res = tool.main(["--calls", "4", "--repeats", "1"])
+    assert set(res) == set(tool.cases())
+    assert all(ev > 0 and build > 0 for ev, build in res.values())
+    assert "ops.linear q4 (Weight)" in capsys.readouterr().out
