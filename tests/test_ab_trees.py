@@ -1,24 +1,20 @@
 """tools/ab_trees.py: two trees benched in turn, each importing its own package."""
 
-import importlib.util
 import json
-import pathlib
 import shutil
 import subprocess
 
 import pytest
+from tool_loader import TOOLS, load_tool
 
 from mlx_foundry.backends import gpu_backend as _gpu_backend
 
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "ab_trees.py"
+TOOL = TOOLS / "ab_trees.py"
 
 
 @pytest.fixture(scope="module")
 def ab():
-    spec = importlib.util.spec_from_file_location("ab_trees", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("ab_trees")
 
 
 def _git_checkout():

@@ -1,20 +1,13 @@
 """tools/cache_copies.py: its per-token summary, and a tiny decode on the CPU."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
+from tool_loader import TOOLS, load_tool
 
 
 @pytest.fixture
 def tool(monkeypatch):
     monkeypatch.syspath_prepend(str(TOOLS))  # main() imports decode_breakdown beside it
-    spec = importlib.util.spec_from_file_location("cache_copies", TOOLS / "cache_copies.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("cache_copies")
 
 
 def test_summary_drops_the_first_tokens_and_counts_block_sized_peaks(tool):

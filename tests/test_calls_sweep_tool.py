@@ -1,20 +1,14 @@
 """tools/calls_sweep.py: the line it fits, and a run on the reference backend (CPU)."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
-
-TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
+from tool_loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("calls_sweep", TOOLS / "calls_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("calls_sweep")
 
 
 def test_fit_line_recovers_fixed_and_per_call_parts(tool):

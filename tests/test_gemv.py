@@ -1,7 +1,5 @@
 """GEMV stages and epilogues: references, dispatch, assembled source, CUDA compile check."""
 
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -438,14 +436,10 @@ def test_tuned_mblock_is_used_when_valid(monkeypatch):
 
 def _gemv_regs_tool(monkeypatch):
     """tools/gemv_regs.py as a module (its folder on sys.path for decode_shapes)."""
-    import importlib.util
+    from tool_loader import TOOLS, load_tool
 
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    monkeypatch.syspath_prepend(str(tools))
-    spec = importlib.util.spec_from_file_location("gemv_regs", tools / "gemv_regs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    monkeypatch.syspath_prepend(str(TOOLS))
+    return load_tool("gemv_regs")
 
 
 @pytest.mark.slow

@@ -1,22 +1,15 @@
 """tools/gemv_ab.py: its variants' parsing, its source edits against the kernel as it is
 now, the launches it records (CPU), and the CUDA units it builds (nvcc, where present)."""
 
-import importlib.util
-import pathlib
-
 import mlx.core as mx
 import numpy as np
 import pytest
-
-TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
+from tool_loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("gemv_ab", TOOLS / "gemv_ab.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("gemv_ab")
 
 
 @pytest.fixture(scope="module")

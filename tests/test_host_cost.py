@@ -2,26 +2,22 @@
 stand-in kernel object, on a machine without a GPU."""
 
 import importlib
-import importlib.util
-import pathlib
 
 import mlx.core as mx
 import pytest
+from tool_loader import TOOLS, load_tool
 
 import mlx_foundry as mf
 from mlx_foundry import backends
 from mlx_foundry.backends import cuda
 
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "host_cost.py"
 lin = importlib.import_module("mlx_foundry.ops.linear")
 
 
 @pytest.fixture
 def host_cost(monkeypatch):
-    monkeypatch.syspath_prepend(str(TOOL.parent))  # its sibling decode_breakdown
-    spec = importlib.util.spec_from_file_location("host_cost", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    monkeypatch.syspath_prepend(str(TOOLS))  # its sibling decode_breakdown
+    mod = load_tool("host_cost")
     # Everything fake_cuda() replaces is put back afterwards, and the plans built with
     # the stand-in are forgotten: later tests (on a GPU too) see the real backend.
     backends._probe()

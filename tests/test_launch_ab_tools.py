@@ -1,24 +1,13 @@
 """tools/decode_launch_ab.py and tools/node_cost.py on the reference backend (CPU): the
 commands run, check their launches against each other, and time what they say."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tool_loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def launch_ab():
-    return _load("decode_launch_ab")
+    return load_tool("decode_launch_ab")
 
 
 def test_decode_launch_ab_times_every_launch_both_ways(launch_ab, capsys):
@@ -65,7 +54,7 @@ def test_decode_launch_ab_refuses_bad_arguments(launch_ab, argv, match):
 
 
 def test_node_cost_measures_every_case(capsys):
-    tool = _load("node_cost")
+    tool = load_tool("node_cost")
     res = tool.main(["--calls", "4", "--repeats", "1"])
     assert set(res) == set(tool.cases())
     assert all(ev > 0 and build > 0 for ev, build in res.values())
