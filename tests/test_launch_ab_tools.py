@@ -21,10 +21,12 @@ def test_decode_launch_ab_times_every_launch_both_ways(launch_ab, capsys):
     assert "check r3t128s0: max |diff| against r4t128s0b4 0\n" in out
 
 
-def test_decode_launch_ab_chain_waits_for_the_previous_call(launch_ab):
+def test_kernel_runner_chain_waits_for_the_previous_call():
     """Chained, each call gets a new x made from the previous call's output (so the graph
     orders them), equal in value to its own; independent, its own x as it is."""
     import mlx.core as mx
+
+    from mlx_foundry.bench.autotune import kernel_runner
 
     seen = []
 
@@ -35,7 +37,7 @@ def test_decode_launch_ab_chain_waits_for_the_previous_call(launch_ab):
     xs = [mx.arange(4, dtype=mx.float16) + i for i in range(3)]
     for chained in (True, False):
         seen.clear()
-        run = launch_ab.runner(kern, "reference", {"ROWS": 4}, chained)
+        run = kernel_runner(kern, "reference", {"ROWS": 4}, chained=chained)
         for x in xs:
             run({"x": x})
         assert seen[0] is xs[0]

@@ -24,8 +24,6 @@ import json
 import statistics
 import sys
 
-import mlx.core as mx
-
 
 def fit_line(counts, totals):
     """Least-squares ``(fixed, per_call)`` of ``totals[i] ~ fixed + counts[i] * per_call``."""
@@ -37,23 +35,14 @@ def fit_line(counts, totals):
     return mt - slope * mc, slope
 
 
-def _read_fn(nbytes, backend, pool_bytes):
-    from mlx_foundry.bench import timing
-    from mlx_foundry.bench.read_probe import probe_words, read_probe
-
-    words = probe_words(nbytes)
-    pool = timing.make_pool(lambda i: (mx.full((words,), i, dtype=mx.uint32),), 4 * words,
-                            pool_bytes)
-    return (lambda x: read_probe(x, backend=backend)), pool
-
-
 def sweep_case(case, ctx, counts, rounds, repeats):
     """Per-call medians at each count and the fitted line, for baseline, ours and read."""
     from mlx_foundry.bench import timing
 
     pool = timing.make_pool(case.make, case.nbytes, ctx.pool_bytes)
     fns = {"baseline": (case.baseline, pool), "ours": (case.candidate(ctx.backend), pool),
-           "read": _read_fn(case.nbytes, ctx.backend, ctx.pool_bytes)}
+           "read": timing.plain_read_call(case.nbytes, backend=ctx.backend,
+                                          pool_bytes=ctx.pool_bytes)[:2]}
     per = {name: {n: [] for n in counts} for name in fns}
     for _ in range(rounds):
         for n in counts:

@@ -52,19 +52,6 @@ def setup(op, backend):
     return backend, found[0], pool
 
 
-def runner(kern, backend, params, chained):
-    """One call of ``kern`` at ``params`` per input set, waiting for the previous call
-    when ``chained``."""
-    from mlx_foundry.bench.autotune import Chain
-
-    chain = Chain()
-
-    def run(kw):
-        x = chain.wait(kw["x"]) if chained else kw["x"]
-        return chain.done(kern(backend=backend, **dict(kw, x=x), **params))
-    return run
-
-
 def _flat(out):
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -77,6 +64,7 @@ def max_diff(a, b):
 
 def main(argv=None):
     from mlx_foundry.bench import timing
+    from mlx_foundry.bench.autotune import kernel_runner
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("op")
@@ -93,34 +81,25 @@ def main(argv=None):
         launches[text] = dict(p, UNROLL=1, MBLOCK=1)
     backend, kern, pool = setup(a.op, a.backend)
     first = next(iter(launches))
-    ref = runner(kern, backend, launches[first], False)(*pool[0])
+    ref = kernel_runner(kern, backend, launches[first], chained=False)(*pool[0])
     for name, p in launches.items():
-        d = max_diff(runner(kern, backend, p, False)(*pool[0]), ref)
+        d = max_diff(kernel_runner(kern, backend, p, chained=False)(*pool[0]), ref)
         print(f"check {name}: max |diff| against {first} {d:.3g}")
     if a.ncu:
-        import ctypes
-
-        with open(a.ncu, "w") as f:
-            f.write("\n".join(launches))
-        runs = {n: runner(kern, backend, p, False) for n, p in launches.items()}
-        for run in runs.values():  # compiles outside the profiled range
+        runs = {n: (kernel_runner(kern, backend, p, chained=False),)
+                for n, p in launches.items()}
+        for (run,) in runs.values():  # compiles outside the profiled range
             mx.eval(_flat(run(*pool[0])))
-        driver = ctypes.CDLL("libcuda.so.1")
-        mx.synchronize()
-        driver.cuProfilerStart()
-        for rnd in range(3):
-            for i, run in enumerate(runs.values()):
-                mx.eval(_flat(run(*pool[(rnd + i) % len(pool)])))
-                mx.synchronize()
-        driver.cuProfilerStop()
+        gab._profile(runs, pool, 3, a.ncu)  # three launches each, labels in launch order
         return {}
     results = {}
     for mode in ("chained", "independent"):
         times = {n: [] for n in launches}
         for _ in range(a.rounds):
             for n, p in launches.items():
-                t = timing.measure(runner(kern, backend, p, mode == "chained"), pool,
-                                   repeats=1, calls=a.calls)
+                t = timing.measure(kernel_runner(kern, backend, p,
+                                                 chained=mode == "chained"),
+                                   pool, repeats=1, calls=a.calls)
                 times[n].append(t.median_s)
         base = statistics.median(times[first])
         print(mode)

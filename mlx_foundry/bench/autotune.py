@@ -121,6 +121,20 @@ class Chain:
         return out
 
 
+def kernel_runner(kern, backend, params, *, chained=True):
+    """``run(kw)``: one call of ``kern`` with the launch keywords ``kw`` of an input set
+    (:func:`_captured`) at the launch constants ``params``; with ``chained`` each call's
+    ``x`` waits for the previous call's output (:class:`Chain`), as a decode step runs and
+    the tuner times."""
+    chain = Chain()
+
+    def run(kw):
+        if chained:
+            kw = dict(kw, x=chain.wait(kw["x"]))
+        return chain.done(kern(backend=backend, **kw, **params))
+    return run
+
+
 def kernel_key(kern, backend):
     """The tuning key of one kernel on one backend: ``"<backend>:<kernel name>"``."""
     return f"{backend}:{kern.name}"
@@ -212,12 +226,7 @@ def _tune_op(make, n, k, set_bytes, candidates, backend, pool_bytes, *, head_dim
     kern = found[0]
 
     def build(params):
-        chain = Chain()
-
-        def run(kw):
-            kw = dict(kw, x=chain.wait(kw["x"]))
-            return chain.done(kern(backend=backend, **kw, **params))
-        return run
+        return kernel_runner(kern, backend, params)
 
     lin = importlib.import_module("mlx_foundry.ops.linear")  # the module, not the op
     # A launch constant a candidate leaves out takes its stage default (MBLOCK 1, UNROLL

@@ -269,6 +269,19 @@ def copy_ceiling(nbytes_buffer, *, repeats=10, dtype=mx.float32, target_s=0.05, 
             "buffer_bytes": n * itemsize, "timing": t.as_dict()}
 
 
+def plain_read_call(nbytes, *, backend, pool_bytes, probe=None):
+    """``(fn, pool, nbytes read)``: the plain read of :func:`plain_read` as a case's call
+    and its input pool (``nbytes`` rounded up to 16 bytes, one distinct buffer per set, a
+    pool built by :func:`make_pool` with ``pool_bytes``), for timings of one's own."""
+    from .read_probe import probe_words, read_probe
+
+    words = probe_words(nbytes)
+    pool = make_pool(lambda i: (mx.full((words,), i, dtype=mx.uint32),), 4 * words,
+                     pool_bytes)
+    probe = probe or {}
+    return (lambda x: read_probe(x, backend=backend, **probe)), pool, 4 * words
+
+
 def plain_read(nbytes, *, backend, pool_bytes, repeats=10, probe=None, **kw):
     """The time of a plain streaming read of ``nbytes`` bytes, measured as a case is.
 
@@ -288,12 +301,8 @@ def plain_read(nbytes, *, backend, pool_bytes, repeats=10, probe=None, **kw):
     Returns:
         dict: ``{"us", "gbps", "bytes", "timing"}``.
     """
-    from .read_probe import probe_words, read_probe
-
-    words = probe_words(nbytes)
-    pool = make_pool(lambda i: (mx.full((words,), i, dtype=mx.uint32),), 4 * words,
-                     pool_bytes)
-    probe = probe or {}
-    t = measure(lambda x: read_probe(x, backend=backend, **probe), pool, repeats=repeats, **kw)
-    return {"us": t.us, "gbps": 4 * words / t.median_s / 1e9, "bytes": 4 * words,
+    fn, pool, read = plain_read_call(nbytes, backend=backend, pool_bytes=pool_bytes,
+                                     probe=probe)
+    t = measure(fn, pool, repeats=repeats, **kw)
+    return {"us": t.us, "gbps": read / t.median_s / 1e9, "bytes": read,
             "timing": t.as_dict()}
