@@ -4,12 +4,15 @@ now, the launches it records (CPU), and the CUDA units it builds (nvcc, where pr
 import mlx.core as mx
 import numpy as np
 import pytest
-from tool_loader import load_tool
+from tool_loader import TOOLS, load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("gemv_ab")
+    # Its folder on sys.path: the mma: variant imports tools/gemv_mma.py beside it.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(TOOLS))
+        yield load_tool("gemv_ab")
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +20,8 @@ def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
                 "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "acp:r4t128s1",
-                "acq:r8t128s1", "acp:r4t128s0", "pattern:wsb", "pattern:w@r4t256s0",
-                "pattern:wsbi"]
+                "acq:r8t128s1", "acp:r4t128s0", "mma:t2s4b4", "mma:t1s2a4",
+                "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
     return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
 
 
@@ -38,7 +41,17 @@ def test_launches_and_variants_parse(tool):
                                                                "SPLITK": 1})
 
 
+def test_mma_launches_parse(tool):
+    assert tool.parse_variant("mma:t2s8a2b2") == ("mma", {"T": 2, "SIMDS": 8, "ACC": 2,
+                                                          "MINBLOCKS": 2})
+    assert tool.parse_variant("mma:t1s4") == ("mma", {"T": 1, "SIMDS": 4, "ACC": 1})
+
+
 @pytest.mark.parametrize("text,match", [
+    ("mma:t2", "tTsS"), ("mma:t5s4", "T \\(tiles of 16 rows\\) must be 1 to 4"),
+    ("mma:t2s3", "S \\(SIMD-groups\\) must be 1, 2, 4 or 8"),
+    ("mma:t2s4a3", "A \\(accumulators per tile\\) must be 1, 2 or 4"),
+    ("mma:t2s8b16", "'MINBLOCKS' must be"),
     ("r8t128", "rRtTsS"), ("r8t100s1", "'THREADS' must be a multiple of 32"),
     ("r40t128s0", "'ROWS' must be in"), ("r8t256s1b16", "'MINBLOCKS' must be"),
     ("pattern:ws", "'pattern:' takes one of"), ("fast:r8t128s1", "unknown variant"),
@@ -98,6 +111,10 @@ def test_dry_run_records_every_variant(recorded):
     assert launch["acq:r8t128s1"][0] == "linear_affine_4_64_acq"
     assert (launch["acq:r8t128s1"][1]["ROWS"], launch["acq:r8t128s1"][1]["SPLITK"]) == (8, 1)
     assert (launch["fence:r4t128s1"][1]["ROWS"], launch["fence:r4t128s1"][1]["SPLITK"]) == (4, 1)
+    name, kw = launch["mma:t2s4b4"]
+    assert name == "gemv_mma"
+    assert (kw["T"], kw["SIMDS"], kw["MINBLOCKS"], kw.get("ACC", 1)) == (2, 4, 4, 1)
+    assert launch["mma:t1s2a4"][1]["ACC"] == 4
     kw = launch["pattern:w@r4t256s0"][1]
     assert (kw["ROWS"], kw["SIMDS"], kw["SB"], kw["SPLIT"]) == (4, 8, 0, False)
     assert launch["pattern:wsbi"][1]["SB"] == 2
@@ -176,7 +193,8 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
 
 @pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "xpf:r8t128s1b4",
                                   "fence:r4t128s1", "acp:r4t128s1", "acq:r8t128s1",
-                                  "acp:r4t128s0", "pattern:wsb", "pattern:wsbi"])
+                                  "acp:r4t128s0", "mma:t2s4b4", "mma:t1s2a4", "pattern:wsb",
+                                  "pattern:wsbi"])
 def test_variants_compile_for_cuda(recorded, name, tmp_path):
     """Each variant's CUDA unit, as MLX would build it, compiles for sm_90 (nvcc)."""
     from nvrtc_like_mlx import nvcc_compile
@@ -200,7 +218,9 @@ def test_cuda_signature_names_uint16_as_mlx_does(recorded):
     (["--shape", "64x0"], "N must be positive"), (["--rounds", "0"], "--rounds must be"),
     (["--chain", "--variants", "read"], "--chain times GEMVs only"),
     (["--chain", "--variants", "op", "pattern:wsb"], "--chain times GEMVs only"),
-    (["--chain", "--ncu", "labels.txt"], "--chain times GEMVs only")])
+    (["--chain", "--ncu", "labels.txt"], "--chain times GEMVs only"),
+    (["--shape", "1024x264", "--variants", "mma:t1s4"], "N must be a multiple of the 16"),
+    (["--shape", "1088x256", "--variants", "mma:t1s4"], "K must be a multiple of 256")])
 def test_bad_arguments_are_refused(tool, args, match, capsys):
     with pytest.raises(SystemExit):
         tool.main(["--dry", "--variants", "op", *args])
@@ -245,3 +265,35 @@ def test_chained_calls_depend_on_the_call_before(tool):
     run2(x, None, None, None, None, {})
     run2(x, None, None, None, None, {})
     assert not np.isnan(np.array(nxt[0])).any() and np.isnan(np.array(nxt[1])).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n,launch", [
+    (256, 16, "t1s1"),          # one step, one tile, one SIMD-group
+    (768, 48, "t1s4"),          # three steps for four SIMD-groups: one has none
+    (1024, 96, "t2s4a2"),
+    (4096, 14336, "t2s4b4"),    # the decode shapes at the launches measured
+    (14336, 4096, "t2s8a2b2"),
+])
+def test_mma_variant_matches_quantized_matmul(gpu_backend, k, n, launch):
+    """The tensor-core GEMV (tools/gemv_mma.py) against x @ dequantize(w).T in float32 on
+    the CPU stream: seeded weights and x, max |ours - want| / max |want| under 4e-3 (f32
+    sums; x, the output and the pair sums of x in half). Not mx.quantized_matmul on the
+    CPU: with half inputs it is off by 0.6-3.2% of the largest output at these K."""
+    if gpu_backend != "cuda":
+        pytest.skip("the tensor-core GEMV is CUDA-only text")
+    mma = load_tool("gemv_mma")
+    mx.random.seed(28)
+    x = mx.random.normal((1, k)).astype(mx.float16)
+    w, s, b = mx.quantize(mx.random.normal((n, k)) * 0.05, group_size=64, bits=4)
+    s, b = s.astype(mx.float16), b.astype(mx.float16)
+    got = mma.mma_kernel()(x, w, s, b, backend="cuda", **mma.parse_launch(launch))
+    with mx.stream(mx.cpu):
+        dense = mx.dequantize(w, s, b, group_size=64, bits=4).astype(mx.float32)
+        want = x.astype(mx.float32) @ dense.T
+        mx.eval(want)
+    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    assert got.shape == (1, n)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    worst = int(np.abs(got - want).argmax())
+    assert err < 4e-3, (err, worst, got.flat[worst], want.flat[worst])

@@ -51,6 +51,9 @@ Variants:
   13.09 against 12.91 us) and lost on 14336 -> 4096 (``acq`` R8: 13.60 against 13.37
   us, under ncu 16.4-16.9 against 13.8 us; ``acp`` R4 2.8x slower, throttled on shared
   memory); not a candidate.
+- ``mma:tTsS``: the GEMV on tensor cores (``tools/gemv_mma.py``: T tiles of 8 rows per
+  threadgroup, S SIMD-groups splitting K), CUDA-only text: a measure of what fewer
+  instructions per weight byte buy.
 - ``pattern:w|wsb|wsbi``: a read of the weights, and the scales and biases (separate or
   interleaved), in the GEMV's access pattern (``pattern:...@rRtTsS``, default the op's
   split-K launch of 14336 -> 4096, R8 T128 S1), summing words: no dequantization.
@@ -432,10 +435,14 @@ def parse_launch(text):
 
 def parse_variant(text):
     """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, hsum,
-    xpf, fence, acp, acq or pattern."""
+    xpf, fence, acp, acq, mma or pattern."""
     if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
+    if kind == "mma":
+        from gemv_mma import parse_launch as mma_launch
+
+        return kind, mma_launch(rest)
     if kind == "pattern":
         what, _, launch = rest.partition("@")
         if what not in PATTERN_SB:
@@ -448,7 +455,8 @@ def parse_variant(text):
         return "launch", parse_launch(text)
     raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
                      f"(r8t128s1), sbi:<launch>, hsum:<launch>, xpf:<launch>, "
-                     f"fence:<launch>, acp:<launch>, acq:<launch> or pattern:w|wsb|wsbi.")
+                     f"fence:<launch>, acp:<launch>, acq:<launch>, mma:tTsS or "
+                     f"pattern:w|wsb|wsbi.")
 
 
 def _source_root(files):
@@ -580,6 +588,13 @@ def _runs(names, case, pool, n):
             weights = {id(st[1]): Weight(*st[1:4], group_size=GROUP, bits=BITS) for st in pool}
             runs[name] = (lambda x, w, s, b, sbi, kw: linear(x, weights[id(w)], backend=be),
                           "gemv")
+        elif kind == "mma":
+            from gemv_mma import check_shape, mma_kernel
+
+            check_shape(pool[0][1].shape[1] * 32 // BITS, n, spec)
+            kernels["mma"] = kernels.get("mma") or mma_kernel()
+            runs[name] = (lambda x, w, s, b, sbi, kw, kern=kernels["mma"], launch=spec:
+                          kern(x, w, s, b, backend=be, **launch), "gemv")
         elif kind == "pattern":
             pattern = pattern or pattern_kernel()
             what, launch = spec
@@ -655,7 +670,14 @@ def main(argv=None):
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1 but got {args.rounds}")
     for name in args.variants:
-        parse_variant(name)  # every error before any work
+        kind, spec = parse_variant(name)  # every error before any work
+        if kind == "mma":
+            from gemv_mma import check_shape
+
+            try:
+                check_shape(k, n, spec)
+            except ValueError as e:
+                p.error(str(e))
     if args.chain and (args.ncu or any(parse_variant(name)[0] in ("read", "pattern")
                                        for name in args.variants)):
         p.error("--chain times GEMVs only: leave out 'read', the pattern reads and --ncu")
