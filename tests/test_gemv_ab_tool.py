@@ -20,7 +20,8 @@ def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
                 "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "acp:r4t128s1",
-                "acq:r8t128s1", "acp:r4t128s0", "mma:t2s4b4", "mma:t1s2a4",
+                "acq:r8t128s1", "acp:r4t128s0", "l2p:r8t128s1", "l2p:r4t128s0",
+                "mma:t2s4b4", "mma:t1s2a4",
                 "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
     return tool.main(["--dry", "--shape", "1024x256", "--variants", *variants])
 
@@ -111,6 +112,8 @@ def test_dry_run_records_every_variant(recorded):
     assert launch["acq:r8t128s1"][0] == "linear_affine_4_64_acq"
     assert (launch["acq:r8t128s1"][1]["ROWS"], launch["acq:r8t128s1"][1]["SPLITK"]) == (8, 1)
     assert (launch["fence:r4t128s1"][1]["ROWS"], launch["fence:r4t128s1"][1]["SPLITK"]) == (4, 1)
+    assert launch["l2p:r8t128s1"][0] == "linear_affine_4_64_l2p"
+    assert (launch["l2p:r4t128s0"][1]["ROWS"], launch["l2p:r4t128s0"][1]["SPLITK"]) == (4, 0)
     name, kw = launch["mma:t2s4b4"]
     assert name == "gemv_mma"
     assert (kw["T"], kw["SIMDS"], kw["MINBLOCKS"], kw.get("ACC", 1)) == (2, 4, 4, 1)
@@ -140,9 +143,15 @@ def test_variant_sources_hold_their_change(recorded):
         assert "cp.async.cg.shared.global" in h and "gemv_dot_rows_acp<" in h
     # x rides in the ring by default; acq loads it in the loop instead.
     assert "#define ACP_X_IN_RING 0" in acq_header and "#define ACP_X_IN_RING 0" not in acp_header
+    l2p = recorded["l2p:r8t128s1"]
+    l2p_header = l2p[0].source(*l2p[1], **l2p[2]).header
+    # One prefetch each of weights, scales and biases, before the first weight loads.
+    assert l2p_header.count("l2p_prefetch(pol.") == 3
+    assert (l2p_header.index("l2p_prefetch(pol.w")
+            < l2p_header.index("ch[r] = pol.load_h(rows[r], c0)"))
     op = recorded["op"]
     header = op[0].source(*op[1], **op[2]).header
-    assert "cp.async" not in header
+    assert "cp.async" not in header and "l2p_prefetch" not in header
     assert "XPF" not in header and "PolicyAffineSBI" not in header  # the package untouched
     assert "simdgroup_barrier(mem_flags::mem_none)" not in header
     assert "const half2 hs" not in header
@@ -193,7 +202,8 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
 
 @pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "xpf:r8t128s1b4",
                                   "fence:r4t128s1", "acp:r4t128s1", "acq:r8t128s1",
-                                  "acp:r4t128s0", "mma:t2s4b4", "mma:t1s2a4", "pattern:wsb",
+                                  "acp:r4t128s0", "l2p:r8t128s1", "l2p:r4t128s0", "mma:t2s4b4",
+                                  "mma:t1s2a4", "pattern:wsb",
                                   "pattern:wsbi"])
 def test_variants_compile_for_cuda(recorded, name, tmp_path):
     """Each variant's CUDA unit, as MLX would build it, compiles for sm_90 (nvcc)."""

@@ -51,6 +51,10 @@ Variants:
   13.09 against 12.91 us) and lost on 14336 -> 4096 (``acq`` R8: 13.60 against 13.37
   us, under ncu 16.4-16.9 against 13.8 us; ``acp`` R4 2.8x slower, throttled on shared
   memory); not a candidate.
+- ``l2p:<launch>``: the GEMV with one bulk L2 prefetch (``cp.async.bulk.prefetch.L2``,
+  sm_90) of each SIMD-group's rows (weights, scales, biases) before its first loads:
+  bytes requested from DRAM without registers or shared memory to hold them. CUDA-only
+  text.
 - ``mma:tTsS``: the GEMV on tensor cores (``tools/gemv_mma.py``: T tiles of 8 rows per
   threadgroup, S SIMD-groups splitting K), CUDA-only text: a measure of what fewer
   instructions per weight byte buy.
@@ -406,10 +410,52 @@ METAL_FUNC void gemv_dot_rows_on(gemv_path<false>,"""),
   }"""),
 ]
 
+# l2p: (text of gemv.metal, replacement) pairs. CUDA-only text (inline PTX, sm_90): each
+# SIMD-group's first lane (with split K, the first SIMD-group's) asks for its rows'
+# weights, scales and biases with one bulk L2 prefetch each (cp.async.bulk.prefetch.L2,
+# no registers, no shared memory) before the first loads, so that the loads that follow
+# find them in L2.
+L2P_FUNCTION = """
+// l2p (gemv_ab): a bulk prefetch of [p, p + bytes) into L2 (sm_90; 16-byte aligned).
+METAL_FUNC void l2p_prefetch(const device void* p, uint bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\\n" ::"l"(p), "r"(bytes)
+               : "memory");
+}
+
+"""
+
+L2P_EDITS = [
+    ("""template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
+METAL_FUNC void gemv_dot_rows_h(""",
+     L2P_FUNCTION + """template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
+METAL_FUNC void gemv_dot_rows_h("""),
+    ("""  typename P::HalfChunk ch[ROWS];
+  typename P2::HalfChunk ch2[ROWS];
+  {
+    const int c0 = metal::min(int(lane) + 32 * int(part), FULL - 1);""",
+     """  if (lane == 0u && part == 0u) {
+    // The rows are consecutive (the last ones clamped to N - 1: counted once).
+    constexpr uint WB = uint(P::WORDS_PER_ROW) * 4u;
+    constexpr uint SB = uint(P::GROUPS_PER_ROW) * uint(sizeof(pol.scales[0]));
+    static_assert(WB % 16u == 0u && SB % 16u == 0u, "l2p: 16-byte rows");
+    const uint nr = rows[ROWS - 1] - rows[0] + 1u;
+    l2p_prefetch(pol.w + rows[0] * uint(P::WORDS_PER_ROW), nr * WB);
+    l2p_prefetch(pol.scales + rows[0] * uint(P::GROUPS_PER_ROW), nr * SB);
+    l2p_prefetch(pol.biases + rows[0] * uint(P::GROUPS_PER_ROW), nr * SB);
+  }
+  typename P::HalfChunk ch[ROWS];
+  typename P2::HalfChunk ch2[ROWS];
+  {
+    const int c0 = metal::min(int(lane) + 32 * int(part), FULL - 1);"""),
+]
+
 # The variants that edit gemv.metal, and their edits.
 ACQ_EDITS = [(ACP_EDITS[0][0], "#define ACP_X_IN_RING 0\n" + ACP_EDITS[0][1]), ACP_EDITS[1]]
 
-GEMV_EDITS = {"xpf": XPF_EDITS, "fence": FENCE_EDITS, "acp": ACP_EDITS, "acq": ACQ_EDITS}
+GEMV_EDITS = {"xpf": XPF_EDITS, "fence": FENCE_EDITS, "acp": ACP_EDITS, "acq": ACQ_EDITS,
+              "l2p": L2P_EDITS}
 
 LAUNCH = re.compile(r"r(\d+)t(\d+)s([01])(?:b(\d+))?$")
 DEFAULT_PATTERN_LAUNCH = "r8t128s1"
@@ -435,7 +481,7 @@ def parse_launch(text):
 
 def parse_variant(text):
     """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, hsum,
-    xpf, fence, acp, acq, mma or pattern."""
+    xpf, fence, acp, acq, l2p, mma or pattern."""
     if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
@@ -455,7 +501,7 @@ def parse_variant(text):
         return "launch", parse_launch(text)
     raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
                      f"(r8t128s1), sbi:<launch>, hsum:<launch>, xpf:<launch>, "
-                     f"fence:<launch>, acp:<launch>, acq:<launch>, mma:tTsS or "
+                     f"fence:<launch>, acp:<launch>, acq:<launch>, l2p:<launch>, mma:tTsS or "
                      f"pattern:w|wsb|wsbi.")
 
 
@@ -485,7 +531,7 @@ def apply_edits(text, edits):
 
 def variant_kernel(kind):
     """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi``,
-    ``hsum``, ``xpf``, ``fence``, ``acp`` or ``acq``."""
+    ``hsum``, ``xpf``, ``fence``, ``acp``, ``acq`` or ``l2p``."""
     from mlx_foundry import sources
     from mlx_foundry.args import Output
     from mlx_foundry.compound import CompoundKernel
