@@ -277,6 +277,39 @@ def test_chained_calls_depend_on_the_call_before(tool):
     assert not np.isnan(np.array(nxt[0])).any() and np.isnan(np.array(nxt[1])).all()
 
 
+def _mma_dispatch(x, w, s, b, launch):
+    """The mma kernel's dispatch for these arrays (as a launch resolves it), on the CPU."""
+    mma = load_tool("gemv_mma")
+    prog = mma.mma_kernel()
+    bound, given = prog.bind(x, w, s, b, **mma.parse_launch(launch))
+    return prog.dispatch_config(bound.with_constants(prog._constants(bound, given)))
+
+
+def test_mma_dispatch_covers_the_rows():
+    k, n = 1024, 96
+    w, s, b = (mx.zeros((n, k // 8), mx.uint32), mx.zeros((n, k // 64), mx.float16),
+               mx.zeros((n, k // 64), mx.float16))
+    x = mx.zeros((1, k), mx.float16)
+    cfg = _mma_dispatch(x, w, s, b, "t2s4")
+    # 96 rows in threadgroups of 32 (two tiles of 16), four SIMD-groups each.
+    assert (cfg.groups, cfg.threads) == ((3, 1, 1), (128, 1, 1))
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (((2, 1024), (96, 128), (96, 16)), "'x' must be one row"),
+    (((1, 1024), (96, 64), (96, 16)), "'w' must be \\(N, K / 8\\) = \\(N, 128\\)"),
+    (((1, 1024), (96, 128), (96, 8)), "'scales' must be \\(N, K / 64\\) = \\(96, 16\\)"),
+    (((1, 1088), (96, 136), (96, 17)), "K must be a multiple of 256"),
+    (((1, 1024), (88, 128), (88, 16)), "N must be a multiple of the 32 rows"),
+])
+def test_mma_dispatch_refuses_what_it_does_not_cover(shapes, match):
+    (xs, ws, ss) = shapes
+    x, w = mx.zeros(xs, mx.float16), mx.zeros(ws, mx.uint32)
+    s = mx.zeros(ss, mx.float16)
+    with pytest.raises(ValueError, match=match):
+        _mma_dispatch(x, w, s, s, "t2s4")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n,launch", [
     (256, 16, "t1s1"),          # one step, one tile, one SIMD-group

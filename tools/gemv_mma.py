@@ -305,8 +305,20 @@ def mma_kernel():
     from mlx_foundry.args import Constant, Output, Tensor
     from mlx_foundry.dispatch import DispatchConfig
 
-    def groups(b):  # threadgroups
-        return b.w.shape[0] // (16 * b.T)
+    def dispatch(b):
+        k, n = b.x.shape[1], b.w.shape[0]
+        if b.x.shape[0] != 1:
+            raise ValueError(f"[gemv_mma] 'x' must be one row (1, K) but has shape "
+                             f"{tuple(b.x.shape)}.")
+        if b.w.shape[1] * 32 // BITS != k:
+            raise ValueError(f"[gemv_mma] 'w' must be (N, K / 8) = (N, {k // 8}) for x's K "
+                             f"{k} but has shape {tuple(b.w.shape)}.")
+        for name in ("scales", "biases"):
+            if tuple(b[name].shape) != (n, k // GROUP):
+                raise ValueError(f"[gemv_mma] {name!r} must be (N, K / {GROUP}) = "
+                                 f"({n}, {k // GROUP}) but has shape {tuple(b[name].shape)}.")
+        check_shape(k, n, {"T": b.T})
+        return DispatchConfig((n // (16 * b.T),), (32 * b.SIMDS,))
 
     return Kernel(
         "gemv_mma", source_text=MMA_SOURCE, function="gemv_mma",
@@ -326,4 +338,4 @@ def mma_kernel():
         threadgroup=("uint4 mma_xst[XUNITS]", "float mma_part[PARTS]"),
         attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
                     "thread_index_in_simdgroup"),
-        dispatch=lambda b: DispatchConfig((groups(b),), (32 * b.SIMDS,)))
+        dispatch=dispatch)
