@@ -17,7 +17,9 @@ position reaches the graph as arrays made on the device (the
 
 - the fused Q/K/V + RoPE launch takes it as its RoPE offset;
 - the token's keys and values go into the cache buffer with
-  ``mx.put_along_axis`` at that position (a slice update needs a Python offset);
+  ``mx.put_along_axis`` at that position, one ``scatter_axis`` kernel (a slice update
+  needs a Python offset; ``mx.slice_update`` with an array start took 21 us per block
+  on an H100, reading the start from host memory: BENCHMARKS.md);
 - the attention is :func:`mlx_foundry.ops.decode_attention` over the whole buffer
   with the length as an array (one kernel up to
   :data:`~mlx_foundry.ops.attention.ONE_PASS_MAX_LEN` positions of capacity, else
