@@ -42,6 +42,8 @@ D[g][2c], D[g][2c + 1] (and rows g + 8) with their groups' scales, biases and su
 ``x``.
 """
 
+import re
+
 BITS, GROUP = 4, 64
 STEP = 256  # elements of K per row per step: four groups of 64
 
@@ -259,17 +261,26 @@ METAL_FUNC void gemv_mma(const device half* x, const device uint* w,
 }
 """
 
+STATIC_SHARED = 48 * 1024  # bytes of static shared memory a CUDA kernel may declare
+
+
+def shared_bytes(k, launch):
+    """Shared memory of a launch: x's pairs (K / 8 units of 16 bytes), a zero unit, the
+    sums of x per group (floats, padded to whole units), and the SIMD-groups' partial
+    sums."""
+    units = k // 8 + 1 + (k // GROUP + 3) // 4
+    return 16 * units + 4 * 16 * launch["T"] * launch["SIMDS"]
+
+
 def parse_launch(text):
     """``"t2s8a2b2"`` -> ``{"T": 2, "SIMDS": 8, "ACC": 2, "MINBLOCKS": 2}``: ``aA``, the
     independent MMA accumulators per tile (default 1: one chain of 16 dependent MMAs per
     step); ``bB``, CUDA's ``__launch_bounds__(THREADS, B)`` (the GEMV stages'
     ``MINBLOCKS``)."""
-    import re
-
     m = re.match(r"t(\d+)s(\d+)(?:a(\d+))?(?:b(\d+))?$", text)
     if m is None:
-        raise ValueError(f"[gemv_mma] a launch is written tTsS[bB] (e.g. t2s4, t2s8b2) but "
-                         f"got {text!r}.")
+        raise ValueError(f"[gemv_mma] a launch is written tTsS[aA][bB] (e.g. t2s4, t2s8a2b2) "
+                         f"but got {text!r}.")
     tiles, simds = int(m[1]), int(m[2])
     if not 1 <= tiles <= 4:
         raise ValueError(f"[gemv_mma] T (tiles of 16 rows) must be 1 to 4 but got {tiles}.")
@@ -295,6 +306,10 @@ def check_shape(k, n, launch):
     if n % rows:
         raise ValueError(f"[gemv_mma] N must be a multiple of the {rows} rows of a "
                          f"threadgroup but got {n}.")
+    if shared_bytes(k, launch) > STATIC_SHARED:
+        raise ValueError(f"[gemv_mma] K {k} needs {shared_bytes(k, launch)} bytes of shared "
+                         f"memory at this launch, over CUDA's {STATIC_SHARED} of static "
+                         f"shared memory.")
 
 
 def mma_kernel():
@@ -317,7 +332,7 @@ def mma_kernel():
             if tuple(b[name].shape) != (n, k // GROUP):
                 raise ValueError(f"[gemv_mma] {name!r} must be (N, K / {GROUP}) = "
                                  f"({n}, {k // GROUP}) but has shape {tuple(b[name].shape)}.")
-        check_shape(k, n, {"T": b.T})
+        check_shape(k, n, {"T": b.T, "SIMDS": b.SIMDS})
         return DispatchConfig((n // (16 * b.T),), (32 * b.SIMDS,))
 
     return Kernel(
@@ -334,7 +349,7 @@ def mma_kernel():
               Constant("PARTS", value=lambda b: 16 * b.T * b.SIMDS),
               # x's pairs (K / 8 units), a zero unit, K / 64 sums as floats
               Constant("XUNITS", value=lambda b: b.x.shape[1] // 8 + 1
-                       + (b.x.shape[1] // 64 + 3) // 4)],
+                       + (b.x.shape[1] // GROUP + 3) // 4)],
         threadgroup=("uint4 mma_xst[XUNITS]", "float mma_part[PARTS]"),
         attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
                     "thread_index_in_simdgroup"),
