@@ -2,12 +2,15 @@
 commands run, check their launches against each other, and time what they say."""
 
 import pytest
-from tool_loader import load_tool
+from tool_loader import TOOLS, load_tool
 
 
 @pytest.fixture(scope="module")
 def launch_ab():
-    return load_tool("decode_launch_ab")
+    # Its folder on sys.path: it imports gemv_ab beside it.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(TOOLS))
+        yield load_tool("decode_launch_ab")
 
 
 def test_decode_launch_ab_times_every_launch_both_ways(launch_ab, capsys):

@@ -21,21 +21,11 @@ the launch constants change nothing: the CPU test of the tool.
 """
 
 import argparse
-import importlib.util
-import os
 import statistics
 import sys
 
+import gemv_ab  # beside this script (its launch syntax and ncu loop)
 import mlx.core as mx
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _gemv_ab():
-    spec = importlib.util.spec_from_file_location("gemv_ab", os.path.join(_HERE, "gemv_ab.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def setup(op, backend):
@@ -74,10 +64,9 @@ def main(argv=None):
     ap.add_argument("--backend", default=None)
     ap.add_argument("--ncu", metavar="LABELS", default=None)
     a = ap.parse_args(argv)
-    gab = _gemv_ab()
     launches = {}
     for text in a.launches:
-        p = gab.parse_launch(text)
+        p = gemv_ab.parse_launch(text)
         launches[text] = dict(p, UNROLL=1, MBLOCK=1)
     backend, kern, pool = setup(a.op, a.backend)
     first = next(iter(launches))
@@ -90,7 +79,7 @@ def main(argv=None):
                 for n, p in launches.items()}
         for (run,) in runs.values():  # compiles outside the profiled range
             mx.eval(_flat(run(*pool[0])))
-        gab._profile(runs, pool, 3, a.ncu)  # three launches each, labels in launch order
+        gemv_ab._profile(runs, pool, 3, a.ncu)  # three launches each, labels in launch order
         return {}
     results = {}
     for mode in ("chained", "independent"):

@@ -54,10 +54,14 @@ Variants:
 - ``l2p:<launch>``: the GEMV with one bulk L2 prefetch (``cp.async.bulk.prefetch.L2``,
   sm_90) of each SIMD-group's rows (weights, scales, biases) before its first loads:
   bytes requested from DRAM without registers or shared memory to hold them. CUDA-only
-  text.
-- ``mma:tTsS``: the GEMV on tensor cores (``tools/gemv_mma.py``: T tiles of 8 rows per
-  threadgroup, S SIMD-groups splitting K), CUDA-only text: a measure of what fewer
-  instructions per weight byte buy.
+  text. On an H200 (session 28, ``docs/gemv_l2p_h200_s28.txt``) slower at every launch:
+  under ncu 16.42 against 14.14 us (14336 -> 4096) and 16.67 against 12.80 us; not a
+  candidate.
+- ``mma:tTsS[aA][bB]``: the GEMV on tensor cores (``tools/gemv_mma.py``: T tiles of 16
+  rows per threadgroup, S SIMD-groups splitting K, A accumulators per tile, B the
+  ``MINBLOCKS`` bound), CUDA-only text: a measure of what fewer instructions per weight
+  byte buy. On an H200 (session 28, ``docs/gemv_mma_h200_s28.txt``) 23-35% fewer
+  instructions executed and slower alone under ncu at every launch; not a candidate.
 - ``pattern:w|wsb|wsbi``: a read of the weights, and the scales and biases (separate or
   interleaved), in the GEMV's access pattern (``pattern:...@rRtTsS``, default the op's
   split-K launch of 14336 -> 4096, R8 T128 S1), summing words: no dequantization.
@@ -634,10 +638,9 @@ def _runs(names, case, pool, n):
             weights = {id(st[1]): Weight(*st[1:4], group_size=GROUP, bits=BITS) for st in pool}
             runs[name] = (lambda x, w, s, b, sbi, kw: linear(x, weights[id(w)], backend=be),
                           "gemv")
-        elif kind == "mma":
-            from gemv_mma import check_shape, mma_kernel
+        elif kind == "mma":  # its shape checked by main(), and again by its dispatch
+            from gemv_mma import mma_kernel
 
-            check_shape(pool[0][1].shape[1] * 32 // BITS, n, spec)
             kernels["mma"] = kernels.get("mma") or mma_kernel()
             runs[name] = (lambda x, w, s, b, sbi, kw, kern=kernels["mma"], launch=spec:
                           kern(x, w, s, b, backend=be, **launch), "gemv")
