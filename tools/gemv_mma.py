@@ -264,12 +264,15 @@ METAL_FUNC void gemv_mma(const device half* x, const device uint* w,
 STATIC_SHARED = 48 * 1024  # bytes of static shared memory a CUDA kernel may declare
 
 
+def x_units(k):
+    """16-byte units of the staged ``x``: its pairs (K / 8 units), a zero unit, and the
+    sums of x per group (floats, padded to whole units)."""
+    return k // 8 + 1 + (k // GROUP + 3) // 4
+
+
 def shared_bytes(k, launch):
-    """Shared memory of a launch: x's pairs (K / 8 units of 16 bytes), a zero unit, the
-    sums of x per group (floats, padded to whole units), and the SIMD-groups' partial
-    sums."""
-    units = k // 8 + 1 + (k // GROUP + 3) // 4
-    return 16 * units + 4 * 16 * launch["T"] * launch["SIMDS"]
+    """Shared memory of a launch: the staged ``x`` and the SIMD-groups' partial sums."""
+    return 16 * x_units(k) + 4 * 16 * launch["T"] * launch["SIMDS"]
 
 
 def parse_launch(text):
@@ -347,9 +350,7 @@ def mma_kernel():
               Constant("THREADS", value=lambda b: 32 * b.SIMDS),
               Constant("MINBLOCKS", value=0, in_body=False),
               Constant("PARTS", value=lambda b: 16 * b.T * b.SIMDS),
-              # x's pairs (K / 8 units), a zero unit, K / 64 sums as floats
-              Constant("XUNITS", value=lambda b: b.x.shape[1] // 8 + 1
-                       + (b.x.shape[1] // GROUP + 3) // 4)],
+              Constant("XUNITS", value=lambda b: x_units(b.x.shape[1]))],
         threadgroup=("uint4 mma_xst[XUNITS]", "float mma_part[PARTS]"),
         attributes=("threadgroup_position_in_grid", "simdgroup_index_in_threadgroup",
                     "thread_index_in_simdgroup"),
