@@ -176,6 +176,26 @@ def test_compile_decode_runs_compiled(gpu_backend):
     assert counts["compiled decode steps"] == 5 and counts["traces"] == 1
 
 
+def test_compiled_step_writes_the_cache_in_place(gpu_backend):
+    """As on the CPU (tests/test_lm_compiled.py): the attention reads the buffer before
+    the token's write, and the write still updates every block's buffer in place."""
+    from mlx_foundry.lm_bench import random_quantized_model
+    from test_lm_compiled import in_place_writes
+
+    cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
+               num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, head_dim=64,
+               rope_scaling=None)
+    model = random_quantized_model(config=cfg, bits=4, group_size=64)
+    lm.patch(model, backend=gpu_backend, compile_decode=True)
+    try:
+        kept, blocks = in_place_writes(model)
+        counts = lm.patch_stats(model)["model"]
+    finally:
+        lm.unpatch(model)
+    assert counts["compiled decode steps"] == len(kept)
+    assert kept == [blocks] * len(kept)
+
+
 def test_fused_logits_at_least_as_close_to_float32_as_mlx(gpu_backend):
     """The fused fp16 decode rounds less often than MLX's unfused ops: its logits must
     be at least as close to a float32 decode of the same model (within 10%)."""

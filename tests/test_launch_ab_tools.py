@@ -13,15 +13,20 @@ def launch_ab():
         yield load_tool("decode_launch_ab")
 
 
-def test_decode_launch_ab_times_every_launch_both_ways(launch_ab, capsys):
-    res = launch_ab.main(["norm_gate_up_swiglu", "--launches", "r4t128s0b4", "r3t128s0",
-                          "--rounds", "1", "--calls", "2", "--backend", "reference"])
+@pytest.mark.parametrize("op,launches", [
+    ("norm_gate_up_swiglu", ["r4t128s0b4", "r3t128s0"]),
+    # The Q/K/V kernel takes no MBLOCK (the tool once passed it one, refused at bind).
+    ("norm_qkv_rope+joint_kv", ["r4t128s0", "r8t128s1"]),
+])
+def test_decode_launch_ab_times_every_launch_both_ways(launch_ab, capsys, op, launches):
+    res = launch_ab.main([op, "--launches", *launches, "--rounds", "1", "--calls", "2",
+                          "--backend", "reference"])
     assert set(res) == {"chained", "independent"}
     for mode in res.values():
-        assert set(mode) == {"r4t128s0b4", "r3t128s0"} and all(t > 0 for t in mode.values())
+        assert set(mode) == set(launches) and all(t > 0 for t in mode.values())
     out = capsys.readouterr().out
     # The reference ignores launch constants: every launch agrees with the first exactly.
-    assert "check r3t128s0: max |diff| against r4t128s0b4 0\n" in out
+    assert f"check {launches[1]}: max |diff| against {launches[0]} 0\n" in out
 
 
 def test_kernel_runner_chain_waits_for_the_previous_call():

@@ -91,6 +91,44 @@ def test_compiled_decode_float16_against_unpatched():
     check_parity(model, mx.float16, steps=48, patch_kwargs={"compile_decode": True})
 
 
+def buffer_address(a):
+    """Where an array's data lives (a NumPy view of it: no copy on a unified memory)."""
+    import numpy as np
+
+    return np.array(a, copy=False).__array_interface__["data"][0]
+
+
+def in_place_writes(model, steps=8):
+    """Per decoded token after the first: how many blocks' joint K/V buffers the step
+    wrote in place (the buffer after the step is the one before it)."""
+    cache = lm_cache.make_prompt_cache(model)
+    y = mx.argmax(model(mx.array([[1, 5, 9, 2]]), cache=cache)[:, -1], axis=-1)
+    y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)  # makes the joint buffers
+    mx.eval(y)
+    kept = []
+    for _ in range(steps):
+        before = [buffer_address(c.__dict__["_kv"]) for c in cache]
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+        kept.append(sum(b == buffer_address(c.__dict__["_kv"]) for b, c in zip(before, cache)))
+    return kept, len(cache)
+
+
+def test_the_compiled_step_writes_the_cache_in_place():
+    """The traced attention reads the buffer before the token's write (so the write is
+    off the block's path); the write must still update each buffer in place: a copy
+    would cost a whole buffer per block and token."""
+    model = tiny_model("llama", layers=3)
+    mf.patch(model, backend=BACKEND, compile_decode=True)
+    try:
+        kept, blocks = in_place_writes(model)
+        counts = _counts(model)
+    finally:
+        mf.unpatch(model)
+    assert counts["compiled decode steps"] == len(kept)
+    assert kept == [blocks] * len(kept)
+
+
 def test_cache_growth_and_long_contexts():
     """The cache buffer grows on the ordinary path (MLX traces the step again for the
     new capacity); past ONE_PASS_MAX_LEN of capacity the traced attention splits."""
