@@ -16,21 +16,23 @@ position reaches the graph as arrays made on the device (the
 :data:`~mlx_foundry.args.SCALAR_LANES` form the kernels read):
 
 - the fused Q/K/V + RoPE launch takes it as its RoPE offset;
-- the attention is :func:`mlx_foundry.ops.decode_attention` over the cache buffer as
-  it was before this token (its first ``position`` positions) and the token's own keys
-  and values, with the length as an array (one kernel up to
-  :data:`~mlx_foundry.ops.attention.ONE_PASS_MAX_LEN` positions of capacity, else
-  the split kernel and its merge);
 - the token's keys and values go into the cache buffer with
-  ``mx.put_along_axis`` at that position, one ``scatter_axis`` kernel, in place (a
-  slice update needs a Python offset; ``mx.slice_update`` with an array start took
-  21 us per block on an H100, reading the start from host memory: BENCHMARKS.md).
-  Nothing of the block waits for that write, only the next token's attention:
-  MLX's CUDA graphs order kernels by the buffers they write, so the write runs beside
-  the block's other kernels instead of between the Q/K/V kernel and the attention
-  (the attention never reads the written position from the buffer). On an H200 that
-  took 0.915 of the time per token (median of 8 interleaved rounds; BENCHMARKS.md,
-  session 29), and the buffer is still updated in place (tests/test_lm_compiled.py).
+  ``mx.put_along_axis`` at that position, one ``scatter_axis`` kernel (a slice update
+  needs a Python offset; ``mx.slice_update`` with an array start took 21 us per block
+  on an H100, reading the start from host memory: BENCHMARKS.md);
+- the attention is :func:`mlx_foundry.ops.decode_attention` over the whole buffer
+  with the length as an array (one kernel up to
+  :data:`~mlx_foundry.ops.attention.ONE_PASS_MAX_LEN` positions of capacity, else
+  the split kernel and its merge).
+
+The attention reads the buffer after the write, although it reads the token from
+``kv`` and only the earlier positions from the buffer: MLX updates an array in place
+only while nothing else holds it, and a kernel encoded or still pending on the old
+buffer holds it. An attention over the buffer before the write (so that the write
+would run beside the block in MLX's CUDA graph) took 0.915 of the time per token at a
+16-token prompt on an H200, but the GPU test that the write stays in place
+(tests/test_gpu_lm.py) failed with it (session 29), as those rules predict: a copy of
+the buffer per block and token, a cost that grows with the capacity.
 
 Every other token (prefill, the first decoded token, which prepares the blocks'
 launches, a token that must grow the cache buffers, other cache types, a model
@@ -79,13 +81,12 @@ def traced_block(block, plan, x, cache):
         raise _NotTraceable(plan.path)
     _, qkv_joint, o_proj, gate_up, down, _, attn = fast
     q, kv = qkv_joint(x, cache.pos_i)
+    buffer = mx.put_along_axis(cache.buffer, cache.index, kv, axis=2)
+    cache.buffer = buffer
     from .ops import decode_attention
 
-    # The buffer before this token's write: the attention reads its first pos_u positions
-    # and the token from kv, so the write below is off the block's critical path.
-    o = decode_attention(q, kv, cache.buffer, past_len=cache.pos_u, scale=attn.scale,
+    o = decode_attention(q, kv, buffer, past_len=cache.pos_u, scale=attn.scale,
                          backend=plan.backend)
-    cache.buffer = mx.put_along_axis(cache.buffer, cache.index, kv, axis=2)
     h = o_proj(o, x)
     return down(gate_up(h), h)
 

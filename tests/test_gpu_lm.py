@@ -177,8 +177,8 @@ def test_compile_decode_runs_compiled(gpu_backend):
 
 
 def test_compiled_step_writes_the_cache_in_place(gpu_backend):
-    """As on the CPU (tests/test_lm_compiled.py): the attention reads the buffer before
-    the token's write, and the write still updates every block's buffer in place."""
+    """As on the CPU (tests/test_lm_compiled.py): every block's buffer is updated in
+    place, one token after another (each evaluated before the next)."""
     from mlx_foundry.lm_bench import random_quantized_model
     from test_lm_compiled import in_place_writes
 

@@ -115,9 +115,9 @@ def in_place_writes(model, steps=8):
 
 
 def test_the_compiled_step_writes_the_cache_in_place():
-    """The traced attention reads the buffer before the token's write (so the write is
-    off the block's path); the write must still update each buffer in place: a copy
-    would cost a whole buffer per block and token."""
+    """Each decoded token's keys and values go into every block's buffer in place: a
+    copy would cost a whole buffer per block and token. (An attention over the buffer
+    before the write makes MLX copy it: lm_compiled's docstring.)"""
     model = tiny_model("llama", layers=3)
     mf.patch(model, backend=BACKEND, compile_decode=True)
     try:
