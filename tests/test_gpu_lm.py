@@ -155,14 +155,20 @@ def test_compile_decode_greedy_tokens(gpu_backend, model_type, bits, group_size)
     assert mx.allclose(runs[1][1], runs[0][1], rtol=0, atol=2 ** -7).item()
 
 
-def test_compile_decode_runs_compiled(gpu_backend):
+def small_llama():
+    """A 4-block Llama-3-shaped random 4-bit model (hidden 1024, GQA 16/4, head_dim 64)."""
     from mlx_foundry.lm_bench import random_quantized_model
-    from mlx_lm.models.cache import make_prompt_cache
 
     cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
                num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, head_dim=64,
                rope_scaling=None)
-    model = random_quantized_model(config=cfg, bits=4, group_size=64)
+    return random_quantized_model(config=cfg, bits=4, group_size=64)
+
+
+def test_compile_decode_runs_compiled(gpu_backend):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = small_llama()
     lm.patch(model, backend=gpu_backend, compile_decode=True)
     try:
         cache = make_prompt_cache(model)
@@ -179,21 +185,17 @@ def test_compile_decode_runs_compiled(gpu_backend):
 def test_compiled_step_writes_the_cache_in_place(gpu_backend):
     """As on the CPU (tests/test_lm_compiled.py): every block's buffer is updated in
     place, one token after another (each evaluated before the next)."""
-    from mlx_foundry.lm_bench import random_quantized_model
     from test_lm_compiled import in_place_writes
 
-    cfg = dict(LLAMA3_8B, hidden_size=1024, num_hidden_layers=4, intermediate_size=2816,
-               num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, head_dim=64,
-               rope_scaling=None)
-    model = random_quantized_model(config=cfg, bits=4, group_size=64)
+    model = small_llama()
     lm.patch(model, backend=gpu_backend, compile_decode=True)
     try:
         kept, blocks = in_place_writes(model)
         counts = lm.patch_stats(model)["model"]
     finally:
         lm.unpatch(model)
-    assert counts["compiled decode steps"] == len(kept)
-    assert kept == [blocks] * len(kept)
+    assert counts["compiled decode steps"] == len(kept), counts
+    assert kept == [blocks] * len(kept), f"blocks written in place per token: {kept}"
 
 
 def test_fused_logits_at_least_as_close_to_float32_as_mlx(gpu_backend):

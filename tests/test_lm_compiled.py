@@ -125,8 +125,8 @@ def test_the_compiled_step_writes_the_cache_in_place():
         counts = _counts(model)
     finally:
         mf.unpatch(model)
-    assert counts["compiled decode steps"] == len(kept)
-    assert kept == [blocks] * len(kept)
+    assert counts["compiled decode steps"] == len(kept), counts
+    assert kept == [blocks] * len(kept), f"blocks written in place per token: {kept}"
 
 
 def test_cache_growth_and_long_contexts():
