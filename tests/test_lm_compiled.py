@@ -92,7 +92,9 @@ def test_compiled_decode_float16_against_unpatched():
 
 
 def buffer_address(a):
-    """Where an array's data lives (a NumPy view of it: no copy on a unified memory)."""
+    """Where an array's data lives (a NumPy view of it, no copy). On CUDA, MLX first moves
+    a device buffer to unified memory (``Buffer::raw_ptr``); the array keeps that buffer,
+    so the address still tells an in-place update from a copy."""
     import numpy as np
 
     return np.array(a, copy=False).__array_interface__["data"][0]
