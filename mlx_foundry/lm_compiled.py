@@ -30,7 +30,8 @@ The attention reads the buffer after the write, although it reads the token from
 only while nothing else holds it, and a kernel encoded or still pending on the old
 buffer holds it. An attention over the buffer before the write (so that the write
 would run beside the block in MLX's CUDA graph) took 0.915 of the time per token at a
-16-token prompt on an H200, but the GPU test that the write stays in place
+16-token prompt on an H200 (a session script's interleaved rounds, not the bench), but
+the GPU test that the write stays in place
 (tests/test_gpu_lm.py) failed with it (session 29), as those rules predict: a copy of
 the buffer per block and token, a cost that grows with the capacity.
 
