@@ -19,7 +19,8 @@ def tool():
 def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
-                "hsum:r8t128s1", "xpf:r8t128s1b4", "fence:r4t128s1", "acp:r4t128s1",
+                "hsum:r8t128s1", "l2sb:r8t128s1", "l2w:r4t128s0", "xpf:r8t128s1b4",
+                "fence:r4t128s1", "acp:r4t128s1",
                 "acq:r8t128s1", "acp:r4t128s0", "l2p:r8t128s1", "l2p:r4t128s0",
                 "mma:t2s4b4", "mma:t1s2a4",
                 "pattern:wsb", "pattern:w@r4t256s0", "pattern:wsbi"]
@@ -129,6 +130,14 @@ def test_variant_sources_hold_their_change(recorded):
     assert "struct PolicyAffineSBI" in src.header and "PolicyAffineSBI<" in src.body
     hsum = recorded["hsum:r8t128s1"]
     assert "const half2 hs = (h[0] + h[1])" in hsum[0].source(*hsum[1], **hsum[2]).header
+    l2sb = recorded["l2sb:r8t128s1"]
+    l2sb_header = l2sb[0].source(*l2sb[1], **l2sb[2]).header
+    assert "ch.scale = l2h_load16(scales + g);" in l2sb_header
+    assert "uint4 v = q[j];" in l2sb_header  # the weights as before
+    l2w = recorded["l2w:r4t128s0"]
+    l2w_header = l2w[0].source(*l2w[1], **l2w[2]).header
+    assert "uint4 v = l2h_load128(q + j);" in l2w_header
+    assert "ch.bias = l2h_load16(biases + g);" in l2w_header
     xpf = recorded["xpf:r8t128s1b4"]
     assert "constexpr bool XPF" in xpf[0].source(*xpf[1], **xpf[2]).header
     fence = recorded["fence:r4t128s1"]
@@ -200,7 +209,8 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
     assert wx == (w_only + 2 * int(words.sum())) % 2**32
 
 
-@pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "xpf:r8t128s1b4",
+@pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "l2sb:r8t128s1",
+                                  "l2w:r4t128s0", "xpf:r8t128s1b4",
                                   "fence:r4t128s1", "acp:r4t128s1", "acq:r8t128s1",
                                   "acp:r4t128s0", "l2p:r8t128s1", "l2p:r4t128s0", "mma:t2s4b4",
                                   "mma:t1s2a4", "pattern:wsb",

@@ -25,6 +25,11 @@ Variants:
   fewer instructions buy where the GEMV is issue-bound. Not a candidate: 16 products
   per half lane exceed the packed-half path's error budget
   (``metal_src/policies/affine.metal``).
+- ``l2sb:<launch>`` / ``l2w:<launch>``: the GEMV with its scale and bias loads (``l2sb``)
+  or those and its weight loads (``l2w``) as read-only loads with the L2 prefetch-size
+  hint ``.L2::256B`` (the weights also ``.L1::no_allocate``). CUDA-only text. A warp's
+  scale (or bias) load of one row and chunk touches 32 bytes; the hint asks L2 to fetch
+  the next 224 with it, which the next iterations read.
 - ``xpf:<launch>``: the GEMV loading the next chunk of ``x`` together with the next
   weights (the split-K path with one row of ``x``), where the kernel loads a chunk of
   ``x`` in the iteration that uses it.
@@ -455,6 +460,34 @@ METAL_FUNC void gemv_dot_rows_h("""),
     const int c0 = metal::min(int(lane) + 32 * int(part), FULL - 1);"""),
 ]
 
+# l2sb / l2w: loads with the L2 prefetch-size hint (``.L2::256B``, sm_80+). CUDA-only
+# text (inline PTX), prepended to a copy of affine.metal; the edits route the policy's
+# loads through it: l2sb the 2-byte scale and bias loads, l2w those and the 16-byte
+# weight loads (also ``.L1::no_allocate``: streamed, never reused by the SM).
+L2H_FUNCTIONS = """
+// l2h (gemv_ab): read-only loads that ask L2 to fetch 256 bytes around the address.
+template <typename S>
+METAL_FUNC S l2h_load16(const device S* p) {
+  unsigned short u;
+  asm("ld.global.nc.L2::256B.b16 %0, [%1];" : "=h"(u) : "l"(p));
+  return *reinterpret_cast<const S*>(&u);
+}
+METAL_FUNC uint4 l2h_load128(const device uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+"""
+L2H_SB_EDIT = ("""    ch.scale = scales[g];
+    ch.bias = biases[g];""", """    ch.scale = l2h_load16(scales + g);
+    ch.bias = l2h_load16(biases + g);""")
+L2H_W_EDIT = ("""      uint4 v = q[j];""", """      uint4 v = l2h_load128(q + j);""")
+
+# The variants that edit affine.metal (after their functions, if any), and their edits.
+POLICY_EDITS = {"hsum": ("", HSUM_EDITS), "l2sb": (L2H_FUNCTIONS, [L2H_SB_EDIT]),
+                "l2w": (L2H_FUNCTIONS, [L2H_SB_EDIT, L2H_W_EDIT])}
+
 # The variants that edit gemv.metal, and their edits.
 ACQ_EDITS = [(ACP_EDITS[0][0], "#define ACP_X_IN_RING 0\n" + ACP_EDITS[0][1]), ACP_EDITS[1]]
 
@@ -485,7 +518,7 @@ def parse_launch(text):
 
 def parse_variant(text):
     """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, hsum,
-    xpf, fence, acp, acq, l2p, mma or pattern."""
+    l2sb, l2w, xpf, fence, acp, acq, l2p, mma or pattern."""
     if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
@@ -499,12 +532,13 @@ def parse_variant(text):
             raise ValueError(f"[gemv_ab] 'pattern:' takes one of {', '.join(PATTERN_SB)} but "
                              f"got {what!r}.")
         return kind, (what, parse_launch(launch or DEFAULT_PATTERN_LAUNCH))
-    if kind in ("sbi", "hsum") or kind in GEMV_EDITS:
+    if kind == "sbi" or kind in POLICY_EDITS or kind in GEMV_EDITS:
         return kind, parse_launch(rest)
     if not rest:
         return "launch", parse_launch(text)
     raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
-                     f"(r8t128s1), sbi:<launch>, hsum:<launch>, xpf:<launch>, "
+                     f"(r8t128s1), sbi:<launch>, hsum:<launch>, l2sb:<launch>, "
+                     f"l2w:<launch>, xpf:<launch>, "
                      f"fence:<launch>, acp:<launch>, acq:<launch>, l2p:<launch>, mma:tTsS or "
                      f"pattern:w|wsb|wsbi.")
 
@@ -535,7 +569,7 @@ def apply_edits(text, edits):
 
 def variant_kernel(kind):
     """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi``,
-    ``hsum``, ``xpf``, ``fence``, ``acp``, ``acq`` or ``l2p``."""
+    ``hsum``, ``l2sb``, ``l2w``, ``xpf``, ``fence``, ``acp``, ``acq`` or ``l2p``."""
     from mlx_foundry import sources
     from mlx_foundry.args import Output
     from mlx_foundry.compound import CompoundKernel
@@ -549,9 +583,10 @@ def variant_kernel(kind):
         rel = f"gemv_ab/{kind}/affine_sbi.metal"
         _source_root({rel: read(AFFINE_HEADER) + SBI_POLICY})
         policy.header, policy.struct_name = rel, "PolicyAffineSBI"
-    elif kind == "hsum":
+    elif kind in POLICY_EDITS:
         rel = f"gemv_ab/{kind}/affine.metal"
-        _source_root({rel: apply_edits(read(AFFINE_HEADER), HSUM_EDITS)})
+        functions, edits = POLICY_EDITS[kind]
+        _source_root({rel: functions + apply_edits(read(AFFINE_HEADER), edits)})
         policy.header = rel
     else:
         gemv_source = f"gemv_ab/{kind}/gemv.metal"
