@@ -19,7 +19,8 @@ def tool():
 def recorded(tool):
     """The tool's dry run on a small shape: every kind of variant, its launch recorded."""
     variants = ["read", "mlx", "op", "weight", "r8t128s1", "r8t224s1b2", "sbi:r8t128s1",
-                "hsum:r8t128s1", "l2sb:r8t128s1", "l2w:r4t128s0", "xpf:r8t128s1b4",
+                "hsum:r8t128s1", "l2sb:r8t128s1", "l2w:r4t128s0", "sbs:r8t128s1",
+                "sbs:r4t128s0", "xpf:r8t128s1b4",
                 "fence:r4t128s1", "acp:r4t128s1",
                 "acq:r8t128s1", "acp:r4t128s0", "l2p:r8t128s1", "l2p:r4t128s0",
                 "mma:t2s4b4", "mma:t1s2a4",
@@ -138,6 +139,10 @@ def test_variant_sources_hold_their_change(recorded):
     l2w_header = l2w[0].source(*l2w[1], **l2w[2]).header
     assert "uint4 v = l2h_load128(q + j);" in l2w_header
     assert "ch.bias = l2h_load16(biases + g);" in l2w_header
+    sbs = recorded["sbs:r4t128s0"]
+    sbs_header = sbs[0].source(*sbs[1], **sbs[2]).header
+    assert "__shared__ uint4 sbs_st[2 * SBS_UNITS];" in sbs_header
+    assert "nx[r] = pol.load_h(rows[r], cn);" not in sbs_header
     xpf = recorded["xpf:r8t128s1b4"]
     assert "constexpr bool XPF" in xpf[0].source(*xpf[1], **xpf[2]).header
     fence = recorded["fence:r4t128s1"]
@@ -210,7 +215,8 @@ def test_pattern_sum_is_the_sum_of_the_kernel_loop(tool, split):
 
 
 @pytest.mark.parametrize("name", ["sbi:r8t128s1", "hsum:r8t128s1", "l2sb:r8t128s1",
-                                  "l2w:r4t128s0", "xpf:r8t128s1b4",
+                                  "l2w:r4t128s0", "sbs:r8t128s1", "sbs:r4t128s0",
+                                  "xpf:r8t128s1b4",
                                   "fence:r4t128s1", "acp:r4t128s1", "acq:r8t128s1",
                                   "acp:r4t128s0", "l2p:r8t128s1", "l2p:r4t128s0", "mma:t2s4b4",
                                   "mma:t1s2a4", "pattern:wsb",

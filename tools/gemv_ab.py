@@ -25,6 +25,11 @@ Variants:
   fewer instructions buy where the GEMV is issue-bound. Not a candidate: 16 products
   per half lane exceed the packed-half path's error budget
   (``metal_src/policies/affine.metal``).
+- ``sbs:<launch>``: the GEMV with the scales and biases of each threadgroup's rows (two
+  contiguous ranges in MLX's layout) copied into shared memory with 16-byte loads before
+  its loop, each chunk's scale and bias read from there instead of by a 2-byte load from
+  global memory per row and chunk. CUDA-only text (a function-scope ``__shared__``
+  array); N must be a multiple of the threadgroup's rows.
 - ``l2sb:<launch>`` / ``l2w:<launch>``: the GEMV with its scale and bias loads (``l2sb``)
   or those and its weight loads (``l2w``) as read-only loads with the L2 prefetch-size
   hint ``.L2::256B`` (the weights also ``.L1::no_allocate``). CUDA-only text. A warp's
@@ -484,6 +489,89 @@ L2H_SB_EDIT = ("""    ch.scale = scales[g];
     ch.bias = l2h_load16(biases + g);""")
 L2H_W_EDIT = ("""      uint4 v = q[j];""", """      uint4 v = l2h_load128(q + j);""")
 
+# sbs: (text of gemv.metal, replacement) pairs. The scales and biases of a threadgroup's
+# rows are contiguous in MLX's layout ([N, K / GS]); the threadgroup copies them into
+# shared memory with 16-byte loads before the loop, and each chunk's scale and bias come
+# from there. CUDA-only text (a function-scope __shared__ array); affine policy, one
+# policy (not DUAL), N a multiple of the threadgroup's rows (checked by the tool).
+SBS_FUNCTIONS = """
+template <typename Q>
+struct sbs_pointee;
+template <typename Q>
+struct sbs_pointee<const Q*> {
+  using type = Q;
+};
+// sbs (gemv_ab): chunk c of row n's weights only (BITS = WORDS_PER_ROW / FULL).
+template <typename P, int FULL>
+METAL_FUNC void sbs_load_w(P pol, uint n, int c, thread typename P::HalfChunk& ch) {
+  constexpr int PB = int(P::WORDS_PER_ROW) / FULL;
+  affine_load_words<PB>(pol.w + n * uint(P::WORDS_PER_ROW) + uint(c * PB), ch.wd);
+}
+// Its scale and bias from the staging: RT rows of G scales, then RT rows of G biases.
+template <typename P, typename S, int FULL, int RT>
+METAL_FUNC void sbs_fill(threadgroup const S* st, uint local_row, int c,
+                         thread typename P::HalfChunk& ch) {
+  constexpr int G = int(P::GROUPS_PER_ROW);
+  const uint g = local_row * uint(G) + uint(c * G / FULL);
+  ch.scale = st[g];
+  ch.bias = st[uint(RT * G) + g];
+}
+"""
+SBS_EDITS = [
+    ("""template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
+METAL_FUNC void gemv_dot_rows_h(""",
+     SBS_FUNCTIONS + """template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
+METAL_FUNC void gemv_dot_rows_h("""),
+    ("""  typename P::HalfChunk ch[ROWS];
+  typename P2::HalfChunk ch2[ROWS];
+  {
+    const int c0 = metal::min(int(lane) + 32 * int(part), FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      ch[r] = pol.load_h(rows[r], c0);
+      if (DUAL) {
+        ch2[r] = pol2.load_h(rows[r], c0);
+      }
+    }
+  }""",
+     """  typename P::HalfChunk ch[ROWS];
+  typename P2::HalfChunk ch2[ROWS];
+  static_assert(!DUAL, "sbs: one policy");
+  using SBS_S = typename sbs_pointee<decltype(pol.scales)>::type;
+  constexpr int RT = SPLIT > 1 ? ROWS : ROWS * SIMDS;  // the threadgroup's rows
+  constexpr int SBS_UNITS = RT * int(P::GROUPS_PER_ROW) * int(sizeof(SBS_S)) / 16;
+  static_assert(SBS_UNITS * 16 == RT * int(P::GROUPS_PER_ROW) * int(sizeof(SBS_S)),
+                "sbs: whole 16-byte units");
+  __shared__ uint4 sbs_st[2 * SBS_UNITS];
+  threadgroup const SBS_S* sbs_h = reinterpret_cast<threadgroup const SBS_S*>(sbs_st);
+  const uint tg_row0 = SPLIT > 1 ? rows[0] : rows[0] - sg * uint(ROWS);
+  {
+    const int c0 = metal::min(int(lane) + 32 * int(part), FULL - 1);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      sbs_load_w<P, FULL>(pol, rows[r], c0, ch[r]);
+    }
+    const device uint4* s4 = reinterpret_cast<const device uint4*>(
+        pol.scales + tg_row0 * uint(P::GROUPS_PER_ROW));
+    const device uint4* b4 = reinterpret_cast<const device uint4*>(
+        pol.biases + tg_row0 * uint(P::GROUPS_PER_ROW));
+    for (int u = int(sg * 32u + lane); u < SBS_UNITS; u += 32 * SIMDS) {
+      sbs_st[u] = s4[u];
+      sbs_st[SBS_UNITS + u] = b4[u];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      sbs_fill<P, SBS_S, FULL, RT>(sbs_h, rows[r] - tg_row0, c0, ch[r]);
+    }
+  }"""),
+    ("""      nx[r] = pol.load_h(rows[r], cn);""",
+     """      sbs_load_w<P, FULL>(pol, rows[r], cn, nx[r]);
+      sbs_fill<P, SBS_S, FULL, RT>(sbs_h, rows[r] - tg_row0, cn, nx[r]);"""),
+]
+
 # The variants that edit affine.metal (after their functions, if any), and their edits.
 POLICY_EDITS = {"hsum": ("", HSUM_EDITS), "l2sb": (L2H_FUNCTIONS, [L2H_SB_EDIT]),
                 "l2w": (L2H_FUNCTIONS, [L2H_SB_EDIT, L2H_W_EDIT])}
@@ -492,7 +580,7 @@ POLICY_EDITS = {"hsum": ("", HSUM_EDITS), "l2sb": (L2H_FUNCTIONS, [L2H_SB_EDIT])
 ACQ_EDITS = [(ACP_EDITS[0][0], "#define ACP_X_IN_RING 0\n" + ACP_EDITS[0][1]), ACP_EDITS[1]]
 
 GEMV_EDITS = {"xpf": XPF_EDITS, "fence": FENCE_EDITS, "acp": ACP_EDITS, "acq": ACQ_EDITS,
-              "l2p": L2P_EDITS}
+              "l2p": L2P_EDITS, "sbs": SBS_EDITS}
 
 LAUNCH = re.compile(r"r(\d+)t(\d+)s([01])(?:b(\d+))?$")
 DEFAULT_PATTERN_LAUNCH = "r8t128s1"
@@ -518,7 +606,7 @@ def parse_launch(text):
 
 def parse_variant(text):
     """``(kind, launch or pattern)``: kind is read, mlx, op, weight, launch, sbi, hsum,
-    l2sb, l2w, xpf, fence, acp, acq, l2p, mma or pattern."""
+    l2sb, l2w, sbs, xpf, fence, acp, acq, l2p, mma or pattern."""
     if text in ("read", "mlx", "op", "weight"):
         return text, None
     kind, _, rest = text.partition(":")
@@ -538,7 +626,7 @@ def parse_variant(text):
         return "launch", parse_launch(text)
     raise ValueError(f"[gemv_ab] unknown variant {text!r}: read, mlx, op, weight, a launch "
                      f"(r8t128s1), sbi:<launch>, hsum:<launch>, l2sb:<launch>, "
-                     f"l2w:<launch>, xpf:<launch>, "
+                     f"l2w:<launch>, sbs:<launch>, xpf:<launch>, "
                      f"fence:<launch>, acp:<launch>, acq:<launch>, l2p:<launch>, mma:tTsS or "
                      f"pattern:w|wsb|wsbi.")
 
@@ -569,7 +657,7 @@ def apply_edits(text, edits):
 
 def variant_kernel(kind):
     """The op's GEMV kernel (no epilogue) built from a variant's sources: ``sbi``,
-    ``hsum``, ``l2sb``, ``l2w``, ``xpf``, ``fence``, ``acp``, ``acq`` or ``l2p``."""
+    ``hsum``, ``l2sb``, ``l2w``, ``sbs``, ``xpf``, ``fence``, ``acp``, ``acq`` or ``l2p``."""
     from mlx_foundry import sources
     from mlx_foundry.args import Output
     from mlx_foundry.compound import CompoundKernel
@@ -695,6 +783,11 @@ def _runs(names, case, pool, n):
                 return pattern(w, s.view(mx.uint16), b.view(mx.uint16), backend=be, **p)
             runs[name] = (run, ("pattern", p["SB"]))
         else:
+            if kind == "sbs":
+                tg_rows = spec["ROWS"] * (1 if spec["SPLITK"] else spec["THREADS"] // 32)
+                if n % tg_rows:
+                    raise ValueError(f"[gemv_ab] {name}: N must be a multiple of the "
+                                     f"{tg_rows} rows of one threadgroup.")
             if kind != "launch" and kind not in kernels:
                 kernels[kind] = variant_kernel(kind)  # one per kind: one source root each
             kern = gemv if kind == "launch" else kernels[kind]
