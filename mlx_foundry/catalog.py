@@ -153,6 +153,20 @@ def _entries():
             _z((1, N_HEADS, 1, HEAD_DIM), F16), _z((1, 2 * N_KV, 1, HEAD_DIM), F16),
             _z((1, 2 * N_KV, 3072, HEAD_DIM), F16), past_len=2999, scale=HEAD_DIM ** -0.5,
             backend="metal"))
+    add("decode_attention_pending_f16", "decode attention 32/8 heads x 128 with a token "
+        "pending its cache write (20 of 256 positions + 1)",
+        lambda: ops.decode_attention(
+            _z((1, N_HEADS, 1, HEAD_DIM), F16), _z((1, 2 * N_KV, 1, HEAD_DIM), F16),
+            _z((1, 2 * N_KV, 256, HEAD_DIM), F16), past_len=20,
+            pending=_z((1, 2 * N_KV, 1, HEAD_DIM), F16), scale=HEAD_DIM ** -0.5,
+            backend="metal"))
+    add("decode_attention_long_pending_bf16", "decode attention 32/8 heads x 128 over 3000 "
+        "positions with a pending token (split kernel + combine)",
+        lambda: ops.decode_attention(
+            _z((1, N_HEADS, 1, HEAD_DIM), BF16), _z((1, 2 * N_KV, 1, HEAD_DIM), BF16),
+            _z((1, 2 * N_KV, 3072, HEAD_DIM), BF16), past_len=2999,
+            pending=_z((1, 2 * N_KV, 1, HEAD_DIM), BF16), scale=HEAD_DIM ** -0.5,
+            backend="metal"))
     add("qk_norm_rope_f16", "Qwen3's per-head q/k norms + RoPE, 32/8 heads x 128, one token",
         lambda: ops.qk_norm_rope(_z((1, N_HEADS, 1, HEAD_DIM), F16),
                                  _z((1, 2 * N_KV, 1, HEAD_DIM), F16), _z((HEAD_DIM,), F16),

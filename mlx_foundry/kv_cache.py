@@ -9,6 +9,12 @@ and values as ``[B, 2 * H_kv, 1, D]``, and :meth:`KVCache.update_and_fetch_joint
 writes them with one update.  Keys and values come back as views of the buffer
 (strided, as mlx-lm's ``keys[..., :offset, :]`` already are).
 
+The compiled decode step (:mod:`mlx_foundry.lm_compiled`) writes each token's keys and
+values into the buffer during the next token, beside that token's blocks; until then the
+token is *pending* (counted in ``offset``, held apart). Everything that reads or changes
+the cache otherwise (``keys``, ``values``, ``state``, ``trim``, the next write) writes the
+pending token first, so the cache reads as it would without it.
+
 It is a subclass of mlx-lm's ``KVCache`` with the same state, so everything that
 takes an mlx-lm cache takes it (``generate``, ``trim_prompt_cache``,
 ``to_quantized``, ``BatchKVCache.merge``).  It is named ``KVCache`` on purpose:
@@ -35,11 +41,13 @@ class KVCache(_MLXKVCache):
 
     def __init__(self):
         self.__dict__["_kv"] = None
+        self.__dict__["_pending"] = None
         super().__init__()
 
     # ---- keys / values: views of the joint buffer, or stored separately ----------------
     @property
     def keys(self):
+        self._write_pending()
         kv = self.__dict__.get("_kv")
         if kv is not None:
             return kv[:, : kv.shape[1] // 2]
@@ -52,6 +60,7 @@ class KVCache(_MLXKVCache):
 
     @property
     def values(self):
+        self._write_pending()
         kv = self.__dict__.get("_kv")
         if kv is not None:
             return kv[:, kv.shape[1] // 2:]
@@ -64,6 +73,7 @@ class KVCache(_MLXKVCache):
 
     def _separate(self):
         """Store keys and values as two arrays (views of the joint buffer, if any)."""
+        self._write_pending()
         d = self.__dict__
         kv = d.get("_kv")
         if kv is not None:
@@ -109,6 +119,7 @@ class KVCache(_MLXKVCache):
         if kv.ndim != 4 or kv.shape[1] % 2:
             raise ValueError(f"[KVCache.{who}] 'kv' must be [B, 2 * n_kv_heads, L, "
                              f"head_dim] but got shape {tuple(kv.shape)}.")
+        self._write_pending()
         prev = self.offset
         end = prev + kv.shape[2]
         joint = self.__dict__.get("_kv")
@@ -139,6 +150,21 @@ class KVCache(_MLXKVCache):
         d["_kv"] = new
         return new
 
+    def _write_pending(self):
+        """Write the token the compiled decode step left pending, if any (its position is
+        the last one that ``offset`` counts)."""
+        d = self.__dict__
+        pending = d.get("_pending")
+        if pending is not None:
+            d["_pending"] = None
+            self.offset -= 1
+            self._write(pending, "write_pending")
+
+    def trim(self, n):
+        """mlx-lm's ``trim``, after writing a pending token."""
+        self._write_pending()
+        return super().trim(n)
+
     def update_and_fetch(self, keys, values):
         """mlx-lm's ``update_and_fetch``: one update of the joint buffer when keys and
         values have the same shape, else mlx-lm's two buffers."""
@@ -158,5 +184,6 @@ def adopt(cache):
         return False
     d = cache.__dict__
     d.setdefault("_kv", None)
+    d.setdefault("_pending", None)
     cache.__class__ = KVCache
     return True

@@ -1160,7 +1160,9 @@ def patch_stats(model):
     Keys of each counter: ``"fused attention"``, ``"fused mlp"``,
     ``"original: rows > max_rows"`` (prefill), ...; with the compiled decode step, the
     counter under ``"model"`` has ``"compiled decode steps"``, ``"decode steps on the
-    ordinary path"`` (one-token calls the compiled step did not take) and ``"traces"``,
+    ordinary path"`` (one-token calls the compiled step did not take), ``"compiled
+    writes of a pending token"`` (compiled steps that wrote the previous token into the
+    cache: all but the first of each run of compiled steps) and ``"traces"``,
     and each block's ``"fused attention"`` and ``"fused mlp"`` and the output head's
     ``"fused"`` (or ``"original"``) count the compiled steps too, as the traced step
     runs them.
@@ -1189,5 +1191,6 @@ def patch_stats(model):
             out[head.path][runner.head_in_trace] += runner.steps
         out["model"] = Counter({"compiled decode steps": runner.steps,
                                 "decode steps on the ordinary path": runner.fallbacks,
+                                "compiled writes of a pending token": runner.pending_writes,
                                 "traces": runner.traces})
     return out

@@ -16,24 +16,29 @@ position reaches the graph as arrays made on the device (the
 :data:`~mlx_foundry.args.SCALAR_LANES` form the kernels read):
 
 - the fused Q/K/V + RoPE launch takes it as its RoPE offset;
-- the token's keys and values go into the cache buffer with
-  ``mx.put_along_axis`` at that position, one ``scatter_axis`` kernel (a slice update
-  needs a Python offset; ``mx.slice_update`` with an array start took 21 us per block
-  on an H100, reading the start from host memory: BENCHMARKS.md);
 - the attention is :func:`mlx_foundry.ops.decode_attention` over the whole buffer
   with the length as an array (one kernel up to
   :data:`~mlx_foundry.ops.attention.ONE_PASS_MAX_LEN` positions of capacity, else
   the split kernel and its merge).
 
-The attention reads the buffer after the write, although it reads the token from
-``kv`` and only the earlier positions from the buffer: MLX updates an array in place
-only while nothing else holds it, and a kernel encoded or still pending on the old
-buffer holds it. An attention over the buffer before the write (so that the write
-would run beside the block in MLX's CUDA graph) took 0.915 of the time per token at a
-16-token prompt on an H200 (a session script's interleaved rounds, not the bench), but
-the GPU test that the write stays in place
-(tests/test_gpu_lm.py) failed with it (session 29), as those rules predict: a copy of
-the buffer per block and token, a cost that grows with the capacity.
+A token's keys and values go into the cache buffer one token late: each compiled token
+writes the *previous* token's (``mx.put_along_axis`` at its position, one
+``scatter_axis`` kernel; a slice update needs a Python offset, and ``mx.slice_update``
+with an array start took 21 us per block on an H100, reading the start from host memory:
+BENCHMARKS.md), and its attention reads that token from the cache's pending array
+(``decode_attention(..., pending=)``) and its own from ``kv``. The write's inputs are
+ready when the token starts, so in MLX's CUDA graph it runs beside the blocks before
+it, not between the block's Q/K/V kernel and its attention. The attention still takes
+the buffer the write returns: MLX updates an array in place only while nothing else
+holds it, and a kernel encoded (or still running) on the old buffer holds it. (Session
+29 tried the attention over the buffer *before* a same-token write, which also takes the
+write off the path: 0.915 of the time per token in a session script at a 16-token
+prompt on an H200, but the write then copied the buffer, a cost that grows with the
+capacity; tests/test_gpu_lm.py caught it.) The first compiled token after the ordinary
+path has no pending token: it writes nothing and leaves its own pending (a second traced
+function). Until the next compiled token the cache holds the token apart
+(:class:`mlx_foundry.kv_cache.KVCache`, which writes it first whenever anything else
+reads or changes the cache).
 
 Every other token (prefill, the first decoded token, which prepares the blocks'
 launches, a token that must grow the cache buffers, other cache types, a model
@@ -54,16 +59,19 @@ _RUNNER_ATTR = "_mlx_foundry_decode"
 
 class TracedCache:
     """What a patched block sees as its cache while the decode step is traced: the
-    layer's joint K/V buffer (replaced by the block with the buffer after the write)
-    and the position as device arrays."""
+    layer's joint K/V buffer (replaced by the block with the buffer after the write),
+    the pending token (replaced by this token's keys and values) and the positions as
+    device arrays."""
 
-    __slots__ = ("buffer", "pos_i", "pos_u", "index")
+    __slots__ = ("buffer", "pending", "pos_i", "pos_u", "index")
 
-    def __init__(self, buffer, pos_i, pos_u, index):
-        self.buffer = buffer  # [B, 2 * H_kv, capacity, D]
-        self.pos_i = pos_i    # int32 x SCALAR_LANES: the RoPE offset (the cached length)
-        self.pos_u = pos_u    # uint32 x SCALAR_LANES: the same, as the attention's past_len
-        self.index = index    # int32 [B, 2 * H_kv, 1, D], all the position: the write
+    def __init__(self, buffer, pending, pos_i, pos_u, index):
+        self.buffer = buffer    # [B, 2 * H_kv, capacity, D]
+        self.pending = pending  # [B, 2 * H_kv, 1, D]: the previous token's, or None
+        self.pos_i = pos_i      # int32 x SCALAR_LANES: the RoPE offset (the cached length)
+        self.pos_u = pos_u      # uint32 x SCALAR_LANES: positions in the buffer before the
+        #                         pending token (the attention's past_len)
+        self.index = index      # int32 [B, 2 * H_kv, 1, D], all pos_u: the pending write
 
 
 class _NotTraceable(Exception):
@@ -82,12 +90,15 @@ def traced_block(block, plan, x, cache):
         raise _NotTraceable(plan.path)
     _, qkv_joint, o_proj, gate_up, down, _, attn = fast
     q, kv = qkv_joint(x, cache.pos_i)
-    buffer = mx.put_along_axis(cache.buffer, cache.index, kv, axis=2)
-    cache.buffer = buffer
     from .ops import decode_attention
 
-    o = decode_attention(q, kv, buffer, past_len=cache.pos_u, scale=attn.scale,
-                         backend=plan.backend)
+    pending = cache.pending
+    if pending is not None:
+        # The previous token's write: its inputs are ready at the start of the token.
+        cache.buffer = mx.put_along_axis(cache.buffer, cache.index, pending, axis=2)
+    o = decode_attention(q, kv, cache.buffer, past_len=cache.pos_u, pending=pending,
+                         scale=attn.scale, backend=plan.backend)
+    cache.pending = kv
     h = o_proj(o, x)
     return down(gate_up(h), h)
 
@@ -105,12 +116,13 @@ class DecodeRunner:
         self.plans = plans        # one per block, in order
         self.steps = 0            # tokens that ran compiled
         self.fallbacks = 0        # decode-shaped calls that took the ordinary path
-        self.traces = 0           # compiled functions built (MLX traces each again per
-        #                           cache capacity, by the shapes of the buffers)
+        self.pending_writes = 0   # steps that wrote the previous token (with a pending one)
+        self.traces = 0           # compiled pairs built (MLX traces each again per cache
+        #                           capacity, by the shapes of the buffers)
         self.head_in_trace = None  # how the traced step ran the output head: "fused" or
         #                            "original" (its counter in patch_stats), or None
-        self._fn = None           # the compiled function
-        self._key = None          # (batch, dtype) of the compiled function
+        self._fn = None           # {with a pending token: compiled function}
+        self._key = None          # (batch, dtype) of the compiled functions
         self._top = None          # the model-level arrays the trace captured
 
     # -- the hot path ------------------------------------------------------------------
@@ -127,31 +139,46 @@ class DecodeRunner:
             return None
         offset = first.offset
         bufs = [c.__dict__.get("_kv") for c in cache]
+        pends = [c.__dict__.get("_pending") for c in cache]
         b0 = bufs[0]
-        if (b0 is None or offset < 1 or offset >= b0.shape[2] or b0.shape[0] != inputs.shape[0]
+        pending = pends[0] is not None
+        # In the buffer: offset - 1 positions and the pending token's place, or offset.
+        if (b0 is None or offset < 1 or offset - 1 >= b0.shape[2]
+                or b0.shape[0] != inputs.shape[0]
                 or not all(c.__class__ is joint_cls and c.offset == offset for c in cache)
-                or not all(b is not None and b.shape == b0.shape for b in bufs)):
+                or not all(b is not None and b.shape == b0.shape for b in bufs)
+                or not all((p is not None) == pending for p in pends)):
             self.fallbacks += 1
             return None
         if not self._ready(inputs.shape[0], b0.dtype):
             self.fallbacks += 1
             return None
+        past = offset - 1 if pending else offset
         pos_i = mx.full((SCALAR_LANES,), offset, mx.int32)
-        pos_u = mx.full((SCALAR_LANES,), offset, mx.uint32)
-        # The caches let go of their buffers during the call, so that each put_along_axis
-        # may update its buffer in place (MLX donates an array only it alone holds).
-        for c in cache:
-            c.__dict__["_kv"] = None
-        try:
-            outs = self._fn(inputs, pos_i, pos_u, *bufs)
-        except BaseException:
-            for c, b in zip(cache, bufs):
-                c.__dict__["_kv"] = b
-            raise
-        del bufs, b0
+        pos_u = mx.full((SCALAR_LANES,), past, mx.uint32)
+        n = len(cache)
+        if pending:
+            # The caches let go of their buffers during the call, so that each
+            # put_along_axis may update its buffer in place (MLX donates an array only it
+            # alone holds).
+            for c in cache:
+                c.__dict__["_kv"] = c.__dict__["_pending"] = None
+            try:
+                outs = self._fn[True](inputs, pos_i, pos_u,
+                                      mx.full((SCALAR_LANES,), past, mx.int32), *bufs, *pends)
+            except BaseException:
+                for c, b, p in zip(cache, bufs, pends):
+                    c.__dict__["_kv"], c.__dict__["_pending"] = b, p
+                raise
+            del bufs, b0, pends
+            new_bufs, new_pends = outs[1:1 + n], outs[1 + n:]
+            self.pending_writes += 1
+        else:
+            outs = self._fn[False](inputs, pos_i, pos_u, *bufs)
+            new_bufs, new_pends = bufs, outs[1:]
         end = offset + 1
-        for c, b in zip(cache, outs[1:]):
-            c.__dict__["_kv"] = b
+        for c, b, p in zip(cache, new_bufs, new_pends):
+            c.__dict__["_kv"], c.__dict__["_pending"] = b, p
             c.offset = end
         self.steps += 1
         return outs[0]
@@ -186,11 +213,14 @@ class DecodeRunner:
         # object goes; the model holds it, so the traced function must not hold the model.
         model_ref, runner_ref = weakref.ref(model), weakref.ref(self)
 
-        def forward(inputs, pos_i, pos_u, *buffers):
-            index = mx.broadcast_to(pos_i[:1].reshape(1, 1, 1, 1),
-                                    (buffers[0].shape[0], buffers[0].shape[1], 1,
-                                     buffers[0].shape[3]))
-            caches = [TracedCache(b, pos_i, pos_u, index) for b in buffers]
+        def forward(inputs, pos_i, pos_u, pos_w, buffers, pendings):
+            index = None
+            if pos_w is not None:
+                index = mx.broadcast_to(pos_w[:1].reshape(1, 1, 1, 1),
+                                        (buffers[0].shape[0], buffers[0].shape[1], 1,
+                                         buffers[0].shape[3]))
+            caches = [TracedCache(b, p, pos_i, pos_u, index)
+                      for b, p in zip(buffers, pendings)]
             m = model_ref()
             head = lm._head_plan(m)
             counted = None if head is None else Counter(head.stats)
@@ -203,9 +233,20 @@ class DecodeRunner:
                     if ran:
                         runner_ref().head_in_trace = next(iter(ran))
                     head.stats = counted
-            return (logits, *(c.buffer for c in caches))
+            kvs = tuple(c.pending for c in caches)
+            if pos_w is None:
+                return (logits, *kvs)
+            return (logits, *(c.buffer for c in caches), *kvs)
 
-        self._fn = mx.compile(forward)
+        n = len(self.plans)
+
+        def first(inputs, pos_i, pos_u, *buffers):  # no pending token: no write
+            return forward(inputs, pos_i, pos_u, None, buffers, (None,) * n)
+
+        def next_(inputs, pos_i, pos_u, pos_w, *arrays):  # buffers, then pending tokens
+            return forward(inputs, pos_i, pos_u, pos_w, arrays[:n], arrays[n:])
+
+        self._fn = {False: mx.compile(first), True: mx.compile(next_)}
         self._key = (batch, dtype)
         self._top = lm._top_watch_list(model)
         self.traces += 1

@@ -69,6 +69,16 @@ def test_without_past_the_output_is_the_new_value():
     (dict(scale=float("inf")), ValueError, "'scale' must be finite"),
     (dict(scale="x"), TypeError, "'scale' must be a number"),
     (dict(backend="vulkan"), ValueError, "Unknown backend"),
+    (dict(pending=mx.zeros((1, 4, 2, 64), mx.float16)), ValueError,
+     "'pending' must have the shape of 'kv'"),
+    (dict(pending=mx.zeros((1, 4, 1, 64), mx.float32)), ValueError,
+     "'pending' must have the dtype"),
+    (dict(pending=mx.zeros((1, 4, 1, 64), mx.int32)), ValueError,
+     "'pending' must have a floating"),
+    (dict(pending=mx.zeros((4, 1, 64), mx.float16)), ValueError,
+     "'pending' must have at least 4"),
+    (dict(past=None, past_len=0, pending=mx.zeros((1, 4, 1, 64), mx.float16)), ValueError,
+     "'pending' needs 'past'"),
 ])
 def test_bad_input_names_the_argument(kwargs, err, match):
     args = dict(q=mx.zeros((1, 8, 1, 64), mx.float16), kv=mx.zeros((1, 4, 1, 64), mx.float16),
@@ -144,3 +154,42 @@ def test_past_len_array_validation(past_len, past, match):
     with pytest.raises(ValueError, match=f"'past_len'.*{match}"):
         decode_attention(q, kv, buf if past else None, past_len=past_len, scale=0.125,
                          backend="reference")
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128, 256, 20), (2, 8, 2, 64, 40, 0),
+                                   (1, 4, 4, 80, 7, 7), (1, 8, 2, 64, 1100, 1022),
+                                   (1, 8, 2, 64, 1100, 1023), (2, 4, 1, 80, 2600, 2599)])
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_pending_token_is_the_position_after_the_cached_ones(shape, on_device):
+    """With ``pending``, the attention is the one over a buffer that holds it at position
+    ``past_len`` (and the new token after it): the same softmax, one position more; the
+    path (one pass or split) is chosen with that position counted."""
+    from mlx_foundry.kernel import SCALAR_LANES
+
+    B, H, KV, D, cap, n = shape
+    q, kv, past = _inputs(B, H, KV, D, cap, mx.float32, seed=n + 1)
+    mx.random.seed(n + 2)
+    pend = mx.random.normal(kv.shape)
+    written = mx.concatenate([past[:, :, :n], pend, past[:, :, n:]], axis=2)
+    want = decode_attention(q, kv, written, past_len=n + 1, scale=0.1, backend="reference")
+    length = mx.full((SCALAR_LANES,), n, mx.uint32) if on_device else n
+    got = decode_attention(q, kv, past, past_len=length, pending=pend, scale=0.1,
+                           backend="reference")
+    assert_close(got, want, mx.float32)
+    # The pending token counts: without it the result differs at these shapes.
+    without = decode_attention(q, kv, past, past_len=n, scale=0.1, backend="reference")
+    assert not mx.allclose(without, want).item()
+
+
+def test_split_states_with_a_pending_token_merge_to_the_one_pass_result():
+    from mlx_foundry.stages import attention as A
+
+    q, kv, past = _inputs(1, 8, 2, 64, 511, mx.float32, seed=3)
+    pend = mx.random.normal(kv.shape)
+    # 511 cached positions + pending + new = 513: a third chunk that 511 + 1 would not need.
+    assert A.split_count(511, 1) == A.split_count(511) + 1 == 3
+    for n in (0, 254, 255, 511):
+        parts = A.split_partials_math(q, kv, past, n, 0.125, A.split_count(511, 1), pend)
+        assert mx.all(parts[:, (n + 2 + 255) // 256:, 0] == -float("inf")).item()
+        got = A.combine_math(parts, mx.float32).reshape(1, 8, 1, 64)
+        assert_close(got, A.decode_attention_math(q, kv, past, n, 0.125, pend), mx.float32)

@@ -72,8 +72,9 @@ def test_split_and_combine_kernels_gpu(gpu_backend, dtype):
     past = mx.random.normal((2, 4, 3000, 64)).astype(dtype)
     splits = A.split_count(3000)
     kw = dict(past_len=1300, past_cap=3000, scale=0.125, splits=splits)
-    got = A.decode_attention_split(q, kv, past, backend=gpu_backend, **kw)
-    want = A.decode_attention_split(q, kv, past, backend="reference", **kw)
+    # pend (the third input) is not read without PEND=1: kv stands in for it.
+    got = A.decode_attention_split(q, kv, kv, past, backend=gpu_backend, **kw)
+    want = A.decode_attention_split(q, kv, kv, past, backend="reference", **kw)
     assert got.shape == want.shape == (16, splits, 66)
     # Empty chunks: max -inf, sums 0, exactly.
     assert mx.array_equal(got[:, 6:], want[:, 6:]).item()
@@ -127,3 +128,33 @@ def test_decode_attention_gpu_length_on_the_device_over_the_capacity(gpu_backend
     for arr in forms:
         got = decode_attention(q, kv, past, past_len=arr, scale=0.125, backend=gpu_backend)
         assert_close(got, want, dtype, k=cap + 1 if dtype == mx.float32 else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128, 256, 0), (1, 32, 8, 128, 256, 31),
+                                   (1, 32, 8, 128, 256, 255), (2, 8, 2, 64, 40, 17),
+                                   (1, 4, 4, 80, 7, 6), (3, 6, 1, 96, 33, 5),
+                                   (1, 8, 2, 64, 1100, 1022), (1, 8, 2, 64, 1100, 1023),
+                                   (2, 4, 1, 80, 2600, 2599), (1, 32, 8, 128, 4352, 4100)])
+@pytest.mark.parametrize("on_device", [False, True])
+def test_decode_attention_gpu_with_a_pending_token(gpu_backend, dtype, shape, on_device):
+    """A token pending its cache write (``pending``, at position past_len) against the
+    reference, over both kernel paths (1022 + 2 positions is one pass, 1023 + 2 splits)
+    and the length on the host or the device; the buffer holds NaN at the pending
+    position and past it, which the kernels must not read."""
+    from mlx_foundry.kernel import SCALAR_LANES
+
+    B, H, KV, D, cap, n = shape
+    mx.random.seed(11 * n + B)
+    q = mx.random.normal((B, H, 1, D)).astype(dtype)
+    kv = mx.random.normal((B, 2 * KV, 1, D)).astype(dtype)
+    pend = mx.random.normal((B, 2 * KV, 1, D)).astype(dtype)
+    past = (2 * mx.random.normal((B, 2 * KV, cap, D))).astype(dtype)
+    nan = mx.concatenate([past[:, :, :n], mx.full((B, 2 * KV, cap - n, D), float("nan"),
+                                                  dtype)], axis=2)
+    want = decode_attention(q, kv, past, past_len=n, pending=pend, scale=D ** -0.5,
+                            backend="reference")
+    length = mx.full((SCALAR_LANES,), n, mx.uint32) if on_device else n
+    got = decode_attention(q, kv, nan, past_len=length, pending=pend, scale=D ** -0.5,
+                           backend=gpu_backend)
+    assert_close(got, want, dtype, k=n + 2 if dtype == mx.float32 else None)

@@ -162,3 +162,49 @@ def test_append_joint_returns_the_buffer_and_the_past_length():
         assert mx.array_equal(buf[:, H:, :n], ref.values[..., :n, :]).item()
         assert mx.array_equal(ours.keys[..., :n, :], ref.keys[..., :n, :]).item()
         assert mx.array_equal(ours.values[..., :n, :], ref.values[..., :n, :]).item()
+
+
+def _with_pending(L, seed):
+    """A joint cache of L tokens whose last token is pending (as the compiled decode step
+    leaves it), and mlx-lm's cache of the same tokens."""
+    ours, theirs = kv_cache.KVCache(), lm_cache.KVCache()
+    k, v = _kv(L, seed)
+    ours.update_and_fetch(k[..., :-1, :], v[..., :-1, :])
+    ours.__dict__["_pending"] = mx.concatenate([k[..., -1:, :], v[..., -1:, :]], axis=1)
+    ours.offset += 1
+    theirs.update_and_fetch(k, v)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("L", [3, 256, 257])
+def test_a_pending_token_is_written_before_anything_reads_the_cache(L):
+    """The buffer holds L - 1 tokens and the pending one waits apart (at L = 257 its
+    write grows the buffer); keys, values, state, trim and the next update see it written,
+    exactly as mlx-lm's cache has it."""
+    for read in ("keys", "values", "state", "update", "trim", "save"):
+        ours, theirs = _with_pending(L, seed=L)
+        joint = ours.__dict__["_kv"]
+        assert joint.shape[2] >= L - 1 and ours.offset == theirs.offset == L
+        if read == "update":
+            k, v = _kv(2, seed=99)
+            ours.update_and_fetch(k, v)
+            theirs.update_and_fetch(k, v)
+        elif read == "trim":
+            assert ours.trim(1) == theirs.trim(1) == 1
+        elif read == "state":
+            a, b = ours.state, theirs.state
+            assert _same(a[0][..., :L, :], b[0][..., :L, :]) and a[2] == b[2] == L
+        elif read == "save":
+            continue  # test_a_pending_token_is_saved below
+        else:
+            getattr(ours, read)
+        assert ours.__dict__["_pending"] is None
+        _check_state(ours, theirs)
+
+
+def test_a_pending_token_is_saved(tmp_path):
+    ours, theirs = _with_pending(5, seed=4)
+    path = str(tmp_path / "c.safetensors")
+    lm_cache.save_prompt_cache(path, [ours])
+    (loaded,) = lm_cache.load_prompt_cache(path)
+    _check_state(loaded, theirs)

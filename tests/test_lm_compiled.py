@@ -129,6 +129,8 @@ def test_the_compiled_step_writes_the_cache_in_place():
         mf.unpatch(model)
     assert counts["compiled decode steps"] == len(kept), counts
     assert kept == [blocks] * len(kept), f"blocks written in place per token: {kept}"
+    # Every token after the first compiled one wrote its predecessor (in place, above).
+    assert counts["compiled writes of a pending token"] == len(kept) - 1, counts
 
 
 def test_cache_growth_and_long_contexts():
@@ -167,7 +169,15 @@ def test_the_cache_stays_a_working_mlx_lm_cache():
     mf.patch(model, backend=BACKEND, compile_decode=True)
     try:
         toks, _, cache = _decode(model, [3, 9, 27], 12)
+        # The last token waits for the next compiled token to write it (lm_compiled):
+        # counted in offset, not yet in the buffer (zeros there, as the buffer was made).
+        for c in cache:
+            pending = c.__dict__["_pending"]
+            assert pending is not None and pending.shape[2] == 1 and c.offset == 15
+            assert not mx.any(c.__dict__["_kv"][:, :, 14]).item()
+        # Reading the cache writes it first.
         assert cache[0].offset == 15 and cache[0].keys.shape[2] >= 15
+        assert cache[0].__dict__["_pending"] is None
         # The keys and values written by the compiled steps are the ordinary path's.
         mf.unpatch(model)
         mf.patch(model, backend=BACKEND, compile_decode=False)

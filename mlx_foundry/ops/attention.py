@@ -22,14 +22,15 @@ MAX_HEAD_DIM = 256
 32 x (head_dim + 2) floats)."""
 
 
-def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
+def decode_attention(q, kv, past=None, *, past_len=0, pending=None, scale, backend=None):
     r"""Attention of one new token per sequence over a joint K/V cache and itself.
 
     .. math::
 
         o_h = \mathrm{softmax}\left(s\, q_h [K_{past}; k]^T\right) [V_{past}; v]
 
-    over the first ``past_len`` positions of ``past`` and the new token, with query
+    over the first ``past_len`` positions of ``past`` (then ``pending``, if given) and the
+    new token, with query
     head ``h`` reading key/value head ``h // (n_heads // n_kv_heads)`` (grouped-query
     attention). No mask: every cached position is visible, as in a causal decode step.
     Keys and values come in the joint layout of
@@ -53,6 +54,12 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
             decode step. It is not checked on the host; the kernels take a value over
             the capacity (or negative, read as ``uint32``) as the capacity, so they
             never read past ``past``. Default: ``0``.
+        pending (array, optional): one more token's keys and values, the shape and dtype
+            of ``kv``, at position ``past_len`` (before the new token): a token that is
+            cached but not yet written into ``past``. The compiled decode step
+            (:mod:`mlx_foundry.lm_compiled`) writes each token into the buffer during the
+            next token, beside that token's blocks, and passes it here meanwhile.
+            Needs ``past``. Default: none.
         scale (float): the factor on ``q K^T`` (usually ``head_dim ** -0.5``).
         backend (str, optional): ``"metal"``, ``"cuda"`` or ``"reference"``.
             Default: chosen automatically.
@@ -99,6 +106,9 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
     else:
         past_len = int(past_len)  # NumPy's too
     if past is None:
+        if pending is not None:
+            raise ValueError(f"[{who}] 'pending' needs 'past' (the cache buffer it is "
+                             f"not yet written to).")
         if past_len != 0:
             raise ValueError(f"[{who}] 'past_len' must be 0 without 'past' but is "
                              f"{past_len}.")
@@ -118,17 +128,27 @@ def decode_attention(q, kv, past=None, *, past_len=0, scale, backend=None):
         raise TypeError(f"[{who}] 'scale' must be a number but got {type(scale).__name__}.")
     if not math.isfinite(scale):
         raise ValueError(f"[{who}] 'scale' must be finite but is {scale}.")
+    pend = 0
+    if pending is not None:
+        check_float_array(who, "pending", pending, min_ndim=4)
+        if pending.shape != kv.shape:
+            raise ValueError(f"[{who}] 'pending' must have the shape of 'kv', "
+                             f"{tuple(kv.shape)}, but has shape {tuple(pending.shape)}.")
+        check_same_dtype(who, "pending", pending, "q", q)
+        pend = 1
     if backend is not None:
         check_backend(backend, who)
     cap = past.shape[2]
+    fresh = pending if pend else kv  # read only with PEND 1
     # A device-side length is only known to be at most the capacity: choose by that.
-    if (cap if on_device else past_len) + 1 <= ONE_PASS_MAX_LEN:
-        return _attention.decode_attention(q, kv, past, past_len=past_len, past_cap=cap,
-                                           scale=float(scale), backend=backend)
-    splits = _attention.split_count(cap)
-    partials = _attention.decode_attention_split(q, kv, past, past_len=past_len,
+    if (cap if on_device else past_len) + pend + 1 <= ONE_PASS_MAX_LEN:
+        return _attention.decode_attention(q, kv, fresh, past, past_len=past_len,
+                                           past_cap=cap, scale=float(scale), PEND=pend,
+                                           backend=backend)
+    splits = _attention.split_count(cap, pend)
+    partials = _attention.decode_attention_split(q, kv, fresh, past, past_len=past_len,
                                                  past_cap=cap, scale=float(scale),
-                                                 splits=splits, backend=backend)
+                                                 splits=splits, PEND=pend, backend=backend)
     out = _attention.decode_attention_combine(partials, splits=splits, T=q.dtype,
                                               backend=backend)
     return out.reshape(B, H, 1, D)

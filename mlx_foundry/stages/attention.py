@@ -4,7 +4,11 @@ The kernel reads the cache's joint buffer ``[B, 2 * H_kv, capacity, D]``
 (:class:`mlx_foundry.kv_cache.KVCache`) and this token's keys and values
 ``[B, 2 * H_kv, 1, D]`` as they come from ``norm_qkv_rope(..., joint_kv=True)``,
 so a decode step needs no key/value views of the cache (two graph nodes per
-layer and token).
+layer and token).  With ``PEND`` 1 a third array ``pend`` (the same shape as ``kv``)
+holds one more token between the cached positions and the new one, at position
+``past_len``: a token whose write into the buffer has not happened yet (the compiled
+decode step, :mod:`mlx_foundry.lm_compiled`, writes it during the next token, so that
+the write runs beside the blocks).  With ``PEND`` 0 ``pend`` is never read.
 
 Two forms (``attention.metal``):
 
@@ -15,7 +19,7 @@ Two forms (``attention.metal``):
   :data:`SPLIT_SIMDS` SIMD-groups each, their partial softmax states merged by a
   second kernel (long contexts: more threadgroups than query heads).
 
-Compile-time: ``T``, ``H``, ``KV``, ``D``. Runtime: ``past_len`` and ``past_cap`` (the
+Compile-time: ``T``, ``H``, ``KV``, ``D``, ``PEND``. Runtime: ``past_len`` and ``past_cap`` (the
 cache grows without recompiling), ``scale`` and ``splits``.
 """
 
@@ -37,12 +41,13 @@ SPLIT_CHUNK = 32 * SPLIT_SIMDS
 """Positions per threadgroup of the split kernel (32 per SIMD-group)."""
 
 
-def split_count(past_cap):
-    """Chunks of :data:`SPLIT_CHUNK` positions that cover ``past_cap + 1`` positions."""
-    return -(-(past_cap + 1) // SPLIT_CHUNK)
+def split_count(past_cap, pend=0):
+    """Chunks of :data:`SPLIT_CHUNK` positions that cover ``past_cap + pend + 1``
+    positions."""
+    return -(-(past_cap + pend + 1) // SPLIT_CHUNK)
 
 
-def decode_attention_math(q, kv, past, past_len, scale):
+def decode_attention_math(q, kv, past, past_len, scale, pend=None):
     """The kernel's computation in plain MLX ops (float32 inside).
 
     Args:
@@ -50,31 +55,40 @@ def decode_attention_math(q, kv, past, past_len, scale):
         kv (array): ``[B, 2 * KV, 1, D]``, keys then values of the new token.
         past (array): ``[B, 2 * KV, capacity, D]``; the first ``past_len`` positions
             are read.
-        past_len (int or array): cached positions before the new token.
+        past_len (int or array): cached positions before the new token (and before
+            ``pend``).
         scale (float): applied to ``q K^T``.
+        pend (array, optional): ``[B, 2 * KV, 1, D]``, a token between the cached
+            positions and the new one. Default: none.
     """
-    scores, values = _scores_and_values(q, kv, past, past_len, scale)
+    scores, values = _scores_and_values(q, kv, past, past_len, scale, pend)
     p = mx.softmax(scores, axis=-1)[:, None]         # [B * H, 1, n]
     return (p @ values).reshape(q.shape).astype(q.dtype)
 
 
-def _scores_and_values(q, kv, past, past_len, scale):
+def _scores_and_values(q, kv, past, past_len, scale, pend=None):
     """Per query head ``[B * H, n]`` scores and ``[B * H, n, D]`` values (float32).
 
     With ``past_len`` an array (a value known only on the device, as in a compiled decode
-    step) ``n`` is ``capacity + 1``: the new token sits at position ``past_len`` as in the
-    kernel, and the positions after it score ``-inf``."""
+    step) ``n`` is ``capacity + 1`` (``+ 2`` with ``pend``): the fresh tokens (``pend``,
+    then ``kv``) sit at positions ``past_len`` onwards as in the kernel, and the positions
+    after them score ``-inf``."""
     B, H, _, D = q.shape
     kv_heads = kv.shape[1] // 2
+    if pend is not None:
+        kv = mx.concatenate([pend, kv], axis=2)
     visible = None
     if isinstance(past_len, mx.array):
         # As the kernels read it: uint32, at most the capacity (-1 is 2^32 - 1 -> capacity).
         n_past = mx.minimum(past_len.reshape(-1)[:1].astype(mx.uint32),
                             past.shape[2]).astype(mx.int32)
-        idx = mx.arange(past.shape[2] + 1, dtype=mx.int32)
-        room = mx.concatenate([past.astype(kv.dtype), mx.zeros_like(kv)], axis=2)
-        kv = mx.where((idx == n_past)[:, None], kv, room)
-        visible = idx <= n_past
+        fresh = kv.shape[2]
+        idx = mx.arange(past.shape[2] + fresh, dtype=mx.int32)
+        rows = mx.concatenate([past.astype(kv.dtype), mx.zeros_like(kv)], axis=2)
+        for i in range(fresh):
+            rows = mx.where((idx == n_past + i)[:, None], kv[:, :, i:i + 1], rows)
+        kv = rows
+        visible = idx < n_past + fresh
     elif past_len:
         kv = mx.concatenate([past[:, :, :past_len].astype(kv.dtype), kv], axis=2)
     kv = kv.astype(mx.float32)
@@ -87,11 +101,11 @@ def _scores_and_values(q, kv, past, past_len, scale):
     return scores, values.reshape(B * H, n, D)
 
 
-def split_partials_math(q, kv, past, past_len, scale, splits):
+def split_partials_math(q, kv, past, past_len, scale, splits, pend=None):
     """The split kernel's ``[B * H, splits, D + 2]`` states in plain MLX ops: per chunk of
     :data:`SPLIT_CHUNK` positions its max score (-inf when empty), the sum of
     ``exp(score - max)`` and the ``exp(score - max)``-weighted sum of values."""
-    scores, values = _scores_and_values(q, kv, past, past_len, scale)
+    scores, values = _scores_and_values(q, kv, past, past_len, scale, pend)
     rows, n = scores.shape
     pad = splits * SPLIT_CHUNK - n
     scores = mx.pad(scores, [(0, 0), (0, pad)], constant_values=-float("inf"))
@@ -119,9 +133,14 @@ def _past_len(b):
 
 
 def _kv_inputs():
-    """The inputs of both attention kernels: q, kv, past."""
+    """The inputs of both attention kernels: q, kv, pend, past."""
     return [Tensor("q", FLOAT_DTYPES, ndim=4), Tensor("kv", FLOAT_DTYPES, ndim=4),
-            Tensor("past", FLOAT_DTYPES, ndim=4)]
+            Tensor("pend", FLOAT_DTYPES, ndim=4), Tensor("past", FLOAT_DTYPES, ndim=4)]
+
+
+def _pend(b):
+    """``pend`` when the kernel reads it (``PEND`` 1), else ``None``."""
+    return b.pend if b.PEND else None
 
 
 def head_constants():
@@ -136,9 +155,10 @@ def head_constants():
 
 
 def _head_args():
-    """Runtime scalars and head constants of both attention kernels."""
+    """Runtime scalars and head constants of both attention kernels (``PEND``: 0, or 1
+    when ``pend`` holds a token; given by the caller)."""
     return [Scalar("past_len", u32), Scalar("past_cap", u32),
-            Scalar("scale", f32)] + head_constants()
+            Scalar("scale", f32)] + head_constants() + [Constant("PEND", value=0)]
 
 
 def _state(simds):
@@ -152,12 +172,12 @@ _STATE = (Threadgroup("float", "attn_state", "STATE"),)
 
 
 def _reference(b):
-    return decode_attention_math(b.q, b.kv, b.past, _past_len(b), b.scale)
+    return decode_attention_math(b.q, b.kv, b.past, _past_len(b), b.scale, _pend(b))
 
 
 decode_attention = Kernel(
     "decode_attention", source="stages/attention.metal", function="decode_attention_rows",
-    template=("T", "H", "KV", "D"),
+    template=("T", "H", "KV", "D", "PEND"),
     args=_kv_inputs() + [Output("out", shape=lambda b: b.q.shape, dtype="q")]
     + _head_args() + [_state(ATTENTION_SIMDS)],
     attributes=_ATTRIBUTES, threadgroup=_STATE,
@@ -166,15 +186,18 @@ decode_attention = Kernel(
     reference=_reference,
 )
 """The decode attention :class:`Kernel`:
-``decode_attention(q, kv, past, past_len=n, past_cap=past.shape[2], scale=s)``."""
+``decode_attention(q, kv, pend, past, past_len=n, past_cap=past.shape[2], scale=s,
+PEND=0)`` (``pend`` is read only with ``PEND=1``)."""
 
 
 decode_attention_split = Kernel(
     "decode_attention_split", source="stages/attention.metal",
-    function="decode_attention_split", template=("T", "H", "KV", "D", "SIMDS", "CHUNK"),
+    function="decode_attention_split",
+    template=("T", "H", "KV", "D", "SIMDS", "CHUNK", "PEND"),
     args=_kv_inputs() + [
         Output("partials", shape=lambda b: (b.q.shape[0] * b.q.shape[1],
-                                            split_count(b.past.shape[2]), b.q.shape[3] + 2),
+                                            split_count(b.past.shape[2], b.PEND),
+                                            b.q.shape[3] + 2),
                dtype=mx.float32),
     ] + _head_args() + [
         Scalar("splits", u32),
@@ -184,12 +207,14 @@ decode_attention_split = Kernel(
     ],
     attributes=_ATTRIBUTES, threadgroup=_STATE,
     dispatch=lambda b: DispatchConfig((b.q.shape[0] * b.q.shape[1],
-                                       split_count(b.past.shape[2])), (32 * SPLIT_SIMDS,)),
+                                       split_count(b.past.shape[2], b.PEND)),
+                                      (32 * SPLIT_SIMDS,)),
     reference=lambda b: split_partials_math(b.q, b.kv, b.past, _past_len(b), b.scale,
-                                            split_count(b.past.shape[2])),
+                                            split_count(b.past.shape[2], b.PEND), _pend(b)),
 )
 """Decode attention over chunks of positions: ``[B * H, splits, D + 2]`` float32 states
-(``splits`` = :func:`split_count` of the capacity; chunks past the positions are empty)."""
+(``splits`` = :func:`split_count` of the capacity and ``PEND``; chunks past the positions
+are empty)."""
 
 decode_attention_combine = Kernel(
     "decode_attention_combine", source="stages/attention.metal",

@@ -4,8 +4,12 @@
 // (heads KV .. 2 KV - 1); past [B, 2 KV, CAP, D], a joint K/V cache buffer whose first
 // past_len positions hold the earlier tokens (the rest is never read; a past_len over
 // CAP is taken as CAP, so a bad length kept on the device never reads out of bounds).
-// out [B, H, 1, D]: softmax(scale * q K^T) V over the past_len + 1 positions (the new
-// token last), query head h reading K/V head h / (H / KV) (grouped-query attention).
+// With PEND (1), pend [B, 2 KV, 1, D] is one more token between them, at position
+// past_len: a token not yet written to the buffer (the compiled decode step writes each
+// token's keys and values during the next token, beside its blocks); without (0) pend is
+// never read.
+// out [B, H, 1, D]: softmax(scale * q K^T) V over the past_len + PEND + 1 positions (the
+// new token last), query head h reading K/V head h / (H / KV) (grouped-query attention).
 //
 // A threadgroup of SIMDS SIMD-groups works on one (batch, query head) (grid x) and a
 // range of positions. SIMD-group s takes positions lo + s, lo + s + SIMDS, ...; lane l
@@ -23,11 +27,14 @@
 //   weighted values: D + 2 floats) to `partials` [B H, splits, D + 2]; the combine
 //   kernel merges a head's splits (long contexts: many more threadgroups).
 
-// Row j of K (or V, by `base`) for this head: a cached position, or the new token.
-template <typename T, int D>
-METAL_FUNC const device T* attn_row(const device T* past, const device T* fresh,
-                                    size_t base, uint j, uint past_len) {
-  return j < past_len ? past + base + size_t(j) * size_t(D) : fresh;
+// Row j of K (or V, by `base`) for this head: a cached position, the pending token
+// (j == past_len, with PEND), or the new token.
+template <typename T, int D, int PEND>
+METAL_FUNC const device T* attn_row(const device T* past, const device T* pend,
+                                    const device T* fresh, size_t base, uint j,
+                                    uint past_len) {
+  return j < past_len ? past + base + size_t(j) * size_t(D)
+                      : (PEND != 0 && j == past_len ? pend : fresh);
 }
 
 // This lane's E elements of a row (0 past D).
@@ -44,9 +51,9 @@ METAL_FUNC void attn_load(const device T* r, uint lane, thread float* v) {
 // the threadgroup must call it. Returns in gm the threadgroup's max score (-inf when the
 // range is empty) and leaves at attn_state[32 + s * (D + 1)] SIMD-group s's sum of
 // exp(score - gm), then its sums of exp(score - gm) * value (D floats).
-template <typename T, int H, int KV, int D, int SIMDS>
-METAL_FUNC void attn_range(const device T* q, const device T* kv, const device T* past,
-                           uint past_len, uint past_cap, float scale, uint bh, uint lo,
+template <typename T, int H, int KV, int D, int SIMDS, int PEND>
+METAL_FUNC void attn_range(const device T* q, const device T* kv, const device T* pend,
+                           const device T* past, uint past_len, uint past_cap, float scale, uint bh, uint lo,
                            uint hi, uint sg, uint lane, threadgroup float* attn_state,
                            thread float& gm) {
   constexpr int E = (D + 31) / 32;
@@ -64,6 +71,8 @@ METAL_FUNC void attn_range(const device T* q, const device T* kv, const device T
   const size_t v_base = (k_head + size_t(KV)) * size_t(past_cap) * size_t(D);
   const device T* k_new = kv + k_head * size_t(D);
   const device T* v_new = kv + (k_head + size_t(KV)) * size_t(D);
+  const device T* k_pend = pend + k_head * size_t(D);
+  const device T* v_pend = pend + (k_head + size_t(KV)) * size_t(D);
 
   float m = -INFINITY;
   float l = 0.0f;
@@ -78,14 +87,18 @@ METAL_FUNC void attn_range(const device T* q, const device T* kv, const device T
     float kc[E];
     float vc[E];
     const uint j0 = metal::min(lo + sg, hi - 1u);
-    attn_load<T, D, E>(attn_row<T, D>(past, k_new, k_base, j0, past_len), lane, kc);
-    attn_load<T, D, E>(attn_row<T, D>(past, v_new, v_base, j0, past_len), lane, vc);
+    attn_load<T, D, E>(attn_row<T, D, PEND>(past, k_pend, k_new, k_base, j0, past_len), lane,
+                       kc);
+    attn_load<T, D, E>(attn_row<T, D, PEND>(past, v_pend, v_new, v_base, j0, past_len), lane,
+                       vc);
     for (uint j = lo + sg; j < hi; j += uint(SIMDS)) {
       const uint jn = metal::min(j + uint(SIMDS), hi - 1u);
       float kn[E];
       float vn[E];
-      attn_load<T, D, E>(attn_row<T, D>(past, k_new, k_base, jn, past_len), lane, kn);
-      attn_load<T, D, E>(attn_row<T, D>(past, v_new, v_base, jn, past_len), lane, vn);
+      attn_load<T, D, E>(attn_row<T, D, PEND>(past, k_pend, k_new, k_base, jn, past_len),
+                         lane, kn);
+      attn_load<T, D, E>(attn_row<T, D, PEND>(past, v_pend, v_new, v_base, jn, past_len),
+                         lane, vn);
       float s = 0.0f;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
@@ -144,17 +157,18 @@ METAL_FUNC void attn_sums(threadgroup const float* attn_state, uint t, thread fl
   }
 }
 
-template <typename T, int H, int KV, int D>
+template <typename T, int H, int KV, int D, int PEND>
 METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
-                                      const device T* past, device T* out, uint past_len,
+                                      const device T* pend, const device T* past,
+                                      device T* out, uint past_len,
                                       uint past_cap, float scale, uint3 tg_pos, uint sg,
                                       uint lane, threadgroup float* attn_state) {
   const uint bh = tg_pos.x;  // b * H + h
   // A length kept on the device is unchecked on the host: never read past the cache.
   past_len = metal::min(past_len, past_cap);
   float gm;
-  attn_range<T, H, KV, D, 32>(q, kv, past, past_len, past_cap, scale, bh, 0u,
-                              past_len + 1u, sg, lane, attn_state, gm);
+  attn_range<T, H, KV, D, 32, PEND>(q, kv, pend, past, past_len, past_cap, scale, bh, 0u,
+                                    past_len + uint(PEND) + 1u, sg, lane, attn_state, gm);
   const uint t = sg * 32u + lane;
   if (t >= uint(D)) {
     return;
@@ -165,20 +179,21 @@ METAL_FUNC void decode_attention_rows(const device T* q, const device T* kv,
   out[size_t(bh) * size_t(D) + size_t(t)] = static_cast<T>(o / total);
 }
 
-template <typename T, int H, int KV, int D, int SIMDS, int CHUNK>
+template <typename T, int H, int KV, int D, int SIMDS, int CHUNK, int PEND>
 METAL_FUNC void decode_attention_split(const device T* q, const device T* kv,
-                                       const device T* past, device float* partials,
+                                       const device T* pend, const device T* past,
+                                       device float* partials,
                                        uint past_len, uint past_cap, float scale,
                                        uint splits, uint3 tg_pos, uint sg, uint lane,
                                        threadgroup float* attn_state) {
   const uint bh = tg_pos.x;
   past_len = metal::min(past_len, past_cap);  // as in decode_attention_rows
-  const uint n = past_len + 1u;
+  const uint n = past_len + uint(PEND) + 1u;
   const uint lo = metal::min(tg_pos.y * uint(CHUNK), n);
   const uint hi = metal::min(lo + uint(CHUNK), n);
   float gm;
-  attn_range<T, H, KV, D, SIMDS>(q, kv, past, past_len, past_cap, scale, bh, lo, hi, sg,
-                                 lane, attn_state, gm);
+  attn_range<T, H, KV, D, SIMDS, PEND>(q, kv, pend, past, past_len, past_cap, scale, bh, lo,
+                                       hi, sg, lane, attn_state, gm);
   device float* st = partials + (size_t(bh) * size_t(splits) + size_t(tg_pos.y)) *
                                     size_t(D + 2);
   const uint t = sg * 32u + lane;
