@@ -990,6 +990,30 @@ def test_suite_has_a_batch_decode_row():
     assert "e2e_decode_llama3_8b_q4_batch4" in names
 
 
+def test_the_long_prompt_decode_row_hands_its_prompt_to_the_benchmark(monkeypatch):
+    """The long-prompt end-to-end row decodes after its prompt (not the 16-token default)
+    and is not the row the end-to-end target reads."""
+    from mlx_foundry import lm_bench
+    from mlx_foundry.bench.cases import suite
+    from mlx_foundry.bench.e2e import long_prompt
+
+    (case,) = [c for c in suite(tiny=True) if c.name == "e2e_decode_llama3_8b_q4_prompt100"]
+    assert case.op == "decode (e2e, 100-token prompt)"
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return {"unpatched_tok_s": 100.0, "patched_tok_s": 250.0, "tokens_equal": True}
+    monkeypatch.setattr(lm_bench, "decode_benchmark", fake)
+    monkeypatch.setattr(lm_bench, "same_tokens_up_to_ties", lambda r: (True, "identical"))
+
+    class Ctx:
+        backend, quick = "reference", True
+    out = case.runner(Ctx())
+    assert seen["prompt"] == long_prompt(100) and len(set(seen["prompt"])) == 100
+    assert out["status"] == "ok" and out["speedup"] == 2.5
+
+
 def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(monkeypatch):
     """Each sequence's first differing step is judged by the unpatched model's
     log-probability gap between its own choice and the patched token there (not its

@@ -409,18 +409,22 @@ def _mlp_block_case(d, inter, bits, gs, dt):
                 candidate)
 
 
-def _e2e_case(tiny, dt, *, ordinary_step=False, batch=None):
+def _e2e_case(tiny, dt, *, ordinary_step=False, batch=None, prompt_len=None):
     """The end-to-end decode as ``patch`` does it by default (on the CUDA backend the
     compiled step), or with ``ordinary_step`` its ordinary step (``compile_decode=False``:
-    Python builds each token's graph)."""
+    Python builds each token's graph); ``prompt_len``: after a prompt of that many tokens
+    (a long context: every token's attention and cache write cover it) instead of 16."""
     def runner(ctx):
         from .e2e import run_decode
-        return run_decode(ctx, tiny=tiny, dtype=dt, batch=batch,
+        return run_decode(ctx, tiny=tiny, dtype=dt, batch=batch, prompt_len=prompt_len,
                           patch_kwargs={"compile_decode": False} if ordinary_step else None)
 
-    suffix = "_ordinary_step" if ordinary_step else (f"_batch{batch}" if batch else "")
+    suffix = ("_ordinary_step" if ordinary_step else f"_batch{batch}" if batch else
+              f"_prompt{prompt_len}" if prompt_len else "")
     op = ("decode (end-to-end, ordinary step)" if ordinary_step else
-          f"decode (end-to-end, batch {batch})" if batch else "decode (end-to-end)")
+          f"decode (end-to-end, batch {batch})" if batch else
+          f"decode (e2e, {prompt_len}-token prompt)" if prompt_len else
+          "decode (end-to-end)")
     return Case("e2e_decode_llama3_8b_q4" + suffix, op,
                 "tiny llama" if tiny else "llama-3-8b", f"{_dname(dt)}/q4", runner=runner,
                 tags=("e2e",))
@@ -457,6 +461,7 @@ def suite(*, tiny=False, dtype=None):
         _e2e_case(tiny, dt),
         _e2e_case(tiny, dt, ordinary_step=True),
         _e2e_case(tiny, dt, batch=4),
+        _e2e_case(tiny, dt, prompt_len=100 if tiny else 1500),
     ]
     heads, kv_heads, head_dim = D["heads"], D["kv_heads"], D["head_dim"]
     cases += [_decode_attention_case(heads, kv_heads, head_dim, n, dt)

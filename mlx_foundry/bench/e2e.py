@@ -27,9 +27,16 @@ def _accepted(fn, kwargs):
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None):
+def long_prompt(n):
+    """``n`` fixed token ids (a long prompt for the decode benchmark, which takes them
+    modulo the model's vocabulary)."""
+    return [7 * i + 3 for i in range(n)]
+
+
+def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None, prompt_len=None):
     """Run the decode benchmark (with ``batch``: :func:`batch_decode_benchmark`, that many
-    sequences decoded together); returns a case-result fragment (see report.py).
+    sequences decoded together; with ``prompt_len``: after a prompt of that many tokens,
+    :func:`long_prompt`); returns a case-result fragment (see report.py).
 
     Keys: ``status`` (``"ok"``/``"skipped"``/``"error"``), ``reason``,
     ``baseline_us``/``ours_us`` (per token), ``speedup``, ``baseline_tok_s``,
@@ -48,6 +55,8 @@ def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None):
         bench_fn = batch_decode_benchmark
     if tiny:
         kwargs["config"] = TINY_LLAMA
+    if prompt_len:
+        kwargs["prompt"] = long_prompt(prompt_len)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if patch_kwargs:
