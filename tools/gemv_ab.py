@@ -29,12 +29,18 @@ Variants:
   contiguous ranges in MLX's layout) copied into shared memory with 16-byte loads before
   its loop, each chunk's scale and bias read from there instead of by a 2-byte load from
   global memory per row and chunk. CUDA-only text (a function-scope ``__shared__``
-  array); N must be a multiple of the threadgroup's rows.
+  array); N must be a multiple of the threadgroup's rows. On an H200 (session 30,
+  ``docs/gemv_loads_h200_s30.txt``) slower at every launch: under ncu 17.06 against
+  13.54 us (14336 -> 4096, four registers past 128) and 14.11 against 12.64 us (4096 ->
+  14336): the loop waits for the staging's round trip to DRAM; not a candidate.
 - ``l2sb:<launch>`` / ``l2w:<launch>``: the GEMV with its scale and bias loads (``l2sb``)
   or those and its weight loads (``l2w``) as read-only loads with the L2 prefetch-size
   hint ``.L2::256B`` (the weights also ``.L1::no_allocate``). CUDA-only text. A warp's
   scale (or bias) load of one row and chunk touches 32 bytes; the hint asks L2 to fetch
-  the next 224 with it, which the next iterations read.
+  the next 224 with it, which the next iterations read. On an H200 (session 30,
+  ``docs/gemv_loads_h200_s30.txt``) within the spread or slower by both methods (bounded
+  to 128 registers at the tall launch, which the asm loads otherwise push to 130); not a
+  candidate.
 - ``xpf:<launch>``: the GEMV loading the next chunk of ``x`` together with the next
   weights (the split-K path with one row of ``x``), where the kernel loads a chunk of
   ``x`` in the iteration that uses it.
