@@ -8,8 +8,8 @@ token, so the decode is host-bound wherever the host is slow.  On the CUDA backe
 (``patch``'s default there), or with ``patch(model, compile_decode=True)``, a decoded
 token (one position, the joint K/V caches of :mod:`mlx_foundry.kv_cache`) runs instead
 through a function that ``mx.compile`` traced once per batch size and cache capacity:
-MLX replays the traced graph in C++, and Python only hands over the token, the position
-and the cache buffers.
+MLX replays the traced graph in C++, and Python only hands over the token, the position,
+the cache buffers and the tokens pending their write (below).
 
 A traced function cannot depend on Python values that change per token, so the
 position reaches the graph as arrays made on the device (the
