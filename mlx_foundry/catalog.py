@@ -136,37 +136,29 @@ def _entries():
                 _weight(N_KV * HEAD_DIM, K, kvf, dt, bias),
                 n_heads=N_HEADS, n_kv_heads=N_KV, head_dim=HEAD_DIM, offset=5,
                 rope_base=500000.0, rope_traditional=trad, joint_kv=joint, backend="metal"))
+
+    def attention(dt, cap, past_len, pending):
+        """The Llama-3-8B decode attention over a joint K/V cache of ``cap`` positions."""
+        one = (1, 2 * N_KV, 1, HEAD_DIM)
+        return lambda: ops.decode_attention(
+            _z((1, N_HEADS, 1, HEAD_DIM), dt), _z(one, dt), _z((1, 2 * N_KV, cap, HEAD_DIM), dt),
+            past_len=past_len, pending=_z(one, dt) if pending else None,
+            scale=HEAD_DIM ** -0.5, backend="metal")
+
     for dt in (F16, BF16, F32):
         add(f"decode_attention_{_DT[dt]}", f"decode attention 32/8 heads x 128 over a joint "
-            f"K/V cache (20 of 256 positions) {_DT[dt]}",
-            lambda dt=dt: ops.decode_attention(
-                _z((1, N_HEADS, 1, HEAD_DIM), dt), _z((1, 2 * N_KV, 1, HEAD_DIM), dt),
-                _z((1, 2 * N_KV, 256, HEAD_DIM), dt), past_len=20, scale=HEAD_DIM ** -0.5,
-                backend="metal"))
+            f"K/V cache (20 of 256 positions) {_DT[dt]}", attention(dt, 256, 20, False))
     add("decode_attention_f16_d80", "decode attention 12/4 heads x 80 (lanes past head_dim)",
         lambda: ops.decode_attention(_z((2, 12, 1, 80), F16), _z((2, 8, 1, 80), F16),
                                      _z((2, 8, 7, 80), F16), past_len=7, scale=0.1,
                                      backend="metal"))
     add("decode_attention_long_f16", "decode attention 32/8 heads x 128 over 3000 positions "
-        "(split kernel + combine)",
-        lambda: ops.decode_attention(
-            _z((1, N_HEADS, 1, HEAD_DIM), F16), _z((1, 2 * N_KV, 1, HEAD_DIM), F16),
-            _z((1, 2 * N_KV, 3072, HEAD_DIM), F16), past_len=2999, scale=HEAD_DIM ** -0.5,
-            backend="metal"))
+        "(split kernel + combine)", attention(F16, 3072, 2999, False))
     add("decode_attention_pending_f16", "decode attention 32/8 heads x 128 with a token "
-        "pending its cache write (20 of 256 positions + 1)",
-        lambda: ops.decode_attention(
-            _z((1, N_HEADS, 1, HEAD_DIM), F16), _z((1, 2 * N_KV, 1, HEAD_DIM), F16),
-            _z((1, 2 * N_KV, 256, HEAD_DIM), F16), past_len=20,
-            pending=_z((1, 2 * N_KV, 1, HEAD_DIM), F16), scale=HEAD_DIM ** -0.5,
-            backend="metal"))
+        "pending its cache write (20 of 256 positions + 1)", attention(F16, 256, 20, True))
     add("decode_attention_long_pending_bf16", "decode attention 32/8 heads x 128 over 3000 "
         "positions with a pending token (split kernel + combine)",
-        lambda: ops.decode_attention(
-            _z((1, N_HEADS, 1, HEAD_DIM), BF16), _z((1, 2 * N_KV, 1, HEAD_DIM), BF16),
-            _z((1, 2 * N_KV, 3072, HEAD_DIM), BF16), past_len=2999,
-            pending=_z((1, 2 * N_KV, 1, HEAD_DIM), BF16), scale=HEAD_DIM ** -0.5,
-            backend="metal"))
+        attention(BF16, 3072, 2999, True))
     add("qk_norm_rope_f16", "Qwen3's per-head q/k norms + RoPE, 32/8 heads x 128, one token",
         lambda: ops.qk_norm_rope(_z((1, N_HEADS, 1, HEAD_DIM), F16),
                                  _z((1, 2 * N_KV, 1, HEAD_DIM), F16), _z((HEAD_DIM,), F16),

@@ -430,6 +430,18 @@ METAL_FUNC void gemv_dot_rows_on(gemv_path<false>,"""),
   }"""),
 ]
 
+# The head of gemv.metal's packed-half dot product: CUDA-only variants put their helper
+# functions right before it.
+DOT_ROWS_H = """template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
+          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
+METAL_FUNC void gemv_dot_rows_h("""
+
+
+def functions_before_dot_rows_h(functions):
+    """The edit that inserts ``functions`` before ``gemv_dot_rows_h``."""
+    return DOT_ROWS_H, functions + DOT_ROWS_H
+
+
 # l2p: (text of gemv.metal, replacement) pairs. CUDA-only text (inline PTX, sm_90): each
 # SIMD-group's first lane (with split K, the first SIMD-group's) asks for its rows'
 # weights, scales and biases with one bulk L2 prefetch each (cp.async.bulk.prefetch.L2,
@@ -445,12 +457,7 @@ METAL_FUNC void l2p_prefetch(const device void* p, uint bytes) {
 """
 
 L2P_EDITS = [
-    ("""template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
-METAL_FUNC void gemv_dot_rows_h(""",
-     L2P_FUNCTION + """template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
-METAL_FUNC void gemv_dot_rows_h("""),
+    functions_before_dot_rows_h(L2P_FUNCTION),
     ("""  typename P::HalfChunk ch[ROWS];
   typename P2::HalfChunk ch2[ROWS];
   {
@@ -524,12 +531,7 @@ METAL_FUNC void sbs_fill(threadgroup const S* st, uint local_row, int c,
 }
 """
 SBS_EDITS = [
-    ("""template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
-METAL_FUNC void gemv_dot_rows_h(""",
-     SBS_FUNCTIONS + """template <typename P, typename P2, typename T, int K, int ROWS, int NORM, bool DUAL,
-          int SPLIT, int MB, int UNROLL, int SIMDS, int XS>
-METAL_FUNC void gemv_dot_rows_h("""),
+    functions_before_dot_rows_h(SBS_FUNCTIONS),
     ("""  typename P::HalfChunk ch[ROWS];
   typename P2::HalfChunk ch2[ROWS];
   {
