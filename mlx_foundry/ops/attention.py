@@ -30,9 +30,8 @@ def decode_attention(q, kv, past=None, *, past_len=0, pending=None, scale, backe
         o_h = \mathrm{softmax}\left(s\, q_h [K_{past}; k]^T\right) [V_{past}; v]
 
     over the first ``past_len`` positions of ``past`` (then ``pending``, if given) and the
-    new token, with query
-    head ``h`` reading key/value head ``h // (n_heads // n_kv_heads)`` (grouped-query
-    attention). No mask: every cached position is visible, as in a causal decode step.
+    new token, with query head ``h`` reading key/value head ``h // (n_heads //
+    n_kv_heads)`` (grouped-query attention). No mask: every cached position is visible, as in a causal decode step.
     Keys and values come in the joint layout of
     :class:`mlx_foundry.kv_cache.KVCache` (keys in the first ``n_kv_heads`` heads,
     values in the rest), the layout ``norm_qkv_rope(..., joint_kv=True)`` writes, so
@@ -139,14 +138,14 @@ def decode_attention(q, kv, past=None, *, past_len=0, pending=None, scale, backe
     if backend is not None:
         check_backend(backend, who)
     cap = past.shape[2]
-    fresh = pending if pend else kv  # read only with PEND 1
+    pend_input = pending if pend else kv  # read by the kernels only with PEND 1
     # A device-side length is only known to be at most the capacity: choose by that.
     if (cap if on_device else past_len) + pend + 1 <= ONE_PASS_MAX_LEN:
-        return _attention.decode_attention(q, kv, fresh, past, past_len=past_len,
+        return _attention.decode_attention(q, kv, pend_input, past, past_len=past_len,
                                            past_cap=cap, scale=float(scale), PEND=pend,
                                            backend=backend)
     splits = _attention.split_count(cap, pend)
-    partials = _attention.decode_attention_split(q, kv, fresh, past, past_len=past_len,
+    partials = _attention.decode_attention_split(q, kv, pend_input, past, past_len=past_len,
                                                  past_cap=cap, scale=float(scale),
                                                  splits=splits, PEND=pend, backend=backend)
     out = _attention.decode_attention_combine(partials, splits=splits, T=q.dtype,
