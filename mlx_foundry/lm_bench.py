@@ -335,7 +335,8 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
         model (nn.Module, optional): an mlx-lm model. Default: a random
             Llama-3-8B-shaped model (:func:`random_quantized_model`).
         steps (int): tokens to generate. Default: ``64``.
-        prompt (list of int, optional): prompt tokens. Default: 16 fixed ids.
+        prompt (list of int, optional): prompt tokens, each in ``[0, vocab_size)``.
+            Default: 16 fixed ids.
         backend (str, optional): backend of the fused ops. Default: automatic.
         warmup (int): tokens generated before timing each variant (kernels
             compile on first use). Default: ``4``.
@@ -387,6 +388,14 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
                   220, 16, 11]
         vocab = model.args.vocab_size
         prompt = [t % vocab for t in prompt]
+    else:
+        # An id past the vocabulary would read past the embedding table (MLX's gather does
+        # not check), and both decodes would run on whatever memory lies there.
+        vocab = model.args.vocab_size
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"[decode_benchmark] 'prompt' ids must be in [0, {vocab}) (the "
+                             f"model's vocabulary) but {len(bad)} are not, e.g. {bad[0]}.")
 
     def run():
         if warmup:

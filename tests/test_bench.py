@@ -995,7 +995,7 @@ def test_the_long_prompt_decode_row_hands_its_prompt_to_the_benchmark(monkeypatc
     and is not the row the end-to-end target reads."""
     from mlx_foundry import lm_bench
     from mlx_foundry.bench.cases import suite
-    from mlx_foundry.bench.e2e import long_prompt
+    from mlx_foundry.bench.e2e import TINY_LLAMA, long_prompt
 
     (case,) = [c for c in suite(tiny=True) if c.name == "e2e_decode_llama3_8b_q4_prompt100"]
     assert case.op == "decode (e2e, 100-token prompt)"
@@ -1010,8 +1010,19 @@ def test_the_long_prompt_decode_row_hands_its_prompt_to_the_benchmark(monkeypatc
     class Ctx:
         backend, quick = "reference", True
     out = case.runner(Ctx())
-    assert seen["prompt"] == long_prompt(100) and len(set(seen["prompt"])) == 100
+    vocab = TINY_LLAMA["vocab_size"]
+    assert seen["prompt"] == long_prompt(100, vocab) and len(seen["prompt"]) == 100
+    assert all(0 < t < vocab for t in seen["prompt"])  # inside the embedding table
     assert out["status"] == "ok" and out["speedup"] == 2.5
+
+
+def test_decode_benchmark_refuses_prompt_ids_past_the_vocabulary():
+    from mlx_foundry import lm_bench
+    from mlx_foundry.bench.e2e import TINY_LLAMA
+
+    with pytest.raises(ValueError, match=r"'prompt' ids must be in \[0, 256\).*e\.g\. 256"):
+        lm_bench.decode_benchmark(config=TINY_LLAMA, prompt=[1, 256, 3], steps=2,
+                                  dtype=mx.float32, backend="reference")
 
 
 def test_batch_decode_benchmark_checks_every_sequence_at_its_first_difference(monkeypatch):

@@ -27,10 +27,9 @@ def _accepted(fn, kwargs):
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def long_prompt(n):
-    """``n`` fixed token ids (a long prompt for the decode benchmark, which takes them
-    modulo the model's vocabulary)."""
-    return [7 * i + 3 for i in range(n)]
+def long_prompt(n, vocab):
+    """``n`` fixed token ids in ``[1, vocab)``: a long prompt for the decode benchmark."""
+    return [(7 * i + 3) % (vocab - 1) + 1 for i in range(n)]
 
 
 def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None, prompt_len=None):
@@ -56,7 +55,10 @@ def run_decode(ctx, *, tiny, dtype=None, patch_kwargs=None, batch=None, prompt_l
     if tiny:
         kwargs["config"] = TINY_LLAMA
     if prompt_len:
-        kwargs["prompt"] = long_prompt(prompt_len)
+        from mlx_foundry.lm_bench import LLAMA3_8B
+
+        vocab = (TINY_LLAMA if tiny else LLAMA3_8B)["vocab_size"]
+        kwargs["prompt"] = long_prompt(prompt_len, vocab)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if patch_kwargs:
