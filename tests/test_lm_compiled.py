@@ -197,6 +197,43 @@ def test_the_cache_stays_a_working_mlx_lm_cache():
         mf.unpatch(model)
 
 
+def test_a_second_prompt_after_compiled_steps_sees_the_pending_token():
+    """A multi-token chunk after compiled steps (mlx-lm's own attention, through the
+    cache's update_and_fetch) writes the pending token first: its logits and the compiled
+    tokens after it match the ordinary patched path's over the same sequence."""
+    model = tiny_model("llama", layers=2)
+
+    def run(compiled):
+        mf.patch(model, backend=BACKEND, compile_decode=compiled)
+        try:
+            toks, _, cache = _decode(model, [3, 9, 27], 6)
+            chunk = model(mx.array([[5, 6, 7, 8, 9, 10]]), cache=cache)
+            more, logits, cache = _continue(model, cache, chunk[:, -1], 5)
+            counts = lm.patch_stats(model).get("model", {})
+        finally:
+            mf.unpatch(model)
+        return toks, chunk, more, logits, cache, counts
+
+    want = run(False)
+    toks, chunk, more, logits, cache, counts = run(True)
+    assert counts["compiled decode steps"] == 6 + 5 - 1, counts  # 6, then 5 after the chunk
+    assert toks == want[0] and more == want[2]
+    assert_close(chunk, want[1], mx.float32, k=64, msg="the chunk's logits")
+    assert_close(logits, want[3], mx.float32, k=64, msg="the logits after it")
+    assert cache[0].offset == want[4][0].offset == 3 + 6 + 6 + 5
+
+
+def _continue(model, cache, logits, steps):
+    """Greedy one-token calls on from ``logits`` over ``cache``: tokens, logits, cache."""
+    toks, outs = [], []
+    for _ in range(steps):
+        y = mx.argmax(logits, axis=-1)
+        toks.append(y.item())
+        logits = model(y[:, None], cache=cache)[:, -1]
+        outs.append(logits)
+    return toks, mx.stack(outs), cache
+
+
 def test_new_weights_are_picked_up():
     """A compiled step captured the weights: replacing them must not reuse it."""
     model = tiny_model("llama", layers=2)
