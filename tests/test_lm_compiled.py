@@ -29,6 +29,11 @@ def _decode(model, prompt, steps):
     """Greedy tokens and logits, one token per call, with a fresh prompt cache."""
     cache = lm_cache.make_prompt_cache(model)
     logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    return _continue(model, cache, logits, steps)
+
+
+def _continue(model, cache, logits, steps):
+    """Greedy one-token calls on from ``logits`` over ``cache``: tokens, logits, cache."""
     toks, outs = [], []
     for _ in range(steps):
         y = mx.argmax(logits, axis=-1)
@@ -221,17 +226,6 @@ def test_a_second_prompt_after_compiled_steps_sees_the_pending_token():
     assert_close(chunk, want[1], mx.float32, k=64, msg="the chunk's logits")
     assert_close(logits, want[3], mx.float32, k=64, msg="the logits after it")
     assert cache[0].offset == want[4][0].offset == 3 + 6 + 6 + 5
-
-
-def _continue(model, cache, logits, steps):
-    """Greedy one-token calls on from ``logits`` over ``cache``: tokens, logits, cache."""
-    toks, outs = [], []
-    for _ in range(steps):
-        y = mx.argmax(logits, axis=-1)
-        toks.append(y.item())
-        logits = model(y[:, None], cache=cache)[:, -1]
-        outs.append(logits)
-    return toks, mx.stack(outs), cache
 
 
 def test_new_weights_are_picked_up():
