@@ -31,8 +31,8 @@ def decode_attention(q, kv, past=None, *, past_len=0, pending=None, scale, backe
 
     over the first ``past_len`` positions of ``past`` (then ``pending``, if given) and the
     new token, with query head ``h`` reading key/value head ``h // (n_heads //
-    n_kv_heads)`` (grouped-query attention). No mask: every cached position is visible, as in a causal decode step.
-    Keys and values come in the joint layout of
+    n_kv_heads)`` (grouped-query attention). No mask: every cached position is visible,
+    as in a causal decode step. Keys and values come in the joint layout of
     :class:`mlx_foundry.kv_cache.KVCache` (keys in the first ``n_kv_heads`` heads,
     values in the rest), the layout ``norm_qkv_rope(..., joint_kv=True)`` writes, so
     the step needs no key/value views of the cache.

@@ -53,9 +53,9 @@ METAL_FUNC void attn_load(const device T* r, uint lane, thread float* v) {
 // exp(score - gm), then its sums of exp(score - gm) * value (D floats).
 template <typename T, int H, int KV, int D, int SIMDS, int PEND>
 METAL_FUNC void attn_range(const device T* q, const device T* kv, const device T* pend,
-                           const device T* past, uint past_len, uint past_cap, float scale, uint bh, uint lo,
-                           uint hi, uint sg, uint lane, threadgroup float* attn_state,
-                           thread float& gm) {
+                           const device T* past, uint past_len, uint past_cap, float scale,
+                           uint bh, uint lo, uint hi, uint sg, uint lane,
+                           threadgroup float* attn_state, thread float& gm) {
   constexpr int E = (D + 31) / 32;
   constexpr int G = H / KV;
   const uint b = bh / uint(H);
