@@ -25,7 +25,8 @@ A token's keys and values go into the cache buffer one token late: each compiled
 writes the *previous* token's (``mx.put_along_axis`` at its position, one
 ``scatter_axis`` kernel; a slice update needs a Python offset, and ``mx.slice_update``
 with an array start took 21 us per block on an H100, reading the start from host memory:
-BENCHMARKS.md), and its attention reads that token from the cache's pending array
+BENCHMARKS.md; its index is the attention's uint32 length array, broadcast, so a token
+makes two position arrays, not three), and its attention reads that token from the cache's pending array
 (``decode_attention(..., pending=)``) and its own from ``kv``. The write's inputs are
 ready when the token starts, so in MLX's CUDA graph it runs beside the blocks before
 it, not between the block's Q/K/V kernel and its attention. The attention still takes
@@ -71,7 +72,7 @@ class TracedCache:
         self.pos_i = pos_i      # int32 x SCALAR_LANES: the RoPE offset (the cached length)
         self.pos_u = pos_u      # uint32 x SCALAR_LANES: positions in the buffer before the
         #                         pending token (the attention's past_len)
-        self.index = index      # int32 [B, 2 * H_kv, 1, D], all pos_u: the pending write
+        self.index = index      # uint32 [B, 2 * H_kv, 1, D], all pos_u: the pending write
 
 
 class _NotTraceable(Exception):
@@ -164,8 +165,7 @@ class DecodeRunner:
             for c in cache:
                 c.__dict__["_kv"] = c.__dict__["_pending"] = None
             try:
-                outs = self._fn[True](inputs, pos_i, pos_u,
-                                      mx.full((SCALAR_LANES,), past, mx.int32), *bufs, *pends)
+                outs = self._fn[True](inputs, pos_i, pos_u, *bufs, *pends)
             except BaseException:
                 for c, b, p in zip(cache, bufs, pends):
                     c.__dict__["_kv"], c.__dict__["_pending"] = b, p
@@ -213,10 +213,12 @@ class DecodeRunner:
         # object goes; the model holds it, so the traced function must not hold the model.
         model_ref, runner_ref = weakref.ref(model), weakref.ref(self)
 
-        def forward(inputs, pos_i, pos_u, pos_w, buffers, pendings):
+        def forward(inputs, pos_i, pos_u, buffers, pendings, writes):
             index = None
-            if pos_w is not None:
-                index = mx.broadcast_to(pos_w[:1].reshape(1, 1, 1, 1),
+            if writes:
+                # The pending token goes to position past_len (pos_u): the uint32 array
+                # serves as the write's index too, so a token builds no third scalar.
+                index = mx.broadcast_to(pos_u[:1].reshape(1, 1, 1, 1),
                                         (buffers[0].shape[0], buffers[0].shape[1], 1,
                                          buffers[0].shape[3]))
             caches = [TracedCache(b, p, pos_i, pos_u, index)
@@ -234,17 +236,17 @@ class DecodeRunner:
                         runner_ref().head_in_trace = next(iter(ran))
                     head.stats = counted
             kvs = tuple(c.pending for c in caches)
-            if pos_w is None:
+            if not writes:
                 return (logits, *kvs)
             return (logits, *(c.buffer for c in caches), *kvs)
 
         n = len(self.plans)
 
         def first(inputs, pos_i, pos_u, *buffers):  # no pending token: no write
-            return forward(inputs, pos_i, pos_u, None, buffers, (None,) * n)
+            return forward(inputs, pos_i, pos_u, buffers, (None,) * n, False)
 
-        def next_(inputs, pos_i, pos_u, pos_w, *arrays):  # buffers, then pending tokens
-            return forward(inputs, pos_i, pos_u, pos_w, arrays[:n], arrays[n:])
+        def next_(inputs, pos_i, pos_u, *arrays):  # buffers, then pending tokens
+            return forward(inputs, pos_i, pos_u, arrays[:n], arrays[n:], True)
 
         self._fn = {False: mx.compile(first), True: mx.compile(next_)}
         self._key = (batch, dtype)
