@@ -466,7 +466,7 @@ def suite(*, tiny=False, dtype=None):
     heads, kv_heads, head_dim = D["heads"], D["kv_heads"], D["head_dim"]
     cases += [_decode_attention_case(heads, kv_heads, head_dim, n, dt)
               for n in ((20, 300) if tiny else (150, 1000, 4095))]
-    cases += [_prefill_case(h, i, 4, gs, dt, m) for m in (2, 3, 4, 5, 6, 8, 16)]
+    cases += [_prefill_case(h, i, 4, gs, dt, m) for m in (2, 3, 4, 5, 6, 7, 8, 16)]
     names = [c.name for c in cases]
     assert len(set(names)) == len(names), names
     return cases
