@@ -26,18 +26,18 @@ writes the *previous* token's (``mx.put_along_axis`` at its position, one
 ``scatter_axis`` kernel; a slice update needs a Python offset, and ``mx.slice_update``
 with an array start took 21 us per block on an H100, reading the start from host memory:
 BENCHMARKS.md; its index is the attention's uint32 length array, broadcast, so a token
-makes two position arrays, not three), and its attention reads that token from the cache's pending array
-(``decode_attention(..., pending=)``) and its own from ``kv``. The write's inputs are
-ready when the token starts, so in MLX's CUDA graph it runs beside the blocks before
-it, not between the block's Q/K/V kernel and its attention. The attention still takes
-the buffer the write returns: MLX updates an array in place only while nothing else
-holds it, and a kernel encoded (or still running) on the old buffer holds it. (Session
-29 tried the attention over the buffer *before* a same-token write, which also takes the
-write off the path: 0.915 of the time per token in a session script at a 16-token
-prompt on an H200, but the write then copied the buffer, a cost that grows with the
-capacity; tests/test_gpu_lm.py caught it.) The first compiled token after the ordinary
-path has no pending token: it writes nothing and leaves its own pending (a second traced
-function). Until the next compiled token the cache holds the token apart
+makes two position arrays, not three), and its attention reads that token from the
+cache's pending array (``decode_attention(..., pending=)``) and its own from ``kv``. The
+write's inputs are ready when the token starts, so in MLX's CUDA graph it runs beside
+the blocks before it, not between the block's Q/K/V kernel and its attention. The
+attention still takes the buffer the write returns: MLX updates an array in place only
+while nothing else holds it, and a kernel encoded (or still running) on the old buffer
+holds it. (Session 29 tried the attention over the buffer *before* a same-token write,
+which also takes the write off the path: 0.915 of the time per token in a session script
+at a 16-token prompt on an H200, but the write then copied the buffer, a cost that grows
+with the capacity; tests/test_gpu_lm.py caught it.) The first compiled token after the
+ordinary path has no pending token: it writes nothing and leaves its own pending (a
+second traced function). Until the next compiled token the cache holds the token apart
 (:class:`mlx_foundry.kv_cache.KVCache`, which writes it first whenever anything else
 reads or changes the cache).
 
