@@ -10,6 +10,41 @@ import pytest
 from mlx_foundry.backends import gpu_backend as _gpu_backend
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shard", default=None, metavar="K/N",
+        help="run only the K-th of N interleaved parts (K from 1) of the tests selected: "
+             "the GPU suite, longer than one device call, runs whole in N calls")
+
+
+def shard_of(spec):
+    """``(k, n)`` of a ``--shard`` value ``"K/N"`` (1 <= K <= N), or a ``UsageError``."""
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"--shard must be K/N with 1 <= K <= N, got {spec!r}")
+    return k, n
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """``--shard K/N``: keep every N-th test from the K-th, after ``-m`` and ``-k`` have
+    chosen theirs (``trylast``). Interleaved, so that each part gets some of every
+    heavy parametrized test; the same on every xdist worker, which collect alike."""
+    spec = config.getoption("--shard")
+    if spec is None:
+        return
+    k, n = shard_of(spec)
+    keep, drop = [], []
+    for i, item in enumerate(items):
+        (keep if i % n == k - 1 else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
 def gpu_backend():
     """``"cuda"`` or ``"metal"``; skips the test when this machine has neither."""
