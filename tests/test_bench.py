@@ -59,6 +59,7 @@ def test_bench_command_writes_results(bench_run):
     # Every target is judged (tiny CPU figures: met or not, but measured).
     assert [t["target"] for t in res["targets"]] == [t for t, _ in targets.TARGETS]
     assert all(t["met"] in (True, False) for t in res["targets"]), res["targets"]
+    assert res["prefill"]["agrees"] is None and res["prefill"]["prefill_rows"] == 6
     # The kernel cases rotate through their pool.
     measured = [c for c in res["cases"] if "baseline" in c]
     assert measured and all(c["baseline"]["sets_used"] >= 2 for c in measured)
@@ -73,6 +74,9 @@ def test_bench_command_prints_table_and_progress(bench_run):
         assert col in stdout
     assert "copy ceiling" in stdout
     assert "Targets (issue 5) in this run:" in stdout
+    # No fused kernel runs on the reference backend: no advice on the threshold.
+    assert ("Prefill threshold (ops.linear.PREFILL_ROWS): not judged on the reference "
+            "backend") in stdout
     n = len(cases.suite(tiny=True))
     assert f"/{n + 1}]" in stderr          # progress: case i/n on stderr
 
@@ -90,6 +94,7 @@ def test_bench_command_chart_and_benchmarks_md(bench_run):
     assert mx.__version__ in md and "| op | shape |" in md
     assert "## Targets in this run" in md and "| target | this run | met |" in md
     assert md.count("| 4-bit linear >= 3x mx.quantized_matmul |") == 1
+    assert "Prefill threshold (ops.linear.PREFILL_ROWS): not judged" in md
 
 
 def test_bench_only_selects_cases_or_fails(capsys):

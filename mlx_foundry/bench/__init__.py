@@ -20,6 +20,7 @@ Examples:
 """
 
 import datetime
+import importlib
 import os
 import statistics
 import sys
@@ -27,7 +28,7 @@ import sys
 import mlx.core as mx
 
 from . import cases as _cases
-from . import report, targets, timing, tuner
+from . import prefill, report, targets, timing, tuner
 from .timing import Timing
 
 __all__ = ["main", "run", "run_case", "Context"]
@@ -296,6 +297,9 @@ def run(*, backend=None, quick=False, only=None, repeats=None, pool_bytes=None,
                "tuning": tuning,
                "command": " ".join(argv), "cases": results_cases}
     results["targets"] = targets.evaluate(results)
+    # The module's constant, read now: a user or test may have set it for this run.
+    rows = importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS
+    results["prefill"] = prefill.evaluate(results, rows)
     return results
 
 
@@ -347,6 +351,7 @@ def main(args):
     print(report.format_header(results))
     print(report.format_table(results))
     print("\nTargets (issue 5) in this run:\n" + targets.format_targets(results["targets"]))
+    print(prefill.format_advice(results["prefill"]))
     if out:
         os.makedirs(out, exist_ok=True)
         written = [report.write_json(results, os.path.join(out, "results.json"))]

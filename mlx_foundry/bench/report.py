@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from .prefill import format_advice
 from .targets import markdown_targets
 
 COLUMNS = ("op", "shape", "dtype/bits", "baseline us", "ours us", "speedup", "GB/s",
@@ -235,6 +236,9 @@ def write_benchmarks_md(results, path):
         goals = ("\n## Targets in this run\n\n" + markdown_targets(results["targets"])
                  + "\n\nA missed speedup target says what it asks per case, beside the "
                  "plain read of the same bytes (`mlx_foundry/bench/targets.py`).\n")
+    if results.get("prefill"):
+        goals += ("\n" + format_advice(results["prefill"])
+                  + " (`mlx_foundry/bench/prefill.py`).\n")
     pool_mb = f"{results.get('pool_bytes', 0) / 2**20:.0f}"
     repeats = results.get("repeats", "?")
     calls = results.get("calls_per_timing")

@@ -34,8 +34,9 @@ Measured with ``python -m mlx_foundry bench`` (NVIDIA H100, MLX 0.32.4, 4-bit
 5.05x / 4.79x faster than ``mx.quantized_matmul`` at 2 / 4 / 6 rows (several rows of
 ``x`` per SIMD-group, see :func:`_mblock`) and 0.62x at 8 rows, where MLX switches to
 its GEMM kernel. 7 rows has not been measured on a GPU: since session 31 the bench has a
-row for it (``prefill_q4_m7_4096x14336``), which says whether 7 rows belong to the fused
-kernel too. Set it on the module (``mlx_foundry.ops.linear`` is the function once
+row for it (``prefill_q4_m7_4096x14336``), and after its table ``bench`` says whether
+this value fits the device it ran on (``mlx_foundry/bench/prefill.py``). Set it on the
+module (``mlx_foundry.ops.linear`` is the function once
 the package is imported)::
 
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
