@@ -1,0 +1,91 @@
+"""tools/barrier_ab.py: its launches and arguments, its NumPy oracle against a loop that
+follows the kernels line by line (CPU), and its CUDA text compiled as MLX builds a
+custom kernel (nvcc, where present)."""
+
+import numpy as np
+import pytest
+
+from tool_loader import load_tool
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("barrier_ab")
+
+
+def test_dry_run_lists_the_launches(tool, capsys):
+    launches = tool.main(["--dry", "--a-mb", "1", "--b-mb", "2", "--blocks", "8"])
+    assert launches == {"two": (64, 128), "two-p": (8, 8), "barrier": (8, 8), "one": (8, 8)}
+    out = capsys.readouterr().out
+    assert "barrier_ab_grid_sync(counter, flag)" in out
+    assert "two: threadgroups 64 (A), 128 (B) of 256 threads" in out
+
+
+@pytest.mark.parametrize("argv", [["--threads", "100"], ["--full-threads", "2048"],
+                                  ["--blocks", "0"], ["--a-mb", "0"], ["--calls", "0"]])
+def test_bad_arguments_are_refused(tool, argv):
+    with pytest.raises(SystemExit):
+        tool.main(["--dry", *argv])
+
+
+def _emulated(a, b, dep, blocks, threads, kind):
+    """The kernels' sums, thread by thread, as the CUDA text computes them."""
+    def read(x, n_blocks, add, add_at):
+        v = np.asarray(x, dtype=np.uint64).reshape(-1, 4)
+        stride = n_blocks * threads
+        acc = [0] * stride
+        for first in range(stride):
+            for i in range(first, len(v), stride):
+                acc[first] = (acc[first] + int(v[i].sum())) % 2**32
+        acc[add_at] = (acc[add_at] + add) % 2**32
+        return np.array([sum(acc[w * 32:(w + 1) * 32]) % 2**32
+                         for w in range(stride // 32)], dtype=np.uint32)
+
+    sa = read(a, blocks[0], dep, 0)
+    add, at = {"two": (int(sa[0]), 0), "barrier": (int(sa[0]), (blocks[1] - 1) * threads),
+               "one": (0, 0)}[kind]
+    return sa, read(b, blocks[1], add, at)
+
+
+@pytest.mark.parametrize("kind,blocks", [("two", (3, 5)), ("barrier", (2, 2)),
+                                         ("one", (2, 2)), ("barrier", (1, 1))])
+def test_reference_follows_the_kernels(tool, kind, blocks):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, size=4 * 300, dtype=np.uint64).astype(np.uint32)
+    b = rng.integers(0, 2**32, size=4 * 777, dtype=np.uint64).astype(np.uint32)
+    got = tool.reference(a, b, 2**32 - 7, blocks, 64, kind)
+    want = _emulated(a, b, 2**32 - 7, blocks, 64, kind)
+    for g, w in zip(got, want):
+        assert g.dtype == np.uint32 and np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("body,inputs,outputs,barrier", [
+    ("READ_AFTER", ["x", "dep", "n_vec"], ["sums"], None),
+    ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], True),
+    ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], False),
+])
+def test_cuda_text_compiles_as_mlx_builds_it(tool, tmp_path, body, inputs, outputs, barrier):
+    """MLX 0.32's custom_kernel.cpp: its includes, the header, the kernel in
+    mlx::core::cu with inputs const, outputs writable, template constants as constexpr
+    at the top of the body (as mlx_foundry.inspection.cuda_source_of writes it)."""
+    import subprocess
+    from pathlib import Path
+
+    import mlx.core as mx
+    from nvrtc_like_mlx import nvcc_and_mlx_headers
+
+    nvcc, inc = nvcc_and_mlx_headers()
+    params = [f"const uint32_t* {n}" for n in inputs] + [f"uint32_t* {n}" for n in outputs]
+    consts = "" if barrier is None else f"  constexpr bool BARRIER = {str(barrier).lower()};\n"
+    unit = ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
+            + f"#define BARRIER_AB_SPINS {tool.SPINS}u\n" + tool.HEADER
+            + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            + f"__global__ void custom_kernel_k({', '.join(params)}) {{\n{consts}"
+            + getattr(tool, body) + "\n}\n}\n")
+    cu = tmp_path / "k.cu"
+    cu.write_text(unit)
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o",
+                        str(tmp_path / "k.o"), f"-I{inc}",
+                        f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]

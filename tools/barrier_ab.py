@@ -1,0 +1,329 @@
+"""A kernel boundary against a grid barrier inside one kernel (diagnostic, CUDA only).
+
+A patched decode block runs o_proj -> norm + gate/up -> down as three kernels, because
+each needs the whole output of the one before, and MLX's custom kernels have no
+grid-wide barrier. A compiled token of the 8B-shaped model spends ~1.1 ms beyond a read
+of its weights at the copy ceiling, at six kernel boundaries per block (BENCHMARKS.md,
+session 31). Would one persistent kernel with a grid barrier between the phases be
+faster? This tool measures the cost of one boundary against one barrier on plain reads
+of two buffers, A then B (by default the bytes of o_proj and of gate/up at 4-bit), each
+call chained to the one before it, as in a decode step::
+
+    python tools/barrier_ab.py --rounds 7 --json barrier.json
+
+Variants (every one returns the same sums, checked against NumPy before timing):
+
+- ``two``: read A in one kernel, then B in a second that takes A's sums as an input,
+  so MLX orders it after A (a boundary, as between two decode kernels); both grids as
+  large as the bytes ask (``--chunk`` 16-byte loads per thread, ``--full-threads`` per
+  threadgroup);
+- ``two-p``: the same with both grids persistent (``--blocks`` threadgroups);
+- ``barrier``: one persistent kernel that reads A, waits at a grid barrier (an atomic
+  counter in an output that MLX fills with zeros, ``init_value``), then reads B, its last
+  threadgroup adding A's first sum, which threadgroup 0 wrote before the barrier;
+- ``one``: one persistent kernel that reads A then B with no barrier (no dependency: the
+  floor of the two reads).
+
+MLX fills every output of a kernel called with ``init_value`` before the launch (the
+fused kernel has two outputs, so two fills), and the ``barrier`` time includes them.
+
+The barrier needs every threadgroup resident at once: ``--blocks`` must not exceed what
+the GPU holds (one threadgroup of ``--threads`` per SM always fits; the H100 and H200 have
+132 SMs). A waiting threadgroup gives up after ``SPINS`` polls and raises a flag that the
+tool reports as an error instead of hanging the device. CUDA-only text: the Metal
+dialect (and its CUDA prelude) has no atomics.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+
+SPINS = 1 << 22
+"""Polls of the barrier counter before a threadgroup gives up (tens of milliseconds)."""
+
+HEADER = r"""
+// Wrapping sum of v[i] over i = first, first + stride, ... < n, 8 loads in flight.
+__device__ __forceinline__ unsigned barrier_ab_read(const uint4* v, unsigned n,
+                                                    unsigned first, unsigned stride) {
+  unsigned acc = 0u;
+#pragma unroll 8
+  for (unsigned i = first; i < n; i += stride) {
+    const uint4 w = v[i];
+    acc += w.x + w.y + w.z + w.w;
+  }
+  return acc;
+}
+
+// One sum per warp into out[global warp].
+__device__ __forceinline__ void barrier_ab_store(unsigned* out, unsigned acc) {
+  for (int o = 16; o > 0; o >>= 1) {
+    acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  }
+  if ((threadIdx.x & 31u) == 0u) {
+    out[(blockIdx.x * blockDim.x + threadIdx.x) >> 5] = acc;
+  }
+}
+
+// Every threadgroup arrives, then waits until all gridDim.x have (all resident).
+__device__ __forceinline__ void barrier_ab_grid_sync(unsigned* counter, unsigned* flag) {
+  __syncthreads();
+  if (threadIdx.x == 0u) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+    unsigned spins = 0u;
+    while (atomicAdd(counter, 0u) < gridDim.x) {
+      if (++spins > BARRIER_AB_SPINS) {
+        atomicExch(flag, 1u);
+        break;
+      }
+      __nanosleep(32);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+"""
+
+# Bodies for mx.fast.cuda_kernel (MLX writes the signature: inputs const T*, outputs T*).
+READ_AFTER = r"""
+  const unsigned stride = gridDim.x * blockDim.x;
+  const unsigned first = blockIdx.x * blockDim.x + threadIdx.x;
+  unsigned acc = barrier_ab_read(reinterpret_cast<const uint4*>(x), n_vec[0], first, stride);
+  if (first == 0u) {
+    acc += dep[0];  // the call before (or phase A): orders this kernel after it
+  }
+  barrier_ab_store(sums, acc);
+"""
+
+FUSED = r"""
+  const unsigned stride = gridDim.x * blockDim.x;
+  const unsigned first = blockIdx.x * blockDim.x + threadIdx.x;
+  // Two outputs, so that init_value costs two fills: the sums of A then of B, and the
+  // barrier's counter and time-out flag.
+  unsigned* sums_a = sums;
+  unsigned* sums_b = sums + (stride >> 5);
+  unsigned* counter = sync;
+  unsigned* flag = sync + 1;
+  unsigned acc = barrier_ab_read(reinterpret_cast<const uint4*>(a), n_vec[0], first, stride);
+  if (first == 0u) {
+    acc += dep[0];
+  }
+  barrier_ab_store(sums_a, acc);
+  if (BARRIER) {
+    barrier_ab_grid_sync(counter, flag);
+  }
+  acc = barrier_ab_read(reinterpret_cast<const uint4*>(b), n_vec[1], first, stride);
+  if (BARRIER && first == (gridDim.x - 1u) * blockDim.x) {
+    acc += __ldcg(sums_a);  // threadgroup 0 wrote it before the barrier: read through L2
+  }
+  barrier_ab_store(sums_b, acc);
+"""
+
+
+def kernels():
+    """The two MLX kernel objects (built on first use: they need MLX's CUDA back-end)."""
+    import mlx.core as mx
+
+    header = f"#define BARRIER_AB_SPINS {SPINS}u\n" + HEADER
+    read_after = mx.fast.cuda_kernel(
+        name="barrier_ab_read_after", input_names=["x", "dep", "n_vec"],
+        output_names=["sums"], source=READ_AFTER, header=header)
+    fused = mx.fast.cuda_kernel(
+        name="barrier_ab_fused", input_names=["a", "b", "dep", "n_vec"],
+        output_names=["sums", "sync"], source=FUSED, header=header)
+    return read_after, fused
+
+
+def warps(blocks, threads):
+    return blocks * threads // 32
+
+
+def full_blocks(words, threads, chunk):
+    """Threadgroups for one 16-byte load per thread ``chunk`` times over ``words``."""
+    vec = words // 4
+    return max(1, -(-vec // (threads * chunk)))
+
+
+def reference(a, b, dep, blocks, threads, kind):
+    """The sums a variant returns, from NumPy: (sums of A, sums of B), one per warp.
+
+    Thread ``t`` of a grid of ``n`` threads adds the 16-byte words ``t, t + n, ...``;
+    the first thread of A adds ``dep``; B adds A's first sum at its first thread
+    (``"two"``: the second kernel's input), at the first thread of its last threadgroup
+    (``"barrier"``) or nowhere (``"one"``)."""
+    import numpy as np
+
+    def sums(x, blks, add, at):
+        v = np.asarray(x, dtype=np.uint64).reshape(-1, 4).sum(axis=1)
+        stride = blks * threads
+        per_thread = np.zeros(stride, dtype=np.uint64)
+        np.add.at(per_thread, np.arange(v.size) % stride, v)
+        per_thread[at] += add
+        return (per_thread.reshape(-1, 32).sum(axis=1) % 2**32).astype(np.uint32)
+
+    sa = sums(a, blocks[0], int(dep), 0)
+    add, at = {"two": (int(sa[0]), 0), "barrier": (int(sa[0]), (blocks[1] - 1) * threads),
+               "one": (0, 0)}[kind]
+    sb = sums(b, blocks[1], add, at)
+    return sa, sb
+
+
+def runners(read_after, fused, args, words_a, words_b):
+    """``{variant: (run, (threadgroups of A, of B), kind, threads)}``, where
+    ``run(a, b, dep)`` returns ``(sums_a, sums_b, flag or None)``."""
+    import mlx.core as mx
+
+    t = args.threads
+    nv = mx.array([words_a // 4, words_b // 4], mx.uint32)
+    ft = args.full_threads
+    fa, fb = full_blocks(words_a, ft, args.chunk), full_blocks(words_b, ft, args.chunk)
+
+    def two(blocks_a, blocks_b, t):
+        def run(a, b, dep):
+            (sa,) = read_after(inputs=[a, dep, nv[:1]], grid=(blocks_a * t, 1, 1),
+                               threadgroup=(t, 1, 1),
+                               output_shapes=[(warps(blocks_a, t),)],
+                               output_dtypes=[mx.uint32])
+            (sb,) = read_after(inputs=[b, sa, nv[1:]], grid=(blocks_b * t, 1, 1),
+                               threadgroup=(t, 1, 1),
+                               output_shapes=[(warps(blocks_b, t),)],
+                               output_dtypes=[mx.uint32])
+            return sa, sb, None
+        return run, (blocks_a, blocks_b), "two", t
+
+    def one_kernel(barrier):
+        n = args.blocks
+
+        def run(a, b, dep):
+            sums, sync = fused(
+                inputs=[a, b, dep, nv], template=[("BARRIER", barrier)],
+                grid=(n * t, 1, 1), threadgroup=(t, 1, 1),
+                output_shapes=[(2 * warps(n, t),), (2,)],
+                output_dtypes=[mx.uint32] * 2, init_value=0)
+            return sums[:warps(n, t)], sums[warps(n, t):], sync[1:]
+        return run, (n, n), "barrier" if barrier else "one", t
+
+    return {"two": two(fa, fb, ft), "two-p": two(args.blocks, args.blocks, t),
+            "barrier": one_kernel(True), "one": one_kernel(False)}
+
+
+def check(runs, a, b):
+    """Every variant's sums against NumPy; raises on a difference or a raised flag."""
+    import mlx.core as mx
+    import numpy as np
+
+    dep = mx.array([12345], mx.uint32)
+    for name, (run, blocks, kind, threads) in runs.items():
+        sa, sb, flag = run(a, b, dep)
+        mx.eval(sa, sb)
+        want_a, want_b = reference(np.array(a), np.array(b), 12345, blocks, threads, kind)
+        if flag is not None and int(flag.item()):
+            raise RuntimeError(f"{name}: the grid barrier timed out (a threadgroup was not "
+                               "resident: lower --blocks)")
+        if not (np.array_equal(np.array(sa), want_a) and np.array_equal(np.array(sb), want_b)):
+            raise RuntimeError(f"{name}: sums differ from NumPy")
+
+
+def time_rounds(runs, pool, rounds, calls):
+    """Median us per chained call of every variant, round by round (one timing each)."""
+    import time
+
+    import mlx.core as mx
+
+    per = {name: [] for name in runs}
+    flags = []
+    for _ in range(rounds):
+        for name, (run, *_) in runs.items():
+            dep = mx.zeros((1,), mx.uint32)
+            mx.eval(dep)
+            outs = []
+            t0 = time.perf_counter()
+            for i in range(calls):
+                a, b = pool[i % len(pool)]
+                sa, sb, flag = run(a, b, dep)
+                dep = sb[:1]
+                outs.append(sb)
+                if flag is not None:
+                    flags.append(flag)
+            mx.eval(outs)
+            per[name].append((time.perf_counter() - t0) / calls * 1e6)
+        if flags and int(mx.sum(mx.concatenate(flags)).item()):
+            raise RuntimeError("a grid barrier timed out while timing: lower --blocks")
+        flags.clear()
+    return {name: statistics.median(v) for name, v in per.items()}, per
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--a-mb", type=float, default=9.4, help="bytes of A (default: o_proj)")
+    p.add_argument("--b-mb", type=float, default=66.0, help="bytes of B (default: gate/up)")
+    p.add_argument("--blocks", type=int, default=132,
+                   help="threadgroups of the persistent grids (one per SM fits always)")
+    p.add_argument("--threads", type=int, default=1024, help="threads per threadgroup")
+    p.add_argument("--chunk", type=int, default=4,
+                   help="16-byte loads per thread of the full grids (variant two)")
+    p.add_argument("--full-threads", type=int, default=256,
+                   help="threads per threadgroup of the full grids (variant two)")
+    p.add_argument("--sets", type=int, default=3, help="input sets rotated (> the L2)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=100, help="chained calls per timing")
+    p.add_argument("--json", help="write the rounds and medians here")
+    p.add_argument("--dry", action="store_true",
+                   help="print the CUDA text and the launches, run nothing")
+    args = p.parse_args(argv)
+    for name in ("blocks", "threads", "full_threads", "chunk", "sets", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("threads", "full_threads"):
+        if getattr(args, name) % 32 or getattr(args, name) > 1024:
+            p.error(f"--{name.replace('_', '-')} must be a multiple of 32, at most 1024")
+    if args.a_mb <= 0 or args.b_mb <= 0:
+        p.error("--a-mb and --b-mb must be positive")
+    words_a = 4 * max(1, round(args.a_mb * 2**20 / 16))
+    words_b = 4 * max(1, round(args.b_mb * 2**20 / 16))
+    launches = {"two": (full_blocks(words_a, args.full_threads, args.chunk),
+                        full_blocks(words_b, args.full_threads, args.chunk)),
+                "two-p": (args.blocks, args.blocks), "barrier": (args.blocks, args.blocks),
+                "one": (args.blocks, args.blocks)}
+    if args.dry:
+        print(HEADER + "\n// read_after\n" + READ_AFTER + "\n// fused\n" + FUSED)
+        for name, blocks in launches.items():
+            t = args.full_threads if name == "two" else args.threads
+            print(f"{name}: threadgroups {blocks[0]} (A), {blocks[1]} (B) of {t} threads")
+        return launches
+
+    import mlx.core as mx
+
+    if not mx.cuda.is_available():
+        print("barrier_ab: needs MLX's CUDA back-end (an NVIDIA GPU)", file=sys.stderr)
+        return 2
+    read_after, fused = kernels()
+    runs = runners(read_after, fused, args, words_a, words_b)
+    pool = []
+    for i in range(args.sets):
+        key = mx.random.key(i)
+        ka, kb = mx.random.split(key)
+        pool.append((mx.random.randint(0, 2**31, (words_a,), mx.uint32, key=ka),
+                     mx.random.randint(0, 2**31, (words_b,), mx.uint32, key=kb)))
+    mx.eval(pool)
+    check(runs, *pool[0])
+    medians, per = time_rounds(runs, pool, args.rounds, args.calls)
+    from mlx_foundry.bench.timing import device_name
+
+    device = device_name()
+    for name, us in medians.items():
+        print(f"median {name:8s} {us:8.2f} us per chained call")
+    print(f"boundary - barrier: {medians['two-p'] - medians['barrier']:+.2f} us "
+          f"(persistent grids); two - barrier: {medians['two'] - medians['barrier']:+.2f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "mlx": mx.__version__, "args": vars(args),
+                       "launches": launches, "median_us": medians, "rounds_us": per}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    r = main()
+    sys.exit(r if isinstance(r, int) else 0)
