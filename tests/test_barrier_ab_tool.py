@@ -89,3 +89,45 @@ def test_cuda_text_compiles_as_mlx_builds_it(tool, tmp_path, body, inputs, outpu
                         f"-I{Path(mx.__file__).resolve().parent / 'include'}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _fake_runs(flag_value):
+    """Runs built from plain MLX ops (no CUDA): the tool's orchestration on the CPU."""
+    import mlx.core as mx
+
+    def two(a, b, dep):
+        return a[:2] + dep, b[:2] + dep, None
+
+    def barrier(a, b, dep):
+        return a[:2], b[:2] + dep, mx.array([flag_value], mx.uint32)
+
+    return {"two": (two, (1, 1), "two", 32), "barrier": (barrier, (1, 1), "barrier", 32)}
+
+
+def test_rounds_time_every_variant_and_report_a_timed_out_barrier(tool):
+    import mlx.core as mx
+
+    pool = [(mx.arange(8, dtype=mx.uint32), mx.arange(8, dtype=mx.uint32) * 3)] * 2
+    medians, per = tool.time_rounds(_fake_runs(0), pool, rounds=3, calls=5)
+    assert set(medians) == {"two", "barrier"} and all(len(v) == 3 for v in per.values())
+    assert all(m > 0 for m in medians.values())
+    with pytest.raises(RuntimeError, match="grid barrier timed out"):
+        tool.time_rounds(_fake_runs(1), pool, rounds=1, calls=2)
+
+
+def test_check_refuses_wrong_sums_and_a_timed_out_barrier(tool):
+    import mlx.core as mx
+
+    a = mx.arange(4 * 64, dtype=mx.uint32)
+    b = mx.arange(4 * 96, dtype=mx.uint32)
+    want_a, want_b = tool.reference(np.array(a), np.array(b), 12345, (1, 1), 32, "barrier")
+
+    def right(a, b, dep, flag=0):
+        return mx.array(want_a), mx.array(want_b), mx.array([flag], mx.uint32)
+
+    tool.check({"barrier": (right, (1, 1), "barrier", 32)}, a, b)  # passes
+    with pytest.raises(RuntimeError, match="timed out"):
+        tool.check({"barrier": (lambda *x: right(*x, flag=1), (1, 1), "barrier", 32)}, a, b)
+    with pytest.raises(RuntimeError, match="differ from NumPy"):
+        tool.check({"barrier": (lambda *x: (mx.array(want_a), mx.array(want_a), None),
+                                (1, 1), "barrier", 32)}, a, b)
