@@ -213,7 +213,8 @@ class DecodeRunner:
         # object goes; the model holds it, so the traced function must not hold the model.
         model_ref, runner_ref = weakref.ref(model), weakref.ref(self)
 
-        def forward(inputs, pos_i, pos_u, buffers, pendings, writes):
+        def forward(inputs, pos_i, pos_u, buffers, pendings):
+            writes = pendings[0] is not None  # the previous token's, into the buffers
             index = None
             if writes:
                 # The pending token goes to position past_len (pos_u): the uint32 array
@@ -243,10 +244,10 @@ class DecodeRunner:
         n = len(self.plans)
 
         def first(inputs, pos_i, pos_u, *buffers):  # no pending token: no write
-            return forward(inputs, pos_i, pos_u, buffers, (None,) * n, False)
+            return forward(inputs, pos_i, pos_u, buffers, (None,) * n)
 
         def next_(inputs, pos_i, pos_u, *arrays):  # buffers, then pending tokens
-            return forward(inputs, pos_i, pos_u, arrays[:n], arrays[n:], True)
+            return forward(inputs, pos_i, pos_u, arrays[:n], arrays[n:])
 
         self._fn = {False: mx.compile(first), True: mx.compile(next_)}
         self._key = (batch, dtype)
