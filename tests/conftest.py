@@ -17,7 +17,7 @@ def pytest_addoption(parser):
              "the GPU suite, longer than one device call, runs whole in N calls")
 
 
-def shard_of(spec):
+def _shard_of(spec):
     """``(k, n)`` of a ``--shard`` value ``"K/N"`` (1 <= K <= N), or a ``UsageError``."""
     try:
         k, n = (int(v) for v in spec.split("/"))
@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
     spec = config.getoption("--shard")
     if spec is None:
         return
-    k, n = shard_of(spec)
+    k, n = _shard_of(spec)
     keep, drop = [], []
     for i, item in enumerate(items):
         (keep if i % n == k - 1 else drop).append(item)

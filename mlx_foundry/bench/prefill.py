@@ -52,13 +52,13 @@ def evaluate(results, prefill_rows):
             break
         out["wins_up_to"] = m
     wins, loss = out["wins_up_to"], out["first_loss"]
-    low = wins if wins is not None else 1
+    low = wins if wins is not None else 1  # one row: the fused GEMV, always
     out["agrees"] = low <= prefill_rows and (loss is None or prefill_rows < loss)
-    out["advice"] = _advice(prefill_rows, out["speedups"], wins, loss, out["agrees"])
+    out["advice"] = _advice(prefill_rows, out["speedups"], wins, loss, low, out["agrees"])
     return out
 
 
-def _advice(prefill_rows, speedups, wins, loss, agrees):
+def _advice(prefill_rows, speedups, wins, loss, low, agrees):
     measured = ", ".join(f"{m}: {s:.2f}x" for m, s in speedups.items())
     if wins is None:
         said = f"the fused kernel lost from {loss} rows on"
@@ -68,7 +68,7 @@ def _advice(prefill_rows, speedups, wins, loss, agrees):
         said = f"the fused kernel won up to {wins} rows and lost at {loss}"
     if agrees:
         return f"{said} ({measured}): PREFILL_ROWS = {prefill_rows} fits this device"
-    if prefill_rows < (wins or 1):
+    if prefill_rows < low:
         fits = f"{wins} or more" + (f", under {loss}" if loss is not None else "")
         hint = (f"{_span(prefill_rows + 1, wins)} go to MLX where the fused kernel won: "
                 f"this run asks {fits}")
