@@ -63,6 +63,7 @@ def test_reference_follows_the_kernels(tool, kind, blocks):
     ("READ_AFTER", ["x", "dep", "n_vec"], ["sums"], None),
     ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], True),
     ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], False),
+    ("TRACED", ["a", "b", "dep", "n_vec"], ["sums", "sync", "trace:uint64_t", "smid"], None),
 ])
 def test_cuda_text_compiles_as_mlx_builds_it(tool, tmp_path, body, inputs, outputs, barrier):
     """MLX 0.32's custom_kernel.cpp: its includes, the header, the kernel in
@@ -75,7 +76,10 @@ def test_cuda_text_compiles_as_mlx_builds_it(tool, tmp_path, body, inputs, outpu
     from nvrtc_like_mlx import nvcc_and_mlx_headers
 
     nvcc, inc = nvcc_and_mlx_headers()
-    params = [f"const uint32_t* {n}" for n in inputs] + [f"uint32_t* {n}" for n in outputs]
+    params = [f"const uint32_t* {n}" for n in inputs]
+    for out in outputs:  # "name" or "name:type" (uint32_t by default)
+        name, _, typ = out.partition(":")
+        params.append(f"{typ or 'uint32_t'}* {name}")
     consts = "" if barrier is None else f"  constexpr bool BARRIER = {str(barrier).lower()};\n"
     unit = ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + f"#define BARRIER_AB_SPINS {tool.SPINS}u\n" + tool.HEADER

@@ -556,7 +556,7 @@ MBLOCK_CASES = [  # (format, K): the packed-half path (4/8-bit, f16) and the flo
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("m", [2, 5])
+@pytest.mark.parametrize("m", [2, 5, 7])
 @pytest.mark.parametrize("fmt,k", MBLOCK_CASES, ids=lambda v: str(v))
 def test_rows_of_x_per_simdgroup(gpu_backend, fused_rows, fmt, k, m, dtype):
     """MBLOCK rows of x share each SIMD-group's weight loads: every op, the default launch

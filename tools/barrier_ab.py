@@ -83,6 +83,13 @@ __device__ __forceinline__ void barrier_ab_grid_sync(unsigned* counter, unsigned
   }
   __syncthreads();
 }
+
+// The GPU's nanosecond clock (for --trace).
+__device__ __forceinline__ unsigned long long barrier_ab_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 """
 
 # Bodies for mx.fast.cuda_kernel (MLX writes the signature: inputs const T*, outputs T*).
@@ -120,6 +127,37 @@ FUSED = r"""
   barrier_ab_store(sums_b, acc);
 """
 
+# The barrier variant with a clock: per threadgroup its start, its arrival at the barrier,
+# its release and its end (globaltimer, ns) and the SM it ran on.
+TRACED = r"""
+  const unsigned stride = gridDim.x * blockDim.x;
+  const unsigned first = blockIdx.x * blockDim.x + threadIdx.x;
+  uint64_t* stamps = trace + 4 * blockIdx.x;
+  if (threadIdx.x == 0u) {
+    stamps[0] = barrier_ab_now();
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    smid[blockIdx.x] = sm;
+  }
+  unsigned* counter = sync;
+  unsigned* flag = sync + 1;
+  unsigned acc = barrier_ab_read(reinterpret_cast<const uint4*>(a), n_vec[0], first, stride);
+  barrier_ab_store(sums, acc);
+  if (threadIdx.x == 0u) {
+    stamps[1] = barrier_ab_now();
+  }
+  barrier_ab_grid_sync(counter, flag);
+  if (threadIdx.x == 0u) {
+    stamps[2] = barrier_ab_now();
+  }
+  acc = barrier_ab_read(reinterpret_cast<const uint4*>(b), n_vec[1], first, stride);
+  barrier_ab_store(sums + (stride >> 5), acc + dep[0]);
+  __syncthreads();
+  if (threadIdx.x == 0u) {
+    stamps[3] = barrier_ab_now();
+  }
+"""
+
 
 def kernels():
     """The two MLX kernel objects (built on first use: they need MLX's CUDA back-end)."""
@@ -133,6 +171,49 @@ def kernels():
         name="barrier_ab_fused", input_names=["a", "b", "dep", "n_vec"],
         output_names=["sums", "sync"], source=FUSED, header=header)
     return read_after, fused
+
+
+def trace(args, pool, words_a, words_b, calls=20):
+    """The barrier variant with a clock, ``calls`` chained calls: per call, in us from the
+    first threadgroup's start, when the last started, the first and last arrived at the
+    barrier, the last was released, the last ended; and how many SMs the grid ran on
+    (the barrier assumes every threadgroup resident at once)."""
+    import mlx.core as mx
+    import numpy as np
+
+    header = f"#define BARRIER_AB_SPINS {SPINS}u\n" + HEADER
+    traced = mx.fast.cuda_kernel(
+        name="barrier_ab_traced", input_names=["a", "b", "dep", "n_vec"],
+        output_names=["sums", "sync", "trace", "smid"], source=TRACED, header=header)
+    n, t = args.blocks, args.threads
+    nv = mx.array([words_a // 4, words_b // 4], mx.uint32)
+    dep = mx.zeros((1,), mx.uint32)
+    outs = []
+    for i in range(calls):
+        a, b = pool[i % len(pool)]
+        sums, sync, stamps, sm = traced(
+            inputs=[a, b, dep, nv], grid=(n * t, 1, 1), threadgroup=(t, 1, 1),
+            output_shapes=[(2 * warps(n, t),), (2,), (n, 4), (n,)],
+            output_dtypes=[mx.uint32, mx.uint32, mx.uint64, mx.uint32], init_value=0)
+        dep = sums[-1:]
+        outs.append((sync, stamps, sm))
+    mx.eval(outs)
+    rows = []
+    for sync, stamps, sm in outs:
+        st = np.array(stamps).astype(np.int64)
+        st -= st[:, 0].min()
+        rows.append({"last_start": st[:, 0].max() / 1e3, "first_arrival": st[:, 1].min() / 1e3,
+                     "last_arrival": st[:, 1].max() / 1e3, "last_release": st[:, 2].max() / 1e3,
+                     "first_release": st[:, 2].min() / 1e3, "last_end": st[:, 3].max() / 1e3,
+                     "sms": int(np.unique(np.array(sm)).size),
+                     "timed_out": int(np.array(sync)[1])})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print("trace (median of %d calls, us from the first start): last start %.2f, arrivals "
+          "%.2f-%.2f, releases %.2f-%.2f, last end %.2f; %d SMs; timed out in %d calls"
+          % (calls, med["last_start"], med["first_arrival"], med["last_arrival"],
+             med["first_release"], med["last_release"], med["last_end"], med["sms"],
+             sum(r["timed_out"] for r in rows)))
+    return {"median": med, "calls": rows}
 
 
 def warps(blocks, threads):
@@ -273,6 +354,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=100, help="chained calls per timing")
     p.add_argument("--json", help="write the rounds and medians here")
+    p.add_argument("--trace", action="store_true",
+                   help="also time the barrier variant's phases inside the kernel")
     p.add_argument("--dry", action="store_true",
                    help="print the CUDA text and the launches, run nothing")
     args = p.parse_args(argv)
@@ -291,7 +374,8 @@ def main(argv=None):
                 "two-p": (args.blocks, args.blocks), "barrier": (args.blocks, args.blocks),
                 "one": (args.blocks, args.blocks)}
     if args.dry:
-        print(HEADER + "\n// read_after\n" + READ_AFTER + "\n// fused\n" + FUSED)
+        print(HEADER + "\n// read_after\n" + READ_AFTER + "\n// fused\n" + FUSED
+              + "\n// traced\n" + TRACED)
         for name, blocks in launches.items():
             t = args.full_threads if name == "two" else args.threads
             print(f"{name}: threadgroups {blocks[0]} (A), {blocks[1]} (B) of {t} threads")
@@ -312,6 +396,7 @@ def main(argv=None):
                      mx.random.randint(0, 2**31, (words_b,), mx.uint32, key=kb)))
     mx.eval(pool)
     check(runs, *pool[0])
+    traced = trace(args, pool, words_a, words_b) if args.trace else None
     medians, per = time_rounds(runs, pool, args.rounds, args.calls)
     from mlx_foundry.bench.timing import device_name
 
@@ -323,7 +408,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "mlx": mx.__version__, "args": vars(args),
-                       "launches": launches, "median_us": medians, "rounds_us": per}, f,
+                       "launches": launches, "median_us": medians, "rounds_us": per,
+                       "trace": traced}, f,
                       indent=1)
     return 0
 

@@ -25,19 +25,18 @@ from . import _calls, _rope
 from ._checks import check_eps, check_float_array, in_dtype_of
 from .weights import Weight, policy_for
 
-PREFILL_ROWS = 6
+PREFILL_ROWS = 7
 """Inputs with more rows than this (``x.size // K``) use MLX's matmul/quantized_matmul
 instead of the fused GEMV kernels.
 
-Measured with ``python -m mlx_foundry bench`` (NVIDIA H100, MLX 0.32.4, 4-bit
-4096 -> 14336, 2026-11-26, commit d9b4ff0, BENCHMARKS.md): the fused kernel is 3.76x /
-5.05x / 4.79x faster than ``mx.quantized_matmul`` at 2 / 4 / 6 rows (several rows of
-``x`` per SIMD-group, see :func:`_mblock`) and 0.62x at 8 rows, where MLX switches to
-its GEMM kernel. 7 rows has not been measured on a GPU: since session 31 the bench has a
-row for it (``prefill_q4_m7_4096x14336``), and after its table ``bench`` says whether
-this value fits the device it ran on (``mlx_foundry/bench/prefill.py``). Set it on the
-module (``mlx_foundry.ops.linear`` is the function once
-the package is imported)::
+Measured with ``python -m mlx_foundry bench`` (4-bit 4096 -> 14336, MLX 0.32.4): on an
+NVIDIA H100 (2026-11-28, commit c08f3c3, BENCHMARKS.md session 32) the fused kernel is
+2.88x / 4.41x / 5.15x / 5.15x faster than ``mx.quantized_matmul`` at 2 / 4 / 6 / 7 rows
+(several rows of ``x`` per SIMD-group, see :func:`_mblock`) and 0.69x at 8 rows, where
+MLX switches from its one-row kernel to its GEMM; on an H200 (session 30) the same up to
+6 rows and 0.68x at 8. After its table, ``bench`` says whether this value fits the
+device it ran on (``mlx_foundry/bench/prefill.py``). Set it on the module
+(``mlx_foundry.ops.linear`` is the function once the package is imported)::
 
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
 """
