@@ -135,3 +135,28 @@ def test_check_refuses_wrong_sums_and_a_timed_out_barrier(tool):
     with pytest.raises(RuntimeError, match="differ from NumPy"):
         tool.check({"barrier": (lambda *x: (mx.array(want_a), mx.array(want_a), None),
                                 (1, 1), "barrier", 32)}, a, b)
+
+
+def test_barrier_output_stays_out_of_the_scalar_pool(tool):
+    """The counter the threadgroups poll lives in an output over 8 bytes: MLX's CUDA
+    allocator puts smaller arrays in managed memory behind the host link, where the
+    barrier took ~4 us per threadgroup (H100). The fused runner's launch, recorded."""
+    import argparse
+
+    import mlx.core as mx
+
+    calls = []
+
+    def fused(**kw):
+        calls.append(kw)
+        return [mx.zeros(s, d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
+
+    args = argparse.Namespace(threads=64, full_threads=64, chunk=1, blocks=2)
+    runs = tool.runners(None, fused, args, 4 * 64, 4 * 96)
+    for name in ("barrier", "one"):
+        run = runs[name][0]
+        _, _, flag = run(mx.zeros((256,), mx.uint32), mx.zeros((384,), mx.uint32),
+                         mx.zeros((1,), mx.uint32))
+        sync_shape, sync_dtype = calls[-1]["output_shapes"][1], calls[-1]["output_dtypes"][1]
+        assert int(np.prod(sync_shape)) * sync_dtype.size > 8, (name, sync_shape)
+        assert calls[-1]["init_value"] == 0 and flag.shape == (1,)

@@ -328,10 +328,11 @@ def test_default_launch_splits_k_only_for_tall_weights():
     (2048, 2048, 3, False, (4, 1, 3)), (2048, 8192, 3, False, (4, 1, 3)),
     # 3 rows of x, n >= 4096: k == n without split, k >= 2 n eight rows with split
     (4096, 4096, 3, False, (4, 0, 3)), (4096, 14336, 3, False, (8, 1, 3)),
-    # k >= n with 4 to 6 rows of x: eight rows without split, two blocks of rows of x;
+    # k >= n with 4 to 7 rows of x: eight rows without split, two blocks of rows of x;
     # with fewer than 4096 output rows that grid is too small: split K stays
     (4096, 4096, 4, False, (8, 0, 2)), (4096, 14336, 5, False, (8, 0, 3)),
-    (4096, 14336, 6, False, (8, 0, 3)), (2048, 8192, 4, False, (4, 1, 4)),
+    (4096, 14336, 6, False, (8, 0, 3)), (4096, 14336, 7, False, (8, 0, 4)),
+    (4096, 4096, 7, False, (8, 0, 4)), (2048, 8192, 4, False, (4, 1, 4)),
     (2048, 2048, 6, False, (4, 1, 6)),
     # the gate/up GEMV: 2 for even m (4 from 8 rows when they divide), odd m up to 5 whole
     (14336, 4096, 4, True, (4, 0, 2)), (14336, 4096, 6, True, (4, 0, 2)),

@@ -39,6 +39,13 @@ import json
 import statistics
 import sys
 
+SYNC_WORDS = 4
+"""uint32 words of the barrier's output (counter, flag, unused). Not 2: MLX's CUDA
+allocator puts arrays of at most 8 bytes in managed memory that the GPU reaches over the
+host link (``mlx_foundry.args.SCALAR_LANES``), where polled atomics took ~4 us per
+threadgroup per barrier (H100, session 32: all 132 arrived by 17.6 us, the first left
+at 551 us)."""
+
 SPINS = 1 << 22
 """Polls of the barrier counter before a threadgroup gives up (tens of milliseconds)."""
 
@@ -193,7 +200,7 @@ def trace(args, pool, words_a, words_b, calls=20):
         a, b = pool[i % len(pool)]
         sums, sync, stamps, sm = traced(
             inputs=[a, b, dep, nv], grid=(n * t, 1, 1), threadgroup=(t, 1, 1),
-            output_shapes=[(2 * warps(n, t),), (2,), (n, 4), (n,)],
+            output_shapes=[(2 * warps(n, t),), (SYNC_WORDS,), (n, 4), (n,)],
             output_dtypes=[mx.uint32, mx.uint32, mx.uint64, mx.uint32], init_value=0)
         dep = sums[-1:]
         outs.append((sync, stamps, sm))
@@ -280,9 +287,9 @@ def runners(read_after, fused, args, words_a, words_b):
             sums, sync = fused(
                 inputs=[a, b, dep, nv], template=[("BARRIER", barrier)],
                 grid=(n * t, 1, 1), threadgroup=(t, 1, 1),
-                output_shapes=[(2 * warps(n, t),), (2,)],
+                output_shapes=[(2 * warps(n, t),), (SYNC_WORDS,)],
                 output_dtypes=[mx.uint32] * 2, init_value=0)
-            return sums[:warps(n, t)], sums[warps(n, t):], sync[1:]
+            return sums[:warps(n, t)], sums[warps(n, t):], sync[1:2]
         return run, (n, n), "barrier" if barrier else "one", t
 
     return {"two": two(fa, fb, ft), "two-p": two(args.blocks, args.blocks, t),

@@ -119,7 +119,7 @@ SPLIT_MIN_K = 2048
 """Untuned GEMVs split K when ``K >= N`` and ``K >=`` this (see :func:`default_launch`)."""
 
 NO_SPLIT_MIN_N = 4096
-"""With 4 to 6 rows of ``x``, untuned GEMVs with ``K >= N`` drop split K for eight rows
+"""With 4 to 7 rows of ``x``, untuned GEMVs with ``K >= N`` drop split K for eight rows
 per SIMD-group when ``N >=`` this: enough threadgroups without it (measured at 4096; see
 :func:`default_launch`)."""
 
@@ -153,10 +153,12 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=N
     with split (56 against 64 registers, medians of five launches; ``SQUARE_ROWS``:
     quantized weights with ``n <= k < 2 n``, measured at 4-bit ``k == n`` only; section
     15 of ``docs/ncu_h100_gemv.md``). Layers with ``k < n`` (Q/K/V 4096 -> 6144, gate/up
-    4096 -> 14336) are as fast or faster with four rows and no split. With 4 to 6 rows
+    4096 -> 14336) are as fast or faster with four rows and no split. With 4 to 7 rows
     of ``x`` the layers with ``k >= n`` and ``n >= 4096`` have enough threadgroups
     without split K: eight rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 /
-    6: 14.3 / 17.9 -> 12.0 / 14.1 us; 14336 -> 4096: 32.8 / 44.3 -> 30.4 / 37.4 us). With
+    6: 14.3 / 17.9 -> 12.0 / 14.1 us; 14336 -> 4096: 32.8 / 44.3 -> 30.4 / 37.4 us), and
+    so with 7 rows (14336 -> 4096, the tuner's chained calls on an H100, session 32: 57.4
+    against 66.5 us for four rows with split K; 4096 -> 4096 not measured at 7). With
     fewer output rows that grid is under one threadgroup per SM, which loses (measured at
     ``n`` = 4096 with half the threadgroups), so they keep split K. At 3 rows of ``x``
     (``n >= 4096``) the best launch measured depends on ``k / n``: 4096 -> 4096 four
@@ -198,7 +200,7 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=N
                 "MBLOCK": DEFAULT_MBLOCK}
     if k >= n and k >= SPLIT_MIN_K:
         wide = n >= NO_SPLIT_MIN_N and not dual and head_dim is None
-        if wide and 4 <= m <= 6:
+        if wide and 4 <= m <= 7:
             rows, split = 8, 0
         elif wide and m == 3 and k < 2 * n:
             rows, split = DEFAULT_ROWS, 0
