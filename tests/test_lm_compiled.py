@@ -107,7 +107,8 @@ def buffer_address(a):
 
 def in_place_writes(model, steps=8):
     """Per decoded token after the first: how many blocks' joint K/V buffers the step
-    wrote in place (the buffer after the step is the one before it)."""
+    wrote in place (the buffer after the step is the one before it), each token
+    finished and released before the next is built."""
     cache = lm_cache.make_prompt_cache(model)
     y = mx.argmax(model(mx.array([[1, 5, 9, 2]]), cache=cache)[:, -1], axis=-1)
     y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)  # makes the joint buffers
@@ -116,7 +117,14 @@ def in_place_writes(model, steps=8):
     for _ in range(steps):
         before = [buffer_address(c.__dict__["_kv"]) for c in cache]
         y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        # Also wait until the back-end lets go of the token's inputs: MLX's CUDA encoder
+        # holds every buffer a kernel read until a worker thread releases it after the
+        # kernels finish, and a buffer still held is copied, not updated in place, by
+        # the next token's write (a pipelined decode copies so: BENCHMARKS.md, "KV-cache
+        # writes copy their buffer in a pipelined decode"). mx.eval alone raced that
+        # release on an H100 (session 32: one token of eight copied every block).
         mx.eval(y)
+        mx.synchronize()
         kept.append(sum(b == buffer_address(c.__dict__["_kv"]) for b, c in zip(before, cache)))
     return kept, len(cache)
 
