@@ -15,14 +15,17 @@ def tool():
 
 def test_dry_run_lists_the_launches(tool, capsys):
     launches = tool.main(["--dry", "--a-mb", "1", "--b-mb", "2", "--blocks", "8"])
-    assert launches == {"two": (64, 128), "two-p": (8, 8), "barrier": (8, 8), "one": (8, 8)}
+    assert launches == {"two": (64, 128), "two-p": (8, 8), "barrier": (8, 8), "one": (8, 8),
+                        "barrier-pf": (8, 8)}
+    assert "barrier-pf" not in tool.main(["--dry", "--prefetch", "0"])
     out = capsys.readouterr().out
     assert "barrier_ab_grid_sync(counter, flag)" in out
     assert "two: threadgroups 64 (A), 128 (B) of 256 threads" in out
 
 
 @pytest.mark.parametrize("argv", [["--threads", "100"], ["--full-threads", "2048"],
-                                  ["--blocks", "0"], ["--a-mb", "0"], ["--calls", "0"]])
+                                  ["--blocks", "0"], ["--a-mb", "0"], ["--calls", "0"],
+                                  ["--prefetch", "-1"], ["--prefetch", "17"]])
 def test_bad_arguments_are_refused(tool, argv):
     with pytest.raises(SystemExit):
         tool.main(["--dry", *argv])
@@ -61,8 +64,9 @@ def test_reference_follows_the_kernels(tool, kind, blocks):
 
 @pytest.mark.parametrize("body,inputs,outputs,barrier", [
     ("READ_AFTER", ["x", "dep", "n_vec"], ["sums"], None),
-    ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], True),
-    ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], False),
+    ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], (True, 0)),
+    ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], (False, 0)),
+    ("FUSED", ["a", "b", "dep", "n_vec"], ["sums", "sync"], (True, 4)),
     ("TRACED", ["a", "b", "dep", "n_vec"], ["sums", "sync", "trace:uint64_t", "smid"], None),
 ])
 def test_cuda_text_compiles_as_mlx_builds_it(tool, tmp_path, body, inputs, outputs, barrier):
@@ -80,7 +84,9 @@ def test_cuda_text_compiles_as_mlx_builds_it(tool, tmp_path, body, inputs, outpu
     for out in outputs:  # "name" or "name:type" (uint32_t by default)
         name, _, typ = out.partition(":")
         params.append(f"{typ or 'uint32_t'}* {name}")
-    consts = "" if barrier is None else f"  constexpr bool BARRIER = {str(barrier).lower()};\n"
+    consts = "" if barrier is None else (
+        f"  constexpr bool BARRIER = {str(barrier[0]).lower()};\n"
+        f"  constexpr int PREFETCH = {barrier[1]};\n")
     unit = ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + f"#define BARRIER_AB_SPINS {tool.SPINS}u\n" + tool.HEADER
             + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
@@ -151,9 +157,9 @@ def test_barrier_output_stays_out_of_the_scalar_pool(tool):
         calls.append(kw)
         return [mx.zeros(s, d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
 
-    args = argparse.Namespace(threads=64, full_threads=64, chunk=1, blocks=2)
+    args = argparse.Namespace(threads=64, full_threads=64, chunk=1, blocks=2, prefetch=2)
     runs = tool.runners(None, fused, args, 4 * 64, 4 * 96)
-    for name in ("barrier", "one"):
+    for name in ("barrier", "barrier-pf", "one"):
         run = runs[name][0]
         _, _, flag = run(mx.zeros((256,), mx.uint32), mx.zeros((384,), mx.uint32),
                          mx.zeros((1,), mx.uint32))

@@ -21,6 +21,9 @@ Variants (every one returns the same sums, checked against NumPy before timing):
 - ``barrier``: one persistent kernel that reads A, waits at a grid barrier (an atomic
   counter in an output that MLX fills with zeros, ``init_value``), then reads B, its last
   threadgroup adding A's first sum, which threadgroup 0 wrote before the barrier;
+- ``barrier-pf``: ``barrier`` with each thread's first ``--prefetch`` 16-byte loads of B
+  issued before the barrier (as a fused kernel could load the next phase's weights while
+  it waits: they do not depend on the phase before);
 - ``one``: one persistent kernel that reads A then B with no barrier (no dependency: the
   floor of the two reads).
 
@@ -124,10 +127,24 @@ FUSED = r"""
     acc += dep[0];
   }
   barrier_ab_store(sums_a, acc);
+  // With PREFETCH, each thread's first PREFETCH loads of B are issued before the
+  // barrier (B's bytes do not depend on phase A, as a GEMV's weights do not depend on
+  // the vector it waits for) and summed after it.
+  const uint4* vb = reinterpret_cast<const uint4*>(b);
+  uint4 early[PREFETCH > 0 ? PREFETCH : 1];
+#pragma unroll
+  for (int p = 0; p < PREFETCH; ++p) {
+    const unsigned i = first + unsigned(p) * stride;
+    early[p] = i < n_vec[1] ? __ldcs(vb + i) : make_uint4(0u, 0u, 0u, 0u);
+  }
   if (BARRIER) {
     barrier_ab_grid_sync(counter, flag);
   }
-  acc = barrier_ab_read(reinterpret_cast<const uint4*>(b), n_vec[1], first, stride);
+  acc = barrier_ab_read(vb, n_vec[1], first + unsigned(PREFETCH) * stride, stride);
+#pragma unroll
+  for (int p = 0; p < PREFETCH; ++p) {
+    acc += early[p].x + early[p].y + early[p].z + early[p].w;
+  }
   if (BARRIER && first == (gridDim.x - 1u) * blockDim.x) {
     acc += __ldcg(sums_a);  // threadgroup 0 wrote it before the barrier: read through L2
   }
@@ -280,20 +297,24 @@ def runners(read_after, fused, args, words_a, words_b):
             return sa, sb, None
         return run, (blocks_a, blocks_b), "two", t
 
-    def one_kernel(barrier):
+    def one_kernel(barrier, prefetch=0):
         n = args.blocks
 
         def run(a, b, dep):
             sums, sync = fused(
-                inputs=[a, b, dep, nv], template=[("BARRIER", barrier)],
+                inputs=[a, b, dep, nv],
+                template=[("BARRIER", barrier), ("PREFETCH", prefetch)],
                 grid=(n * t, 1, 1), threadgroup=(t, 1, 1),
                 output_shapes=[(2 * warps(n, t),), (SYNC_WORDS,)],
                 output_dtypes=[mx.uint32] * 2, init_value=0)
             return sums[:warps(n, t)], sums[warps(n, t):], sync[1:2]
         return run, (n, n), "barrier" if barrier else "one", t
 
-    return {"two": two(fa, fb, ft), "two-p": two(args.blocks, args.blocks, t),
+    runs = {"two": two(fa, fb, ft), "two-p": two(args.blocks, args.blocks, t),
             "barrier": one_kernel(True), "one": one_kernel(False)}
+    if args.prefetch:
+        runs["barrier-pf"] = one_kernel(True, args.prefetch)
+    return runs
 
 
 def check(runs, a, b):
@@ -361,6 +382,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=100, help="chained calls per timing")
     p.add_argument("--json", help="write the rounds and medians here")
+    p.add_argument("--prefetch", type=int, default=4,
+                   help="loads of B per thread issued before the barrier (variant "
+                        "barrier-pf; 0 leaves it out)")
     p.add_argument("--trace", action="store_true",
                    help="also time the barrier variant's phases inside the kernel")
     p.add_argument("--dry", action="store_true",
@@ -372,6 +396,8 @@ def main(argv=None):
     for name in ("threads", "full_threads"):
         if getattr(args, name) % 32 or getattr(args, name) > 1024:
             p.error(f"--{name.replace('_', '-')} must be a multiple of 32, at most 1024")
+    if not 0 <= args.prefetch <= 16:
+        p.error("--prefetch must be in [0, 16] (registers: one 16-byte load each)")
     if args.a_mb <= 0 or args.b_mb <= 0:
         p.error("--a-mb and --b-mb must be positive")
     words_a = 4 * max(1, round(args.a_mb * 2**20 / 16))
@@ -380,6 +406,8 @@ def main(argv=None):
                         full_blocks(words_b, args.full_threads, args.chunk)),
                 "two-p": (args.blocks, args.blocks), "barrier": (args.blocks, args.blocks),
                 "one": (args.blocks, args.blocks)}
+    if args.prefetch:
+        launches["barrier-pf"] = (args.blocks, args.blocks)
     if args.dry:
         print(HEADER + "\n// read_after\n" + READ_AFTER + "\n// fused\n" + FUSED
               + "\n// traced\n" + TRACED)
