@@ -166,3 +166,16 @@ def test_barrier_output_stays_out_of_the_scalar_pool(tool):
         sync_shape, sync_dtype = calls[-1]["output_shapes"][1], calls[-1]["output_dtypes"][1]
         assert int(np.prod(sync_shape)) * sync_dtype.size > 8, (name, sync_shape)
         assert calls[-1]["init_value"] == 0 and flag.shape == (1,)
+
+
+def test_trace_row_reads_the_clock_from_the_first_start(tool):
+    """The GPU clock's stamps as times from the earliest start (uint64 ns, as the traced
+    kernel writes them), and the SMs counted once each."""
+    base = 2**40  # the clock's absolute value: large, only differences matter
+    stamps = np.array([[base + 500, base + 3_500, base + 20_000, base + 60_000],
+                       [base + 200, base + 18_700, base + 20_300, base + 57_000],
+                       [base + 300, base + 9_000, base + 20_100, base + 61_300]], np.uint64)
+    row = tool.trace_row(stamps, np.array([7, 7, 90], np.uint32), 0)
+    assert row == {"last_start": 0.3, "first_arrival": 3.3, "last_arrival": 18.5,
+                   "first_release": 19.8, "last_release": 20.1, "last_end": 61.1,
+                   "sms": 2, "timed_out": 0}

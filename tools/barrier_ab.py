@@ -197,6 +197,20 @@ def kernels():
     return read_after, fused
 
 
+def trace_row(stamps, smids, timed_out):
+    """One traced call: ``stamps`` [threadgroups, 4] (start, arrival, release, end; ns of
+    the GPU clock) and the SM of each threadgroup, as times in us from the first start."""
+    import numpy as np
+
+    st = stamps.astype(np.int64)
+    st -= st[:, 0].min()
+    us = st / 1e3
+    return {"last_start": us[:, 0].max(), "first_arrival": us[:, 1].min(),
+            "last_arrival": us[:, 1].max(), "first_release": us[:, 2].min(),
+            "last_release": us[:, 2].max(), "last_end": us[:, 3].max(),
+            "sms": int(np.unique(smids).size), "timed_out": int(timed_out)}
+
+
 def trace(args, pool, words_a, words_b, calls=20):
     """The barrier variant with a clock, ``calls`` chained calls: per call, in us from the
     first threadgroup's start, when the last started, the first and last arrived at the
@@ -222,15 +236,8 @@ def trace(args, pool, words_a, words_b, calls=20):
         dep = sums[-1:]
         outs.append((sync, stamps, sm))
     mx.eval(outs)
-    rows = []
-    for sync, stamps, sm in outs:
-        st = np.array(stamps).astype(np.int64)
-        st -= st[:, 0].min()
-        rows.append({"last_start": st[:, 0].max() / 1e3, "first_arrival": st[:, 1].min() / 1e3,
-                     "last_arrival": st[:, 1].max() / 1e3, "last_release": st[:, 2].max() / 1e3,
-                     "first_release": st[:, 2].min() / 1e3, "last_end": st[:, 3].max() / 1e3,
-                     "sms": int(np.unique(np.array(sm)).size),
-                     "timed_out": int(np.array(sync)[1])})
+    rows = [trace_row(np.array(stamps), np.array(sm), int(np.array(sync)[1]))
+            for sync, stamps, sm in outs]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print("trace (median of %d calls, us from the first start): last start %.2f, arrivals "
           "%.2f-%.2f, releases %.2f-%.2f, last end %.2f; %d SMs; timed out in %d calls"
