@@ -25,7 +25,7 @@ def test_dry_run_lists_the_launches(tool, capsys):
 
 @pytest.mark.parametrize("argv", [["--threads", "100"], ["--full-threads", "2048"],
                                   ["--blocks", "0"], ["--a-mb", "0"], ["--calls", "0"],
-                                  ["--prefetch", "-1"], ["--prefetch", "17"]])
+                                  ["--prefetch", "-1"], ["--prefetch", "9"]])
 def test_bad_arguments_are_refused(tool, argv):
     with pytest.raises(SystemExit):
         tool.main(["--dry", *argv])
