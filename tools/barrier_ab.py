@@ -27,6 +27,12 @@ Variants (every one returns the same sums, checked against NumPy before timing):
 - ``one``: one persistent kernel that reads A then B with no barrier (no dependency: the
   floor of the two reads).
 
+With ``--trace`` the tool also runs the ``barrier`` variant with the GPU's clock read at
+each threadgroup's start, arrival at the barrier, release and end (and its SM), and
+prints when the last threadgroup started, arrived and was released: whether every
+threadgroup was resident at once, and how much of the barrier's time is the wait for the
+slowest.
+
 MLX fills every output of a kernel called with ``init_value`` before the launch (the
 fused kernel has two outputs, so two fills), and the ``barrier`` time includes them.
 
