@@ -586,8 +586,8 @@ def test_rows_of_x_per_simdgroup(gpu_backend, fused_rows, fmt, k, m, dtype):
         if name != "gate_up":  # the 3-row default of tall weights (dual: too many sums)
             launches.append((8, 1, min(m, 3)))
         for rows, split, mblock in launches:
-            # The dual GEMV's split-K partial sums cap MBLOCK (4 rows of x past 5 at
-            # two rows): the largest block it takes, still not dividing M.
+            # The dual GEMV's split-K partial sums cap MBLOCK (2 x ROWS x MBLOCK + MBLOCK
+            # <= 32: 6 at ROWS 2, so M = 7 takes 6): the largest block it takes.
             while not lin.valid_launch({"ROWS": rows, "SPLITK": split, "MBLOCK": mblock},
                                        dual=name == "gate_up"):
                 mblock -= 1
