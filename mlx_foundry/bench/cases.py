@@ -167,34 +167,44 @@ def _linear_case(k, n, bits, gs, dt, *, residual=False, name=None, op="linear"):
 
 
 def _prefill_case(k, n, bits, gs, dt, m):
-    """The fused GEMV forced on ``m`` rows vs. ``mx.quantized_matmul``.
+    """The fused GEMV forced on ``m`` rows vs. MLX's own op on them
+    (``mx.quantized_matmul``, or ``x @ w.T`` for dense weights: ``bits`` None).
 
     Measures where the prefill threshold (``ops.linear.PREFILL_ROWS``) belongs:
-    the largest ``m`` at which the fused kernel still wins.
+    the largest ``m`` at which the fused kernel still wins, per weight format.
     """
+    fmt = f"q{bits}" if bits else "dense"
 
     def make(i):
-        return (_act(i, 0, (m, k), dt),) + _qweight(i, 1, n, k, bits, gs, dt)
+        w = _qweight(i, 1, n, k, bits, gs, dt) if bits else (_dense_w(i, 1, n, k, dt),)
+        return (_act(i, 0, (m, k), dt),) + w
 
-    def baseline(x, w, s, b):
-        return _qmm(x, w, s, b, bits, gs)
+    if bits:
+        def baseline(x, w, s, b):
+            return _qmm(x, w, s, b, bits, gs)
+    else:
+        def baseline(x, w):
+            return x @ w.T
 
     def candidate(backend):
         import importlib
 
         mod = importlib.import_module("mlx_foundry.ops.linear")
 
-        def run(x, w, s, b):
+        def run(x, w, *sb):
             saved, mod.PREFILL_ROWS = mod.PREFILL_ROWS, 1 << 30
             try:
-                return mod.linear(x, w, s, b, group_size=gs, bits=bits, backend=backend)
+                if bits:
+                    return mod.linear(x, w, *sb, group_size=gs, bits=bits, backend=backend)
+                return mod.linear(x, w, backend=backend)
             finally:
                 mod.PREFILL_ROWS = saved
         return run
 
     nbytes = weight_bytes(n, k, bits, gs, dt.size) + dt.size * m * (k + n)
-    return Case(f"prefill_q{bits}_m{m}_{k}x{n}", "linear (fused, M rows)", f"{m}x{k}->{n}",
-                f"{_dname(dt)}/q{bits}", nbytes, make, baseline, candidate, tags=("prefill",))
+    return Case(f"prefill_{fmt}_m{m}_{k}x{n}", "linear (fused, M rows)", f"{m}x{k}->{n}",
+                f"{_dname(dt)}/{fmt}" if bits else _dname(dt), nbytes, make, baseline,
+                candidate, tags=("prefill",))
 
 
 def _rms_norm_case(m, k, dt):
@@ -467,6 +477,8 @@ def suite(*, tiny=False, dtype=None):
     cases += [_decode_attention_case(heads, kv_heads, head_dim, n, dt)
               for n in ((20, 300) if tiny else (150, 1000, 4095))]
     cases += [_prefill_case(h, i, 4, gs, dt, m) for m in (2, 3, 4, 5, 6, 7, 8, 16)]
+    # The other formats at the threshold's edge: the one PREFILL_ROWS serves them all.
+    cases += [_prefill_case(h, i, bits, gs, dt, m) for bits in (8, None) for m in (7, 8)]
     names = [c.name for c in cases]
     assert len(set(names)) == len(names), names
     return cases

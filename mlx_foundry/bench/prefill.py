@@ -2,12 +2,13 @@
 
 ``ops.linear`` sends inputs with more than ``PREFILL_ROWS`` rows of ``x`` to MLX's own
 ``quantized_matmul`` / ``matmul``. The bench's ``linear (fused, M rows)`` cases time the
-fused GEMV forced on M rows against ``mx.quantized_matmul``, so one run says up to how
-many rows the fused kernel wins here: the threshold belongs between the last row count
-it won (every smaller one measured won too) and the first it lost. This is advice
-printed after the targets, not a target, and it changes nothing: the threshold is a
-module constant, set by hand (``importlib.import_module("mlx_foundry.ops.linear")
-.PREFILL_ROWS = n``).
+fused GEMV forced on M rows against MLX's op, per weight format (4-bit over many row
+counts, 8-bit and dense at the threshold's edge), so one run says up to how many rows the
+fused kernel wins here: the threshold belongs between the last row count it won (every
+smaller one measured won too) and the first it lost, for every format, since one
+threshold serves them all. This is advice printed after the targets, not a target, and
+it changes nothing: the threshold is a module constant, set by hand
+(``importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = n``).
 
 On the reference backend no fused kernel runs, so there is nothing to judge.
 """
@@ -24,28 +25,41 @@ def _rows(case):
 
 
 def evaluate(results, prefill_rows):
-    """What the run says of the threshold ``prefill_rows``.
+    """What the run says of the threshold ``prefill_rows``, per weight format.
 
-    Returns ``{"prefill_rows", "speedups", "wins_up_to", "first_loss", "agrees",
-    "advice"}``: ``speedups`` maps each measured M to the fused kernel's speedup;
-    ``wins_up_to`` is the largest M such that the fused kernel won (speedup >= 1) at
-    every measured row count up to it (``None`` when it lost at the smallest);
-    ``first_loss`` the smallest M it lost at (``None``: none); ``agrees`` whether
-    ``prefill_rows`` lies in ``[wins_up_to, first_loss)``, ``None`` when the run cannot
-    tell (the reference backend, or no such case measured).
+    Returns ``{"prefill_rows", "formats", "agrees", "advice"}``. ``formats`` maps each
+    format the cases measured (their ``dtype`` column, e.g. ``"fp16/q4"``, in the
+    suite's order) to ``{"speedups", "wins_up_to", "first_loss", "agrees", "advice"}``:
+    ``speedups`` maps each measured M to the fused kernel's speedup; ``wins_up_to`` is
+    the largest M such that the fused kernel won (speedup >= 1) at every measured row
+    count up to it (``None`` when it lost at the smallest); ``first_loss`` the smallest
+    M it lost at (``None``: none); ``agrees`` whether ``prefill_rows`` lies in
+    ``[wins_up_to, first_loss)``. The top-level ``agrees`` holds when it does for every
+    format (one threshold serves them all), ``None`` when the run cannot tell (the
+    reference backend, or no such case measured).
     """
-    out = {"prefill_rows": prefill_rows, "speedups": {}, "wins_up_to": None,
-           "first_loss": None, "agrees": None}
+    out = {"prefill_rows": prefill_rows, "formats": {}, "agrees": None}
     if results.get("backend") == "reference":
         out["advice"] = "not judged on the reference backend (no fused kernel ran)"
         return out
-    speedups = {_rows(c): c["speedup"] for c in results.get("cases") or []
-                if c.get("op") == OP and c.get("status") == "ok"
-                and c.get("speedup") is not None}
-    out["speedups"] = dict(sorted(speedups.items()))
-    if not speedups:
+    series = {}
+    for c in results.get("cases") or []:
+        if (c.get("op") == OP and c.get("status") == "ok"
+                and c.get("speedup") is not None):
+            series.setdefault(c.get("dtype", "?"), {})[_rows(c)] = c["speedup"]
+    if not series:
         out["advice"] = "not measured in this run"
         return out
+    out["formats"] = {fmt: _judge(speedups, prefill_rows) for fmt, speedups in series.items()}
+    out["agrees"] = all(f["agrees"] for f in out["formats"].values())
+    out["advice"] = ". ".join(f"{fmt}: {f['advice']}" for fmt, f in out["formats"].items())
+    return out
+
+
+def _judge(speedups, prefill_rows):
+    """One format's row counts (``{M: speedup}``) against the threshold."""
+    out = {"speedups": dict(sorted(speedups.items())), "wins_up_to": None,
+           "first_loss": None}
     for m, s in out["speedups"].items():
         if s < 1.0:
             out["first_loss"] = m
