@@ -88,7 +88,7 @@ def test_cuda_text_compiles_as_mlx_builds_it(tool, tmp_path, body, inputs, outpu
         f"  constexpr bool BARRIER = {str(barrier[0]).lower()};\n"
         f"  constexpr int PREFETCH = {barrier[1]};\n")
     unit = ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
-            + f"#define BARRIER_AB_SPINS {tool.SPINS}u\n" + tool.HEADER
+            + tool.full_header()
             + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + f"__global__ void custom_kernel_k({', '.join(params)}) {{\n{consts}"
             + getattr(tool, body) + "\n}\n}\n")

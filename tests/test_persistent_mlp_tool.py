@@ -41,7 +41,8 @@ def test_each_phase_loops_over_the_threadgroups_of_its_launch(tool, phases):
     assert "auto x = (PHASE == 3 ? static_cast<decltype(p2_x)>(h) : p2_x);" in body
     assert tool.kernel_inputs(p1, p2) == ([f"p1_{n}" for n in p1.input_names]
                                           + [f"p2_{n}" for n in p2.input_names] + ["sync"])
-    assert (header.index("#define PERSISTENT_MLP_SPINS")
+    assert (header.index("#define GRID_BARRIER_SPINS")
+            < header.index("void grid_barrier_arrive_and_wait")
             < header.index("void persistent_mlp_grid_sync"))
 
 

@@ -45,8 +45,11 @@ dialect (and its CUDA prelude) has no atomics.
 
 import argparse
 import json
+import os
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SYNC_WORDS = 4
 """uint32 words of the barrier's output (counter, flag, unused). Not 2: MLX's CUDA
@@ -55,8 +58,9 @@ host link (``mlx_foundry.args.SCALAR_LANES``), where polled atomics took ~4 us p
 threadgroup per barrier (H100, session 32: all 132 arrived by 17.6 us, the first left
 at 551 us)."""
 
-SPINS = 1 << 22
-"""Polls of the barrier counter before a threadgroup gives up (tens of milliseconds)."""
+import grid_barrier  # noqa: E402  (tools/grid_barrier.py: the barrier's CUDA text)
+
+SPINS = grid_barrier.SPINS
 
 HEADER = r"""
 // Wrapping sum of v[i] over i = first, first + stride, ... < n, 8 loads in flight.
@@ -85,17 +89,7 @@ __device__ __forceinline__ void barrier_ab_store(unsigned* out, unsigned acc) {
 __device__ __forceinline__ void barrier_ab_grid_sync(unsigned* counter, unsigned* flag) {
   __syncthreads();
   if (threadIdx.x == 0u) {
-    __threadfence();
-    atomicAdd(counter, 1u);
-    unsigned spins = 0u;
-    while (atomicAdd(counter, 0u) < gridDim.x) {
-      if (++spins > BARRIER_AB_SPINS) {
-        atomicExch(flag, 1u);
-        break;
-      }
-      __nanosleep(32);
-    }
-    __threadfence();
+    grid_barrier_arrive_and_wait(counter, flag);
   }
   __syncthreads();
 }
@@ -189,11 +183,16 @@ TRACED = r"""
 """
 
 
+def full_header():
+    """The kernels' header: the grid barrier (``tools/grid_barrier.py``), then ``HEADER``."""
+    return grid_barrier.header(SPINS) + HEADER
+
+
 def kernels():
     """The two MLX kernel objects (built on first use: they need MLX's CUDA back-end)."""
     import mlx.core as mx
 
-    header = f"#define BARRIER_AB_SPINS {SPINS}u\n" + HEADER
+    header = full_header()
     read_after = mx.fast.cuda_kernel(
         name="barrier_ab_read_after", input_names=["x", "dep", "n_vec"],
         output_names=["sums"], source=READ_AFTER, header=header)
@@ -225,7 +224,7 @@ def trace(args, pool, words_a, words_b, calls=20):
     import mlx.core as mx
     import numpy as np
 
-    header = f"#define BARRIER_AB_SPINS {SPINS}u\n" + HEADER
+    header = full_header()
     traced = mx.fast.cuda_kernel(
         name="barrier_ab_traced", input_names=["a", "b", "dep", "n_vec"],
         output_names=["sums", "sync", "trace", "smid"], source=TRACED, header=header)
@@ -424,7 +423,7 @@ def main(argv=None):
     if args.prefetch:
         launches["barrier-pf"] = (args.blocks, args.blocks)
     if args.dry:
-        print(HEADER + "\n// read_after\n" + READ_AFTER + "\n// fused\n" + FUSED
+        print(full_header() + "\n// read_after\n" + READ_AFTER + "\n// fused\n" + FUSED
               + "\n// traced\n" + TRACED)
         for name, blocks in launches.items():
             t = args.full_threads if name == "two" else args.threads

@@ -37,12 +37,14 @@ promise that threadgroups waiting on each other make progress.
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
 
-SPINS = 1 << 22
-"""Polls of the barrier counter before a threadgroup gives up (as ``tools/barrier_ab.py``)."""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import grid_barrier  # noqa: E402  (tools/grid_barrier.py: the barrier's CUDA text)
 
 GRID_SYNC = r"""
 // Every threadgroup arrives, then waits until all gridDim.x have (all resident). The
@@ -54,17 +56,7 @@ __device__ __forceinline__ void persistent_mlp_grid_sync(const unsigned* sync_in
   unsigned* sync = const_cast<unsigned*>(sync_input);
   __syncthreads();
   if (threadIdx.x == 0u) {
-    __threadfence();
-    atomicAdd(sync, 1u);
-    unsigned spins = 0u;
-    while (atomicAdd(sync, 0u) < gridDim.x) {
-      if (++spins > PERSISTENT_MLP_SPINS) {
-        atomicExch(sync + 2, 1u);
-        break;
-      }
-      __nanosleep(32);
-    }
-    __threadfence();
+    grid_barrier_arrive_and_wait(sync, sync + 2);
     if (atomicAdd(sync + 1, 1u) == gridDim.x - 1u) {
       atomicExch(sync, 0u);
       atomicExch(sync + 1, 0u);
@@ -159,7 +151,7 @@ def persistent_source(p1, p2, x_name="x"):
     if x_name not in p2.input_names:
         raise ValueError(f"phase 2 has no input {x_name!r}: {p2.input_names}")
     header = (_strip_launch_bounds(p1.header)
-              + f"\n#define PERSISTENT_MLP_SPINS {SPINS}u\n" + GRID_SYNC)
+              + "\n" + grid_barrier.header() + GRID_SYNC)
     return _body(p1, p2, x_name), header
 
 
@@ -338,9 +330,19 @@ def time_rounds(variants, rounds, calls):
     return {name: statistics.median(v) for name, v in per.items()}, per
 
 
+def _dims(text):
+    """``--dims``: ``"4096x14336"`` -> ``(4096, 14336)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(v.isdigit() and int(v) > 0 for v in parts):
+        raise argparse.ArgumentTypeError(f"expected HIDDENxINTERMEDIATE (e.g. 4096x14336), "
+                                         f"not {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dims", default="4096x14336", help="hidden x intermediate")
+    p.add_argument("--dims", type=_dims, default=(4096, 14336),
+                   help="HIDDENxINTERMEDIATE (default: 4096x14336)")
     p.add_argument("--sms", type=int, default=132, help="SMs of the GPU (H100, H200: 132)")
     p.add_argument("--per-sm", type=int, default=MIN_BLOCKS,
                    help="threadgroups per SM: the kernel's launch bound, and --sms times "
@@ -352,10 +354,7 @@ def main(argv=None):
     p.add_argument("--dry", action="store_true",
                    help="print the persistent kernel's body and launches, run nothing")
     args = p.parse_args(argv)
-    try:
-        d, inter = (int(v) for v in args.dims.lower().split("x"))
-    except ValueError:
-        p.error(f"--dims must be HIDDENxINTERMEDIATE, e.g. 4096x14336, not {args.dims!r}")
+    d, inter = args.dims
     for name in ("sms", "per_sm", "sets", "rounds", "calls"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,0 +1,40 @@
+"""The grid barrier of the CUDA-only diagnostics (``tools/barrier_ab.py``,
+``tools/persistent_mlp_ab.py``): CUDA text for a kernel's header.
+
+Thread 0 of each threadgroup counts its threadgroup in with an atomic add, then polls
+the count until all ``gridDim.x`` threadgroups have arrived. That needs every
+threadgroup resident at once, which nothing checks, so a poller gives up after
+``SPINS`` polls and sets a flag for the host to report, instead of hanging the device.
+The counter must live in device memory: MLX's CUDA allocator puts arrays of at most 8
+bytes in managed memory behind the host link, where the polls took ~4 us per
+threadgroup (``barrier_ab.SYNC_WORDS``). The Metal dialect has no atomics, and Metal
+does not promise that threadgroups waiting on each other make progress.
+"""
+
+SPINS = 1 << 22
+"""Polls of the counter before a threadgroup gives up (tens of milliseconds)."""
+
+TEXT = r"""
+// Thread 0 of a threadgroup: count it in at *arrivals, then wait until all gridDim.x
+// threadgroups are in, or give up after GRID_BARRIER_SPINS polls and set *flag. The
+// fences order this threadgroup's writes before its arrival, and the others' after.
+__device__ __forceinline__ void grid_barrier_arrive_and_wait(unsigned* arrivals,
+                                                             unsigned* flag) {
+  __threadfence();
+  atomicAdd(arrivals, 1u);
+  unsigned spins = 0u;
+  while (atomicAdd(arrivals, 0u) < gridDim.x) {
+    if (++spins > GRID_BARRIER_SPINS) {
+      atomicExch(flag, 1u);
+      break;
+    }
+    __nanosleep(32);
+  }
+  __threadfence();
+}
+"""
+
+
+def header(spins=SPINS):
+    """The CUDA text that defines ``grid_barrier_arrive_and_wait``."""
+    return f"#define GRID_BARRIER_SPINS {int(spins)}u\n" + TEXT
