@@ -44,7 +44,6 @@ dialect (and its CUDA prelude) has no atomics.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -447,19 +446,9 @@ def main(argv=None):
     check(runs, *pool[0])
     traced = trace(args, pool, words_a, words_b) if args.trace else None
     medians, per = time_rounds(runs, pool, args.rounds, args.calls)
-    from mlx_foundry.bench.timing import device_name
-
-    device = device_name()
-    for name, us in medians.items():
-        print(f"median {name:8s} {us:8.2f} us per chained call")
+    grid_barrier.report(medians, per, args, args.json, launches=launches, trace=traced)
     print(f"boundary - barrier: {medians['two-p'] - medians['barrier']:+.2f} us "
           f"(persistent grids); two - barrier: {medians['two'] - medians['barrier']:+.2f} us")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "mlx": mx.__version__, "args": vars(args),
-                       "launches": launches, "median_us": medians, "rounds_us": per,
-                       "trace": traced}, f,
-                      indent=1)
     return 0
 
 

@@ -38,3 +38,21 @@ __device__ __forceinline__ void grid_barrier_arrive_and_wait(unsigned* arrivals,
 def header(spins=SPINS):
     """The CUDA text that defines ``grid_barrier_arrive_and_wait``."""
     return f"#define GRID_BARRIER_SPINS {int(spins)}u\n" + TEXT
+
+
+def report(medians, per, args, path=None, **extra):
+    """Print each variant's median, and with ``path`` write them, every round and
+    ``extra`` to a JSON file beside the device's name and MLX's version (the
+    diagnostics' common output)."""
+    import json
+
+    import mlx.core as mx
+
+    from mlx_foundry.bench.timing import device_name
+
+    for name, us in medians.items():
+        print(f"median {name:8s} {us:8.2f} us per chained call")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": device_name(), "mlx": mx.__version__, "args": vars(args),
+                       "median_us": medians, "rounds_us": per, **extra}, f, indent=1)

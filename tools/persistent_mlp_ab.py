@@ -380,17 +380,9 @@ def main(argv=None):
     variants = Variants(sets, blocks, per_sm=args.per_sm)
     check(variants)
     medians, per = time_rounds(variants, args.rounds, args.calls)
-    from mlx_foundry.bench.timing import device_name
-
-    for name, us in medians.items():
-        print(f"median {name:8s} {us:8.2f} us per chained call")
+    grid_barrier.report(medians, per, args, args.json, launches=info)
     print(f"ops - barrier: {medians['ops'] - medians['barrier']:+.2f} us; "
           f"two-p - barrier: {medians['two-p'] - medians['barrier']:+.2f} us")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name(), "mlx": mx.__version__, "args": vars(args),
-                       "launches": info, "median_us": medians, "rounds_us": per}, f,
-                      indent=1)
     return 0
 
 
