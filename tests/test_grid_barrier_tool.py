@@ -20,15 +20,16 @@ def test_report_prints_the_medians_and_writes_them_with_the_rounds(tmp_path, cap
     gb = load_tool("grid_barrier")
     path = tmp_path / "r.json"
     args = argparse.Namespace(rounds=2, json=str(path))
-    gb.report({"a": 1.5, "b": 20.25}, {"a": [1.0, 2.0], "b": [20.0, 20.5]}, args, str(path),
-              launches={"a": 3})
+    gb.report({"a": 1.5, "b": 20.25, "c": 3.0}, {"a": [1.0, 2.0], "b": [20.0, 20.5]}, args,
+              str(path), against="c", launches={"a": 3})
     out = capsys.readouterr().out
     assert "median a            1.50 us per chained call" in out
     assert "median b           20.25 us per chained call" in out
+    assert "a - c: -1.50 us; b - c: +17.25 us\n" in out
     got = json.loads(path.read_text())
-    assert got["median_us"] == {"a": 1.5, "b": 20.25}
+    assert got["median_us"] == {"a": 1.5, "b": 20.25, "c": 3.0}
     assert got["rounds_us"] == {"a": [1.0, 2.0], "b": [20.0, 20.5]}
     assert got["args"] == {"rounds": 2, "json": str(path)} and got["launches"] == {"a": 3}
     assert got["mlx"] == mx.__version__ and got["device"]
-    gb.report({"a": 1.0}, {"a": [1.0]}, args, None)  # no path: prints only
+    gb.report({"a": 1.0}, {"a": [1.0]}, args, None, against="a")  # no path: prints only
     assert not (tmp_path / "None").exists()

@@ -447,8 +447,6 @@ def main(argv=None):
     traced = trace(args, pool, words_a, words_b) if args.trace else None
     medians, per = time_rounds(runs, pool, args.rounds, args.calls)
     grid_barrier.report(medians, per, args, args.json, launches=launches, trace=traced)
-    print(f"boundary - barrier: {medians['two-p'] - medians['barrier']:+.2f} us "
-          f"(persistent grids); two - barrier: {medians['two'] - medians['barrier']:+.2f} us")
     return 0
 
 

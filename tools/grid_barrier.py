@@ -40,10 +40,10 @@ def header(spins=SPINS):
     return f"#define GRID_BARRIER_SPINS {int(spins)}u\n" + TEXT
 
 
-def report(medians, per, args, path=None, **extra):
-    """Print each variant's median, and with ``path`` write them, every round and
-    ``extra`` to a JSON file beside the device's name and MLX's version (the
-    diagnostics' common output)."""
+def report(medians, per, args, path=None, against="barrier", **extra):
+    """Print each variant's median and how far each lies from ``against``'s, and with
+    ``path`` write them, every round and ``extra`` to a JSON file beside the device's
+    name and MLX's version (the diagnostics' common output)."""
     import json
 
     import mlx.core as mx
@@ -52,6 +52,8 @@ def report(medians, per, args, path=None, **extra):
 
     for name, us in medians.items():
         print(f"median {name:8s} {us:8.2f} us per chained call")
+    print("; ".join(f"{name} - {against}: {us - medians[against]:+.2f} us"
+                    for name, us in medians.items() if name != against))
     if path:
         with open(path, "w") as f:
             json.dump({"device": device_name(), "mlx": mx.__version__, "args": vars(args),

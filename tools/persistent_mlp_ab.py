@@ -381,8 +381,6 @@ def main(argv=None):
     check(variants)
     medians, per = time_rounds(variants, args.rounds, args.calls)
     grid_barrier.report(medians, per, args, args.json, launches=info)
-    print(f"ops - barrier: {medians['ops'] - medians['barrier']:+.2f} us; "
-          f"two-p - barrier: {medians['two-p'] - medians['barrier']:+.2f} us")
     return 0
 
 
