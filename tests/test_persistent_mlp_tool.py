@@ -104,10 +104,10 @@ class _Fake:
     """Variants built from plain MLX ops: ``y = x + s`` for every variant, the barrier's
     off by ``wrong``, and a barrier that timed out when ``flag``."""
 
-    def __init__(self, wrong=0.0, flag=False):
+    def __init__(self, wrong=0.0, flag=False, mlx_off=0.0):
         self.mx = mx
         self.sets = [(mx.arange(4, dtype=mx.float32),), (mx.ones((4,)),)]
-        self.wrong, self.flag = wrong, flag
+        self.wrong, self.flag, self.mlx_off = wrong, flag, mlx_off
         self.seen = []
 
     def timed_out(self):
@@ -116,14 +116,19 @@ class _Fake:
     def run(self, name, s, x):
         self.seen.append((name, s, np.array(x)))
         y = x + s + (self.wrong if name == "barrier" else 0.0)
+        if name == "mlx":
+            y = y * (1 + self.mlx_off)
         return y * 2, y
 
 
 def test_check_refuses_a_difference_and_a_timed_out_barrier(tool):
     tool.check(_Fake())  # passes: every variant equals the ops
+    tool.check(_Fake(mlx_off=0.5 * tool.MLX_TOLERANCE))  # MLX's block: within tolerance
+    with pytest.raises(RuntimeError, match="mlx: y lies"):
+        tool.check(_Fake(mlx_off=2 * tool.MLX_TOLERANCE))
     with pytest.raises(RuntimeError, match="barrier: h differs"):
         tool.check(_Fake(wrong=1e-3))
-    with pytest.raises(RuntimeError, match="two-p: the grid barrier timed out"):
+    with pytest.raises(RuntimeError, match="the grid barrier timed out"):
         tool.check(_Fake(flag=True))
 
 

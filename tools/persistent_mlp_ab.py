@@ -20,6 +20,8 @@ in the ops: the outputs must be equal bit for bit, and the tool checks that befo
 times anything. Variants, each timed on chained calls (a call's output is the next
 call's ``x``) over a pool of weight sets larger than the L2:
 
+- ``mlx``: MLX's own ops, unfused (RMSNorm, three ``mx.quantized_matmul``, SwiGLU, the
+  residual): the bench's baseline for the block, checked loosely (``MLX_TOLERANCE``);
 - ``ops``: the two ops, as a patched model calls them (two launches);
 - ``two-p``: the persistent kernel once per phase (two launches, persistent grids);
 - ``barrier``: the persistent kernel with both phases and a grid barrier between them
@@ -273,6 +275,16 @@ class Variants:
 
     def run(self, name, s, x):
         x_, g, gate, up, down = self.sets[s]
+        if name == "mlx":  # the bench's baseline for the block: MLX's own ops, unfused
+            mx = self.mx
+
+            def qmm(v, w):
+                return mx.quantized_matmul(v, w.weight, w.scales, w.biases, transpose=True,
+                                           group_size=w.group_size, bits=w.bits)
+            n = mx.fast.rms_norm(x, g, EPS)
+            a = qmm(n, gate)
+            a = a * mx.sigmoid(a) * qmm(n, up)
+            return a, x + qmm(a, down)
         if name == "ops":
             a = self.ops.norm_gate_up_swiglu(x, g, EPS, gate, up, backend="cuda")
             return a, self.ops.linear(a, down, residual=x, backend="cuda")
@@ -287,22 +299,36 @@ class Variants:
         raise ValueError(f"unknown variant {name!r}")
 
 
-VARIANTS = ("ops", "two-p", "barrier")
+VARIANTS = ("mlx", "ops", "two-p", "barrier")
+
+MLX_TOLERANCE = 1e-2
+"""How far MLX's unfused ops may lie from the ops (relative to the norm of ``y``): fp16
+intermediates against float accumulators. A check that the baseline computes the same
+block, not a test of the ops (``tests/test_gpu_linear.py`` is)."""
 
 
 def check(variants):
-    """Every variant's ``h`` and ``y`` on the first set equal the ops' bit for bit (the
-    same code computes every row); raises on a difference or a raised flag."""
+    """The persistent kernel's ``h`` and ``y`` on the first set equal the ops' bit for
+    bit (the same code computes every row), and MLX's unfused block's ``y`` lies within
+    ``MLX_TOLERANCE`` of them; raises on a difference or a timed-out barrier."""
     import numpy as np
 
     x = variants.sets[0][0]
     want_h, want_y = variants.run("ops", 0, x)
-    for name in VARIANTS[1:]:
+    for name in VARIANTS:
+        if name == "ops":
+            continue
         h, y = variants.run(name, 0, x)
         variants.mx.eval(h, y)
         if variants.timed_out():
             raise RuntimeError(f"{name}: the grid barrier timed out (a threadgroup was not "
                                "resident: lower --per-sm)")
+        if name == "mlx":
+            got, want = np.array(y, dtype=np.float32), np.array(want_y, dtype=np.float32)
+            err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+            if not err <= MLX_TOLERANCE:
+                raise RuntimeError(f"mlx: y lies {err:.2e} from the ops' (relative)")
+            continue
         for what, got, want in (("h", h, want_h), ("y", y, want_y)):
             if not np.array_equal(np.array(got), np.array(want)):
                 raise RuntimeError(f"{name}: {what} differs from the ops'")
