@@ -383,15 +383,14 @@ def decode_benchmark(model=None, *, steps=64, prompt=None, backend=None, warmup=
     if model is None:
         model = random_quantized_model(config, bits=bits, group_size=group_size, dtype=dtype)
     build_s = time.perf_counter() - t0
+    vocab = model.args.vocab_size
     if prompt is None:
         prompt = [128000, 791, 6864, 315, 9822, 374, 12366, 13, 578, 6864, 315, 9635, 374,
                   220, 16, 11]
-        vocab = model.args.vocab_size
         prompt = [t % vocab for t in prompt]
     else:
         # An id past the vocabulary would read past the embedding table (MLX's gather does
         # not check), and both decodes would run on whatever memory lies there.
-        vocab = model.args.vocab_size
         bad = [t for t in prompt if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"[decode_benchmark] 'prompt' ids must be in [0, {vocab}) (the "
