@@ -33,3 +33,17 @@ def test_report_prints_the_medians_and_writes_them_with_the_rounds(tmp_path, cap
     assert got["mlx"] == mx.__version__ and got["device"]
     gb.report({"a": 1.0}, {"a": [1.0]}, args, None, against="a")  # no path: prints only
     assert not (tmp_path / "None").exists()
+
+
+def test_timing_arguments_count_from_one():
+    import pytest
+
+    gb = load_tool("grid_barrier")
+    p = argparse.ArgumentParser()
+    gb.add_timing_arguments(p, calls=9)
+    args = p.parse_args([])
+    assert (args.sets, args.rounds, args.calls, args.json) == (3, 7, 9, None)
+    assert p.parse_args(["--calls", "2", "--json", "j"]).calls == 2
+    for bad in (["--sets", "0"], ["--rounds", "x"], ["--calls", "-1"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)

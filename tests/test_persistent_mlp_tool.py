@@ -18,7 +18,7 @@ def tool():
 
 @pytest.fixture(scope="module")
 def phases(tool):
-    return tuple(tool.Phase(*launch) for launch in tool.capture(256, 704))
+    return tool.record_phases(*tool.make_set(256, 704))
 
 
 def test_each_phase_loops_over_the_threadgroups_of_its_launch(tool, phases):

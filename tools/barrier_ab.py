@@ -389,10 +389,7 @@ def main(argv=None):
                    help="16-byte loads per thread of the full grids (variant two)")
     p.add_argument("--full-threads", type=int, default=256,
                    help="threads per threadgroup of the full grids (variant two)")
-    p.add_argument("--sets", type=int, default=3, help="input sets rotated (> the L2)")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=100, help="chained calls per timing")
-    p.add_argument("--json", help="write the rounds and medians here")
+    grid_barrier.add_timing_arguments(p, calls=100)
     p.add_argument("--prefetch", type=int, default=4,
                    help="loads of B per thread issued before the barrier (variant "
                         "barrier-pf; 0 leaves it out)")
@@ -401,7 +398,7 @@ def main(argv=None):
     p.add_argument("--dry", action="store_true",
                    help="print the CUDA text and the launches, run nothing")
     args = p.parse_args(argv)
-    for name in ("blocks", "threads", "full_threads", "chunk", "sets", "rounds", "calls"):
+    for name in ("blocks", "threads", "full_threads", "chunk"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("threads", "full_threads"):

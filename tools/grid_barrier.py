@@ -40,6 +40,31 @@ def header(spins=SPINS):
     return f"#define GRID_BARRIER_SPINS {int(spins)}u\n" + TEXT
 
 
+def _count(text):
+    """An argument that counts something: an int of at least 1."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an int of at least 1, not {text!r}")
+    return n
+
+
+def add_timing_arguments(parser, calls):
+    """The diagnostics' common options: ``--sets`` (input sets rotated, together larger
+    than the L2), ``--rounds``, ``--calls`` (chained calls per timing, default ``calls``)
+    and ``--json`` (where ``report`` writes)."""
+    parser.add_argument("--sets", type=_count, default=3,
+                        help="input sets rotated (together larger than the L2)")
+    parser.add_argument("--rounds", type=_count, default=7)
+    parser.add_argument("--calls", type=_count, default=calls,
+                        help="chained calls per timing")
+    parser.add_argument("--json", help="write the rounds and medians here")
+
+
 def report(medians, per, args, path=None, against="barrier", **extra):
     """Print each variant's median and how far each lies from ``against``'s, and with
     ``path`` write them, every round and ``extra`` to a JSON file beside the device's

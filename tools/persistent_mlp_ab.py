@@ -79,30 +79,28 @@ ATTR_TG_POS = "mlx::core::cu::metal_compat::attr_threadgroup_position_in_grid()"
 EPS = 1e-5
 
 
-def capture(d, inter, bits=4, group_size=64, dtype=None, seed=0):
-    """The two launches of one MLP block, recorded (nothing runs): a list of
-    ``(program, args, kwargs)``, gate/up first."""
-    import mlx.core as mx
-
+def record_phases(x, g, gate, up, down):
+    """The two launches the ops make for one MLP block on this input set, recorded
+    (nothing runs) and taken apart: ``(Phase of gate/up, Phase of down)``."""
     from mlx_foundry import ops
     from mlx_foundry.kernel import record_launches
 
-    dtype = dtype or mx.float16
-    x, g, gate, up, down = make_set(d, inter, bits, group_size, dtype, seed)
     with record_launches() as rec:
         a = ops.norm_gate_up_swiglu(x, g, EPS, gate, up, backend="cuda")
         ops.linear(a, down, residual=x, backend="cuda")
     if len(rec) != 2:
         raise RuntimeError(f"expected two launches, the ops made {len(rec)}")
-    return rec
+    return Phase(*rec[0]), Phase(*rec[1])
 
 
-def make_set(d, inter, bits, group_size, dtype, seed):
-    """One input set: ``x`` [1, d], the norm weight and the three weights."""
+def make_set(d, inter, bits=4, group_size=64, dtype=None, seed=0):
+    """One input set: ``x`` [1, d], the norm weight and the three weights (``dtype``
+    default ``float16``)."""
     import mlx.core as mx
 
     from mlx_foundry.ops.weights import Weight
 
+    dtype = dtype or mx.float16
     keys = mx.random.split(mx.random.key(seed), 5)
 
     def weight(n, k, key):
@@ -244,14 +242,7 @@ class Variants:
         from mlx_foundry import ops
 
         self.ops, self.sets, self.blocks = ops, sets, blocks
-        self.phases = []  # per set: (Phase 1, Phase 2) with that set's inputs
-        for x, g, gate, up, down in sets:
-            from mlx_foundry.kernel import record_launches
-
-            with record_launches() as rec:
-                a = ops.norm_gate_up_swiglu(x, g, EPS, gate, up, backend="cuda")
-                ops.linear(a, down, residual=x, backend="cuda")
-            self.phases.append((Phase(*rec[0]), Phase(*rec[1])))
+        self.phases = [record_phases(*s) for s in sets]  # each with its set's inputs
         p1, p2 = self.phases[0]
         self.kern = build_kernel(p1, p2, x_name, per_sm=per_sm)
         self.ix1 = p1.input_names.index(x_name)         # phase 1 reads x
@@ -274,7 +265,7 @@ class Variants:
         return p1, p2, in1, in2
 
     def run(self, name, s, x):
-        x_, g, gate, up, down = self.sets[s]
+        _, g, gate, up, down = self.sets[s]
         if name == "mlx":  # the bench's baseline for the block: MLX's own ops, unfused
             mx = self.mx
 
@@ -373,21 +364,18 @@ def main(argv=None):
     p.add_argument("--per-sm", type=int, default=MIN_BLOCKS,
                    help="threadgroups per SM: the kernel's launch bound, and --sms times "
                         "it the persistent grid")
-    p.add_argument("--sets", type=int, default=3, help="weight sets rotated (> the L2)")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=50, help="chained calls per timing")
-    p.add_argument("--json", help="write the rounds and medians here")
+    grid_barrier.add_timing_arguments(p, calls=50)
     p.add_argument("--dry", action="store_true",
                    help="print the persistent kernel's body and launches, run nothing")
     args = p.parse_args(argv)
     d, inter = args.dims
-    for name in ("sms", "per_sm", "sets", "rounds", "calls"):
+    for name in ("sms", "per_sm"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.per_sm > 16:
         p.error("--per-sm must be at most 16 (threadgroups of 128 threads per SM)")
     blocks = args.sms * args.per_sm
-    p1, p2 = (Phase(*launch_) for launch_ in capture(d, inter))
+    p1, p2 = record_phases(*make_set(d, inter))
     info = {"phase1": {"name": p1.name, "groups": p1.groups},
             "phase2": {"name": p2.name, "groups": p2.groups}, "blocks": blocks}
     if args.dry:
@@ -401,7 +389,7 @@ def main(argv=None):
     if not mx.cuda.is_available():
         print("persistent_mlp_ab: needs MLX's CUDA back-end (an NVIDIA GPU)", file=sys.stderr)
         return 2
-    sets = [make_set(d, inter, 4, 64, mx.float16, seed) for seed in range(args.sets)]
+    sets = [make_set(d, inter, seed=seed) for seed in range(args.sets)]
     mx.eval(sets)
     variants = Variants(sets, blocks, per_sm=args.per_sm)
     check(variants)
