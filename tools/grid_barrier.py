@@ -40,7 +40,7 @@ def header(spins=SPINS):
     return f"#define GRID_BARRIER_SPINS {int(spins)}u\n" + TEXT
 
 
-def _count(text):
+def count(text):
     """An argument that counts something: an int of at least 1."""
     import argparse
 
@@ -57,10 +57,10 @@ def add_timing_arguments(parser, calls):
     """The diagnostics' common options: ``--sets`` (input sets rotated, together larger
     than the L2), ``--rounds``, ``--calls`` (chained calls per timing, default ``calls``)
     and ``--json`` (where ``report`` writes)."""
-    parser.add_argument("--sets", type=_count, default=3,
+    parser.add_argument("--sets", type=count, default=3,
                         help="input sets rotated (together larger than the L2)")
-    parser.add_argument("--rounds", type=_count, default=7)
-    parser.add_argument("--calls", type=_count, default=calls,
+    parser.add_argument("--rounds", type=count, default=7)
+    parser.add_argument("--calls", type=count, default=calls,
                         help="chained calls per timing")
     parser.add_argument("--json", help="write the rounds and medians here")
 

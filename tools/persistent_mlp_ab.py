@@ -360,8 +360,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dims", type=_dims, default=(4096, 14336),
                    help="HIDDENxINTERMEDIATE (default: 4096x14336)")
-    p.add_argument("--sms", type=int, default=132, help="SMs of the GPU (H100, H200: 132)")
-    p.add_argument("--per-sm", type=int, default=MIN_BLOCKS,
+    p.add_argument("--sms", type=grid_barrier.count, default=132, help="SMs of the GPU (H100, H200: 132)")
+    p.add_argument("--per-sm", type=grid_barrier.count, default=MIN_BLOCKS,
                    help="threadgroups per SM: the kernel's launch bound, and --sms times "
                         "it the persistent grid")
     grid_barrier.add_timing_arguments(p, calls=50)
@@ -369,9 +369,6 @@ def main(argv=None):
                    help="print the persistent kernel's body and launches, run nothing")
     args = p.parse_args(argv)
     d, inter = args.dims
-    for name in ("sms", "per_sm"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.per_sm > 16:
         p.error("--per-sm must be at most 16 (threadgroups of 128 threads per SM)")
     blocks = args.sms * args.per_sm
