@@ -104,3 +104,18 @@ def test_every_format_must_fit_the_one_threshold():
                         "under 7")
     fine = prefill.evaluate(_run(H200, more={"fp16": {7: 1.02, 8: 0.9}}), 7)
     assert fine["agrees"] is True
+
+
+def test_a_speedup_within_the_tuners_margin_is_even_not_a_loss():
+    """Dense weights at 7 rows on an H100 (session 33) ran 0.98x: both kernels read the
+    same bytes, and a run moves them by that much. Within 3% under 1 is even; past it, a
+    loss."""
+    even = prefill.evaluate(_run(H200, more={"fp16": {7: 0.98, 8: 0.94}}), 7)
+    dense = even["formats"]["fp16"]
+    assert (dense["wins_up_to"], dense["first_loss"], dense["agrees"]) == (7, 8, True)
+    assert dense["advice"] == ("the fused kernel won up to 7 rows and lost at 8, even at 7 "
+                               "rows (7: 0.98x, 8: 0.94x): PREFILL_ROWS = 7 fits this "
+                               "device")
+    lost = prefill.evaluate(_run(H200, more={"fp16": {7: 0.96, 8: 0.94}}), 7)
+    assert lost["formats"]["fp16"]["first_loss"] == 7 and lost["agrees"] is False
+    assert prefill.LOSS_BELOW == 0.97

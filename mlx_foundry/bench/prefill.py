@@ -6,17 +6,25 @@ fused GEMV forced on M rows against MLX's op, per weight format (4-bit over many
 counts, 8-bit and dense at the threshold's edge), so one run says up to how many rows the
 fused kernel wins here: the threshold belongs between the last row count it won (every
 smaller one measured won too) and the first it lost, for every format, since one
-threshold serves them all. This is advice printed after the targets, not a target, and
+threshold serves them all. A speedup within the tuner's margin under 1 (0.97x-1x) is
+even, not a loss: where both kernels read the same bytes at the memory's speed (dense
+weights at 7 rows on an H100, session 33: 0.98x) a run moves them by that much. This is advice printed after the targets, not a target, and
 it changes nothing: the threshold is a module constant, set by hand
 (``importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = n``).
 
 On the reference backend no fused kernel runs, so there is nothing to judge.
 """
 
-__all__ = ["OP", "evaluate", "format_advice"]
+from .tuner import DEFAULT_MARGIN
+
+__all__ = ["OP", "LOSS_BELOW", "evaluate", "format_advice"]
 
 OP = "linear (fused, M rows)"
 """The bench op whose cases time the fused GEMV on several rows of ``x``."""
+
+LOSS_BELOW = 1.0 - DEFAULT_MARGIN
+"""A fused speedup under this is a loss; from it up to 1 the two ran even (the tuner's
+margin: a candidate must beat the default by as much to replace it)."""
 
 
 def _rows(case):
@@ -31,8 +39,8 @@ def evaluate(results, prefill_rows):
     format the cases measured (their ``dtype`` column, e.g. ``"fp16/q4"``, in the
     suite's order) to ``{"speedups", "wins_up_to", "first_loss", "agrees", "advice"}``:
     ``speedups`` maps each measured M to the fused kernel's speedup; ``wins_up_to`` is
-    the largest M such that the fused kernel won (speedup >= 1) at every measured row
-    count up to it (``None`` when it lost at the smallest); ``first_loss`` the smallest
+    the largest M such that the fused kernel won or ran even (speedup >=
+    :data:`LOSS_BELOW`) at every measured row count up to it (``None`` when it lost at the smallest); ``first_loss`` the smallest
     M it lost at (``None``: none); ``agrees`` whether ``prefill_rows`` lies in
     ``[wins_up_to, first_loss)``. The top-level ``agrees`` holds when it does for every
     format (one threshold serves them all), ``None`` when the run cannot tell (the
@@ -61,7 +69,7 @@ def _judge(speedups, prefill_rows):
     out = {"speedups": dict(sorted(speedups.items())), "wins_up_to": None,
            "first_loss": None}
     for m, s in out["speedups"].items():
-        if s < 1.0:
+        if s < LOSS_BELOW:
             out["first_loss"] = m
             break
         out["wins_up_to"] = m
@@ -80,6 +88,10 @@ def _advice(prefill_rows, speedups, wins, loss, low, agrees):
         said = f"the fused kernel won at every row count measured, up to {wins}"
     else:
         said = f"the fused kernel won up to {wins} rows and lost at {loss}"
+    even = [m for m, s in speedups.items()
+            if LOSS_BELOW <= s < 1.0 and (loss is None or m < loss)]
+    if even:
+        said += f", even at {', '.join(map(str, even))} rows"
     if agrees:
         return f"{said} ({measured}): PREFILL_ROWS = {prefill_rows} fits this device"
     if prefill_rows < low:

@@ -160,7 +160,8 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=N
     without split K: eight rows, two blocks of rows of ``x`` (4096 -> 4096 at ``m`` = 4 /
     6: 14.3 / 17.9 -> 12.0 / 14.1 us; 14336 -> 4096: 32.8 / 44.3 -> 30.4 / 37.4 us), and
     so with 7 rows (14336 -> 4096, the tuner's chained calls on an H100, session 32: 57.4
-    against 66.5 us for four rows with split K; 4096 -> 4096 not measured at 7). With
+    against 66.5 us for four rows with split K; 4096 -> 4096 at 7, session 33: the
+    tuner's best of 20 launches, 30.5 us, ``docs/tune_m7_sq_h100_s33.json``). With
     fewer output rows that grid is under one threadgroup per SM, which loses (measured at
     ``n`` = 4096 with half the threadgroups), so they keep split K. At 3 rows of ``x``
     (``n >= 4096``) the best launch measured depends on ``k / n``: 4096 -> 4096 four
