@@ -85,7 +85,7 @@ takes 7.2 / 22.0 us at 151 / 1001 positions against 8.2 / 23.6 us for MLX's one-
 attention. The decode of a whole token was not faster with it (`tools/decode_breakdown.py`,
 pipelined per token: 3.71 against 3.71 ms on a host-bound lease, 2.86 against 2.66 ms
 with an earlier version on another): the launch of a custom kernel costs the host about
-what MLX's attention and the two key/value views cost. BENCHMARKS.md has the table."""
+what MLX's attention and the two key/value views cost. docs/bench_journal.md has the table."""
 
 __all__ = ["PatchReport", "patch", "unpatch", "is_patched", "patch_stats",
            "SUPPORTED_MODEL_TYPES"]

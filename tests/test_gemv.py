@@ -632,7 +632,7 @@ def test_load_use_distances_go_round_the_main_loop(monkeypatch):
 def test_fence_keeps_the_next_weights_an_iteration_ahead(monkeypatch, tmp_path):
     """As compiled for sm_90, the tall 4-bit GEMV's next weights are requested a small
     part of an iteration before their use (ptxas moves the loop's prefetch down); with
-    gemv_ab's fence most of an iteration ahead (BENCHMARKS.md, session 25). If ptxas or
+    gemv_ab's fence most of an iteration ahead (docs/bench_journal.md, session 25). If ptxas or
     the loop changes this, the finding and the fence need another look."""
     _, inc = nvcc_and_mlx_headers()
     monkeypatch.setenv("MLX_FOUNDRY_CUDA_INCLUDE", inc)

@@ -120,7 +120,7 @@ def in_place_writes(model, steps=8):
         # Also wait until the back-end lets go of the token's inputs: MLX's CUDA encoder
         # holds every buffer a kernel read until a worker thread releases it after the
         # kernels finish, and a buffer still held is copied, not updated in place, by
-        # the next token's write (a pipelined decode copies so: BENCHMARKS.md, "KV-cache
+        # the next token's write (a pipelined decode copies so: docs/bench_journal.md, "KV-cache
         # writes copy their buffer in a pipelined decode"). mx.eval alone raced that
         # release on an H100 (session 32: one token of eight copied every block).
         mx.eval(y)

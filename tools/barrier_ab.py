@@ -3,7 +3,7 @@
 A patched decode block runs o_proj -> norm + gate/up -> down as three kernels, because
 each needs the whole output of the one before, and MLX's custom kernels have no
 grid-wide barrier. A compiled token of the 8B-shaped model spends ~1.1 ms beyond a read
-of its weights at the copy ceiling, at six kernel boundaries per block (BENCHMARKS.md,
+of its weights at the copy ceiling, at six kernel boundaries per block (docs/bench_journal.md,
 session 31). Would one persistent kernel with a grid barrier between the phases be
 faster? This tool measures the cost of one boundary against one barrier on plain reads
 of two buffers, A then B (by default the bytes of o_proj and of gate/up at 4-bit), each

@@ -63,7 +63,7 @@ Variants:
   (``acq``). CUDA-only text (inline PTX and a function-scope ``__shared__`` array, 48 KB
   of static shared memory at most: ``acp`` at R8 with split K does not fit): a measure of
   what decoupling the loads in flight from the registers buys. On an H200 (session 27,
-  BENCHMARKS.md "Weights through a cp.async ring") it tied at best (4096 -> 14336, R8:
+  docs/bench_journal.md "Weights through a cp.async ring") it tied at best (4096 -> 14336, R8:
   13.09 against 12.91 us) and lost on 14336 -> 4096 (``acq`` R8: 13.60 against 13.37
   us, under ncu 16.4-16.9 against 13.8 us; ``acp`` R4 2.8x slower, throttled on shared
   memory); not a candidate.

@@ -25,7 +25,7 @@ spilling if it must (``docs/ncu_h100_gemv.md`` section 17).
 many instructions separate each 16-byte load from the first instruction that reads its
 registers, going round the loop: how far ahead of its use a load is issued. The loop's
 text loads the next chunk's weights an iteration ahead; as compiled, ptxas issues them
-95-170 instructions before use in loops of 277-783 (BENCHMARKS.md, "Where the tall 4-bit
+95-170 instructions before use in loops of 277-783 (docs/bench_journal.md, "Where the tall 4-bit
 GEMV waits on an H200"). ``--fence`` compiles the linear cases as
 ``tools/gemv_ab.py``'s ``fence`` variant, which keeps those loads an iteration ahead::
 

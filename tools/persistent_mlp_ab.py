@@ -4,7 +4,7 @@ package's two kernels (diagnostic, CUDA only).
 A patched decode block runs its MLP as two kernels: RMSNorm + gate/up + SwiGLU, then the
 down projection + residual. The second needs the whole output of the first, and MLX's
 custom kernels have no grid-wide barrier, so a kernel boundary sits between them (about
-1.1 ms of a compiled token's time goes to boundaries like it: BENCHMARKS.md, session 31).
+1.1 ms of a compiled token's time goes to boundaries like it: docs/bench_journal.md, session 31).
 ``tools/barrier_ab.py`` measured one boundary against a grid barrier on plain reads
 (H100, session 32: the barrier 6 us faster). This tool asks the same of the real
 kernels::

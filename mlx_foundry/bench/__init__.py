@@ -65,7 +65,7 @@ class Context:
             # calls per eval, 21.4 us at 1000; MLX's quantized_matmul 35.0 and 35.1 us).
             # tools/calls_sweep.py times a case at several counts: on an H200 (session
             # 27) the 4-bit ratio went 2.15x-2.93x from 25 to 400 calls; 200, the count
-            # chosen before that sweep, gave the highest (BENCHMARKS.md, session 27).
+            # chosen before that sweep, gave the highest (docs/bench_journal.md, session 27).
             self.measure_kw = dict(calls=CALLS_PER_TIMING)
             self.copy_kw = dict(target_s=0.01 if quick else 0.025, min_calls=16)
             self.copy_bytes = 256 << 20

@@ -28,7 +28,7 @@ The method, for one callable ``fn`` and a *pool* of input sets:
    The calls are independent, and the GPU may run one call's kernels beside the
    next one's (measured on an H200 in session 24: a GEMV launch that leaves SMs free
    took 0.94x the default's time with independent calls and 1.06x with each call
-   waiting for the one before, BENCHMARKS.md); baseline and candidate get the same
+   waiting for the one before, docs/bench_journal.md); baseline and candidate get the same
    treatment. The tuner times dependent calls instead (``autotune.depending_on``).
    When the outputs of all calls would not fit ``out_budget`` bytes, a timing
    is split into batches, each evaluated (and timed) separately, and summed.

@@ -178,7 +178,7 @@ def default_launch(n, k, *, head_dim=None, m=1, dual=False, dense=False, dtype=N
     1.012x / 1.014x ``x @ w.T`` against 0.983x / 0.997x and 0.975x / 1.016x
     (``docs/dense_launch_ab_h200.txt``). On H100s every dense launch measured read at
     the limit of a plain read (0.97-1.02x MLX; ``docs/tune_dense_h100.json``); this one
-    1.01x / 1.01x in the full run of 235ebd8 (BENCHMARKS.md). Not measured at other
+    1.01x / 1.01x in the full run of 235ebd8 (docs/bench_journal.md). Not measured at other
     shapes: square weights take it by interpolation, while a vocabulary head (``n`` far
     past ``4 k``) and short rows keep the rules above.
 
