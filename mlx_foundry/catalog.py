@@ -45,11 +45,6 @@ def _weight(n, k, fmt, dtype=F16, bias=False):
     from .ops import Weight
 
     b = _z((n,), dtype) if bias else None
-    if fmt != "dense" and fmt[0] == "rows":
-        from .ops import interleave
-
-        # Two scales per word: 2-byte scales beside float32 activations.
-        return interleave(_weight(n, k, fmt[1:], F16 if dtype == F32 else dtype, bias))
     if fmt == "dense":
         return Weight(_z((n, k), dtype), bias=b)
     bits, gs = fmt
@@ -58,9 +53,7 @@ def _weight(n, k, fmt, dtype=F16, bias=False):
 
 
 def _fmt_name(fmt):
-    if fmt == "dense":
-        return "dense"
-    return f"rows_q{fmt[1]}g{fmt[2]}" if fmt[0] == "rows" else f"q{fmt[0]}g{fmt[1]}"
+    return "dense" if fmt == "dense" else f"q{fmt[0]}g{fmt[1]}"
 
 
 def _entries():
@@ -104,16 +97,6 @@ def _entries():
                 f"GEMV 1x{K} -> 1024, weights {_fmt_name(fmt)}, activations {_DT[dt]}",
                 lambda fmt=fmt, dt=dt: ops.linear(_z((1, K), dt), _weight(1024, K, fmt, dt),
                                                   backend="metal"))
-    # Interleaved weights (ops.interleave): the packed-half path (4 and 8 bits), the float
-    # path (3 bits, float32 x), and K = 960, whose last record holds 448 elements.
-    for fmt, dt, k in ((("rows", 4, 64), F16, K), (("rows", 4, 64), BF16, K),
-                       (("rows", 8, 32), F16, K), (("rows", 3, 128), F16, K),
-                       (("rows", 4, 64), F32, K), (("rows", 4, 64), F16, 960)):
-        add(f"linear_{_fmt_name(fmt)}_{_DT[dt]}" + (f"_k{k}" if k != K else ""),
-            f"GEMV 1x{k} -> 1024, interleaved weights {_fmt_name(fmt)[5:]}, activations "
-            f"{_DT[dt]}",
-            lambda fmt=fmt, dt=dt, k=k: ops.linear(_z((1, k), dt), _weight(1024, k, fmt, dt),
-                                                   backend="metal"))
     for act in ("silu", "gelu", "gelu_approx", "relu"):
         add(f"linear_q4g64_bias_{act}_residual", f"GEMV q4g64 + bias + {act} + residual",
             lambda act=act: ops.linear(_z((1, K), F16), _weight(1024, K, (4, 64), bias=True),
@@ -127,8 +110,7 @@ def _entries():
     add("norm_linear_q4g64_plain_residual", "RMSNorm (no weight) + GEMV q4g64 + residual",
         lambda: ops.norm_linear(_z((1, K), BF16), None, 1e-5, _weight(1024, K, (4, 64), BF16),
                                 residual=_z((1, 1024), BF16), backend="metal"))
-    for g, u in (((4, 64), (4, 64)), ((8, 64), (4, 32)), ("dense", "dense"), ((3, 128), (6, 64)),
-                 (("rows", 4, 64), ("rows", 4, 64)), (("rows", 8, 64), (4, 64))):
+    for g, u in (((4, 64), (4, 64)), ((8, 64), (4, 32)), ("dense", "dense"), ((3, 128), (6, 64))):
         add(f"norm_gate_up_swiglu_{_fmt_name(g)}_{_fmt_name(u)}",
             f"RMSNorm + gate {_fmt_name(g)} / up {_fmt_name(u)} + SwiGLU",
             lambda g=g, u=u: ops.norm_gate_up_swiglu(_z((1, K), F16), _z((K,), F16), 1e-5,
@@ -141,9 +123,7 @@ def _entries():
                  ("q4g64_bf16", (4, 64), (4, 64), False, False, BF16, True, False),
                  ("q4g64_bias", (4, 64), (4, 64), False, True, F16, True, False),
                  ("q4g64_joint_kv", (4, 64), (4, 64), False, False, F16, True, True),
-                 ("q4g64_plain_bias_joint_kv", (4, 64), (4, 64), False, True, F16, False, True),
-                 ("rows_q4g64_joint_kv", ("rows", 4, 64), ("rows", 4, 64), False, False, F16,
-                  True, True)]
+                 ("q4g64_plain_bias_joint_kv", (4, 64), (4, 64), False, True, F16, False, True)]
     for label, qf, kvf, trad, bias, dt, gamma, joint in qkv_cases:
         add(f"norm_qkv_rope_{label}", f"RMSNorm{'' if gamma else ' (no weight)'} + Q/K/V "
             f"({_fmt_name(qf)}, {_fmt_name(kvf)}) + RoPE, 32/8 heads x 128, "

@@ -147,7 +147,7 @@ class CompoundKernel(Program):
     def _source_files(self):
         files = []
         for s in self.stages:
-            files += [h for p in s.policies.values() for h in p.headers]
+            files += [p.header for p in s.policies.values()]
             files += list(s.includes)
             if s.source:
                 files.append(s.source)

@@ -651,8 +651,7 @@ class Kernel(Program):
         self._stage_contract = (stage_consumes, stage_produces, stage_reference)
 
     def _source_files(self):
-        files = ([h for p in self._policies.values() for h in p.headers]
-                 + list(self._stage.includes))
+        files = [p.header for p in self._policies.values()] + list(self._stage.includes)
         if self._stage.source:
             files.append(self._stage.source)
         return files

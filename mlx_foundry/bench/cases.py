@@ -166,59 +166,6 @@ def _linear_case(k, n, bits, gs, dt, *, residual=False, name=None, op="linear"):
                 candidate)
 
 
-def _interleaved(parts, bits, group_size):
-    """MLX's ``(w, scales, biases)`` as :func:`mlx_foundry.ops.interleave` packs them
-    (float32 scales as float16: two per word)."""
-    w, s, b = parts
-    if s.dtype.size != 2:
-        s, b = s.astype(_SCALE_F32_AS), b.astype(_SCALE_F32_AS)
-    return _op("interleave")(_weight((w, s, b), bits, group_size)).weight
-
-
-_SCALE_F32_AS = mx.float16
-
-
-def _scale_dtype(dt):
-    """The scales' dtype of an interleaved weight for activations ``dt``."""
-    return dt if dt.size == 2 else _SCALE_F32_AS
-
-
-def _qweight_16(i, j, n, k, bits, group_size, dtype):
-    """:func:`_qweight` whose scales and biases survive float16 exactly (quantized in
-    float16 when ``dtype`` is float32): the interleaved cases' MLX side and fused side
-    hold the same values."""
-    w = _qweight(i, j, n, k, bits, group_size, _scale_dtype(dtype))
-    return w if _scale_dtype(dtype) == dtype else (w[0],) + tuple(a.astype(dtype) for a in w[1:])
-
-
-def _rows_weight(packed, k, dtype, bits, group_size):
-    return _op("InterleavedWeight")(packed, k, dtype, group_size=group_size, bits=bits)
-
-
-def _interleaved_linear_case(k, n, bits, gs, dt):
-    """The linear over interleaved weights (``ops.interleave``: each row one stream)
-    against ``mx.quantized_matmul`` over MLX's layout of the same values. Each set holds
-    both layouts; each side reads its own."""
-    def make(i):
-        w = _qweight_16(i, 1, n, k, bits, gs, dt)
-        return (_act(i, 0, (1, k), dt),) + w + (_interleaved(w, bits, gs),)
-
-    def baseline(x, w, s, b, packed):
-        return _qmm(x, w, s, b, bits, gs)
-
-    def candidate(backend):
-        linear = _op("linear")
-
-        def run(x, w, s, b, packed):
-            return linear(x, _rows_weight(packed, k, _scale_dtype(dt), bits, gs),
-                          backend=backend)
-        return run
-
-    nbytes = weight_bytes(n, k, bits, gs, dt.size) + dt.size * (k + n)
-    return Case(f"linear_q{bits}_rows_{k}x{n}", "linear (interleaved)", f"1x{k}->{n}",
-                f"{_dname(dt)}/q{bits}", nbytes, make, baseline, candidate)
-
-
 def _prefill_case(k, n, bits, gs, dt, m):
     """The fused GEMV forced on ``m`` rows vs. MLX's own op on them
     (``mx.quantized_matmul``, or ``x @ w.T`` for dense weights: ``bits`` None).
@@ -441,7 +388,7 @@ def _decode_attention_case(heads, kv_heads, head_dim, past_len, dt):
                 make, baseline, candidate)
 
 
-def _mlp_block_case(d, inter, bits, gs, dt, *, interleaved=False):
+def _mlp_block_case(d, inter, bits, gs, dt):
     def make(i):
         return ((_act(i, 0, (1, d), dt), _gamma(i, 1, d, dt))
                 + _qweight(i, 2, inter, d, bits, gs, dt) + _qweight(i, 3, inter, d, bits, gs, dt)
@@ -464,37 +411,10 @@ def _mlp_block_case(d, inter, bits, gs, dt, *, interleaved=False):
                           backend=backend)
         return run
 
-    if interleaved:
-        # The same values, each weight also interleaved (ops.interleave); the fused ops
-        # read those, MLX its own layout.
-        def make(i):
-            s = ((_act(i, 0, (1, d), dt), _gamma(i, 1, d, dt))
-                 + _qweight_16(i, 2, inter, d, bits, gs, dt)
-                 + _qweight_16(i, 3, inter, d, bits, gs, dt)
-                 + _qweight_16(i, 4, d, inter, bits, gs, dt))
-            return s + tuple(_interleaved(s[j:j + 3], bits, gs) for j in (2, 5, 8))
-
-        def baseline(*a, unfused=baseline):
-            return unfused(*a[:11])
-
-        def candidate(backend):
-            fused = _op("norm_gate_up_swiglu")
-            linear = _op("linear")
-
-            def run(x, g, gw, gs_, gb, uw, us, ub, dw, ds, db, pg, pu, pd):
-                sd = _scale_dtype(dt)
-                a = fused(x, g, EPS, _rows_weight(pg, d, sd, bits, gs),
-                          _rows_weight(pu, d, sd, bits, gs), backend=backend)
-                return linear(a, _rows_weight(pd, inter, sd, bits, gs), residual=x,
-                              backend=backend)
-            return run
-
     # Weights, x (read twice: norm and residual), gamma, the output; the fused pair
     # also writes and reads the [1, inter] SwiGLU activation once.
     nbytes = 3 * weight_bytes(inter, d, bits, gs, dt.size) + dt.size * (4 * d + 2 * inter)
-    rows = "_rows" if interleaved else ""
-    return Case(f"mlp_block_q{bits}{rows}_{d}x{inter}",
-                "decode MLP block" + (" (interleaved)" if interleaved else ""),
+    return Case(f"mlp_block_q{bits}_{d}x{inter}", "decode MLP block",
                 f"1x{d}->{inter}->{d}", f"{_dname(dt)}/q{bits}", nbytes, make, baseline,
                 candidate)
 
@@ -548,9 +468,6 @@ def suite(*, tiny=False, dtype=None):
                        joint_kv=True),
         _qk_norm_rope_case(D["heads"], D["kv_heads"], D["head_dim"], dt),
         _mlp_block_case(h, i, 4, gs, dt),
-        _interleaved_linear_case(h, i, 4, gs, dt),
-        _interleaved_linear_case(i, h, 4, gs, dt),
-        _mlp_block_case(h, i, 4, gs, dt, interleaved=True),
         _e2e_case(tiny, dt),
         _e2e_case(tiny, dt, ordinary_step=True),
         _e2e_case(tiny, dt, batch=4),

@@ -8,7 +8,7 @@ from .attention import decode_attention
 from .linear import linear, norm_gate_up_swiglu, norm_linear, norm_qkv_rope
 from .norm import add_rms_norm, rms_norm, rope, softmax
 from .qk_norm import qk_norm_rope
-from .weights import InterleavedWeight, Weight, interleave
+from .weights import Weight
 
-__all__ = ["InterleavedWeight", "Weight", "add_rms_norm", "decode_attention", "interleave", "linear", "norm_gate_up_swiglu",
+__all__ = ["Weight", "add_rms_norm", "decode_attention", "linear", "norm_gate_up_swiglu",
            "norm_linear", "norm_qkv_rope", "qk_norm_rope", "rms_norm", "rope", "softmax"]

@@ -3,15 +3,12 @@
 Dense: ``weight`` ``[N, K]`` (float16, bfloat16 or float32), as ``nn.Linear``.
 Affine quantized: ``weight`` uint32 ``[N, K*bits/32]``, ``scales`` and ``biases``
 ``[N, K/group_size]``, as ``nn.QuantizedLinear`` (mode ``"affine"``). ``bias`` is the
-layer's optional additive bias ``[N]``. :func:`interleave` rearranges an affine weight
-so that each row is one stream (:class:`InterleavedWeight`).
+layer's optional additive bias ``[N]``.
 """
 
 import mlx.core as mx
 
 from ..policies.affine import AFFINE_BITS, AFFINE_GROUP_SIZES, affine_policy, check_affine
-from ..policies.affine_rows import (affine_rows_policy, check_scale_dtype, deinterleave_arrays,
-                                    interleave_arrays, row_words)
 from ..policies.dense import dense_policy
 from ..types import FLOAT_DTYPES, dtype_name
 from ._checks import FLOAT_NAMES, check_float_array, check_same_dtype
@@ -178,120 +175,6 @@ class Weight:
         return self.policy(prefix).inputs(self)
 
 
-class InterleavedWeight(Weight):
-    """An MLX affine weight with each row one stream: :func:`interleave`'s result.
-
-    The same values as the :class:`Weight` it came from, in ``weight`` uint32
-    ``[N, row_words]`` (``policies/affine_rows.py`` gives the layout; the same number of
-    bytes as MLX's three arrays, but for a pad of up to three words per row), read by
-    the fused kernels in one stream per row. More rows than ``PREFILL_ROWS`` go to
-    ``mx.quantized_matmul`` over :meth:`mlx_arrays`, a copy of the weight in MLX's layout
-    made for that call.
-
-    Args:
-        weight (array): uint32 ``[N, row_words(in_features, bits, group_size)]``.
-        in_features (int): ``K``.
-        scale_dtype (Dtype): the scales' and biases' dtype, ``float16`` or ``bfloat16``.
-        bias (array, optional): ``[N]`` bias added to the output. Default: ``None``.
-        group_size (int): 32, 64 or 128. Default: ``64``.
-        bits (int): 2, 3, 4, 5, 6 or 8. Default: ``4``.
-    """
-
-    def __init__(self, weight, in_features, scale_dtype, bias=None, group_size=64, bits=4):
-        self.weight, self.scales, self.biases, self.bias = weight, None, None, bias
-        self.group_size, self.bits = group_size, bits
-        self.k, self.scale_dtype = in_features, scale_dtype
-        self.validate("InterleavedWeight")
-
-    @property
-    def quantized(self):
-        return True
-
-    @property
-    def in_features(self):
-        return self.k
-
-    def signature(self):
-        """``("affine_rows", bits, group_size, scale dtype name)``."""
-        return ("affine_rows", self.bits, self.group_size, dtype_name(self.scale_dtype))
-
-    def __repr__(self):
-        return (f"InterleavedWeight(in_features={self.in_features}, out_features="
-                f"{self.out_features}, affine bits={self.bits} group_size={self.group_size}, "
-                f"scales {dtype_name(self.scale_dtype)}, bias={self.bias is not None})")
-
-    def _state(self):
-        return (id(self.weight), id(self.bias), self.group_size, self.bits, self.k,
-                self.scale_dtype)
-
-    def _validate(self, who):
-        check_affine(self.bits, self.group_size, who)
-        check_scale_dtype(self.scale_dtype, who, "scale_dtype")
-        k = self.k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % self.group_size:
-            raise ValueError(f"[{who}] 'in_features' must be a positive multiple of "
-                             f"group_size {self.group_size} but got {k!r}.")
-        w = self.weight
-        if not isinstance(w, mx.array):
-            raise TypeError(f"[{who}] 'weight' must be an mlx.core.array but got "
-                            f"{type(w).__name__}.")
-        if w.dtype != mx.uint32 or w.ndim != 2:
-            raise ValueError(f"[{who}] Interleaved 'weight' must be a 2-D uint32 array but "
-                             f"has shape {tuple(w.shape)}, {dtype_name(w.dtype)}.")
-        words = row_words(k, self.bits, self.group_size)
-        if w.shape[1] != words:
-            raise ValueError(f"[{who}] Interleaved 'weight' must have {words} words per row "
-                             f"for in_features={k}, bits={self.bits}, group_size="
-                             f"{self.group_size} but has shape {tuple(w.shape)}.")
-        check_float_array(who, "bias", self.bias, shape=(w.shape[0],), none_ok=True)
-        return self
-
-    def mlx_arrays(self):
-        """MLX's ``(weight, scales, biases)`` for these values (a lazy copy)."""
-        return deinterleave_arrays(self.weight, self.k, self.bits, self.group_size,
-                                   self.scale_dtype)
-
-    def matmul(self, x):
-        w, s, b = self.mlx_arrays()
-        return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=self.group_size,
-                                   bits=self.bits)
-
-
-def interleave(weight):
-    """``weight`` with each row one stream: every group's scale and bias stored beside
-    the weights they scale, for the fused kernels' decode GEMVs.
-
-    The values and the results are the same (bit for bit, for the fused kernels), and so
-    is the memory, but for a pad of up to three words per row. The new array is made
-    with MLX ops (lazy); keep it in place of the old ones, or the model holds both.
-
-    Args:
-        weight (Weight): an affine quantized weight with float16 or bfloat16 scales (an
-            :class:`InterleavedWeight` is returned as it is).
-
-    Returns:
-        InterleavedWeight
-
-    Example:
-        >>> w = Weight(*mx.quantize(mx.random.normal((256, 512))), bits=4, group_size=64)
-        >>> interleave(w).weight.shape
-        (256, 72)
-    """
-    if isinstance(weight, InterleavedWeight):
-        return weight.validate("interleave")
-    if not isinstance(weight, Weight):
-        raise TypeError(f"[interleave] 'weight' must be a mlx_foundry.ops.Weight but got "
-                        f"{type(weight).__name__}.")
-    weight.validate("interleave")
-    if not weight.quantized:
-        raise ValueError("[interleave] 'weight' must be affine quantized (it is dense).")
-    check_scale_dtype(weight.scales.dtype, "interleave")
-    packed = interleave_arrays(weight.weight, weight.scales, weight.biases, weight.bits,
-                               weight.group_size)
-    return InterleavedWeight(packed, weight.in_features, weight.scales.dtype, weight.bias,
-                             group_size=weight.group_size, bits=weight.bits)
-
-
 def policy_for(signature, prefix, *, chunk=None):
     """The policy for a :meth:`Weight.signature` under argument name ``prefix``.
 
@@ -299,11 +182,7 @@ def policy_for(signature, prefix, *, chunk=None):
     """
     if signature[0] == "affine":
         return affine_policy(signature[1], signature[2], prefix)
-    if signature[0] == "affine_rows":
-        return affine_rows_policy(signature[1], signature[2],
-                                  getattr(mx, signature[3]), prefix)
     return dense_policy(prefix, chunk=chunk)
 
 
-__all__ = ["AFFINE_BITS", "AFFINE_GROUP_SIZES", "InterleavedWeight", "Weight", "interleave",
-           "policy_for"]
+__all__ = ["AFFINE_BITS", "AFFINE_GROUP_SIZES", "Weight", "policy_for"]

@@ -21,8 +21,7 @@ class Policy:
 
     Args:
         name (str): readable name (``"affine4_g64"``).
-        header (str or tuple of str): the ``.metal`` file defining the struct, or the
-            files it needs in order (the struct's last).
+        header (str): the ``.metal`` file defining the struct.
         struct_name (str): the Metal struct (template) name, e.g. ``"PolicyAffine"``.
         template (tuple of str): template arguments of the struct (constant names
             or literal text).
@@ -38,10 +37,7 @@ class Policy:
     def __init__(self, name, *, header, struct_name, params, args, template=(),
                  dequantize=None):
         self.name = name
-        self.headers = (header,) if isinstance(header, str) else tuple(header)
-        if not self.headers or not all(isinstance(h, str) for h in self.headers):
-            raise TypeError(f"[Policy {name}] 'header' must be a file name or a tuple of them.")
-        self.header = self.headers[-1]
+        self.header = header
         self.struct_name = check_identifier(struct_name, "policy struct name", who="Policy")
         self.template = tuple(template)
         self.args = tuple(args)
