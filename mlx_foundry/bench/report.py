@@ -293,7 +293,8 @@ python -m mlx_foundry bench --only linear rms_norm   # a subset
 
 `bench_out/` then holds `results.json` (every number, with per-timing samples),
 `chart.png` and this file (`BENCHMARKS.md`): a record of one run. The repository's
-BENCHMARKS.md is kept by hand from such runs (their history and the targets' status).
+BENCHMARKS.md is kept by hand from such runs (the latest, the targets' status), and
+docs/bench_journal.md holds their history.
 """
     with open(path, "w") as f:
         f.write(text)
