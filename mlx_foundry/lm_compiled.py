@@ -25,8 +25,8 @@ A token's keys and values go into the cache buffer one token late: each compiled
 writes the *previous* token's (``mx.put_along_axis`` at its position, one
 ``scatter_axis`` kernel; a slice update needs a Python offset, and ``mx.slice_update``
 with an array start took 21 us per block on an H100, reading the start from host memory:
-docs/bench_journal.md; its index is the attention's uint32 length array, broadcast, so a token
-makes two position arrays, not three), and its attention reads that token from the
+docs/bench_journal.md; its index is the attention's uint32 length array, broadcast, so a
+token makes two position arrays, not three), and its attention reads that token from the
 cache's pending array (``decode_attention(..., pending=)``) and its own from ``kv``. The
 write's inputs are ready when the token starts, so in MLX's CUDA graph it runs beside
 the blocks before it, not between the block's Q/K/V kernel and its attention. The

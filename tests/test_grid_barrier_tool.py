@@ -47,3 +47,13 @@ def test_timing_arguments_count_from_one():
     for bad in (["--sets", "0"], ["--rounds", "x"], ["--calls", "-1"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
+
+
+def test_threadgroup_sizes_are_whole_simd_groups_up_to_1024():
+    import pytest
+
+    gb = load_tool("grid_barrier")
+    assert gb.threadgroup_size("32") == 32 and gb.threadgroup_size("1024") == 1024
+    for bad in ("0", "100", "1056", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gb.threadgroup_size(bad)

@@ -384,10 +384,11 @@ def main(argv=None):
     p.add_argument("--b-mb", type=float, default=66.0, help="bytes of B (default: gate/up)")
     p.add_argument("--blocks", type=grid_barrier.count, default=132,
                    help="threadgroups of the persistent grids (one per SM fits always)")
-    p.add_argument("--threads", type=grid_barrier.count, default=1024, help="threads per threadgroup")
+    p.add_argument("--threads", type=grid_barrier.threadgroup_size, default=1024,
+                   help="threads per threadgroup")
     p.add_argument("--chunk", type=grid_barrier.count, default=4,
                    help="16-byte loads per thread of the full grids (variant two)")
-    p.add_argument("--full-threads", type=grid_barrier.count, default=256,
+    p.add_argument("--full-threads", type=grid_barrier.threadgroup_size, default=256,
                    help="threads per threadgroup of the full grids (variant two)")
     grid_barrier.add_timing_arguments(p, calls=100)
     p.add_argument("--prefetch", type=int, default=4,
@@ -398,9 +399,6 @@ def main(argv=None):
     p.add_argument("--dry", action="store_true",
                    help="print the CUDA text and the launches, run nothing")
     args = p.parse_args(argv)
-    for name in ("threads", "full_threads"):
-        if getattr(args, name) % 32 or getattr(args, name) > 1024:
-            p.error(f"--{name.replace('_', '-')} must be a multiple of 32, at most 1024")
     if not 0 <= args.prefetch <= 8:
         # ptxas (sm_90): 14 / 30 / 48 / 80 registers at 0 / 4 / 8 / 16; a threadgroup of
         # 1024 threads may use 64 a thread.

@@ -53,6 +53,16 @@ def count(text):
     return n
 
 
+def threadgroup_size(text):
+    """An argument that sizes a threadgroup: a multiple of 32, at most 1024."""
+    import argparse
+
+    n = count(text)
+    if n % 32 or n > 1024:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32, at most 1024, not {n}")
+    return n
+
+
 def add_timing_arguments(parser, calls):
     """The diagnostics' common options: ``--sets`` (input sets rotated, together larger
     than the L2), ``--rounds``, ``--calls`` (chained calls per timing, default ``calls``)

@@ -1,7 +1,7 @@
 """The Python cost of mlx_foundry's CUDA launches, measured without a GPU (diagnostics).
 
 MLX builds a lazy graph in Python and encodes it in C++; on the decode paths the host
-can be the limit (BENCHMARKS.md). This tool measures the Python part on any machine:
+can be the limit (docs/bench_journal.md). This tool measures the Python part on any machine:
 ``mx.fast.cuda_kernel`` is replaced by a stand-in whose call returns lazy zeros of the
 declared outputs, and the CUDA backend is marked available, so the ops and a patched
 mlx-lm model take their CUDA code paths (argument checks, binding, launch-plan lookup,

@@ -8,8 +8,9 @@ fused kernel wins here: the threshold belongs between the last row count it won 
 smaller one measured won too) and the first it lost, for every format, since one
 threshold serves them all. A speedup within the tuner's margin under 1 (0.97x-1x) is
 even, not a loss: where both kernels read the same bytes at the memory's speed (dense
-weights at 7 rows on an H100, session 33: 0.98x) a run moves them by that much. This is advice printed after the targets, not a target, and
-it changes nothing: the threshold is a module constant, set by hand
+weights at 7 rows on an H100, session 33: 0.98x) a run moves them by that much. This
+is advice printed after the targets, not a target, and it changes nothing: the
+threshold is a module constant, set by hand
 (``importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = n``).
 
 On the reference backend no fused kernel runs, so there is nothing to judge.
@@ -40,11 +41,11 @@ def evaluate(results, prefill_rows):
     suite's order) to ``{"speedups", "wins_up_to", "first_loss", "agrees", "advice"}``:
     ``speedups`` maps each measured M to the fused kernel's speedup; ``wins_up_to`` is
     the largest M such that the fused kernel won or ran even (speedup >=
-    :data:`LOSS_BELOW`) at every measured row count up to it (``None`` when it lost at the smallest); ``first_loss`` the smallest
-    M it lost at (``None``: none); ``agrees`` whether ``prefill_rows`` lies in
-    ``[wins_up_to, first_loss)``. The top-level ``agrees`` holds when it does for every
-    format (one threshold serves them all), ``None`` when the run cannot tell (the
-    reference backend, or no such case measured).
+    :data:`LOSS_BELOW`) at every measured row count up to it (``None`` when it lost at
+    the smallest); ``first_loss`` the smallest M it lost at (``None``: none); ``agrees``
+    whether ``prefill_rows`` lies in ``[wins_up_to, first_loss)``. The top-level
+    ``agrees`` holds when it does for every format (one threshold serves them all),
+    ``None`` when the run cannot tell (the reference backend, or no such case measured).
     """
     out = {"prefill_rows": prefill_rows, "formats": {}, "agrees": None}
     if results.get("backend") == "reference":

@@ -30,8 +30,8 @@ PREFILL_ROWS = 7
 instead of the fused GEMV kernels.
 
 Measured with ``python -m mlx_foundry bench`` (4-bit 4096 -> 14336, MLX 0.32.4): on an
-NVIDIA H100 (2026-11-28, commit c08f3c3, BENCHMARKS.md session 32) the fused kernel is
-2.88x / 4.41x / 5.15x / 5.15x faster than ``mx.quantized_matmul`` at 2 / 4 / 6 / 7 rows
+NVIDIA H100 (2026-11-28, commit c08f3c3, docs/bench_journal.md session 32) the fused
+kernel is 2.88x / 4.41x / 5.15x / 5.15x faster than ``mx.quantized_matmul`` at 2 / 4 / 6 / 7 rows
 (several rows of ``x`` per SIMD-group, see :func:`_mblock`) and 0.69x at 8 rows, where
 MLX switches from its one-row kernel to its GEMM; on an H200 (session 30) the same up to
 6 rows and 0.68x at 8. On an H100 in session 33 (two runs; docs/bench_journal.md):
