@@ -6,7 +6,7 @@
 // GEMV reads x from the op before it. The access pattern is the bench's plain read
 // (mlx_foundry/bench/read_probe.py): a warp reads a chunk of 32 x ITERS 16-byte words,
 // lane l taking words l, l + 32, ..., all ITERS loads in flight, one chunk per warp.
-// Three modes, each timed as launches on a stream and as one captured CUDA graph (as
+// Four modes, each timed as launches on a stream and as one captured CUDA graph (as
 // MLX's CUDA backend runs a token's kernels):
 //   plain       ordinary launches: kernel i + 1 starts when kernel i has finished;
 //   pdl-first   PDL: kernel i + 1 may be scheduled once kernel i's blocks have started,
@@ -15,7 +15,8 @@
 //               after it: a GEMV whose weight loads do not wait for x (the upper bound of
 //               what overlap can hide in a chain);
 //   independent PDL with no wait and no word read: kernels that do not depend on each
-//               other, as the bench's calls (the most any overlap can hide).
+//               other (as the bench's calls do not, though MLX launches them without
+//               PDL): the most any overlap can hide.
 // Every chained mode's final words are checked against the plain chain's (the wait is
 // honoured); the independent mode's are not comparable ("-").
 //
