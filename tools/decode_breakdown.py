@@ -3,7 +3,8 @@
 Per token, unpatched and patched: *build* (Python: ``model(y, cache=cache)``),
 *encode* (``mx.async_eval``: MLX evaluates the graph on the host, one CUDA graph node
 per kernel), *wait* (the rest until the token is done) and *pipelined* (a loop that
-builds token t+1 while the GPU runs token t, as ``mlx_lm.generate_step`` does); for the
+builds token t+1 while the GPU runs token t, as ``mlx_lm.generate_step`` does, with the
+host's share of it and its wait for the GPU); for the
 unpatched model, the patched model with mlx-lm's two-buffer KV cache
 (``joint_kv=False``), the patched model on its ordinary step (``compile_decode=False``),
 and with ``ops.decode_attention`` over the joint cache (``decode_attention=True``), and
@@ -90,16 +91,31 @@ def breakdown(model, tokens=30, skip=5, pipelined=64):
     cache, y = primed(model)
     out = model(y, cache=cache)
     mx.async_eval(out)
+    host, host_cpu, wait = 0.0, 0.0, 0.0
     t0 = time.perf_counter()
     for _ in range(pipelined):
+        t1, c1 = time.perf_counter(), time.thread_time()
         nxt = model(y, cache=cache)
         mx.async_eval(nxt)
+        t2, c2 = time.perf_counter(), time.thread_time()
         mx.eval(out)
+        t3 = time.perf_counter()
+        host += t2 - t1
+        host_cpu += c2 - c1
+        wait += t3 - t2
         out = nxt
     mx.eval(out)
     pipe = (time.perf_counter() - t0) / pipelined
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
-    return {"build_ms": ms(b), "encode_ms": ms(a), "wait_ms": ms(w), "pipelined_ms": 1e3 * pipe}
+    # In the pipelined loop, per token (means): the host's time to build and submit the
+    # next token (pipelined_host_ms), the CPU time of this thread in it
+    # (pipelined_host_cpu_ms) and its wait for the token before (pipelined_wait_ms). A wait
+    # near zero says the host sets the pace; a CPU time well under the host's time says
+    # the host is itself blocked inside build or submit (on the GPU or another thread).
+    return {"build_ms": ms(b), "encode_ms": ms(a), "wait_ms": ms(w), "pipelined_ms": 1e3 * pipe,
+            "pipelined_host_ms": 1e3 * host / pipelined,
+            "pipelined_host_cpu_ms": 1e3 * host_cpu / pipelined,
+            "pipelined_wait_ms": 1e3 * wait / pipelined}
 
 
 def one_token(model):
