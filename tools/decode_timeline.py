@@ -24,12 +24,9 @@ import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def positive_int(text):
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
+import grid_barrier  # noqa: E402  (its ``count``: the tools' argument of at least 1)
 
 
 def analyze(kernels, tokens, top=8):
@@ -141,7 +138,7 @@ def report(name, r):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=positive_int, default=32,
+    p.add_argument("--tokens", type=grid_barrier.count, default=32,
                    help="tokens in the recorded window (default 32)")
     p.add_argument("--variants", nargs="+", default=["unpatched", "compiled"],
                    choices=["unpatched", "ordinary", "compiled"])

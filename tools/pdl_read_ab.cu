@@ -108,15 +108,10 @@ static void launch(const Chain& c, int mode, int i, cudaStream_t s) {
   // while kernel i still reads it.
   const unsigned* prev = c.sums + size_t((i + 2) % 3) * c.n_warps;
   unsigned* out = c.sums + size_t(i % 3) * c.n_warps;
-  if (mode == PLAIN) {
-    CHECK(cudaLaunchKernelEx(&cfg, read_chain<PLAIN>, w, c.n_vec, prev, out));
-  } else if (mode == PDL_FIRST) {
-    CHECK(cudaLaunchKernelEx(&cfg, read_chain<PDL_FIRST>, w, c.n_vec, prev, out));
-  } else if (mode == PDL_LAST) {
-    CHECK(cudaLaunchKernelEx(&cfg, read_chain<PDL_LAST>, w, c.n_vec, prev, out));
-  } else {
-    CHECK(cudaLaunchKernelEx(&cfg, read_chain<INDEPENDENT>, w, c.n_vec, prev, out));
-  }
+  static void (*const kernels[])(const uint4*, unsigned, const unsigned*, unsigned*) = {
+      read_chain<PLAIN>, read_chain<PDL_FIRST>, read_chain<PDL_LAST>,
+      read_chain<INDEPENDENT>};
+  CHECK(cudaLaunchKernelEx(&cfg, kernels[mode], w, c.n_vec, prev, out));
 }
 
 static void run(const Chain& c, int mode, int calls, cudaStream_t s) {

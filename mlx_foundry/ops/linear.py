@@ -31,14 +31,14 @@ instead of the fused GEMV kernels.
 
 Measured with ``python -m mlx_foundry bench`` (4-bit 4096 -> 14336, MLX 0.32.4): on an
 NVIDIA H100 (2026-11-28, commit c08f3c3, docs/bench_journal.md session 32) the fused
-kernel is 2.88x / 4.41x / 5.15x / 5.15x faster than ``mx.quantized_matmul`` at 2 / 4 / 6 / 7 rows
-(several rows of ``x`` per SIMD-group, see :func:`_mblock`) and 0.69x at 8 rows, where
-MLX switches from its one-row kernel to its GEMM; on an H200 (session 30) the same up to
-6 rows and 0.68x at 8. On an H100 in session 33 (two runs; docs/bench_journal.md):
-8-bit 3.77x / 3.89x at 7 rows and 0.83x / 0.81x at 8; dense 0.98x at 7 (the same read
-for both kernels, even within the bench's noise) and 0.94x at 8. After its table, ``bench``
-says whether this value fits the device it ran on, per weight format
-(``mlx_foundry/bench/prefill.py``). Set it on the module
+kernel is 2.88x / 4.41x / 5.15x / 5.15x faster than ``mx.quantized_matmul`` at 2 / 4 /
+6 / 7 rows (several rows of ``x`` per SIMD-group, see :func:`_mblock`) and 0.69x at 8
+rows, where MLX switches from its one-row kernel to its GEMM; on an H200 (session 30)
+the same up to 6 rows and 0.68x at 8. On an H100 in session 33 (two runs;
+docs/bench_journal.md): 8-bit 3.77x / 3.89x at 7 rows and 0.83x / 0.81x at 8; dense
+0.98x at 7 (the same read for both kernels, even within the bench's noise) and 0.94x at
+8. After its table, ``bench`` says whether this value fits the device it ran on, per
+weight format (``mlx_foundry/bench/prefill.py``). Set it on the module
 (``mlx_foundry.ops.linear`` is the function once the package is imported)::
 
     importlib.import_module("mlx_foundry.ops.linear").PREFILL_ROWS = 16
